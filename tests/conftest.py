@@ -1,0 +1,47 @@
+"""Shared fixtures: an isolated ~/.ollama per test, an in-process server on a free port,
+and the real parts (engine, tiny GGUF, Gemma 3 270M) built or fetched once per session."""
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import ollama  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def ollama_home(tmp_path, monkeypatch):
+    """Each test gets its own HOME (so ~/.ollama) and OLLAMA_MODELS; nothing leaks between tests."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("OLLAMA_MODELS", str(home / ".ollama" / "models"))
+    for var in ("OLLAMA_HOST", "OLLAMA_KEEP_ALIVE", "OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_LOADED_MODELS",
+                "OLLAMA_MAX_QUEUE", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_ORIGINS", "OLLAMA_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture
+def server(ollama_home, monkeypatch):
+    """A real OllamaServer on 127.0.0.1:<free port>, serving in a thread; OLLAMA_HOST points at it."""
+    srv = ollama.make_server(ollama.Config(), "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:%d" % srv.server_port)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def client(server):
+    """An ollama.Client talking to the `server` fixture."""
+    return ollama.Client(server.url)
