@@ -96,7 +96,7 @@ class Config:
         home = Path(env.get("HOME") or Path.home())
         self.home = home / ".ollama"
         self.models = Path(_env(env, "OLLAMA_MODELS") or self.home / "models").expanduser()
-        self.keep_alive = parse_keep_alive(_env(env, "OLLAMA_KEEP_ALIVE") or None, DEFAULT_KEEP_ALIVE)
+        self.keep_alive = parse_keep_alive(_env(env, "OLLAMA_KEEP_ALIVE") or None, DEFAULT_KEEP_ALIVE, env=True)
         self.num_parallel = _int_env(env, "OLLAMA_NUM_PARALLEL", 1)
         self.max_loaded_models = _int_env(env, "OLLAMA_MAX_LOADED_MODELS", 0) or DEFAULT_MAX_LOADED
         self.max_queue = _int_env(env, "OLLAMA_MAX_QUEUE", DEFAULT_MAX_QUEUE)
@@ -204,9 +204,9 @@ def parse_duration(text):
     return sign * total
 
 
-def parse_keep_alive(value, default):
-    """keep_alive as Ollama reads it: number = seconds, string = Go duration (or integer seconds
-    from the environment); negative = forever (inf). None means the default. Raises BadRequest."""
+def parse_keep_alive(value, default, env=False):
+    """keep_alive as Ollama reads it: number = seconds, string = Go duration (integer seconds too
+    when read from the environment); negative = forever (inf). None means the default. Raises BadRequest."""
     if value is None:
         return default
     if isinstance(value, bool):
@@ -217,10 +217,11 @@ def parse_keep_alive(value, default):
         try:
             seconds = parse_duration(value)
         except ValueError:
-            try:
-                seconds = float(int(value))
-            except ValueError:
-                raise BadRequest("time: invalid duration %s" % json.dumps(value)) from None
+            if not (env and re.match(r"^-?\d+$", value)):
+                raise BadRequest("time: missing unit in duration %s" % json.dumps(value)
+                                 if re.match(r"^-?\d+(\.\d+)?$", value)
+                                 else "time: invalid duration %s" % json.dumps(value)) from None
+            seconds = float(value)
     else:
         raise BadRequest("invalid keep_alive: %s" % json.dumps(value))
     return FOREVER if seconds < 0 else seconds
@@ -668,10 +669,18 @@ def manifest_digests(manifest):
 # Modelfile ###################################################################
 ###############################################################################
 
+def parse_options(options):
+    """Placeholder until the Modelfile section lands: options pass through unchecked."""
+    return dict(options)
+
 
 ###############################################################################
 # Templates ###################################################################
 ###############################################################################
+
+def render_prompt(template, messages, tools=None, think=None, suffix=None):
+    """Placeholder until the Go template engine lands: the user prompt, as {{ .Prompt }} renders it."""
+    return "".join(m.get("content") or "" for m in messages if m.get("role") == "user")
 
 
 ###############################################################################
@@ -688,10 +697,488 @@ def manifest_digests(manifest):
 # Runner ######################################################################
 ###############################################################################
 
+#: Request options that decide how llama-server is started; a change in any of them reloads.
+LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
+
+#: Ollama sampling option -> llama-server /completion field.
+SAMPLING_FIELDS = {
+    "num_predict": "n_predict", "num_keep": "n_keep", "temperature": "temperature", "top_k": "top_k",
+    "top_p": "top_p", "min_p": "min_p", "typical_p": "typical_p", "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop",
+}
+
+RUNNER_STOPPED = ("model runner has unexpectedly stopped, this may be due to resource limitations or an "
+                  "internal error, check ollama server logs for details")
+
+
+def find_llama_server(config):
+    """The llama-server binary: OLLAMA_LLAMA_SERVER, bin/ beside ollama.py, ~/.ollama/bin, then PATH."""
+    here = Path(os.path.abspath(__file__)).parent
+    candidates = [config.llama_server, here / "bin" / "llama-server", config.home / "bin" / "llama-server",
+                  shutil.which("llama-server")]
+    for c in candidates:
+        if c and os.path.isfile(str(c)) and os.access(str(c), os.X_OK):
+            return str(c)
+    raise OllamaError("llama-server not found: run ./build_llama.sh (or set OLLAMA_LLAMA_SERVER)")
+
+
+def free_port():
+    """A free TCP port on 127.0.0.1, as Ollama picks one: listen on port 0, read it back, close."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Runner:
+    """One llama-server child process serving one GGUF on a free loopback port.
+
+    `start()` launches it and waits for GET /health while watching the child, so a model that
+    fails to load is reported with the tail of its log instead of a hang. The inference calls
+    (`completion`, `tokenize`, `detokenize`, `apply_template`, `embeddings`) are thin JSON calls.
+    """
+
+    def __init__(self, exe, model_path, num_ctx=DEFAULT_NUM_CTX, parallel=1, num_thread=0, num_batch=0,
+                 num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
+                 flash_attention=False, kv_cache_type="", log_path=None, extra_args=()):
+        self.exe, self.model_path = exe, str(model_path)
+        self.num_ctx, self.parallel = num_ctx, max(1, parallel)
+        self.port = free_port()
+        self.log_path = log_path
+        args = [exe, "--model", self.model_path, "--host", "127.0.0.1", "--port", str(self.port),
+                "--no-webui", "--offline", "--ctx-size", str(num_ctx * self.parallel),
+                "--parallel", str(self.parallel), "--no-kv-unified"]
+        if num_thread:
+            args += ["--threads", str(num_thread)]
+        if num_batch:
+            args += ["--batch-size", str(num_batch)]
+        if num_gpu is not None and num_gpu >= 0:
+            args += ["--n-gpu-layers", str(num_gpu)]
+        if use_mmap is False:
+            args += ["--load-mode", "none"]
+        if embedding:
+            args += ["--embedding"]
+        if projector:
+            args += ["--mmproj", str(projector)]
+        for a in adapters:
+            args += ["--lora", str(a)]
+        if flash_attention:
+            args += ["--flash-attn", "on"]
+        if kv_cache_type:
+            args += ["--cache-type-k", kv_cache_type, "--cache-type-v", kv_cache_type]
+        self.args = args + list(extra_args)
+        self.proc = None
+        self._log = None
+
+    def start(self, timeout=DEFAULT_LOAD_TIMEOUT):
+        """Start the child and wait until it answers /health with {"status": "ok"}."""
+        log.info("starting llama server: %s", " ".join(_shell_quote(a) for a in self.args))
+        if self.log_path:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(str(self.log_path), "ab")
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                self._close_log()
+                raise OllamaError("llama-server process has terminated: exit status %s%s"
+                                  % (code, self._log_tail()))
+            try:
+                status, body = self._call("GET", "/health", timeout=0.5)
+                if status == 200 and body.get("status") == "ok":
+                    return self
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise OllamaError("timed out waiting for llama runner to start%s" % self._log_tail())
+            time.sleep(0.02)
+
+    def _log_tail(self, lines=12):
+        if not self.log_path:
+            return ""
+        try:
+            with open(str(self.log_path), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 16384))
+                tail = f.read().decode(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        errors = [ln for ln in tail if "error" in ln.lower() or "failed" in ln.lower()]
+        return ": " + " | ".join((errors or tail)[-4:]).strip()
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace=5.0):
+        """Stop the child: SIGTERM, then SIGKILL after `grace` seconds. Never leaves an orphan."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.terminate()
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            except OSError:
+                pass
+        self._close_log()
+
+    def _close_log(self):
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def _connect(self, timeout=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _call(self, method, path, body=None, timeout=None):
+        conn = self._connect(timeout)
+        try:
+            data = json_dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, (json.loads(raw) if raw.strip() else {})
+        finally:
+            conn.close()
+
+    def call(self, path, body):
+        """POST a JSON body to the runner and return its JSON answer; engine errors become OllamaError."""
+        try:
+            status, out = self._call("POST", path, body)
+        except (OSError, http.client.HTTPException):
+            raise OllamaError(RUNNER_STOPPED) from None
+        if status != 200:
+            raise _engine_error(status, out)
+        return out
+
+    def completion(self, payload):
+        """Stream POST /completion: yields each SSE event as a dict, the last one with "stop": true
+        and "timings". Closing the generator closes the connection, which cancels the task."""
+        body = dict(payload, stream=True)
+        try:
+            conn = self._connect()
+            conn.request("POST", "/completion", body=json_dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            raise OllamaError(RUNNER_STOPPED) from None
+        try:
+            if resp.status != 200:
+                raw = resp.read()
+                try:
+                    err = json.loads(raw)
+                except ValueError:
+                    err = {"error": raw.decode(errors="replace")}
+                raise _engine_error(resp.status, err)
+            while True:
+                try:
+                    line = resp.readline()
+                except (OSError, http.client.HTTPException):
+                    raise OllamaError(RUNNER_STOPPED) from None
+                if not line:
+                    if not self.alive():
+                        raise OllamaError(RUNNER_STOPPED)
+                    raise OllamaError("an error was encountered while running the model: "
+                                      "unexpected end of response")
+                if not line.startswith(b"data: "):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise _engine_error(500, event)
+                yield event
+                if event.get("stop"):
+                    return
+        finally:
+            conn.close()
+
+    def tokenize(self, text, add_special=False):
+        return self.call("/tokenize", {"content": text, "add_special": add_special})["tokens"]
+
+    def detokenize(self, tokens):
+        return self.call("/detokenize", {"tokens": list(tokens)})["content"]
+
+    def apply_template(self, messages):
+        """Render messages with the GGUF's own chat template (llama-server's jinja), generation prompt added."""
+        return self.call("/apply-template", {"messages": messages})["prompt"]
+
+    def embeddings(self, inputs):
+        """Raw (unnormalised) pooled embeddings for each input string, in order."""
+        out = self.call("/embedding", {"content": inputs, "embd_normalize": -1})
+        vectors = [None] * len(inputs)
+        for item in out if isinstance(out, list) else [out]:
+            emb = item["embedding"]
+            vectors[item.get("index", 0)] = emb[0] if emb and isinstance(emb[0], list) else emb
+        return vectors
+
+
+def _engine_error(status, body):
+    """Turn a llama-server error body into an OllamaError with Ollama's status and a clear message."""
+    err = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(err, dict):
+        message = err.get("message") or json_dumps(err)
+        kind = err.get("type", "")
+        if kind == "exceed_context_size_error":
+            return BadRequest("the prompt is %s tokens but the context is %s tokens (num_ctx): shorten the "
+                              "input, raise num_ctx, or set \"truncate\": true to drop the oldest messages"
+                              % (err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?")))
+        if status == 400 or kind == "invalid_request_error":
+            return BadRequest(message)
+    else:
+        message = str(err)
+    return OllamaError("an error was encountered while running the model: %s" % message)
+
+
+def stop_reason(event):
+    """Ollama's done_reason from a final /completion event: stop_type (new) or stopped_* (old builds)."""
+    kind = event.get("stop_type")
+    if kind is None:
+        kind = "limit" if event.get("stopped_limit") else "eos" if event.get("stopped_eos") else \
+            "word" if event.get("stopped_word") else "none"
+    return "length" if kind == "limit" else "stop"
+
+
+def _shell_quote(arg):
+    return arg if re.match(r"^[\w./:=,+-]+$", arg) else "'" + arg.replace("'", "'\\''") + "'"
+
 
 ###############################################################################
 # Scheduler ###################################################################
 ###############################################################################
+
+class Model:
+    """What a manifest says to run: the GGUF blob and the Modelfile layers, read from the store."""
+
+    def __init__(self, store, name):
+        self.name, raw, self.manifest = store.get(name)
+        self.digest = hashlib.sha256(raw).hexdigest()
+        self.model_path = self.projector = None
+        self.adapters, self.license, self.messages = [], [], []
+        self.template = self.system = None
+        self.params = {}
+        self.size = sum(layer.get("size", 0) for layer in self.manifest.get("layers") or [])
+        for layer in self.manifest.get("layers") or []:
+            kind = layer.get("mediaType", "")[len(MEDIA_PREFIX):]
+            path = store.blob_path(layer["digest"])
+            if kind == "model":
+                self.model_path = path
+            elif kind == "projector":
+                self.projector = path
+            elif kind == "adapter":
+                self.adapters.append(path)
+            elif kind in ("template", "prompt"):
+                self.template = path.read_text()
+            elif kind == "system":
+                self.system = path.read_text()
+            elif kind == "license":
+                self.license.append(path.read_text())
+            elif kind == "params":
+                self.params = json.loads(path.read_bytes() or b"{}")
+            elif kind == "messages":
+                self.messages = json.loads(path.read_bytes() or b"[]")
+        config = (self.manifest.get("config") or {}).get("digest")
+        self.config = {}
+        if config and store.has_blob(config):
+            try:
+                self.config = json.loads(store.blob_path(config).read_bytes())
+            except ValueError:
+                pass
+        if self.model_path is None or not self.model_path.is_file():
+            raise NotFound('model "%s" not found, try pulling it first' % self.name.display())
+
+    @property
+    def short(self):
+        return self.name.display()
+
+    def details(self):
+        c = self.config
+        return {"parent_model": "", "format": c.get("model_format", "gguf"), "family": c.get("model_family", ""),
+                "families": c.get("model_families"), "parameter_size": c.get("model_type", ""),
+                "quantization_level": c.get("file_type", "")}
+
+
+class _Loaded:
+    """A runner in the scheduler's table, with its reference count and expiry."""
+
+    def __init__(self, model, runner, load_key, keep_alive):
+        self.model, self.runner, self.load_key = model, runner, load_key
+        self.keep_alive = keep_alive
+        self.refs = 0
+        self.expires = FOREVER            # time.time() deadline once idle
+        self.loaded_at = time.time()
+
+
+class Scheduler:
+    """Keeps llama-server children: one per loaded model, shared by concurrent requests.
+
+    `acquire()` returns a loaded runner for a model (loading, reloading or evicting as needed) and
+    must be paired with `release()`. Loads are serialised; at most OLLAMA_MAX_LOADED_MODELS stay
+    loaded, and an idle one that expires soonest is evicted to make room. More than
+    OLLAMA_MAX_QUEUE waiting requests get 503. A keep-alive timer starts when the last request on
+    a runner finishes; a background thread stops runners whose time is up.
+    """
+
+    def __init__(self, config, exe=None):
+        self.config = config
+        self.exe = exe
+        self.loaded = {}                              # Name key -> _Loaded
+        self.cond = threading.Condition()
+        self.load_lock = threading.Lock()
+        self.waiting = 0
+        self.closed = False
+        self._reaper = threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True)
+        self._reaper.start()
+
+    def _runner_for(self, model, opts, embedding):
+        exe = self.exe or find_llama_server(self.config)
+        self.exe = exe
+        trained = _trained_context(model)
+        num_ctx = max(4, int(opts.get("num_ctx") or self.config.context_length))
+        if trained:
+            num_ctx = min(num_ctx, trained)
+        return Runner(exe, model.model_path, num_ctx=num_ctx,
+                      parallel=1 if embedding else self.config.num_parallel,
+                      num_thread=int(opts.get("num_thread") or 0), num_batch=int(opts.get("num_batch") or 0),
+                      num_gpu=int(opts["num_gpu"]) if opts.get("num_gpu") is not None else -1,
+                      use_mmap=opts.get("use_mmap"), embedding=embedding, projector=model.projector,
+                      adapters=model.adapters, flash_attention=self.config.flash_attention,
+                      kv_cache_type=self.config.kv_cache_type,
+                      log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short)))
+
+    def acquire(self, model, opts, keep_alive, embedding=False):
+        """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
+        key = model.name.key()
+        load_key = (model.digest, embedding) + tuple(opts.get(k) for k in LOAD_OPTIONS)
+        with self.cond:
+            if self.waiting >= self.config.max_queue:
+                raise Busy("server busy, please try again.  maximum pending requests exceeded")
+            self.waiting += 1
+        try:
+            while True:
+                with self.cond:
+                    if self.closed:
+                        raise OllamaError("server is shutting down")
+                    entry = self.loaded.get(key)
+                    if entry is not None and entry.load_key == load_key and entry.runner.alive():
+                        entry.refs += 1
+                        entry.keep_alive = keep_alive
+                        entry.expires = FOREVER
+                        return entry
+                    if entry is not None and entry.refs > 0 and entry.runner.alive():
+                        self.cond.wait(0.5)           # a reload must wait for the old runner's requests
+                        continue
+                    if entry is not None:
+                        self._unload(key)
+                    if len(self.loaded) >= self.config.max_loaded_models:
+                        if not self._evict_one():
+                            self.cond.wait(0.5)
+                            continue
+                with self.load_lock:
+                    with self.cond:
+                        if key in self.loaded:        # another request loaded it meanwhile
+                            continue
+                    runner = self._runner_for(model, opts, embedding)
+                    runner.start(self.config.load_timeout)
+                    entry = _Loaded(model, runner, load_key, keep_alive)
+                    with self.cond:
+                        self.loaded[key] = entry
+                        entry.refs += 1
+                        self.cond.notify_all()
+                    return entry
+        finally:
+            with self.cond:
+                self.waiting -= 1
+
+    def release(self, entry, keep_alive=None):
+        """Drop a reference; the keep-alive timer starts when the last one goes (0 unloads now)."""
+        with self.cond:
+            entry.refs -= 1
+            if keep_alive is not None:
+                entry.keep_alive = keep_alive
+            if entry.refs <= 0:
+                entry.refs = 0
+                entry.expires = time.time() + entry.keep_alive if entry.keep_alive != FOREVER else FOREVER
+                if entry.keep_alive <= 0 or not entry.runner.alive():
+                    self._unload(entry.model.name.key(), entry)
+            self.cond.notify_all()
+
+    def expire(self, name):
+        """Unload `name` now if idle, or as soon as its requests finish. False if it was not loaded."""
+        with self.cond:
+            entry = self.loaded.get(Name.parse(name).key() if isinstance(name, str) else name.key())
+            if entry is None:
+                return False
+            entry.keep_alive = 0
+            if entry.refs == 0:
+                self._unload(entry.model.name.key(), entry)
+            return True
+
+    def _unload(self, key, entry=None):
+        current = self.loaded.get(key)
+        if current is None or (entry is not None and current is not entry):
+            return
+        del self.loaded[key]
+        log.info("unloading model %s", current.model.short)
+        threading.Thread(target=current.runner.stop, daemon=True).start()
+
+    def _evict_one(self):
+        idle = [e for e in self.loaded.values() if e.refs == 0]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda e: (e.expires, e.model.short))
+        self._unload(victim.model.name.key(), victim)
+        return True
+
+    def _reap(self):
+        while True:
+            time.sleep(0.25)
+            with self.cond:
+                if self.closed:
+                    return
+                now = time.time()
+                for key, entry in list(self.loaded.items()):
+                    if entry.refs == 0 and (entry.expires <= now or not entry.runner.alive()):
+                        self._unload(key, entry)
+
+    def running(self):
+        """The loaded models, latest expiry first, for /api/ps."""
+        with self.cond:
+            entries = list(self.loaded.values())
+        return sorted(entries, key=lambda e: -e.expires if e.expires != FOREVER else -float("inf"))
+
+    def shutdown(self):
+        """Stop every child and wait for them: no orphans."""
+        with self.cond:
+            self.closed = True
+            entries = list(self.loaded.values())
+            self.loaded.clear()
+            self.cond.notify_all()
+        for e in entries:
+            e.runner.stop()
+
+
+def _trained_context(model):
+    c = model.config.get("context_length")
+    if c:
+        return int(c)
+    try:
+        return gguf_context_length(model.model_path)
+    except Exception:          # an unreadable header is the engine's problem to report
+        return 0
+
+
+def _safe_filename(text):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 ###############################################################################
@@ -828,6 +1315,11 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
     """Serves Ollama's API: host check, CORS, then one route table (ROUTES) for dispatch."""
     protocol_version = "HTTP/1.1"
     server_version = "ollama.py/" + __version__
+
+    def setup(self):
+        super().setup()
+        # one small write per token: without this, Nagle + delayed ACK can hold a chunk for 40 ms
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self):
         self._dispatch()
@@ -980,7 +1472,7 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.store = Store(config.models)
         self.routes = routes or Routes(ROUTES)
-        self.scheduler = None      # set by the Scheduler section when inference lands
+        self.scheduler = Scheduler(config)
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -1058,7 +1550,269 @@ api_tags = api_show = api_create = api_copy = api_delete = api_blob_head = api_b
 
 # -- inference (inference issue) ---------------------------------------------
 
-api_generate = api_chat = api_ps = api_embed = api_embeddings = api_tokenize = api_detokenize = _todo
+
+#: Ollama's api.DefaultOptions for sampling (sent to llama-server, whose defaults differ).
+DEFAULT_OPTIONS = {"num_keep": 4, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
+                   "typical_p": 1.0, "repeat_last_n": 64, "repeat_penalty": 1.0, "presence_penalty": 0.0,
+                   "frequency_penalty": 0.0, "seed": -1, "num_predict": -1}
+
+
+def _ns(seconds):
+    return int(seconds * 1e9)
+
+
+def _find_model(req, body, key="model"):
+    """The Model named in the request: 400 for a missing/invalid name, 404 when not stored."""
+    text = body.get(key) or body.get("name")
+    if not text:
+        raise BadRequest("model is required")
+    if not isinstance(text, str):
+        raise BadRequest("invalid model name")
+    name = Name.parse(text)
+    if req.server.store.resolve(name) is None:
+        raise NotFound("model '%s' not found" % text)
+    return Model(req.server.store, name)
+
+
+def _request_options(model, body):
+    """defaults < the model's params layer < the request's options, validated."""
+    opts = dict(DEFAULT_OPTIONS)
+    opts.update(model.params)
+    opts.update(parse_options(body.get("options") or {}))
+    return opts
+
+
+def _sampling(opts, fmt):
+    """The /completion sampling fields for merged options and a `format`."""
+    out = {field: opts[k] for k, field in SAMPLING_FIELDS.items() if opts.get(k) is not None}
+    if isinstance(out.get("stop"), str):
+        out["stop"] = [out["stop"]]
+    if fmt is not None:
+        out["json_schema"] = _format_schema(fmt)
+    out["cache_prompt"] = True
+    return out
+
+
+def _format_schema(fmt):
+    """`format`: "json" (any JSON object) or a JSON schema object; anything else is 400."""
+    if fmt == "json":
+        return {"type": "object"}
+    if isinstance(fmt, dict):
+        return fmt
+    if fmt in ("", None):
+        return None
+    raise BadRequest('invalid format: %s; expected "json" or a valid JSON Schema object' % json_dumps(fmt))
+
+
+def _metrics(final, started, load_seconds):
+    """Ollama's timing fields from the final /completion event (zero values omitted)."""
+    t = final.get("timings") or {}
+    out = {"total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_seconds),
+           "prompt_eval_count": int(t.get("prompt_n", 0)) + int(t.get("cache_n", 0)),
+           "prompt_eval_duration": int(t.get("prompt_ms", 0) * 1e6),
+           "eval_count": int(t.get("predicted_n", 0)),
+           "eval_duration": int(t.get("predicted_ms", 0) * 1e6)}
+    return {k: v for k, v in out.items() if v}
+
+
+def _render(model, runner, messages, template=None, tools=None, think=None):
+    """The prompt text for a conversation: the model's Go TEMPLATE when it has one, else the
+    chat template embedded in the GGUF (through llama-server), else the plain prompt."""
+    template = template if template is not None else model.template
+    if template is not None:
+        return render_prompt(template, messages, tools=tools, think=think)
+    return runner.apply_template([{"role": m.get("role"), "content": m.get("content") or ""}
+                                  for m in messages])
+
+
+def _schedule(req, model, body, embedding=False):
+    """Validate keep_alive and options, then get a loaded runner: (entry, keep_alive, opts, load seconds)."""
+    keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+    opts = _request_options(model, body)
+    started = time.monotonic()
+    entry = req.server.scheduler.acquire(model, opts, keep_alive, embedding=embedding)
+    return entry, keep_alive, opts, time.monotonic() - started
+
+
+def _completion(req, entry, prompt, opts, fmt):
+    """Stream (piece, final_event_or_None) from the runner; the runner is released by the caller."""
+    payload = dict(_sampling(opts, fmt), prompt=prompt)
+    events = entry.runner.completion(payload)
+    try:
+        for event in events:
+            if event.get("stop"):
+                yield event.get("content", ""), event
+                return
+            yield event.get("content", ""), None
+    finally:
+        events.close()
+
+
+def api_generate(req):
+    """POST /api/generate: complete a prompt (streamed NDJSON unless "stream": false)."""
+    body = req.json()
+    started = time.monotonic()
+    model = _find_model(req, body)
+    keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+    prompt = body.get("prompt") or ""
+    base = {"model": body.get("model")}
+    if not prompt and keep_alive == 0 and not body.get("images"):
+        req.server.scheduler.expire(model.name)
+        return dict(base, created_at=rfc3339(), response="", done=True, done_reason="unload")
+    if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
+        raise BadRequest("raw mode does not support template, system, or context")
+    if body.get("think") not in (None, False):
+        raise BadRequest('"%s" does not support thinking' % body.get("model"))
+    if body.get("images") and model.projector is None:
+        raise BadRequest("this model is missing data required for image input")
+    fmt = body.get("format")
+    _format_schema(fmt)
+    entry, keep_alive, opts, load_s = _schedule(req, model, body)
+    try:
+        if not prompt:
+            req.server.scheduler.release(entry, keep_alive)
+            return dict(base, created_at=rfc3339(), response="", done=True, done_reason="load")
+        runner = entry.runner
+        if body.get("raw"):
+            text = prompt
+        else:
+            messages = []
+            system = body.get("system") or model.system
+            if system:
+                messages.append({"role": "system", "content": system})
+            if not body.get("context"):
+                messages.extend(model.messages)
+            messages.append({"role": "user", "content": prompt, "images": body.get("images")})
+            if body.get("suffix"):
+                text = render_prompt(body.get("template") or model.template or "{{ .Prompt }}", messages,
+                                     suffix=body["suffix"])
+            else:
+                text = _render(model, runner, messages, template=body.get("template"))
+        if body.get("context"):
+            text = runner.detokenize(body["context"]) + text
+        if body.get("_debug_render_only"):
+            req.server.scheduler.release(entry, keep_alive)
+            return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
+    except BaseException:
+        req.server.scheduler.release(entry, keep_alive)
+        raise
+
+    def chunks():
+        pieces = []
+        try:
+            for piece, final in _completion(req, entry, text, opts, fmt):
+                if final is None:
+                    pieces.append(piece)
+                    yield dict(base, created_at=rfc3339(), response=piece, done=False)
+                    continue
+                pieces.append(piece)
+                done = dict(base, created_at=rfc3339(), response=piece, done=True, done_reason=stop_reason(final))
+                if not body.get("raw"):
+                    done["context"] = entry.runner.tokenize(text + "".join(pieces))
+                done.update(_metrics(final, started, load_s))
+                yield done
+        finally:
+            req.server.scheduler.release(entry, keep_alive)
+
+    return _respond(body, chunks(), "response")
+
+
+def _respond(body, chunks, field):
+    """Stream the chunks, or with "stream": false collapse them into one object."""
+    if body.get("stream", True) is not False:
+        return Stream(chunks)
+    parts, last = [], None
+    for last in chunks:
+        if field == "response":
+            parts.append(last.get("response", ""))
+        else:
+            parts.append(last["message"].get("content", ""))
+    if last is None:
+        raise OllamaError("no response from the model")
+    if field == "response":
+        last["response"] = "".join(parts)
+    else:
+        last["message"]["content"] = "".join(parts)
+    return last
+
+
+def _check_messages(messages):
+    if not isinstance(messages, list):
+        raise BadRequest("messages must be an array")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise BadRequest("invalid message: %s" % json_dumps(m))
+        m = dict(m)
+        m["role"] = str(m.get("role", "")).lower()
+        out.append(m)
+    return out
+
+
+def api_chat(req):
+    """POST /api/chat: the next assistant message of a conversation (streamed unless "stream": false)."""
+    body = req.json()
+    started = time.monotonic()
+    model = _find_model(req, body)
+    keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+    messages = _check_messages(body.get("messages") or [])
+    base = {"model": body.get("model")}
+    if not messages and keep_alive == 0:
+        req.server.scheduler.expire(model.name)
+        return dict(base, created_at=rfc3339(), message={"role": "assistant", "content": ""}, done=True,
+                    done_reason="unload")
+    if body.get("think") not in (None, False):
+        raise BadRequest('"%s" does not support thinking' % body.get("model"))
+    if any(m.get("images") for m in messages) and model.projector is None:
+        raise BadRequest("this model is missing data required for image input")
+    fmt = body.get("format")
+    _format_schema(fmt)
+    entry, keep_alive, opts, load_s = _schedule(req, model, body)
+    try:
+        if not messages:
+            req.server.scheduler.release(entry, keep_alive)
+            return dict(base, created_at=rfc3339(), message={"role": "assistant", "content": ""}, done=True,
+                        done_reason="load")
+        full = list(model.messages) + messages
+        if full[0].get("role") != "system" and model.system:
+            full.insert(0, {"role": "system", "content": model.system})
+        text = _render(model, entry.runner, full, tools=body.get("tools"))
+        if body.get("_debug_render_only"):
+            req.server.scheduler.release(entry, keep_alive)
+            return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
+    except BaseException:
+        req.server.scheduler.release(entry, keep_alive)
+        raise
+
+    def chunks():
+        try:
+            for piece, final in _completion(req, entry, text, opts, fmt):
+                msg = {"role": "assistant", "content": piece}
+                if final is None:
+                    yield dict(base, created_at=rfc3339(), message=msg, done=False)
+                    continue
+                done = dict(base, created_at=rfc3339(), message=msg, done=True, done_reason=stop_reason(final))
+                done.update(_metrics(final, started, load_s))
+                yield done
+        finally:
+            req.server.scheduler.release(entry, keep_alive)
+
+    return _respond(body, chunks(), "message")
+
+
+def api_ps(req):
+    """GET /api/ps: the models loaded now."""
+    out = []
+    for e in req.server.scheduler.running():
+        expires = e.expires if e.expires != FOREVER else time.time() + 292 * 365 * 86400
+        out.append({"name": e.model.short, "model": e.model.short, "size": e.model.size,
+                    "digest": e.model.digest, "details": e.model.details(),
+                    "expires_at": rfc3339_local(expires), "size_vram": 0,
+                    "context_length": e.runner.num_ctx})
+    return {"models": out}
+
+
+api_embed = api_embeddings = api_tokenize = api_detokenize = _todo
 
 # -- registry (registry issue) -----------------------------------------------
 

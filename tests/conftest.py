@@ -45,3 +45,20 @@ def server(ollama_home, monkeypatch):
 def client(server):
     """An ollama.Client talking to the `server` fixture."""
     return ollama.Client(server.url)
+
+
+# TEMPORARY until tests/fixtures.py lands: the cached engine and Gemma.
+@pytest.fixture(scope="session")
+def llama_server_bin():
+    p = Path.home() / ".cache/ollama-py/build/0.3.36-cpu/bin/llama-server"
+    if not p.exists():
+        pytest.skip("no engine")
+    return p
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf():
+    p = Path.home() / ".cache/ollama-py/gemma/gemma-3-270m-q4_k_m.gguf"
+    if not p.exists():
+        pytest.skip("no gemma")
+    return p

@@ -1,0 +1,110 @@
+"""Inference through the real engine: /api/generate, /api/chat, /api/ps, keep_alive, the scheduler."""
+import hashlib
+import http.client
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import ollama
+
+
+def import_gguf(store, name, gguf, template=None, params=None, system=None):
+    """Put a GGUF into the store as a model, the way create does, without the create API."""
+    with open(gguf, "rb") as f:
+        digest, size = store.write_blob(f)
+    layers = [{"mediaType": ollama.MEDIA_PREFIX + "model", "digest": digest, "size": size}]
+    for kind, text in (("template", template), ("system", system),
+                       ("params", json.dumps(params) if params else None)):
+        if text is not None:
+            d, s = store.write_blob_bytes(text.encode())
+            layers.append({"mediaType": ollama.MEDIA_PREFIX + kind, "digest": d, "size": s})
+    cfg = json.dumps({"model_format": "gguf", "model_family": "gemma3", "model_families": ["gemma3"],
+                      "model_type": "268M", "file_type": "Q4_K_M"}).encode()
+    cd, cs = store.write_blob_bytes(cfg)
+    manifest = {"schemaVersion": 2, "mediaType": ollama.MEDIA_MANIFEST,
+                "config": {"mediaType": ollama.MEDIA_CONFIG, "digest": cd, "size": cs}, "layers": layers}
+    store.write_manifest(ollama.Name.parse(name), manifest)
+
+
+def post(server, path, body, raw=False):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=120)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    if raw:
+        return resp.status, data
+    lines = [json.loads(x) for x in data.splitlines() if x.strip()]
+    return resp.status, lines
+
+
+@pytest.fixture
+def gemma(server, gemma_gguf, llama_server_bin):
+    server.scheduler.exe = str(llama_server_bin)
+    import_gguf(server.store, "gemma3:270m", gemma_gguf, params={"stop": ["<end_of_turn>"]})
+    return "gemma3:270m"
+
+
+def test_generate_streams_ndjson_and_ends_with_metrics(server, gemma):
+    status, lines = post(server, "/api/generate", {"model": gemma, "prompt": "The capital of France is",
+                                                   "options": {"num_predict": 8, "temperature": 0}})
+    assert status == 200
+    assert all(not x["done"] for x in lines[:-1]) and lines[-1]["done"]
+    final = lines[-1]
+    assert final["done_reason"] == "length"
+    assert final["eval_count"] == 8
+    assert final["prompt_eval_count"] > 0 and final["total_duration"] >= final["load_duration"] > 0
+    assert isinstance(final["context"], list) and len(final["context"]) > 8
+    text = "".join(x["response"] for x in lines)
+    assert text.strip()
+
+
+def test_generate_non_streaming_is_one_object(server, gemma):
+    status, lines = post(server, "/api/generate", {"model": gemma, "prompt": "Hello", "stream": False,
+                                                   "options": {"num_predict": 4}})
+    assert status == 200 and len(lines) == 1 and lines[0]["done"] and lines[0]["response"]
+
+
+def test_generate_is_deterministic_with_seed_and_zero_temperature(server, gemma):
+    body = {"model": gemma, "prompt": "Once upon a time", "stream": False,
+            "options": {"num_predict": 16, "temperature": 0, "seed": 42}}
+    a = post(server, "/api/generate", body)[1][0]["response"]
+    b = post(server, "/api/generate", body)[1][0]["response"]
+    assert a == b and a
+
+
+def test_unknown_model_is_404(server):
+    status, data = post(server, "/api/generate", {"model": "nope", "prompt": "x"}, raw=True)
+    assert status == 404 and json.loads(data) == {"error": "model 'nope' not found"}
+
+
+def test_empty_prompt_loads_and_keep_alive_zero_unloads(server, gemma):
+    status, lines = post(server, "/api/generate", {"model": gemma})
+    assert lines[0]["done_reason"] == "load"
+    ps = json.loads(post(server, "/api/ps", {}, raw=True)[1]) if False else None
+    assert [e.model.short for e in server.scheduler.running()] == [gemma]
+    status, lines = post(server, "/api/generate", {"model": gemma, "keep_alive": 0})
+    assert lines[0]["done_reason"] == "unload"
+    assert server.scheduler.running() == []
+
+
+def test_raw_with_template_is_400(server, gemma):
+    status, data = post(server, "/api/generate", {"model": gemma, "prompt": "x", "raw": True, "system": "s"},
+                        raw=True)
+    assert status == 400 and b"raw mode does not support" in data
+
+
+def test_bad_keep_alive_is_400(server, gemma):
+    status, data = post(server, "/api/generate", {"model": gemma, "prompt": "x", "keep_alive": "3600"}, raw=True)
+    assert status == 400
+
+
+def test_chat_streams_assistant_messages(server, gemma):
+    status, lines = post(server, "/api/chat", {"model": gemma, "messages": [{"role": "user", "content": "Hi"}],
+                                               "options": {"num_predict": 6}})
+    assert status == 200
+    assert all(x["message"]["role"] == "assistant" for x in lines)
+    assert lines[-1]["done"] and lines[-1]["eval_count"] <= 6
