@@ -689,6 +689,294 @@ def render_prompt(template, messages, tools=None, think=None, suffix=None):
 
 # -- keys: ed25519 (RFC 8032) and the OpenSSH key files ------------------------
 
+# Ed25519 over edwards25519 (RFC 8032 section 5.1); points are extended (X, Y, Z, T), x=X/Z, y=Y/Z, xy=T/Z.
+_ED_P = 2 ** 255 - 19                                                   # field prime
+_ED_L = 2 ** 252 + 27742317777372353535851937790883648493              # order of the base point
+_ED_D = -121665 * pow(121666, _ED_P - 2, _ED_P) % _ED_P                 # curve constant d
+_ED_SQRT_M1 = pow(2, (_ED_P - 1) // 4, _ED_P)                           # a square root of -1
+_ED_BY = 4 * pow(5, _ED_P - 2, _ED_P) % _ED_P                           # base point y = 4/5
+_ED_BX = 15112221349535400772501151409588531511454012693041857206046113283949847762202  # its even x
+_ED_BASE = (_ED_BX, _ED_BY, 1, _ED_BX * _ED_BY % _ED_P)
+_ED_ZERO = (0, 1, 1, 0)
+
+SSH_ED25519 = b"ssh-ed25519"
+_OPENSSH_MAGIC = b"openssh-key-v1\x00"
+_OPENSSH_PEM = "OPENSSH PRIVATE KEY"
+
+
+def _ed_add(p, q):
+    """Sum of two points (RFC 8032 5.1.4, complete formula: also right for p == q and the identity)."""
+    P = _ED_P
+    x1, y1, z1, t1 = p
+    x2, y2, z2, t2 = q
+    a = (y1 - x1) * (y2 - x2) % P
+    b = (y1 + x1) * (y2 + x2) % P
+    c = 2 * _ED_D * t1 * t2 % P
+    d = 2 * z1 * z2 % P
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return e * f % P, g * h % P, f * g % P, e * h % P
+
+
+def _ed_double(p):
+    """Twice a point (RFC 8032 5.1.4 doubling; cheaper than _ed_add(p, p))."""
+    P = _ED_P
+    x1, y1, z1, _ = p
+    a, b, c = x1 * x1 % P, y1 * y1 % P, 2 * z1 * z1 % P
+    h = a + b
+    e = h - (x1 + y1) * (x1 + y1) % P
+    g = a - b
+    f = c + g
+    return e * f % P, g * h % P, f * g % P, e * h % P
+
+
+def _ed_mul(k, p):
+    """k * p by double-and-add from the top bit."""
+    q = _ED_ZERO
+    for bit in bin(k)[2:]:
+        q = _ed_double(q)
+        if bit == "1":
+            q = _ed_add(q, p)
+    return q
+
+
+def _ed_encode(p):
+    """32 bytes: y little-endian with the parity of x in the top bit."""
+    x, y, z, _ = p
+    zi = pow(z, _ED_P - 2, _ED_P)
+    x, y = x * zi % _ED_P, y * zi % _ED_P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _ed_decode(data):
+    """The point encoded in 32 bytes, or None if they encode none (RFC 8032 5.1.3)."""
+    if len(data) != 32:
+        return None
+    n = int.from_bytes(data, "little")
+    sign, y = n >> 255, n & ((1 << 255) - 1)
+    if y >= _ED_P:
+        return None
+    u, v = (y * y - 1) % _ED_P, (_ED_D * y * y + 1) % _ED_P
+    x = u * pow(v, 3, _ED_P) * pow(u * pow(v, 7, _ED_P), (_ED_P - 5) // 8, _ED_P) % _ED_P
+    if (v * x * x - u) % _ED_P:
+        x = x * _ED_SQRT_M1 % _ED_P
+        if (v * x * x - u) % _ED_P:
+            return None
+    if x == 0 and sign:
+        return None
+    if x & 1 != sign:
+        x = _ED_P - x
+    return x, y, 1, x * y % _ED_P
+
+
+def _ed_hash(*parts):
+    """SHA-512 of the concatenated parts as a little-endian integer mod L."""
+    return int.from_bytes(hashlib.sha512(b"".join(parts)).digest(), "little") % _ED_L
+
+
+class Ed25519Key:
+    """An Ed25519 private key (RFC 8032), as Ollama keeps in ~/.ollama/id_ed25519.
+
+    `seed` is the 32-byte private key, `public` the 32-byte encoded public key.
+    """
+
+    def __init__(self, seed):
+        if len(seed) != 32:
+            raise ValueError("ed25519 seed must be 32 bytes")
+        h = hashlib.sha512(seed).digest()
+        a = int.from_bytes(h[:32], "little")
+        self.seed = bytes(seed)
+        self._scalar = (a & ~7 & ((1 << 254) - 1)) | (1 << 254)          # clamped secret scalar
+        self._prefix = h[32:]                                              # nonce key
+        self.public = _ed_encode(_ed_mul(self._scalar, _ED_BASE))
+
+    @classmethod
+    def generate(cls):
+        """A new key from 32 bytes of the OS's randomness."""
+        return cls(secrets.token_bytes(32))
+
+    @classmethod
+    def from_seed(cls, seed):
+        """The key whose 32-byte private seed is `seed`."""
+        return cls(seed)
+
+    def sign(self, message):
+        """The 64-byte signature R || S of `message` (deterministic, RFC 8032 5.1.6)."""
+        r = _ed_hash(self._prefix, message)
+        big_r = _ed_encode(_ed_mul(r, _ED_BASE))
+        s = (r + _ed_hash(big_r, self.public, message) * self._scalar) % _ED_L
+        return big_r + s.to_bytes(32, "little")
+
+    @staticmethod
+    def verify(public, message, signature):
+        """True if `signature` is a valid signature of `message` by the 32-byte `public` key."""
+        if len(public) != 32 or len(signature) != 64:
+            return False
+        a, r = _ed_decode(public), _ed_decode(signature[:32])
+        s = int.from_bytes(signature[32:], "little")
+        if a is None or r is None or s >= _ED_L:
+            return False
+        k = _ed_hash(signature[:32], public, message)
+        # [S]B == R + [k]A, compared as encodings (cofactorless, as Go's crypto/ed25519)
+        return _ed_encode(_ed_mul(s, _ED_BASE)) == _ed_encode(_ed_add(r, _ed_mul(k, a)))
+
+    def public_blob(self):
+        """The public key in SSH wire format: string "ssh-ed25519", string key."""
+        return _ssh_string(SSH_ED25519) + _ssh_string(self.public)
+
+    def authorized_key_b64(self):
+        """The base64 field of the authorized_keys line ("AAAAC3NzaC1lZDI1NTE5AAAAI...")."""
+        return base64.b64encode(self.public_blob()).decode("ascii")
+
+    def public_key_line(self):
+        """The authorized_keys line "ssh-ed25519 AAAA...", without a newline or comment."""
+        return "ssh-ed25519 " + self.authorized_key_b64()
+
+    def to_openssh_private(self, comment=""):
+        """The unencrypted "OPENSSH PRIVATE KEY" PEM, byte for byte as Go's ssh.MarshalPrivateKey writes it."""
+        check = secrets.token_bytes(4)                      # checkint, twice; proves decryption worked
+        block = (check + check + _ssh_string(SSH_ED25519) + _ssh_string(self.public)
+                 + _ssh_string(self.seed + self.public) + _ssh_string(comment.encode("utf-8")))
+        block += bytes(range(1, 1 + (-len(block) % 8)))     # pad to the 8-byte "none" cipher block
+        body = (_OPENSSH_MAGIC + _ssh_string(b"none") + _ssh_string(b"none") + _ssh_string(b"")
+                + (1).to_bytes(4, "big") + _ssh_string(self.public_blob()) + _ssh_string(block))
+        b64 = base64.b64encode(body).decode("ascii")
+        lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]   # Go's encoding/pem line width
+        return ("-----BEGIN %s-----\n%s\n-----END %s-----\n"
+                % (_OPENSSH_PEM, "\n".join(lines), _OPENSSH_PEM)).encode("ascii")
+
+    @classmethod
+    def from_openssh_private(cls, data):
+        """Load an unencrypted OpenSSH ed25519 private key (ours, Ollama's, or ssh-keygen's)."""
+        if isinstance(data, bytes):
+            data = data.decode("ascii", "replace")
+        m = re.search(r"-----BEGIN %s-----(.*?)-----END %s-----" % (_OPENSSH_PEM, _OPENSSH_PEM), data, re.S)
+        if not m:
+            raise OllamaError("ssh: no key found")
+        try:
+            body = base64.b64decode("".join(m.group(1).split()), validate=True)
+        except ValueError:
+            raise OllamaError("ssh: no key found")
+        if not body.startswith(_OPENSSH_MAGIC):
+            raise OllamaError("ssh: invalid openssh private key format")
+        r = _SSHReader(body[len(_OPENSSH_MAGIC):])
+        cipher, kdf, _kdfopts = r.string(), r.string(), r.string()
+        if cipher != b"none" or kdf != b"none":
+            raise OllamaError("ssh: this private key is passphrase protected")
+        if r.uint32() != 1:
+            raise OllamaError("ssh: multi-key files are not supported")
+        r.string()                                          # public key blob, repeated inside
+        p = _SSHReader(r.string())
+        if p.uint32() != p.uint32():
+            raise OllamaError("ssh: checkint mismatch")
+        keytype = p.string()
+        if keytype != SSH_ED25519:
+            raise OllamaError("ssh: unhandled key type %s" % keytype.decode("ascii", "replace"))
+        public, private = p.string(), p.string()
+        p.string()                                          # comment
+        if len(public) != 32 or len(private) != 64:
+            raise OllamaError("ssh: private key unexpected length")
+        if p.rest() != bytes(range(1, 1 + len(p.rest()))):
+            raise OllamaError("ssh: padding not as expected")
+        key = cls(private[:32])
+        if key.public != public or private[32:] != public:
+            raise OllamaError("ssh: ed25519 public key does not match its private key")
+        return key
+
+
+def _ssh_string(data):
+    """An SSH wire-format string: uint32 big-endian length, then the bytes."""
+    return len(data).to_bytes(4, "big") + data
+
+
+class _SSHReader:
+    """Reads SSH wire-format fields from bytes; a short buffer is a malformed key."""
+
+    def __init__(self, data):
+        self.data, self.pos = data, 0
+
+    def take(self, n):
+        if n > len(self.data) - self.pos:
+            raise OllamaError("ssh: invalid openssh private key format")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def uint32(self):
+        return int.from_bytes(self.take(4), "big")
+
+    def string(self):
+        return self.take(self.uint32())
+
+    def rest(self):
+        return self.data[self.pos:]
+
+
+def ensure_keypair(home, out=None):
+    """Load <home>/id_ed25519, or create it and id_ed25519.pub first, as `ollama serve` does.
+
+    Creating prints Ollama's two messages to `out` (stderr by default). The private key (0600) is
+    written to a temp file and hard-linked into place, so a crash leaves no half key and two servers
+    starting at once agree on one key; the .pub (0644) is derived from it, and rewritten if missing.
+    """
+    home = Path(home)
+    priv_path, pub_path = home / "id_ed25519", home / "id_ed25519.pub"
+    out = out or sys.stderr
+    created = None
+    if not priv_path.exists():
+        print("Couldn't find '%s'. Generating new private key." % priv_path, file=out)
+        created = Ed25519Key.generate()
+        if not _create_exclusive(priv_path, created.to_openssh_private(), 0o600):
+            created = None                                  # another process won the race; use its key
+    key = Ed25519Key.from_openssh_private(priv_path.read_bytes())
+    line = key.public_key_line() + "\n"                   # ssh.MarshalAuthorizedKey ends in a newline
+    if created is not None or not pub_path.exists():
+        atomic_write(pub_path, line.encode("ascii"), 0o644)
+    if created is not None:
+        print("Your new public key is: \n\n%s" % line, file=out)
+        out.flush()
+    return key
+
+
+def _create_exclusive(path, data, mode):
+    """Atomically create `path` with `data` unless it exists; True if we created it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, str(path))                         # fails if path exists: never clobbers a key
+        except FileExistsError:
+            return False
+        except OSError:                                     # no hard links on this filesystem
+            if path.exists():
+                return False
+            os.replace(tmp, str(path))
+        _fsync_dir(path.parent)
+        return True
+    finally:
+        _unlink(tmp)
+
+
+def sign_auth(key, data):
+    """Ollama's signed Authorization value for `data`: "<pubkey base64>:<base64 of the 64-byte signature>"."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return "%s:%s" % (key.authorized_key_b64(), base64.b64encode(key.sign(data)).decode("ascii"))
+
+
+def sign_challenge(key, method, url, body=b""):
+    """The Authorization value for a registry token request to `url` (server/auth.go getAuthorizationToken).
+
+    Signs "<METHOD>,<url>,<base64(hex(sha256(body)))>"; `url` is the full token URL (realm with service,
+    scope, ts and nonce), exactly as it is sent.
+    """
+    digest = hashlib.sha256(body).hexdigest().encode("ascii")
+    return sign_auth(key, "%s,%s,%s" % (method, url, base64.b64encode(digest).decode("ascii")))
+
 
 # -- registry client: OCI distribution pull and push ---------------------------
 
