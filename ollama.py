@@ -2244,6 +2244,7 @@ def cmd_serve(args):
     """
     config = Config()
     _setup_logging(config, to_file=True)
+    ensure_keypair(config.home, out=sys.stdout)
     server = make_server(config)
     stop = threading.Event()
 
