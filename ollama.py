@@ -1310,7 +1310,8 @@ class Scheduler:
     """Keeps llama-server children: one per loaded model, shared by concurrent requests.
 
     `acquire()` returns a loaded runner for a model (loading, reloading or evicting as needed) and
-    must be paired with `release()`. Loads are serialised; at most OLLAMA_MAX_LOADED_MODELS stay
+    must be paired with `release()`; a runner serves OLLAMA_NUM_PARALLEL requests at once and the
+    rest wait for a slot. Loads are serialised; at most OLLAMA_MAX_LOADED_MODELS stay
     loaded, and an idle one that expires soonest is evicted to make room. More than
     OLLAMA_MAX_QUEUE waiting requests get 503. A keep-alive timer starts when the last request on
     a runner finishes; a background thread stops runners whose time is up.
@@ -1358,6 +1359,9 @@ class Scheduler:
                         raise OllamaError("server is shutting down")
                     entry = self.loaded.get(key)
                     if entry is not None and entry.load_key == load_key and entry.runner.alive():
+                        if entry.refs >= entry.runner.parallel:
+                            self.cond.wait(0.5)           # every slot busy: queue for one
+                            continue
                         entry.refs += 1
                         entry.keep_alive = keep_alive
                         entry.expires = FOREVER

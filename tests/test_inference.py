@@ -108,3 +108,107 @@ def test_chat_streams_assistant_messages(server, gemma):
     assert status == 200
     assert all(x["message"]["role"] == "assistant" for x in lines)
     assert lines[-1]["done"] and lines[-1]["eval_count"] <= 6
+
+
+def _stream_lines(server, path, body):
+    """Open a streaming request; returns (conn, resp) so the test controls reading and closing."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=120)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    return conn, conn.getresponse()
+
+
+def test_two_concurrent_chats_overlap(server, gemma):
+    server.config.num_parallel = 2
+    spans = {}
+
+    def chat(i):
+        conn, resp = _stream_lines(server, "/api/chat", {
+            "model": gemma, "messages": [{"role": "user", "content": "Tell me a story %d" % i}],
+            "options": {"num_predict": 24, "temperature": 0}})
+        first = None
+        for line in resp:
+            if first is None:
+                first = time.monotonic()
+        spans[i] = (first, time.monotonic())
+        conn.close()
+
+    post(server, "/api/generate", {"model": gemma})                # load first, so only decoding overlaps
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    (a0, a1), (b0, b1) = spans[0], spans[1]
+    assert a0 < b1 and b0 < a1, "both must start before either finishes"
+
+
+def test_full_queue_answers_503(server, gemma):
+    server.config.max_queue = 1
+    post(server, "/api/generate", {"model": gemma})
+    body = {"model": gemma, "prompt": "Count to one hundred:", "options": {"num_predict": 200}}
+    busy = _stream_lines(server, "/api/generate", body)             # takes the only slot
+    busy[1].readline()
+    waiting = threading.Thread(target=post, args=(server, "/api/generate", dict(body, options={"num_predict": 1})))
+    waiting.start()                                                  # fills the queue of one
+    deadline = time.monotonic() + 10
+    while server.scheduler.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    status, data = post(server, "/api/generate", body, raw=True)
+    assert status == 503
+    assert json.loads(data)["error"] == "server busy, please try again.  maximum pending requests exceeded"
+    busy[0].close()
+    waiting.join(60)
+
+
+def test_client_disconnect_frees_the_slot(server, gemma):
+    post(server, "/api/generate", {"model": gemma})
+    conn, resp = _stream_lines(server, "/api/generate", {"model": gemma, "prompt": "Once upon a time",
+                                                          "options": {"num_predict": 2000}})
+    resp.readline()
+    conn.sock.shutdown(2)
+    conn.close()
+    entry = server.scheduler.running()[0]
+    deadline = time.monotonic() + 10
+    while entry.refs and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert entry.refs == 0
+    status, lines = post(server, "/api/generate", {"model": gemma, "prompt": "Hi", "options": {"num_predict": 2}})
+    assert status == 200 and lines[-1]["done"]
+
+
+def test_killed_runner_fails_the_request_and_the_next_one_reloads(server, gemma):
+    import os
+    import signal
+    post(server, "/api/generate", {"model": gemma})
+    runner = server.scheduler.running()[0].runner
+    conn, resp = _stream_lines(server, "/api/generate", {"model": gemma, "prompt": "Once upon a time",
+                                                          "options": {"num_predict": 2000}})
+    resp.readline()
+    os.kill(runner.pid, signal.SIGKILL)
+    lines = [json.loads(x) for x in resp.read().splitlines() if x.strip()]
+    conn.close()
+    assert lines[-1] == {"error": ollama.RUNNER_STOPPED}
+    status, lines = post(server, "/api/generate", {"model": gemma, "prompt": "Hi", "options": {"num_predict": 2}})
+    assert status == 200 and lines[-1]["done"]
+    assert server.scheduler.running()[0].runner is not runner
+
+
+def test_unloadable_blob_reports_the_engine_reason_once(server, llama_server_bin, tmp_path):
+    server.scheduler.exe = str(llama_server_bin)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    import_gguf(server.store, "broken", bad)
+    started = time.monotonic()
+    status, data = post(server, "/api/generate", {"model": "broken", "prompt": "x"}, raw=True)
+    assert status == 500
+    err = json.loads(data)["error"]
+    assert "llama-server process has terminated" in err
+    assert time.monotonic() - started < 30
+    assert server.scheduler.running() == []
+
+
+def test_server_close_stops_every_runner(server, gemma):
+    post(server, "/api/generate", {"model": gemma})
+    runner = server.scheduler.running()[0].runner
+    server.scheduler.shutdown()
+    assert runner.proc.poll() is not None
