@@ -1100,6 +1100,14 @@ class Runner:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def exited(self, wait=0.0):
+        """True once the child has exited, waiting up to `wait` seconds for it (it may be dying)."""
+        try:
+            self.proc.wait(wait)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def stop(self, grace=5.0):
         """Stop the child: SIGTERM, then SIGKILL after `grace` seconds. Never leaves an orphan."""
         proc = self.proc
@@ -1175,7 +1183,7 @@ class Runner:
                 except (OSError, http.client.HTTPException):
                     raise OllamaError(RUNNER_STOPPED) from None
                 if not line:
-                    if not self.alive():
+                    if self.exited(1.0):
                         raise OllamaError(RUNNER_STOPPED)
                     raise OllamaError("an error was encountered while running the model: "
                                       "unexpected end of response")
@@ -1217,9 +1225,8 @@ def _engine_error(status, body):
         message = err.get("message") or json_dumps(err)
         kind = err.get("type", "")
         if kind == "exceed_context_size_error":
-            return BadRequest("the prompt is %s tokens but the context is %s tokens (num_ctx): shorten the "
-                              "input, raise num_ctx, or set \"truncate\": true to drop the oldest messages"
-                              % (err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?")))
+            return BadRequest("the prompt is %s tokens but the context window is %s tokens: shorten the "
+                              "prompt or raise num_ctx" % (err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?")))
         if status == 400 or kind == "invalid_request_error":
             return BadRequest(message)
     else:

@@ -212,3 +212,65 @@ def test_server_close_stops_every_runner(server, gemma):
     runner = server.scheduler.running()[0].runner
     server.scheduler.shutdown()
     assert runner.proc.poll() is not None
+
+
+def test_keep_alive_expires_an_idle_runner(server, gemma):
+    status, lines = post(server, "/api/generate", {"model": gemma, "keep_alive": "1s"})
+    entry = server.scheduler.running()[0]
+    assert entry.expires - time.time() <= 1.0
+    deadline = time.monotonic() + 10
+    while server.scheduler.running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.scheduler.running() == []
+    assert entry.runner.proc.wait(10) is not None
+
+
+def test_negative_keep_alive_keeps_the_model_forever(server, gemma):
+    post(server, "/api/generate", {"model": gemma, "keep_alive": -1})
+    status, data = _get(server, "/api/ps")
+    model = json.loads(data)["models"][0]
+    assert model["name"] == gemma and model["expires_at"].startswith("2")
+    assert int(model["expires_at"][:4]) > time.gmtime().tm_year + 100
+
+
+def _get(server, path):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
+def test_ps_lists_loaded_models_with_ollamas_fields(server, gemma):
+    post(server, "/api/generate", {"model": gemma, "options": {"num_ctx": 1024}})
+    status, data = _get(server, "/api/ps")
+    (m,) = json.loads(data)["models"]
+    assert set(m) == {"name", "model", "size", "digest", "details", "expires_at", "size_vram", "context_length"}
+    assert m["context_length"] == 1024 and m["size"] > 200_000_000 and len(m["digest"]) == 64
+
+
+def test_changing_a_load_option_reloads_the_runner(server, gemma):
+    post(server, "/api/generate", {"model": gemma, "options": {"num_ctx": 1024}})
+    first = server.scheduler.running()[0].runner
+    post(server, "/api/generate", {"model": gemma, "options": {"num_ctx": 1024}})
+    assert server.scheduler.running()[0].runner is first
+    post(server, "/api/generate", {"model": gemma, "options": {"num_ctx": 2048}})
+    (entry,) = server.scheduler.running()
+    assert entry.runner is not first and entry.runner.num_ctx == 2048
+
+
+def test_max_loaded_models_evicts_the_idle_runner(server, gemma, gemma_gguf):
+    server.config.max_loaded_models = 1
+    import_gguf(server.store, "other:latest", gemma_gguf, system="You are another model.")
+    post(server, "/api/generate", {"model": gemma})
+    post(server, "/api/generate", {"model": "other"})
+    assert [e.model.short for e in server.scheduler.running()] == ["other:latest"]
+
+
+def test_prompt_longer_than_the_context_is_a_clear_400(server, gemma):
+    status, data = post(server, "/api/generate", {"model": gemma, "prompt": "word " * 400,
+                                                  "options": {"num_ctx": 256}}, raw=True)
+    assert status == 400
+    err = json.loads(data)["error"]
+    assert "context window is 256 tokens" in err and "the prompt is 4" in err
