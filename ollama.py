@@ -1000,11 +1000,12 @@ RUNNER_STOPPED = ("model runner has unexpectedly stopped, this may be due to res
                   "internal error, check ollama server logs for details")
 
 
-def find_llama_server(config):
-    """The llama-server binary: OLLAMA_LLAMA_SERVER, bin/ beside ollama.py, ~/.ollama/bin, then PATH."""
-    here = Path(os.path.abspath(__file__)).parent
+def find_llama_server(config, here=None):
+    """The llama-server binary: OLLAMA_LLAMA_SERVER, bin/ beside ollama.py (or `here`), ~/.ollama/bin,
+    then PATH."""
+    here = Path(here or os.path.dirname(os.path.abspath(__file__)))
     candidates = [config.llama_server, here / "bin" / "llama-server", config.home / "bin" / "llama-server",
-                  shutil.which("llama-server")]
+                  shutil.which("llama-server", path=os.environ.get("PATH"))]
     for c in candidates:
         if c and os.path.isfile(str(c)) and os.access(str(c), os.X_OK):
             return str(c)
