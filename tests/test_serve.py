@@ -1,0 +1,94 @@
+"""`ollama.py serve` as a user runs it: a subprocess, its logs and key, and a clean shutdown."""
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import ollama
+from test_inference import import_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_serve(home, env_extra=None):
+    port = ollama.free_port()
+    env = dict(os.environ, HOME=str(home), OLLAMA_HOST="127.0.0.1:%d" % port,
+               OLLAMA_MODELS=str(home / ".ollama" / "models"), **(env_extra or {}))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ollama.py"), "serve"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/")
+            if conn.getresponse().read() == b"Ollama is running":
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("serve did not start: %s" % proc.stderr.read().decode())
+
+
+def _post(port, path, body):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", path, body=json.dumps(body))
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+def test_serve_creates_its_key_and_log_then_stops_its_runners_on_sigterm(ollama_home, llama_server_bin, gemma_gguf):
+    store = ollama.Store(ollama_home / ".ollama" / "models")
+    import_gguf(store, "gemma3:270m", gemma_gguf)
+    proc, port = start_serve(ollama_home, {"OLLAMA_LLAMA_SERVER": str(llama_server_bin)})
+    try:
+        status, data = _post(port, "/api/generate", {"model": "gemma3:270m", "prompt": "Hi", "stream": False,
+                                                     "options": {"num_predict": 2}})
+        assert status == 200 and json.loads(data)["done"]
+        runner_pids = [int(p) for p in subprocess.run(["pgrep", "-f", "llama-server.*--port"], capture_output=True,
+                                                      text=True).stdout.split()]
+        mine = [p for p in runner_pids if os.getpgid(p) != os.getpgid(0) and _parent(p) == proc.pid]
+        assert len(mine) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert not _alive(mine[0]), "the runner must not outlive serve"
+    key = ollama_home / ".ollama" / "id_ed25519"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert b"Generating new private key" in out
+    log = (ollama_home / ".ollama" / "logs" / "server.log").read_text()
+    assert "Listening on 127.0.0.1:%d" % port in log and "POST" in log
+
+
+def _parent(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_version_runs_without_site_packages():
+    out = subprocess.run([sys.executable, "-S", "-I", str(ROOT / "ollama.py"), "--version"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "ollama version is %s" % ollama.__version__
+
+
+def test_cli_without_a_server_says_how_to_start_one(ollama_home):
+    env = dict(os.environ, HOME=str(ollama_home), OLLAMA_HOST="127.0.0.1:%d" % ollama.free_port())
+    out = subprocess.run([sys.executable, str(ROOT / "ollama.py"), "ps"], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "Error: could not connect to ollama server, run 'ollama.py serve' to start it"
