@@ -678,9 +678,1591 @@ def parse_options(options):
 # Templates ###################################################################
 ###############################################################################
 
-def render_prompt(template, messages, tools=None, think=None, suffix=None):
-    """Placeholder until the Go template engine lands: the user prompt, as {{ .Prompt }} renders it."""
-    return "".join(m.get("content") or "" for m in messages if m.get("role") == "user")
+class TemplateError(BadRequest):
+    """A prompt template that does not parse or fails to execute; the text is Go's ("template: :LINE: ...")."""
+
+
+# -- Go text/template: lexer and parser -----------------------------------------
+
+_TPL_SPACE = " \t\r\n"                  # what {{- and -}} trim, and what may precede a right trim marker
+_TPL_KEYWORDS = {"if", "else", "end", "range", "with", "break", "continue", "define", "template", "block"}
+_TPL_NUMBER_RE = re.compile(
+    r"[+-]?(?:0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?\d+)?)")
+_TPL_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TPL_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", '"': '"', "'": "'"}
+
+
+class _Tok:
+    """One token of an action: kind is a punctuation string or field/var/dot/ident/const/nil/keyword."""
+    __slots__ = ("kind", "value", "line", "spaced")
+
+    def __init__(self, kind, value, line, spaced):
+        self.kind, self.value, self.line, self.spaced = kind, value, line, spaced
+
+
+def _tpl_unquote(body, line):
+    """Decode the escapes of a Go interpreted string literal (without its quotes)."""
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        e = body[i + 1:i + 2]
+        if e in _TPL_ESCAPES:
+            out.append(_TPL_ESCAPES[e])
+            i += 2
+        elif e in ("x", "u", "U"):
+            n = {"x": 2, "u": 4, "U": 8}[e]
+            digits = body[i + 2:i + 2 + n]
+            if len(digits) != n or not all(d in "0123456789abcdefABCDEF" for d in digits):
+                raise TemplateError("template: :%d: invalid syntax" % line)
+            out.append(chr(int(digits, 16)))
+            i += 2 + n
+        elif e and e in "01234567" and re.match(r"[0-7]{3}", body[i + 1:i + 4]):
+            out.append(chr(int(body[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            raise TemplateError("template: :%d: invalid syntax" % line)
+    return "".join(out)
+
+
+def _tpl_lex(src):
+    """Split template text into ("text", str, line) items and ("action", [tokens], line) items, trims applied."""
+    items, pos, line, trim_next = [], 0, 1, False
+    while True:
+        start = src.find("{{", pos)
+        text = src[pos:] if start < 0 else src[pos:start]
+        if trim_next:
+            text = text.lstrip(_TPL_SPACE)
+        if start < 0:
+            if text:
+                items.append(("text", text, line))
+            return items
+        p = start + 2
+        left_trim = src[p:p + 1] == "-" and src[p + 1:p + 2] in tuple(_TPL_SPACE)
+        if left_trim:
+            text = text.rstrip(_TPL_SPACE)
+            p += 2
+        if text:
+            items.append(("text", text, line))
+        line += src.count("\n", pos, start)
+        action_line = line
+        if src.startswith("/*", p):                       # {{/* comment */}}
+            end = src.find("*/", p + 2)
+            if end < 0:
+                raise TemplateError("template: :%d: unclosed comment" % line)
+            line += src.count("\n", p, end)
+            q = end + 2
+            if src.startswith("}}", q):
+                trim_next, pos = False, q + 2
+            elif src[q:q + 1] in tuple(_TPL_SPACE) and src.startswith("-}}", q + 1):
+                trim_next, pos = True, q + 4
+            else:
+                raise TemplateError("template: :%d: comment ends before closing delimiter" % line)
+            continue
+        tokens, spaced = [], False
+        while True:
+            if p >= len(src):
+                raise TemplateError("template: :%d: unclosed action" % action_line)
+            c = src[p]
+            if c in _TPL_SPACE:
+                if src.startswith("-}}", p + 1):
+                    trim_next, p = True, p + 4
+                    break
+                if c == "\n":
+                    line += 1
+                p, spaced = p + 1, True
+                continue
+            if src.startswith("}}", p):
+                trim_next, p = False, p + 2
+                break
+            tok = None
+            if c == '"':
+                q = p + 1
+                while q < len(src) and src[q] != '"':
+                    if src[q] == "\n":
+                        break
+                    q += 2 if src[q] == "\\" else 1
+                if q >= len(src) or src[q] != '"':
+                    raise TemplateError("template: :%d: unterminated quoted string" % line)
+                tok, p = _Tok("const", _tpl_unquote(src[p + 1:q], line), line, spaced), q + 1
+            elif c == "`":
+                q = src.find("`", p + 1)
+                if q < 0:
+                    raise TemplateError("template: :%d: unterminated raw quoted string" % line)
+                tok = _Tok("const", src[p + 1:q], line, spaced)
+                line += src.count("\n", p, q)
+                p = q + 1
+            elif c == "'":
+                m = re.match(r"'(\\.[^']*|[^'\\])'", src[p:])
+                if not m:
+                    raise TemplateError("template: :%d: unterminated character constant" % line)
+                tok, p = _Tok("const", ord(_tpl_unquote(m.group(1), line)), line, spaced), p + m.end()
+            elif c == "$":
+                m = _TPL_IDENT_RE.match(src, p + 1)
+                name = "$" + (m.group() if m else "")
+                tok, p = _Tok("var", name, line, spaced), p + len(name)
+            elif c == "." and not src[p + 1:p + 2].isdigit():
+                m = _TPL_IDENT_RE.match(src, p + 1)
+                if m:
+                    tok, p = _Tok("field", m.group(), line, spaced), m.end()
+                else:
+                    tok, p = _Tok("dot", ".", line, spaced), p + 1
+            elif c.isdigit() or (c in "+-." and src[p + 1:p + 2].isdigit()):
+                m = _TPL_NUMBER_RE.match(src, p)
+                tok, p = _Tok("const", _tpl_number(m.group(), line), line, spaced), m.end()
+            elif src.startswith(":=", p):
+                tok, p = _Tok(":=", ":=", line, spaced), p + 2
+            elif c in "()|,=":
+                tok, p = _Tok(c, c, line, spaced), p + 1
+            elif c.isalpha() or c == "_":
+                m = _TPL_IDENT_RE.match(src, p)
+                word, p = m.group(), m.end()
+                if word in ("true", "false"):
+                    tok = _Tok("const", word == "true", line, spaced)
+                elif word == "nil":
+                    tok = _Tok("nil", None, line, spaced)
+                else:
+                    tok = _Tok("keyword" if word in _TPL_KEYWORDS else "ident", word, line, spaced)
+            else:
+                raise TemplateError("template: :%d: unrecognized character in action: %r" % (line, c))
+            tokens.append(tok)
+            spaced = False
+        items.append(("action", tokens, action_line))
+        pos = p
+
+
+def _tpl_number(text, line):
+    """A Go number literal as int or float."""
+    t = text.replace("_", "")
+    try:
+        if re.fullmatch(r"[+-]?0[0-7]+", t):
+            return int(t, 8)
+        if re.fullmatch(r"[+-]?(0[xXbBoO][0-9a-fA-F]+|\d+)", t):
+            return int(t, 0)
+        return float(t)
+    except ValueError:
+        raise TemplateError('template: :%d: bad number syntax: "%s"' % (line, text)) from None
+
+
+class _Node:
+    """A template tree node: kind is text/action/if/range/with/break/continue; or an argument node."""
+    __slots__ = ("kind", "a", "b", "c", "d", "line")
+
+    def __init__(self, kind, a=None, b=None, c=None, d=None, line=0):
+        self.kind, self.a, self.b, self.c, self.d, self.line = kind, a, b, c, d, line
+
+    # Meaning of a..d by kind:
+    #   text: a=str | action: a=pipe | if/range/with: a=pipe, b=list, c=else list or None
+    #   pipe: a=declared variable names, b=is "=" assignment, c=commands (lists of argument nodes)
+    #   field: a=[names] | var: a=name, b=[names] | chain: a=node, b=[names] | ident: a=name
+    #   const: a=value | dot, nil: no fields
+
+
+class _TplParser:
+    """Recursive descent over the lexed items, building lists of _Node; checks variables like Go does."""
+
+    def __init__(self, src, funcs):
+        self.items, self.i, self.funcs, self.vars = _tpl_lex(src), 0, funcs, ["$"]
+
+    def parse(self):
+        nodes, end = self.list_until()
+        if end is not None:
+            raise TemplateError("template: :%d: unexpected {{%s}}" % (end[2], end[0]))
+        return nodes
+
+    def list_until(self):
+        """Parse nodes until {{end}}/{{else ...}} (returned as (word, tokens, line)) or EOF (None)."""
+        nodes = []
+        while self.i < len(self.items):
+            kind, value, line = self.items[self.i]
+            self.i += 1
+            if kind == "text":
+                nodes.append(_Node("text", value, line=line))
+                continue
+            toks = value
+            if not toks:
+                raise TemplateError("template: :%d: missing value for command" % line)
+            head = toks[0]
+            if head.kind == "keyword":
+                word = head.value
+                if word in ("end", "else"):
+                    return nodes, (word, toks, line)
+                if word in ("if", "range", "with"):
+                    nodes.append(self.control(word, toks[1:], line))
+                elif word in ("break", "continue"):
+                    if len(toks) > 1:
+                        raise TemplateError("template: :%d: unexpected %s in {{%s}}" % (line, toks[1].value, word))
+                    nodes.append(_Node(word, line=line))
+                else:
+                    raise TemplateError("template: :%d: {{%s}} is not supported" % (line, word))
+                continue
+            nodes.append(_Node("action", self.pipeline(toks, line, "command"), line=line))
+        return nodes, None
+
+    def control(self, word, toks, line):
+        mark = len(self.vars)
+        pipe = self.pipeline(toks, line, word, allow_two=(word == "range"))
+        body, end = self.list_until()
+        orelse = None
+        if end is None:
+            raise TemplateError("template: :%d: unexpected EOF" % line)
+        if end[0] == "else":
+            rest = end[1][1:]
+            if rest and rest[0].kind == "keyword" and rest[0].value in ("if", "with") and word != "range":
+                # {{else if ...}} / {{else with ...}}: a nested branch that shares our {{end}}
+                orelse = [self.control(rest[0].value, rest[1:], end[2])]
+            else:
+                if rest:
+                    raise TemplateError("template: :%d: unexpected %s in else" % (end[2], rest[0].value))
+                orelse, end = self.list_until()
+                if end is None:
+                    raise TemplateError("template: :%d: unexpected EOF" % line)
+                if end[0] != "end":
+                    raise TemplateError("template: :%d: expected end; found {{else}}" % end[2])
+        elif len(end[1]) > 1:
+            raise TemplateError("template: :%d: unexpected %s in end" % (end[2], end[1][1].value))
+        del self.vars[mark:]
+        return _Node(word, pipe, body, orelse, line=line)
+
+    def pipeline(self, toks, line, context, allow_two=False):
+        decl, assign, i = [], False, 0
+        # declarations: $x :=  |  $x =  |  $i, $e :=  (range only)
+        if len(toks) >= 2 and toks[0].kind == "var":
+            if toks[1].kind in (":=", "="):
+                decl, assign, i = [toks[0].value], toks[1].kind == "=", 2
+            elif toks[1].kind == "," and allow_two and len(toks) >= 4 and toks[2].kind == "var" \
+                    and toks[3].kind in (":=", "="):
+                decl, assign, i = [toks[0].value, toks[2].value], toks[3].kind == "=", 4
+            elif toks[1].kind == ",":
+                raise TemplateError("template: :%d: too many declarations in %s" % (line, context))
+        for name in decl:
+            if assign and name not in self.vars:
+                raise TemplateError('template: :%d: undefined variable "%s"' % (line, name))
+            if not assign:
+                self.vars.append(name)
+        cmds, pos = self.commands(toks, i, line, context)
+        if pos != len(toks):
+            raise TemplateError("template: :%d: unexpected %s in %s" % (line, _tok_text(toks[pos]), context))
+        return _Node("pipe", decl, assign, cmds, line=line)
+
+    def commands(self, toks, i, line, context, closing=None):
+        cmds, args = [], []
+        while i < len(toks):
+            t = toks[i]
+            if t.kind == "|":
+                if not args:
+                    raise TemplateError("template: :%d: missing command" % line)
+                cmds.append(args)
+                args, i = [], i + 1
+                continue
+            if t.kind == ")" and closing:
+                break
+            if t.kind in ("keyword", ":=", "=", ",", ")"):
+                raise TemplateError("template: :%d: unexpected %s in %s" % (line, _tok_text(t), context))
+            node, i = self.operand(toks, i, line, context)
+            args.append(node)
+        if not args:
+            raise TemplateError("template: :%d: missing value for %s" % (line, context))
+        cmds.append(args)
+        for cmd in cmds[1:]:
+            if cmd[0].kind in ("const", "nil"):
+                raise TemplateError("template: :%d: non executable command in pipeline stage %d" % (line, cmds.index(cmd) + 1))
+        return cmds, i
+
+    def operand(self, toks, i, line, context):
+        t = toks[i]
+        i += 1
+        if t.kind == "field":
+            names = [t.value]
+            while i < len(toks) and toks[i].kind == "field" and not toks[i].spaced:
+                names.append(toks[i].value)
+                i += 1
+            return _Node("field", names), i
+        if t.kind == "var":
+            if t.value not in self.vars:
+                raise TemplateError('template: :%d: undefined variable "%s"' % (line, t.value))
+            node = _Node("var", t.value, [])
+        elif t.kind == "dot":
+            node = _Node("dot")
+        elif t.kind == "const":
+            node = _Node("const", t.value)
+        elif t.kind == "nil":
+            node = _Node("nil")
+        elif t.kind == "ident":
+            if t.value not in self.funcs:
+                raise TemplateError('template: :%d: function "%s" not defined' % (line, t.value))
+            node = _Node("ident", t.value)
+        elif t.kind == "(":
+            mark = len(self.vars)
+            sub_decl = []
+            if i + 1 < len(toks) and toks[i].kind == "var" and toks[i + 1].kind in (":=", "="):
+                sub_decl = [toks[i].value]
+                if toks[i + 1].kind == ":=":
+                    self.vars.append(toks[i].value)
+                i += 2
+            cmds, i = self.commands(toks, i, line, "parenthesized pipeline", closing=True)
+            if i >= len(toks) or toks[i].kind != ")":
+                raise TemplateError("template: :%d: unclosed left paren" % line)
+            i += 1
+            del self.vars[mark + len(sub_decl):]
+            node = _Node("pipe", sub_decl, False, cmds, line=line)
+        else:
+            raise TemplateError("template: :%d: unexpected %s in %s" % (line, _tok_text(t), context))
+        names = []
+        while i < len(toks) and toks[i].kind == "field" and not toks[i].spaced:
+            names.append(toks[i].value)
+            i += 1
+        if names:
+            if node.kind == "var":
+                node.b = names
+            elif node.kind in ("const", "nil"):
+                raise TemplateError("template: :%d: unexpected . after term %r" % (line, _tok_text(t)))
+            else:
+                node = _Node("chain", node, names)
+        return node, i
+
+
+def _tok_text(tok):
+    """How Go's parser names a token in its error messages."""
+    if tok.kind == "field":
+        return '<field .%s>' % tok.value
+    if tok.kind == "const" and isinstance(tok.value, str):
+        return '<%s>' % json.dumps(tok.value)
+    return '<%s>' % (tok.value if tok.value is not None else "nil")
+
+
+# -- Go values: structs, printing (fmt %v), json.Marshal ------------------------
+
+class _GoStruct:
+    """A Go struct as templates see it: fields by Go name, printed like fmt %v, marshalled by its JSON tags.
+
+    _fields lists (GoName, json key, omitempty); _stringer marks types whose String() prints their JSON.
+    """
+    _fields = ()
+    _stringer = False
+    _pointer = False
+
+    def __init__(self, **values):
+        for name, _key, _omit in self._fields:
+            setattr(self, name, values.get(name))
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join("%s=%r" % (f[0], getattr(self, f[0])) for f in self._fields))
+
+
+class _GoMap(dict):
+    """A Go map whose String() prints its JSON; nil=True stands for a nil map (prints "{}", marshals null)."""
+    nil = False
+    ordered = False                     # True: marshal in insertion order (Ollama's ordered maps)
+
+
+class _GoList(list):
+    """A Go slice whose String() prints its JSON; nil=True stands for a nil slice (marshals null)."""
+    nil = False
+
+
+class _PropertyType(list):
+    """api.PropertyType: prints as its only type, or like a []string when several."""
+
+
+_NIL = ()                               # a nil slice of a struct field: prints [], len 0, marshals null
+
+
+def _go_float(f, json_mode=False):
+    """Format a float64 as Go does: fmt %v (shortest %g, exponent from 1e+06) or encoding/json."""
+    if f != f:
+        return "NaN"
+    if f in (float("inf"), float("-inf")):
+        return "+Inf" if f > 0 else "-Inf"
+    if f == 0:
+        return "-0" if str(f).startswith("-") else "0"
+    import decimal
+    sign, digits, exp = decimal.Decimal(repr(f)).as_tuple()
+    digits = list(digits)
+    while len(digits) > 1 and digits[-1] == 0:
+        digits.pop()
+        exp += 1
+    x = len(digits) + exp - 1                        # decimal exponent of the first digit
+    if json_mode:
+        use_e = abs(f) < 1e-6 or abs(f) >= 1e21
+    else:
+        use_e = x < -4 or x >= 6                     # strconv 'g' with shortest precision
+    ds = "".join(map(str, digits))
+    if use_e:
+        mant = ds[0] + ("." + ds[1:] if len(ds) > 1 else "")
+        out = mant + "e" + ("%+d" % x if json_mode else "%+03d" % x)    # json writes e-7, fmt e-07
+    elif x < 0:
+        out = "0." + "0" * (-x - 1) + ds
+    elif x + 1 >= len(ds):
+        out = ds + "0" * (x + 1 - len(ds))
+    else:
+        out = ds[:x + 1] + "." + ds[x + 1:]
+    return ("-" if sign else "") + out
+
+
+def _go_print(v, top=True):
+    """Text of a value as Go's fmt prints it with %v (how {{ . }} renders); top-level nil is "<no value>"."""
+    if v is None:
+        return "<no value>" if top else "<nil>"
+    if v is True or v is False:
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return _go_float(v)
+    if isinstance(v, _PropertyType):
+        return v[0] if len(v) == 1 else "[" + " ".join(v) + "]"
+    if isinstance(v, _GoMap):
+        return "{}" if v.nil else _go_json(v)
+    if isinstance(v, _GoList):
+        return _go_json(v)
+    if isinstance(v, _GoStruct):
+        if v._stringer:
+            return _go_json(v)
+        inner = "{" + " ".join(_go_print(getattr(v, f[0]), False) for f in v._fields) + "}"
+        return "&" + inner if v._pointer and top else inner
+    if isinstance(v, (list, tuple)):
+        return "[" + " ".join(_go_print(x, False) for x in v) + "]"
+    if isinstance(v, dict):
+        return "map[" + " ".join("%s:%s" % (_go_print(k, False), _go_print(v[k], False)) for k in sorted(v)) + "]"
+    return str(v)
+
+
+def _go_json(v):
+    """json.Marshal: compact, map keys sorted, struct fields in order, <>& and U+2028/9 escaped."""
+    if v is None or v is _NIL:
+        return "null"
+    if v is True or v is False:
+        return "true" if v else "false"
+    if isinstance(v, str):
+        s = json.dumps(v, ensure_ascii=False)
+        return (s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+                .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            return "null"                       # Go fails to marshal these; Ollama's json prints nothing useful
+        return _go_float(v, json_mode=True)
+    if isinstance(v, _PropertyType):
+        return _go_json(v[0]) if len(v) == 1 else _go_json(list(v))
+    if isinstance(v, _GoStruct):
+        parts = []
+        for name, key, omit in v._fields:
+            val = getattr(v, name)
+            if omit and (val is None or val is _NIL or val == "" or val is False or val == 0
+                         or (isinstance(val, (list, dict)) and not isinstance(val, _GoStruct) and len(val) == 0
+                             and not (isinstance(val, _GoMap) and val.ordered and not val.nil))):
+                continue
+            parts.append(_go_json(key) + ":" + _go_json(val))
+        return "{" + ",".join(parts) + "}"
+    if isinstance(v, dict):
+        if isinstance(v, _GoMap) and v.nil:
+            return "null"
+        keys = list(v) if isinstance(v, _GoMap) and v.ordered else sorted(v, key=str)
+        return "{" + ",".join(_go_json(str(k)) + ":" + _go_json(v[k]) for k in keys) + "}"
+    if isinstance(v, (list, tuple)):
+        if isinstance(v, _GoList) and v.nil:
+            return "null"
+        return "[" + ",".join(_go_json(x) for x in v) + "]"
+    return _go_json(str(v))
+
+
+def _go_truth(v):
+    """Go template truth: false, 0, nil, and empty strings, slices and maps are false."""
+    if v is None:
+        return False
+    if isinstance(v, _GoStruct):
+        return True
+    if isinstance(v, (bool, int, float)):
+        return v != 0
+    if isinstance(v, (str, list, tuple, dict)):
+        return len(v) > 0
+    return True
+
+
+def _go_type(v):
+    """The Go type name fmt prints in %!verb(type=value) notes."""
+    if v is None:
+        return "<nil>"
+    for t, name in ((bool, "bool"), (int, "int"), (float, "float64"), (str, "string"), (dict, "map[string]interface {}"),
+                    (list, "[]interface {}"), (tuple, "[]interface {}")):
+        if isinstance(v, t):
+            return name
+    return type(v).__name__.lstrip("_")
+
+
+_PRINTF_RE = re.compile(r"%([-+# 0]*)(\d+)?(?:\.(\d*))?([a-zA-Z%])")
+
+
+def _go_quote(s):
+    """strconv.Quote: a double-quoted Go string literal."""
+    out = []
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch in "\a\b\f\n\r\t\v":
+            out.append({"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7f:
+            out.append("\\x%02x" % ord(ch))
+        elif not ch.isprintable() and ch != " ":
+            out.append("\\u%04x" % ord(ch) if ord(ch) < 0x10000 else "\\U%08x" % ord(ch))
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _go_sprintf(fmt, args):
+    """fmt.Sprintf for the verbs templates use: %s %d %v %q %t %f %e %g %x %X %c %%, with flags and width."""
+    out, pos, n = [], 0, 0
+    for m in _PRINTF_RE.finditer(fmt):
+        out.append(fmt[pos:m.start()])
+        pos = m.end()
+        flags, width, prec, verb = m.group(1), m.group(2), m.group(3), m.group(4)
+        if verb == "%":
+            out.append("%")
+            continue
+        if n >= len(args):
+            out.append("%!" + verb + "(MISSING)")
+            continue
+        a = args[n]
+        n += 1
+        is_num = isinstance(a, (int, float)) and not isinstance(a, bool)
+        if verb == "v" or (verb == "s" and not is_num):
+            body = _go_print(a, top=False)
+            if prec is not None and verb == "s":
+                body = body[:int(prec or 0)]
+        elif verb == "q" and isinstance(a, str):
+            body = _go_quote(a)
+        elif verb == "t" and isinstance(a, bool):
+            body = "true" if a else "false"
+        elif verb in "dxXobc" and isinstance(a, int) and not isinstance(a, bool):
+            body = {"d": "%d", "x": "%x", "X": "%X", "o": "%o", "b": "{:b}", "c": "%c"}[verb]
+            body = format(a, "b") if verb == "b" else body % a
+            if "+" in flags and a >= 0 and verb == "d":
+                body = "+" + body
+        elif verb in "xX" and isinstance(a, str):
+            body = a.encode().hex()
+            body = body.upper() if verb == "X" else body
+        elif verb in "feEgG" and is_num:
+            if verb in "gG" and prec is None:
+                body = _go_float(float(a))
+            else:
+                body = ("%" + ("+" if "+" in flags else "") + "." + str(int(prec or 0) if prec is not None else 6) + verb) % a
+        else:
+            body = "%!" + verb + "(" + _go_type(a) + "=" + _go_print(a, top=False) + ")"
+        if width and len(body) < int(width):
+            pad = int(width) - len(body)
+            if "-" in flags:
+                body += " " * pad
+            elif "0" in flags and is_num:
+                sign = body[0] if body[:1] in "+-" else ""
+                body = sign + "0" * pad + body[len(sign):]
+            else:
+                body = " " * pad + body
+        out.append(body)
+    out.append(fmt[pos:])
+    if n < len(args):
+        out.append("%!(EXTRA " + ", ".join(_go_type(a) + "=" + _go_print(a, top=False) for a in args[n:]) + ")")
+    return "".join(out)
+
+
+def _go_sprint(args, spaces_always=False):
+    """fmt.Sprint (a space between operands when neither is a string) or fmt.Sprintln's spacing."""
+    out = []
+    for i, a in enumerate(args):
+        if i and (spaces_always or not (isinstance(a, str) or isinstance(args[i - 1], str))):
+            out.append(" ")
+        out.append(_go_print(a, top=False))
+    return "".join(out)
+
+
+# -- Go text/template: execution -------------------------------------------------
+
+class _Break(Exception):
+    pass
+
+
+class _Continue(Exception):
+    pass
+
+
+_MISSING = object()                     # no piped value for a command
+
+
+def _tpl_compare_kinds(a, b):
+    """Basic kinds for comparisons (bool, int, float, string), "invalid" for nil, or None if not basic."""
+    def kind(v):
+        if v is None:
+            return "invalid"
+        if isinstance(v, bool):
+            return "bool"
+        if isinstance(v, int):
+            return "int"
+        if isinstance(v, float):
+            return "float"
+        if isinstance(v, str):
+            return "string"
+        return None
+    return kind(a), kind(b)
+
+
+def _tpl_eq(a, *others):
+    """eq: a equals any of the others; different basic kinds are an error as in Go."""
+    if not others:
+        raise TemplateError("missing argument for comparison")
+    for b in others:
+        ka, kb = _tpl_compare_kinds(a, b)
+        if ka != kb:
+            if ka != "invalid" and kb != "invalid":
+                raise TemplateError("incompatible types for comparison")
+            continue
+        if ka is None:
+            if not (isinstance(a, _GoStruct) or isinstance(b, _GoStruct)) and len(a) and len(b):
+                raise TemplateError("non-comparable types")
+            if (len(a) == 0 and len(b) == 0) if not isinstance(a, _GoStruct) else a is b:
+                return True
+        elif a == b:
+            return True
+    return False
+
+
+def _tpl_less(a, b):
+    ka, kb = _tpl_compare_kinds(a, b)
+    if ka is None or kb is None or ka in ("invalid", "bool") or kb in ("invalid", "bool"):
+        raise TemplateError("invalid type for comparison")
+    if ka != kb:
+        raise TemplateError("incompatible types for comparison")
+    return a < b
+
+
+def _tpl_len(v):
+    if isinstance(v, str):
+        return len(v.encode("utf-8"))           # Go counts bytes
+    if isinstance(v, (list, tuple, dict)):
+        return len(v)
+    raise TemplateError("len of type %s" % _go_type(v))
+
+
+def _tpl_index(v, *keys):
+    for k in keys:
+        if isinstance(v, dict):
+            v = v.get(k)
+        elif isinstance(v, (list, tuple, str)) and isinstance(k, int) and not isinstance(k, bool):
+            if not 0 <= k < len(v):
+                raise TemplateError("error calling index: index out of range: %d" % k)
+            v = v[k] if not isinstance(v, str) else v.encode("utf-8")[k]
+        elif v is None:
+            raise TemplateError("error calling index: index of untyped nil")
+        else:
+            raise TemplateError("error calling index: cannot index slice/array with type %s" % _go_type(k))
+    return v
+
+
+def _tpl_slice(v, *idx):
+    if len(idx) > 3 or (len(idx) == 3 and isinstance(v, str)):
+        raise TemplateError("error calling slice: too many slice indexes")
+    if isinstance(v, str):
+        seq = v.encode("utf-8")
+    elif isinstance(v, (list, tuple)):
+        seq = v
+    else:
+        raise TemplateError("error calling slice: can't slice item of type %s" % _go_type(v))
+    bounds = [int(i) for i in idx] + [None] * (2 - len(idx[:2]))
+    lo = bounds[0] or 0
+    hi = len(seq) if bounds[1] is None else bounds[1]
+    if not 0 <= lo <= hi <= len(seq):
+        raise TemplateError("error calling slice: index out of range: %d" % (hi if hi > len(seq) else lo))
+    out = seq[lo:hi]
+    return out.decode("utf-8", "replace") if isinstance(out, bytes) else list(out)
+
+
+def _tpl_ts_type(v):
+    """toTypeScriptType of a tool property: "string", "number", "any[]", "A | B", ... or "any"."""
+    def one(t):
+        return {"string": "string", "number": "number", "integer": "number", "boolean": "boolean",
+                "array": "any[]", "object": "Record<string, any>", "null": "null"}.get(t, "any")
+    if not isinstance(v, _TProperty):
+        return "any"
+    if v.AnyOf:
+        return " | ".join(_tpl_ts_type(p) for p in v.AnyOf)
+    types = v.Type or []
+    return " | ".join(one(t) for t in types) if types else "any"
+
+
+def _tpl_html(*args):
+    s = args[0] if len(args) == 1 and isinstance(args[0], str) else _go_sprint(args)
+    return (s.replace("&", "&amp;").replace("'", "&#39;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&#34;").replace("\0", "\ufffd"))
+
+
+_TPL_FUNCS = {
+    "and": None, "or": None,            # short-circuit: evaluated lazily by the executor
+    "not": lambda v: not _go_truth(v),
+    "eq": _tpl_eq,
+    "ne": lambda a, b: not _tpl_eq(a, b),
+    "lt": _tpl_less,
+    "le": lambda a, b: _tpl_less(a, b) or _tpl_eq(a, b),
+    "gt": lambda a, b: not (_tpl_less(a, b) or _tpl_eq(a, b)),
+    "ge": lambda a, b: not _tpl_less(a, b),
+    "len": _tpl_len,
+    "index": _tpl_index,
+    "slice": _tpl_slice,
+    "print": lambda *a: _go_sprint(a),
+    "println": lambda *a: _go_sprint(a, spaces_always=True) + "\n",
+    "printf": lambda fmt, *a: _go_sprintf(fmt, a),
+    "html": _tpl_html,
+    "urlquery": lambda *a: urllib.parse.quote_plus(a[0] if len(a) == 1 and isinstance(a[0], str) else _go_sprint(a)),
+    "json": _go_json,
+    "currentDate": lambda *a: datetime.date.today().isoformat(),
+    "yesterdayDate": lambda *a: (datetime.date.today() - datetime.timedelta(days=1)).isoformat(),
+    "toTypeScriptType": _tpl_ts_type,
+}
+
+
+class _TplExec:
+    """One execution of a parsed tree against data; variables live on a stack like Go's state.vars."""
+
+    def __init__(self, data):
+        self.out, self.vars = [], [["$", data]]
+
+    def walk(self, dot, nodes):
+        for node in nodes:
+            try:
+                self.step(dot, node)
+            except TemplateError as e:
+                if str(e).startswith("template:"):
+                    raise
+                at = _node_text(node.a.c[0][0]) if node.a is not None else node.kind
+                raise TemplateError('template: :%d: executing "" at <%s>: %s' % (node.line, at, e)) from None
+
+    def step(self, dot, node):
+        kind = node.kind
+        if kind == "text":
+            self.out.append(node.a)
+        elif kind == "action":
+            value = self.pipe(dot, node.a)
+            if not node.a.a:
+                self.out.append(_go_print(value))
+        elif kind in ("if", "with"):
+            mark = len(self.vars)
+            value = self.pipe(dot, node.a)
+            if _go_truth(value):
+                self.walk(value if kind == "with" else dot, node.b)
+            elif node.c is not None:
+                self.walk(dot, node.c)
+            del self.vars[mark:]
+        elif kind == "range":
+            self.range(dot, node)
+        elif kind == "break":
+            raise _Break()
+        elif kind == "continue":
+            raise _Continue()
+
+    def range(self, dot, node):
+        pipe = node.a
+        mark = len(self.vars)
+        value = self.cmds(dot, pipe.c)
+        if isinstance(value, dict):
+            items = [(k, value[k]) for k in sorted(value, key=str)]     # Go ranges over maps in key order
+        elif isinstance(value, (list, tuple)):
+            items = list(enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            items = [(i, i) for i in range(value)]
+        elif value is None:
+            items = []
+        else:
+            raise TemplateError("range can't iterate over %s" % _go_print(value))
+        if not pipe.b:
+            self.vars.extend([name, value] for name in pipe.a)
+
+        def bind(j, v):
+            if pipe.b:
+                self.set_var(pipe.a[j], v)
+            else:
+                self.vars[mark + j][1] = v
+        for key, elem in items:
+            if len(pipe.a) == 1:
+                bind(0, elem)
+            elif len(pipe.a) == 2:
+                bind(0, key)
+                bind(1, elem)
+            inner = len(self.vars)
+            try:
+                self.walk(elem, node.b)
+            except _Break:
+                break
+            except _Continue:
+                pass
+            finally:
+                del self.vars[inner:]
+        if not items and node.c is not None:
+            self.walk(dot, node.c)
+        del self.vars[mark:]
+
+    def set_var(self, name, value):
+        for slot in reversed(self.vars):
+            if slot[0] == name:
+                slot[1] = value
+                return
+        raise TemplateError("undefined variable: %s" % name)
+
+    def pipe(self, dot, pipe):
+        value = self.cmds(dot, pipe.c)
+        for name in pipe.a:
+            if pipe.b:
+                self.set_var(name, value)
+            else:
+                self.vars.append([name, value])
+        return value
+
+    def cmds(self, dot, cmds):
+        value = _MISSING
+        for cmd in cmds:
+            value = self.command(dot, cmd, value)
+        return value
+
+    def command(self, dot, cmd, final):
+        first = cmd[0]
+        if first.kind == "ident":
+            name = first.a
+            if name in ("and", "or"):
+                args = cmd[1:]
+                if not args and final is _MISSING:
+                    raise TemplateError("wrong number of args for %s: want at least 1 got 0" % name)
+                value = None
+                for i, arg in enumerate(args):
+                    value = self.arg(dot, arg)
+                    if _go_truth(value) != (name == "and"):
+                        return value
+                return final if final is not _MISSING else value
+            args = [self.arg(dot, a) for a in cmd[1:]]
+            if final is not _MISSING:
+                args.append(final)
+            try:
+                return _TPL_FUNCS[name](*args)
+            except TypeError:
+                raise TemplateError("wrong number of args for %s: got %d" % (name, len(args))) from None
+            except TemplateError as e:
+                raise TemplateError("error calling %s: %s" % (name, e) if not str(e).startswith("error calling")
+                                    else str(e)) from None
+        if len(cmd) > 1 or final is not _MISSING:
+            raise TemplateError("can't give argument to non-function %s" % _node_text(first))
+        return self.arg(dot, first)
+
+    def arg(self, dot, node):
+        kind = node.kind
+        if kind == "const":
+            return node.a
+        if kind in ("nil",):
+            raise TemplateError("nil is not a command")
+        if kind == "dot":
+            return dot
+        if kind == "field":
+            return self.fields(dot, node.a)
+        if kind == "var":
+            for name, value in reversed(self.vars):
+                if name == node.a:
+                    return self.fields(value, node.b)
+            raise TemplateError("undefined variable: %s" % node.a)
+        if kind == "chain":
+            return self.fields(self.arg(dot, node.a), node.b)
+        if kind == "ident":
+            return self.command(dot, [node], _MISSING)
+        if kind == "pipe":
+            return self.pipe(dot, node)
+        raise TemplateError("can't evaluate %s" % kind)
+
+    def fields(self, value, names):
+        for name in names:
+            if value is None:
+                continue                                # nil data: missingkey=zero yields nil again
+            if isinstance(value, dict):
+                value = value.get(name)
+            elif isinstance(value, _GoStruct):
+                if not any(f[0] == name for f in value._fields):
+                    raise TemplateError("can't evaluate field %s in type %s" % (name, _go_type(value)))
+                value = getattr(value, name)
+            else:
+                raise TemplateError("can't evaluate field %s in type %s" % (name, _go_type(value)))
+        return value
+
+
+def _node_text(node):
+    """A node written back as template source, for error messages."""
+    if node.kind == "field":
+        return "." + ".".join(node.a)
+    if node.kind == "var":
+        return "".join([node.a] + ["." + n for n in node.b])
+    if node.kind == "const":
+        return json.dumps(node.a) if isinstance(node.a, str) else _go_print(node.a)
+    return node.kind
+
+
+# -- Ollama's template values ----------------------------------------------------
+
+def _plain(*names):
+    """Struct fields without JSON tags: marshalled under their Go names."""
+    return tuple((n, n, False) for n in names)
+
+
+class _TMessage(_GoStruct):
+    _fields = _plain("Role", "Content", "Thinking", "Images", "ToolCalls", "ToolName", "ToolCallID")
+    _pointer = True
+
+
+class _TToolCall(_GoStruct):
+    _fields = _plain("ID", "Function")
+
+
+class _TToolCallFunction(_GoStruct):
+    _fields = _plain("Index", "Name", "Arguments")
+
+
+class _TTool(_GoStruct):
+    _fields = (("Type", "type", False), ("Items", "items", True), ("Function", "function", False))
+    _stringer = True
+
+
+class _TToolFunction(_GoStruct):
+    _fields = (("Name", "name", False), ("Description", "description", False), ("Parameters", "parameters", False))
+    _stringer = True
+
+
+class _TToolParams(_GoStruct):
+    _fields = (("Type", "type", False), ("Defs", "$defs", True), ("Items", "items", True),
+               ("Required", "required", True), ("Properties", "properties", False))
+    _stringer = True
+
+
+class _TProperty(_GoStruct):
+    _fields = (("AnyOf", "anyOf", True), ("Type", "type", True), ("Items", "items", True),
+               ("Description", "description", True), ("Enum", "enum", True), ("Properties", "properties", True))
+
+
+def _go_map(d, nil_if_none=True, ordered=False):
+    m = _GoMap(d or {})
+    m.nil = d is None and nil_if_none
+    m.ordered = ordered
+    return m
+
+
+def _template_property(p):
+    p = p if isinstance(p, dict) else {}
+    t = p.get("type")
+    props = p.get("properties")
+    return _TProperty(
+        AnyOf=[_template_property(x) for x in p.get("anyOf") or []] or _NIL,
+        Type=_PropertyType([t] if isinstance(t, str) else (t or [])),
+        Items=p.get("items"), Description=p.get("description") or "", Enum=p.get("enum") or _NIL,
+        Properties=None if not isinstance(props, dict) else _go_map(
+            {k: _template_property(v) for k, v in props.items()}, ordered=True))
+
+
+def _template_tools(tools):
+    """API tool dicts as Ollama's templateTools ({{ .Tools }} prints their JSON)."""
+    out = _GoList()
+    out.nil = tools is None
+    for tool in tools or []:
+        fn = tool.get("function") or {}
+        params = fn.get("parameters") or {}
+        props = params.get("properties")
+        out.append(_TTool(
+            Type=tool.get("type") or "", Items=tool.get("items"),
+            Function=_TToolFunction(
+                Name=fn.get("name") or "", Description=fn.get("description") or "",
+                Parameters=_TToolParams(
+                    Type=params.get("type") or "", Defs=params.get("$defs"), Items=params.get("items"),
+                    Required=params.get("required") or _NIL,
+                    Properties=_go_map(None if not isinstance(props, dict) else
+                                       {k: _template_property(v) for k, v in props.items()})))))
+    return out
+
+
+def _tool_arguments(args):
+    if isinstance(args, str):                       # OpenAI clients send arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            args = None
+    return _go_map(args if isinstance(args, dict) else None)
+
+
+def _template_messages(messages):
+    """Collated API message dicts as Ollama's []*templateMessage."""
+    out = []
+    for m in messages:
+        calls = []
+        for i, tc in enumerate(m.get("tool_calls") or []):
+            fn = tc.get("function") or {}
+            calls.append(_TToolCall(ID=tc.get("id") or "", Function=_TToolCallFunction(
+                Index=fn.get("index") or 0, Name=fn.get("name") or "", Arguments=_tool_arguments(fn.get("arguments")))))
+        out.append(_TMessage(Role=m.get("role") or "", Content=m.get("content") or "",
+                             Thinking=m.get("thinking") or "", Images=list(m.get("images") or []) or _NIL,
+                             ToolCalls=calls or _NIL, ToolName=m.get("tool_name") or "",
+                             ToolCallID=m.get("tool_call_id") or ""))
+    return out
+
+
+def collate_messages(messages):
+    """Ollama's collate: (all system contents joined by blank lines, messages with same-role runs merged).
+
+    Consecutive messages of one role, except "tool", become one whose content is joined with "\\n\\n".
+    """
+    system, out = [], []
+    for m in messages:
+        role = m.get("role")
+        if role == "system":
+            system.append(m.get("content") or "")
+        if out and out[-1].get("role") == role and role != "tool":
+            out[-1]["content"] = (out[-1].get("content") or "") + "\n\n" + (m.get("content") or "")
+        else:
+            out.append(dict(m))
+    return "\n\n".join(system), out
+
+
+def _think_values(think):
+    """(Think, ThinkLevel, IsThinkSet) for a request's think: None, a bool or a level string."""
+    if think is None:
+        return False, "", False
+    if isinstance(think, str):
+        return True, think, True
+    return bool(think), "medium" if think else "", True
+
+
+# -- Ollama's template: parse, vars, execute ------------------------------------
+
+def _tpl_identifiers(nodes):
+    """Ollama's Identifiers(): field and variable names in actions and branch pipelines, in tree order."""
+    names = []
+
+    def pipe(p):
+        for cmd in p.c:
+            for arg in cmd:
+                if arg.kind == "field":
+                    names.extend(arg.a)
+                elif arg.kind == "var":
+                    names.extend([arg.a] + arg.b)
+                elif arg.kind == "pipe":
+                    pipe(arg)
+
+    def walk(ns):
+        for n in ns:
+            if n.kind == "action":
+                pipe(n.a)
+            elif n.kind in ("if", "range", "with"):
+                pipe(n.a)
+                walk(n.b)
+                walk(n.c or [])
+    walk(nodes)
+    return names
+
+
+def _tpl_cut_at_response(nodes):
+    """Ollama's deleteNode: keep everything up to and including the first .Response field, drop the rest."""
+    cut = [False]
+
+    def pipe(p):
+        cmds = []
+        for cmd in p.c:
+            args = []
+            for arg in cmd:
+                if cut[0]:
+                    continue
+                if arg.kind == "field" and "Response" in arg.a:
+                    cut[0] = True
+                args.append(arg)
+            if not args:
+                return None
+            cmds.append(args)
+        return _Node("pipe", p.a, p.b, cmds, line=p.line) if cmds else None
+
+    def walk(ns):
+        out = []
+        for n in ns:
+            if cut[0]:
+                break
+            if n.kind == "action":
+                p = pipe(n.a)
+                if p is not None:
+                    out.append(_Node("action", p, line=n.line))
+            elif n.kind in ("if", "range", "with"):
+                body = walk(n.b)
+                orelse = None if n.c is None or cut[0] else walk(n.c)
+                out.append(_Node(n.kind, n.a, body, orelse, line=n.line))
+            else:
+                out.append(n)
+        return out
+    return walk(nodes)
+
+
+class Template:
+    """A parsed Ollama prompt template (Go text/template syntax, Ollama's functions, missingkey=zero).
+
+    Parsing appends {{ .Response }} when the text uses neither .Messages nor .Response, as Ollama does.
+    TemplateError (400) for text that does not parse.
+    """
+
+    def __init__(self, text, append_response=True):
+        self.text = text
+        self.nodes = _TplParser(text, _TPL_FUNCS).parse()
+        if append_response and not {"messages", "response"} & self.vars():
+            self.nodes.append(_Node("action", _Node("pipe", [], False, [[_Node("field", ["Response"])]]),
+                                    line=text.count("\n") + 1))
+
+    def __str__(self):
+        return self.text
+
+    def vars(self):
+        """The lower-cased identifiers the template uses (capability detection: "tools", "suffix", ...)."""
+        return {name.lower() for name in _tpl_identifiers(self.nodes)}
+
+    def execute(self, data, nodes=None):
+        """Run the template with data (dicts, lists, scalars, template structs) as dot; returns the text."""
+        run = _TplExec(data)
+        try:
+            run.walk(data, self.nodes if nodes is None else nodes)
+        except (_Break, _Continue):
+            pass
+        return "".join(run.out)
+
+    def render(self, messages=(), tools=None, prompt="", suffix="", think=None):
+        """Ollama's Template.Execute: the prompt for messages (API dicts), or for prompt+suffix (insert mode)."""
+        think_on, level, think_set = _think_values(think)
+        base = {"Think": think_on, "ThinkLevel": level, "IsThinkSet": think_set}
+        system, msgs = collate_messages(messages)
+        if prompt and suffix:
+            return self.execute(dict(base, Prompt=prompt, Suffix=suffix, Response=""))
+        if "messages" in self.vars():
+            return self.execute(dict(base, System=system, Messages=_template_messages(msgs),
+                                     Tools=_template_tools(tools), Response=""))
+        # legacy .System/.Prompt/.Response templates: one full rendering per completed turn
+        out, turn = [], {"System": "", "Prompt": "", "Response": ""}
+        for m in msgs:
+            role, content = m.get("role"), m.get("content") or ""
+            if (role == "system" and (turn["Prompt"] or turn["Response"])) or (role == "user" and turn["Response"]):
+                out.append(self.execute(dict(base, **turn)))
+                turn = {"System": "", "Prompt": "", "Response": ""}
+            if role == "system":
+                turn["System"] = content
+            elif role == "user":
+                turn["Prompt"] = content
+            elif role == "assistant":
+                turn["Response"] = content
+        out.append(self.execute(dict(base, **turn), _tpl_cut_at_response(self.nodes)))
+        return "".join(out)
+
+
+DEFAULT_TEMPLATE = "{{ .Prompt }}"
+
+
+def parse_template(text):
+    """Parse a prompt template; TemplateError (400) with Go's message if it does not parse."""
+    return text if isinstance(text, Template) else Template(text)
+
+
+def template_vars(text):
+    """The lower-cased identifiers a template uses, e.g. {"messages", "role", "content", "tools"}."""
+    return parse_template(text).vars()
+
+
+def render_template(text, data):
+    """Execute template text against a data dict as plain Go text/template would (no Ollama modes)."""
+    return Template(text, append_response=False).execute(data)
+
+
+def render_prompt(template, messages, tools=None, think=None):
+    """The prompt for a chat: messages are API dicts (role, content, images, tool_calls, ...), tools API tools.
+
+    think is None (not set), a bool or a level string ("low", "medium", "high").
+    """
+    return parse_template(template or DEFAULT_TEMPLATE).render(messages=messages, tools=tools, think=think)
+
+
+def render_generate(template, prompt, suffix="", system="", messages=(), think=None):
+    """The prompt for /api/generate as Ollama builds it: insert mode when prompt and suffix are both set,
+    otherwise [system] + model messages + the user prompt rendered as a chat."""
+    if suffix:
+        return parse_template(template or DEFAULT_TEMPLATE).render(prompt=prompt, suffix=suffix, think=think)
+    msgs = ([{"role": "system", "content": system}] if system else []) + list(messages)
+    msgs.append({"role": "user", "content": prompt})
+    return parse_template(template or DEFAULT_TEMPLATE).render(messages=msgs, think=think)
+
+
+def _tool_block_start(messages, i):
+    """Index to cut at so tool results never lose the assistant turn that called them."""
+    if i <= 0 or i >= len(messages) or messages[i].get("role") != "tool":
+        return i
+    start = i
+    while start > 0 and messages[start - 1].get("role") == "tool":
+        start -= 1
+    if start > 0 and messages[start - 1].get("role") == "assistant" and messages[start - 1].get("tool_calls"):
+        return start - 1
+    return i
+
+
+def chat_prompt(template, messages, count_tokens, num_ctx, tools=None, think=None, truncate=True, image_tokens=0):
+    """Render a chat prompt that fits num_ctx tokens: returns (prompt, number of messages dropped).
+
+    With truncate, messages are dropped from the front (system messages and the last message are always
+    kept, and a tool result keeps its assistant call) until count_tokens(prompt) plus image_tokens per image
+    fits. Without truncate, a prompt over num_ctx raises BadRequest naming both sizes.
+    """
+    tmpl = parse_template(template or DEFAULT_TEMPLATE)
+    messages = list(messages)
+
+    def attempt(start):
+        kept = [m for m in messages[:start] if m.get("role") == "system"] + messages[start:]
+        prompt = tmpl.render(messages=kept, tools=tools, think=think)
+        images = sum(len(m.get("images") or []) for m in messages[start:])
+        return prompt, count_tokens(prompt) + image_tokens * images
+
+    if not truncate:
+        prompt, n = attempt(0)
+        if n > num_ctx:
+            raise BadRequest("the input length exceeds the context length: the prompt is %d tokens but the context "
+                             "is %d tokens (raise num_ctx, or allow truncation)" % (n, num_ctx))
+        return prompt, 0
+    for i in range(len(messages)):
+        start = _tool_block_start(messages, i)
+        prompt, n = attempt(start)
+        if n <= num_ctx or i == len(messages) - 1:
+            dropped = sum(1 for m in messages[:start] if m.get("role") != "system")
+            return prompt, dropped
+    return attempt(0)[0], 0
+
+
+# -- tool calls ------------------------------------------------------------------
+
+def infer_tool_tag(template):
+    """The text a model writes before a tool call, from the first text inside {{ if .ToolCalls }}.
+
+    Cut at the first "{" and trimmed; "{" when the template shows none (then only output that starts
+    with a JSON object is parsed as calls).
+    """
+    def is_tool_calls(n):
+        return any(a.kind == "field" and "ToolCalls" in a.a for cmd in n.a.c for a in cmd)
+
+    def find_if(nodes):
+        for n in nodes:
+            if n.kind == "if" and is_tool_calls(n):
+                return n
+            if n.kind in ("if", "range", "with"):
+                found = find_if(n.b) or find_if(n.c or [])
+                if found:
+                    return found
+        return None
+
+    def first_text(nodes):
+        for n in nodes:
+            if n.kind == "text":
+                if n.a.strip(_TPL_SPACE):
+                    return n.a
+            elif n.kind in ("if", "range", "with"):
+                return first_text(n.b) or first_text(n.c or [])
+            elif n.kind == "action":
+                return None
+        return None
+
+    node = find_if(parse_template(template).nodes)
+    text = first_text(node.b) if node else None
+    tag = (text or "").replace("\r\n", "\n").split("{", 1)[0].strip()
+    return tag or "{"
+
+
+def _tool_call_id():
+    return "call_" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+
+
+class ToolCallParser:
+    """Streaming tool-call parser (Ollama's tools.Parser): feed(text) -> (content, calls); done() -> content.
+
+    Text before the tag is content. After the tag, each known tool name followed by a balanced JSON object
+    becomes a call {"id", "function": {"index", "name", "arguments"}}. With a "{" or "[" tag, only output that
+    starts with it is parsed. Output that never yields a call comes back as content from done().
+    """
+
+    def __init__(self, tools, tag="{"):
+        self.tag = tag or "{"
+        self.names = [((t.get("function") or {}).get("name") or "") for t in tools or []]
+        self.names = [n for n in self.names if n]
+        self.state = "looking"          # looking for the tag -> calling -> finished (all text is content)
+        self.buffer = ""
+        self.count = 0
+
+    def feed(self, text):
+        """Add model output; returns (content to emit now, list of tool calls completed)."""
+        if self.state == "finished":
+            return text, []
+        self.buffer += text
+        content = ""
+        if self.state == "looking":
+            i, found = self._find_tag()
+            if i < 0:
+                content, self.buffer = self.buffer, ""
+            else:
+                content, self.buffer = self.buffer[:i], self.buffer[i:]
+            if self.tag in ("{", "[") and content.strip():
+                self.state = "finished"
+                content, self.buffer = content + self.buffer, ""
+                return content, []
+            if not found:
+                return content, []
+            self.state = "calling"
+        calls = []
+        while True:
+            call = self._parse_call()
+            if call is None:
+                break
+            calls.append(call)
+        if self._balanced():
+            self.state = "finished"
+            content, self.buffer = content + self.buffer, ""
+        return content, calls
+
+    def done(self):
+        """Content still held back at the end of output: all of it when no call was parsed."""
+        rest, self.buffer = self.buffer, ""
+        return rest if self.count == 0 else ""
+
+    def _find_tag(self):
+        i = self.buffer.find(self.tag)
+        if i >= 0:
+            return i, True
+        for n in range(min(len(self.buffer), len(self.tag)), 0, -1):
+            if self.buffer.endswith(self.tag[:n]):
+                return len(self.buffer) - n, False
+        return -1, False
+
+    def _find_tool(self):
+        """(name, end) of the earliest (then longest) tool name in the buffer; None while a name may be cut."""
+        buf = self.buffer
+        longest = max((len(n) for n in self.names), default=0)
+        for i in range(1, min(len(buf), longest) + 1):
+            tail = buf[-i:]
+            if any(len(tail) < len(n) and n.startswith(tail) for n in self.names):
+                return None
+        best = None
+        for n in self.names:
+            pos = buf.find(n)
+            if pos >= 0 and (best is None or pos < best[1] or (pos == best[1] and len(n) > len(best[0]))):
+                best = (n, pos)
+        return (best[0], best[1] + len(best[0])) if best else None
+
+    def _find_arguments(self, name):
+        """(arguments, index of the closing brace) from the first balanced JSON object that holds them."""
+        start, depth, in_str, esc = -1, 0, False, False
+        for i, c in enumerate(self.buffer):
+            if esc:
+                esc = False
+                continue
+            if c == "\\":
+                esc = True
+                continue
+            if c == '"':
+                in_str = not in_str
+                continue
+            if in_str:
+                continue
+            if c == "{":
+                if depth == 0:
+                    start = i
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0 and start != -1:
+                    try:
+                        data = json.loads(self.buffer[start:i + 1])
+                    except ValueError:
+                        data = None
+                    if not isinstance(data, dict):
+                        start = -1
+                        continue
+                    found, args = _find_tool_args(data, name)
+                    return (args if found else data), i
+                depth = max(depth, 0)
+        return None, 0
+
+    def _parse_call(self):
+        tool = self._find_tool()
+        if tool is None:
+            return None
+        name, end = tool
+        args, i = self._find_arguments(name)
+        if args is None:
+            return None
+        call = {"id": _tool_call_id(), "function": {"index": self.count, "name": name, "arguments": args}}
+        self.count += 1
+        self.buffer = self.buffer[max(end, i):]
+        return call
+
+    def _balanced(self):
+        """For "{"/"[" tags: the buffer holds a closed bracket pair that was not a call (send it as text)."""
+        pair = {"{": "{}", "[": "[]"}.get(self.tag)
+        if not pair:
+            return False
+        depth = 0
+        for c in self.buffer:
+            if c == pair[0]:
+                depth += 1
+            elif c == pair[1]:
+                depth -= 1
+                if depth == 0:
+                    return True
+        return False
+
+
+def _find_tool_args(obj, name):
+    """(found, arguments) in a parsed object: "arguments"/"parameters" next to "name", or a key named for
+    the tool; nested objects and arrays are searched too. A named call without arguments gets {}."""
+    def as_map(v):
+        if isinstance(v, dict):
+            return v
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                return None
+            return v if isinstance(v, dict) else None
+        return None
+    if "name" in obj:
+        for key in ("arguments", "parameters"):
+            args = as_map(obj.get(key))
+            if args is not None:
+                return True, args
+        return True, {}
+    args = as_map(obj.get(name))
+    if args is not None:
+        return True, args
+    for v in obj.values():
+        for child in (v if isinstance(v, list) else [v]):
+            if isinstance(child, dict):
+                found, args = _find_tool_args(child, name)
+                if found:
+                    return True, args
+    return False, None
+
+
+# -- thinking --------------------------------------------------------------------
+
+def infer_thinking_tags(template):
+    """(opening, closing) thinking tags, e.g. ("<think>", "</think>"): the first and last text nodes of the
+    list around .Thinking inside {{ range .Messages }}; ("", "") when the template has none."""
+    tags = ["", ""]
+
+    def uses_messages(pipe):
+        return any(a.kind == "field" and a.a[0] == "Messages" for cmd in pipe.c for a in cmd) or any(
+            a.kind == "pipe" and uses_messages(a) for cmd in pipe.c for a in cmd)
+
+    def has_thinking(pipe):
+        for cmd in pipe.c:
+            for a in cmd:
+                if (a.kind == "field" and a.a[0] == "Thinking") or (a.kind == "pipe" and has_thinking(a)):
+                    return True
+        return False
+
+    def visit(nodes, in_range, lists):
+        lists = lists + [nodes]
+        for n in nodes:
+            if n.kind == "action" and in_range and has_thinking(n.a):
+                take(lists[-1])
+            elif n.kind in ("if", "range", "with"):
+                if in_range and has_thinking(n.a):
+                    take(lists[-1])
+                inner = in_range if n.kind != "range" else uses_messages(n.a)
+                visit(n.b, inner, lists)
+                if n.c is not None:
+                    visit(n.c, inner, lists)
+
+    def take(nodes):
+        if nodes and nodes[0].kind == "text":
+            tags[0] = nodes[0].a.strip()
+        if nodes and nodes[-1].kind == "text":
+            tags[1] = nodes[-1].a.strip()
+    visit(parse_template(template).nodes, False, [])
+    return tags[0], tags[1]
+
+
+class ThinkingParser:
+    """Streaming split of output into (thinking, content) around opening/closing tags (thinking.Parser).
+
+    Whitespace after each tag is dropped; output that does not start with the opening tag has no thinking.
+    """
+
+    def __init__(self, opening="<think>", closing="</think>"):
+        self.opening, self.closing = opening, closing
+        self.state = "looking"          # looking -> started (eating space) -> thinking -> ended (eating space) -> done
+        self.acc = ""
+
+    def feed(self, text):
+        """Add output; returns (thinking, content) that can be emitted now."""
+        self.acc += text
+        thinking, content = [], []
+        more = True
+        while more:
+            t, c, more = self._eat()
+            thinking.append(t)
+            content.append(c)
+        return "".join(thinking), "".join(content)
+
+    def done(self):
+        """(thinking, content) still buffered at the end of output."""
+        rest, self.acc = self.acc, ""
+        if self.state == "thinking":
+            return rest, ""
+        return "", rest if self.state in ("looking", "done") else rest.lstrip()
+
+    def _eat(self):
+        acc = self.acc
+        if self.state == "looking":
+            trimmed = acc.lstrip()
+            if trimmed.startswith(self.opening):
+                after = trimmed[len(self.opening):].lstrip()
+                self.acc = after
+                self.state = "thinking" if after else "started"
+                return "", "", True
+            if self.opening.startswith(trimmed):            # a partial tag, or only whitespace so far
+                return "", "", False
+            self.state, self.acc = "done", ""
+            return "", acc, False
+        if self.state == "started":
+            trimmed = acc.lstrip()
+            self.acc = trimmed
+            if not trimmed:
+                return "", "", False
+            self.state = "thinking"
+            return "", "", True
+        if self.state == "thinking":
+            if self.closing in acc:
+                thinking, rest = acc.split(self.closing, 1)
+                rest = rest.lstrip()
+                self.acc = ""
+                self.state = "done" if rest else "ended"
+                return thinking, rest, False
+            n = _overlap(acc, self.closing)
+            self.acc = acc[len(acc) - n:] if n else ""
+            return acc[:len(acc) - n], "", False
+        if self.state == "ended":
+            trimmed = acc.lstrip()
+            self.acc = ""
+            if trimmed:
+                self.state = "done"
+            return "", trimmed, False
+        self.acc = ""
+        return "", acc, False
+
+
+def _overlap(s, delim):
+    """Length of the longest suffix of s that is a prefix of delim."""
+    for n in range(min(len(s), len(delim)), 0, -1):
+        if s.endswith(delim[:n]):
+            return n
+    return 0
 
 
 ###############################################################################
@@ -1917,12 +3499,66 @@ def _metrics(final, started, load_seconds):
 
 def _render(model, runner, messages, template=None, tools=None, think=None):
     """The prompt text for a conversation: the model's Go TEMPLATE when it has one, else the
-    chat template embedded in the GGUF (through llama-server), else the plain prompt."""
+    chat template embedded in the GGUF (through llama-server's /apply-template)."""
     template = template if template is not None else model.template
     if template is not None:
         return render_prompt(template, messages, tools=tools, think=think)
     return runner.apply_template([{"role": m.get("role"), "content": m.get("content") or ""}
                                   for m in messages])
+
+
+def _fit_chat(model, runner, messages, tools, think, truncate):
+    """Render a chat prompt. With "truncate": true, the oldest turns are dropped until it fits num_ctx
+    (system messages and the last message stay, as Ollama does); otherwise an over-long prompt is
+    left for the engine to refuse with a clear 400 - ollama.py never cuts a prompt silently."""
+    if not truncate:
+        return _render(model, runner, messages, tools=tools, think=think)
+
+    def count(text):
+        return len(runner.tokenize(text, add_special=True))
+
+    if model.template is not None:
+        text, dropped = chat_prompt(model.template, messages, count, runner.num_ctx, tools=tools, think=think)
+    else:
+        keep = list(messages)
+        dropped = 0
+        while True:
+            text = _render(model, runner, keep)
+            droppable = [i for i, m in enumerate(keep[:-1]) if m.get("role") != "system"]
+            if count(text) <= runner.num_ctx or not droppable:
+                break
+            del keep[droppable[0]]
+            dropped += 1
+    if dropped:
+        log.info("truncated chat: dropped the %d oldest messages to fit num_ctx=%d", dropped, runner.num_ctx)
+    return text
+
+
+def _capabilities(model):
+    """What a model can do, from its template and layers (completion, tools, insert, thinking, vision)."""
+    caps = ["completion"]
+    names = template_vars(model.template) if model.template else set()
+    if "tools" in names:
+        caps.append("tools")
+    if "suffix" in names:
+        caps.append("insert")
+    if "thinking" in names:
+        caps.append("thinking")
+    if model.projector is not None:
+        caps.append("vision")
+    return caps
+
+
+def _check_think(body, model):
+    think = body.get("think")
+    if think is None or think is False:
+        return None
+    if not isinstance(think, bool) and think not in ("low", "medium", "high", "max"):
+        raise BadRequest('invalid think value: %s (must be "true", "false", "low", "medium", "high" or "max")'
+                         % json_dumps(think))
+    if "thinking" not in _capabilities(model):
+        raise BadRequest('"%s" does not support thinking' % body.get("model"))
+    return think
 
 
 def _schedule(req, model, body, embedding=False):
@@ -1961,8 +3597,7 @@ def api_generate(req):
         return dict(base, created_at=rfc3339(), response="", done=True, done_reason="unload")
     if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
         raise BadRequest("raw mode does not support template, system, or context")
-    if body.get("think") not in (None, False):
-        raise BadRequest('"%s" does not support thinking' % body.get("model"))
+    _check_think(body, model)
     if body.get("images") and model.projector is None:
         raise BadRequest("this model is missing data required for image input")
     fmt = body.get("format")
@@ -1984,8 +3619,7 @@ def api_generate(req):
                 messages.extend(model.messages)
             messages.append({"role": "user", "content": prompt, "images": body.get("images")})
             if body.get("suffix"):
-                text = render_prompt(body.get("template") or model.template or "{{ .Prompt }}", messages,
-                                     suffix=body["suffix"])
+                text = render_generate(body.get("template") or model.template, prompt, suffix=body["suffix"])
             else:
                 text = _render(model, runner, messages, template=body.get("template"))
         if body.get("context"):
@@ -2021,18 +3655,20 @@ def _respond(body, chunks, field):
     """Stream the chunks, or with "stream": false collapse them into one object."""
     if body.get("stream", True) is not False:
         return Stream(chunks)
-    parts, last = [], None
+    parts, thoughts, calls, last = [], [], [], None
     for last in chunks:
-        if field == "response":
-            parts.append(last.get("response", ""))
-        else:
-            parts.append(last["message"].get("content", ""))
+        part = last if field == "response" else last["message"]
+        parts.append(part.get(field if field == "response" else "content", ""))
+        thoughts.append(part.get("thinking", ""))
+        calls.extend(part.get("tool_calls") or [])
     if last is None:
         raise OllamaError("no response from the model")
-    if field == "response":
-        last["response"] = "".join(parts)
-    else:
-        last["message"]["content"] = "".join(parts)
+    part = last if field == "response" else last["message"]
+    part[field if field == "response" else "content"] = "".join(parts)
+    if any(thoughts):
+        part["thinking"] = "".join(thoughts)
+    if calls:
+        part["tool_calls"] = calls
     return last
 
 
@@ -2061,8 +3697,10 @@ def api_chat(req):
         req.server.scheduler.expire(model.name)
         return dict(base, created_at=rfc3339(), message={"role": "assistant", "content": ""}, done=True,
                     done_reason="unload")
-    if body.get("think") not in (None, False):
-        raise BadRequest('"%s" does not support thinking' % body.get("model"))
+    think = _check_think(body, model)
+    tools = body.get("tools") or None
+    if tools and "tools" not in _capabilities(model):
+        raise BadRequest("%s does not support tools" % model.name)
     if any(m.get("images") for m in messages) and model.projector is None:
         raise BadRequest("this model is missing data required for image input")
     fmt = body.get("format")
@@ -2076,7 +3714,7 @@ def api_chat(req):
         full = list(model.messages) + messages
         if full[0].get("role") != "system" and model.system:
             full.insert(0, {"role": "system", "content": model.system})
-        text = _render(model, entry.runner, full, tools=body.get("tools"))
+        text = _fit_chat(model, entry.runner, full, tools, think, body.get("truncate") is True)
         if body.get("_debug_render_only"):
             req.server.scheduler.release(entry, keep_alive)
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
@@ -2084,12 +3722,30 @@ def api_chat(req):
         req.server.scheduler.release(entry, keep_alive)
         raise
 
+    tool_parser = ToolCallParser(tools, infer_tool_tag(model.template)) if tools else None
+    thinking = ThinkingParser(*infer_thinking_tags(model.template)) if think else None
+
     def chunks():
         try:
             for piece, final in _completion(req, entry, text, opts, fmt):
                 msg = {"role": "assistant", "content": piece}
+                if thinking:
+                    msg["thinking"], msg["content"] = thinking.feed(msg["content"])
+                    if final is not None:
+                        more_thinking, more = thinking.done()
+                        msg["thinking"] += more_thinking
+                        msg["content"] += more
+                if tool_parser:
+                    msg["content"], calls = tool_parser.feed(msg["content"])
+                    if final is not None:
+                        msg["content"] += tool_parser.done()
+                    if calls:
+                        msg["tool_calls"] = calls
+                if not msg.get("thinking"):
+                    msg.pop("thinking", None)
                 if final is None:
-                    yield dict(base, created_at=rfc3339(), message=msg, done=False)
+                    if msg["content"] or msg.get("thinking") or msg.get("tool_calls"):
+                        yield dict(base, created_at=rfc3339(), message=msg, done=False)
                     continue
                 done = dict(base, created_at=rfc3339(), message=msg, done=True, done_reason=stop_reason(final))
                 done.update(_metrics(final, started, load_s))
