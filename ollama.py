@@ -24,9 +24,9 @@ import errno
 import hashlib
 import http.client
 import http.server
-import io
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -293,7 +293,7 @@ def _human_duration(seconds):
         return "About a minute"
     if minutes < 60:
         return "%d minutes" % minutes
-    hours = int(round(seconds / 3600))
+    hours = int(math.floor(seconds / 3600 + 0.5))           # Go's math.Round: halves away from zero
     if hours == 1:
         return "About an hour"
     if hours < 48:
@@ -310,7 +310,7 @@ def _human_duration(seconds):
 def human_time(when, now=None):
     """Ollama's format.HumanTime: "2 days ago", "About a minute ago", "4 minutes from now", "Forever"."""
     delta = (time.time() if now is None else now) - when
-    if delta / 86400 / 365 < -20:
+    if int(int(delta / 3600) / 24 / 365) < -20:              # Go: int(delta.Hours())/24/365, truncating
         return "Forever"
     if delta < 0:
         return _human_duration(-delta) + " from now"
