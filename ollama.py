@@ -1952,10 +1952,10 @@ def api_blob_post(req):
     digest = _blob_digest_param(req)
     src = req.headers.get("X-Ollama-Path")
     if store.has_blob(digest):
-        req.body()
+        _drain(req)
         return Response(200, b"", None)
     if src:
-        req.body()
+        _drain(req)
         if not _peer_is_local(req):
             raise Forbidden("X-Ollama-Path is only honoured for local clients")
         _import_local_blob(store, src, digest)
@@ -1964,6 +1964,13 @@ def api_blob_post(req):
     store.write_blob(req.body_stream(), expected=digest,
                      length=int(length) if length and length.isdigit() else None)
     return Response(201, b"", None)
+
+
+def _drain(req):
+    """Read and drop a request body in COPY_CHUNK pieces (keeps the connection usable)."""
+    body = req.body_stream()
+    while body.read(COPY_CHUNK):
+        pass
 
 
 def _peer_is_local(req):
@@ -2593,10 +2600,10 @@ def cmd_create(args):
     instead of copied when the server runs on this machine and can read them), then asks the
     server to build the model.
     """
-    if not Name.parse_bare(args.model) or not Name.parse_bare(args.model).is_valid():
-        raise OllamaError("invalid model name: %s" % args.model)
     client = _client(args)
     client.heartbeat()
+    if not Name.parse_bare(args.model) or not Name.parse_bare(args.model).is_valid():
+        raise OllamaError("invalid model name: %s" % args.model)
     path = args.file or "Modelfile"
     if os.path.exists(path):
         path = os.path.abspath(path)

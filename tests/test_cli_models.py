@@ -149,3 +149,18 @@ def test_commands_fail_cleanly_without_a_server(monkeypatch, capsys):
     monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:9")
     assert run("list") == 1
     assert "could not connect to ollama server" in capsys.readouterr().err
+
+
+GEMMA = "/root/.cache/ollama-py/gemma/gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.mark.skipif(not os.path.isfile(GEMMA), reason="Gemma 3 270M not downloaded")
+def test_create_and_show_real_gemma_without_copying(server, tmp_path, capsys):
+    (tmp_path / "Modelfile").write_text("FROM %s\n" % GEMMA)
+    assert run("create", "gemma3:270m", "-f", str(tmp_path / "Modelfile")) == 0
+    capsys.readouterr()
+    assert run("show", "gemma3:270m") == 0
+    out = capsys.readouterr().out
+    assert out == ("  Model\n    architecture        gemma3     \n    parameters          268.10M    \n"
+                   "    context length      32768      \n    embedding length    640        \n"
+                   "    quantization        Q4_K_M     \n\n  Capabilities\n    completion    \n\n")
