@@ -85,7 +85,7 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(server, gemma):
     status, lines = post(server, "/api/generate", {"model": gemma})
     assert lines[0]["done_reason"] == "load"
     ps = json.loads(post(server, "/api/ps", {}, raw=True)[1]) if False else None
-    assert [e.model.short for e in server.scheduler.running()] == [gemma]
+    assert [e.model.short_name for e in server.scheduler.running()] == [gemma]
     status, lines = post(server, "/api/generate", {"model": gemma, "keep_alive": 0})
     assert lines[0]["done_reason"] == "unload"
     assert server.scheduler.running() == []
@@ -265,7 +265,7 @@ def test_max_loaded_models_evicts_the_idle_runner(server, gemma, gemma_gguf):
     import_gguf(server.store, "other:latest", gemma_gguf, system="You are another model.")
     post(server, "/api/generate", {"model": gemma})
     post(server, "/api/generate", {"model": "other"})
-    assert [e.model.short for e in server.scheduler.running()] == ["other:latest"]
+    assert [e.model.short_name for e in server.scheduler.running()] == ["other:latest"]
 
 
 def test_prompt_longer_than_the_context_is_a_clear_400(server, gemma):
