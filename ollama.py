@@ -1202,8 +1202,9 @@ class _BlobDownload:
                     log.debug("%s: registry ignored Range; skipping %d bytes", self.digest[7:19], skip)
             else:
                 raise OllamaError("unexpected status code %d" % resp.status)
+            read = getattr(resp, "read1", resp.read)    # what has arrived: a stall loses no bytes
             while skip:
-                chunk = resp.read(min(COPY_CHUNK, skip))
+                chunk = read(min(COPY_CHUNK, skip))
                 if not chunk:
                     raise ConnectionError("unexpected EOF")
                 skip -= len(chunk)
@@ -1211,7 +1212,7 @@ class _BlobDownload:
             while pos < stop:
                 if self._stopped():
                     return
-                chunk = resp.read(min(COPY_CHUNK, stop - pos))
+                chunk = read(min(COPY_CHUNK, stop - pos))
                 if not chunk:
                     raise ConnectionError("unexpected EOF")
                 _pwrite(self.fd, chunk, pos)
@@ -1311,8 +1312,8 @@ def pull_model(server, name, insecure=False, progress=None, cancel=None):
             raw = resp.read()
         manifest = parse_manifest(raw)
     except OllamaError as e:
-        raise OllamaError("pull model manifest: %s" % e, e.status if isinstance(e, Unauthorized) else 500) \
-            from None
+        cls = Unauthorized if isinstance(e, Unauthorized) else OllamaError   # others: 500, as Ollama
+        raise cls("pull model manifest: %s" % e) from None
     except (OSError, http.client.HTTPException) as e:
         raise OllamaError("pull model manifest: %s" % e) from None
 
