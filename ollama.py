@@ -1870,7 +1870,6 @@ def _transfer_request(req):
 def api_pull(req):
     """POST /api/pull {model, insecure, stream}: pull a model from its registry."""
     name, insecure, stream = _transfer_request(req)
-    name = req.server.store.resolve(name) or name
     return _progress_stream(req, lambda progress, cancel: pull_model(
         req.server, name, insecure, progress, cancel), stream)
 
@@ -2144,11 +2143,16 @@ def _transfer(args, path):
     client = _client(args)
     client.heartbeat()
     display = _TransferProgress()
+    last = None
     try:
-        for obj in client.stream("POST", path, {"model": args.model, "insecure": bool(args.insecure)}):
-            display.update(obj)
+        for last in client.stream("POST", path, {"model": args.model, "insecure": bool(args.insecure)}):
+            display.update(last)
+    except (OSError, http.client.HTTPException) as e:
+        raise OllamaError("unexpected EOF: %s" % e) from None
     finally:
         display.close()
+    if not last or last.get("status") != "success":
+        raise OllamaError("unexpected EOF")                 # the server went away mid-stream
 
 
 def cmd_pull(args):

@@ -601,3 +601,112 @@ def test_push_unknown_model_fails(server, fast, registry):
     with pytest.raises(ollama.NotFound):
         ollama.push_model(server, "%s/test/none:1" % registry, insecure=True, progress=seen.append)
     assert seen == [{"status": "retrieving manifest"}, {"status": "couldn't retrieve manifest"}]
+
+
+class _CountingProxy(http.server.ThreadingHTTPServer):
+    """A throttling, byte-counting reverse proxy in front of the registry (GET/HEAD only)."""
+    daemon_threads = True
+
+    def __init__(self, upstream, rate):
+        self.upstream, self.rate, self.served = upstream, rate, 0     # rate in bytes/s
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        import http.client
+        host, port = self.server.upstream.split(":")
+        up = http.client.HTTPConnection(host, int(port), timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("range", "accept", "authorization")}
+        up.request(self.command, self.path, headers=headers)
+        resp = up.getresponse()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() in ("content-length", "content-range", "content-type", "docker-content-digest",
+                             "location", "www-authenticate"):
+                self.send_header(k, v)
+        self.end_headers()
+        try:
+            while self.command == "GET":
+                chunk = resp.read(65536)
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                if "/blobs/" in self.path:
+                    with self.server.lock:
+                        self.server.served += len(chunk)
+                time.sleep(len(chunk) / self.server.rate)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            up.close()
+
+
+def _serve(env):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ollama.py"), "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            with urllib.request.urlopen("http://%s/" % env["OLLAMA_HOST"], timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    pytest.fail("ollama.py serve did not start")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not GEMMA.is_file(), reason="Gemma 3 270M GGUF not downloaded")
+def test_pull_survives_server_sigkill_and_resumes_gemma(server, registry, tmp_path):
+    name = "%s/test/gemma3:270m" % registry
+    put_model(server.store, name, [(GEMMA, MODEL_MEDIA)])
+    ollama.push_model(server, name, insecure=True)
+    digest = json.loads(server.store.get(name)[1])["layers"][0]["digest"]
+    total = GEMMA.stat().st_size
+
+    proxy = _CountingProxy(registry, rate=40e6)
+    models = tmp_path / "models2"
+    env = dict(os.environ, OLLAMA_HOST="127.0.0.1:%d" % free_port(), OLLAMA_MODELS=str(models),
+               HOME=str(tmp_path / "home2"))
+    pulled = "127.0.0.1:%d/test/gemma3:270m" % proxy.server_port
+    cli = [sys.executable, str(ROOT / "ollama.py"), "pull", "--insecure", pulled]
+    srv = _serve(env)
+    try:
+        puller = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        store2 = ollama.Store(models)
+        recorded = 0
+        deadline = time.monotonic() + 60
+        while recorded < total // 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                recorded = partial_completed(store2, digest)
+            except (OSError, ValueError):           # a part file being replaced
+                pass
+        srv.send_signal(signal.SIGKILL)
+        srv.wait()
+        assert puller.wait(30) != 0
+        recorded = partial_completed(store2, digest)
+        assert 0 < recorded < total
+        assert not store2.has_blob(digest) and store2.resolve(pulled) is None
+
+        proxy.served = 0
+        srv = _serve(env)
+        done = subprocess.run(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=90)
+        assert done.returncode == 0, done.stderr.decode()
+        assert ollama.file_digest(store2.blob_path(digest)) == digest
+        config = json.loads(store2.get(pulled)[1])["config"]["size"]
+        assert 0 < proxy.served <= total - recorded + config
+        print("resume: %d of %d bytes on disk at the kill; refetched %d" % (recorded, total, proxy.served))
+    finally:
+        srv.kill()
+        srv.wait()
+        proxy.shutdown()
+        proxy.server_close()
