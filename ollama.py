@@ -900,7 +900,8 @@ class RegistrySession:
             return e
         except urllib.error.URLError as e:
             reason = e.reason
-            if isinstance(reason, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(reason):
+            if isinstance(reason, ssl.SSLError) and getattr(reason, "reason", "") in (
+                    "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"):
                 raise OllamaError("insecure protocol http: %s answers plain HTTP; use --insecure to allow "
                                   "it" % self.name.host) from None
             text = getattr(reason, "strerror", None) or str(reason)

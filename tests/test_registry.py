@@ -710,3 +710,34 @@ def test_pull_survives_server_sigkill_and_resumes_gemma(server, registry, tmp_pa
         srv.wait()
         proxy.shutdown()
         proxy.server_close()
+
+
+def test_push_mounts_layer_from_another_repository(server, fast, registry, monkeypatch):
+    blob = tiny_gguf() + os.urandom(100_000)
+    put_model(server.store, "%s/test/base:1" % registry, [(blob, MODEL_MEDIA)])
+    ollama.push_model(server, "%s/test/base:1" % registry, insecure=True)
+    derived = {"schemaVersion": 2, "mediaType": ollama.MEDIA_MANIFEST,
+               "config": json.loads(server.store.get("%s/test/base:1" % registry)[1])["config"],
+               "layers": [{"mediaType": MODEL_MEDIA, "digest": sha(blob), "size": len(blob),
+                           "from": "%s/test/base:1" % registry}]}
+    server.store.write_manifest(ollama.Name.parse("%s/other/derived:1" % registry), derived)
+    calls = []
+    real = ollama.RegistrySession.request
+
+    def spy(self, method, url, *args, **kwargs):
+        resp = real(self, method, url, *args, **kwargs)
+        calls.append((method, url, resp.status))
+        return resp
+
+    monkeypatch.setattr(ollama.RegistrySession, "request", spy)
+    ollama.push_model(server, "%s/other/derived:1" % registry, insecure=True)
+    mounts = [c for c in calls if c[0] == "POST" and "mount=" + sha(blob).replace(":", "%3A") in c[1]]
+    assert mounts and mounts[0][2] == 201 and "from=test%2Fbase" in mounts[0][1]
+    assert len([c for c in calls if c[0] == "PATCH"]) == 1       # the config only: it has no "from"
+    other = ollama.make_server(ollama.Config({"HOME": str(server.store.root), "OLLAMA_MODELS": str(
+        server.store.root.parent / "m3")}), "127.0.0.1", 0)
+    try:
+        pull(other, "%s/other/derived:1" % registry)
+        assert other.store.blob_path(sha(blob)).read_bytes() == blob
+    finally:
+        other.server_close()
