@@ -33,6 +33,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -40,7 +41,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 ###############################################################################
@@ -1200,6 +1203,11 @@ def file_digest(path, progress=None):
     return "sha256:" + h.hexdigest()
 
 
+def _looks_like_path(arg):
+    """A FROM argument that names a file rather than a model: ./x, ../x, /x, ~/x, or *.gguf."""
+    return arg.startswith(("./", "../", "/", "~", ".\\")) or arg.lower().endswith((".gguf", ".safetensors"))
+
+
 def modelfile_request(commands, relative_dir, digest=file_digest):
     """Turn parsed Modelfile commands into (create request dict, {abs path: digest} of local files).
 
@@ -1224,6 +1232,9 @@ def modelfile_request(commands, relative_dir, digest=file_digest):
     for name, args in commands:
         if name == "model":
             files = local_files(args)
+            if files is None and _looks_like_path(args):
+                # Ollama would try to pull "./x.gguf" as a model name; a missing file is what it is
+                raise BadRequest("no such file: %s" % _expand_path(args, relative_dir))
             if files is None:
                 req["from"] = args
             else:
@@ -1939,38 +1950,6 @@ class _PropertyType(list):
 _NIL = ()                               # a nil slice of a struct field: prints [], len 0, marshals null
 
 
-def _go_float(f, json_mode=False):
-    """Format a float64 as Go does: fmt %v (shortest %g, exponent from 1e+06) or encoding/json."""
-    if f != f:
-        return "NaN"
-    if f in (float("inf"), float("-inf")):
-        return "+Inf" if f > 0 else "-Inf"
-    if f == 0:
-        return "-0" if str(f).startswith("-") else "0"
-    import decimal
-    sign, digits, exp = decimal.Decimal(repr(f)).as_tuple()
-    digits = list(digits)
-    while len(digits) > 1 and digits[-1] == 0:
-        digits.pop()
-        exp += 1
-    x = len(digits) + exp - 1                        # decimal exponent of the first digit
-    if json_mode:
-        use_e = abs(f) < 1e-6 or abs(f) >= 1e21
-    else:
-        use_e = x < -4 or x >= 6                     # strconv 'g' with shortest precision
-    ds = "".join(map(str, digits))
-    if use_e:
-        mant = ds[0] + ("." + ds[1:] if len(ds) > 1 else "")
-        out = mant + "e" + ("%+d" % x if json_mode else "%+03d" % x)    # json writes e-7, fmt e-07
-    elif x < 0:
-        out = "0." + "0" * (-x - 1) + ds
-    elif x + 1 >= len(ds):
-        out = ds + "0" * (x + 1 - len(ds))
-    else:
-        out = ds[:x + 1] + "." + ds[x + 1:]
-    return ("-" if sign else "") + out
-
-
 def _go_print(v, top=True):
     """Text of a value as Go's fmt prints it with %v (how {{ . }} renders); top-level nil is "<no value>"."""
     if v is None:
@@ -2016,7 +1995,7 @@ def _go_json(v):
     if isinstance(v, float):
         if v != v or v in (float("inf"), float("-inf")):
             return "null"                       # Go fails to marshal these; Ollama's json prints nothing useful
-        return _go_float(v, json_mode=True)
+        return _go_json_float(v)
     if isinstance(v, _PropertyType):
         return _go_json(v[0]) if len(v) == 1 else _go_json(list(v))
     if isinstance(v, _GoStruct):
@@ -2066,23 +2045,6 @@ def _go_type(v):
 
 
 _PRINTF_RE = re.compile(r"%([-+# 0]*)(\d+)?(?:\.(\d*))?([a-zA-Z%])")
-
-
-def _go_quote(s):
-    """strconv.Quote: a double-quoted Go string literal."""
-    out = []
-    for ch in s:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch in "\a\b\f\n\r\t\v":
-            out.append({"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7f:
-            out.append("\\x%02x" % ord(ch))
-        elif not ch.isprintable() and ch != " ":
-            out.append("\\u%04x" % ord(ch) if ord(ch) < 0x10000 else "\\U%08x" % ord(ch))
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
 
 
 def _go_sprintf(fmt, args):
@@ -2726,7 +2688,6 @@ class Template:
         return "".join(out)
 
 
-DEFAULT_TEMPLATE = "{{ .Prompt }}"
 
 
 def parse_template(text):
@@ -3429,6 +3390,751 @@ def sign_challenge(key, method, url, body=b""):
 
 
 # -- registry client: OCI distribution pull and push ---------------------------
+#
+# Names, media types and digest checks are small functions so that a future `serve` can answer
+# as a read-only OCI registry with the same rules it uses to fetch.
+
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MANIFEST_MEDIA_TYPES = (MEDIA_MANIFEST, MEDIA_OCI_MANIFEST)
+_STRICT_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_PART_FILE_RE = re.compile(r"-partial-(\d+)$")
+DOWNLOAD_PARTS = 16                 # parts per blob; Ollama's numDownloadParts
+PART_SIZE_MIN = 100 * 1000 ** 2     # bytes; Ollama's minDownloadPartSize (100 MB, SI)
+PART_SIZE_MAX = 1000 * 1000 ** 2    # bytes; Ollama's maxDownloadPartSize
+OLLAMA_REGISTRY_HOSTS = ("registry.ollama.ai", "ollama.com")
+
+
+def registry_base_url(name, insecure=False):
+    """scheme://host of the registry holding `name`: https, or http when `insecure` is set.
+    A name written with http:// needs `insecure`, else OllamaError("insecure protocol http")."""
+    if name.scheme == "http" and not insecure:
+        raise OllamaError("insecure protocol http")
+    return "%s://%s" % ("http" if insecure else "https", name.host)
+
+
+def manifest_url(base, name):
+    """/v2/<namespace>/<model>/manifests/<tag> under a registry base URL."""
+    return "%s/v2/%s/manifests/%s" % (base, name.repository(), name.tag)
+
+
+def blob_url(base, repository, digest):
+    """/v2/<namespace>/<model>/blobs/<digest> under a registry base URL."""
+    return "%s/v2/%s/blobs/%s" % (base, repository, digest)
+
+
+def is_strict_digest(value):
+    """True for "sha256:" + 64 lowercase hex, the only digest form a manifest may name."""
+    return isinstance(value, str) and bool(_STRICT_DIGEST_RE.match(value))
+
+
+def parse_manifest(raw):
+    """Validate manifest bytes before anything is written; returns the dict.
+
+    A JSON object, schemaVersion 2, a config and layers that are objects with a strict sha256
+    digest (so no digest can name a path outside blobs/) and a non-negative integer size.
+    Raises OllamaError("invalid manifest: ...").
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OllamaError("invalid manifest: not JSON: %s" % e) from None
+    if not isinstance(data, dict):
+        raise OllamaError("invalid manifest: not a JSON object")
+    if data.get("schemaVersion") != 2 or isinstance(data.get("schemaVersion"), bool):
+        raise OllamaError("invalid manifest: schemaVersion must be 2")
+    media = data.get("mediaType")
+    if media is not None and media not in MANIFEST_MEDIA_TYPES:
+        raise OllamaError("invalid manifest: unsupported media type %s" % json.dumps(media))
+    layers = data.get("layers")
+    if not isinstance(layers, list):
+        raise OllamaError("invalid manifest: layers must be a list")
+    config = data.get("config")
+    for desc in layers + ([config] if config is not None else []):
+        if not isinstance(desc, dict):
+            raise OllamaError("invalid manifest: layer is not an object")
+        if not is_strict_digest(desc.get("digest")):
+            raise OllamaError("invalid manifest: invalid digest %s" % json.dumps(desc.get("digest"))[:100])
+        size = desc.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise OllamaError("invalid manifest: invalid size for %s" % desc["digest"])
+    return data
+
+
+def manifest_layers(manifest):
+    """The layer descriptors plus the config descriptor (last), each digest once."""
+    out, seen = [], set()
+    for desc in list(manifest.get("layers") or []) + [manifest.get("config") or {}]:
+        if desc.get("digest") and desc["digest"] not in seen:
+            seen.add(desc["digest"])
+            out.append(desc)
+    return out
+
+
+def digest_mismatch(want, got):
+    """Ollama's errDigestMismatch text."""
+    return OllamaError("digest mismatch, file must be downloaded again: want %s, got %s" % (want, got))
+
+
+def part_size(total, parts=DOWNLOAD_PARTS, lo=PART_SIZE_MIN, hi=PART_SIZE_MAX):
+    """Bytes per download/upload part: total/parts clamped to [lo, hi], as Ollama does."""
+    return max(lo, min(hi, total // parts)) or 1
+
+
+def docker_credentials(host, environ=None):
+    """(user, password) for `host` from the docker config's "auths" (DOCKER_CONFIG or
+    ~/.docker/config.json, written by `docker login`), or None. credsStore helpers are not used."""
+    env = os.environ if environ is None else environ
+    folder = Path(env.get("DOCKER_CONFIG") or Path(env.get("HOME") or Path.home()) / ".docker")
+    try:
+        auths = json.loads((folder / "config.json").read_bytes()).get("auths") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    for key, entry in auths.items():
+        key_host = urllib.parse.urlsplit(key if "://" in key else "//" + key).netloc
+        if key_host.lower() != host.lower() or not isinstance(entry, dict):
+            continue
+        if entry.get("auth"):
+            try:
+                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+                return user, password
+            except (ValueError, UnicodeDecodeError):
+                continue
+        if entry.get("username"):
+            return entry["username"], entry.get("password", "")
+    return None
+
+
+def _ollama_signature(config, method, url):
+    """The Authorization value Ollama's registry wants for a token request:
+    "<pubkey-b64>:<base64(ed25519 signature)>" over "METHOD,URL,base64(hex(sha256(empty body)))",
+    made with ~/.ollama/id_ed25519 by the keys subsection."""
+    return sign_challenge(ensure_keypair(config.home), method, url)
+
+
+def _parse_challenge(header):
+    """WWW-Authenticate "Bearer realm=...,service=...,scope=..." -> ("bearer", {params})."""
+    scheme, _, rest = (header or "").strip().partition(" ")
+    params = {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
+    params.update({k.lower(): v for k, v in re.findall(r'(\w+)=([^",\s]+)', rest)})
+    return scheme.lower(), params
+
+
+def _pwrite(fd, data, offset):
+    """Write all of `data` at `offset` (a seam for fault tests: a full disk raises ENOSPC here)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class _KeepAuthOnSameHost(urllib.request.HTTPRedirectHandler):
+    """Follow redirects; the registry's Authorization goes along only to the same scheme+host+port
+    (blob storage elsewhere gets a plain request, as Ollama does)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new is not None and auth:
+            old, nxt = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new.full_url)
+            if (old.scheme, old.netloc.lower()) == (nxt.scheme, nxt.netloc.lower()):
+                new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+class RegistrySession:
+    """HTTP to one registry for one pull or push: auth (Bearer token, Basic from the docker config,
+    Ollama's signed tokens for registry.ollama.ai), redirects, proxies (HTTPS_PROXY/NO_PROXY via
+    urllib) and TLS with the system CAs (SSL_CERT_FILE honoured by the default context).
+    Credentials are only sent to the registry's own host and never logged."""
+
+    def __init__(self, config, name, insecure=False, timeout=30.0):
+        self.config, self.name, self.insecure, self.timeout = config, name, insecure, timeout
+        self.base = registry_base_url(name, insecure)
+        self.netloc = urllib.parse.urlsplit(self.base).netloc.lower()
+        self.auth = None                # Authorization header value once a challenge was answered
+        self.auth_lock = threading.Lock()
+        self.opener = urllib.request.build_opener(_KeepAuthOnSameHost())
+        self.user_agent = "ollama.py/%s (%s %s) Python/%s" % (
+            __version__, getattr(os.uname(), "machine", ""), sys.platform, sys.version.split()[0])
+
+    def request(self, method, url, headers=None, body=None, allow=()):
+        """Send one request, answering one 401 challenge; returns the open response (caller closes).
+        Statuses in `allow` are returned; 404 raises NotFound("file does not exist"), other >= 400
+        OllamaError("<code>: <body>"), a second 401 Unauthorized("unauthorized: access denied")."""
+        for attempt in (0, 1):
+            resp = self._open(method, url, headers, body)
+            status = resp.status
+            if status in allow or status < 400:
+                return resp
+            text = _read_error(resp)
+            if status == 401 and attempt == 0 and self._answer(resp.headers.get("WWW-Authenticate"), url):
+                if hasattr(body, "seek"):
+                    body.seek(0)
+                continue
+            if status == 401:
+                hint = "" if self.auth else "; no credentials for %s (add them with 'docker login %s')" % (
+                    self.name.host, self.name.host)
+                raise Unauthorized("unauthorized: access denied" + hint)
+            if status == 404:
+                raise NotFound("file does not exist")
+            raise OllamaError("%d: %s" % (status, text))
+        raise Unauthorized("unauthorized: access denied")          # pragma: no cover
+
+    def _open(self, method, url, headers, body, auth=True):
+        req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+        req.add_header("User-Agent", self.user_agent)
+        if auth and self.auth and urllib.parse.urlsplit(url).netloc.lower() == self.netloc:
+            req.add_unredirected_header("Authorization", self.auth)
+        try:
+            return self.opener.open(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            return e
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, ssl.SSLError) and getattr(reason, "reason", "") in (
+                    "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"):
+                raise OllamaError("insecure protocol http: %s answers plain HTTP; use --insecure to allow "
+                                  "it" % self.name.host) from None
+            text = getattr(reason, "strerror", None) or str(reason)
+            raise OllamaError('%s "%s": %s' % (method.title(), url, text)) from None
+        except (socket.timeout, http.client.HTTPException, OSError) as e:
+            raise OllamaError('%s "%s": %s' % (method.title(), url, e or type(e).__name__)) from None
+
+    def _answer(self, header, url):
+        """Set self.auth from a 401 challenge; False when there is nothing to try."""
+        scheme, params = _parse_challenge(header)
+        creds = docker_credentials(self.name.host)
+        with self.auth_lock:
+            if scheme == "basic":
+                if not creds or self.auth:
+                    return False
+                self.auth = "Basic " + base64.b64encode(("%s:%s" % creds).encode()).decode()
+                return True
+            if scheme != "bearer" or not params.get("realm"):
+                return False
+            self.auth = "Bearer " + self._token(params, creds)
+            return True
+
+    def _token(self, params, creds):
+        query = [("service", params["service"])] if params.get("service") else []
+        query += [("scope", s) for s in params.get("scope", "").split() if s]
+        query += [("ts", str(int(time.time()))),
+                  ("nonce", base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("="))]
+        realm = params["realm"]
+        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
+        headers = {}
+        realm_host = urllib.parse.urlsplit(realm).hostname or ""
+        if creds:
+            headers["Authorization"] = "Basic " + base64.b64encode(("%s:%s" % creds).encode()).decode()
+        elif self.name.host.lower() in OLLAMA_REGISTRY_HOSTS:
+            if realm_host.lower() != (urllib.parse.urlsplit(self.base).hostname or "").lower():
+                raise OllamaError("unauthorized: realm host %s does not match %s" % (realm_host, self.name.host))
+            headers["Authorization"] = _ollama_signature(self.config, "GET", url)
+        resp = self._open("GET", url, headers, None, auth=False)
+        with resp:
+            data = resp.read()
+        if resp.status == 401:
+            raise Unauthorized("unauthorized: access denied; the token server at %s refused %s" % (
+                realm_host, "the credentials from the docker config" if creds else "anonymous access"))
+        if resp.status >= 400:
+            raise OllamaError("%d: %s" % (resp.status, data.decode(errors="replace").strip()))
+        try:
+            info = json.loads(data)
+            return info.get("token") or info["access_token"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise OllamaError("unauthorized: the token server at %s sent no token" % realm_host) from None
+
+
+def _read_error(resp):
+    try:
+        with resp:
+            return resp.read(4096).decode(errors="replace").strip()
+    except (OSError, http.client.HTTPException, AttributeError):
+        return ""
+
+
+class Transfers:
+    """The server's registry transfer state: one shared download per digest (two pulls of the same
+    blob share it), plus the knobs below (tests shrink them)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.jobs = {}                      # digest -> _BlobDownload
+        self.parts = DOWNLOAD_PARTS
+        self.part_min = PART_SIZE_MIN       # bytes
+        self.part_max = PART_SIZE_MAX       # bytes
+        self.max_parallel = DOWNLOAD_PARTS  # concurrent part requests per blob
+        self.retries = 6                    # tries per part (a stall counts as a try, without the sleep)
+        self.backoff = 1.0                  # seconds; sleep backoff * 2^try, capped at backoff_max
+        self.backoff_max = 30.0             # seconds
+        self.stall_timeout = 30.0           # seconds without a byte before a part is retried
+        self.progress_interval = 0.06       # seconds between progress updates (Ollama's 60 ms)
+        self.checkpoint_interval = 1.0      # seconds between fsync + part-file updates
+
+    def acquire(self, digest, factory):
+        """The running download of `digest`, or a new one from factory() (started); hold it with
+        release() when done. A download whose callers all went away is cancelled."""
+        while True:
+            with self.lock:
+                job = self.jobs.get(digest)
+                if job is None:
+                    job = self.jobs[digest] = factory()
+                    job.refs = 1
+                    job.start()
+                    return job
+                if not job.cancelled.is_set():
+                    job.refs += 1
+                    return job
+            job.thread.join()               # a cancelled download is still unwinding
+            with self.lock:
+                if self.jobs.get(digest) is job:
+                    del self.jobs[digest]
+
+    def release(self, job):
+        with self.lock:
+            job.refs -= 1
+            if job.refs > 0:
+                return
+            job.cancelled.set()
+            if not job.thread.is_alive() and self.jobs.get(job.digest) is job:
+                del self.jobs[job.digest]
+
+
+def _transfers(server):
+    """The Transfers object of an OllamaServer (created on first use; dict.setdefault is atomic)."""
+    return vars(server).setdefault("transfers", Transfers())
+
+
+class _Part:
+    """One byte range of a download, stored as Ollama's blobs/sha256-<hex>-partial-<N> JSON."""
+    __slots__ = ("n", "offset", "size", "completed")
+
+    def __init__(self, n, offset, size, completed=0):
+        self.n, self.offset, self.size, self.completed = n, offset, size, completed
+
+    def to_json(self):
+        return (json_dumps({"N": self.n, "Offset": self.offset, "Size": self.size,
+                            "Completed": self.completed}) + "\n").encode()
+
+
+class _BlobDownload:
+    """Fetch one blob into blobs/sha256-<hex>-partial in parallel byte ranges, resumable.
+
+    Progress lives on disk in Ollama's format (a sparse data file truncated to the total, plus
+    one JSON per part); a part's Completed is only raised after its bytes are fdatasync'ed, so a
+    crash or reboot at any moment resumes without refetching what is on disk. finish() verifies
+    the sha256 and renames the data into place; a mismatch deletes it.
+    """
+
+    def __init__(self, transfers, store, session, repository, digest, size):
+        self.t, self.store, self.session = transfers, store, session
+        self.digest, self.total = digest, size
+        self.url = blob_url(session.base, repository, digest)
+        self.path = store.blob_path(digest)
+        self.partial = Path(str(self.path) + "-partial")
+        self.parts, self.refs, self.fd = [], 0, None
+        self.lock = threading.Lock()        # guards completed counts and part files
+        self.completed = 0
+        self.done, self.cancelled, self.abort = threading.Event(), threading.Event(), threading.Event()
+        self.error, self.verified = None, None
+        self.finish_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="pull-" + digest[7:19], daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self._prepare()
+            self._download()
+        except BaseException as e:          # reported to every waiter
+            self.error = e
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            self.done.set()
+            if self.cancelled.is_set():
+                with self.t.lock:
+                    if self.t.jobs.get(self.digest) is self:
+                        del self.t.jobs[self.digest]
+
+    def _part_files(self):
+        prefix = self.partial.name + "-"
+        return [p for p in self.store.blobs.glob(prefix + "*") if _PART_FILE_RE.search(p.name)
+                and p.name[len(prefix):].isdigit()]
+
+    def _load_parts(self):
+        """The parts recorded on disk, or None when absent or inconsistent (then start over)."""
+        files = self._part_files()
+        if not files:
+            return None
+        parts = []
+        try:
+            for f in files:
+                d = json.loads(f.read_bytes())
+                part = _Part(d["N"], d["Offset"], d["Size"], d["Completed"])
+                if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                           for v in (part.n, part.offset, part.size, part.completed)) \
+                        or part.completed > part.size or f.name != "%s-%d" % (self.partial.name, part.n):
+                    raise ValueError("bad part")
+                parts.append(part)
+            parts.sort(key=lambda p: p.offset)
+            offset = 0
+            for i, part in enumerate(parts):
+                if part.offset != offset or part.n != i:
+                    raise ValueError("parts do not tile the blob")
+                offset += part.size
+            if offset != self.total or self.partial.stat().st_size != self.total:
+                raise ValueError("size changed")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("discarding partial download of %s: %s", self.digest[7:19], e)
+            return None
+        return parts
+
+    def _prepare(self):
+        self.store.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
+        parts = self._load_parts()
+        if parts is None:
+            for f in self._part_files():
+                _unlink(f)
+            _unlink(self.partial)
+            size = part_size(self.total, self.t.parts, self.t.part_min, self.t.part_max)
+            parts = [_Part(i, off, min(size, self.total - off))
+                     for i, off in enumerate(range(0, self.total, size))]
+        self.fd = os.open(str(self.partial), os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(self.fd).st_size != self.total:
+            os.ftruncate(self.fd, self.total)           # sparse: Ollama's layout
+        for part in parts:
+            atomic_write("%s-%d" % (self.partial, part.n), part.to_json())
+        self.parts = parts
+        self.completed = sum(p.completed for p in parts)
+        if parts:
+            log.info("downloading %s in %d %s part(s), %s already on disk", self.digest[7:19], len(parts),
+                     human_bytes(parts[0].size), human_bytes(self.completed))
+
+    def _download(self):
+        todo = [p for p in self.parts if p.completed < p.size]
+        errors = []
+
+        def worker(queue):
+            while queue and not self.abort.is_set():
+                try:
+                    part = queue.pop()
+                except IndexError:
+                    return
+                try:
+                    self._fetch_part(part)
+                except BaseException as e:
+                    errors.append(e)
+                    self.abort.set()
+
+        queue = list(reversed(todo))
+        threads = [threading.Thread(target=worker, args=(queue,), daemon=True)
+                   for _ in range(min(len(todo), self.t.max_parallel))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if self.cancelled.is_set():
+            raise Canceled("request canceled")
+        if errors:
+            fatal = [e for e in errors if not isinstance(e, Canceled)]
+            raise (fatal or errors)[0]
+        os.fsync(self.fd)
+
+    def _stopped(self):
+        return self.abort.is_set() or self.cancelled.is_set()
+
+    def _fetch_part(self, part):
+        tries = 0
+        while part.completed < part.size:
+            if self._stopped():
+                raise Canceled("request canceled")
+            try:
+                self._fetch_range(part)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise OllamaError("no space left on device while writing %s (%s of %s kept; pull again "
+                                      "to resume)" % (self.partial.name, human_bytes(self.completed),
+                                                      human_bytes(self.total))) from None
+                err, stalled = e, isinstance(e, socket.timeout)
+            except (OllamaError, http.client.HTTPException, ValueError) as e:
+                if isinstance(e, (Unauthorized, Canceled)):
+                    raise
+                err, stalled = e, False
+            else:
+                continue
+            tries += 1
+            if tries >= self.t.retries:
+                raise OllamaError("max retries exceeded: %s" % (err or type(err).__name__))
+            if stalled:
+                log.info("%s part %d stalled; retrying", self.digest[7:19], part.n)
+                continue
+            delay = min(self.t.backoff * 2 ** (tries - 1), self.t.backoff_max)
+            log.info("%s part %d attempt %d failed: %s, retrying in %s", self.digest[7:19], part.n, tries,
+                     err, format_duration(delay))
+            if self.cancelled.wait(delay) or self.abort.is_set():
+                raise Canceled("request canceled")
+
+    def _fetch_range(self, part):
+        start, stop = part.offset + part.completed, part.offset + part.size
+        resp = self.session.request("GET", self.url, {"Range": "bytes=%d-%d" % (start, stop - 1)})
+        last = time.monotonic()
+        try:
+            skip = 0
+            if resp.status == 206:
+                got = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range") or "")
+                if not got or int(got.group(1)) != start:
+                    raise ValueError("registry sent range %r for bytes=%d-" % (
+                        resp.headers.get("Content-Range"), start))
+            elif resp.status == 200:
+                skip = start                # Range ignored: the body is the whole blob from byte 0
+                if skip:
+                    log.debug("%s: registry ignored Range; skipping %d bytes", self.digest[7:19], skip)
+            else:
+                raise OllamaError("unexpected status code %d" % resp.status)
+            read = getattr(resp, "read1", resp.read)    # what has arrived: a stall loses no bytes
+            while skip:
+                chunk = read(min(COPY_CHUNK, skip))
+                if not chunk:
+                    raise ConnectionError("unexpected EOF")
+                skip -= len(chunk)
+            pos = start
+            while pos < stop:
+                if self._stopped():
+                    return
+                chunk = read(min(COPY_CHUNK, stop - pos))
+                if not chunk:
+                    raise ConnectionError("unexpected EOF")
+                _pwrite(self.fd, chunk, pos)
+                pos += len(chunk)
+                with self.lock:
+                    part.completed += len(chunk)
+                    self.completed += len(chunk)
+                if time.monotonic() - last >= self.t.checkpoint_interval:
+                    self._checkpoint(part)
+                    last = time.monotonic()
+        finally:
+            resp.close()
+            try:
+                self._checkpoint(part)
+            except OSError as e:            # the old record stays valid: it claims fewer bytes
+                log.warning("could not record progress of %s: %s", self.partial.name, e)
+
+    def _checkpoint(self, part):
+        """Make the written bytes durable, then record them (data before the claim)."""
+        with self.lock:
+            done = part.completed
+        os.fdatasync(self.fd)
+        record = _Part(part.n, part.offset, part.size, done)
+        atomic_write("%s-%d" % (self.partial, part.n), record.to_json())
+
+    def wait(self, progress, cancel=None):
+        """Report progress every progress_interval until the download ends; raises its error."""
+        status = "pulling %s" % self.digest[7:19]
+        sent = None
+        while True:
+            finished = self.done.wait(self.t.progress_interval)
+            if cancel is not None and cancel.is_set():
+                raise Canceled("request canceled")
+            if finished:
+                break
+            if self.parts and self.completed != sent:
+                sent = self.completed
+                progress({"status": status, "digest": self.digest, "total": self.total, "completed": sent})
+        if self.error is not None:
+            raise self.error
+        progress({"status": status, "digest": self.digest, "total": self.total, "completed": self.total})
+
+    def finish(self):
+        """Verify the downloaded bytes and move them into place (once, whoever calls first)."""
+        with self.finish_lock:
+            if self.verified is None:
+                try:
+                    self._verify_and_commit()
+                    self.verified = True
+                except BaseException as e:
+                    self.verified = e
+            if self.verified is not True:
+                raise self.verified
+
+    def _verify_and_commit(self):
+        if self.store.has_blob(self.digest):
+            return
+        got = file_digest(self.partial)
+        if got != self.digest:
+            for f in self._part_files():
+                _unlink(f)
+            _unlink(self.partial)
+            raise digest_mismatch(self.digest, got)
+        with open(str(self.partial), "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(str(self.partial), 0o644)
+        os.replace(str(self.partial), str(self.path))
+        _fsync_dir(self.store.blobs)
+        for f in self._part_files():
+            _unlink(f)
+
+
+def pull_model(server, name, insecure=False, progress=None, cancel=None):
+    """Pull `name` (Name or str) from its registry into server.store, reporting Ollama's pull
+    statuses as dicts to progress(obj). Blobs already present are not fetched; a download in
+    progress for the same digest is shared; interrupted downloads resume. The manifest is written
+    last, byte for byte as received. `cancel` (threading.Event) stops it with Canceled."""
+    progress = progress or (lambda obj: None)
+    store, transfers = server.store, _transfers(server)
+    if isinstance(name, str):
+        name = Name.parse(name)
+    old = set()
+    stored = store.resolve(name)
+    if stored is not None and not server.config.noprune:
+        try:
+            old = set(manifest_digests(store.get(stored)[2]))
+        except (OSError, ValueError, OllamaError):
+            pass
+    if name.scheme == "http" and not insecure:
+        raise OllamaError("insecure protocol http")
+    progress({"status": "pulling manifest"})
+    session = RegistrySession(server.config, name, insecure, transfers.stall_timeout)
+    try:
+        resp = session.request("GET", manifest_url(session.base, name),
+                               {"Accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+        with resp:
+            raw = resp.read()
+        manifest = parse_manifest(raw)
+    except OllamaError as e:
+        cls = Unauthorized if isinstance(e, Unauthorized) else OllamaError   # others: 500, as Ollama
+        raise cls("pull model manifest: %s" % e) from None
+    except (OSError, http.client.HTTPException) as e:
+        raise OllamaError("pull model manifest: %s" % e) from None
+
+    jobs = []
+    try:
+        for desc in manifest_layers(manifest):
+            digest = desc["digest"]
+            if store.has_blob(digest):
+                size = store.blob_size(digest)
+                progress({"status": "pulling %s" % digest[7:19], "digest": digest, "total": size,
+                          "completed": size})
+                continue
+            job = transfers.acquire(digest, lambda: _BlobDownload(
+                transfers, store, session, name.repository(), digest, desc["size"]))
+            jobs.append(job)
+            job.wait(progress, cancel)
+        progress({"status": "verifying sha256 digest"})
+        for job in jobs:
+            job.finish()
+    finally:
+        for job in jobs:
+            transfers.release(job)
+    progress({"status": "writing manifest"})
+    store.write_manifest(name, raw)
+    unused = old - set(manifest_digests(manifest))
+    if unused:
+        progress({"status": "removing unused layers"})
+        store.remove_unused(unused)
+    progress({"status": "success"})
+
+
+class _FileSlice:
+    """A readable, rewindable window of a file, reporting bytes read (an upload body)."""
+
+    def __init__(self, f, offset, length, on_read):
+        self.f, self.offset, self.length, self.on_read, self.pos = f, offset, length, on_read, 0
+
+    def read(self, n=-1):
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        if n <= 0:
+            return b""
+        self.f.seek(self.offset + self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        self.on_read(len(data))
+        return data
+
+    def seek(self, pos, whence=0):
+        self.on_read(-self.pos)
+        self.pos = pos
+
+
+def _upload_blob(session, store, name, desc, transfers, progress, cancel):
+    digest, size = desc["digest"], desc["size"]
+    status = "pushing %s" % digest[7:19]
+    repo = name.repository()
+    resp = session.request("HEAD", blob_url(session.base, repo, digest), allow=(404,))
+    resp.close()
+    if resp.status == 200:
+        progress({"status": status, "digest": digest, "total": size, "completed": size})
+        return
+    query = ""
+    source = Name.parse_bare(desc.get("from") or "")
+    if source is not None and source.is_valid() and source.host.lower() == name.host.lower() \
+            and source.repository().lower() != repo.lower():
+        query = "?" + urllib.parse.urlencode({"mount": digest, "from": source.repository()})
+    upload = "%s/v2/%s/blobs/uploads/%s" % (session.base, repo, query)
+    resp = session.request("POST", upload, {"Content-Length": "0"}, b"")
+    resp.close()
+    if resp.status == 201:                              # mounted from the other repository
+        progress({"status": status, "digest": digest, "total": size, "completed": size})
+        return
+    location = resp.headers.get("Docker-Upload-Location") or resp.headers.get("Location")
+    if not location:
+        raise OllamaError("registry gave no upload location for %s" % digest)
+    location = urllib.parse.urljoin(upload, location)
+    state = {"done": 0, "sent": 0.0}
+
+    def on_read(n):
+        state["done"] += n
+        now = time.monotonic()
+        if now - state["sent"] >= transfers.progress_interval:
+            state["sent"] = now
+            progress({"status": status, "digest": digest, "total": size, "completed": state["done"]})
+        if cancel is not None and cancel.is_set():
+            raise Canceled("request canceled")
+
+    chunk = part_size(size, transfers.parts, transfers.part_min, transfers.part_max)
+    with open(str(store.blob_path(digest)), "rb") as f:
+        for offset in range(0, size, chunk):
+            n = min(chunk, size - offset)
+            body = _FileSlice(f, offset, n, on_read)
+            resp = session.request("PATCH", location, {
+                "Content-Type": "application/octet-stream", "Content-Length": str(n),
+                "Content-Range": "%d-%d" % (offset, offset + n - 1)}, body)
+            resp.close()
+            location = urllib.parse.urljoin(location, resp.headers.get("Location") or location)
+    split = urllib.parse.urlsplit(location)
+    final = location + ("&" if split.query else "?") + urllib.parse.urlencode({"digest": digest})
+    resp = session.request("PUT", final, {"Content-Length": "0"}, b"")
+    resp.close()
+    progress({"status": status, "digest": digest, "total": size, "completed": size})
+
+
+def push_model(server, name, insecure=False, progress=None, cancel=None):
+    """Push `name` (Name or str) from server.store to its registry: each blob the registry lacks
+    (HEAD) is mounted or uploaded in PATCH chunks, then the manifest is PUT byte for byte as
+    stored. Reports Ollama's push statuses as dicts to progress(obj)."""
+    progress = progress or (lambda obj: None)
+    transfers = _transfers(server)
+    if isinstance(name, str):
+        name = Name.parse(name)
+    progress({"status": "retrieving manifest"})
+    if name.scheme == "http" and not insecure:
+        raise OllamaError("insecure protocol http")
+    try:
+        stored, raw, manifest = server.store.get(name)
+        manifest = parse_manifest(raw)
+    except OllamaError:
+        progress({"status": "couldn't retrieve manifest"})
+        raise
+    session = RegistrySession(server.config, stored, insecure, transfers.stall_timeout)
+    for desc in manifest_layers(manifest):
+        _upload_blob(session, server.store, stored, desc, transfers, progress, cancel)
+    progress({"status": "pushing manifest"})
+    media = manifest.get("mediaType") or MEDIA_MANIFEST
+    resp = session.request("PUT", manifest_url(session.base, stored), {"Content-Type": media}, raw)
+    resp.close()
+    progress({"status": "success"})
 
 
 ###############################################################################
@@ -4457,9 +5163,11 @@ def api_delete(req):
 
 
 def _pull_for_create(req, name):
-    """Hook for /api/create with a `from` model that is not stored: pull it, yielding pull
-    progress dicts. The registry code replaces this; until then it raises NotFound."""
-    raise NotFound("model '%s' not found" % name.display())
+    """/api/create with a `from` model that is not stored pulls it first, streaming the pull's
+    progress (its closing "success" is left to create)."""
+    for progress in _progress_items(lambda report, cancel: pull_model(req.server, name, False, report, cancel)):
+        if progress.get("status") != "success":
+            yield progress
 
 
 def _validate_create_files(files, what="files"):
@@ -4644,12 +5352,6 @@ def _config_struct(config, layers):
 
 
 # -- inference (inference issue) ---------------------------------------------
-
-
-#: Ollama's api.DefaultOptions for sampling (sent to llama-server, whose defaults differ).
-DEFAULT_OPTIONS = {"num_keep": 4, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
-                   "typical_p": 1.0, "repeat_last_n": 64, "repeat_penalty": 1.0, "presence_penalty": 0.0,
-                   "frequency_penalty": 0.0, "seed": -1, "num_predict": -1}
 
 
 def _ns(seconds):
@@ -4980,7 +5682,65 @@ api_embed = api_embeddings = api_tokenize = api_detokenize = _todo
 
 # -- registry (registry issue) -----------------------------------------------
 
-api_pull = api_push = _todo
+def _progress_stream(req, work, stream=True):
+    """Run work(progress, cancel) for a pull/push request: a Stream of its progress objects, or
+    with stream=False only the last one (errors then keep their status, as waitForStream does)."""
+    if not stream:
+        last = []
+        work(last.append, None)
+        return last[-1] if last else None
+    return Stream(_progress_items(work))
+
+
+def _progress_items(work):
+    """Yield the progress objects work(progress, cancel) reports from its own thread; its error is
+    raised here. Closing the generator (the client went away) sets `cancel`."""
+    import queue as queue_mod
+    items, cancel, end = queue_mod.Queue(), threading.Event(), object()
+
+    def run():
+        try:
+            work(items.put, cancel)
+        except BaseException as e:          # handed to the streaming thread
+            items.put(e)
+        finally:
+            items.put(end)
+
+    threading.Thread(target=run, name="transfer", daemon=True).start()
+    try:
+        while True:
+            item = items.get()
+            if item is end:
+                return
+            if isinstance(item, OllamaError):
+                raise item
+            if isinstance(item, BaseException):
+                raise OllamaError(str(item) or type(item).__name__)
+            yield item
+    finally:
+        cancel.set()                        # client gone: stop the transfer (downloads keep their parts)
+
+
+def _transfer_request(req):
+    body = req.json()
+    name = Name.parse_bare(body.get("model") or body.get("name") or "")
+    if name is None or not name.is_valid():
+        raise BadRequest("invalid model name")
+    return name, bool(body.get("insecure")), body.get("stream", True) is not False
+
+
+def api_pull(req):
+    """POST /api/pull {model, insecure, stream}: pull a model from its registry."""
+    name, insecure, stream = _transfer_request(req)
+    return _progress_stream(req, lambda progress, cancel: pull_model(
+        req.server, name, insecure, progress, cancel), stream)
+
+
+def api_push(req):
+    """POST /api/push {model, insecure, stream}: push a model to its registry."""
+    name, insecure, stream = _transfer_request(req)
+    return _progress_stream(req, lambda progress, cancel: push_model(
+        req.server, name, insecure, progress, cancel), stream)
 
 # -- OpenAI compatibility ----------------------------------------------------
 
@@ -5198,7 +5958,7 @@ class _Status:
         self.current = None
 
 
-def _upload_blob(client, path, digest, status):
+def _send_blob(client, path, digest, status):
     """Send one local file to the server as a blob: a no-copy import when the server is on this
     machine, else a streamed upload with a `copying file sha256:… N%` display."""
     try:
@@ -5268,7 +6028,7 @@ def cmd_create(args):
     status = _Status()
     req, local = modelfile_request(commands, os.path.dirname(path))
     for file_path, digest in local.items():
-        _upload_blob(client, file_path, digest, status)
+        _send_blob(client, file_path, digest, status)
     req["model"] = args.model
     if args.quantize:
         req["quantize"] = args.quantize
@@ -5434,7 +6194,118 @@ cmd_run = cmd_ps = cmd_stop = _cli_todo
 
 # -- registry (registry issue) -----------------------------------------------
 
-cmd_pull = cmd_push = _cli_todo
+class _TransferProgress:
+    """Ollama-style progress for pull/push on stderr: a bar per blob (percent, size, speed, time
+    left) redrawn in place on a TTY; plain lines otherwise (a blob's line once it completes)."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stderr
+        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
+        self.lines = []                     # [key, text] in display order
+        self.bars = {}                      # digest -> [total, completed, [(time, completed)...]]
+        self.drawn, self.last_draw = 0, 0.0
+        self.status = None
+
+    def update(self, obj):
+        status, digest = obj.get("status") or "", obj.get("digest")
+        if digest and obj.get("total"):
+            total, done = obj["total"], obj.get("completed") or 0
+            bar = self.bars.get(digest)
+            if bar is None:
+                if not done:
+                    return                  # Ollama skips a blob's first, empty update
+                bar = self.bars[digest] = [total, done, []]
+                self.lines.append([digest, ""])
+            was_done = bar[1] >= bar[0]
+            bar[0], bar[1] = total, done
+            bar[2].append((time.monotonic(), done))
+            bar[2][:] = [s for s in bar[2] if s[0] > time.monotonic() - 3.0]
+            self._set(digest, self._bar(status, digest))
+            if not self.tty and done >= total and not was_done:
+                print(self._bar(status, digest, plain=True), file=self.out, flush=True)
+        elif status and status != self.status:
+            self.status = status
+            self.lines.append([status, status])
+            if not self.tty:
+                print(status, file=self.out, flush=True)
+        self._draw(force=status == "success" or not digest)
+
+    def _set(self, key, text):
+        for line in self.lines:
+            if line[0] == key:
+                line[1] = text
+
+    def _bar(self, status, digest, plain=False):
+        total, done, samples = self.bars[digest]
+        pct = int(100 * done / total) if total else 100
+        if plain:
+            return "%s: %3d%% %s" % (status, pct, human_bytes(total))
+        width = 25
+        filled = width * done // total if total else width
+        size = human_bytes(total) if done >= total else "%s/%s" % (human_bytes(done), human_bytes(total))
+        text = "%s: %3d%% \u2595%s%s\u258f %s" % (status, pct, "\u2588" * filled, " " * (width - filled), size)
+        if done < total and len(samples) > 1 and samples[-1][0] > samples[0][0]:
+            rate = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
+            if rate > 0:
+                left = format_duration(int((total - done) / rate))
+                text += "  %8s/s %7s" % (human_bytes(rate), left)
+        return text
+
+    def _draw(self, force=False):
+        if not self.tty or (not force and time.monotonic() - self.last_draw < 0.1):
+            return
+        self.last_draw = time.monotonic()
+        out = "\x1b[%dA" % (self.drawn - 1) if self.drawn > 1 else ""
+        out += "\r" + "\n".join("\x1b[K" + text for _key, text in self.lines)
+        self.out.write(out)
+        self.out.flush()
+        self.drawn = len(self.lines)
+
+    def close(self):
+        if self.tty and self.drawn:
+            self._draw(force=True)
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _transfer(args, path):
+    client = _client(args)
+    client.heartbeat()
+    display = _TransferProgress()
+    last = None
+    try:
+        for last in client.stream("POST", path, {"model": args.model, "insecure": bool(args.insecure)}):
+            display.update(last)
+    except (OSError, http.client.HTTPException) as e:
+        raise OllamaError("unexpected EOF: %s" % e) from None
+    finally:
+        display.close()
+    if not last or last.get("status") != "success":
+        raise OllamaError("unexpected EOF")                 # the server went away mid-stream
+
+
+def cmd_pull(args):
+    """Pull a model from a registry
+
+    Fetches the manifest and every missing blob (resuming interrupted downloads) from the model's
+    registry: registry.ollama.ai, or the host in the name (host:port/namespace/model:tag).
+    Credentials for other registries come from the docker config (~/.docker/config.json "auths",
+    as written by 'docker login'); --insecure allows plain HTTP.
+    """
+    _transfer(args, "/api/pull")
+    return 0
+
+
+def cmd_push(args):
+    """Push a model to a registry
+
+    Uploads the blobs the registry lacks, then the manifest. Credentials as for 'pull'.
+    """
+    _transfer(args, "/api/push")
+    name = Name.parse_bare(args.model)
+    if name is not None and name.host.lower() == DEFAULT_REGISTRY:
+        print("\nYou can find your model at:\n\n\thttps://ollama.com/%s/%s\n" % (name.namespace, name.model))
+    return 0
 
 
 def _doc(func):

@@ -58,15 +58,15 @@ def test_create_uploads_when_the_server_cannot_link(server, modeldir, monkeypatc
     ("FROM tiny.gguf\nPARAMETER top_k lots\n", "Error: invalid int value [lots]"),
     ("SYSTEM hi\n", "Error: no FROM line"),
     ('FROM tiny.gguf\nSYSTEM """oops\n', "Error: (line 2): unexpected EOF"),
-    ("FROM ./missing.gguf\n", "Error: invalid model name"),        # not a file, so a model name
-    ("FROM missing.gguf\n", "Error: model 'missing.gguf:latest' not found"),
+    ("FROM ./missing.gguf\n", "Error: no such file: {dir}/missing.gguf"),   # Ollama: a model name to pull
+    ("FROM missing.gguf\n", "Error: no such file: {dir}/missing.gguf"),
     ("FROM ./notes.txt\n", "Error: supplied file was not in GGUF format"),
 ])
 def test_create_reports_modelfile_errors(server, modeldir, capsys, modelfile, error):
     (modeldir / "notes.txt").write_text("not a model")
     (modeldir / "Modelfile").write_text(modelfile)
     assert run("create", "bad", "-f", str(modeldir / "Modelfile")) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == error
+    assert capsys.readouterr().err.splitlines()[-1] == error.format(dir=modeldir)
     assert server.store.resolve("bad") is None
 
 

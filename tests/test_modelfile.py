@@ -83,9 +83,12 @@ def test_from_path_expands_relative_to_modelfile_and_home(tmp_path, monkeypatch)
     assert req["files"] == {"w.gguf": digest}
 
 
-def test_from_a_missing_file_becomes_a_model_name(tmp_path):
-    req, local = ollama.modelfile_request(parse("FROM ./missing.gguf\n"), str(tmp_path))
-    assert req == {"from": "./missing.gguf"} and local == {}
+def test_from_a_missing_file_is_an_error_not_a_model_name(tmp_path):
+    for arg in ("./missing.gguf", "missing.gguf", "~/nope/x.gguf", "/abs/x.safetensors"):
+        with pytest.raises(ollama.BadRequest, match="no such file: "):
+            ollama.modelfile_request(parse("FROM %s\n" % arg), str(tmp_path))
+    req, local = ollama.modelfile_request(parse("FROM user/model:tag\n"), str(tmp_path))
+    assert req == {"from": "user/model:tag"} and local == {}
 
 
 def test_message_roles_and_content_go_to_messages(tmp_path):
