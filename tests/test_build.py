@@ -175,3 +175,12 @@ def test_gemma_is_a_gemma3_gguf(gemma_gguf):
         value = f.read(value_len)
     assert (magic, key, vtype, value) == (b"GGUF", b"general.architecture", 8, b"gemma3")
     assert gemma_gguf.stat().st_size == 253113024
+
+
+def test_readme_gives_the_test_command_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    cmd = re.search(r"^TEST_CMD=\((.+)\)$", ci, re.M).group(1)
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```")[1]
+    assert "./demo.sh" in first_block and "bash .ci/run" in first_block
+    assert "\n%s " % cmd in readme
