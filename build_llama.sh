@@ -16,7 +16,7 @@ CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/ollama-py"
 
 usage() {
     cat <<EOF
-Usage: ./build_llama.sh [options] [-- extra cmake -D flags]
+Usage: ./build_llama.sh [options] [-- extra cmake -D flags]   (e.g. -- -DCMAKE_CUDA_ARCHITECTURES=90)
 
 Build llama.cpp's llama-server (statically linked) and write it to bin/llama-server beside
 ollama.py, with bin/llama-server.build-info describing the build. Re-running with the same
@@ -29,12 +29,13 @@ Source (first one given wins; default: llama-cpp-python ${LLAMA_CPP_PYTHON_VERSI
 
 Accelerator (default: CUDA if nvcc and an NVIDIA driver are found, Metal on Apple Silicon, else CPU):
   --cpu            CPU only
-  --cuda           NVIDIA CUDA (needs nvcc on PATH or in /usr/local/cuda/bin)
+  --cuda           NVIDIA CUDA (needs nvcc on PATH or in /usr/local/cuda/bin); built for this
+                   machine's GPU, so without one add --portable or -- -DCMAKE_CUDA_ARCHITECTURES=90
   --metal          Apple Metal
   --vulkan         Vulkan (needs the Vulkan SDK / glslc)
 
 Build:
-  --portable       do not tune for this CPU (GGML_NATIVE=OFF), for binaries copied to other machines
+  --portable       do not tune for this CPU or GPU (GGML_NATIVE=OFF), for binaries copied to other machines
   --rpc            also build rpc-server (GGML_RPC=ON) for llama.cpp's distributed inference
   --jobs N, -j N   parallel compile jobs (default: number of cores, here $(cpu_count))
   --prefix DIR     write llama-server there instead of ${HERE}/bin
@@ -116,19 +117,25 @@ case "$jobs" in ''|*[!0-9]*) die "--jobs wants a number, not '$jobs'" ;; esac
 # ---------------------------------------------------------------------------------------------------
 # Accelerator, flavor and cmake flags
 # ---------------------------------------------------------------------------------------------------
-nvcc_path=""
+nvcc_path="" accel_note=""
 if [ -z "$accel" ]; then
     if [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; then
         accel=metal
     elif nvcc_path="$(find_nvcc)"; then
         if have_nvidia_driver; then accel=cuda
-        else accel=cpu; note "nvcc found but no NVIDIA driver: building for CPU (--cuda forces CUDA)"; fi
+        else accel=cpu; accel_note="nvcc found but no NVIDIA driver: building for CPU (--cuda forces CUDA)"; fi
     else
         accel=cpu
     fi
 fi
 if [ "$accel" = cuda ] && [ -z "$nvcc_path" ]; then
     nvcc_path="$(find_nvcc)" || die "--cuda: nvcc not found on PATH or in /usr/local/cuda/bin (install the CUDA toolkit)"
+fi
+[ "$accel" != metal ] || [ "$(uname -s)" = Darwin ] || die "--metal: Metal needs macOS"
+if [ "$accel" = cuda ] && [ "$portable" = 0 ] && ! have_nvidia_driver; then
+    case " ${extra[*]:-} " in *CMAKE_CUDA_ARCHITECTURES*) ;;
+        *) die "--cuda without a GPU here: add --portable (all architectures) or -- -DCMAKE_CUDA_ARCHITECTURES=<sm, e.g. 90>" ;;
+    esac
 fi
 
 flavor="$accel"
@@ -175,8 +182,12 @@ elif [ -n "$sdist" ]; then
     sdist="$(cd "$(dirname "$sdist")" && pwd)/$(basename "$sdist")"
     src_kind=sdist
     base="$(basename "$sdist")"
+    case "$base" in
+        llama_cpp_python-?*.tar.gz|llama-cpp-python-?*.tar.gz) ;;
+        *) die "--sdist $sdist: expected a file named llama_cpp_python-<version>.tar.gz" ;;
+    esac
     version="${base#llama_cpp_python-}"; version="${version#llama-cpp-python-}"; version="${version%.tar.gz}"
-    case "$version" in ''|*/*|*' '*|"$base") die "--sdist $sdist: expected llama_cpp_python-<version>.tar.gz" ;; esac
+    case "$version" in *[!A-Za-z0-9.+_-]*) die "--sdist $sdist: odd version '$version' in the file name" ;; esac
     src_sha="$(sha256_file "$sdist")"
     if [ "$version" = "$LLAMA_CPP_PYTHON_VERSION" ] && [ "$src_sha" != "$LLAMA_CPP_PYTHON_SHA256" ]; then
         die "--sdist $sdist: sha256 $src_sha, expected $LLAMA_CPP_PYTHON_SHA256 for $LLAMA_CPP_PYTHON_VERSION"
@@ -191,7 +202,7 @@ fi
 
 build_dir="$CACHE/build/$version-$flavor"
 info="$prefix/llama-server.build-info"
-identity_text="source=$src_kind:$version:$src_sha
+identity_text="source=$version:$src_sha
 flags=${flags[*]}
 targets=${targets[*]}"
 identity="$(sha256_text "$identity_text")"
@@ -210,6 +221,7 @@ fi
 # ---------------------------------------------------------------------------------------------------
 # Tools
 # ---------------------------------------------------------------------------------------------------
+[ -z "$accel_note" ] || note "$accel_note"
 command -v cmake >/dev/null 2>&1 || install_hint cmake
 cc_ok=0
 for c in "${CC:-}" cc gcc clang; do [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && { cc_ok=1; break; }; done
