@@ -81,6 +81,15 @@ def test_second_build_is_a_noop_that_says_so(llama_server_bin):
     assert "source_sha256: " in info and "cmake_flags: " in info and "compiler: " in info
 
 
+def test_sdist_with_wrong_sha256_is_refused(tmp_path):
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    fake.write_bytes(b"not the real sdist")
+    result = run_script("--cpu", "--sdist", str(fake), "--prefix", str(tmp_path / "bin"))
+    assert result.returncode != 0
+    assert "expected 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e" in result.stderr
+    assert not (tmp_path / "bin").exists()
+
+
 @pytest.mark.parametrize("missing, what", [
     (("cmake",), "cmake not found"),
     (("cc", "gcc", "clang", "c++", "g++", "clang++"), "C compiler"),
