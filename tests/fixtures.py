@@ -237,6 +237,7 @@ def ensure_gemma(cache=None):
             os.fsync(out.fileno())
         if h.hexdigest() != GEMMA_SHA256:
             raise RuntimeError("assembled %s has sha256 %s, expected %s" % (GEMMA_FILE, h.hexdigest(), GEMMA_SHA256))
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; it is a shared read-only model
         os.replace(tmp, str(target))
     except BaseException:
         if os.path.exists(tmp):
