@@ -20,10 +20,12 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
-command -v cmake >/dev/null 2>&1 || missing+=(cmake)
-command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || missing+=(g++)
 { command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; } || missing+=(python3-pip)
-if [ ${#missing[@]} -gt 0 ] && [ ! -x bin/llama-server ] && command -v apt-get >/dev/null 2>&1; then
+if [ ! -x bin/llama-server ]; then   # only a build needs the compilers
+    command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+    command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || missing+=(g++)
+fi
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing ${missing[*]} (apt-get)"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
         || { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
