@@ -23,7 +23,8 @@ ollama.py, with bin/llama-server.build-info describing the build. Re-running wit
 source and flags does nothing.
 
 Source (first one given wins; default: llama-cpp-python ${LLAMA_CPP_PYTHON_VERSION} from PyPI):
-  --source DIR     build the llama.cpp checkout in DIR
+  --source DIR     build the llama.cpp checkout in DIR (a git checkout counts as unchanged while
+                   its commit and diff are; any other directory is always handed to cmake)
   --sdist FILE     build the llama.cpp vendored in a llama-cpp-python sdist already on disk
                    (for machines without network; ${LLAMA_CPP_PYTHON_VERSION} is checked against its sha256)
 
