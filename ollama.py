@@ -26,12 +26,14 @@ import http.client
 import http.server
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1220,6 +1222,8 @@ def _engine_error(status, body):
             return BadRequest("the prompt is %s tokens but the context is %s tokens (num_ctx): shorten the "
                               "input, raise num_ctx, or set \"truncate\": true to drop the oldest messages"
                               % (err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?")))
+        if "JSON schema conversion failed" in message:         # llama.cpp's json_schema_to_grammar
+            return BadRequest("invalid JSON schema in format: %s" % message.split("failed:", 1)[-1].strip())
         if status == 400 or kind == "invalid_request_error":
             return BadRequest(message)
     else:
@@ -1341,7 +1345,8 @@ class Scheduler:
                       use_mmap=opts.get("use_mmap"), embedding=embedding, projector=model.projector,
                       adapters=model.adapters, flash_attention=self.config.flash_attention,
                       kv_cache_type=self.config.kv_cache_type,
-                      log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short)))
+                      log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short)),
+                      extra_args=_embedding_args(model, num_ctx) if embedding else ())
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
@@ -1463,6 +1468,93 @@ def _trained_context(model):
         return gguf_context_length(model.model_path)
     except Exception:          # an unreadable header is the engine's problem to report
         return 0
+
+
+#: llama.cpp's enum llama_pooling_type: the GGUF `<arch>.pooling_type` values.
+POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+
+
+def embedding_pooling(model):
+    """The GGUF's `<arch>.pooling_type` (an int), or None when the model declares none.
+
+    Ollama's rule: a model with a pooling type is an embedding model, one without is a
+    completion model. Re-point this at the GGUF section's reader once it lands."""
+    if "pooling_type" in model.config:
+        return model.config["pooling_type"]
+    try:
+        arch = _gguf_scalars(model.model_path, ("general.architecture",)).get("general.architecture")
+        return _gguf_scalars(model.model_path, ("%s.pooling_type" % arch,)).get("%s.pooling_type" % arch)
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def is_embedding_model(model):
+    """True for a model that only embeds (has "embedding" capability and no "completion")."""
+    caps = getattr(model, "capabilities", None)
+    if caps is not None:
+        return "embedding" in caps and "completion" not in caps
+    return embedding_pooling(model) is not None
+
+
+def _embedding_args(model, num_ctx):
+    """llama-server flags for an embedding runner: a whole input must fit one physical batch,
+    and a model without pooling of its own is pooled on its last token, the hidden state
+    Ollama's runner takes (llama_get_embeddings_ith of the last prompt token).
+
+    llama-server refuses a prompt that fills its context exactly (it keeps room for one
+    generated token), so the context gets one spare cell: an input cut to num_ctx tokens,
+    as Ollama cuts it, still fits. These flags come last, so they win over Runner's."""
+    size = str(num_ctx + 1)
+    args = ["--ctx-size", size, "--batch-size", size, "--ubatch-size", size]
+    if embedding_pooling(model) in (None, 0):
+        args += ["--pooling", "last"]
+    return args
+
+
+#: GGUF metadata value types -> struct format of a fixed-size scalar (8 = string, 9 = array).
+_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _gguf_scalars(path, keys):
+    """Read scalar metadata `keys` from a GGUF v2/v3 header (arrays skipped); missing keys are absent.
+    A stop-gap for the GGUF section's reader."""
+    import mmap
+    out = {}
+    with open(str(path), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF" or struct.unpack_from("<I", m, 4)[0] < 2:
+            raise ValueError("not a GGUF v2+ file")
+        count = struct.unpack_from("<Q", m, 16)[0]
+        pos = 24
+
+        def string(pos):
+            n = struct.unpack_from("<Q", m, pos)[0]
+            return m[pos + 8:pos + 8 + n].decode("utf-8", "replace"), pos + 8 + n
+
+        def skip(kind, pos):
+            if kind == 8:
+                return pos + 8 + struct.unpack_from("<Q", m, pos)[0]
+            if kind == 9:
+                sub, n = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if sub in _GGUF_SCALAR:
+                    return pos + n * struct.calcsize("<" + _GGUF_SCALAR[sub])
+                for _ in range(n):
+                    pos = skip(sub, pos)
+                return pos
+            return pos + struct.calcsize("<" + _GGUF_SCALAR[kind])
+
+        for _ in range(count):
+            key, pos = string(pos)
+            kind = struct.unpack_from("<I", m, pos)[0]
+            pos += 4
+            if key in keys and kind in _GGUF_SCALAR:
+                out[key] = struct.unpack_from("<" + _GGUF_SCALAR[kind], m, pos)[0]
+            elif key in keys and kind == 8:
+                out[key] = string(pos)[0]
+            if len(out) == len(keys):
+                break
+            pos = skip(kind, pos)
+    return out
 
 
 def _safe_filename(text):
@@ -2100,7 +2192,131 @@ def api_ps(req):
     return {"models": out}
 
 
-api_embed = api_embeddings = api_tokenize = api_detokenize = _todo
+def _embed_inputs(value):
+    """/api/embed `input`: a string or a list of strings; an empty string means no input."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise BadRequest("invalid input type")
+
+
+def _fit_context(runner, text, truncate=True):
+    """The tokens llama-server will embed for `text`, special tokens included, cut to the runner's
+    context (keeping the BOS/EOS the tokenizer adds); too long without `truncate` is 400."""
+    tokens = runner.tokenize(text, add_special=True)
+    if len(tokens) <= runner.num_ctx:
+        return tokens
+    if not truncate:
+        raise BadRequest("the input length exceeds the context length")
+    plain = runner.tokenize(text, add_special=False)
+    head = next((i for i in range(len(tokens)) if tokens[i:i + len(plain)] == plain), 0)
+    prefix, suffix = tokens[:head], tokens[head + len(plain):]
+    keep = runner.num_ctx - len(prefix) - len(suffix)
+    if keep <= 0:
+        raise BadRequest("input after truncation exceeds maximum context length")
+    return prefix + plain[:keep] + suffix
+
+
+def _normalize(vector):
+    """L2-normalise (Ollama's normalize: NaN/Inf is an error, a zero vector stays zero)."""
+    total = 0.0
+    for v in vector:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise OllamaError("embedding contains NaN or Inf values")
+        total += v * v
+    scale = 1.0 / max(math.sqrt(total), 1e-12)
+    return [v * scale for v in vector]
+
+
+def api_embed(req):
+    """POST /api/embed: L2-normalised embeddings for a string or a list of strings."""
+    body = req.json()
+    started = time.monotonic()
+    inputs = _embed_inputs(body.get("input"))
+    model = _find_model(req, body)
+    truncate = body.get("truncate", True) is not False
+    dimensions = body.get("dimensions") or 0
+    if not isinstance(dimensions, int) or isinstance(dimensions, bool):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field EmbedRequest.dimensions of type int"
+                         % type(dimensions).__name__)
+    entry, keep_alive, _opts, load_s = _schedule(req, model, body, embedding=True)
+    try:
+        if not inputs:
+            return {"model": body.get("model"), "embeddings": []}
+        batches = [_fit_context(entry.runner, text, truncate) for text in inputs]
+        vectors = entry.runner.embeddings(batches)
+    finally:
+        req.server.scheduler.release(entry, keep_alive)
+    embeddings = []
+    for vector in vectors:
+        vector = _normalize(vector)
+        if 0 < dimensions < len(vector):
+            vector = _normalize(vector[:dimensions])
+        embeddings.append(vector)
+    return {"model": body.get("model"), "embeddings": embeddings,
+            "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_s),
+            "prompt_eval_count": sum(len(b) for b in batches)}
+
+
+def api_embeddings(req):
+    """POST /api/embeddings (legacy): one raw, unnormalised embedding of `prompt`."""
+    body = req.json()
+    model = _find_model(req, body)
+    prompt = body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field EmbeddingRequest.prompt of type string"
+                         % type(prompt).__name__)
+    entry, keep_alive, _opts, _load_s = _schedule(req, model, body, embedding=True)
+    try:
+        if not prompt:
+            return {"embedding": []}
+        return {"embedding": entry.runner.embeddings([_fit_context(entry.runner, prompt)])[0]}
+    finally:
+        req.server.scheduler.release(entry, keep_alive)
+
+
+def _tokenizer_entry(req, model, body):
+    """A runner for tokenizing: the one already loaded for `model` in whichever mode, else a new
+    one in the model's own mode (embedding models embed, the rest complete)."""
+    with req.server.scheduler.cond:
+        loaded = req.server.scheduler.loaded.get(model.name.key())
+        embedding = loaded.load_key[1] if loaded is not None else is_embedding_model(model)
+    return _schedule(req, model, body, embedding=embedding)
+
+
+def api_tokenize(req):
+    """POST /api/tokenize: the model's token ids for `text` (no BOS/EOS added)."""
+    body = req.json()
+    text = body.get("text", body.get("content", ""))
+    if not isinstance(text, str):
+        raise BadRequest("text must be a string")
+    model = _find_model(req, body)
+    entry, keep_alive, _opts, _load_s = _tokenizer_entry(req, model, body)
+    try:
+        tokens = entry.runner.tokenize(text) if text else []
+    finally:
+        req.server.scheduler.release(entry, keep_alive)
+    return {"model": body.get("model"), "tokens": tokens}
+
+
+def api_detokenize(req):
+    """POST /api/detokenize: the text of a list of token ids."""
+    body = req.json()
+    tokens = body.get("tokens")
+    if tokens is None:
+        tokens = []
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise BadRequest("tokens must be an array of integers")
+    model = _find_model(req, body)
+    entry, keep_alive, _opts, _load_s = _tokenizer_entry(req, model, body)
+    try:
+        text = entry.runner.detokenize(tokens) if tokens else ""
+    finally:
+        req.server.scheduler.release(entry, keep_alive)
+    return {"model": body.get("model"), "text": text}
 
 # -- registry (registry issue) -----------------------------------------------
 
