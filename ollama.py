@@ -2324,7 +2324,407 @@ api_pull = api_push = _todo
 
 # -- OpenAI compatibility ----------------------------------------------------
 
-v1_chat_completions = v1_completions = v1_embeddings = v1_models = v1_model = _todo
+#: OpenAI's error "type" for an HTTP status (openai.NewError).
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+#: data: URL prefixes an image part may use; the bare one matches /api/chat's unadorned base64.
+IMAGE_URL_PREFIXES = ["data:;base64,"] + ["data:image/%s;base64," % t for t in ("jpeg", "jpg", "png", "webp")]
+
+
+def _openai_error(status, message):
+    """An OpenAI-shaped error answer: {"error": {"message", "type", "param": null, "code": null}}."""
+    body = {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
+                      "param": None, "code": None}}
+    return Response(status, json_dumps(body).encode(), "application/json; charset=utf-8")
+
+
+def _openai(handler):
+    """Wrap a /v1 handler so that every OllamaError it raises is answered in OpenAI's error shape."""
+    def wrapped(req):
+        try:
+            return handler(req)
+        except OllamaError as e:
+            return _openai_error(e.status, str(e))
+    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+    return wrapped
+
+
+def _forward(req, body):
+    """The same request with `body` as its JSON: how a /v1 call reaches the /api handler it wraps."""
+    sub = Request.__new__(Request)
+    sub.__dict__.update(req.__dict__)
+    sub._body = json_dumps(body).encode()
+    return sub
+
+
+def _go_type(value):
+    """The name Go's encoding/json gives a decoded JSON value, for error texts."""
+    if value is None:
+        return "<nil>"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    return "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
+
+
+def _json_kind(value):
+    return {bool: "bool", str: "string", list: "array", dict: "object"}.get(type(value), "number")
+
+
+def _expect(body, field, kind, go_type, struct="ChatCompletionRequest"):
+    """Go's unmarshal error for a field of the wrong JSON type (null is always accepted)."""
+    value = body.get(field)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field %s.%s of type %s"
+                         % (_json_kind(value), struct, field, go_type))
+    return value
+
+
+def _sse(obj):
+    """One server-sent event: `data: <json>` and a blank line; the string "[DONE]" ends the stream."""
+    data = obj.encode() if isinstance(obj, str) else json_dumps(obj).encode()
+    return b"data: " + data + b"\n\n"
+
+
+def _sse_stream(items):
+    return Stream(items, content_type="text/event-stream", encode=_sse,
+                  error_item=lambda msg: {"error": {"message": msg, "type": "api_error", "param": None,
+                                                    "code": None}})
+
+
+def _prime(result):
+    """(first item, rest) of an /api handler's answer; errors before the first item raise here,
+    so they still get a status code. A plain dict answer is a one-item stream."""
+    if not isinstance(result, Stream):
+        return result, iter(())
+    try:
+        return next(result.items), result.items
+    except StopIteration:
+        return None, result.items
+
+
+def _stop_option(stop, strict):
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list):
+        bad = [s for s in stop if not isinstance(s, str)]
+        if bad and strict:
+            raise BadRequest("invalid type for 'stop' field: %s" % _go_type(bad[0]))
+        return [s for s in stop if isinstance(s, str)]
+    return None
+
+
+def _openai_options(body, completions=False):
+    """Ollama options from OpenAI sampling fields; temperature and top_p default to 1.0."""
+    options = {}
+    stop = _stop_option(body.get("stop"), strict=completions)
+    if stop is not None:
+        options["stop"] = stop
+    if body.get("max_tokens") is not None:
+        options["num_predict"] = _expect(body, "max_tokens", int, "int")
+    temperature = body.get("temperature")
+    options["temperature"] = 1.0 if temperature is None else temperature
+    if body.get("seed") is not None:
+        options["seed"] = _expect(body, "seed", int, "int")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if body.get(key) is not None:
+            options[key] = body[key]
+        elif completions:
+            options[key] = 0.0
+    top_p = body.get("top_p")
+    options["top_p"] = 1.0 if top_p is None or (completions and top_p == 0) else top_p
+    return options
+
+
+def _from_tool_calls(calls):
+    """OpenAI tool calls (arguments as a JSON string) -> Ollama's (arguments as an object)."""
+    out = []
+    for call in calls or []:
+        function = (call or {}).get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "")
+        except (TypeError, ValueError):
+            raise BadRequest("invalid tool call arguments") from None
+        out.append({"function": {"name": function.get("name", ""), "arguments": arguments}})
+    return out
+
+
+def _image_part(part):
+    """The base64 payload of an image_url part; only data: URLs of jpeg/png/webp images are taken."""
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise BadRequest("invalid message format")
+    for prefix in IMAGE_URL_PREFIXES:
+        if url.startswith(prefix):
+            data = url[len(prefix):]
+            try:
+                base64.b64decode(data, validate=True)
+            except ValueError:
+                raise BadRequest("invalid message format") from None
+            return data
+    raise BadRequest("invalid image input")
+
+
+def _from_chat_messages(messages):
+    """OpenAI messages -> /api/chat messages (each content part becomes its own message, as in Ollama)."""
+    out = []
+    for msg in messages:
+        if not isinstance(msg, dict):
+            raise BadRequest("json: cannot unmarshal %s into Go struct field ChatCompletionRequest.messages "
+                             "of type openai.Message" % _json_kind(msg))
+        role, content = msg.get("role") or "", msg.get("content")
+        tool_name = ""
+        if role.lower() == "tool":
+            tool_name = msg.get("name") or ""
+            if not tool_name and msg.get("tool_call_id"):
+                for earlier in reversed(messages):
+                    for call in (earlier.get("tool_calls") or []) if isinstance(earlier, dict) else []:
+                        if not tool_name and call.get("id") == msg["tool_call_id"]:
+                            tool_name = (call.get("function") or {}).get("name", "")
+        extra = {}
+        if msg.get("reasoning"):
+            extra["thinking"] = msg["reasoning"]
+        if tool_name:
+            extra["tool_name"] = tool_name
+        if isinstance(content, str) or (content is None and msg.get("tool_calls") is not None):
+            m = dict(extra, role=role, content=content or "")
+            if msg.get("tool_calls"):
+                m["tool_calls"] = _from_tool_calls(msg["tool_calls"])
+            out.append(m)
+        elif isinstance(content, list):
+            first = len(out)
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    out.append({"role": role, "content": part["text"]})
+                elif kind == "image_url":
+                    out.append({"role": role, "content": "", "images": [_image_part(part)]})
+                else:
+                    raise BadRequest("invalid message format")
+            if len(out) > first and msg.get("tool_calls"):
+                out[-1].update(extra, tool_calls=_from_tool_calls(msg["tool_calls"]))
+        else:
+            raise BadRequest("invalid message content type: %s" % _go_type(content))
+    return out
+
+
+def _chat_format(response_format):
+    """response_format -> /api/chat `format`: json_object is "json", json_schema its schema."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = str(response_format.get("type") or "").strip().lower()
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        return response_format["json_schema"].get("schema")
+    return None
+
+
+def _reasoning_think(body):
+    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    effort = effort or body.get("reasoning_effort")
+    if not effort:
+        return None
+    if effort not in ("high", "medium", "low", "none"):
+        raise BadRequest("invalid reasoning value: '%s' (must be \"high\", \"medium\", \"low\", or \"none\")"
+                         % effort)
+    return False if effort == "none" else effort
+
+
+def _openai_tool_calls(calls):
+    """Ollama tool calls -> OpenAI's, `arguments` as a JSON string (openai.ToToolCalls)."""
+    out = []
+    for call in calls or []:
+        function = call.get("function") or {}
+        out.append({"id": call.get("id") or "call_" + secrets.token_hex(4), "index": function.get("index", 0),
+                    "type": "function", "function": {"name": function.get("name", ""),
+                                                     "arguments": json_dumps(function.get("arguments") or {})}})
+    return out
+
+
+def _usage(final):
+    prompt, completion = final.get("prompt_eval_count", 0), final.get("eval_count", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _chat_chunks(first, items, cid, created, model, include_usage):
+    """/api/chat stream items -> chat.completion.chunk events, then usage (if asked) and [DONE].
+    Role goes in the first delta only; the finish reason comes in its own chunk with an empty delta."""
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_ollama"}
+    role_sent = tool_sent = False
+    try:
+        item = first
+        while item is not None:
+            msg = item.get("message") or {}
+            delta = {}
+            if msg.get("content"):
+                delta["content"] = msg["content"]
+            if msg.get("thinking"):
+                delta["reasoning"] = msg["thinking"]
+            if msg.get("tool_calls"):
+                delta["tool_calls"] = _openai_tool_calls(msg["tool_calls"])
+                tool_sent = True
+            if delta or not (role_sent or item.get("done")):
+                if not role_sent:
+                    delta = dict({"role": "assistant", "content": ""}, **delta)
+                    role_sent = True
+                yield dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}])
+            if item.get("done"):
+                reason = "tool_calls" if tool_sent else item.get("done_reason") or "stop"
+                yield dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": reason}])
+                if include_usage:
+                    yield dict(base, choices=[], usage=_usage(item))
+                yield "[DONE]"
+                return
+            item = next(items, None)
+    finally:
+        close = getattr(items, "close", None)
+        if close:
+            close()
+
+
+@_openai
+def v1_chat_completions(req):
+    """POST /v1/chat/completions: OpenAI chat on top of /api/chat."""
+    body = req.json()
+    _expect(body, "model", str, "string")
+    messages = _expect(body, "messages", list, "[]openai.Message")
+    if not messages:
+        raise BadRequest("[] is too short - 'messages'")
+    chat = {"model": body.get("model"), "messages": _from_chat_messages(messages),
+            "options": _openai_options(body), "stream": bool(body.get("stream"))}
+    fmt = _chat_format(body.get("response_format"))
+    if fmt is not None:
+        chat["format"] = fmt
+    if body.get("tools"):
+        chat["tools"] = body["tools"]
+    think = _reasoning_think(body)
+    if think is not None:
+        chat["think"] = think
+    if body.get("_debug_render_only"):
+        chat["_debug_render_only"] = True
+    cid, created = "chatcmpl-%d" % secrets.randbelow(999), int(time.time())
+    first, items = _prime(api_chat(_forward(req, chat)))
+    if chat["stream"]:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return _sse_stream(_chat_chunks(first, items, cid, created, body.get("model"), include_usage))
+    msg = first.get("message") or {"role": "assistant", "content": ""}
+    message = {"role": msg.get("role", "assistant"), "content": msg.get("content", "")}
+    if msg.get("thinking"):
+        message["reasoning"] = msg["thinking"]
+    calls = _openai_tool_calls(msg.get("tool_calls"))
+    if calls:
+        message["tool_calls"] = calls
+    reason = "tool_calls" if calls else first.get("done_reason") or None
+    out = {"id": cid, "object": "chat.completion", "created": created, "model": body.get("model"),
+           "system_fingerprint": "fp_ollama",
+           "choices": [{"index": 0, "message": message, "finish_reason": reason}], "usage": _usage(first)}
+    if "_debug_info" in first:
+        out["_debug_info"] = first["_debug_info"]
+    return out
+
+
+def _completion_chunks(first, items, cid, created, model, include_usage):
+    """/api/generate stream items -> text_completion events, then usage (if asked) and [DONE]."""
+    base = {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": "fp_ollama"}
+    try:
+        item = first
+        while item is not None:
+            choice = {"text": item.get("response", ""), "index": 0,
+                      "finish_reason": item.get("done_reason") or None}
+            chunk = dict(base, choices=[choice])
+            if include_usage:
+                chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            yield chunk
+            if item.get("done"):
+                if include_usage:
+                    yield dict(base, choices=[], usage=_usage(item))
+                yield "[DONE]"
+                return
+            item = next(items, None)
+    finally:
+        close = getattr(items, "close", None)
+        if close:
+            close()
+
+
+@_openai
+def v1_completions(req):
+    """POST /v1/completions: OpenAI text completion of a prompt (and suffix) on top of /api/generate."""
+    body = req.json()
+    struct_name = "CompletionRequest"
+    _expect(body, "model", str, "string", struct_name)
+    prompt = _expect(body, "prompt", str, "string", struct_name) or ""
+    suffix = _expect(body, "suffix", str, "string", struct_name) or ""
+    generate = {"model": body.get("model"), "prompt": prompt, "options": _openai_options(body, completions=True),
+                "stream": bool(body.get("stream"))}
+    if suffix:
+        generate["suffix"] = suffix
+    if body.get("_debug_render_only"):
+        generate["_debug_render_only"] = True
+    cid, created = "cmpl-%d" % secrets.randbelow(999), int(time.time())
+    first, items = _prime(api_generate(_forward(req, generate)))
+    if generate["stream"]:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return _sse_stream(_completion_chunks(first, items, cid, created, body.get("model"), include_usage))
+    return {"id": cid, "object": "text_completion", "created": created, "model": body.get("model"),
+            "system_fingerprint": "fp_ollama",
+            "choices": [{"text": first.get("response", ""), "index": 0,
+                         "finish_reason": first.get("done_reason") or None}],
+            "usage": _usage(first)}
+
+
+@_openai
+def v1_embeddings(req):
+    """POST /v1/embeddings: OpenAI embeddings (float or base64 little-endian float32) via /api/embed."""
+    body = req.json()
+    fmt = body.get("encoding_format") or ""
+    if fmt and str(fmt).lower() not in ("float", "base64"):
+        raise BadRequest("Invalid value for 'encoding_format' = %s. Supported values: ['float', 'base64']."
+                         % fmt)
+    value = body.get("input")
+    if value == "":
+        value = [""]
+    if value is None or value == []:
+        raise BadRequest("invalid input")
+    embed = {"model": body.get("model"), "input": value}
+    if body.get("dimensions"):
+        embed["dimensions"] = body["dimensions"]
+    result = api_embed(_forward(req, embed))
+    data = []
+    for i, vector in enumerate(result["embeddings"]):
+        if str(fmt).lower() == "base64":
+            vector = base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode()
+        data.append({"object": "embedding", "embedding": vector, "index": i})
+    count = result.get("prompt_eval_count", 0)
+    return {"object": "list", "data": data, "model": body.get("model"),
+            "usage": {"prompt_tokens": count, "total_tokens": count}}
+
+
+@_openai
+def v1_models(req):
+    """GET /v1/models: every stored model, newest first."""
+    models = sorted(req.server.store.list(), key=lambda m: -m[3])
+    return {"object": "list", "data": [{"id": name.display(), "object": "model", "created": int(mtime),
+                                        "owned_by": name.namespace} for name, _raw, _m, mtime in models]}
+
+
+@_openai
+def v1_model(req):
+    """GET /v1/models/{model}: one stored model."""
+    text = req.params["model"]
+    name = Name.parse(text)
+    stored = req.server.store.resolve(name)
+    if stored is None:
+        raise NotFound("model '%s' not found" % text)
+    mtime = req.server.store.manifest_path(stored).stat().st_mtime
+    return {"id": text, "object": "model", "created": int(mtime), "owned_by": name.namespace}
+
 
 #: The one route table. HEAD is served by the GET handler where no HEAD route is given.
 ROUTES = [
