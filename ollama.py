@@ -1684,11 +1684,13 @@ _DEFAULT_ORIGINS = ["http://localhost", "https://localhost", "http://localhost:*
                     "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
                     "http://0.0.0.0", "https://0.0.0.0", "http://0.0.0.0:*", "https://0.0.0.0:*",
                     "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*"]
-_CORS_HEADERS = "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, OpenAI-Beta, " \
-                "x-stainless-arch, x-stainless-async, x-stainless-custom-poll-interval, " \
-                "x-stainless-helper-method, x-stainless-lang, x-stainless-os, x-stainless-package-version, " \
-                "x-stainless-poll-helper, x-stainless-retry-count, x-stainless-runtime, " \
-                "x-stainless-runtime-version, x-stainless-timeout"
+#: Preflight answers as gin-contrib/cors writes them: canonical header names joined by ",".
+_CORS_HEADERS = ",".join(["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "Openai-Beta"]
+                         + ["X-Stainless-" + h for h in (
+                             "Arch", "Async", "Custom-Poll-Interval", "Helper-Method", "Lang", "Os",
+                             "Package-Version", "Poll-Helper", "Retry-Count", "Runtime", "Runtime-Version",
+                             "Timeout")])
+_CORS_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
 
 
 class OllamaHandler(http.server.BaseHTTPRequestHandler):
@@ -1719,13 +1721,21 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
                      self.client_address[0], self.command, urllib.parse.urlsplit(self.path).path)
 
     def _route(self):
-        origin = self.headers.get("Origin")
+        # Ollama's order: CORS (gin-contrib/cors) first, then the DNS-rebinding host guard.
+        # Both refuse with a bare 403; a preflight from an allowed origin is a bare 204.
+        origin, host = self.headers.get("Origin"), self.headers.get("Host", "")
+        self._cors_origin = None
         try:
-            if not self.server.host_allowed(self.headers.get("Host", "")):
-                raise Forbidden("forbidden")
-            if origin and not self.server.origin_allowed(origin):
-                raise Forbidden("origin not allowed")
-            if self.command == "OPTIONS":
+            if origin and origin not in ("http://" + host, "https://" + host):   # same origin: not CORS
+                if not self.server.origin_allowed(origin):
+                    return self._send(Response(403, b"", None))
+                self._cors_origin = origin
+                if self.command == "OPTIONS":
+                    return self._send(Response(204, b"", None))
+            verdict = self.server.host_allowed(host)
+            if not verdict:
+                return self._send(Response(403, b"", None))
+            if self.command == "OPTIONS" and verdict == "name":
                 return self._send(Response(204, b"", None))
             path = urllib.parse.urlsplit(self.path).path
             func, params, allowed = self.server.routes.match(self.command, path)
@@ -1745,15 +1755,20 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         return self._send(result)
 
     def _cors(self):
-        origin = self.headers.get("Origin")
+        origin = getattr(self, "_cors_origin", None)
         if not origin:
             return
-        self.send_header("Access-Control-Allow-Origin", origin)
-        self.send_header("Vary", "Origin")
+        allow_all = "*" in self.server.origins
         if self.command == "OPTIONS":
-            self.send_header("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS")
+            self.send_header("Access-Control-Allow-Methods", _CORS_METHODS)
             self.send_header("Access-Control-Allow-Headers", _CORS_HEADERS)
             self.send_header("Access-Control-Max-Age", "43200")
+            if not allow_all:
+                for vary in ("Origin", "Access-Control-Request-Method", "Access-Control-Request-Headers"):
+                    self.send_header("Vary", vary)
+        elif not allow_all:
+            self.send_header("Vary", "Origin")
+        self.send_header("Access-Control-Allow-Origin", "*" if allow_all else origin)
 
     def _send(self, result):
         if isinstance(result, Stream):
@@ -1866,30 +1881,70 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
     def host_allowed(self, host_header):
-        """The DNS-rebinding guard: bound to loopback, only local names and addresses may be used."""
+        """The DNS-rebinding guard (Ollama's allowedHostsMiddleware). Falsy: refuse with 403. Bound
+        off loopback, or a Host that is a loopback/private/unspecified/local address: True. A local
+        name (localhost, this machine's name, *.localhost, *.local, *.internal): "name"."""
         if not self.loopback:
             return True
-        host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
-        host = host.strip("[]").lower()
-        if host in ("", "localhost", socket.gethostname().lower()):
-            return True
-        if host.endswith((".localhost", ".local", ".internal")):
-            return True
-        try:
-            import ipaddress
-            ip = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return False
-        return ip.is_loopback or ip.is_private or ip.is_unspecified or ip.is_link_local
+        host = _split_host(host_header).lower()
+        ip = _parse_ip(host)
+        if ip is not None:
+            return ip.is_loopback or ip.is_unspecified or _go_private(ip) or host in _local_addresses()
+        if host in ("", "localhost", socket.gethostname().lower()) or \
+                host.endswith((".localhost", ".local", ".internal")):
+            return "name"
+        return False
 
     def origin_allowed(self, origin):
-        import fnmatch
-        return any(fnmatch.fnmatchcase(origin, pat) for pat in self.origins)
+        """CORS: `origin` matches OLLAMA_ORIGINS or a default; "*" allows all, and each other
+        pattern may hold one "*" (gin-contrib/cors AllowWildcard)."""
+        for pattern in self.origins:
+            if pattern == "*" or pattern == origin:
+                return True
+            if pattern.count("*") == 1:
+                prefix, suffix = pattern.split("*")
+                if origin.startswith(prefix) and origin.endswith(suffix) and \
+                        len(origin) >= len(prefix) + len(suffix):
+                    return True
+        return False
 
     def server_close(self):
         if self.scheduler is not None:
             self.scheduler.shutdown()
         super().server_close()
+
+
+def _split_host(host_header):
+    """The host part of a Host header (Go's net.SplitHostPort, else the whole value)."""
+    if host_header.startswith("["):
+        inner, _, rest = host_header[1:].partition("]")
+        return inner if rest.startswith(":") or not rest else host_header
+    if host_header.count(":") == 1:
+        return host_header.split(":", 1)[0]
+    return host_header
+
+
+def _parse_ip(text):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _go_private(ip):
+    """Go's netip.Addr.IsPrivate: RFC 1918 and RFC 4193 only (Python's is_private is much wider)."""
+    import ipaddress
+    nets = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16") if ip.version == 4 else ("fc00::/7",)
+    return any(ip in ipaddress.ip_network(n) for n in nets)
+
+
+def _local_addresses():
+    """This machine's own addresses, as far as its name resolves (Ollama's isLocalIP)."""
+    try:
+        return {info[4][0].lower() for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        return set()
 
 
 def _is_loopback(host):
