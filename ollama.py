@@ -1470,12 +1470,9 @@ def _trained_context(model):
         return 0
 
 
-#: llama.cpp's enum llama_pooling_type: the GGUF `<arch>.pooling_type` values.
-POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
-
-
 def embedding_pooling(model):
-    """The GGUF's `<arch>.pooling_type` (an int), or None when the model declares none.
+    """The GGUF's `<arch>.pooling_type` (llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last, 4 rank),
+    or None when the model declares none.
 
     Ollama's rule: a model with a pooling type is an embedding model, one without is a
     completion model. Re-point this at the GGUF section's reader once it lands."""
