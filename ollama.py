@@ -4384,6 +4384,8 @@ def _engine_error(status, body):
         if kind == "exceed_context_size_error":
             return BadRequest("the prompt is %s tokens but the context window is %s tokens: shorten the "
                               "prompt or raise num_ctx" % (err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?")))
+        if "JSON schema conversion failed" in message:         # llama.cpp's json_schema_to_grammar
+            return BadRequest("invalid JSON schema in format: %s" % message.split("failed:", 1)[-1].strip())
         if status == 400 or kind == "invalid_request_error":
             return BadRequest(message)
     else:
@@ -4453,9 +4455,11 @@ class Scheduler:
                       num_thread=int(opts.get("num_thread") or 0), num_batch=int(opts.get("num_batch") or 0),
                       num_gpu=int(opts["num_gpu"]) if opts.get("num_gpu") is not None else -1,
                       use_mmap=opts.get("use_mmap"), embedding=embedding,
-                      projector=(model.projector_paths or [None])[0], adapters=model.adapter_paths, flash_attention=self.config.flash_attention,
+                      projector=(model.projector_paths or [None])[0], adapters=model.adapter_paths,
+                      flash_attention=self.config.flash_attention,
                       kv_cache_type=self.config.kv_cache_type,
-                      log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)))
+                      log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
+                      extra_args=_embedding_args(model, num_ctx) if embedding else ())
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
@@ -4577,6 +4581,37 @@ def _trained_context(model):
         return int(model.gguf().context_length or 0)
     except (OSError, OllamaError):     # an unreadable header is the engine's problem to report
         return 0
+
+
+def embedding_pooling(model):
+    """The GGUF's `<arch>.pooling_type` (llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last, 4 rank),
+    or None when the model declares none (Ollama's rule: then it is a completion model)."""
+    try:
+        g = model.gguf()
+    except (OSError, OllamaError):
+        return None
+    return g.kv.get(g.key("pooling_type")) if g is not None else None
+
+
+def is_embedding_model(model):
+    """True for a model that only embeds (has "embedding" capability and no "completion")."""
+    caps = model.capabilities()
+    return "embedding" in caps and "completion" not in caps
+
+
+def _embedding_args(model, num_ctx):
+    """llama-server flags for an embedding runner: a whole input must fit one physical batch,
+    and a model without pooling of its own is pooled on its last token, the hidden state
+    Ollama's runner takes (llama_get_embeddings_ith of the last prompt token).
+
+    llama-server refuses a prompt that fills its context exactly (it keeps room for one
+    generated token), so the context gets one spare cell: an input cut to num_ctx tokens,
+    as Ollama cuts it, still fits. These flags come last, so they win over Runner's."""
+    size = str(num_ctx + 1)
+    args = ["--ctx-size", size, "--batch-size", size, "--ubatch-size", size]
+    if embedding_pooling(model) in (None, 0):
+        args += ["--pooling", "last"]
+    return args
 
 
 def _safe_filename(text):
@@ -4706,11 +4741,13 @@ _DEFAULT_ORIGINS = ["http://localhost", "https://localhost", "http://localhost:*
                     "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
                     "http://0.0.0.0", "https://0.0.0.0", "http://0.0.0.0:*", "https://0.0.0.0:*",
                     "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*"]
-_CORS_HEADERS = "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, OpenAI-Beta, " \
-                "x-stainless-arch, x-stainless-async, x-stainless-custom-poll-interval, " \
-                "x-stainless-helper-method, x-stainless-lang, x-stainless-os, x-stainless-package-version, " \
-                "x-stainless-poll-helper, x-stainless-retry-count, x-stainless-runtime, " \
-                "x-stainless-runtime-version, x-stainless-timeout"
+#: Preflight answers as gin-contrib/cors writes them: canonical header names joined by ",".
+_CORS_HEADERS = ",".join(["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "Openai-Beta"]
+                         + ["X-Stainless-" + h for h in (
+                             "Arch", "Async", "Custom-Poll-Interval", "Helper-Method", "Lang", "Os",
+                             "Package-Version", "Poll-Helper", "Retry-Count", "Runtime", "Runtime-Version",
+                             "Timeout")])
+_CORS_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
 
 
 class OllamaHandler(http.server.BaseHTTPRequestHandler):
@@ -4741,13 +4778,21 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
                      self.client_address[0], self.command, urllib.parse.urlsplit(self.path).path)
 
     def _route(self):
-        origin = self.headers.get("Origin")
+        # Ollama's order: CORS (gin-contrib/cors) first, then the DNS-rebinding host guard.
+        # Both refuse with a bare 403; a preflight from an allowed origin is a bare 204.
+        origin, host = self.headers.get("Origin"), self.headers.get("Host", "")
+        self._cors_origin = None
         try:
-            if not self.server.host_allowed(self.headers.get("Host", "")):
-                raise Forbidden("forbidden")
-            if origin and not self.server.origin_allowed(origin):
-                raise Forbidden("origin not allowed")
-            if self.command == "OPTIONS":
+            if origin and origin not in ("http://" + host, "https://" + host):   # same origin: not CORS
+                if not self.server.origin_allowed(origin):
+                    return self._send(Response(403, b"", None))
+                self._cors_origin = origin
+                if self.command == "OPTIONS":
+                    return self._send(Response(204, b"", None))
+            verdict = self.server.host_allowed(host)
+            if not verdict:
+                return self._send(Response(403, b"", None))
+            if self.command == "OPTIONS" and verdict == "name":
                 return self._send(Response(204, b"", None))
             path = urllib.parse.urlsplit(self.path).path
             func, params, allowed = self.server.routes.match(self.command, path)
@@ -4767,15 +4812,20 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         return self._send(result)
 
     def _cors(self):
-        origin = self.headers.get("Origin")
+        origin = getattr(self, "_cors_origin", None)
         if not origin:
             return
-        self.send_header("Access-Control-Allow-Origin", origin)
-        self.send_header("Vary", "Origin")
+        allow_all = "*" in self.server.origins
         if self.command == "OPTIONS":
-            self.send_header("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS")
+            self.send_header("Access-Control-Allow-Methods", _CORS_METHODS)
             self.send_header("Access-Control-Allow-Headers", _CORS_HEADERS)
             self.send_header("Access-Control-Max-Age", "43200")
+            if not allow_all:
+                for vary in ("Origin", "Access-Control-Request-Method", "Access-Control-Request-Headers"):
+                    self.send_header("Vary", vary)
+        elif not allow_all:
+            self.send_header("Vary", "Origin")
+        self.send_header("Access-Control-Allow-Origin", "*" if allow_all else origin)
 
     def _send(self, result):
         if isinstance(result, Stream):
@@ -4888,30 +4938,70 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
     def host_allowed(self, host_header):
-        """The DNS-rebinding guard: bound to loopback, only local names and addresses may be used."""
+        """The DNS-rebinding guard (Ollama's allowedHostsMiddleware). Falsy: refuse with 403. Bound
+        off loopback, or a Host that is a loopback/private/unspecified/local address: True. A local
+        name (localhost, this machine's name, *.localhost, *.local, *.internal): "name"."""
         if not self.loopback:
             return True
-        host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
-        host = host.strip("[]").lower()
-        if host in ("", "localhost", socket.gethostname().lower()):
-            return True
-        if host.endswith((".localhost", ".local", ".internal")):
-            return True
-        try:
-            import ipaddress
-            ip = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return False
-        return ip.is_loopback or ip.is_private or ip.is_unspecified or ip.is_link_local
+        host = _split_host(host_header).lower()
+        ip = _parse_ip(host)
+        if ip is not None:
+            return ip.is_loopback or ip.is_unspecified or _go_private(ip) or host in _local_addresses()
+        if host in ("", "localhost", socket.gethostname().lower()) or \
+                host.endswith((".localhost", ".local", ".internal")):
+            return "name"
+        return False
 
     def origin_allowed(self, origin):
-        import fnmatch
-        return any(fnmatch.fnmatchcase(origin, pat) for pat in self.origins)
+        """CORS: `origin` matches OLLAMA_ORIGINS or a default; "*" allows all, and each other
+        pattern may hold one "*" (gin-contrib/cors AllowWildcard)."""
+        for pattern in self.origins:
+            if pattern == "*" or pattern == origin:
+                return True
+            if pattern.count("*") == 1:
+                prefix, suffix = pattern.split("*")
+                if origin.startswith(prefix) and origin.endswith(suffix) and \
+                        len(origin) >= len(prefix) + len(suffix):
+                    return True
+        return False
 
     def server_close(self):
         if self.scheduler is not None:
             self.scheduler.shutdown()
         super().server_close()
+
+
+def _split_host(host_header):
+    """The host part of a Host header (Go's net.SplitHostPort, else the whole value)."""
+    if host_header.startswith("["):
+        inner, _, rest = host_header[1:].partition("]")
+        return inner if rest.startswith(":") or not rest else host_header
+    if host_header.count(":") == 1:
+        return host_header.split(":", 1)[0]
+    return host_header
+
+
+def _parse_ip(text):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _go_private(ip):
+    """Go's netip.Addr.IsPrivate: RFC 1918 and RFC 4193 only (Python's is_private is much wider)."""
+    import ipaddress
+    nets = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16") if ip.version == 4 else ("fc00::/7",)
+    return any(ip in ipaddress.ip_network(n) for n in nets)
+
+
+def _local_addresses():
+    """This machine's own addresses, as far as its name resolves (Ollama's isLocalIP)."""
+    try:
+        return {info[4][0].lower() for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        return set()
 
 
 def _is_loopback(host):
@@ -5678,7 +5768,131 @@ def api_ps(req):
     return {"models": out}
 
 
-api_embed = api_embeddings = api_tokenize = api_detokenize = _todo
+def _embed_inputs(value):
+    """/api/embed `input`: a string or a list of strings; an empty string means no input."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise BadRequest("invalid input type")
+
+
+def _fit_context(runner, text, truncate=True):
+    """The tokens llama-server will embed for `text`, special tokens included, cut to the runner's
+    context (keeping the BOS/EOS the tokenizer adds); too long without `truncate` is 400."""
+    tokens = runner.tokenize(text, add_special=True)
+    if len(tokens) <= runner.num_ctx:
+        return tokens
+    if not truncate:
+        raise BadRequest("the input length exceeds the context length")
+    plain = runner.tokenize(text, add_special=False)
+    head = next((i for i in range(len(tokens)) if tokens[i:i + len(plain)] == plain), 0)
+    prefix, suffix = tokens[:head], tokens[head + len(plain):]
+    keep = runner.num_ctx - len(prefix) - len(suffix)
+    if keep <= 0:
+        raise BadRequest("input after truncation exceeds maximum context length")
+    return prefix + plain[:keep] + suffix
+
+
+def _normalize(vector):
+    """L2-normalise (Ollama's normalize: NaN/Inf is an error, a zero vector stays zero)."""
+    total = 0.0
+    for v in vector:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise OllamaError("embedding contains NaN or Inf values")
+        total += v * v
+    scale = 1.0 / max(math.sqrt(total), 1e-12)
+    return [v * scale for v in vector]
+
+
+def api_embed(req):
+    """POST /api/embed: L2-normalised embeddings for a string or a list of strings."""
+    body = req.json()
+    started = time.monotonic()
+    inputs = _embed_inputs(body.get("input"))
+    model = _find_model(req, body)
+    truncate = body.get("truncate", True) is not False
+    dimensions = body.get("dimensions") or 0
+    if not isinstance(dimensions, int) or isinstance(dimensions, bool):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field EmbedRequest.dimensions of type int"
+                         % type(dimensions).__name__)
+    entry, keep_alive, _opts, load_s = _schedule(req, model, body, embedding=True)
+    try:
+        if not inputs:
+            return {"model": body.get("model"), "embeddings": []}
+        batches = [_fit_context(entry.runner, text, truncate) for text in inputs]
+        vectors = entry.runner.embeddings(batches)
+    finally:
+        req.server.scheduler.release(entry, keep_alive)
+    embeddings = []
+    for vector in vectors:
+        vector = _normalize(vector)
+        if 0 < dimensions < len(vector):
+            vector = _normalize(vector[:dimensions])
+        embeddings.append(vector)
+    return {"model": body.get("model"), "embeddings": embeddings,
+            "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_s),
+            "prompt_eval_count": sum(len(b) for b in batches)}
+
+
+def api_embeddings(req):
+    """POST /api/embeddings (legacy): one raw, unnormalised embedding of `prompt`."""
+    body = req.json()
+    model = _find_model(req, body)
+    prompt = body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field EmbeddingRequest.prompt of type string"
+                         % type(prompt).__name__)
+    entry, keep_alive, _opts, _load_s = _schedule(req, model, body, embedding=True)
+    try:
+        if not prompt:
+            return {"embedding": []}
+        return {"embedding": entry.runner.embeddings([_fit_context(entry.runner, prompt)])[0]}
+    finally:
+        req.server.scheduler.release(entry, keep_alive)
+
+
+def _tokenizer_entry(req, model, body):
+    """A runner for tokenizing: the one already loaded for `model` in whichever mode, else a new
+    one in the model's own mode (embedding models embed, the rest complete)."""
+    with req.server.scheduler.cond:
+        loaded = req.server.scheduler.loaded.get(model.name.key())
+        embedding = loaded.load_key[1] if loaded is not None else is_embedding_model(model)
+    return _schedule(req, model, body, embedding=embedding)
+
+
+def api_tokenize(req):
+    """POST /api/tokenize: the model's token ids for `text` (no BOS/EOS added)."""
+    body = req.json()
+    text = body.get("text", body.get("content", ""))
+    if not isinstance(text, str):
+        raise BadRequest("text must be a string")
+    model = _find_model(req, body)
+    entry, keep_alive, _opts, _load_s = _tokenizer_entry(req, model, body)
+    try:
+        tokens = entry.runner.tokenize(text) if text else []
+    finally:
+        req.server.scheduler.release(entry, keep_alive)
+    return {"model": body.get("model"), "tokens": tokens}
+
+
+def api_detokenize(req):
+    """POST /api/detokenize: the text of a list of token ids."""
+    body = req.json()
+    tokens = body.get("tokens")
+    if tokens is None:
+        tokens = []
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise BadRequest("tokens must be an array of integers")
+    model = _find_model(req, body)
+    entry, keep_alive, _opts, _load_s = _tokenizer_entry(req, model, body)
+    try:
+        text = entry.runner.detokenize(tokens) if tokens else ""
+    finally:
+        req.server.scheduler.release(entry, keep_alive)
+    return {"model": body.get("model"), "text": text}
 
 # -- registry (registry issue) -----------------------------------------------
 
@@ -5744,7 +5958,407 @@ def api_push(req):
 
 # -- OpenAI compatibility ----------------------------------------------------
 
-v1_chat_completions = v1_completions = v1_embeddings = v1_models = v1_model = _todo
+#: OpenAI's error "type" for an HTTP status (openai.NewError).
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+#: data: URL prefixes an image part may use; the bare one matches /api/chat's unadorned base64.
+IMAGE_URL_PREFIXES = ["data:;base64,"] + ["data:image/%s;base64," % t for t in ("jpeg", "jpg", "png", "webp")]
+
+
+def _openai_error(status, message):
+    """An OpenAI-shaped error answer: {"error": {"message", "type", "param": null, "code": null}}."""
+    body = {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
+                      "param": None, "code": None}}
+    return Response(status, json_dumps(body).encode(), "application/json; charset=utf-8")
+
+
+def _openai(handler):
+    """Wrap a /v1 handler so that every OllamaError it raises is answered in OpenAI's error shape."""
+    def wrapped(req):
+        try:
+            return handler(req)
+        except OllamaError as e:
+            return _openai_error(e.status, str(e))
+    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+    return wrapped
+
+
+def _forward(req, body):
+    """The same request with `body` as its JSON: how a /v1 call reaches the /api handler it wraps."""
+    sub = Request.__new__(Request)
+    sub.__dict__.update(req.__dict__)
+    sub._body = json_dumps(body).encode()
+    return sub
+
+
+def _go_type(value):
+    """The name Go's encoding/json gives a decoded JSON value, for error texts."""
+    if value is None:
+        return "<nil>"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    return "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
+
+
+def _json_kind(value):
+    return {bool: "bool", str: "string", list: "array", dict: "object"}.get(type(value), "number")
+
+
+def _expect(body, field, kind, go_type, struct="ChatCompletionRequest"):
+    """Go's unmarshal error for a field of the wrong JSON type (null is always accepted)."""
+    value = body.get(field)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field %s.%s of type %s"
+                         % (_json_kind(value), struct, field, go_type))
+    return value
+
+
+def _sse(obj):
+    """One server-sent event: `data: <json>` and a blank line; the string "[DONE]" ends the stream."""
+    data = obj.encode() if isinstance(obj, str) else json_dumps(obj).encode()
+    return b"data: " + data + b"\n\n"
+
+
+def _sse_stream(items):
+    return Stream(items, content_type="text/event-stream", encode=_sse,
+                  error_item=lambda msg: {"error": {"message": msg, "type": "api_error", "param": None,
+                                                    "code": None}})
+
+
+def _prime(result):
+    """(first item, rest) of an /api handler's answer; errors before the first item raise here,
+    so they still get a status code. A plain dict answer is a one-item stream."""
+    if not isinstance(result, Stream):
+        return result, iter(())
+    try:
+        return next(result.items), result.items
+    except StopIteration:
+        return None, result.items
+
+
+def _stop_option(stop, strict):
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list):
+        bad = [s for s in stop if not isinstance(s, str)]
+        if bad and strict:
+            raise BadRequest("invalid type for 'stop' field: %s" % _go_type(bad[0]))
+        return [s for s in stop if isinstance(s, str)]
+    return None
+
+
+def _openai_options(body, completions=False):
+    """Ollama options from OpenAI sampling fields; temperature and top_p default to 1.0."""
+    options = {}
+    stop = _stop_option(body.get("stop"), strict=completions)
+    if stop is not None:
+        options["stop"] = stop
+    if body.get("max_tokens") is not None:
+        options["num_predict"] = _expect(body, "max_tokens", int, "int")
+    temperature = body.get("temperature")
+    options["temperature"] = 1.0 if temperature is None else temperature
+    if body.get("seed") is not None:
+        options["seed"] = _expect(body, "seed", int, "int")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if body.get(key) is not None:
+            options[key] = body[key]
+        elif completions:
+            options[key] = 0.0
+    top_p = body.get("top_p")
+    options["top_p"] = 1.0 if top_p is None or (completions and top_p == 0) else top_p
+    return options
+
+
+def _from_tool_calls(calls):
+    """OpenAI tool calls (arguments as a JSON string) -> Ollama's (arguments as an object)."""
+    out = []
+    for call in calls or []:
+        function = (call or {}).get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "")
+        except (TypeError, ValueError):
+            raise BadRequest("invalid tool call arguments") from None
+        out.append({"function": {"name": function.get("name", ""), "arguments": arguments}})
+    return out
+
+
+def _image_part(part):
+    """The base64 payload of an image_url part; only data: URLs of jpeg/png/webp images are taken."""
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise BadRequest("invalid message format")
+    for prefix in IMAGE_URL_PREFIXES:
+        if url.startswith(prefix):
+            data = url[len(prefix):]
+            try:
+                base64.b64decode(data, validate=True)
+            except ValueError:
+                raise BadRequest("invalid message format") from None
+            return data
+    raise BadRequest("invalid image input")
+
+
+def _from_chat_messages(messages):
+    """OpenAI messages -> /api/chat messages (each content part becomes its own message, as in Ollama)."""
+    out = []
+    for msg in messages:
+        if not isinstance(msg, dict):
+            raise BadRequest("json: cannot unmarshal %s into Go struct field ChatCompletionRequest.messages "
+                             "of type openai.Message" % _json_kind(msg))
+        role, content = msg.get("role") or "", msg.get("content")
+        tool_name = ""
+        if role.lower() == "tool":
+            tool_name = msg.get("name") or ""
+            if not tool_name and msg.get("tool_call_id"):
+                for earlier in reversed(messages):
+                    for call in (earlier.get("tool_calls") or []) if isinstance(earlier, dict) else []:
+                        if not tool_name and call.get("id") == msg["tool_call_id"]:
+                            tool_name = (call.get("function") or {}).get("name", "")
+        extra = {}
+        if msg.get("reasoning"):
+            extra["thinking"] = msg["reasoning"]
+        if tool_name:
+            extra["tool_name"] = tool_name
+        if isinstance(content, str) or (content is None and msg.get("tool_calls") is not None):
+            m = dict(extra, role=role, content=content or "")
+            if msg.get("tool_calls"):
+                m["tool_calls"] = _from_tool_calls(msg["tool_calls"])
+            out.append(m)
+        elif isinstance(content, list):
+            first = len(out)
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    out.append({"role": role, "content": part["text"]})
+                elif kind == "image_url":
+                    out.append({"role": role, "content": "", "images": [_image_part(part)]})
+                else:
+                    raise BadRequest("invalid message format")
+            if len(out) > first and msg.get("tool_calls"):
+                out[-1].update(extra, tool_calls=_from_tool_calls(msg["tool_calls"]))
+        else:
+            raise BadRequest("invalid message content type: %s" % _go_type(content))
+    return out
+
+
+def _chat_format(response_format):
+    """response_format -> /api/chat `format`: json_object is "json", json_schema its schema."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = str(response_format.get("type") or "").strip().lower()
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        return response_format["json_schema"].get("schema")
+    return None
+
+
+def _reasoning_think(body):
+    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    effort = effort or body.get("reasoning_effort")
+    if not effort:
+        return None
+    if effort not in ("high", "medium", "low", "none"):
+        raise BadRequest("invalid reasoning value: '%s' (must be \"high\", \"medium\", \"low\", or \"none\")"
+                         % effort)
+    return False if effort == "none" else effort
+
+
+def _openai_tool_calls(calls):
+    """Ollama tool calls -> OpenAI's, `arguments` as a JSON string (openai.ToToolCalls)."""
+    out = []
+    for call in calls or []:
+        function = call.get("function") or {}
+        out.append({"id": call.get("id") or "call_" + secrets.token_hex(4), "index": function.get("index", 0),
+                    "type": "function", "function": {"name": function.get("name", ""),
+                                                     "arguments": json_dumps(function.get("arguments") or {})}})
+    return out
+
+
+def _usage(final):
+    prompt, completion = final.get("prompt_eval_count", 0), final.get("eval_count", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _chat_chunks(first, items, cid, created, model, include_usage):
+    """/api/chat stream items -> chat.completion.chunk events, then usage (if asked) and [DONE].
+    Role goes in the first delta only; the finish reason comes in its own chunk with an empty delta."""
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_ollama"}
+    role_sent = tool_sent = False
+    try:
+        item = first
+        while item is not None:
+            msg = item.get("message") or {}
+            delta = {}
+            if msg.get("content"):
+                delta["content"] = msg["content"]
+            if msg.get("thinking"):
+                delta["reasoning"] = msg["thinking"]
+            if msg.get("tool_calls"):
+                delta["tool_calls"] = _openai_tool_calls(msg["tool_calls"])
+                tool_sent = True
+            if delta or not (role_sent or item.get("done")):
+                if not role_sent:
+                    delta = dict({"role": "assistant", "content": ""}, **delta)
+                    role_sent = True
+                yield dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}])
+            if item.get("done"):
+                reason = "tool_calls" if tool_sent else item.get("done_reason") or "stop"
+                yield dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": reason}])
+                if include_usage:
+                    yield dict(base, choices=[], usage=_usage(item))
+                yield "[DONE]"
+                return
+            item = next(items, None)
+    finally:
+        close = getattr(items, "close", None)
+        if close:
+            close()
+
+
+@_openai
+def v1_chat_completions(req):
+    """POST /v1/chat/completions: OpenAI chat on top of /api/chat."""
+    body = req.json()
+    _expect(body, "model", str, "string")
+    messages = _expect(body, "messages", list, "[]openai.Message")
+    if not messages:
+        raise BadRequest("[] is too short - 'messages'")
+    chat = {"model": body.get("model"), "messages": _from_chat_messages(messages),
+            "options": _openai_options(body), "stream": bool(body.get("stream"))}
+    fmt = _chat_format(body.get("response_format"))
+    if fmt is not None:
+        chat["format"] = fmt
+    if body.get("tools"):
+        chat["tools"] = body["tools"]
+    think = _reasoning_think(body)
+    if think is not None:
+        chat["think"] = think
+    if body.get("_debug_render_only"):
+        chat["_debug_render_only"] = True
+    cid, created = "chatcmpl-%d" % secrets.randbelow(999), int(time.time())
+    first, items = _prime(api_chat(_forward(req, chat)))
+    if chat["stream"]:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return _sse_stream(_chat_chunks(first, items, cid, created, body.get("model"), include_usage))
+    msg = first.get("message") or {"role": "assistant", "content": ""}
+    message = {"role": msg.get("role", "assistant"), "content": msg.get("content", "")}
+    if msg.get("thinking"):
+        message["reasoning"] = msg["thinking"]
+    calls = _openai_tool_calls(msg.get("tool_calls"))
+    if calls:
+        message["tool_calls"] = calls
+    reason = "tool_calls" if calls else first.get("done_reason") or None
+    out = {"id": cid, "object": "chat.completion", "created": created, "model": body.get("model"),
+           "system_fingerprint": "fp_ollama",
+           "choices": [{"index": 0, "message": message, "finish_reason": reason}], "usage": _usage(first)}
+    if "_debug_info" in first:
+        out["_debug_info"] = first["_debug_info"]
+    return out
+
+
+def _completion_chunks(first, items, cid, created, model, include_usage):
+    """/api/generate stream items -> text_completion events, then usage (if asked) and [DONE]."""
+    base = {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": "fp_ollama"}
+    try:
+        item = first
+        while item is not None:
+            choice = {"text": item.get("response", ""), "index": 0,
+                      "finish_reason": item.get("done_reason") or None}
+            chunk = dict(base, choices=[choice])
+            if include_usage:
+                chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            yield chunk
+            if item.get("done"):
+                if include_usage:
+                    yield dict(base, choices=[], usage=_usage(item))
+                yield "[DONE]"
+                return
+            item = next(items, None)
+    finally:
+        close = getattr(items, "close", None)
+        if close:
+            close()
+
+
+@_openai
+def v1_completions(req):
+    """POST /v1/completions: OpenAI text completion of a prompt (and suffix) on top of /api/generate."""
+    body = req.json()
+    struct_name = "CompletionRequest"
+    _expect(body, "model", str, "string", struct_name)
+    prompt = _expect(body, "prompt", str, "string", struct_name) or ""
+    suffix = _expect(body, "suffix", str, "string", struct_name) or ""
+    generate = {"model": body.get("model"), "prompt": prompt, "options": _openai_options(body, completions=True),
+                "stream": bool(body.get("stream"))}
+    if suffix:
+        generate["suffix"] = suffix
+    if body.get("_debug_render_only"):
+        generate["_debug_render_only"] = True
+    cid, created = "cmpl-%d" % secrets.randbelow(999), int(time.time())
+    first, items = _prime(api_generate(_forward(req, generate)))
+    if generate["stream"]:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return _sse_stream(_completion_chunks(first, items, cid, created, body.get("model"), include_usage))
+    return {"id": cid, "object": "text_completion", "created": created, "model": body.get("model"),
+            "system_fingerprint": "fp_ollama",
+            "choices": [{"text": first.get("response", ""), "index": 0,
+                         "finish_reason": first.get("done_reason") or None}],
+            "usage": _usage(first)}
+
+
+@_openai
+def v1_embeddings(req):
+    """POST /v1/embeddings: OpenAI embeddings (float or base64 little-endian float32) via /api/embed."""
+    body = req.json()
+    fmt = body.get("encoding_format") or ""
+    if fmt and str(fmt).lower() not in ("float", "base64"):
+        raise BadRequest("Invalid value for 'encoding_format' = %s. Supported values: ['float', 'base64']."
+                         % fmt)
+    value = body.get("input")
+    if value == "":
+        value = [""]
+    if value is None or value == []:
+        raise BadRequest("invalid input")
+    embed = {"model": body.get("model"), "input": value}
+    if body.get("dimensions"):
+        embed["dimensions"] = body["dimensions"]
+    result = api_embed(_forward(req, embed))
+    data = []
+    for i, vector in enumerate(result["embeddings"]):
+        if str(fmt).lower() == "base64":
+            vector = base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode()
+        data.append({"object": "embedding", "embedding": vector, "index": i})
+    count = result.get("prompt_eval_count", 0)
+    return {"object": "list", "data": data, "model": body.get("model"),
+            "usage": {"prompt_tokens": count, "total_tokens": count}}
+
+
+@_openai
+def v1_models(req):
+    """GET /v1/models: every stored model, newest first."""
+    models = sorted(req.server.store.list(), key=lambda m: -m[3])
+    return {"object": "list", "data": [{"id": name.display(), "object": "model", "created": int(mtime),
+                                        "owned_by": name.namespace} for name, _raw, _m, mtime in models]}
+
+
+@_openai
+def v1_model(req):
+    """GET /v1/models/{model}: one stored model."""
+    text = req.params["model"]
+    name = Name.parse(text)
+    stored = req.server.store.resolve(name)
+    if stored is None:
+        raise NotFound("model '%s' not found" % text)
+    mtime = req.server.store.manifest_path(stored).stat().st_mtime
+    return {"id": text, "object": "model", "created": int(mtime), "owned_by": name.namespace}
+
 
 #: The one route table. HEAD is served by the GET handler where no HEAD route is given.
 ROUTES = [
