@@ -3004,7 +3004,7 @@ class _Repl:
                 text = text[3:]
                 if not text.endswith('"""'):
                     self.multiline = "system"
-                    self.buf = [text + "\n"] if text else ["\n"]
+                    self.buf = [text + "\n"] if text else []
                     return
                 text = text[:-3]
             opts.system = text

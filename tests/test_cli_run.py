@@ -313,12 +313,18 @@ def test_repl_chats_and_handles_commands(model, spies, ollama_home):
     assert history[-1] == "/bye"
 
 
-def test_repl_ctrl_d_exits_and_nohistory_writes_none(model, spies, ollama_home):
+def test_repl_multiline_system_ctrl_d_and_nohistory(model, spies, ollama_home):
     term = Terminal(["run", model], dict(os.environ, TERM="dumb", OLLAMA_NOHISTORY="1"))
     try:
         term.expect(r">>> ")
         term.line("/set format json")
         term.expect(r"Set format to 'json' mode\.\n>>> ")
+        term.line('/set system """You are')
+        term.expect(r"\.\.\. ")
+        term.line('a pirate."""')
+        term.expect(r"Set system message\.\n>>> ")
+        term.line("/show system")
+        term.expect(r"You are\na pirate\.\n\n>>> ")
         term.send("\x04")                                  # Ctrl+D
         assert term.wait() == 0
     finally:
