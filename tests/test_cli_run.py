@@ -427,3 +427,21 @@ def test_set_parameter_types_values_like_ollama(key, values, expected):
 def test_table_pads_columns_like_tablewriter():
     assert ollama._render_table(["NAME", "ID"], [["gemma3:270m", "abc"]]) == \
         "NAME           ID     \ngemma3:270m    abc    \n"
+
+
+def test_pull_progress_prints_statuses_and_finished_layers(capsys):
+    digest = "sha256:" + "ab" * 32
+
+    class Registry:
+        """Stands in for the /api/pull stream (not merged into this branch yet)."""
+        def stream(self, method, path, body):
+            assert (method, path, body) == ("POST", "/api/pull", {"model": MODEL, "insecure": True})
+            yield {"status": "pulling manifest"}
+            for done in (0, 500, 1000):
+                yield {"status": "pulling abababababab", "digest": digest, "total": 1000, "completed": done}
+            yield {"status": "verifying sha256 digest"}
+            yield {"status": "success"}
+
+    ollama._pull_with_progress(Registry(), MODEL, insecure=True)
+    assert capsys.readouterr().err == ("pulling manifest\npulling abababababab: 100% 1 KB\n"
+                                       "verifying sha256 digest\nsuccess\n")
