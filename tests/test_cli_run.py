@@ -191,7 +191,7 @@ class Terminal:
     def line(self, text):
         self.send(text + "\r")
 
-    def expect(self, pattern, timeout=120):
+    def expect(self, pattern, timeout=60):
         """Wait for `pattern` (a regex) in the output after the last match; returns the text between."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
