@@ -6804,7 +6804,858 @@ def cmd_rm(args):
 
 # -- inference (inference issue) ---------------------------------------------
 
-cmd_run = cmd_ps = cmd_stop = _cli_todo
+# Ollama's api.Options and Runner fields by type, for `/set parameter` (api.FormatParams).
+_PARAM_INT = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
+              "main_gpu", "num_thread")
+_PARAM_FLOAT = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                "frequency_penalty")
+_PARAM_BOOL = ("use_mmap",)
+_PARAM_LIST = ("stop",)
+_THINK_LEVELS = ("high", "medium", "low", "max")
+_HISTORY_LIMIT = 100                  # lines kept in ~/.ollama/history, as Ollama's readline keeps
+_GREY, _BOLD, _RESET = "\x1b[38;5;245m", "\x1b[1m", "\x1b[0m"
+_RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
+
+
+def _format_param(key, values):
+    """One `/set parameter` value typed as Ollama's api.FormatParams does; ValueError with its text."""
+    if key in _PARAM_LIST:
+        return list(values)
+    text = values[0]
+    try:
+        if key in _PARAM_INT:
+            return int(text, 10)
+        if key in _PARAM_FLOAT:
+            return float(text)
+        if key in _PARAM_BOOL:
+            return {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}[text.lower()]
+    except (ValueError, KeyError):
+        kind = "int" if key in _PARAM_INT else "float" if key in _PARAM_FLOAT else "bool"
+        raise ValueError("invalid %s value [%s]" % (kind, " ".join(values))) from None
+    raise ValueError("unknown parameter '%s'" % key)
+
+
+def _parse_rfc3339(text):
+    """Seconds since the epoch for an RFC 3339 time with any fraction and offset ("Z" too); None for
+    Go's zero time or text that doesn't parse (fromisoformat takes neither "Z" nor nanoseconds on 3.9)."""
+    m = _RFC3339_RE.match(text or "")
+    if not m or m.group(1) == "0001":
+        return None
+    y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
+    off = m.group(8)
+    offset = 0 if off in ("Z", "z") else (1 if off[0] == "+" else -1) * (int(off[1:3]) * 3600 + int(off[4:6]) * 60)
+    tz = datetime.timezone(datetime.timedelta(seconds=offset))
+    when = datetime.datetime(y, mo, d, h, mi, s, tzinfo=tz).timestamp()
+    return when + (float(m.group(7)) if m.group(7) else 0.0)
+
+
+def _render_table(header, rows):
+    """A table as Ollama prints it with tablewriter: left-aligned, no borders, every cell padded to
+    its column's width and followed by four spaces."""
+    table = [header] + rows
+    widths = [max(_text_width(r[i]) for r in table) for i in range(len(header))]
+    return "".join("".join(c + " " * (w - _text_width(c)) + "    " for c, w in zip(r, widths)) + "\n"
+                   for r in table)
+
+
+def _char_width(ch):
+    """Terminal columns of one character (go-runewidth's rule of thumb): 0 combining, 2 wide."""
+    import unicodedata
+    if unicodedata.combining(ch) or ch in "\u200b\u200d":
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def _text_width(text):
+    return sum(_char_width(c) for c in text)
+
+
+def _term_width(stream):
+    """Columns of the terminal behind `stream`, or 0 when it isn't one."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+class _Display:
+    """Streamed text to stdout, flushed per piece; word-wrapped like Ollama's displayResponse when
+    `width` (terminal columns) is at least 10: a word that would cross width-5 moves to a new line."""
+
+    def __init__(self, width=0, out=None):
+        self.out = out or sys.stdout
+        self.width = width
+        self.line = 0         # columns used on the current line
+        self.word = ""        # the word being written, moved down whole when the line overflows
+
+    def write(self, text):
+        w = self.width
+        if w < 10:
+            self.out.write(text)
+            self.out.flush()
+            return
+        parts = []
+        for ch in text:
+            cw = _char_width(ch)
+            if ch in "\n\r":
+                parts.append(ch)
+                self.line, self.word = 0, ""
+            elif self.line + cw > w - 5:
+                if ch in " \t":
+                    parts.append("\n")
+                    self.line, self.word = 0, ""
+                elif 0 < _text_width(self.word) <= w - 10:
+                    # back over the partial word, clear to the end of the line, rewrite it below
+                    parts.append("\x1b[%dD\x1b[K\n%s%s" % (_text_width(self.word), self.word, ch))
+                    self.word += ch
+                    self.line = _text_width(self.word)
+                else:
+                    parts.append("\n" + ch)
+                    self.line, self.word = cw, ("" if cw >= 2 else ch)
+            else:
+                parts.append(ch)
+                self.line += cw
+                self.word = "" if (ch in " \t" or cw >= 2) else self.word + ch
+        self.out.write("".join(parts))
+        self.out.flush()
+
+
+def _print_metrics(final, out=None):
+    """Ollama's Metrics.Summary: the timing block --verbose prints (lines with values > 0 only)."""
+    out = out or sys.stderr
+    ns = lambda k: int(final.get(k) or 0)  # noqa: E731
+    lines = []
+    if ns("total_duration") > 0:
+        lines.append("total duration:       %s" % format_duration(ns("total_duration") / 1e9))
+    if ns("load_duration") > 0:
+        lines.append("load duration:        %s" % format_duration(ns("load_duration") / 1e9))
+    if ns("prompt_eval_count") > 0:
+        lines.append("prompt eval count:    %d token(s)" % ns("prompt_eval_count"))
+    if ns("prompt_eval_duration") > 0:
+        lines.append("prompt eval duration: %s" % format_duration(ns("prompt_eval_duration") / 1e9))
+        lines.append("prompt eval rate:     %.2f tokens/s"
+                     % (ns("prompt_eval_count") / (ns("prompt_eval_duration") / 1e9)))
+    if ns("eval_count") > 0:
+        lines.append("eval count:           %d token(s)" % ns("eval_count"))
+    if ns("eval_duration") > 0:
+        lines.append("eval duration:        %s" % format_duration(ns("eval_duration") / 1e9))
+        lines.append("eval rate:            %.2f tokens/s" % (ns("eval_count") / (ns("eval_duration") / 1e9)))
+    if lines:
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+
+
+class _RunOptions:
+    """One `run` session (Ollama's runOptions): the model, its settings and the conversation so far."""
+
+    def __init__(self, model):
+        self.model = model
+        self.parent_model = ""
+        self.capabilities = []
+        self.messages = []            # the chat so far, sent whole with every /api/chat
+        self.system = ""
+        self.options = {}             # /set parameter values, sent as "options"
+        self.format = ""
+        self.keep_alive = None        # Go duration string, or -1 for forever
+        self.think = None             # None (server default), True/False or a level
+        self.think_explicit = False
+        self.hide_thinking = False
+        self.verbose = False
+        self.wordwrap = True
+
+    def display(self):
+        return _Display(_term_width(sys.stdout) if self.wordwrap else 0)
+
+    def request(self, **fields):
+        """A generate/chat body with this session's format, options, think and keep_alive set."""
+        body = {"model": self.model}
+        body.update(fields)
+        if self.format:
+            body["format"] = _format_value(self.format)
+        if self.options:
+            body["options"] = dict(self.options)
+        if self.think is not None:
+            body["think"] = self.think
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
+        return body
+
+
+def _format_value(fmt):
+    """--format as sent: "json", or a JSON schema given as JSON text."""
+    if fmt == "json":
+        return "json"
+    try:
+        return json.loads(fmt)
+    except ValueError:
+        return fmt
+
+
+def _think_option(value):
+    """--think's value (a bare flag means true): True, False or a level; OllamaError otherwise."""
+    if value in ("", "true"):
+        return True
+    if value == "false":
+        return False
+    if value in _THINK_LEVELS:
+        return value
+    raise OllamaError('invalid value for --think: "%s" (must be true, false, high, medium, low, or max)' % value)
+
+
+def _keep_alive_option(text):
+    """--keepalive parsed as Go's time.ParseDuration, sent as Ollama's client sends an api.Duration."""
+    seconds = parse_keep_alive(text, None)
+    return -1 if seconds == FOREVER else format_duration(seconds)
+
+
+def _pull_with_progress(client, name, insecure=False):
+    """Pull a model over /api/pull, showing its progress on stderr: a bar per layer on a terminal,
+    one line per status otherwise."""
+    tty = sys.stderr.isatty()
+    status, bar_open = None, False
+    for msg in client.stream("POST", "/api/pull", {"model": name, "insecure": insecure}):
+        digest, total = msg.get("digest"), int(msg.get("total") or 0)
+        if digest and total:
+            done = int(msg.get("completed") or 0)
+            if not done:
+                continue                     # Ollama skips the first report of each layer
+            label = "pulling %s" % digest.replace("sha256:", "")[:12]
+            pct = done * 100 // total
+            if tty:
+                fill = pct * 25 // 100
+                sys.stderr.write("\r%s: %3d%% ▕%s%s▏ %s/%s\x1b[K" % (
+                    label, pct, "█" * fill, " " * (25 - fill), human_bytes(done), human_bytes(total)))
+                bar_open = True
+            elif status != label and done >= total:
+                sys.stderr.write("%s: 100%% %s\n" % (label, human_bytes(total)))
+                status = label
+            continue
+        text = msg.get("status", "")
+        if text and text != status:
+            if bar_open:
+                sys.stderr.write("\n")
+                bar_open = False
+            sys.stderr.write(text + "\n")
+            status = text
+        sys.stderr.flush()
+    if bar_open:
+        sys.stderr.write("\n")
+
+
+def _show_or_pull(client, name, insecure=False):
+    """/api/show for the model, pulling it first when the server doesn't have it (404)."""
+    try:
+        return client.call("POST", "/api/show", {"model": name})
+    except OllamaError as e:
+        if e.status != 404:
+            raise
+    _pull_with_progress(client, name, insecure)
+    return client.call("POST", "/api/show", {"model": name})
+
+
+def _apply_show(opts, info):
+    opts.parent_model = ((info or {}).get("details") or {}).get("parent_model") or ""
+    opts.capabilities = (info or {}).get("capabilities") or []
+    if not opts.think_explicit and "thinking" in opts.capabilities:
+        opts.think = True
+
+
+def _load_model(client, opts):
+    """Load (or with keep_alive 0, unload) the model: an /api/generate without a prompt."""
+    body = {"model": opts.model}
+    if opts.keep_alive is not None:
+        body["keep_alive"] = opts.keep_alive
+    if opts.think is not None:
+        body["think"] = opts.think                # unsupported thinking fails here, before any chat
+    for _ in client.stream("POST", "/api/generate", body):
+        pass
+
+
+def cmd_run(args):
+    """Run a model."""
+    client = _client(args)
+    client.heartbeat()
+    opts = _RunOptions(args.model)
+    opts.format = args.format or ""
+    opts.verbose = args.verbose
+    opts.hide_thinking = args.hidethinking
+    opts.wordwrap = not args.nowordwrap
+    prompts = list(args.prompt)
+    if args.think is not None:
+        try:
+            opts.think = _think_option(args.think)
+        except OllamaError:
+            # argparse read `--think WORD` as the flag's value; Ollama would take WORD as the prompt
+            opts.think = True
+            prompts.insert(0, args.think)
+        opts.think_explicit = True
+    if args.keepalive:
+        opts.keep_alive = _keep_alive_option(args.keepalive)
+    interactive = True
+    if not sys.stdin.isatty():
+        data = sys.stdin.read()
+        if data:
+            prompts.insert(0, data)
+        interactive = False
+    prompt = " ".join(prompts)
+    if prompts or not sys.stdout.isatty():
+        interactive = False
+
+    info = _show_or_pull(client, opts.model, args.insecure)
+    _apply_show(opts, info)
+    if "embedding" in opts.capabilities:
+        return _embed(client, opts, prompt, args)
+    if not interactive:
+        return _generate(client, opts, prompt)
+    _load_model(client, opts)
+    for msg in (info or {}).get("messages") or []:
+        if msg.get("role") == "user":
+            print(">>> %s" % msg.get("content", ""))
+        elif msg.get("role") == "assistant":
+            opts.display().write(msg.get("content", ""))
+            print("\n")
+    return _Repl(client, opts).loop()
+
+
+def _embed(client, opts, prompt, args):
+    if not prompt:
+        raise OllamaError('embedding models require input text. Usage: ollama.py run %s "your text here"'
+                          % opts.model)
+    body = {"model": opts.model, "input": prompt}
+    if opts.keep_alive is not None:
+        body["keep_alive"] = opts.keep_alive
+    if args.truncate:
+        body["truncate"] = True
+    if args.dimensions:
+        body["dimensions"] = args.dimensions
+    resp = client.call("POST", "/api/embed", body) or {}
+    if not resp.get("embeddings"):
+        raise OllamaError("no embeddings returned")
+    print(json_dumps(resp["embeddings"][0]))
+    return 0
+
+
+class _Streamer:
+    """Print one streamed answer: thinking (framed, dimmed on a terminal) then content."""
+
+    def __init__(self, opts):
+        self.opts = opts
+        self.display = opts.display()
+        self.plain = not sys.stdout.isatty()
+        self.thinking = None          # the thinking text while its block is open
+        self.content = []
+
+    def feed(self, thinking, content):
+        if thinking and not self.opts.hide_thinking:
+            if self.thinking is None:
+                self.thinking = ""
+                sys.stdout.write("Thinking...\n" if self.plain else _GREY + _BOLD + "Thinking...\n" + _RESET + _GREY)
+            self.thinking += thinking
+            self.display.write(thinking)
+        if content and self.thinking is not None:
+            if not self.thinking.endswith("\n"):
+                sys.stdout.write("\n")
+            sys.stdout.write("...done thinking.\n\n" if self.plain
+                             else _GREY + _BOLD + "...done thinking.\n\n" + _RESET)
+            self.thinking = None
+            self.display = self.opts.display()
+        if content:
+            self.content.append(content)
+            self.display.write(content)
+
+
+def _generate(client, opts, prompt):
+    """One /api/generate, streamed to stdout; Ctrl+C stops it quietly."""
+    body = opts.request(prompt=prompt)
+    if opts.system:
+        body["system"] = opts.system
+    out, final = _Streamer(opts), None
+    try:
+        for chunk in client.stream("POST", "/api/generate", body):
+            out.feed(chunk.get("thinking"), chunk.get("response"))
+            if chunk.get("done"):
+                final = chunk
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 0
+    if prompt:
+        sys.stdout.write("\n\n")
+    sys.stdout.flush()
+    if final is not None and opts.verbose:
+        _print_metrics(final)
+    return 0
+
+
+def _chat(client, opts):
+    """One /api/chat turn with the whole conversation, streamed; the assistant message, or None
+    when Ctrl+C stopped it (the connection is closed, so the server stops generating)."""
+    out, final, role = _Streamer(opts), None, "assistant"
+    try:
+        for chunk in client.stream("POST", "/api/chat", opts.request(messages=list(opts.messages))):
+            msg = chunk.get("message") or {}
+            role = msg.get("role") or role
+            out.feed(msg.get("thinking"), msg.get("content"))
+            if chunk.get("done"):
+                final = chunk
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return None
+    if opts.messages:
+        sys.stdout.write("\n\n")
+        sys.stdout.flush()
+    if final is not None and opts.verbose:
+        _print_metrics(final)
+    return {"role": role, "content": "".join(out.content)}
+
+
+class _LineReader:
+    """The REPL's input: GNU readline when importable (line editing, up-arrow history), plain
+    input() otherwise; accepted lines go to ~/.ollama/history unless history is off."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = Path(path), enabled
+        try:
+            import readline
+        except ImportError:
+            readline = None
+        self.rl = readline
+        self.lines = []
+        try:
+            for line in self.path.read_text(errors="replace").splitlines():
+                if line.strip():
+                    self.lines.append(line.strip())
+        except OSError:
+            pass
+        self.lines = self.lines[-_HISTORY_LIMIT:]
+        if self.rl is not None:
+            if hasattr(self.rl, "set_auto_history"):
+                self.rl.set_auto_history(False)
+            for line in self.lines:
+                self.rl.add_history(line)
+
+    def read(self, prompt):
+        """One line; EOFError on Ctrl+D, KeyboardInterrupt on Ctrl+C."""
+        return input(prompt)
+
+    def pending(self):
+        """What was typed on the line when Ctrl+C came ("" when unknown)."""
+        return self.rl.get_line_buffer() if self.rl is not None else ""
+
+    def add(self, line):
+        """Remember an accepted line (not twice in a row), saved at once as Ollama's history does."""
+        if not self.enabled or not line.strip() or (self.lines and self.lines[-1] == line):
+            return
+        self.lines = (self.lines + [line])[-_HISTORY_LIMIT:]
+        if self.rl is not None:
+            self.rl.add_history(line)
+        try:
+            atomic_write(self.path, ("\n".join(self.lines) + "\n").encode(), mode=0o600)
+        except OSError as e:
+            log.debug("cannot save history: %s", e)
+
+
+_USAGE = """Available Commands:
+  /set            Set session variables
+  /show           Show model information
+  /load <model>   Load a session or model
+  /save <model>   Save your current session
+  /clear          Clear session context
+  /bye            Exit
+  /?, /help       Help for a command
+  /? shortcuts    Help for keyboard shortcuts
+
+Use \"\"\" to begin a multi-line message.
+
+"""
+_USAGE_SET = """Available Commands:
+  /set parameter ...     Set a parameter
+  /set system <string>   Set system message
+  /set history           Enable history
+  /set nohistory         Disable history
+  /set wordwrap          Enable wordwrap
+  /set nowordwrap        Disable wordwrap
+  /set format json       Enable JSON mode
+  /set noformat          Disable formatting
+  /set verbose           Show LLM stats
+  /set quiet             Disable LLM stats
+  /set think             Enable thinking
+  /set nothink           Disable thinking
+
+"""
+_USAGE_SHORTCUTS = """Available keyboard shortcuts:
+  Ctrl + a            Move to the beginning of the line (Home)
+  Ctrl + e            Move to the end of the line (End)
+   Alt + b            Move back (left) one word
+   Alt + f            Move forward (right) one word
+  Ctrl + k            Delete the sentence after the cursor
+  Ctrl + u            Delete the sentence before the cursor
+  Ctrl + w            Delete the word before the cursor
+
+  Ctrl + l            Clear the screen
+  Ctrl + c            Stop the model from responding
+  Ctrl + d            Exit ollama (/bye)
+
+"""
+_USAGE_SHOW = """Available Commands:
+  /show info         Show details for this model
+  /show license      Show model license
+  /show modelfile    Show Modelfile for this model
+  /show parameters   Show parameters for this model
+  /show system       Show system message
+  /show template     Show prompt template
+
+"""
+_USAGE_PARAMETERS = """Available Parameters:
+  /set parameter seed <int>             Random number seed
+  /set parameter num_predict <int>      Max number of tokens to predict
+  /set parameter top_k <int>            Pick from top k num of tokens
+  /set parameter top_p <float>          Pick token based on sum of probabilities
+  /set parameter min_p <float>          Pick token based on top token probability * min_p
+  /set parameter num_ctx <int>          Set the context size
+  /set parameter temperature <float>    Set creativity level
+  /set parameter repeat_penalty <float> How strongly to penalize repetitions
+  /set parameter repeat_last_n <int>    Set how far back to look for repetitions
+  /set parameter num_gpu <int>          The number of layers to send to the GPU
+  /set parameter stop <string> <string> ...   Set the stop parameters
+
+"""
+
+
+class _Repl:
+    """Ollama's interactive prompt (cmd/interactive.go): chat turns plus the /commands."""
+
+    def __init__(self, client, opts):
+        self.client, self.opts = client, opts
+        config = Config()
+        self.reader = _LineReader(config.home / "history", enabled=not config.nohistory)
+        self.buf = []                 # the message being typed (multi-line input)
+        self.multiline = None         # None, "prompt" or "system" while inside \"\"\"
+
+    def loop(self):
+        """Read and act until /bye, /exit or Ctrl+D; returns the exit status."""
+        while True:
+            try:
+                line = self.reader.read("... " if self.multiline or self.buf else ">>> ")
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                if not self.reader.pending() and not self.buf:
+                    print("\nUse Ctrl + d or /bye to exit.")
+                else:
+                    print()
+                self.buf, self.multiline = [], None
+                continue
+            self.reader.add(line)
+            if self.handle(line) == "exit":
+                return 0
+
+    def handle(self, line):
+        """Act on one input line; "exit" ends the REPL."""
+        if self.multiline:
+            ended = line.endswith('"""')
+            self.buf.append(line[:-3] if ended else line + "\n")
+            if not ended:
+                return None
+            kind, self.multiline = self.multiline, None
+            if kind == "system":
+                self.opts.system = "".join(self.buf)
+                self.opts.messages.append({"role": "system", "content": self.opts.system})
+                print("Set system message.")
+                self.buf = []
+        elif line.startswith('"""'):
+            rest = line[3:]
+            if rest.endswith('"""'):
+                self.buf.append(rest[:-3])
+            else:
+                self.buf.append(rest + "\n")
+                self.multiline = "prompt"
+        elif line.startswith("/"):
+            return self.command(line)
+        else:
+            self.buf.append(line)
+        if self.buf and not self.multiline:
+            text, self.buf = "".join(self.buf), []
+            self.send(text)
+        return None
+
+    def send(self, text):
+        opts = self.opts
+        opts.messages.append({"role": "user", "content": text})
+        try:
+            reply = _chat(self.client, opts)
+        except OllamaError as e:
+            if "does not support thinking" in str(e) or "invalid think value" in str(e):
+                print("error: %s" % e)
+                return
+            raise
+        if reply is not None:
+            opts.messages.append(reply)
+
+    def command(self, line):
+        """A /command; "exit" for /bye and /exit."""
+        args = line.split()
+        word = args[0]
+        for name, func in (("/list", self.cmd_list), ("/load", self.cmd_load), ("/save", self.cmd_save),
+                           ("/clear", self.cmd_clear), ("/set", self.cmd_set), ("/show", self.cmd_show),
+                           ("/help", self.cmd_help), ("/?", self.cmd_help)):
+            if line.startswith(name):
+                func(args)
+                return None
+        if line.startswith("/exit") or line.startswith("/bye"):
+            return "exit"
+        print("Unknown command '%s'. Type /? for help" % word)
+        return None
+
+    def cmd_help(self, args):
+        topic = args[1] if len(args) > 1 else None
+        text = {None: _USAGE, "set": _USAGE_SET, "/set": _USAGE_SET, "show": _USAGE_SHOW, "/show": _USAGE_SHOW,
+                "shortcut": _USAGE_SHORTCUTS, "shortcuts": _USAGE_SHORTCUTS}.get(topic, "")
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def cmd_list(self, args):
+        try:
+            cmd_list(argparse.Namespace(command="list", prefix=args[1] if len(args) > 1 else ""))
+        except OllamaError as e:
+            print("Error: %s" % e)
+
+    def cmd_load(self, args):
+        if len(args) != 2:
+            print("Usage:\n  /load <modelname>")
+            return
+        opts = self.opts
+        saved = (opts.model, opts.messages, opts.parent_model, opts.capabilities, opts.think)
+        opts.model, opts.messages = args[1], []
+        print("Loading model '%s'" % opts.model)
+        try:
+            _apply_show(opts, self.client.call("POST", "/api/show", {"model": opts.model}))
+            _load_model(self.client, opts)
+        except OllamaError as e:
+            opts.model, opts.messages, opts.parent_model, opts.capabilities, opts.think = saved
+            if "not found" in str(e):
+                print("Couldn't find model '%s'" % args[1])
+            else:
+                print("error: %s" % e)
+
+    def cmd_save(self, args):
+        if len(args) != 2:
+            print("Usage:\n  /save <modelname>")
+            return
+        opts = self.opts
+        parent = Name.parse_bare(opts.parent_model) if opts.parent_model else None
+        body = {"model": args[1], "from": opts.parent_model if parent and parent.is_valid() else opts.model}
+        if opts.system:
+            body["system"] = opts.system
+        if opts.options:
+            body["parameters"] = dict(opts.options)
+        if opts.messages:
+            body["messages"] = list(opts.messages)
+        try:
+            for _ in self.client.stream("POST", "/api/create", body):
+                pass
+        except OllamaError as e:
+            if "invalid model name" in str(e):
+                print("error: The model name '%s' is invalid" % args[1])
+            else:
+                print("Error: %s" % e)
+            return
+        print("Created new model '%s'" % args[1])
+
+    def cmd_clear(self, args):
+        self.opts.messages = []
+        if self.opts.system:
+            self.opts.messages.append({"role": "system", "content": self.opts.system})
+        print("Cleared session context")
+
+    def cmd_set(self, args):
+        opts = self.opts
+        if len(args) < 2:
+            sys.stderr.write(_USAGE_SET)
+            return
+        what = args[1]
+        if what == "history":
+            self.reader.enabled = True
+        elif what == "nohistory":
+            self.reader.enabled = False
+        elif what in ("wordwrap", "nowordwrap"):
+            opts.wordwrap = what == "wordwrap"
+            print("Set '%s' mode." % what)
+        elif what in ("verbose", "quiet"):
+            opts.verbose = what == "verbose"
+            print("Set '%s' mode." % what)
+        elif what == "think":
+            opts.think, opts.think_explicit = (args[2] if len(args) > 2 else True), True
+            print("Set 'think' mode to '%s'." % args[2] if len(args) > 2 else "Set 'think' mode.")
+        elif what == "nothink":
+            opts.think, opts.think_explicit = False, True
+            print("Set 'nothink' mode.")
+        elif what == "format":
+            if len(args) < 3 or args[2] != "json":
+                print("Invalid or missing format. For 'json' mode use '/set format json'")
+            else:
+                opts.format = args[2]
+                print("Set format to '%s' mode." % args[2])
+        elif what == "noformat":
+            opts.format = ""
+            print("Disabled format.")
+        elif what == "parameter":
+            if len(args) < 4:
+                sys.stderr.write(_USAGE_PARAMETERS)
+                return
+            try:
+                value = _format_param(args[2], args[3:])
+            except ValueError as e:
+                print("Couldn't set parameter: %s" % json.dumps(str(e)))
+                return
+            print("Set parameter '%s' to '%s'" % (args[2], ", ".join(args[3:])))
+            opts.options[args[2]] = value
+        elif what == "system":
+            if len(args) < 3:
+                sys.stderr.write(_USAGE_SET)
+                return
+            text = " ".join(args[2:])
+            if text.startswith('"""'):
+                text = text[3:]
+                if not text.endswith('"""'):
+                    self.multiline = "system"
+                    self.buf = [text + "\n"] if text else []
+                    return
+                text = text[:-3]
+            opts.system = text
+            msg = {"role": "system", "content": text}
+            if opts.messages and opts.messages[-1].get("role") == "system":
+                opts.messages[-1] = msg
+            else:
+                opts.messages.append(msg)
+            print("Set system message.")
+        else:
+            print("Unknown command '/set %s'. Type /? for help" % what)
+
+    def cmd_show(self, args):
+        opts = self.opts
+        if len(args) < 2:
+            sys.stderr.write(_USAGE_SHOW)
+            return
+        body = {"model": opts.model}
+        if opts.system:
+            body["system"] = opts.system
+        if opts.options:
+            body["options"] = dict(opts.options)
+        try:
+            resp = self.client.call("POST", "/api/show", body) or {}
+        except OllamaError:
+            print("error: couldn't get model")
+            raise
+        what = args[1]
+        if what == "info":
+            _repl_show_info(resp, sys.stderr)
+        elif what == "license":
+            print(resp.get("license") or "No license was specified for this model.")
+        elif what == "modelfile":
+            print(resp.get("modelfile", ""))
+        elif what == "parameters":
+            print("Model defined parameters:")
+            if not resp.get("parameters"):
+                print("  No additional parameters were specified for this model.")
+            else:
+                for line in resp["parameters"].split("\n"):
+                    print("  %s" % line)
+            print()
+            if opts.options:
+                print("User defined parameters:")
+                for k, v in opts.options.items():
+                    print("  %-30s %s" % (k, _go_value(v)))
+                print()
+        elif what == "system":
+            text = opts.system or resp.get("system")
+            print(text + "\n" if text else "No system message was specified for this model.")
+        elif what == "template":
+            print(resp.get("template") or "No prompt template was specified for this model.")
+        else:
+            print("Unknown command '/show %s'. Type /? for help" % what)
+
+
+def _go_value(v):
+    """A value as Go's %v prints it: [a b] for lists, true/false for booleans."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[%s]" % " ".join(_go_value(x) for x in v)
+    return str(v)
+
+
+def _repl_show_info(resp, out):
+    """A short `/show info`: the model's architecture, size, quantization and capabilities.
+    (The full `ollama show` table lives with cmd_show.)"""
+    details = resp.get("details") or {}
+    info = resp.get("model_info") or {}
+    arch = info.get("general.architecture") or details.get("family") or ""
+    rows = [["", "architecture", arch],
+            ["", "parameters", details.get("parameter_size", "")]]
+    for key, label in (("context_length", "context length"), ("embedding_length", "embedding length")):
+        if "%s.%s" % (arch, key) in info:
+            rows.append(["", label, str(info["%s.%s" % (arch, key)])])
+    rows.append(["", "quantization", details.get("quantization_level", "")])
+    out.write("  Model\n" + _render_table(rows[0], rows[1:]) + "\n")
+    if resp.get("capabilities"):
+        out.write("  Capabilities\n" + _render_table([""] + resp["capabilities"][:1],
+                                                     [["", c] for c in resp["capabilities"][1:]]) + "\n")
+    out.flush()
+
+
+def cmd_ps(args):
+    """List running models."""
+    client = _client(args)
+    client.heartbeat()
+    resp = client.call("GET", "/api/ps") or {}
+    rows = []
+    now = time.time()
+    for m in resp.get("models") or []:
+        size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
+        if vram == 0:
+            proc = "100% CPU"
+        elif vram == size:
+            proc = "100% GPU"
+        elif vram > size or size == 0:
+            proc = "Unknown"
+        else:
+            cpu = int(round((size - vram) / size * 100))
+            proc = "%d%%/%d%% CPU/GPU" % (cpu, 100 - cpu)
+        expires = _parse_rfc3339(m.get("expires_at"))
+        if expires is None:
+            until = "Never"
+        elif expires < now:
+            until = "Stopping..."
+        else:
+            until = human_time(expires, now)
+        rows.append([m.get("name", ""), (m.get("digest") or "")[:12], human_bytes(size), proc,
+                     str(m.get("context_length") or 0), until])
+    sys.stdout.write(_render_table(["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"], rows))
+    return 0
+
+
+def cmd_stop(args):
+    """Stop a running model."""
+    client = _client(args)
+    client.heartbeat()
+    missing = OllamaError('couldn\'t find model "%s" to stop' % args.model)
+    try:
+        name = Name.parse(args.model)
+    except BadRequest:
+        raise missing from None
+    running = (client.call("GET", "/api/ps") or {}).get("models") or []
+    if not any(Name.parse_bare(m.get("name") or m.get("model")) == name for m in running):
+        raise missing
+    try:
+        for _ in client.stream("POST", "/api/generate", {"model": args.model, "keep_alive": 0}):
+            pass
+    except OllamaError as e:
+        if "not found" in str(e):
+            raise missing from None
+        raise
+    return 0
 
 # -- registry (registry issue) -----------------------------------------------
 
