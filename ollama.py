@@ -5990,7 +5990,7 @@ def _forward(req, body):
     return sub
 
 
-def _go_type(value):
+def _json_type(value):
     """The name Go's encoding/json gives a decoded JSON value, for error texts."""
     if value is None:
         return "<nil>"
@@ -6045,7 +6045,7 @@ def _stop_option(stop, strict):
     if isinstance(stop, list):
         bad = [s for s in stop if not isinstance(s, str)]
         if bad and strict:
-            raise BadRequest("invalid type for 'stop' field: %s" % _go_type(bad[0]))
+            raise BadRequest("invalid type for 'stop' field: %s" % _json_type(bad[0]))
         return [s for s in stop if isinstance(s, str)]
     return None
 
@@ -6141,7 +6141,7 @@ def _from_chat_messages(messages):
             if len(out) > first and msg.get("tool_calls"):
                 out[-1].update(extra, tool_calls=_from_tool_calls(msg["tool_calls"]))
         else:
-            raise BadRequest("invalid message content type: %s" % _go_type(content))
+            raise BadRequest("invalid message content type: %s" % _json_type(content))
     return out
 
 
@@ -6536,14 +6536,14 @@ def _cli_todo(args):
 
 def _table(rows, header=None, indent=""):
     """Go tablewriter with no borders and 4-space padding: every cell left-aligned and padded to
-    its column's width, followed by four spaces."""
+    its column's width (in terminal columns), followed by four spaces."""
     rows = ([header] if header else []) + rows
     widths = {}
     for row in rows:
         for i, cell in enumerate(row):
-            widths[i] = max(widths.get(i, 0), len(cell))
-    return "".join(indent + "".join(cell.ljust(widths[i]) + "    " for i, cell in enumerate(row)) + "\n"
-                   for row in rows)
+            widths[i] = max(widths.get(i, 0), _text_width(cell))
+    return "".join(indent + "".join(cell + " " * (widths[i] - _text_width(cell)) + "    "
+                                    for i, cell in enumerate(row)) + "\n" for row in rows)
 
 
 class _Status:
@@ -6849,15 +6849,6 @@ def _parse_rfc3339(text):
     return when + (float(m.group(7)) if m.group(7) else 0.0)
 
 
-def _render_table(header, rows):
-    """A table as Ollama prints it with tablewriter: left-aligned, no borders, every cell padded to
-    its column's width and followed by four spaces."""
-    table = [header] + rows
-    widths = [max(_text_width(r[i]) for r in table) for i in range(len(header))]
-    return "".join("".join(c + " " * (w - _text_width(c)) + "    " for c, w in zip(r, widths)) + "\n"
-                   for r in table)
-
-
 def _char_width(ch):
     """Terminal columns of one character (go-runewidth's rule of thumb): 0 combining, 2 wide."""
     import unicodedata
@@ -7008,40 +6999,6 @@ def _keep_alive_option(text):
     return -1 if seconds == FOREVER else format_duration(seconds)
 
 
-def _pull_with_progress(client, name, insecure=False):
-    """Pull a model over /api/pull, showing its progress on stderr: a bar per layer on a terminal,
-    one line per status otherwise."""
-    tty = sys.stderr.isatty()
-    status, bar_open = None, False
-    for msg in client.stream("POST", "/api/pull", {"model": name, "insecure": insecure}):
-        digest, total = msg.get("digest"), int(msg.get("total") or 0)
-        if digest and total:
-            done = int(msg.get("completed") or 0)
-            if not done:
-                continue                     # Ollama skips the first report of each layer
-            label = "pulling %s" % digest.replace("sha256:", "")[:12]
-            pct = done * 100 // total
-            if tty:
-                fill = pct * 25 // 100
-                sys.stderr.write("\r%s: %3d%% ▕%s%s▏ %s/%s\x1b[K" % (
-                    label, pct, "█" * fill, " " * (25 - fill), human_bytes(done), human_bytes(total)))
-                bar_open = True
-            elif status != label and done >= total:
-                sys.stderr.write("%s: 100%% %s\n" % (label, human_bytes(total)))
-                status = label
-            continue
-        text = msg.get("status", "")
-        if text and text != status:
-            if bar_open:
-                sys.stderr.write("\n")
-                bar_open = False
-            sys.stderr.write(text + "\n")
-            status = text
-        sys.stderr.flush()
-    if bar_open:
-        sys.stderr.write("\n")
-
-
 def _show_or_pull(client, name, insecure=False):
     """/api/show for the model, pulling it first when the server doesn't have it (404)."""
     try:
@@ -7049,7 +7006,7 @@ def _show_or_pull(client, name, insecure=False):
     except OllamaError as e:
         if e.status != 404:
             raise
-    _pull_with_progress(client, name, insecure)
+    _transfer(argparse.Namespace(model=name, insecure=insecure), "/api/pull")
     return client.call("POST", "/api/show", {"model": name})
 
 
@@ -7550,7 +7507,7 @@ class _Repl:
             raise
         what = args[1]
         if what == "info":
-            _repl_show_info(resp, sys.stderr)
+            _show_info(resp, False, sys.stderr)
         elif what == "license":
             print(resp.get("license") or "No license was specified for this model.")
         elif what == "modelfile":
@@ -7586,25 +7543,6 @@ def _go_value(v):
     return str(v)
 
 
-def _repl_show_info(resp, out):
-    """A short `/show info`: the model's architecture, size, quantization and capabilities.
-    (The full `ollama show` table lives with cmd_show.)"""
-    details = resp.get("details") or {}
-    info = resp.get("model_info") or {}
-    arch = info.get("general.architecture") or details.get("family") or ""
-    rows = [["", "architecture", arch],
-            ["", "parameters", details.get("parameter_size", "")]]
-    for key, label in (("context_length", "context length"), ("embedding_length", "embedding length")):
-        if "%s.%s" % (arch, key) in info:
-            rows.append(["", label, str(info["%s.%s" % (arch, key)])])
-    rows.append(["", "quantization", details.get("quantization_level", "")])
-    out.write("  Model\n" + _render_table(rows[0], rows[1:]) + "\n")
-    if resp.get("capabilities"):
-        out.write("  Capabilities\n" + _render_table([""] + resp["capabilities"][:1],
-                                                     [["", c] for c in resp["capabilities"][1:]]) + "\n")
-    out.flush()
-
-
 def cmd_ps(args):
     """List running models."""
     client = _client(args)
@@ -7632,7 +7570,7 @@ def cmd_ps(args):
             until = human_time(expires, now)
         rows.append([m.get("name", ""), (m.get("digest") or "")[:12], human_bytes(size), proc,
                      str(m.get("context_length") or 0), until])
-    sys.stdout.write(_render_table(["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"], rows))
+    sys.stdout.write(_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
     return 0
 
 
