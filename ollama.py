@@ -7781,7 +7781,11 @@ def build_parser():
 def main(argv=None):
     """Entry point: parse the command line and run the command; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if extra and getattr(args, "command", None) == "run" and not any(x.startswith("-") for x in extra):
+        args.prompt += extra            # flags may come between prompt words, as with Ollama's cobra
+    elif extra:
+        parser.error("unrecognized arguments: %s" % " ".join(extra))
     if args.version:
         print("ollama version is %s" % __version__)
         return 0
