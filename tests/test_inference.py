@@ -274,3 +274,35 @@ def test_prompt_longer_than_the_context_is_a_clear_400(server, gemma):
     assert status == 400
     err = json.loads(data)["error"]
     assert "context window is 256 tokens" in err and "the prompt is 4" in err
+
+
+def test_gemma_gives_a_real_coherent_answer(server, gemma):
+    status, lines = post(server, "/api/generate", {
+        "model": gemma, "prompt": "Question: What is the capital of France?\nAnswer:", "stream": False,
+        "options": {"num_predict": 8, "temperature": 0, "stop": ["\n"]}})
+    assert status == 200 and lines[0]["response"].strip() == "Paris"
+    status, lines = post(server, "/api/generate", {
+        "model": gemma, "prompt": "Monday, Tuesday, Wednesday,", "stream": False,
+        "options": {"num_predict": 3, "temperature": 0}})
+    assert lines[0]["response"].split(",")[0].strip() == "Thursday"
+
+
+def test_official_ollama_client_generate_chat_and_ps(server, gemma):
+    from test_embed import official_ollama
+    out = official_ollama(server, """
+        opts = {"num_predict": 4, "temperature": 0}
+        g = client.generate(model=%(m)r, prompt="Question: What is the capital of France?\\nAnswer:", options=opts)
+        gs = list(client.generate(model=%(m)r, prompt="Hello", options=opts, stream=True))
+        c = client.chat(model=%(m)r, messages=[{"role": "user", "content": "Hi"}], options=opts)
+        cs = list(client.chat(model=%(m)r, messages=[{"role": "user", "content": "Hi"}], options=opts, stream=True))
+        ps = client.ps()
+        print(json.dumps({"g": g.response, "g_done": g.done_reason, "g_eval": g.eval_count,
+                          "gs": [x.done for x in gs], "c": c.message.role, "c_done": c.done,
+                          "cs": [x.message.role for x in cs], "cs_last": cs[-1].done_reason,
+                          "ps": [(m.model, m.context_length) for m in ps.models]}))
+    """ % {"m": gemma})
+    assert out["g"].strip().startswith("Paris") and out["g_done"] in ("stop", "length") and out["g_eval"] <= 4
+    assert out["gs"][-1] is True and not any(out["gs"][:-1])
+    assert out["c"] == "assistant" and out["c_done"] is True
+    assert set(out["cs"]) == {"assistant"} and out["cs_last"] in ("stop", "length")
+    assert out["ps"] == [[gemma, 4096]]
