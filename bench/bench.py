@@ -1015,6 +1015,7 @@ def main(argv=None):
         bad = [s for s in sections if s not in SECTIONS]
         if bad:
             p.error("unknown section(s): %s (choose from %s)" % (", ".join(bad), ", ".join(SECTIONS)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)     # even when started with SIGINT ignored
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="ollama-py-bench-"))
@@ -1022,6 +1023,9 @@ def main(argv=None):
     started = time.monotonic()
     try:
         rows = bench.run(sections)
+    except KeyboardInterrupt:
+        log("interrupted: stopping everything this run started")
+        return 130
     finally:
         bench.close()
         if args.keep:
