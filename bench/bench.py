@@ -67,6 +67,12 @@ class NotAvailable(Exception):
     """The ollama.py under test lacks the feature a metric needs."""
 
 
+def loadavg():
+    """The 1-minute load average: above the CPU count, other work is competing with the bench."""
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
 def log(msg):
     print("[bench %s] %s" % (time.strftime("%H:%M:%S"), msg), file=sys.stderr, flush=True)
 
@@ -81,6 +87,11 @@ class Row:
     "max" ours <= limit; "info" no target."""
 
     def __init__(self, metric, unit, ours=None, direct=None, kind="info", limit=None, note=""):
+        self.samples = {}
+        if isinstance(ours, list):
+            self.samples["ollama_py"], ours = ours, median(ours)
+        if isinstance(direct, list):
+            self.samples["direct"], direct = direct, median(direct)
         self.metric, self.unit, self.ours, self.direct = metric, unit, ours, direct
         self.kind, self.limit, self.note = kind, limit, note
 
@@ -127,7 +138,8 @@ class Row:
 
     def as_dict(self):
         return {"metric": self.metric, "unit": self.unit, "ollama_py": self.ours, "direct": self.direct,
-                "ratio": self.ratio, "target": self.target, "met": self.met, "note": self.note}
+                "ratio": self.ratio, "target": self.target, "met": self.met, "note": self.note,
+                "samples": self.samples}
 
 
 def _num(x):
@@ -615,17 +627,19 @@ def sec_generation(b):
         ours.append(stream(rig.serve.port, "/api/generate", body))
         cpu += cpu_seconds(rig.serve.proc.pid) - c0
         theirs.append(stream(direct.port, "/completion", payload, sse=True))
+        log("  run %d: ollama.py %.1f tok/s, direct %.1f tok/s" % (i + 1, ours[-1].client_rate or 0,
+                                                                  theirs[-1].client_rate or 0))
     counts = sorted({t.final.get("eval_count") for t in ours} | {t.final["timings"]["predicted_n"] for t in theirs})
     note = "" if counts == [N_PREDICT] else "token counts differ from n_predict=%d: %s" % (N_PREDICT, counts)
     rows = [
-        Row("generation, client-timed", "tok/s", median([t.client_rate for t in ours]),
-            median([t.client_rate for t in theirs]), "rate", 0.99, note),
+        Row("generation, client-timed", "tok/s", [t.client_rate for t in ours],
+            [t.client_rate for t in theirs], "rate", 0.99, note),
         Row("generation, engine-reported", "tok/s",
-            median([t.final["eval_count"] / (t.final["eval_duration"] / 1e9) for t in ours]),
-            median([t.final["timings"]["predicted_per_second"] for t in theirs]), "rate", 0.99,
+            [t.final["eval_count"] / (t.final["eval_duration"] / 1e9) for t in ours],
+            [t.final["timings"]["predicted_per_second"] for t in theirs], "rate", 0.99,
             "ollama.py eval_count/eval_duration vs llama-server timings.predicted_per_second"),
-        Row("last token -> end of stream", "ms", median([(t.end - t.last) * 1e3 for t in ours]),
-            median([(t.end - t.last) * 1e3 for t in theirs]), "info",
+        Row("last token -> end of stream", "ms", [(t.end - t.last) * 1e3 for t in ours],
+            [(t.end - t.last) * 1e3 for t in theirs], "info",
             note="includes the final chunk's extra work (ollama.py tokenizes prompt+answer for `context`)"),
         Row("serve CPU per token", "ms", cpu * 1e3 / sum(t.final["eval_count"] for t in ours), None, "info",
             note="CPU time of the `serve` process per generated token (it competes with llama-server for cores)"),
@@ -650,10 +664,9 @@ def sec_ttft(b):
         theirs.append(stream(direct.port, "/completion", payload, sse=True).ttft * 1e3)
         rawt.append(stream(rig.serve.port, "/api/generate", raw).ttft * 1e3)
         theirs.append(stream(direct.port, "/completion", payload, sse=True).ttft * 1e3)
-    d = median(theirs)
-    return [Row("TTFT loaded, as `run` sends it", "ms", median(templ), d, "latency", 5.0,
+    return [Row("TTFT loaded, as `run` sends it", "ms", templ, theirs, "latency", 5.0,
                 "templated /api/generate (prompt rendered by ollama.py) vs /completion of the rendered text"),
-            Row("TTFT loaded, raw prompt", "ms", median(rawt), d, "latency", 5.0,
+            Row("TTFT loaded, raw prompt", "ms", rawt, theirs, "latency", 5.0,
                 "/api/generate raw:true with the same rendered text")]
 
 
@@ -677,7 +690,7 @@ def sec_cold(b):
             theirs.append(stream(d.port, "/completion", payload, sse=True, t0=t0).ttft * 1e3)
         finally:
             d.stop()
-    return [Row("cold start to first token", "ms", median(ours), median(theirs), "latency", 100.0,
+    return [Row("cold start to first token", "ms", ours, theirs, "latency", 100.0,
                 "keep_alive 0 each run vs spawn llama-server, poll /health every %d ms, request" % (POLL * 1e3))]
 
 
@@ -722,17 +735,17 @@ def sec_concurrency(b):
     burst(direct.port, "/completion", [dict(x, n_predict=1) for x in payloads], True)
     ours, theirs, counts = [], [], set()
     for i in range(b.runs):
-        rate, n = burst(rig.serve.port, "/api/chat", bodies, False)
+        rate, tokens = burst(rig.serve.port, "/api/chat", bodies, False)
         ours.append(rate)
-        counts.add(n)
-        rate, n = burst(direct.port, "/completion", payloads, True)
+        counts.add(tokens)
+        rate, tokens = burst(direct.port, "/completion", payloads, True)
         theirs.append(rate)
-        counts.add(n)
+        counts.add(tokens)
     note = "4 streams x %d tokens, wall clock from request to the last final event" % n
     if counts != {4 * n}:
         note += "; total tokens per burst: %s" % sorted(counts)
     rig.stop()
-    return [Row("4 parallel chats, aggregate", "tok/s", median(ours), median(theirs), "rate", 0.95, note)]
+    return [Row("4 parallel chats, aggregate", "tok/s", ours, theirs, "rate", 0.95, note)]
 
 
 def write_fake_models(models_dir, n):
@@ -785,7 +798,7 @@ def sec_footprint(b):
             base.append(timed_run([sys.executable, "-c", "pass"])[0] * 1e3)
             entry.append(timed_run(entry_cmd, env=entry_env)[0] * 1e3)
             version.append(serve.cli("--version")[0] * 1e3)
-        rows.append(Row("`list` of %d models, wall" % FAKE_MODELS, "ms", median(ours), median(base), "slower", 1.5,
+        rows.append(Row("`list` of %d models, wall" % FAKE_MODELS, "ms", ours, base, "slower", 1.5,
                         note or "`python3 ollama.py list` vs `python3 -c pass`"))
         rows.append(Row("`list` via installed entry point", "ms", median(entry), median(base), "slower", 1.5,
                         note="`import ollama; ollama.main()` with cached bytecode, as the console script runs it"))
@@ -904,7 +917,7 @@ def sec_pull(b):
         target.unlink()
     _wipe_store(serve)
     mb = size // 1e6
-    return [Row("pull %d MB blob, loopback registry" % mb, "MB/s", median(ours), median(theirs), "rate", 0.8,
+    return [Row("pull %d MB blob, loopback registry" % mb, "MB/s", ours, theirs, "rate", 0.8,
                 "whole `ollama.py pull` command (manifest, blob to disk, verify) vs `curl -s -o /dev/null`"),
             Row("pull %d MB blob vs curl+sha256+sync" % mb, "MB/s", median(ours), median(floor), "info",
                 note="direct = curl to a file, `%s` it, sync it: the floor for a verified, durable pull" % hasher)]
@@ -932,7 +945,7 @@ def sec_create(b):
         if r1.returncode or r2.returncode:
             raise BenchError("sha256sum/cp failed")
     _wipe_store(serve)
-    return [Row("create from the 253 MB GGUF", "ms", median(ours), median(theirs), "info",
+    return [Row("create from the 253 MB GGUF", "ms", ours, theirs, "info",
                 note="`ollama.py create NAME -f Modelfile` (FROM /path.gguf) vs sha256sum + cp of the file")]
 
 
@@ -974,7 +987,7 @@ class Bench:
     def run(self, sections):
         rows = []
         for sec in sections:
-            log("%s ..." % TITLES[sec])
+            log("%s ... (load average %.2f)" % (TITLES[sec], loadavg()))
             t0 = time.monotonic()
             try:
                 for need in NEEDS[sec]:
@@ -1021,6 +1034,7 @@ def main(argv=None):
     workdir = Path(tempfile.mkdtemp(prefix="ollama-py-bench-"))
     bench = Bench(args, workdir)
     started = time.monotonic()
+    load0 = loadavg()
     try:
         rows = bench.run(sections)
     except KeyboardInterrupt:
@@ -1033,12 +1047,13 @@ def main(argv=None):
         else:
             shutil.rmtree(str(workdir), ignore_errors=True)
     elapsed = time.monotonic() - started
-    print("ollama.py vs llama-server: medians of %d runs each, alternating; %d CPUs; %.0f s" % (
-        args.runs, os.cpu_count() or 0, elapsed))
+    print("ollama.py vs llama-server: medians of %d runs each, alternating; %d CPUs; load average %.2f at start, "
+          "%.2f at end; %.0f s" % (args.runs, os.cpu_count() or 0, load0, loadavg(), elapsed))
     print(render_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": args.runs, "cpus": os.cpu_count(), "seconds": round(elapsed, 1),
+                       "loadavg_start": load0, "loadavg_end": loadavg(),
                        "ollama_py": bench.ollama_py, "engine": bench.engine, "sections": list(sections),
                        "rows": [r.as_dict() for r in rows]}, f, indent=2)
             f.write("\n")
