@@ -95,6 +95,12 @@ class Row:
         self.metric, self.unit, self.ours, self.direct = metric, unit, ours, direct
         self.kind, self.limit, self.note = kind, limit, note
 
+    def best(self):
+        """(ours, direct) of the least disturbed run: highest rate, lowest time; None where not sampled.
+        On a shared machine the median can land on a run slowed by other work; the best run cannot."""
+        pick = max if self.kind == "rate" else min
+        return tuple(pick(self.samples[k]) if self.samples.get(k) else None for k in ("ollama_py", "direct"))
+
     @property
     def ratio(self):
         if self.ours is None or not self.direct:
@@ -139,7 +145,7 @@ class Row:
     def as_dict(self):
         return {"metric": self.metric, "unit": self.unit, "ollama_py": self.ours, "direct": self.direct,
                 "ratio": self.ratio, "target": self.target, "met": self.met, "note": self.note,
-                "samples": self.samples}
+                "samples": self.samples, "best": self.best()}
 
 
 def _num(x):
@@ -158,6 +164,10 @@ def render_table(rows):
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     notes = ["  * %s: %s" % (r.metric, r.note) for r in rows if r.note]
+    best = ["  %s: ollama.py %s, direct %s" % (r.metric, _num(r.best()[0]), _num(r.best()[1]))
+            for r in rows if all(x is not None for x in r.best())]
+    if best:
+        notes += ["", "best run of each side (least disturbed by other load):"] + best
     return "\n".join(out + ([""] + notes if notes else []))
 
 
@@ -741,6 +751,7 @@ def sec_concurrency(b):
         rate, tokens = burst(direct.port, "/completion", payloads, True)
         theirs.append(rate)
         counts.add(tokens)
+        log("  burst %d: ollama.py %.1f tok/s, direct %.1f tok/s" % (i + 1, ours[-1], theirs[-1]))
     note = "4 streams x %d tokens, wall clock from request to the last final event" % n
     if counts != {4 * n}:
         note += "; total tokens per burst: %s" % sorted(counts)
