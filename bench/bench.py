@@ -3,7 +3,8 @@
 
 ollama.py sits between the user and llama-server; its job is to add nothing measurable. This script
 runs both side by side in one process tree, ALTERNATING them (ollama.py, direct, ollama.py, direct...)
-so drift on a shared machine hits both equally, and reports medians:
+so drift on a shared machine hits both equally, and reports medians (plus, under the table, the
+best run of each side, which other load on the machine cannot fake):
 
   generation   tokens/s of a streamed /api/generate vs the same llama-server binary, started with the
                same flags (read from ollama.py's own "starting llama server:" log line), on /completion
@@ -15,6 +16,10 @@ so drift on a shared machine hits both equally, and reports medians:
   create       `ollama.py create` of the 253 MB GGUF vs `sha256sum` + `cp`
 
     python3 bench/bench.py [--json out.json] [--runs N] [--quick] [--only SECTION[,SECTION...]]
+                           [--ollama-py PATH] [--keep]
+
+--ollama-py measures another copy of ollama.py (e.g. a branch's), --keep leaves the work dir (logs,
+stores) for inspection.
 
 Uses only the project, its test requirements and the engine it builds. Every process it starts is
 stopped on exit, on Ctrl+C, on SIGTERM and on error. A metric whose feature is not in this ollama.py
@@ -707,7 +712,6 @@ def sec_cold(b):
 def sec_concurrency(b):
     b.drop_rig()
     rig = Rig(b, parallel=4)
-    b.extra_rigs.append(rig)
     rig.start()
     direct = rig.start_direct()
     n = N_PREDICT_PARALLEL
@@ -777,7 +781,6 @@ def sec_footprint(b):
     serve = Serve(b, "serve-footprint")
     write_fake_models(serve.models, FAKE_MODELS)
     serve.start()
-    b.extra_serves.append(serve)
     time.sleep(0.5)
     fresh = rss_mb(serve.proc.pid)
     # bare interpreter, for scale
@@ -981,7 +984,6 @@ class Bench:
         self.procs = Procs(workdir)
         self.engine = self.gemma = None
         self._rig = None
-        self.extra_rigs, self.extra_serves = [], []
         self.registry = None
         self.store_serve = None
 
