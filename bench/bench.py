@@ -1,0 +1,1077 @@
+#!/usr/bin/env python3
+"""bench.py: measure ollama.py against llama-server itself.
+
+ollama.py sits between the user and llama-server; its job is to add nothing measurable. This script
+runs both side by side in one process tree, ALTERNATING them (ollama.py, direct, ollama.py, direct...)
+so drift on a shared machine hits both equally, and reports medians (plus, under the table, the
+best run of each side, which other load on the machine cannot fake):
+
+  generation   tokens/s of a streamed /api/generate vs the same llama-server binary, started with the
+               same flags (read from ollama.py's own "starting llama server:" log line), on /completion
+  ttft         time to first token with the model loaded (templated as `run` sends it, and raw)
+  cold         request -> first token on an unloaded model vs start llama-server, poll /health, request
+  concurrency  4 simultaneous chats (OLLAMA_NUM_PARALLEL=4) vs llama-server -np 4, aggregate tokens/s
+  footprint    idle RSS of `serve`; wall time of `ollama.py list` over 50 models vs `python3 -c pass`
+  pull         MB/s pulling Gemma's blob from a loopback docker-registry vs curl of the same blob URL
+  create       `ollama.py create` of the 253 MB GGUF vs `sha256sum` + `cp`
+
+    python3 bench/bench.py [--json out.json] [--runs N] [--quick] [--only SECTION[,SECTION...]]
+                           [--ollama-py PATH] [--keep]
+
+--ollama-py measures another copy of ollama.py (e.g. a branch's), --keep leaves the work dir (logs,
+stores) for inspection.
+
+Uses only the project, its test requirements and the engine it builds. Every process it starts is
+stopped on exit, on Ctrl+C, on SIGTERM and on error. A metric whose feature is not in this ollama.py
+yet is reported as "n/a" with the reason.
+"""
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))
+
+import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
+
+SECTIONS = ("generation", "ttft", "cold", "concurrency", "footprint", "pull", "create")
+MODEL = "gemma3:270m"
+N_PREDICT = 128                 # tokens per generation run
+N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
+SEED = 42
+PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+CHAT_PROMPTS = ["Tell me a long story about a dragon who learns to bake bread.",
+                "Explain in detail how a steam engine works, step by step.",
+                "Write a long poem about the sea at night.",
+                "Describe a walk through a busy market in a medieval town, in detail."]
+POLL = 0.01                     # seconds between /health polls when starting llama-server by hand
+FAKE_MODELS = 50
+
+
+class BenchError(Exception):
+    """A measurement could not be taken; the section reports it instead of a number."""
+
+
+class NotAvailable(Exception):
+    """The ollama.py under test lacks the feature a metric needs."""
+
+
+def loadavg():
+    """The 1-minute load average: above the CPU count, other work is competing with the bench."""
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def log(msg):
+    print("[bench %s] %s" % (time.strftime("%H:%M:%S"), msg), file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------------
+
+class Row:
+    """One table line. `kind` decides how `met` is computed:
+    "rate" ours/direct >= limit; "latency" ours - direct <= limit (ms); "slower" ours/direct <= limit;
+    "max" ours <= limit; "info" no target."""
+
+    def __init__(self, metric, unit, ours=None, direct=None, kind="info", limit=None, note=""):
+        self.samples = {}
+        if isinstance(ours, list):
+            self.samples["ollama_py"], ours = ours, median(ours)
+        if isinstance(direct, list):
+            self.samples["direct"], direct = direct, median(direct)
+        self.metric, self.unit, self.ours, self.direct = metric, unit, ours, direct
+        self.kind, self.limit, self.note = kind, limit, note
+
+    def best(self):
+        """(ours, direct) of the least disturbed run: highest rate, lowest time; None where not sampled.
+        On a shared machine the median can land on a run slowed by other work; the best run cannot."""
+        pick = max if self.kind == "rate" else min
+        return tuple(pick(self.samples[k]) if self.samples.get(k) else None for k in ("ollama_py", "direct"))
+
+    @property
+    def ratio(self):
+        if self.ours is None or not self.direct:
+            return None
+        return self.ours / self.direct
+
+    @property
+    def target(self):
+        if self.kind == "rate":
+            return ">= %.2fx" % self.limit
+        if self.kind == "latency":
+            return "<= +%g ms" % self.limit
+        if self.kind == "slower":
+            return "<= %.1fx" % self.limit
+        if self.kind == "max":
+            return "<= %g %s" % (self.limit, self.unit)
+        return "-"
+
+    @property
+    def met(self):
+        if self.ours is None or self.kind == "info":
+            return None
+        if self.kind == "max":
+            return self.ours <= self.limit
+        if self.direct is None:
+            return None
+        if self.kind == "rate":
+            return self.ours / self.direct >= self.limit
+        if self.kind == "latency":
+            return self.ours - self.direct <= self.limit
+        return self.ours / self.direct <= self.limit
+
+    def cells(self):
+        ratio = "-" if self.ratio is None else "%.3f" % self.ratio
+        if self.kind == "latency" and self.ratio is not None:
+            ratio += " (%+.1f ms)" % (self.ours - self.direct)
+        met = {True: "yes", False: "NO", None: "-"}[self.met]
+        ours = "n/a" if self.ours is None else _num(self.ours)
+        return [self.metric + " (%s)" % self.unit, ours, "-" if self.direct is None else _num(self.direct),
+                ratio, self.target, met]
+
+    def as_dict(self):
+        return {"metric": self.metric, "unit": self.unit, "ollama_py": self.ours, "direct": self.direct,
+                "ratio": self.ratio, "target": self.target, "met": self.met, "note": self.note,
+                "samples": self.samples, "best": self.best()}
+
+
+def _num(x):
+    return "%.0f" % x if abs(x) >= 1000 else "%.1f" % x if abs(x) >= 10 else "%.2f" % x
+
+
+HEADER = ["metric", "ollama.py", "direct", "ratio", "target", "met?"]
+
+
+def render_table(rows):
+    lines = [HEADER] + [r.cells() for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    notes = ["  * %s: %s" % (r.metric, r.note) for r in rows if r.note]
+    best = ["  %s: ollama.py %s, direct %s" % (r.metric, _num(r.best()[0]), _num(r.best()[1]))
+            for r in rows if all(x is not None for x in r.best())]
+    if best:
+        notes += ["", "best run of each side (least disturbed by other load):"] + best
+    return "\n".join(out + ([""] + notes if notes else []))
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes: everything started is tracked and stopped, orphans included
+# ----------------------------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid):
+    """Every live descendant pid of `pid`, from /proc/<pid>/task/*/children (Linux)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir("/proc/%d/task" % p)
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open("/proc/%d/task/%s/children" % (p, t)) as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def rss_mb(pid):
+    """Resident set size (VmRSS) of a process, in MB (10^6 bytes)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    raise BenchError("no VmRSS for pid %d" % pid)
+
+
+def cpu_seconds(pid):
+    """User + system CPU time a process has used so far, in seconds (/proc/<pid>/stat)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _kill(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Procs:
+    """The processes this run started. `stop_all()` stops each by pid (SIGTERM, then SIGKILL), then kills
+    any process whose command line names the run's private work dir (a runner orphaned by a crash)."""
+
+    def __init__(self, workdir):
+        self.workdir = str(workdir)
+        self.items = []
+        self.logs = []
+
+    def start(self, args, log_path, env=None, cwd=None):
+        f = open(str(log_path), "ab")
+        self.logs.append(f)
+        proc = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                env=env, cwd=cwd, start_new_session=True)
+        self.items.append(proc)
+        return proc
+
+    def stop(self, proc, grace=10.0):
+        kids = descendants(proc.pid)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        deadline = time.monotonic() + grace
+        for pid in kids:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                _kill(pid, signal.SIGKILL)
+        if proc in self.items:
+            self.items.remove(proc)
+
+    def stop_all(self):
+        for proc in list(reversed(self.items)):
+            try:
+                self.stop(proc)
+            except Exception as e:              # keep stopping the rest
+                log("stopping pid %d: %s" % (proc.pid, e))
+        me = os.getpid()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if self.workdir.encode() in cmdline:
+                _kill(int(entry), signal.SIGKILL)
+        for f in self.logs:
+            f.close()
+
+
+def timed_run(args, env=None, cwd=None, timeout=600):
+    """Run a command to completion: (wall seconds, CompletedProcess)."""
+    t0 = time.perf_counter()
+    cp = subprocess.run([str(a) for a in args], env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                        timeout=timeout)
+    return time.perf_counter() - t0, cp
+
+
+def check_cli(cp, what):
+    """Raise NotAvailable when an ollama.py command is still a stub, BenchError when it failed."""
+    err = cp.stderr.decode(errors="replace").strip()
+    if cp.returncode != 0:
+        if "not implemented" in err:
+            raise NotAvailable("`%s` not implemented in this ollama.py (n/a until merged)" % what)
+        raise BenchError("`%s` exited %d: %s" % (what, cp.returncode, err.splitlines()[-1:] or ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HTTP
+# ----------------------------------------------------------------------------------------------------------------
+
+def http_call(port, method, path, body=None, timeout=120):
+    """(status, raw bytes) of one request to 127.0.0.1:port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def http_json(port, method, path, body=None, timeout=120):
+    status, raw = http_call(port, method, path, body, timeout)
+    if status != 200:
+        raise BenchError("%s %s -> %d: %s" % (method, path, status, raw[:300].decode(errors="replace")))
+    return json.loads(raw) if raw.strip() else None
+
+
+class Timing:
+    """Client-side timing of one streamed answer (perf_counter seconds)."""
+
+    def __init__(self, t0):
+        self.t0 = t0
+        self.first = self.last = self.end = None
+        self.tokens = 0          # token-bearing events (done/stop event excluded)
+        self.final = None
+
+    @property
+    def ttft(self):
+        return self.first - self.t0
+
+    @property
+    def client_rate(self):
+        """Tokens/s between the first and the last token event (prefill excluded)."""
+        if self.tokens < 2 or self.last <= self.first:
+            return None
+        return (self.tokens - 1) / (self.last - self.first)
+
+
+def stream(port, path, body, sse=False, t0=None, timeout=600):
+    """POST `body` and read the streamed answer: NDJSON (ollama.py) or SSE `data:` lines (llama-server),
+    noting when each event arrives. `t0` lets a caller start the clock earlier (cold start)."""
+    t = Timing(time.perf_counter() if t0 is None else t0)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise BenchError("POST %s -> %d: %s" % (path, resp.status, resp.read()[:300].decode(errors="replace")))
+        while True:
+            line = resp.readline()
+            if not line:
+                raise BenchError("POST %s: stream ended without a final event" % path)
+            now = time.perf_counter()
+            if sse:
+                if not line.startswith(b"data: "):
+                    continue
+                line = line[6:]
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if "error" in event:
+                raise BenchError("POST %s: %s" % (path, event["error"]))
+            if t.first is None:
+                t.first = now
+            if event.get("stop") if sse else event.get("done"):
+                t.end, t.final = now, event
+                return t
+            t.tokens += 1
+            t.last = now
+    finally:
+        conn.close()
+
+
+def wait_http(port, path, proc, timeout=120, poll=POLL, ok=lambda status, raw: status == 200):
+    """Poll GET path until `ok`, failing early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError("process %s exited with %s while starting" % (proc.args[0], proc.returncode))
+        try:
+            status, raw = http_call(port, "GET", path, timeout=1)
+            if ok(status, raw):
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError("timed out waiting for %s on port %d" % (path, port))
+        time.sleep(poll)
+
+
+def _health_ok(status, raw):
+    try:
+        return status == 200 and json.loads(raw).get("status") == "ok"
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The parts: engine, model, ollama.py serve, llama-server by hand
+# ----------------------------------------------------------------------------------------------------------------
+
+def find_engine():
+    """The llama-server ollama.py runs: tests/fixtures.py's ensure_engine() when present, else
+    OLLAMA_LLAMA_SERVER or the cached build."""
+    try:
+        import fixtures
+    except ImportError:
+        fixtures = None
+    if fixtures is not None and hasattr(fixtures, "ensure_engine"):
+        return str(fixtures.ensure_engine())
+    for p in (os.environ.get("OLLAMA_LLAMA_SERVER"),
+              os.path.expanduser("~/.cache/ollama-py/build/0.3.36-cpu/bin/llama-server")):
+        if p and os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    raise BenchError("llama-server not found (set OLLAMA_LLAMA_SERVER)")
+
+
+def find_gemma():
+    try:
+        import fixtures
+    except ImportError:
+        fixtures = None
+    if fixtures is not None and hasattr(fixtures, "ensure_gemma"):
+        return str(fixtures.ensure_gemma())
+    p = os.path.expanduser("~/.cache/ollama-py/gemma/gemma-3-270m-q4_k_m.gguf")
+    if not os.path.isfile(p):
+        raise BenchError("Gemma 3 270M GGUF not found at %s" % p)
+    return p
+
+
+def import_model(models_dir, name, gguf):
+    """Put a GGUF into a store as a model without the create API (the tests' import_gguf)."""
+    try:
+        from test_inference import import_gguf
+    except ImportError:
+        import_gguf = None
+    store = project.Store(models_dir)
+    if import_gguf is not None:
+        import_gguf(store, name, gguf)
+        return
+    with open(gguf, "rb") as f:
+        digest, size = store.write_blob(f)
+    cd, cs = store.write_blob_bytes(json.dumps({"model_format": "gguf", "model_family": "gemma3"}).encode())
+    store.write_manifest(project.Name.parse(name), {
+        "schemaVersion": 2, "mediaType": project.MEDIA_MANIFEST,
+        "config": {"mediaType": project.MEDIA_CONFIG, "digest": cd, "size": cs},
+        "layers": [{"mediaType": project.MEDIA_PREFIX + "model", "digest": digest, "size": size}]})
+
+
+def clean_env(extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_")}
+    env.update(extra)
+    return env
+
+
+class Serve:
+    """`python3 ollama.py serve` on a free loopback port with its own HOME and OLLAMA_MODELS."""
+
+    def __init__(self, bench, name, models=None, env=None):
+        self.bench = bench
+        self.dir = bench.workdir / name
+        self.home = self.dir / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.models = Path(models) if models else self.home / ".ollama" / "models"
+        self.port = free_port()
+        extra = {"OLLAMA_HOST": "127.0.0.1:%d" % self.port, "OLLAMA_MODELS": str(self.models),
+                 "HOME": str(self.home)}
+        if bench.engine:
+            extra["OLLAMA_LLAMA_SERVER"] = bench.engine
+        extra.update(env or {})
+        self.env = clean_env(extra)
+        self.log_path = self.dir / "serve.log"
+        self.proc = None
+
+    def start(self):
+        self.proc = self.bench.procs.start([sys.executable, self.bench.ollama_py, "serve"], self.log_path,
+                                           env=self.env, cwd=str(self.dir))
+        wait_http(self.port, "/", self.proc, timeout=60, poll=0.02)
+        return self
+
+    def stop(self):
+        if self.proc is not None:
+            self.bench.procs.stop(self.proc)
+            self.proc = None
+
+    def cli(self, *args, timeout=600):
+        """Run `python3 ollama.py ARGS` as a client of this server: (wall seconds, CompletedProcess)."""
+        return timed_run([sys.executable, self.bench.ollama_py] + list(args), env=self.env, cwd=str(self.dir),
+                         timeout=timeout)
+
+    def runner_args(self):
+        """The argv ollama.py started its latest llama-server with, from its "starting llama server:" log line."""
+        marker = "starting llama server: "
+        found = None
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if marker in line:
+                found = line.split(marker, 1)[1]
+        if found is None:
+            raise BenchError("no 'starting llama server:' line in %s" % self.log_path)
+        return shlex.split(found)
+
+    def runners(self):
+        return descendants(self.proc.pid)
+
+    def wait_unloaded(self, timeout=30):
+        """Until /api/ps is empty and no runner process is left."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not http_json(self.port, "GET", "/api/ps")["models"] and not any(map(_alive, self.runners())):
+                return
+            time.sleep(0.01)
+        raise BenchError("model did not unload within %ds" % timeout)
+
+
+class Direct:
+    """llama-server started by hand with the argv ollama.py used, on a port of our own."""
+
+    def __init__(self, bench, args, name="direct"):
+        self.bench, self.port = bench, free_port()
+        args = list(args)
+        args[args.index("--port") + 1] = str(self.port)
+        self.args = args
+        self.log_path = bench.workdir / ("%s.log" % name)
+        self.proc = None
+
+    def launch(self):
+        self.proc = self.bench.procs.start(self.args, self.log_path)
+
+    def wait_ready(self):
+        wait_http(self.port, "/health", self.proc, ok=_health_ok)
+
+    def start(self):
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def stop(self):
+        if self.proc is not None:
+            self.bench.procs.stop(self.proc)
+            self.proc = None
+
+
+def direct_payload(options, prompt):
+    """The /completion body ollama.py sends for these request options: its defaults, its option
+    mapping (`_sampling`), the prompt, stream on."""
+    opts = dict(getattr(project, "DEFAULT_OPTIONS", {}))
+    opts.update(options)
+    sampling = getattr(project, "_sampling", None)
+    if sampling is not None:
+        body = sampling(opts, None)
+    else:
+        fields = getattr(project, "SAMPLING_FIELDS", {"num_predict": "n_predict", "temperature": "temperature",
+                                                      "seed": "seed"})
+        body = {f: opts[k] for k, f in fields.items() if opts.get(k) is not None}
+        body["cache_prompt"] = True
+    body.update(prompt=prompt, stream=True)
+    return body
+
+
+class Rig:
+    """ollama.py serve with Gemma loaded, plus llama-server started by hand with the same flags."""
+
+    def __init__(self, bench, parallel=1):
+        env = {"OLLAMA_NUM_PARALLEL": str(parallel)} if parallel > 1 else {}
+        self.serve = Serve(bench, "serve-np%d" % parallel, env=env)
+        self.bench, self.parallel = bench, parallel
+        self.direct = None
+        self.args = None
+
+    def start(self):
+        import_model(self.serve.models, MODEL, self.bench.gemma)
+        self.serve.start()
+        # an empty prompt loads the model (done_reason "load"): after it the runner's argv is in the log
+        http_json(self.serve.port, "POST", "/api/generate", {"model": MODEL, "stream": False})
+        self.args = self.serve.runner_args()
+        return self
+
+    def start_direct(self):
+        if self.direct is None:
+            self.direct = Direct(self.bench, self.args, "direct-np%d" % self.parallel).start()
+        return self.direct
+
+    def stop_direct(self):
+        if self.direct is not None:
+            self.direct.stop()
+            self.direct = None
+
+    def rendered(self, path, body):
+        """The prompt text ollama.py sends to llama-server for this request (its _debug_render_only)."""
+        out = http_json(self.serve.port, "POST", path, dict(body, _debug_render_only=True, stream=False))
+        return out["_debug_info"]["rendered_template"]
+
+    def stop(self):
+        self.stop_direct()
+        self.serve.stop()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------
+
+def options(n):
+    return {"num_predict": n, "temperature": 0, "seed": SEED}
+
+
+def sec_generation(b):
+    rig = b.rig()
+    direct = rig.start_direct()
+    body = {"model": MODEL, "prompt": PROMPT, "options": options(N_PREDICT)}
+    payload = direct_payload(options(N_PREDICT), rig.rendered("/api/generate", body))
+    ours, theirs = [], []
+    # warm both prompt caches with one token
+    stream(rig.serve.port, "/api/generate", dict(body, options=options(1)))
+    stream(direct.port, "/completion", dict(payload, n_predict=1), sse=True)
+    cpu = 0.0
+    for i in range(b.runs):
+        c0 = cpu_seconds(rig.serve.proc.pid)
+        ours.append(stream(rig.serve.port, "/api/generate", body))
+        cpu += cpu_seconds(rig.serve.proc.pid) - c0
+        theirs.append(stream(direct.port, "/completion", payload, sse=True))
+        log("  run %d: ollama.py %.1f tok/s, direct %.1f tok/s" % (i + 1, ours[-1].client_rate or 0,
+                                                                  theirs[-1].client_rate or 0))
+    counts = sorted({t.final.get("eval_count") for t in ours} | {t.final["timings"]["predicted_n"] for t in theirs})
+    note = "" if counts == [N_PREDICT] else "token counts differ from n_predict=%d: %s" % (N_PREDICT, counts)
+    rows = [
+        Row("generation, client-timed", "tok/s", [t.client_rate for t in ours],
+            [t.client_rate for t in theirs], "rate", 0.99, note),
+        Row("generation, engine-reported", "tok/s",
+            [t.final["eval_count"] / (t.final["eval_duration"] / 1e9) for t in ours],
+            [t.final["timings"]["predicted_per_second"] for t in theirs], "rate", 0.99,
+            "ollama.py eval_count/eval_duration vs llama-server timings.predicted_per_second"),
+        Row("last token -> end of stream", "ms", [(t.end - t.last) * 1e3 for t in ours],
+            [(t.end - t.last) * 1e3 for t in theirs], "info",
+            note="includes the final chunk's extra work (ollama.py tokenizes prompt+answer for `context`)"),
+        Row("serve CPU per token", "ms", cpu * 1e3 / sum(t.final["eval_count"] for t in ours), None, "info",
+            note="CPU time of the `serve` process per generated token (it competes with llama-server for cores)"),
+        Row("serve RSS after inference", "MB", rss_mb(rig.serve.proc.pid), None, "max", 30.0),
+    ]
+    return rows
+
+
+def sec_ttft(b):
+    rig = b.rig()
+    direct = rig.start_direct()
+    n = 1
+    body = {"model": MODEL, "prompt": PROMPT, "options": options(n)}
+    text = rig.rendered("/api/generate", body)
+    raw = {"model": MODEL, "prompt": text, "raw": True, "options": options(n)}
+    payload = direct_payload(options(n), text)
+    templ, rawt, theirs = [], [], []
+    stream(rig.serve.port, "/api/generate", body)
+    stream(direct.port, "/completion", payload, sse=True)
+    for i in range(max(b.runs, 5) * 2):
+        templ.append(stream(rig.serve.port, "/api/generate", body).ttft * 1e3)
+        theirs.append(stream(direct.port, "/completion", payload, sse=True).ttft * 1e3)
+        rawt.append(stream(rig.serve.port, "/api/generate", raw).ttft * 1e3)
+        theirs.append(stream(direct.port, "/completion", payload, sse=True).ttft * 1e3)
+    return [Row("TTFT loaded, as `run` sends it", "ms", templ, theirs, "latency", 5.0,
+                "templated /api/generate (prompt rendered by ollama.py) vs /completion of the rendered text"),
+            Row("TTFT loaded, raw prompt", "ms", rawt, theirs, "latency", 5.0,
+                "/api/generate raw:true with the same rendered text")]
+
+
+def sec_cold(b):
+    rig = b.rig()
+    rig.stop_direct()
+    port = rig.serve.port
+    body = {"model": MODEL, "prompt": PROMPT, "options": options(1), "keep_alive": 0}
+    payload = direct_payload(options(1), rig.rendered("/api/generate", dict(body, keep_alive="5m")))
+    http_json(port, "POST", "/api/generate", {"model": MODEL, "keep_alive": 0, "stream": False})
+    rig.serve.wait_unloaded()
+    ours, theirs = [], []
+    for i in range(b.runs):
+        ours.append(stream(port, "/api/generate", body).ttft * 1e3)
+        rig.serve.wait_unloaded()
+        d = Direct(b, rig.args, "direct-cold")
+        t0 = time.perf_counter()
+        d.launch()
+        try:
+            d.wait_ready()
+            theirs.append(stream(d.port, "/completion", payload, sse=True, t0=t0).ttft * 1e3)
+        finally:
+            d.stop()
+    return [Row("cold start to first token", "ms", ours, theirs, "latency", 100.0,
+                "keep_alive 0 each run vs spawn llama-server, poll /health every %d ms, request" % (POLL * 1e3))]
+
+
+def sec_concurrency(b):
+    b.drop_rig()
+    rig = Rig(b, parallel=4)
+    rig.start()
+    direct = rig.start_direct()
+    n = N_PREDICT_PARALLEL
+    bodies = [{"model": MODEL, "messages": [{"role": "user", "content": p}], "options": options(n)}
+              for p in CHAT_PROMPTS]
+    payloads = [direct_payload(options(n), rig.rendered("/api/chat", body)) for body in bodies]
+
+    def burst(port, path, items, sse):
+        results = [None] * len(items)
+        errors = []
+        start = threading.Barrier(len(items) + 1)
+
+        def one(i):
+            start.wait()
+            try:
+                results[i] = stream(port, path, items[i], sse=sse)
+            except Exception as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(items))]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        end = max(r.end for r in results)
+        tokens = sum(r.final.get("eval_count") or r.final.get("timings", {}).get("predicted_n", 0) for r in results)
+        return tokens / (end - t0), tokens
+
+    # warm-up, one token each: fills both prompt caches
+    burst(rig.serve.port, "/api/chat", [dict(x, options=options(1)) for x in bodies], False)
+    burst(direct.port, "/completion", [dict(x, n_predict=1) for x in payloads], True)
+    ours, theirs, counts = [], [], set()
+    for i in range(b.runs):
+        rate, tokens = burst(rig.serve.port, "/api/chat", bodies, False)
+        ours.append(rate)
+        counts.add(tokens)
+        rate, tokens = burst(direct.port, "/completion", payloads, True)
+        theirs.append(rate)
+        counts.add(tokens)
+        log("  burst %d: ollama.py %.1f tok/s, direct %.1f tok/s" % (i + 1, ours[-1], theirs[-1]))
+    note = "4 streams x %d tokens, wall clock from request to the last final event" % n
+    if counts != {4 * n}:
+        note += "; total tokens per burst: %s" % sorted(counts)
+    rig.stop()
+    return [Row("4 parallel chats, aggregate", "tok/s", ours, theirs, "rate", 0.95, note)]
+
+
+def write_fake_models(models_dir, n):
+    """n tiny models (a small blob as the 'model' layer plus a config) written with Store: listable,
+    not loadable."""
+    store = project.Store(models_dir)
+    for i in range(n):
+        digest, size = store.write_blob_bytes(b"GGUF fake model %d\n" % i)
+        cd, cs = store.write_blob_bytes(json.dumps({"model_format": "gguf", "model_family": "llama",
+                                                    "model_type": "%dM" % (i + 1), "file_type": "Q4_0"}).encode())
+        store.write_manifest(project.Name.parse("bench-model-%02d:latest" % i), {
+            "schemaVersion": 2, "mediaType": project.MEDIA_MANIFEST,
+            "config": {"mediaType": project.MEDIA_CONFIG, "digest": cd, "size": cs},
+            "layers": [{"mediaType": project.MEDIA_PREFIX + "model", "digest": digest, "size": size}]})
+
+
+def sec_footprint(b):
+    serve = Serve(b, "serve-footprint")
+    write_fake_models(serve.models, FAKE_MODELS)
+    serve.start()
+    time.sleep(0.5)
+    fresh = rss_mb(serve.proc.pid)
+    # bare interpreter, for scale
+    ref = b.procs.start([sys.executable, "-c", "import time; time.sleep(60)"], b.workdir / "ref.log")
+    time.sleep(0.3)
+    ref_rss = rss_mb(ref.pid)
+    b.procs.stop(ref)
+    rows = []
+    runs = max(b.runs, 5)
+    ours, base, version, note = [], [], [], ""
+    timed_run([sys.executable, "-c", "pass"])
+    try:
+        wall, cp = serve.cli("list")
+        check_cli(cp, "ollama.py list")
+        listed = [ln for ln in cp.stdout.decode().splitlines()[1:] if ln.strip()]
+        if len(listed) != FAKE_MODELS:
+            note = "list printed %d models, expected %d" % (len(listed), FAKE_MODELS)
+        entry_dir = b.workdir / "entry"
+        entry_dir.mkdir()
+        shutil.copy(b.ollama_py, str(entry_dir / "ollama.py"))
+        entry_cmd = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import ollama; "
+                     "sys.exit(ollama.main(['list']))" % str(entry_dir)]
+        # bytecode caching on (this machine's environment may set PYTHONDONTWRITEBYTECODE)
+        entry_env = {k: v for k, v in serve.env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        timed_run(entry_cmd, env=entry_env)                    # writes __pycache__
+        entry = []
+        for i in range(runs):
+            ours.append(serve.cli("list")[0] * 1e3)
+            base.append(timed_run([sys.executable, "-c", "pass"])[0] * 1e3)
+            entry.append(timed_run(entry_cmd, env=entry_env)[0] * 1e3)
+            version.append(serve.cli("--version")[0] * 1e3)
+        rows.append(Row("`list` of %d models, wall" % FAKE_MODELS, "ms", ours, base, "slower", 1.5,
+                        note or "`python3 ollama.py list` vs `python3 -c pass`"))
+        rows.append(Row("`list` via installed entry point", "ms", median(entry), median(base), "slower", 1.5,
+                        note="`import ollama; ollama.main()` with cached bytecode, as the console script runs it"))
+    except NotAvailable as e:
+        for i in range(runs):
+            base.append(timed_run([sys.executable, "-c", "pass"])[0] * 1e3)
+            version.append(serve.cli("--version")[0] * 1e3)
+        rows.append(Row("`list` of %d models, wall" % FAKE_MODELS, "ms", None, median(base), "slower", 1.5, str(e)))
+    rows.append(Row("`--version` wall (import floor)", "ms", median(version), median(base), "info",
+                    note="python3 ollama.py --version vs python3 -c pass: the CLI's start-up cost"))
+    idle = rss_mb(serve.proc.pid)
+    rows.insert(0, Row("serve RSS idle", "MB", idle, ref_rss, "max", 30.0,
+                       "after start and %d list calls (%.1f MB fresh); direct = bare python3" % (runs, fresh)))
+    serve.stop()
+    return rows
+
+
+def _ensure_registry(b):
+    """A loopback docker-registry holding library/gemma3:270m (Gemma's blob, a config, a manifest),
+    pushed with the OCI API. Returns (port, blob digest, blob size)."""
+    if b.registry is not None:
+        return b.registry
+    exe = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+    if not os.path.exists(exe):
+        raise NotAvailable("docker-registry not installed")
+    port = free_port()
+    root = b.workdir / "registry"
+    root.mkdir()
+    cfg = root / "config.yml"
+    cfg.write_text("version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n"
+                   "  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\nhttp:\n"
+                   "  addr: 127.0.0.1:%d\n" % (root / "data", port))
+    proc = b.procs.start([exe, "serve", cfg], root / "registry.log")
+    wait_http(port, "/v2/", proc, timeout=30, poll=0.05)
+    base = "http://127.0.0.1:%d/v2/library/gemma3" % port
+
+    def upload(digest, size, data):
+        req = urllib.request.Request(base + "/blobs/uploads/", method="POST", data=b"")
+        with urllib.request.urlopen(req) as resp:
+            loc = urllib.parse.urljoin(base, resp.headers["Location"])
+        loc += ("&" if "?" in loc else "?") + "digest=" + urllib.parse.quote(digest)
+        req = urllib.request.Request(loc, method="PUT", data=data, headers={
+            "Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        with urllib.request.urlopen(req) as resp:
+            if resp.status != 201:
+                raise BenchError("blob upload -> %d" % resp.status)
+
+    h = hashlib.sha256()
+    with open(b.gemma, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest, size = "sha256:" + h.hexdigest(), os.path.getsize(b.gemma)
+    with open(b.gemma, "rb") as f:
+        upload(digest, size, f)
+    cfg_bytes = json.dumps({"model_format": "gguf", "model_family": "gemma3", "model_families": ["gemma3"],
+                            "model_type": "268M", "file_type": "Q4_K_M"}).encode()
+    cfg_digest = "sha256:" + hashlib.sha256(cfg_bytes).hexdigest()
+    upload(cfg_digest, len(cfg_bytes), cfg_bytes)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": project.MEDIA_MANIFEST,
+                           "config": {"mediaType": project.MEDIA_CONFIG, "digest": cfg_digest, "size": len(cfg_bytes)},
+                           "layers": [{"mediaType": project.MEDIA_PREFIX + "model", "digest": digest, "size": size}]
+                           }).encode()
+    req = urllib.request.Request(base + "/manifests/270m", method="PUT", data=manifest,
+                                 headers={"Content-Type": project.MEDIA_MANIFEST})
+    with urllib.request.urlopen(req) as resp:
+        if resp.status != 201:
+            raise BenchError("manifest upload -> %d" % resp.status)
+    b.registry = (port, digest, size)
+    return b.registry
+
+
+def _store_serve(b):
+    if b.store_serve is None:
+        b.store_serve = Serve(b, "serve-store").start()
+    return b.store_serve
+
+
+def _wipe_store(serve):
+    for sub in ("blobs", "manifests"):
+        shutil.rmtree(str(serve.models / sub), ignore_errors=True)
+
+
+def sec_pull(b):
+    port, digest, size = _ensure_registry(b)
+    serve = _store_serve(b)
+    name = "127.0.0.1:%d/library/gemma3:270m" % port
+    url = "http://127.0.0.1:%d/v2/library/gemma3/blobs/%s" % (port, digest)
+    curl = shutil.which("curl")
+    if curl is None:
+        raise NotAvailable("curl not installed")
+    _wipe_store(serve)
+    wall, cp = serve.cli("pull", name, "--insecure")            # warm-up; also: is pull there at all?
+    check_cli(cp, "ollama.py pull --insecure")
+    if not (serve.models / "blobs" / digest.replace(":", "-")).is_file():
+        raise BenchError("pull exited 0 but the blob is not in the store")
+    ours, theirs, floor = [], [], []
+    timed_run([curl, "-s", "-o", "/dev/null", url])
+    target = b.workdir / "curl.blob"
+    # the same work a verified, durable download must do: fetch to a file, hash it, flush it
+    hasher = "openssl dgst -sha256" if shutil.which("openssl") else "sha256sum"   # openssl uses SHA-NI
+    floor_cmd = ["sh", "-c", 'curl -s -f -o "$1" "$2" && %s "$1" >/dev/null && sync "$1"' % hasher, "sh",
+                 target, url]
+    for i in range(b.runs):
+        _wipe_store(serve)
+        wall, cp = serve.cli("pull", name, "--insecure")
+        check_cli(cp, "ollama.py pull")
+        ours.append(size / 1e6 / wall)
+        wall, cp = timed_run([curl, "-s", "-f", "-o", "/dev/null", url])
+        if cp.returncode:
+            raise BenchError("curl exited %d" % cp.returncode)
+        theirs.append(size / 1e6 / wall)
+        wall, cp = timed_run(floor_cmd)
+        if cp.returncode:
+            raise BenchError("curl + sha256sum exited %d" % cp.returncode)
+        floor.append(size / 1e6 / wall)
+        target.unlink()
+    _wipe_store(serve)
+    mb = size // 1e6
+    return [Row("pull %d MB blob, loopback registry" % mb, "MB/s", ours, theirs, "rate", 0.8,
+                "whole `ollama.py pull` command (manifest, blob to disk, verify) vs `curl -s -o /dev/null`"),
+            Row("pull %d MB blob vs curl+sha256+sync" % mb, "MB/s", median(ours), median(floor), "info",
+                note="direct = curl to a file, `%s` it, sync it: the floor for a verified, durable pull" % hasher)]
+
+
+def sec_create(b):
+    serve = _store_serve(b)
+    modelfile = b.workdir / "Modelfile"
+    modelfile.write_text("FROM %s\n" % b.gemma)
+    copy = b.workdir / "copy.gguf"
+    _wipe_store(serve)
+    wall, cp = serve.cli("create", "bench-gemma", "-f", modelfile)
+    check_cli(cp, "ollama.py create")
+    ours, theirs = [], []
+    for i in range(b.runs):
+        _wipe_store(serve)
+        wall, cp = serve.cli("create", "bench-gemma", "-f", modelfile)
+        check_cli(cp, "ollama.py create")
+        ours.append(wall * 1e3)
+        t0 = time.perf_counter()
+        r1 = subprocess.run(["sha256sum", b.gemma], capture_output=True)
+        r2 = subprocess.run(["cp", b.gemma, copy])
+        theirs.append((time.perf_counter() - t0) * 1e3)
+        copy.unlink()
+        if r1.returncode or r2.returncode:
+            raise BenchError("sha256sum/cp failed")
+    _wipe_store(serve)
+    return [Row("create from the 253 MB GGUF", "ms", ours, theirs, "info",
+                note="`ollama.py create NAME -f Modelfile` (FROM /path.gguf) vs sha256sum + cp of the file")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------
+
+NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "cold": ("engine", "gemma"),
+         "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "create": ("gemma",)}
+FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "cold": sec_cold, "concurrency": sec_concurrency,
+         "footprint": sec_footprint, "pull": sec_pull, "create": sec_create}
+TITLES = {"generation": "generation throughput", "ttft": "time to first token", "cold": "cold start",
+          "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull",
+          "create": "create"}
+
+
+class Bench:
+    def __init__(self, args, workdir):
+        self.runs = args.runs
+        self.ollama_py = str(Path(args.ollama_py).resolve())
+        self.workdir = workdir
+        self.procs = Procs(workdir)
+        self.engine = self.gemma = None
+        self._rig = None
+        self.registry = None
+        self.store_serve = None
+
+    def rig(self):
+        if self._rig is None:
+            self._rig = Rig(self).start()
+        return self._rig
+
+    def drop_rig(self):
+        if self._rig is not None:
+            self._rig.stop()
+            self._rig = None
+
+    def run(self, sections):
+        rows = []
+        for sec in sections:
+            log("%s ... (load average %.2f)" % (TITLES[sec], loadavg()))
+            t0 = time.monotonic()
+            try:
+                for need in NEEDS[sec]:
+                    if need == "engine" and self.engine is None:
+                        self.engine = find_engine()
+                    if need == "gemma" and self.gemma is None:
+                        self.gemma = find_gemma()
+                new = FUNCS[sec](self)
+            except (NotAvailable, BenchError) as e:
+                log("%s: %s" % (sec, e))
+                new = [Row(TITLES[sec], "-", None, None, "info", note="n/a: %s" % e)]
+            rows.extend(new)
+            log("%s done in %.1f s" % (sec, time.monotonic() - t0))
+        return rows
+
+    def close(self):
+        self.procs.stop_all()
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt("signal %d" % signum)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Measure ollama.py against llama-server itself (see module doc).")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--runs", type=int, default=5, help="measured runs per side (default 5; medians)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 runs")
+    p.add_argument("--only", metavar="SECTIONS", help="comma-separated subset of: " + ",".join(SECTIONS))
+    p.add_argument("--ollama-py", default=str(ROOT / "ollama.py"), help="the ollama.py to measure (default: repo)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, stores) for inspection")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs = 2
+    sections = SECTIONS
+    if args.only:
+        sections = [s.strip() for s in args.only.split(",") if s.strip()]
+        bad = [s for s in sections if s not in SECTIONS]
+        if bad:
+            p.error("unknown section(s): %s (choose from %s)" % (", ".join(bad), ", ".join(SECTIONS)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)     # even when started with SIGINT ignored
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
+    workdir = Path(tempfile.mkdtemp(prefix="ollama-py-bench-"))
+    bench = Bench(args, workdir)
+    started = time.monotonic()
+    load0 = loadavg()
+    try:
+        rows = bench.run(sections)
+    except KeyboardInterrupt:
+        log("interrupted: stopping everything this run started")
+        return 130
+    finally:
+        bench.close()
+        if args.keep:
+            log("work dir kept: %s" % workdir)
+        else:
+            shutil.rmtree(str(workdir), ignore_errors=True)
+    elapsed = time.monotonic() - started
+    print("ollama.py vs llama-server: medians of %d runs each, alternating; %d CPUs; load average %.2f at start, "
+          "%.2f at end; %.0f s" % (args.runs, os.cpu_count() or 0, load0, loadavg(), elapsed))
+    print(render_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": args.runs, "cpus": os.cpu_count(), "seconds": round(elapsed, 1),
+                       "loadavg_start": load0, "loadavg_end": loadavg(),
+                       "ollama_py": bench.ollama_py, "engine": bench.engine, "sections": list(sections),
+                       "rows": [r.as_dict() for r in rows]}, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
