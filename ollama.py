@@ -322,10 +322,17 @@ def human_time(when, now=None):
 
 
 def rfc3339(ts=None):
-    """Timestamp as Go's time.RFC3339Nano in UTC: 2023-08-04T19:22:45.499127Z."""
-    dt = datetime.datetime.fromtimestamp(time.time() if ts is None else ts, datetime.timezone.utc)
-    text = dt.strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".")
-    return text + "Z"
+    """Timestamp as Go's time.RFC3339Nano in UTC: 2023-08-04T19:22:45.499127Z.
+
+    Called once per streamed token, so it avoids strftime (~20 µs) for plain arithmetic."""
+    ts = time.time() if ts is None else ts
+    seconds = int(ts // 1)
+    micros = int(round((ts - seconds) * 1e6))
+    if micros == 1000000:
+        seconds, micros = seconds + 1, 0
+    y, mo, d, h, mi, s = time.gmtime(seconds)[:6]
+    frac = ("%06d" % micros).rstrip("0")
+    return "%04d-%02d-%02dT%02d:%02d:%02d%s%sZ" % (y, mo, d, h, mi, s, "." if frac else "", frac)
 
 
 def rfc3339_local(ts):
