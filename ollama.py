@@ -3302,7 +3302,8 @@ class Ed25519Key:
         if not body.startswith(_OPENSSH_MAGIC):
             raise OllamaError("ssh: invalid openssh private key format")
         r = _SSHReader(body[len(_OPENSSH_MAGIC):])
-        cipher, kdf, _kdfopts = r.string(), r.string(), r.string()
+        cipher, kdf = r.string(), r.string()
+        r.string()                                      # kdf options: empty for kdf "none"
         if cipher != b"none" or kdf != b"none":
             raise OllamaError("ssh: this private key is passphrase protected")
         if r.uint32() != 1:
@@ -5064,11 +5065,7 @@ def api_version(req):
     return {"version": __version__}
 
 
-def _todo(req):
-    raise OllamaError("not implemented yet: %s %s" % (req.method, req.path), 501)
-
-
-# -- models (store issue) ----------------------------------------------------
+# -- models ------------------------------------------------------------------
 
 def _blob_digest_param(req):
     return parse_digest(req.params.get("digest"))
@@ -5473,7 +5470,7 @@ def _config_struct(config, layers):
     return out
 
 
-# -- inference (inference issue) ---------------------------------------------
+# -- inference ---------------------------------------------------------------
 
 
 def _ns(seconds):
@@ -5926,7 +5923,7 @@ def api_detokenize(req):
         req.server.scheduler.release(entry, keep_alive)
     return {"model": body.get("model"), "text": text}
 
-# -- registry (registry issue) -----------------------------------------------
+# -- registry ----------------------------------------------------------------
 
 def _progress_stream(req, work, stream=True):
     """Run work(progress, cancel) for a pull/push request: a Stream of its progress objects, or
@@ -6560,11 +6557,7 @@ def _setup_logging(config, to_file=False):
     log.setLevel(level)
 
 
-# -- models (store issue) ----------------------------------------------------
-
-def _cli_todo(args):
-    raise OllamaError("not implemented yet: %s" % args.command)
-
+# -- models ------------------------------------------------------------------
 
 def _table(rows, header=None, indent=""):
     """Go tablewriter with no borders and 4-space padding: every cell left-aligned and padded to
@@ -6834,7 +6827,7 @@ def cmd_rm(args):
     return 0
 
 
-# -- inference (inference issue) ---------------------------------------------
+# -- inference ---------------------------------------------------------------
 
 # Ollama's api.Options and Runner fields by type, for `/set parameter` (api.FormatParams).
 _PARAM_INT = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
@@ -7627,7 +7620,7 @@ def cmd_stop(args):
         raise
     return 0
 
-# -- registry (registry issue) -----------------------------------------------
+# -- registry ----------------------------------------------------------------
 
 class _TransferProgress:
     """Ollama-style progress for pull/push on stderr: a bar per blob (percent, size, speed, time

@@ -1,6 +1,5 @@
 """Shared fixtures: an isolated ~/.ollama per test, an in-process server on a free port,
 and the real parts (engine, tiny GGUF, Gemma 3 270M) built or fetched once per session."""
-import os
 import sys
 import threading
 from pathlib import Path

@@ -12,7 +12,6 @@ Standard library plus the ``gguf`` package (and its numpy) only.
 import functools
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -3,7 +3,6 @@ a real server with the real Gemma 3 270M (a base model, so answers are short com
 interactive prompt driven through a pseudo-terminal."""
 import fcntl
 import io
-import json
 import os
 import pty
 import re
@@ -64,16 +63,6 @@ class Spy:
             self.closed[i].set()
 
 
-def _show_standin(req):
-    """/api/show until the store branch's real handler is merged: the fields `run` reads."""
-    body = req.json()
-    model = ollama.Model(req.server.store, ollama.Name.parse(body.get("model") or ""))
-    return {"modelfile": "FROM %s\n" % model.model_path, "template": model.template or "",
-            "parameters": "\n".join("%-30s %s" % (k, json.dumps(v)) for k, v in model.params.items()),
-            "system": model.system or "", "license": "\n".join(model.license), "details": model.details(),
-            "model_info": {}, "capabilities": ["completion"], "messages": model.messages}
-
-
 @pytest.fixture
 def model(server, gemma_gguf, llama_server_bin):
     """Gemma 3 270M in the store, answers capped at 8 tokens by its params layer."""
@@ -84,11 +73,9 @@ def model(server, gemma_gguf, llama_server_bin):
 
 @pytest.fixture
 def spies(server):
-    """Spies on /api/generate and /api/chat (and a stand-in /api/show while that is unimplemented)."""
+    """Spies on /api/generate and /api/chat."""
     gen, chat = Spy(ollama.api_generate, "response"), Spy(ollama.api_chat, "message")
     handlers = {"/api/generate": gen, "/api/chat": chat}
-    if ollama.api_show is ollama._todo:
-        handlers["/api/show"] = _show_standin
     server.routes = ollama.Routes([(m, p, handlers.get(p, h)) for m, p, h in ollama.ROUTES])
     return gen, chat
 

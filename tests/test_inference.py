@@ -1,10 +1,8 @@
 """Inference through the real engine: /api/generate, /api/chat, /api/ps, keep_alive, the scheduler."""
-import hashlib
 import http.client
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -84,7 +82,6 @@ def test_unknown_model_is_404(server):
 def test_empty_prompt_loads_and_keep_alive_zero_unloads(server, gemma):
     status, lines = post(server, "/api/generate", {"model": gemma})
     assert lines[0]["done_reason"] == "load"
-    ps = json.loads(post(server, "/api/ps", {}, raw=True)[1]) if False else None
     assert [e.model.short_name for e in server.scheduler.running()] == [gemma]
     status, lines = post(server, "/api/generate", {"model": gemma, "keep_alive": 0})
     assert lines[0]["done_reason"] == "unload"
