@@ -19,6 +19,7 @@ __all__ = [
 
 import argparse
 import base64
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -6068,6 +6069,18 @@ def _prime(result):
         return None, result.items
 
 
+def _relay(first, rest):
+    """Yield `first`, then `rest`; closing this closes `rest` (so the runner's request is cancelled)."""
+    try:
+        if first is not None:
+            yield first
+            yield from rest
+    finally:
+        close = getattr(rest, "close", None)
+        if close:
+            close()
+
+
 def _stop_option(stop, strict):
     if isinstance(stop, str):
         return [stop]
@@ -6219,9 +6232,8 @@ def _chat_chunks(first, items, cid, created, model, include_usage):
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": "fp_ollama"}
     role_sent = tool_sent = False
-    try:
-        item = first
-        while item is not None:
+    with contextlib.closing(_relay(first, items)) as stream:
+        for item in stream:
             msg = item.get("message") or {}
             delta = {}
             if msg.get("content"):
@@ -6243,11 +6255,6 @@ def _chat_chunks(first, items, cid, created, model, include_usage):
                     yield dict(base, choices=[], usage=_usage(item))
                 yield "[DONE]"
                 return
-            item = next(items, None)
-    finally:
-        close = getattr(items, "close", None)
-        if close:
-            close()
 
 
 @_openai
@@ -6295,9 +6302,8 @@ def _completion_chunks(first, items, cid, created, model, include_usage):
     """/api/generate stream items -> text_completion events, then usage (if asked) and [DONE]."""
     base = {"id": cid, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": "fp_ollama"}
-    try:
-        item = first
-        while item is not None:
+    with contextlib.closing(_relay(first, items)) as stream:
+        for item in stream:
             choice = {"text": item.get("response", ""), "index": 0,
                       "finish_reason": item.get("done_reason") or None}
             chunk = dict(base, choices=[choice])
@@ -6309,11 +6315,6 @@ def _completion_chunks(first, items, cid, created, model, include_usage):
                     yield dict(base, choices=[], usage=_usage(item))
                 yield "[DONE]"
                 return
-            item = next(items, None)
-    finally:
-        close = getattr(items, "close", None)
-        if close:
-            close()
 
 
 @_openai
