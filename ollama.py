@@ -4275,7 +4275,7 @@ class Runner:
                 raise OllamaError("timed out waiting for llama runner to start%s" % self._log_tail())
             time.sleep(0.02)
 
-    def _log_tail(self, lines=12):
+    def _log_tail(self, lines=40):
         if not self.log_path:
             return ""
         try:
@@ -4285,8 +4285,11 @@ class Runner:
                 tail = f.read().decode(errors="replace").splitlines()[-lines:]
         except OSError:
             return ""
-        errors = [ln for ln in tail if "error" in ln.lower() or "failed" in ln.lower()]
-        return ": " + " | ".join((errors or tail)[-4:]).strip()
+        errors = [ln.strip() for ln in tail if "error" in ln.lower() or "failed" in ln.lower()]
+        if not errors:
+            return ": " + " | ".join(tail[-4:]).strip()
+        # the first error is the cause ("unknown model architecture: 'x'"), the last how it ended
+        return ": " + " | ".join(dict.fromkeys([errors[0], errors[-1]]))
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -5579,6 +5582,17 @@ def _fit_chat(model, runner, messages, tools, think, truncate):
     return text
 
 
+def _check_capability(body, model, capability, what):
+    """400 `"NAME" does not support WHAT` when the model lacks `capability` (an embedding-only
+    model asked to generate, say)."""
+    try:
+        model.gguf()
+    except (OSError, OllamaError) as e:             # a broken blob is the server's problem, not the request's
+        raise OllamaError("unable to load model %s: %s" % (model.model_path, e)) from None
+    if capability not in model.capabilities():
+        raise BadRequest('"%s" does not support %s' % (body.get("model"), what))
+
+
 def _check_think(body, model):
     think = body.get("think")
     if think is None or think is False:
@@ -5627,6 +5641,7 @@ def api_generate(req):
         return dict(base, created_at=rfc3339(), response="", done=True, done_reason="unload")
     if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
         raise BadRequest("raw mode does not support template, system, or context")
+    _check_capability(body, model, "completion", "generate")
     _check_think(body, model)
     if body.get("images") and not model.projector_paths:
         raise BadRequest("this model is missing data required for image input")
@@ -5727,6 +5742,7 @@ def api_chat(req):
         req.server.scheduler.expire(model.name)
         return dict(base, created_at=rfc3339(), message={"role": "assistant", "content": ""}, done=True,
                     done_reason="unload")
+    _check_capability(body, model, "completion", "chat")
     think = _check_think(body, model)
     tools = body.get("tools") or None
     if tools and "tools" not in model.capabilities():

@@ -181,6 +181,22 @@ def test_pooling_type_in_the_gguf_marks_an_embedding_model(tmp_path):
     assert "--pooling" not in ollama._embedding_args(model, 512)
 
 
+def test_an_embedding_only_model_refuses_generate_and_chat(server, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "bert.gguf"
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_uint32("bert.pooling_type", 1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    import_gguf(server.store, "bert-embed", path)
+    status, out = post(server, "/api/generate", {"model": "bert-embed", "prompt": "hi"})
+    assert status == 400 and out == {"error": '"bert-embed" does not support generate'}
+    status, out = post(server, "/api/chat", {"model": "bert-embed", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and out == {"error": '"bert-embed" does not support chat'}
+
+
 def test_tokenize_and_detokenize_round_trip(api):
     status, out = post(api, "/api/tokenize", {"model": CHAT, "text": "Hello, world!"})
     assert status == 200 and out["model"] == CHAT

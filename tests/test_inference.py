@@ -191,17 +191,30 @@ def test_killed_runner_fails_the_request_and_the_next_one_reloads(server, gemma)
 
 
 def test_unloadable_blob_reports_the_engine_reason_once(server, llama_server_bin, tmp_path):
+    import gguf
     server.scheduler.exe = str(llama_server_bin)
+    alien = tmp_path / "alien.gguf"                  # a valid header for an architecture llama.cpp lacks
+    w = gguf.GGUFWriter(str(alien), "nosucharch")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    import_gguf(server.store, "alien", alien)
+    started = time.monotonic()
+    status, data = post(server, "/api/generate", {"model": "alien", "prompt": "x"}, raw=True)
+    err = json.loads(data)["error"]
+    assert status == 500 and "llama-server process has terminated" in err and "nosucharch" in err
+    assert time.monotonic() - started < 30
+    assert server.scheduler.running() == []
+
+
+def test_corrupt_blob_header_is_a_clear_500(server, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     import_gguf(server.store, "broken", bad)
-    started = time.monotonic()
     status, data = post(server, "/api/generate", {"model": "broken", "prompt": "x"}, raw=True)
-    assert status == 500
     err = json.loads(data)["error"]
-    assert "llama-server process has terminated" in err
-    assert time.monotonic() - started < 30
-    assert server.scheduler.running() == []
+    assert status == 500 and err.startswith("unable to load model ") and "invalid GGUF file" in err
 
 
 def test_server_close_stops_every_runner(server, gemma):
