@@ -3735,7 +3735,7 @@ class Transfers:
 
 
 def _transfers(server):
-    """The Transfers object of an OllamaServer (created on first use; dict.setdefault is atomic)."""
+    """The Transfers object of an OllamaServer (or of a stand-in server object, created on first use)."""
     return vars(server).setdefault("transfers", Transfers())
 
 
@@ -4962,6 +4962,7 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         self.store = Store(config.models)
         self.routes = routes or Routes(ROUTES)
         self.scheduler = Scheduler(config)
+        self.transfers = Transfers()      # registry downloads in flight, shared per digest
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
