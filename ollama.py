@@ -1550,15 +1550,12 @@ def load_model(store, name):
     return Model(found, raw, manifest, config, store)
 
 
-_TEMPLATE_VAR_RE = r"\{\{[^}]*\.%s\b"
-
-
 def model_capabilities(model):
     """The capabilities of a Model, as Ollama's server/images.go Capabilities decides them.
 
     completion (or embedding when the GGUF has <arch>.pooling_type), vision (a vision block or a
-    projector), tools (the template uses .Tools), insert (.Suffix), thinking (.Thinking, or a
-    gpt-oss family).
+    projector), tools (the template's Vars() include .Tools), insert (.Suffix), thinking (.Thinking,
+    or a gpt-oss family).
     """
     caps = []
     g = None
@@ -1573,14 +1570,18 @@ def model_capabilities(model):
             caps.append("vision")
     elif model.config.get("capabilities"):
         caps.extend(model.config["capabilities"])
-    template = model.template or ""
-    if re.search(_TEMPLATE_VAR_RE % "Tools", template):
+    try:
+        names = template_vars(model.template or "")
+    except TemplateError as e:
+        log.warning("template of %s does not parse: %s", model.short_name, e)
+        names = set()
+    if "tools" in names:
         caps.append("tools")
-    if re.search(_TEMPLATE_VAR_RE % "Suffix", template):
+    if "suffix" in names:
         caps.append("insert")
     if model.projector_paths and "vision" not in caps:
         caps.append("vision")
-    if "thinking" not in caps and (re.search(_TEMPLATE_VAR_RE % "Thinking", template)
+    if "thinking" not in caps and ("thinking" in names
                                    or model.config.get("model_family") in ("gptoss", "gpt-oss")):
         caps.append("thinking")
     return caps
