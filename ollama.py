@@ -663,6 +663,23 @@ class Store:
             self.remove_unused(manifest_digests(data))
         return found
 
+    def fix_blob_names(self):
+        """Rename legacy blobs/sha256:<hex> files (older Ollama, or copied from a filesystem without
+        ":" in names) to sha256-<hex>, as Ollama's fixBlobs does at startup. Returns the count."""
+        fixed = 0
+        if not self.blobs.is_dir():
+            return fixed
+        for path in self.blobs.iterdir():
+            m = _DIGEST_RE.match(path.name)
+            if m and path.name.startswith("sha256:") and path.is_file():
+                target = self.blob_path(path.name)
+                if target.exists():
+                    path.unlink()
+                else:
+                    os.replace(str(path), str(target))
+                fixed += 1
+        return fixed
+
     def remove_unused(self, digests):
         """Delete those of `digests` that no remaining manifest references."""
         with self.lock:
@@ -6544,6 +6561,7 @@ def cmd_serve(args):
     _setup_logging(config, to_file=True)
     ensure_keypair(config.home, out=sys.stdout)
     server = make_server(config)
+    server.store.fix_blob_names()           # never prunes: partial downloads stay for their resume
     stop = threading.Event()
 
     def on_signal(signum, frame):

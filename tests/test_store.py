@@ -101,3 +101,18 @@ def test_a_kill_at_any_moment_leaves_the_store_consistent(tmp_path, ollama_home)
         for p in store.blobs.iterdir():
             if len(p.name) == 71 and p.name.startswith("sha256-") and "tmp" not in p.name:
                 assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name[7:]
+
+
+def test_legacy_colon_blob_names_are_renamed_and_partials_kept(tmp_path):
+    store = ollama.Store(tmp_path / "models")
+    digest, _ = store.write_blob_bytes(b"legacy")
+    hexd = digest.split(":")[1]
+    store.blob_path(digest).rename(store.blobs / ("sha256:" + hexd))
+    dup_digest, _ = store.write_blob_bytes(b"both")
+    (store.blobs / ("sha256:" + dup_digest.split(":")[1])).write_bytes(b"both")
+    partial = store.blobs / ("sha256-" + "ab" * 32 + "-partial")
+    partial.write_bytes(b"half")
+    assert store.fix_blob_names() == 2
+    assert store.blob_path(digest).read_bytes() == b"legacy" and store.blob_path(dup_digest).read_bytes() == b"both"
+    assert sorted(p.name for p in store.blobs.iterdir() if ":" in p.name) == []
+    assert partial.read_bytes() == b"half"
