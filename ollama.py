@@ -506,7 +506,7 @@ class Store:
         self.blobs = self.root / "blobs"
         self.manifests = self.root / "manifests"
         self.lock = threading.RLock()      # held across "blobs present? -> write manifest" and deletes
-        self.header_cache = {}             # blob path -> parsed GGUF header (a blob's bytes never change)
+        self.parsed = {}                   # blob path / template text -> GGUF header / Template (immutable)
 
     # -- blobs ---------------------------------------------------------------
     def blob_path(self, digest):
@@ -1501,7 +1501,8 @@ class Model:
                 self.messages = json.loads(path.read_bytes() or b"[]") or []
             elif kind == "license":
                 self.license.append(path.read_text(encoding="utf-8", errors="replace"))
-        self._headers = store.header_cache
+        self._parsed = store.parsed
+        self._capabilities = None
 
     @property
     def short_name(self):
@@ -1512,15 +1513,26 @@ class Model:
         if self.model_path is None:
             return None
         if max_array == 0:
-            header = self._headers.get(self.model_path)
+            header = self._parsed.get(self.model_path)
             if header is None:
-                header = self._headers[self.model_path] = read_gguf(self.model_path, 0)
+                header = self._parsed[self.model_path] = read_gguf(self.model_path, 0)
             return header
         return read_gguf(self.model_path, max_array)
 
+    def parsed_template(self):
+        """The TEMPLATE parsed once per server (a request renders it, reads its Vars() and tags);
+        TemplateError if it does not parse."""
+        key = ("template", self.template)
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            parsed = self._parsed[key] = parse_template(self.template)
+        return parsed
+
     def capabilities(self):
         """Ollama's Model.Capabilities: completion or embedding, vision, tools, insert, thinking."""
-        return model_capabilities(self)
+        if self._capabilities is None:
+            self._capabilities = model_capabilities(self)
+        return self._capabilities
 
     def modelfile(self):
         """The Modelfile text `ollama show --modelfile` prints (Model.String with its header)."""
@@ -1588,7 +1600,7 @@ def model_capabilities(model):
     elif model.config.get("capabilities"):
         caps.extend(model.config["capabilities"])
     try:
-        names = template_vars(model.template or "")
+        names = model.parsed_template().vars()
     except TemplateError as e:
         log.warning("template of %s does not parse: %s", model.short_name, e)
         names = set()
@@ -5563,7 +5575,7 @@ def _render(model, runner, messages, template=None, tools=None, think=None):
     if template is None and not model.has_template and _gguf_chat_template(model):
         return runner.apply_template([{"role": m.get("role"), "content": m.get("content") or ""}
                                       for m in messages])
-    return render_prompt(template if template is not None else model.template, messages, tools=tools,
+    return render_prompt(template if template is not None else model.parsed_template(), messages, tools=tools,
                          think=think)
 
 
@@ -5585,7 +5597,8 @@ def _fit_chat(model, runner, messages, tools, think, truncate):
         return len(runner.tokenize(text, add_special=True))
 
     if model.has_template or not _gguf_chat_template(model):
-        text, dropped = chat_prompt(model.template, messages, count, runner.num_ctx, tools=tools, think=think)
+        text, dropped = chat_prompt(model.parsed_template(), messages, count, runner.num_ctx, tools=tools,
+                                    think=think)
     else:
         keep = list(messages)
         dropped = 0
@@ -5683,7 +5696,8 @@ def api_generate(req):
                 messages.extend(model.messages)
             messages.append({"role": "user", "content": prompt, "images": body.get("images")})
             if body.get("suffix"):
-                text = render_generate(body.get("template") or model.template, prompt, suffix=body["suffix"])
+                text = render_generate(body.get("template") or model.parsed_template(), prompt,
+                                       suffix=body["suffix"])
             else:
                 text = _render(model, runner, messages, template=body.get("template"))
         if body.get("context"):
@@ -5787,8 +5801,8 @@ def api_chat(req):
         req.server.scheduler.release(entry, keep_alive)
         raise
 
-    tool_parser = ToolCallParser(tools, infer_tool_tag(model.template)) if tools else None
-    thinking = ThinkingParser(*infer_thinking_tags(model.template)) if think else None
+    tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
+    thinking = ThinkingParser(*infer_thinking_tags(model.parsed_template())) if think else None
 
     def chunks():
         try:
