@@ -1,7 +1,6 @@
 """Shared fixtures: an isolated ~/.ollama per test, an in-process server on a free port,
 and the real parts (engine, tiny GGUF, Gemma 3 270M) built or fetched once per session."""
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ollama  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -28,16 +30,9 @@ def ollama_home(tmp_path, monkeypatch):
 @pytest.fixture
 def server(ollama_home, monkeypatch):
     """A real OllamaServer on 127.0.0.1:<free port>, serving in a thread; OLLAMA_HOST points at it."""
-    srv = ollama.make_server(ollama.Config(), "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:%d" % srv.server_port)
-    try:
+    with fixtures.serving(ollama.make_server(ollama.Config(), "127.0.0.1", 0)) as srv:
+        monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:%d" % srv.server_port)
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 @pytest.fixture
@@ -46,10 +41,7 @@ def client(server):
     return ollama.Client(server.url)
 
 
-# -- real parts (engine issue) --
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fixtures  # noqa: E402
+# -- real parts --
 
 # Read before any test swaps HOME (ollama_home), so the session fixtures use the real build cache.
 _CACHE = fixtures.cache_dir()

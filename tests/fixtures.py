@@ -9,12 +9,14 @@ Importable from tests (``from fixtures import ensure_engine``) and runnable from
 
 Standard library plus the ``gguf`` package (and its numpy) only.
 """
+import contextlib
 import functools
 import hashlib
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -245,6 +247,19 @@ def ensure_gemma(cache=None):
     st = target.stat()
     stamp.write_text("%s %d %d\n" % (GEMMA_SHA256, st.st_size, st.st_mtime_ns))
     return target
+
+
+@contextlib.contextmanager
+def serving(srv):
+    """Run an OllamaServer (made with port 0) in a thread for the `with` block, then shut it down."""
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
 
 
 def main(argv=None):

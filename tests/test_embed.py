@@ -8,13 +8,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 
 import pytest
 
 from pathlib import Path
 
 import ollama
+from fixtures import serving
 from test_inference import import_gguf
 
 NUM_CTX = 256          # tokens; OLLAMA_CONTEXT_LENGTH of the shared server, small so loads are quick
@@ -34,14 +34,8 @@ def gemma_server(home, llama_server_bin, gemma_gguf):
     import_gguf(srv.store, CHAT, gemma_gguf, params={"stop": ["<end_of_turn>"]})
     srv.store.write_manifest(ollama.Name.parse(EMBED), srv.store.get(CHAT)[1])
     import_gguf(srv.store, TOOLS, gemma_gguf, template=TOOLS_TEMPLATE)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(srv):
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 @pytest.fixture(scope="module")
