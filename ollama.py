@@ -984,6 +984,106 @@ def is_gguf(path):
         return False
 
 
+def _gguf_encode(vtype, value):
+    """One metadata value in GGUF's little-endian encoding; arrays are (element type, [values])."""
+    if vtype == 8:
+        data = value.encode()
+        return _U64.pack(len(data)) + data
+    if vtype == 9:
+        itype, items = value
+        return struct.pack("<IQ", itype, len(items)) + b"".join(_gguf_encode(itype, v) for v in items)
+    return struct.pack("<" + _GGUF_TYPES[vtype][1], value)
+
+
+def write_gguf(path, kv, tensors, alignment=32):
+    """Write a GGUF v3 file: `kv` is [(key, value type, value)], `tensors` is [(name, ggml type, shape
+    innermost first, data bytes)]. Written to a temp file and renamed, so a reader never sees half."""
+    head = [GGUF_MAGIC, struct.pack("<IQQ", 3, len(tensors), len(kv))]
+    head += [_gguf_encode(8, key) + struct.pack("<I", vtype) + _gguf_encode(vtype, value) for key, vtype, value in kv]
+    offset, body = 0, []
+    for name, ggml_type, shape, data in tensors:
+        head.append(_gguf_encode(8, name) + struct.pack("<I%dQIQ" % len(shape), len(shape), *shape, ggml_type, offset))
+        pad = -len(data) % alignment
+        body += [data, b"\0" * pad]
+        offset += len(data) + pad
+    header = b"".join(head)
+    header += b"\0" * (-len(header) % alignment)
+    tmp = "%s.tmp.%d" % (path, os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for chunk in body:
+                f.write(chunk)
+        os.replace(tmp, str(path))
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+#: ggml type -> (bytes per block, weights per block, [(offset of an f16 scale in the block, value)]):
+#: the quantized types the engine check fills with random weights. Scales keep weights within ~0.05.
+_CHECK_BLOCKS = {2: (18, 32, [(0, 0.005)]),                     # Q4_0: w = d * (q - 8)
+                 3: (20, 32, [(0, 0.005), (2, -0.04)]),         # Q4_1: w = d * q + m
+                 8: (34, 32, [(0, 0.0003)]),                    # Q8_0: w = d * q, q int8
+                 12: (144, 256, [(0, 5e-5), (2, 5e-5)]),        # Q4_K: w = d * sc * q - dmin * m
+                 13: (176, 256, [(0, 2.5e-5), (2, 2.5e-5)]),    # Q5_K
+                 14: (210, 256, [(208, 1e-5)])}                 # Q6_K: w = d * sc * (q - 32), d last
+
+
+def engine_check_model(path, seed=0):
+    """Write the engine check's model: a 2-layer llama of width 256 with random weights, one tensor in
+    each weight type llama.cpp's CPU kernels treat separately (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K,
+    F16, F32), grouped-query attention, and a byte-level SentencePiece vocabulary. 1.2 MB."""
+    import random
+    rng = random.Random(seed)
+    n_embd, n_ff, n_head, n_head_kv, n_layer = 256, 512, 4, 2, 2
+    tokens = ["<unk>", "<s>", "</s>"] + ["<0x%02X>" % b for b in range(256)] + ["\u2581"]
+    tokens += [chr(c) for c in range(33, 127)] + ["\u2581" + chr(c) for c in range(97, 123)]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)     # unknown, control, byte, normal
+    n_vocab = len(tokens)
+
+    def quantized(ggml_type, rows, cols):
+        size, per_block, scales = _CHECK_BLOCKS[ggml_type]
+        blocks = rows * cols // per_block
+        data = bytearray(rng.getrandbits(8 * size * blocks).to_bytes(size * blocks, "little"))
+        for at, value in scales:
+            lo, hi = struct.pack("<e", value)
+            data[at::size], data[at + 1::size] = bytes([lo]) * blocks, bytes([hi]) * blocks
+        return ggml_type, [cols, rows], bytes(data)
+
+    def f16(rows, cols):
+        return 1, [cols, rows], struct.pack("<%de" % (rows * cols), *(rng.gauss(0, 0.02) for _ in range(rows * cols)))
+
+    def ones(n):
+        return 0, [n], struct.pack("<%df" % n, *([1.0] * n))
+
+    kv_dim = n_embd // n_head * n_head_kv
+    layer_types = [(2, 3, 8, 12, 13, 14, 12), (8, 12, 14, 2, 2, 8, 14)]   # q k v output gate up down
+    tensors = [("token_embd.weight",) + f16(n_vocab, n_embd), ("output_norm.weight",) + ones(n_embd),
+               ("output.weight",) + quantized(14, n_vocab, n_embd)]
+    for i in range(n_layer):
+        q, k, v, o, gate, up, down = layer_types[i]
+        tensors += [("blk.%d.%s" % (i, name),) + t for name, t in (
+            ("attn_norm.weight", ones(n_embd)), ("attn_q.weight", quantized(q, n_embd, n_embd)),
+            ("attn_k.weight", quantized(k, kv_dim, n_embd)), ("attn_v.weight", quantized(v, kv_dim, n_embd)),
+            ("attn_output.weight", quantized(o, n_embd, n_embd)), ("ffn_norm.weight", ones(n_embd)),
+            ("ffn_gate.weight", quantized(gate, n_ff, n_embd)), ("ffn_up.weight", quantized(up, n_ff, n_embd)),
+            ("ffn_down.weight", quantized(down, n_embd, n_ff)))]
+    kv = [("general.architecture", 8, "llama"), ("general.name", 8, "ollama.py engine check"),
+          ("llama.context_length", 4, 512), ("llama.embedding_length", 4, n_embd),
+          ("llama.block_count", 4, n_layer), ("llama.feed_forward_length", 4, n_ff),
+          ("llama.attention.head_count", 4, n_head), ("llama.attention.head_count_kv", 4, n_head_kv),
+          ("llama.rope.dimension_count", 4, n_embd // n_head), ("llama.vocab_size", 4, n_vocab),
+          ("llama.attention.layer_norm_rms_epsilon", 6, 1e-5),
+          ("tokenizer.ggml.model", 8, "llama"), ("tokenizer.ggml.tokens", 9, (8, tokens)),
+          ("tokenizer.ggml.scores", 9, (6, [0.0] * 259 + [-float(i) for i in range(n_vocab - 259)])),
+          ("tokenizer.ggml.token_type", 9, (5, types)), ("tokenizer.ggml.bos_token_id", 4, 1),
+          ("tokenizer.ggml.eos_token_id", 4, 2), ("tokenizer.ggml.unknown_token_id", 4, 0),
+          ("tokenizer.ggml.add_bos_token", 7, True)]
+    write_gguf(path, kv, tensors)
+    return path
+
+
 ###############################################################################
 # Modelfile ###################################################################
 ###############################################################################
@@ -4219,6 +4319,36 @@ SAMPLING_FIELDS = {
 RUNNER_STOPPED = ("model runner has unexpectedly stopped, this may be due to resource limitations or an "
                   "internal error, check ollama server logs for details")
 
+#: What a death by signal means for the user: (short description, advice). SIGILL is the one a build
+#: for another CPU gets; SIGKILL is almost always the kernel's out-of-memory killer.
+RUNNER_SIGNALS = {
+    "SIGILL": ("illegal instruction", "the engine uses CPU instructions this machine cannot run; rebuild it "
+               "with ./build_llama.sh (with --portable if the binary came from another machine)"),
+    "SIGKILL": ("killed", "most likely by the kernel's out-of-memory killer: the model needs more memory than "
+                "is free; try a smaller model, a smaller num_ctx, or close other programs"),
+    "SIGSEGV": ("segmentation fault", "the engine crashed"),
+    "SIGBUS": ("bus error", "the engine crashed (a model file changed or truncated while loaded also does this)"),
+    "SIGABRT": ("aborted", "the engine crashed"),
+    "SIGFPE": ("arithmetic exception", "the engine crashed"),
+    "SIGTERM": ("terminated", "something other than ollama.py stopped it"),
+    "SIGINT": ("interrupted", "something other than ollama.py stopped it"),
+}
+
+
+def runner_exit_error(code, log_path=None, tail=""):
+    """The OllamaError for a llama-server that exited with `code` (Popen's, negative for a signal):
+    a death by signal says in words what happened and what to do, pointing at the runner's log."""
+    if code is None or code >= 0:
+        return OllamaError("llama-server process has terminated: exit status %s%s" % (code, tail))
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "signal %d" % -code
+    what, advice = RUNNER_SIGNALS.get(name, ("stopped by a signal", "the engine crashed"))
+    if log_path and name not in ("SIGILL", "SIGKILL", "SIGTERM", "SIGINT"):
+        advice += "; its log is %s" % log_path
+    return OllamaError("llama-server process has terminated: %s (%s): %s" % (name, what, advice))
+
 
 def find_llama_server(config, here=None):
     """The llama-server binary: OLLAMA_LLAMA_SERVER, bin/ beside ollama.py (or `here`), ~/.ollama/bin,
@@ -4249,7 +4379,7 @@ class Runner:
 
     def __init__(self, exe, model_path, num_ctx=DEFAULT_NUM_CTX, parallel=1, num_thread=0, num_batch=0,
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
-                 flash_attention=False, kv_cache_type="", log_path=None, extra_args=()):
+                 flash_attention=False, kv_cache_type="", log_path=None, extra_args=(), launcher=()):
         self.exe, self.model_path = exe, str(model_path)
         self.num_ctx, self.parallel = num_ctx, max(1, parallel)
         self.port = free_port()
@@ -4275,7 +4405,7 @@ class Runner:
             args += ["--flash-attn", "on"]
         if kv_cache_type:
             args += ["--cache-type-k", kv_cache_type, "--cache-type-v", kv_cache_type]
-        self.args = args + list(extra_args)
+        self.args = list(launcher) + args + list(extra_args)   # launcher: an emulator such as qemu-aarch64
         self.proc = None
         self._log = None
 
@@ -4292,8 +4422,7 @@ class Runner:
             code = self.proc.poll()
             if code is not None:
                 self._close_log()
-                raise OllamaError("llama-server process has terminated: exit status %s%s"
-                                  % (code, self._log_tail()))
+                raise self._died(code)
             try:
                 status, body = self._call("GET", "/health", timeout=0.5)
                 if status == 200 and body.get("status") == "ok":
@@ -4320,6 +4449,18 @@ class Runner:
             return ": " + " | ".join(tail[-4:]).strip()
         # the first error is the cause ("unknown model architecture: 'x'"), the last how it ended
         return ": " + " | ".join(dict.fromkeys([errors[0], errors[-1]]))
+
+    def _died(self, code):
+        """The error for the child's exit, logged too, so server.log says what the client is told."""
+        err = runner_exit_error(code, self.log_path, self._log_tail())
+        log.error("%s", err)
+        return err
+
+    def _stopped(self):
+        """The error for a connection to the child that broke: its exit in words if it has died."""
+        if self.proc is not None and self.exited(1.0) and self.proc.returncode < 0:
+            return self._died(self.proc.returncode)
+        return OllamaError(RUNNER_STOPPED)
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -4377,7 +4518,7 @@ class Runner:
         try:
             status, out = self._call("POST", path, body)
         except (OSError, http.client.HTTPException):
-            raise OllamaError(RUNNER_STOPPED) from None
+            raise self._stopped() from None
         if status != 200:
             raise _engine_error(status, out)
         return out
@@ -4392,7 +4533,7 @@ class Runner:
                          headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException):
-            raise OllamaError(RUNNER_STOPPED) from None
+            raise self._stopped() from None
         try:
             if resp.status != 200:
                 raw = resp.read()
@@ -4405,10 +4546,10 @@ class Runner:
                 try:
                     line = resp.readline()
                 except (OSError, http.client.HTTPException):
-                    raise OllamaError(RUNNER_STOPPED) from None
+                    raise self._stopped() from None
                 if not line:
                     if self.exited(1.0):
-                        raise OllamaError(RUNNER_STOPPED)
+                        raise self._stopped()
                     raise OllamaError("an error was encountered while running the model: "
                                       "unexpected end of response")
                 if not line.startswith(b"data: "):
@@ -6608,6 +6749,69 @@ def _setup_logging(config, to_file=False):
     log.setLevel(level)
 
 
+# -- check-engine ------------------------------------------------------------
+
+#: About 90 byte-level tokens: a prompt batch large enough for the batched (matrix-matrix) kernels.
+ENGINE_CHECK_PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
+ENGINE_CHECK_TOKENS = 8
+
+
+def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
+    """Run llama-server `exe` on the engine check's model (engine_check_model): load, one prompt batch,
+    ENGINE_CHECK_TOKENS generated tokens with their probabilities, on every thread. Returns a summary
+    line; raises OllamaError (a death by signal in words) when the engine cannot run here."""
+    model = engine_check_model(os.path.join(os.path.dirname(str(log_path)), "engine-check.gguf"))
+    runner = Runner(exe, model, num_ctx=256, log_path=log_path, launcher=launcher)
+    try:
+        runner.start(timeout)
+        final, probs = {}, []
+        for event in runner.completion({"prompt": ENGINE_CHECK_PROMPT, "n_predict": ENGINE_CHECK_TOKENS,
+                                        "temperature": 0, "ignore_eos": True, "cache_prompt": False,
+                                        "n_probs": 1}):
+            final = event
+            for p in event.get("completion_probabilities") or []:
+                probs.append(p.get("logprob", p.get("prob")))
+    finally:
+        runner.stop()
+    timings = final.get("timings") or {}
+    made = final.get("tokens_predicted", timings.get("predicted_n"))
+    if made != ENGINE_CHECK_TOKENS:
+        raise OllamaError("llama-server generated %s tokens of %d" % (made, ENGINE_CHECK_TOKENS))
+    if not probs or not all(isinstance(p, (int, float)) and math.isfinite(p) for p in probs):
+        raise OllamaError("llama-server computed invalid probabilities (%s): its CPU kernels give wrong "
+                          "results on this machine" % probs[:4])
+    return "llama-server runs here: %s prompt tokens at %.0f tok/s, %d generated at %.0f tok/s" % (
+        timings.get("prompt_n", "?"), timings.get("prompt_per_second", 0), made,
+        timings.get("predicted_per_second", 0))
+
+
+def cmd_check_engine(args):
+    """Check that the llama-server engine runs on this machine.
+
+    Writes a tiny random-weight model (two layers, a tensor in each common quantized type), starts
+    llama-server on it, and runs a prompt and a few generated tokens through its CPU kernels on every
+    thread. build_llama.sh runs this before it installs a build; run it yourself after copying a
+    binary to another machine. Prints a summary and exits 0 when the engine works; otherwise prints
+    the end of the engine's log and why (for example: it uses CPU instructions this machine
+    lacks), and exits 1.
+    """
+    log.addHandler(logging.NullHandler())           # the runner's own error log: printed below instead
+    exe = args.engine or find_llama_server(Config())
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        raise OllamaError("%s is not an executable file" % exe)
+    import shlex
+    with tempfile.TemporaryDirectory(prefix="ollama-check-") as tmp:
+        log_path = os.path.join(tmp, "llama-server.log")
+        try:
+            print(check_engine(exe, log_path, shlex.split(args.launcher or "")))
+        except OllamaError:
+            with contextlib.suppress(OSError), open(log_path, "rb") as f:
+                tail = f.read()[-4096:].decode(errors="replace").splitlines()[-15:]
+                print("\n".join(["llama-server's log ends:"] + ["  " + ln for ln in tail]), file=sys.stderr)
+            raise
+    return 0
+
+
 # -- models ------------------------------------------------------------------
 
 def _table(rows, header=None, indent=""):
@@ -7808,6 +8012,10 @@ def build_parser():
         p.set_defaults(func=func)
         return p
 
+    p = add("check-engine", cmd_check_engine)
+    p.add_argument("--engine", metavar="PATH", help="the llama-server to check (default: the one serve uses)")
+    p.add_argument("--exec", dest="launcher", metavar="CMD",
+                   help='run it under an emulator or wrapper, e.g. "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"')
     p = add("cp", cmd_cp)
     p.add_argument("source")
     p.add_argument("destination")

@@ -1,6 +1,8 @@
 """The runner layer against the real llama-server: load, generate, stop reasons, timings, tokenize."""
 import os
+import shutil
 import signal
+import sys
 
 import pytest
 
@@ -60,12 +62,64 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(llama_server_bin, tmp_path):
     assert not r.alive()
 
 
-def test_a_killed_child_is_detected(runner):
-    os.kill(runner.pid, signal.SIGKILL)
+def test_a_killed_child_is_detected_and_memory_is_named(runner):
+    os.kill(runner.pid, signal.SIGKILL)             # what the kernel's out-of-memory killer sends
     assert runner.exited(5)
     with pytest.raises(ollama.OllamaError) as e:
         list(runner.completion({"prompt": "x", "n_predict": 2}))
-    assert str(e.value) == ollama.RUNNER_STOPPED
+    assert "terminated: SIGKILL (killed): most likely by the kernel's out-of-memory killer" in str(e.value)
+
+
+def cpu_has(flag):
+    with open("/proc/cpuinfo") as f:
+        return flag in f.read().split()
+
+
+needs_avx512 = pytest.mark.skipif(
+    not (os.path.exists("/proc/cpuinfo") and cpu_has("avx512f") and shutil.which("qemu-x86_64")),
+    reason="needs an AVX-512 CPU (whose native build qemu-x86_64 cannot run) and qemu-user")
+
+
+@needs_avx512
+def test_engine_built_for_another_cpu_says_rebuild(llama_server_bin, tiny_gguf, tmp_path, caplog):
+    # qemu-x86_64 emulates a CPU without AVX-512, so this machine's native build dies of a real SIGILL.
+    r = ollama.Runner(str(llama_server_bin), tiny_gguf, num_ctx=256, log_path=tmp_path / "runner.log",
+                      launcher=["qemu-x86_64"])
+    with pytest.raises(ollama.OllamaError) as e:
+        r.start(120)
+    assert str(e.value) == ("llama-server process has terminated: SIGILL (illegal instruction): the engine uses "
+                            "CPU instructions this machine cannot run; rebuild it with ./build_llama.sh (with "
+                            "--portable if the binary came from another machine)")
+    assert str(e.value) in caplog.text               # server.log says what the client is told
+    assert not r.alive()
+
+
+def fake_engine(tmp_path, signame):
+    """Fault injection: a "llama-server" that dies of `signame` as soon as it starts."""
+    exe = tmp_path / "llama-server"
+    exe.write_text("#!%s\nimport os, signal\nos.kill(os.getpid(), signal.%s)\n" % (sys.executable, signame))
+    exe.chmod(0o755)
+    return str(exe)
+
+
+@pytest.mark.parametrize("signame, says", [
+    ("SIGSEGV", "SIGSEGV (segmentation fault): the engine crashed; its log is "),
+    ("SIGABRT", "SIGABRT (aborted): the engine crashed; its log is "),
+    ("SIGKILL", "SIGKILL (killed): most likely by the kernel's out-of-memory killer"),
+    ("SIGILL", "SIGILL (illegal instruction): the engine uses CPU instructions this machine cannot run"),
+])
+def test_a_death_by_signal_is_said_in_words(tmp_path, signame, says):
+    log_path = tmp_path / "runner.log"
+    r = ollama.Runner(fake_engine(tmp_path, signame), tmp_path / "model.gguf", log_path=log_path)
+    with pytest.raises(ollama.OllamaError) as e:
+        r.start(30)
+    assert says in str(e.value)
+    assert (str(log_path) in str(e.value)) == (signame in ("SIGSEGV", "SIGABRT"))
+
+
+def test_a_plain_exit_keeps_its_status_and_log_tail(tmp_path):
+    err = ollama.runner_exit_error(1, tmp_path / "x.log", ": error loading model")
+    assert str(err) == "llama-server process has terminated: exit status 1: error loading model"
 
 
 def test_missing_engine_says_to_build_it(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,3 +97,32 @@ def test_cli_without_a_server_says_how_to_start_one(ollama_home):
                          text=True, timeout=30)
     assert out.returncode == 1
     assert out.stderr.strip() == "Error: could not connect to ollama server, run 'ollama.py serve' to start it"
+
+
+def test_an_engine_for_another_cpu_is_explained_by_the_api_run_and_server_log(ollama_home, llama_server_bin, tmp_path):
+    # A binary built for another CPU, for real: this machine's AVX-512 build under qemu-x86_64, which
+    # has no AVX-512. Elsewhere a stand-in that raises SIGILL on itself (fault injection).
+    engine = tmp_path / "llama-server"
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if "avx512f" in flags and shutil.which("qemu-x86_64"):
+        engine.write_text('#!/bin/sh\nexec qemu-x86_64 "%s" "$@"\n' % llama_server_bin)
+    else:
+        engine.write_text("#!%s\nimport os, signal\nos.kill(os.getpid(), signal.SIGILL)\n" % sys.executable)
+    engine.chmod(0o755)
+    store = ollama.Store(ollama_home / ".ollama" / "models")
+    import_gguf(store, "check:latest", ollama.engine_check_model(str(tmp_path / "check.gguf")))
+    said = ("llama-server process has terminated: SIGILL (illegal instruction): the engine uses CPU instructions "
+            "this machine cannot run; rebuild it with ./build_llama.sh (with --portable if the binary came from "
+            "another machine)")
+    proc, port = start_serve(ollama_home, {"OLLAMA_LLAMA_SERVER": str(engine)})
+    try:
+        status, data = _post(port, "/api/generate", {"model": "check", "prompt": "Hi", "stream": False})
+        assert (status, json.loads(data)) == (500, {"error": said})
+        env = dict(os.environ, HOME=str(ollama_home), OLLAMA_HOST="127.0.0.1:%d" % port)
+        run = subprocess.run([sys.executable, str(ROOT / "ollama.py"), "run", "check", "Hi"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and run.stderr.strip().endswith("Error: " + said)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert "level=ERROR msg=" + said in (ollama_home / ".ollama" / "logs" / "server.log").read_text()
