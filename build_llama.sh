@@ -3,24 +3,38 @@
 #
 # The source is, in this order: --source DIR (a llama.cpp checkout), --sdist FILE (a llama-cpp-python
 # source tarball already on disk), or the pinned llama-cpp-python sdist from PyPI, whose vendor/llama.cpp
-# we build. Everything is cached under ${XDG_CACHE_HOME:-~/.cache}/ollama-py, so running it again is
-# cheap, and a no-op when the same source and flags are already built into the prefix.
+# we build. Everything is cached under ${XDG_CACHE_HOME:-~/.cache}/ollama-py (and ccache's own cache
+# when ccache is installed), so running it again is cheap, and a no-op when the same request is already
+# built into the prefix.
+#
+# A build is proven before it is installed: `ollama.py check-engine` runs the new llama-server on a tiny
+# model it generates (prompt and generation, through the quantized CPU kernels). A binary that dies or
+# fails is never installed: the script rebuilds with a safer CPU configuration (for x86-64: this CPU's
+# instructions without AMX, then the x86-64-v3 baseline, then x86-64-v2) and says why.
 # Runs on bash 3.2 (macOS) too: no associative arrays, no empty-array expansion under `set -u`.
 set -euo pipefail
+{   # the whole script is one block, read before it runs: editing or updating it mid-build is safe
 
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 LLAMA_CPP_PYTHON_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/ollama-py"
+AARCH64_SYSROOT=/usr/aarch64-linux-gnu      # Debian's crossbuild-essential-arm64 (and qemu-user's -L)
+
+cpu_count() {
+    nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2
+}
 
 usage() {
     cat <<EOF
 Usage: ./build_llama.sh [options] [-- extra cmake -D flags]   (e.g. -- -DCMAKE_CUDA_ARCHITECTURES=90)
 
-Build llama.cpp's llama-server (statically linked) and write it to bin/llama-server beside
-ollama.py, with bin/llama-server.build-info describing the build. Re-running with the same
-source and flags does nothing.
+Build llama.cpp's llama-server and write it to bin/llama-server beside ollama.py, with
+bin/llama-server.build-info describing the build. Before installing, the new binary is run on a
+tiny generated model (python3 ollama.py check-engine); one that dies or fails is never installed,
+and the build is retried with a safer CPU configuration (see CPU below). Re-running with the same
+request does nothing.
 
 Source (first one given wins; default: llama-cpp-python ${LLAMA_CPP_PYTHON_VERSION} from PyPI):
   --source DIR     build the llama.cpp checkout in DIR (a git checkout counts as unchanged while
@@ -35,26 +49,51 @@ Accelerator (default: CUDA if nvcc and an NVIDIA driver are found, Metal on Appl
   --metal          Apple Metal
   --vulkan         Vulkan (needs the Vulkan SDK / glslc)
 
+CPU (what the ggml CPU kernels may use; the rest of llama-server is plain code for the target):
+  (default)        this machine's CPU (-march=native), except AMX on x86-64: ggml's AMX kernels
+                   crash on many AMX machines (tile state is per thread, llama.cpp PR #26954)
+  --amx            keep AMX when this CPU has it (the check falls back to no AMX if it crashes)
+  --portable       not tuned for this CPU or GPU, for binaries copied to other machines: on x86-64
+                   the baseline named by --baseline, on aarch64 armv8 (see --board); CUDA builds
+                   all GPU architectures
+  --baseline NAME  x86-64 baseline for --portable (implies it): x86-64-v3 (default: AVX2, FMA,
+                   F16C, BMI2; Intel Haswell 2013 and AMD Excavator 2015 on) or x86-64-v2
+                   (SSE4.2, POPCNT; any x86-64 CPU since 2009, much slower)
+  --target ARCH    aarch64 cross-builds from x86-64 with Debian's crossbuild-essential-arm64 (the
+                   binary goes to bin/aarch64-<board>/ unless --prefix says otherwise); the host's own
+                   architecture (x86_64, aarch64) is a native build
+  --board NAME     an aarch64 CPU preset (implies --target aarch64 on x86-64):
+                     pi4    Raspberry Pi 4, Cortex-A72, ARMv8.0-A + CRC (no dot product)
+                     pi5    Raspberry Pi 5, Cortex-A76, ARMv8.2-A + dotprod + fp16
+                     armv8  any 64-bit ARM board, plain ARMv8.0-A
+  --static         link libstdc++ and libgcc statically and use ggml's own thread pool instead of
+                   OpenMP, so llama-server needs nothing but the C library (for copying)
+
+Check (a few seconds natively; about a minute under qemu):
+  --check-with CMD run the check under CMD, an emulator or wrapper, e.g. "qemu-x86_64" to prove the
+                   binary runs on a CPU without AVX-512; cross builds default to
+                   "qemu-aarch64 -cpu <board's CPU> -L ${AARCH64_SYSROOT}" (Debian's qemu-user)
+  --no-check       install without running the check (recorded in build-info; not recommended)
+
 Build:
-  --portable       do not tune for this CPU or GPU (GGML_NATIVE=OFF), for binaries copied to other machines
   --rpc            also build rpc-server (GGML_RPC=ON) for llama.cpp's distributed inference
   --jobs N, -j N   parallel compile jobs (default: number of cores, here $(cpu_count))
   --prefix DIR     write llama-server there instead of ${HERE}/bin
   --force          rebuild and reinstall even when already built
   -h, --help       show this help
 
+CFLAGS and CXXFLAGS from the environment are added to the compiler flags (and count as a different
+build). ccache is used when it is installed.
+
 Cache: ${CACHE}
   src/             the sdist and its extracted tree
-  build/<version>-<flavor>   cmake build dirs (flavor: cpu, cuda, metal, vulkan, plus -portable, -rpc)
+  build/<version>-<flavor>   cmake build dirs (flavor: accelerator, CPU configuration, then
+                   -static, -rpc: e.g. cpu-native, cpu-x86-64-v3-static, cpu-aarch64-pi4)
 EOF
 }
 
 die() { echo "build_llama.sh: error: $*" >&2; exit 1; }
 note() { echo "build_llama.sh: $*" >&2; }
-
-cpu_count() {
-    nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2
-}
 
 sha256_file() {
     if command -v sha256sum >/dev/null 2>&1; then sha256sum "$1" | cut -d' ' -f1
@@ -86,10 +125,19 @@ have_nvidia_driver() {
     command -v nvidia-smi >/dev/null 2>&1 || [ -e /proc/driver/nvidia/version ] || [ -e /dev/nvidiactl ]
 }
 
+normalize_arch() {
+    case "$1" in
+        x86_64|amd64|x86-64) echo x86_64 ;;
+        aarch64|arm64) echo aarch64 ;;
+        *) echo "$1" ;;
+    esac
+}
+
 # ---------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------
-source_dir="" sdist="" accel="" portable=0 rpc=0 jobs="" prefix="$HERE/bin" force=0
+source_dir="" sdist="" accel="" portable=0 rpc=0 jobs="" prefix="" force=0
+amx=0 baseline="" target="" board="" static=0 check=1 check_with=""
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -99,6 +147,17 @@ while [ $# -gt 0 ]; do
         --sdist=*) sdist="${1#*=}" ;;
         --cpu|--cuda|--metal|--vulkan) accel="${1#--}" ;;
         --portable) portable=1 ;;
+        --amx) amx=1 ;;
+        --baseline) [ $# -ge 2 ] || die "--baseline needs a name"; baseline="$2"; shift ;;
+        --baseline=*) baseline="${1#*=}" ;;
+        --target) [ $# -ge 2 ] || die "--target needs an architecture"; target="$2"; shift ;;
+        --target=*) target="${1#*=}" ;;
+        --board) [ $# -ge 2 ] || die "--board needs a name"; board="$2"; shift ;;
+        --board=*) board="${1#*=}" ;;
+        --static) static=1 ;;
+        --check-with) [ $# -ge 2 ] || die "--check-with needs a command"; check_with="$2"; shift ;;
+        --check-with=*) check_with="${1#*=}" ;;
+        --no-check) check=0 ;;
         --rpc) rpc=1 ;;
         --jobs|-j) [ $# -ge 2 ] || die "$1 needs a number"; jobs="$2"; shift ;;
         --jobs=*) jobs="${1#*=}" ;;
@@ -116,8 +175,35 @@ done
 case "$jobs" in ''|*[!0-9]*) die "--jobs wants a number, not '$jobs'" ;; esac
 
 # ---------------------------------------------------------------------------------------------------
-# Accelerator, flavor and cmake flags
+# Target, CPU configuration, accelerator
 # ---------------------------------------------------------------------------------------------------
+host_arch="$(normalize_arch "$(uname -m)")"
+case "$board" in
+    ""|pi4|pi5|armv8) ;;
+    *) die "--board $board: unknown board (pi4, pi5 or armv8)" ;;
+esac
+case "$baseline" in
+    "") ;;
+    x86-64-v2|x86-64-v3) portable=1 ;;
+    *) die "--baseline $baseline: unknown baseline (x86-64-v3 or x86-64-v2)" ;;
+esac
+if [ -n "$target" ]; then target="$(normalize_arch "$target")"
+elif [ -n "$board" ]; then target=aarch64
+else target="$host_arch"; fi
+case "$target" in x86_64|aarch64) ;; *) die "--target $target: x86_64 or aarch64" ;; esac
+[ -z "$board" ] || [ "$target" = aarch64 ] || die "--board $board is an aarch64 preset, not for --target $target"
+[ -z "$baseline" ] || [ "$target" = x86_64 ] || die "--baseline $baseline is an x86-64 baseline, not for --target $target"
+cross=0
+if [ "$target" != "$host_arch" ]; then
+    [ "$host_arch" = x86_64 ] && [ "$target" = aarch64 ] \
+        || die "cross builds go from x86-64 to aarch64 only (this machine is $host_arch)"
+    cross=1
+    [ -z "$accel" ] || [ "$accel" = cpu ] || die "--$accel: cross builds are CPU only"
+    accel=cpu
+    [ -n "$board" ] || { board=armv8; note "cross build without --board: the generic armv8 preset"; }
+fi
+[ "$target" = aarch64 ] && [ "$portable" = 1 ] && [ -z "$board" ] && board=armv8
+
 nvcc_path="" accel_note=""
 if [ -z "$accel" ]; then
     if [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; then
@@ -139,25 +225,112 @@ if [ "$accel" = cuda ] && [ "$portable" = 0 ] && ! have_nvidia_driver; then
     esac
 fi
 
-flavor="$accel"
-[ "$portable" = 1 ] && flavor="$flavor-portable"
-[ "$rpc" = 1 ] && flavor="$flavor-rpc"
+# The CPU configurations to try, safest last: the first that passes the check is installed.
+# x86-64: native (with or without AMX), then the x86-64-v3 and x86-64-v2 baselines. aarch64: native,
+# then armv8; a board preset is what the user asked for, so it has no fallback.
+if [ "$target" = x86_64 ]; then
+    if [ "$portable" = 1 ]; then
+        [ -n "$baseline" ] || baseline=x86-64-v3
+        [ "$baseline" = x86-64-v3 ] && cpu_confs="x86-64-v3 x86-64-v2" || cpu_confs="x86-64-v2"
+    elif [ "$amx" = 1 ]; then cpu_confs="native-amx native x86-64-v3 x86-64-v2"
+    else cpu_confs="native x86-64-v3 x86-64-v2"; fi
+elif [ -n "$board" ]; then cpu_confs="aarch64-$board"
+else cpu_confs="native aarch64-armv8"; fi
+
+# qemu-user's CPU model for each aarch64 preset: it refuses instructions that CPU lacks.
+qemu_cpu() {
+    case "$1" in aarch64-pi4) echo cortex-a72 ;; aarch64-pi5) echo cortex-a76 ;; *) echo cortex-a53 ;; esac
+}
+
+if [ -z "$prefix" ]; then
+    if [ "$cross" = 1 ]; then prefix="$HERE/bin/aarch64-$board"; else prefix="$HERE/bin"; fi
+fi
+
+# Compilers: the cross toolchain's, or the environment's (cmake's own choice when unset).
+cc="${CC:-}" cxx="${CXX:-}"
+if [ "$cross" = 1 ]; then cc=aarch64-linux-gnu-gcc cxx=aarch64-linux-gnu-g++; fi
+
+no_amx_flags() {
+    # gcc and clang accept -mno-amx-* since 11/12; an older compiler has no AMX to turn off.
+    if printf 'int main(void){return 0;}\n' | "${cc:-cc}" -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 \
+            -x c -c -o /dev/null - >/dev/null 2>&1; then
+        echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    fi
+}
 
 on_off() { if [ "$1" = "$2" ]; then echo ON; else echo OFF; fi; }
-native=ON; [ "$portable" = 1 ] && native=OFF
-# The default CPU build's flags, in this order, are those of the prebuilt cache dir: keep them identical
-# so cmake finds nothing to do there.
-flags=(
-    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
-    -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
-    "-DGGML_NATIVE=$native" "-DGGML_CUDA=$(on_off "$accel" cuda)" "-DGGML_METAL=$(on_off "$accel" metal)"
-)
-[ "$accel" = metal ] && flags+=(-DGGML_METAL_EMBED_LIBRARY=ON)   # one self-contained binary
-[ "$accel" = vulkan ] && flags+=(-DGGML_VULKAN=ON)
-[ "$accel" = cuda ] && ! command -v nvcc >/dev/null 2>&1 && flags+=("-DCMAKE_CUDA_COMPILER=$nvcc_path")
-[ "$rpc" = 1 ] && flags+=(-DGGML_RPC=ON)
-[ ${#extra[@]} -gt 0 ] && flags+=("${extra[@]}")
+
+x86_isa() {
+    # $1: ON/OFF for SSE42 AVX F16C FMA BMI2 AVX2; AVX-512, AVX-VNNI and AMX always off.
+    local on="$1" f
+    for f in SSE42 AVX F16C FMA BMI2 AVX2; do
+        case " $on " in *" $f "*) flags+=("-DGGML_$f=ON") ;; *) flags+=("-DGGML_$f=OFF") ;; esac
+    done
+    for f in AVX_VNNI AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 AMX_TILE AMX_INT8 AMX_BF16; do
+        flags+=("-DGGML_$f=OFF")
+    done
+}
+
+describe_conf() {
+    case "$1" in
+        native-amx) echo "this CPU's instructions, AMX included" ;;
+        native) if [ "$target" = x86_64 ]; then echo "this CPU's instructions except AMX"; else echo "this CPU's instructions"; fi ;;
+        x86-64-v3) echo "the x86-64-v3 baseline (AVX2, FMA, F16C, BMI2)" ;;
+        x86-64-v2) echo "the x86-64-v2 baseline (SSE4.2)" ;;
+        aarch64-pi4) echo "Raspberry Pi 4 (Cortex-A72, armv8-a+crc)" ;;
+        aarch64-pi5) echo "Raspberry Pi 5 (Cortex-A76, armv8.2-a+dotprod+fp16)" ;;
+        aarch64-armv8) echo "generic ARMv8.0-A (armv8-a)" ;;
+    esac
+}
+
+setup_conf() {
+    # $1: a CPU configuration. Sets flags, flavor, build_dir, identity and friends for it.
+    conf="$1"
+    local cpu_cflags="" native=OFF
+    case "$conf" in native|native-amx) native=ON ;; esac
+    [ "$portable" = 1 ] && native=OFF      # --portable also means every CUDA architecture
+    flags=(
+        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
+        -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+        "-DGGML_NATIVE=$native" "-DGGML_CUDA=$(on_off "$accel" cuda)" "-DGGML_METAL=$(on_off "$accel" metal)"
+    )
+    case "$conf" in
+        x86-64-v3) x86_isa "SSE42 AVX F16C FMA BMI2 AVX2" ;;
+        x86-64-v2) x86_isa "SSE42" ;;
+        aarch64-pi4) flags+=(-DGGML_CPU_ARM_ARCH=armv8-a+crc) ;;
+        aarch64-pi5) flags+=(-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16) ;;
+        aarch64-armv8) flags+=(-DGGML_CPU_ARM_ARCH=armv8-a) ;;
+    esac
+    # AMX off in the C/C++ flags (which come before -march=native and still win over it). The same
+    # flags for every x86-64 configuration keep the code outside ggml-cpu identical, so ccache serves
+    # it to the next configuration and a fallback rebuilds only the CPU kernels.
+    [ "$target" = x86_64 ] && [ "$conf" != native-amx ] && cpu_cflags="$(no_amx_flags)"
+    flags+=("-DCMAKE_C_FLAGS=$(echo ${CFLAGS:-} $cpu_cflags)" "-DCMAKE_CXX_FLAGS=$(echo ${CXXFLAGS:-} $cpu_cflags)")
+    if [ "$cross" = 1 ]; then
+        flags+=(-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64
+                "-DCMAKE_C_COMPILER=$cc" "-DCMAKE_CXX_COMPILER=$cxx" "-DCMAKE_FIND_ROOT_PATH=$AARCH64_SYSROOT"
+                -DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER -DCMAKE_FIND_ROOT_PATH_MODE_LIBRARY=ONLY
+                -DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=ONLY)
+    fi
+    if [ "$static" = 1 ]; then
+        flags+=(-DGGML_OPENMP=OFF "-DCMAKE_EXE_LINKER_FLAGS=-static-libstdc++ -static-libgcc")
+    fi
+    [ "$accel" = metal ] && flags+=(-DGGML_METAL_EMBED_LIBRARY=ON)   # one self-contained binary
+    [ "$accel" = vulkan ] && flags+=(-DGGML_VULKAN=ON)
+    [ "$accel" = cuda ] && ! command -v nvcc >/dev/null 2>&1 && flags+=("-DCMAKE_CUDA_COMPILER=$nvcc_path")
+    [ "$rpc" = 1 ] && flags+=(-DGGML_RPC=ON)
+    [ ${#extra[@]} -gt 0 ] && flags+=("${extra[@]}")
+
+    flavor="$accel-$conf"
+    [ "$static" = 1 ] && flavor="$flavor-static"
+    [ "$rpc" = 1 ] && flavor="$flavor-rpc"
+    build_dir="$CACHE/build/$version-$flavor"
+    identity="$(sha256_text "source=$version:$src_sha
+flags=${flags[*]}
+targets=${targets[*]}")"
+}
+
 targets=(llama-server)
 [ "$rpc" = 1 ] && targets+=(rpc-server)
 
@@ -201,21 +374,21 @@ else
     src_desc="llama-cpp-python $version sdist"
 fi
 
-build_dir="$CACHE/build/$version-$flavor"
 info="$prefix/llama-server.build-info"
-identity_text="source=$version:$src_sha
-flags=${flags[*]}
-targets=${targets[*]}"
-identity="$(sha256_text "$identity_text")"
+# The request's identity: source, the first CPU configuration's flags, targets and whether it is checked.
+# A fallback install records the request it answered, so asking again is still a no-op.
+setup_conf "${cpu_confs%% *}"
+request="$(sha256_text "$identity check=$check check_with=$check_with")"
 
 already_built() {
     [ -n "$src_sha" ] || return 1            # a non-git checkout: let cmake decide what is stale
-    [ -f "$info" ] && grep -qx "identity: $identity" "$info" || return 1
+    [ -f "$info" ] && grep -qx "identity: $request" "$info" || return 1
     for t in "${targets[@]}"; do [ -x "$prefix/$t" ] || return 1; done
 }
 
 if [ "$force" = 0 ] && already_built; then
-    echo "already built $prefix/llama-server from $src_desc ($flavor) (nothing to do; --force rebuilds)"
+    installed="$(sed -n 's/^cpu_config: //p' "$info" | head -1)"
+    echo "already built $prefix/llama-server from $src_desc ($accel, ${installed:-$conf}) (nothing to do; --force rebuilds)"
     exit 0
 fi
 
@@ -224,12 +397,38 @@ fi
 # ---------------------------------------------------------------------------------------------------
 [ -z "$accel_note" ] || note "$accel_note"
 command -v cmake >/dev/null 2>&1 || install_hint cmake
-cc_ok=0
-for c in "${CC:-}" cc gcc clang; do [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && { cc_ok=1; break; }; done
-[ "$cc_ok" = 1 ] || install_hint "a C compiler (cc, gcc or clang)"
-cxx_ok=0
-for c in "${CXX:-}" c++ g++ clang++; do [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && { cxx_ok=1; break; }; done
-[ "$cxx_ok" = 1 ] || install_hint "a C++ compiler (c++, g++ or clang++)"
+if [ "$cross" = 1 ]; then
+    command -v "$cc" >/dev/null 2>&1 && command -v "$cxx" >/dev/null 2>&1 || die "$cxx not found: a cross build
+  needs Debian's aarch64 toolchain: sudo apt-get install crossbuild-essential-arm64"
+else
+    cc_ok=0
+    for c in "${CC:-}" cc gcc clang; do [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && { cc_ok=1; break; }; done
+    [ "$cc_ok" = 1 ] || install_hint "a C compiler (cc, gcc or clang)"
+    cxx_ok=0
+    for c in "${CXX:-}" c++ g++ clang++; do [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && { cxx_ok=1; break; }; done
+    [ "$cxx_ok" = 1 ] || install_hint "a C++ compiler (c++, g++ or clang++)"
+fi
+
+# The check: ollama.py (beside this script) runs the binary, natively or under an emulator.
+check_cmd=()
+if [ "$check" = 1 ]; then
+    py="$(command -v python3 || command -v python)" || die "python3 is needed to check the build (or --no-check)"
+    [ -f "$HERE/ollama.py" ] || die "$HERE/ollama.py not found: it checks the build (or --no-check)"
+    check_cmd=("$py" "$HERE/ollama.py" check-engine)
+    if [ -z "$check_with" ] && [ "$cross" = 1 ]; then
+        command -v qemu-aarch64 >/dev/null 2>&1 || die "qemu-aarch64 not found: checking a cross build needs
+  Debian's qemu-user: sudo apt-get install qemu-user (or --no-check to install it unchecked)"
+        check_with="qemu-aarch64 -cpu $(qemu_cpu "aarch64-$board") -L $AARCH64_SYSROOT"
+    fi
+    if [ "$accel" = cuda ] && ! have_nvidia_driver; then
+        note "no NVIDIA driver here: a CUDA build cannot run on this machine, so it is installed unchecked"
+        check=0
+    fi
+fi
+launcher=()
+if command -v ccache >/dev/null 2>&1; then
+    launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+fi
 
 # ---------------------------------------------------------------------------------------------------
 # Source tree
@@ -282,46 +481,109 @@ case "$src_kind" in
 esac
 
 # ---------------------------------------------------------------------------------------------------
-# Configure, build, install
+# Configure, build, check, install
 # ---------------------------------------------------------------------------------------------------
-started=$(date +%s)
-mkdir -p "$build_dir"
-flags_stamp="$build_dir/.ollama-py-flags"
-# Re-run configure only when the flags changed; cmake --build re-runs it itself when CMakeLists change.
-if [ ! -f "$build_dir/CMakeCache.txt" ] || [ ! -f "$flags_stamp" ] || [ "$(cat "$flags_stamp")" != "${flags[*]}" ]; then
-    note "configuring $build_dir"
-    cmake -S "$src_tree" -B "$build_dir" "${flags[@]}"
-    printf '%s' "${flags[*]}" > "$flags_stamp"
+build_conf() {
+    # Configure (only when the flags changed; cmake --build re-runs it itself when CMakeLists change)
+    # and build the current configuration; sets built_secs.
+    local started flags_stamp
+    started=$(date +%s)
+    mkdir -p "$build_dir"
+    flags_stamp="$build_dir/.ollama-py-flags"
+    if [ ! -f "$build_dir/CMakeCache.txt" ] || [ ! -f "$flags_stamp" ] || [ "$(cat "$flags_stamp")" != "${flags[*]} ${launcher[*]:-}" ]; then
+        note "configuring $build_dir"
+        cmake -S "$src_tree" -B "$build_dir" "${flags[@]}" ${launcher[@]+"${launcher[@]}"}
+        printf '%s' "${flags[*]} ${launcher[*]:-}" > "$flags_stamp"
+    fi
+    note "building ${targets[*]} ($flavor: $(describe_conf "$conf"), $jobs jobs)"
+    cmake --build "$build_dir" --config Release --target "${targets[@]}" -j "$jobs"
+    built_secs=$(( $(date +%s) - started ))
+}
+
+built_binary() {
+    # $1: target name; prints its path in the build dir.
+    local cand
+    for cand in "$build_dir/bin/$1" "$build_dir/bin/Release/$1"; do [ -x "$cand" ] && { echo "$cand"; return; }; done
+    die "build finished but $1 is not in $build_dir/bin"
+}
+
+run_check() {
+    # Runs the check on the built binary; sets check_out (its last line) and returns its status.
+    local args=(--engine "$(built_binary llama-server)") log
+    [ -n "$check_with" ] && args+=(--exec "$check_with")
+    log="$build_dir/check.log"
+    note "checking: ${check_cmd[*]} ${args[*]}"
+    if "${check_cmd[@]}" "${args[@]}" >"$log" 2>&1; then
+        check_out="$(tail -n 1 "$log")"
+        return 0
+    fi
+    check_out="$(grep -m1 '^Error: ' "$log" || tail -n 1 "$log")"
+    check_out="${check_out#Error: }"
+    return 1
+}
+
+history=()
+installed_conf=""
+for try_conf in $cpu_confs; do
+    setup_conf "$try_conf"
+    if [ ${#history[@]} -gt 0 ]; then
+        note "rebuilding with $(describe_conf "$conf") ($flavor)"
+    fi
+    build_conf
+    if [ "$check" = 0 ]; then
+        check_out="not run (--no-check)"
+        [ "$accel" = cuda ] && ! have_nvidia_driver && check_out="not run (no NVIDIA driver on the build machine)"
+        installed_conf="$conf"
+        break
+    fi
+    if run_check; then
+        note "check passed: $check_out"
+        installed_conf="$conf"
+        break
+    fi
+    echo "build_llama.sh: the $flavor build failed its check: $check_out" >&2
+    echo "  (full output: $build_dir/check.log)" >&2
+    history+=("$conf: $check_out")
+done
+if [ -z "$installed_conf" ]; then
+    die "no CPU configuration passed the check; nothing was installed (tried: $cpu_confs; logs in $CACHE/build/)"
 fi
-note "building ${targets[*]} ($flavor, $jobs jobs)"
-cmake --build "$build_dir" --config Release --target "${targets[@]}" -j "$jobs"
+[ ${#history[@]} -eq 0 ] || note "installed the $flavor build: $(describe_conf "$conf"), after ${#history[@]} failed configuration(s)"
 
 mkdir -p "$prefix"
 for t in "${targets[@]}"; do
-    out=""
-    for cand in "$build_dir/bin/$t" "$build_dir/bin/Release/$t"; do [ -x "$cand" ] && { out="$cand"; break; }; done
-    [ -n "$out" ] || die "build finished but $t is not in $build_dir/bin"
+    out="$(built_binary "$t")"
     # Copy then rename, so a running llama-server is never overwritten in place.
     cp "$out" "$prefix/.$t.tmp.$$"
     mv -f "$prefix/.$t.tmp.$$" "$prefix/$t"
 done
 
-cxx="$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build_dir/CMakeCache.txt" | head -1)"
-compiler="$("${cxx:-c++}" --version 2>/dev/null | head -1 || true)"
+cxx_used="$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build_dir/CMakeCache.txt" | head -1)"
+compiler="$("${cxx_used:-c++}" --version 2>/dev/null | head -1 || true)"
 {
     echo "# written by build_llama.sh; the identity line decides whether a rebuild is needed"
-    echo "identity: $identity"
+    echo "identity: $request"
     echo "source: $src_desc"
     [ "$src_kind" = dir ] || echo "source_sha256: $src_sha"
     [ "$src_kind" = dir ] && echo "source_revision: ${src_sha:-unknown (not a git checkout)}"
     echo "source_tree: $src_tree"
+    echo "target: $target$([ "$cross" = 1 ] && echo " (cross-built on $host_arch)")"
     echo "flavor: $flavor"
+    echo "cpu_config: $conf"
+    echo "cpu_config_means: $(describe_conf "$conf")"
+    for h in ${history[@]+"${history[@]}"}; do echo "fallback_from: $h"; done
+    echo "check: $check_out"
+    [ -n "$check_with" ] && echo "check_with: $check_with"
+    echo "static: $([ "$static" = 1 ] && echo "libstdc++ and libgcc linked in, no OpenMP" || echo no)"
     echo "cmake_flags: ${flags[*]}"
     echo "targets: ${targets[*]}"
     echo "compiler: ${compiler:-unknown}"
     echo "build_dir: $build_dir"
+    echo "build_seconds: $built_secs"
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } > "$info.tmp.$$"
 mv -f "$info.tmp.$$" "$info"
 
-echo "built $prefix/llama-server from $src_desc ($flavor) in $(( $(date +%s) - started ))s"
+echo "built $prefix/llama-server from $src_desc ($flavor) in ${built_secs}s; check: $check_out"
+exit 0
+}

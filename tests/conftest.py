@@ -1,5 +1,12 @@
 """Shared fixtures: an isolated ~/.ollama per test, an in-process server on a free port,
-and the real parts (engine, tiny GGUF, Gemma 3 270M) built or fetched once per session."""
+and the real parts (engine, tiny GGUF, Gemma 3 270M) built or fetched once per session.
+
+With OLLAMA_PY_UNIT_ONLY=1 (.ci/run's pass under a real Python 3.9 that has only pytest), the
+suite is the unit tests: modules that import a third-party package are not collected, and tests
+that need a real part (the engine, a GGUF written with `gguf`, Gemma) are deselected."""
+import ast
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +19,42 @@ import ollama  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures  # noqa: E402
+
+
+REAL_PARTS = {"llama_server_bin", "tiny_gguf", "gemma_gguf", "engine"}
+UNIT_ONLY = os.environ.get("OLLAMA_PY_UNIT_ONLY") == "1"
+
+
+def _needs_packages(path, seen=()):
+    """True when a test module imports, at its top level or through a tests/ module it imports,
+    a module that is neither in the standard library nor here."""
+    here = Path(__file__).resolve().parent
+    for node in ast.parse(path.read_text()).body:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        for name in (n.split(".")[0] for n in names):
+            local = here / (name + ".py")
+            if local.is_file():
+                if name not in seen and _needs_packages(local, seen + (name,)):
+                    return True
+            elif name != "ollama" and importlib.util.find_spec(name) is None:
+                return True
+    return False
+
+
+def pytest_ignore_collect(collection_path, config):
+    target = Path(str(collection_path))
+    if UNIT_ONLY and target.suffix == ".py" and target.name.startswith("test_") and _needs_packages(target):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if not UNIT_ONLY:
+        return
+    keep = [item for item in items if not REAL_PARTS & set(getattr(item, "fixturenames", ()))]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
 
 
 @pytest.fixture(autouse=True)

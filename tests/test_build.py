@@ -3,6 +3,7 @@ llama-server."""
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -167,7 +168,7 @@ def test_tiny_gguf_is_deterministic_per_seed(tiny_gguf, tmp_path):
 
 
 def test_tiny_gguf_carries_chat_template_and_vocab(tmp_path):
-    import gguf
+    gguf = pytest.importorskip("gguf")
     path = fixtures.write_tiny_gguf(tmp_path / "chat.gguf", chat_template="{{ messages }}", cache=REAL_CACHE)
     fields = gguf.GGUFReader(str(path)).fields
     assert fields["tokenizer.chat_template"].contents() == "{{ messages }}"
@@ -193,3 +194,195 @@ def test_readme_gives_the_test_command_ci_runs():
     first_block = readme.split("```")[1]
     assert "./demo.sh" in first_block and "bash .ci/run" in first_block
     assert "\n%s " % cmd in readme
+
+
+# -- checked builds: fallback, portable, static, aarch64 ---------------------------------------------
+# Each builds into the real cache (ccache shares everything outside ggml's CPU kernels), so a warm
+# run is seconds and a cold one a few minutes per configuration; the README lists the times.
+
+def build_info(prefix):
+    """bin/llama-server.build-info as {key: value}; fallback_from lines as a list."""
+    info = {"fallback_from": []}
+    for line in (Path(prefix) / "llama-server.build-info").read_text().splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and not line.startswith("#"):
+            if key == "fallback_from":
+                info[key].append(value)
+            else:
+                info[key] = value
+    return info
+
+
+def needs(*commands):
+    """Skip without these commands; on CI (.ci/run installs them) their absence is a failure."""
+    missing = [c for c in commands if not shutil.which(c)]
+    if missing and os.environ.get("CI") == "true":
+        pytest.fail("CI lacks %s (.ci/run installs them)" % " ".join(missing))
+    if missing:
+        pytest.skip("needs %s" % " ".join(missing))
+
+
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return set(next((ln for ln in f if ln.startswith("flags")), "").split())
+
+
+def check_engine(exe, launcher=None):
+    cmd = [sys.executable, str(ROOT / "ollama.py"), "check-engine", "--engine", str(exe)]
+    return subprocess.run(cmd + (["--exec", launcher] if launcher else []), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=600)
+
+
+def test_check_engine_passes_on_the_installed_engine(llama_server_bin):
+    result = check_engine(llama_server_bin)
+    assert result.returncode == 0, result.stderr
+    assert re.match(r"llama-server runs here: \d+ prompt tokens at \d+ tok/s, 8 generated at \d+ tok/s$",
+                    result.stdout.strip())
+    info = build_info(ROOT / "bin")
+    assert info["check"].startswith("llama-server runs here: ")
+    if info.get("target") == "x86_64":
+        assert "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in info["cmake_flags"]   # the AMX crash
+
+
+TILE_INSTRUCTIONS = re.compile(r"\b(ldtilecfg|tilezero|tileloadd|tileloaddt1|tilestored|tdpbssd|tdpbsud|tdpbusd|tdpbuud|tdpbf16ps)\b")
+
+
+@pytest.mark.parametrize("use_build_flags", [True, False])
+def test_default_build_keeps_amx_tiles_out_even_on_an_amx_cpu(llama_server_bin, tmp_path, use_build_flags):
+    # On an AMX Xeon -march=native means sapphirerapids (or newer): compile ggml's AMX kernel as the default
+    # build would there, with the C++ flags build-info records, and look for tile instructions.
+    info = build_info(ROOT / "bin")
+    if info.get("target") != "x86_64":
+        pytest.skip("an x86-64 build")
+    flags = re.search(r"-DCMAKE_CXX_FLAGS=(.*?)(?: -D|$)", info["cmake_flags"]).group(1).split()
+    tree = Path(info["source_tree"]) / "ggml"
+    obj = tmp_path / "mmq.o"
+    subprocess.run(["g++", "-std=c++17", "-O1", "-march=sapphirerapids"] + (flags if use_build_flags else []) +
+                   ["-I%s" % (tree / d) for d in ("include", "src", "src/ggml-cpu")] +
+                   ["-c", str(tree / "src/ggml-cpu/amx/mmq.cpp"), "-o", str(obj)], check=True, timeout=300)
+    disassembly = subprocess.run(["objdump", "-d", str(obj)], stdout=subprocess.PIPE, universal_newlines=True,
+                                 check=True).stdout
+    tiles = len(TILE_INSTRUCTIONS.findall(disassembly))
+    assert (tiles == 0) if use_build_flags else (tiles > 100)     # without the flags, the crashing kernel
+
+
+def test_check_engine_model_has_every_common_weight_type(tmp_path):
+    import ollama
+    path = ollama.engine_check_model(str(tmp_path / "check.gguf"))
+    g = ollama.read_gguf(path)
+    assert {t.type_name for t in g.tensors} == {"F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
+    assert g.architecture == "llama" and g.block_count == 2
+    assert len(g.kv["tokenizer.ggml.tokens"]) == g.get("vocab_size")
+    assert ollama.engine_check_model(str(tmp_path / "again.gguf")) and \
+        (tmp_path / "again.gguf").read_bytes() == Path(path).read_bytes()      # seeded: same bytes
+
+
+@pytest.mark.timeout(3600)
+def test_a_build_that_dies_in_its_check_is_rebuilt_on_a_baseline(llama_server_bin, tmp_path):
+    # qemu-x86_64 has no AVX-512: to it, this machine's native build is a binary from another CPU.
+    needs("qemu-x86_64")
+    if "avx512f" not in cpu_flags():
+        pytest.skip("the native build runs under qemu-x86_64 here: nothing to fall back from")
+    prefix = tmp_path / "bin"
+    result = run_script("--cpu", "--check-with", "qemu-x86_64", "--prefix", str(prefix))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("the cpu-native build failed its check: llama-server process has terminated: SIGILL (illegal "
+            "instruction): the engine uses CPU instructions this machine cannot run") in result.stderr
+    assert "rebuilding with the x86-64-v3 baseline (AVX2, FMA, F16C, BMI2)" in result.stderr
+    info = build_info(prefix)
+    assert info["cpu_config"] == "x86-64-v3" and info["check_with"] == "qemu-x86_64"
+    assert info["fallback_from"] == [
+        "native: llama-server process has terminated: SIGILL (illegal instruction): the engine uses CPU "
+        "instructions this machine cannot run; rebuild it with ./build_llama.sh (with --portable if the "
+        "binary came from another machine)"]
+    assert info["check"].startswith("llama-server runs here")
+    assert check_engine(prefix / "llama-server", "qemu-x86_64").returncode == 0
+    again = run_script("--cpu", "--check-with", "qemu-x86_64", "--prefix", str(prefix))
+    assert again.returncode == 0 and "already built" in again.stdout and "x86-64-v3" in again.stdout
+
+
+def objdump_registers(exe):
+    """How many instructions of `exe` name ymm / zmm / AVX-512 mask registers: the whole binary, since
+    a non-dispatching build has no code path that is not compiled for its baseline."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(exe)], stdout=subprocess.PIPE,
+                         universal_newlines=True, check=True).stdout
+    return {"ymm": len(re.findall(r"%ymm\d", out)), "zmm": len(re.findall(r"%zmm\d", out)),
+            "k": len(re.findall(r"%k[0-7]\b", out))}
+
+
+def shared_libraries(exe):
+    out = subprocess.run(["ldd", str(exe)], stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    return sorted(ln.split()[0] for ln in out.splitlines() if ln.strip())
+
+
+@pytest.mark.timeout(3600)
+def test_portable_build_has_no_avx512_anywhere(llama_server_bin, tmp_path):
+    needs("objdump")
+    prefix = tmp_path / "bin"
+    result = run_script("--cpu", "--portable", "--prefix", str(prefix))
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = build_info(prefix)
+    assert info["cpu_config"] == "x86-64-v3" and info["check"].startswith("llama-server runs here")
+    regs = objdump_registers(prefix / "llama-server")
+    assert regs["zmm"] == 0 and regs["k"] == 0, regs
+    assert regs["ymm"] > 1000, regs                      # AVX2 code is there: objdump did read it
+    if "avx512f" in cpu_flags():
+        assert objdump_registers(llama_server_bin)["zmm"] > 0   # and the native build differs
+
+
+@pytest.mark.timeout(3600)
+def test_static_build_needs_only_the_c_library(llama_server_bin, tmp_path):
+    needs("objdump", "ldd")
+    prefix = tmp_path / "bin"
+    result = run_script("--cpu", "--portable", "--baseline", "x86-64-v2", "--static", "--prefix", str(prefix))
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = shared_libraries(llama_server_bin), shared_libraries(prefix / "llama-server")
+    assert {"libstdc++.so.6", "libgcc_s.so.1"} <= set(before)
+    assert not [lib for lib in after if not re.match(r"(linux-vdso|libc|libm|/lib64/ld-linux-x86-64)\.so", lib)], after
+    info = build_info(prefix)
+    assert info["cpu_config"] == "x86-64-v2" and info["static"].startswith("libstdc++ and libgcc linked in")
+    assert objdump_registers(prefix / "llama-server") == {"ymm": 0, "zmm": 0, "k": 0}   # SSE4.2 only
+    assert check_engine(prefix / "llama-server").returncode == 0
+
+
+def test_no_configuration_passing_installs_nothing(llama_server_bin, tmp_path):
+    # `false` as the emulator fails every check; x86-64-v2 is the last configuration, so none is left.
+    prefix = tmp_path / "bin"
+    result = run_script("--cpu", "--portable", "--baseline", "x86-64-v2", "--static", "--check-with", "false",
+                        "--prefix", str(prefix))
+    assert result.returncode != 0
+    assert "no CPU configuration passed the check; nothing was installed" in result.stderr
+    assert not prefix.exists()
+
+
+def aarch64_build(board, tmp_path):
+    needs("aarch64-linux-gnu-g++", "qemu-aarch64")
+    prefix = tmp_path / board
+    result = run_script("--board", board, "--static", "--prefix", str(prefix))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exe = prefix / "llama-server"
+    with open(str(exe), "rb") as f:
+        header = f.read(20)
+    assert header[:4] == b"\x7fELF" and struct.unpack("<H", header[18:20])[0] == 183    # EM_AARCH64
+    return exe, build_info(prefix)
+
+
+@pytest.mark.timeout(3600)
+def test_pi4_cross_build_generates_under_a_cortex_a72(llama_server_bin, tmp_path):
+    exe, info = aarch64_build("pi4", tmp_path)
+    assert info["target"] == "aarch64 (cross-built on x86_64)" and info["cpu_config"] == "aarch64-pi4"
+    assert info["check_with"] == "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"
+    assert info["check"].startswith("llama-server runs here: ")
+
+
+@pytest.mark.timeout(3600)
+def test_pi5_build_is_refused_by_a_pi4_cpu_in_words(llama_server_bin, tmp_path):
+    exe, info = aarch64_build("pi5", tmp_path)
+    assert info["check_with"] == "qemu-aarch64 -cpu cortex-a76 -L /usr/aarch64-linux-gnu"
+    assert info["check"].startswith("llama-server runs here: ")            # on its own CPU it runs
+    result = check_engine(exe, "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu")
+    assert result.returncode == 1                                       # dot products: SIGILL on a Pi 4
+    assert result.stderr.strip().endswith(
+        "Error: llama-server process has terminated: SIGILL (illegal instruction): the engine uses CPU "
+        "instructions this machine cannot run; rebuild it with ./build_llama.sh (with --portable if the "
+        "binary came from another machine)")
