@@ -6780,9 +6780,9 @@ def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
     if not probs or not all(isinstance(p, (int, float)) and math.isfinite(p) for p in probs):
         raise OllamaError("llama-server computed invalid probabilities (%s): its CPU kernels give wrong "
                           "results on this machine" % probs[:4])
-    return "llama-server runs here: %s prompt tokens at %.0f tok/s, %d generated at %.0f tok/s" % (
-        timings.get("prompt_n", "?"), timings.get("prompt_per_second", 0), made,
-        timings.get("predicted_per_second", 0))
+    return "llama-server runs %s: %s prompt tokens at %.0f tok/s, %d generated at %.0f tok/s" % (
+        "under " + " ".join(launcher) if launcher else "here", timings.get("prompt_n", "?"),
+        timings.get("prompt_per_second", 0), made, timings.get("predicted_per_second", 0))
 
 
 def cmd_check_engine(args):

@@ -295,7 +295,7 @@ def test_a_build_that_dies_in_its_check_is_rebuilt_on_a_baseline(llama_server_bi
         "native: llama-server process has terminated: SIGILL (illegal instruction): the engine uses CPU "
         "instructions this machine cannot run; rebuild it with ./build_llama.sh (with --portable if the "
         "binary came from another machine)"]
-    assert info["check"].startswith("llama-server runs here")
+    assert info["check"].startswith("llama-server runs under qemu-x86_64: ")
     assert check_engine(prefix / "llama-server", "qemu-x86_64").returncode == 0
     again = run_script("--cpu", "--check-with", "qemu-x86_64", "--prefix", str(prefix))
     assert again.returncode == 0 and "already built" in again.stdout and "x86-64-v3" in again.stdout
@@ -308,6 +308,12 @@ def objdump_registers(exe):
                          universal_newlines=True, check=True).stdout
     return {"ymm": len(re.findall(r"%ymm\d", out)), "zmm": len(re.findall(r"%zmm\d", out)),
             "k": len(re.findall(r"%k[0-7]\b", out))}
+
+
+def needed_libraries(exe):
+    """The DT_NEEDED entries of an ELF file of any architecture (readelf does not run it)."""
+    out = subprocess.run(["readelf", "-d", str(exe)], stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    return sorted(re.findall(r"\(NEEDED\).*\[(.+)\]", out))
 
 
 def shared_libraries(exe):
@@ -341,6 +347,7 @@ def test_static_build_needs_only_the_c_library(llama_server_bin, tmp_path):
     assert not [lib for lib in after if not re.match(r"(linux-vdso|libc|libm|/lib64/ld-linux-x86-64)\.so", lib)], after
     info = build_info(prefix)
     assert info["cpu_config"] == "x86-64-v2" and info["static"].startswith("libstdc++ and libgcc linked in")
+    assert needed_libraries(prefix / "llama-server") == ["ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6"]
     assert objdump_registers(prefix / "llama-server") == {"ymm": 0, "zmm": 0, "k": 0}   # SSE4.2 only
     assert check_engine(prefix / "llama-server").returncode == 0
 
@@ -371,15 +378,14 @@ def aarch64_build(board, tmp_path):
 def test_pi4_cross_build_generates_under_a_cortex_a72(llama_server_bin, tmp_path):
     exe, info = aarch64_build("pi4", tmp_path)
     assert info["target"] == "aarch64 (cross-built on x86_64)" and info["cpu_config"] == "aarch64-pi4"
-    assert info["check_with"] == "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"
-    assert info["check"].startswith("llama-server runs here: ")
+    assert info["check"].startswith("llama-server runs under qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu: ")
+    assert needed_libraries(exe) == ["libc.so.6", "libm.so.6"]     # --static: the C library only
 
 
 @pytest.mark.timeout(3600)
 def test_pi5_build_is_refused_by_a_pi4_cpu_in_words(llama_server_bin, tmp_path):
     exe, info = aarch64_build("pi5", tmp_path)
-    assert info["check_with"] == "qemu-aarch64 -cpu cortex-a76 -L /usr/aarch64-linux-gnu"
-    assert info["check"].startswith("llama-server runs here: ")            # on its own CPU it runs
+    assert info["check"].startswith("llama-server runs under qemu-aarch64 -cpu cortex-a76 ")  # its own CPU
     result = check_engine(exe, "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu")
     assert result.returncode == 1                                       # dot products: SIGILL on a Pi 4
     assert result.stderr.strip().endswith(
