@@ -30,8 +30,8 @@ usage() {
     cat <<EOF
 Usage: ./build_llama.sh [options] [-- extra cmake -D flags]   (e.g. -- -DCMAKE_CUDA_ARCHITECTURES=90)
 
-Build llama.cpp's llama-server and write it to bin/llama-server beside ollama.py, with
-bin/llama-server.build-info describing the build. Before installing, the new binary is run on a
+Build llama.cpp's llama-server and llama-quantize (for create --quantize) and write them to bin/
+beside ollama.py, with bin/llama-server.build-info describing the build. Before installing, the new binary is run on a
 tiny generated model (python3 ollama.py check-engine); one that dies or fails is never installed,
 and the build is retried with a safer CPU configuration (see CPU below). Re-running with the same
 request does nothing.
@@ -331,7 +331,7 @@ flags=${flags[*]}
 targets=${targets[*]}")"
 }
 
-targets=(llama-server)
+targets=(llama-server llama-quantize)      # llama-quantize: create --quantize
 [ "$rpc" = 1 ] && targets+=(rpc-server)
 
 # ---------------------------------------------------------------------------------------------------

@@ -1030,10 +1030,11 @@ _CHECK_BLOCKS = {2: (18, 32, [(0, 0.005)]),                     # Q4_0: w = d * 
                  14: (210, 256, [(208, 1e-5)])}                 # Q6_K: w = d * sc * (q - 32), d last
 
 
-def engine_check_model(path, seed=0):
+def engine_check_model(path, seed=0, f16=False):
     """Write the engine check's model: a 2-layer llama of width 256 with random weights, one tensor in
     each weight type llama.cpp's CPU kernels treat separately (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K,
-    F16, F32), grouped-query attention, and a byte-level SentencePiece vocabulary. 1.2 MB."""
+    F16, F32), grouped-query attention, and a byte-level SentencePiece vocabulary. 1.2 MB.
+    `f16`: every matrix in F16 instead (a model llama-quantize accepts; 2.8 MB)."""
     import random
     rng = random.Random(seed)
     n_embd, n_ff, n_head, n_head_kv, n_layer = 256, 512, 4, 2, 2
@@ -1043,6 +1044,8 @@ def engine_check_model(path, seed=0):
     n_vocab = len(tokens)
 
     def quantized(ggml_type, rows, cols):
+        if f16:
+            return f16_matrix(rows, cols)
         size, per_block, scales = _CHECK_BLOCKS[ggml_type]
         blocks = rows * cols // per_block
         data = bytearray(rng.getrandbits(8 * size * blocks).to_bytes(size * blocks, "little"))
@@ -1051,7 +1054,7 @@ def engine_check_model(path, seed=0):
             data[at::size], data[at + 1::size] = bytes([lo]) * blocks, bytes([hi]) * blocks
         return ggml_type, [cols, rows], bytes(data)
 
-    def f16(rows, cols):
+    def f16_matrix(rows, cols):
         return 1, [cols, rows], struct.pack("<%de" % (rows * cols), *(rng.gauss(0, 0.02) for _ in range(rows * cols)))
 
     def ones(n):
@@ -1059,7 +1062,7 @@ def engine_check_model(path, seed=0):
 
     kv_dim = n_embd // n_head * n_head_kv
     layer_types = [(2, 3, 8, 12, 13, 14, 12), (8, 12, 14, 2, 2, 8, 14)]   # q k v output gate up down
-    tensors = [("token_embd.weight",) + f16(n_vocab, n_embd), ("output_norm.weight",) + ones(n_embd),
+    tensors = [("token_embd.weight",) + f16_matrix(n_vocab, n_embd), ("output_norm.weight",) + ones(n_embd),
                ("output.weight",) + quantized(14, n_vocab, n_embd)]
     for i in range(n_layer):
         q, k, v, o, gate, up, down = layer_types[i]
@@ -1079,7 +1082,7 @@ def engine_check_model(path, seed=0):
           ("tokenizer.ggml.scores", 9, (6, [0.0] * 259 + [-float(i) for i in range(n_vocab - 259)])),
           ("tokenizer.ggml.token_type", 9, (5, types)), ("tokenizer.ggml.bos_token_id", 4, 1),
           ("tokenizer.ggml.eos_token_id", 4, 2), ("tokenizer.ggml.unknown_token_id", 4, 0),
-          ("tokenizer.ggml.add_bos_token", 7, True)]
+          ("tokenizer.ggml.add_bos_token", 7, True)] + ([("general.file_type", 4, 1)] if f16 else [])
     write_gguf(path, kv, tensors)
     return path
 
@@ -4335,11 +4338,11 @@ RUNNER_SIGNALS = {
 }
 
 
-def runner_exit_error(code, log_path=None, tail=""):
-    """The OllamaError for a llama-server that exited with `code` (Popen's, negative for a signal):
+def runner_exit_error(code, log_path=None, tail="", program="llama-server"):
+    """The OllamaError for an engine program that exited with `code` (Popen's, negative for a signal):
     a death by signal says in words what happened and what to do, pointing at the runner's log."""
     if code is None or code >= 0:
-        return OllamaError("llama-server process has terminated: exit status %s%s" % (code, tail))
+        return OllamaError("%s process has terminated: exit status %s%s" % (program, code, tail))
     try:
         name = signal.Signals(-code).name
     except ValueError:
@@ -4347,7 +4350,60 @@ def runner_exit_error(code, log_path=None, tail=""):
     what, advice = RUNNER_SIGNALS.get(name, ("stopped by a signal", "the engine crashed"))
     if log_path and name not in ("SIGILL", "SIGKILL", "SIGTERM", "SIGINT"):
         advice += "; its log is %s" % log_path
-    return OllamaError("llama-server process has terminated: %s (%s): %s" % (name, what, advice))
+    return OllamaError("%s process has terminated: %s (%s): %s" % (program, name, what, advice))
+
+
+def find_engine_tool(config, name):
+    """Another llama.cpp program build_llama.sh installs (llama-quantize): beside llama-server, else PATH."""
+    beside = Path(find_llama_server(config)).with_name(name)
+    found = str(beside) if os.access(str(beside), os.X_OK) else shutil.which(name)
+    if not found:
+        raise OllamaError("%s not found beside %s: run ./build_llama.sh" % (name, beside.parent))
+    return found
+
+
+#: Quantization levels for create -> (general.file_type, about how many bits per weight it takes):
+#: Ollama's (F32, F16, BF16, Q8_0, Q4_K_S, Q4_K_M, with Q4_K meaning Q4_K_M) and, beyond Ollama, the
+#: other llama-quantize levels a small machine may want.
+QUANTIZE_TYPES = {"F32": (0, 32), "F16": (1, 16), "BF16": (32, 16), "Q8_0": (7, 8.5), "Q6_K": (18, 6.6),
+                  "Q5_K_M": (17, 5.7), "Q5_K_S": (16, 5.5), "Q5_K": (17, 5.7), "Q5_1": (9, 6), "Q5_0": (8, 5.5),
+                  "Q4_K_M": (15, 4.9), "Q4_K_S": (14, 4.6), "Q4_K": (15, 4.9), "Q4_1": (3, 5), "Q4_0": (2, 4.5),
+                  "Q3_K_L": (13, 4.3), "Q3_K_M": (12, 3.9), "Q3_K_S": (11, 3.5), "Q3_K": (12, 3.9),
+                  "Q2_K": (10, 3.4)}
+
+
+def quantize_level(text):
+    """A create request's quantize value -> its canonical level name (Ollama upper-cases it)."""
+    level = text.upper() if isinstance(text, str) else ""
+    if level not in QUANTIZE_TYPES:
+        names = [n for n in QUANTIZE_TYPES if GGUF_FILE_TYPES[QUANTIZE_TYPES[n][0]] == n]
+        raise BadRequest("unsupported quantization type %s - supported types are %s" % (level or text, ", ".join(names)))
+    return GGUF_FILE_TYPES[QUANTIZE_TYPES[level][0]]
+
+
+def quantize_gguf(exe, src, dst, level, launcher=()):
+    """Run llama-quantize: `src` to `dst` at `level`. Yields the fraction of tensors done (it reports
+    each tensor on stderr, unbuffered). A failure raises OllamaError with the program's last words."""
+    args = list(launcher) + [exe, str(src), str(dst), level]
+    log.info("quantizing: %s", " ".join(_shell_quote(a) for a in args))
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = []
+    try:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail = (tail + [line])[-8:]
+            done = re.match(r"\[\s*(\d+)/\s*(\d+)\]", line)
+            if done:
+                yield int(done.group(1)) / max(1, int(done.group(2)))
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:                  # the request went away: stop it, the caller cleans up
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    if code:
+        errors = [ln for ln in tail if "error" in ln.lower() or "failed" in ln.lower()] or tail[-1:]
+        raise runner_exit_error(code, tail=": " + " | ".join(errors) if errors else "", program="llama-quantize")
 
 
 def find_llama_server(config, here=None):
@@ -5507,9 +5563,8 @@ def api_create(req):
     text = body.get("model") or body.get("name") or ""
     files = _validate_create_files(body.get("files"))
     adapters = _validate_create_files(body.get("adapters"), "adapters")
-    if body.get("quantize") or body.get("quantization"):
-        raise BadRequest("quantization is not supported by ollama.py; quantize the GGUF with "
-                         "llama.cpp's llama-quantize before importing")
+    quantize = body.get("quantize") or body.get("quantization")
+    level = quantize_level(quantize) if quantize else None
     license_ = body.get("license")
     if license_ is not None and not isinstance(license_, str) and not (
             isinstance(license_, list) and all(isinstance(x, str) for x in license_)):
@@ -5527,7 +5582,7 @@ def api_create(req):
         raise BadRequest("neither 'from' or 'files' was specified")
     from_name = Name.parse(from_text) if from_text else None
     stream = body.get("stream", True) is not False
-    items = _create_stream(req, name, from_name, files, adapters, body, parameters, messages)
+    items = _create_stream(req, name, from_name, files, adapters, body, parameters, messages, level)
     if stream:
         return Stream(items)
     last = None
@@ -5536,11 +5591,14 @@ def api_create(req):
     return last
 
 
-def _create_stream(req, name, from_name, files, adapters, body, parameters, messages):
+def _create_stream(req, name, from_name, files, adapters, body, parameters, messages, level=None):
     store = req.server.store
     if from_name is not None and store.resolve(from_name) is None:
         for progress in _pull_for_create(req, from_name):
             yield progress
+    quantized = {}                                  # source digest -> (digest, size) of its quantized blob
+    if level:
+        quantized = yield from _quantize_layers(req, level, _model_digests(store, from_name, files))
     statuses, created = [], set()
     with store.lock:
         layers, config = [], {}
@@ -5580,6 +5638,11 @@ def _create_stream(req, name, from_name, files, adapters, body, parameters, mess
         for k in ("renderer", "parser", "requires"):
             if body.get(k):
                 config[k] = body[k]
+        for la in layers:
+            if la["digest"] in quantized:
+                la["digest"], la["size"] = quantized[la["digest"]]
+                created.add(la["digest"])
+                config["file_type"] = level
 
         def replace(media, data):
             layers[:] = [la for la in layers if la["mediaType"] != MEDIA_PREFIX + media]
@@ -5616,9 +5679,66 @@ def _create_stream(req, name, from_name, files, adapters, body, parameters, mess
         store.write_manifest(name, (go_json(manifest) + "\n").encode())
         if old_digests and not req.server.config.noprune:
             store.remove_unused(old_digests)
+        store.remove_unused(quantized)          # the unquantized source stays only if a model uses it
     for status in statuses:
         yield {"status": status}
     yield {"status": "success"}
+
+
+def _model_digests(store, from_name, files):
+    """The model-weight blobs a create would use: the `from` model's model layers, else the files
+    that are GGUF models (not adapters or projectors)."""
+    if from_name is not None:
+        return [la["digest"] for la in load_model(store, from_name).manifest.get("layers") or []
+                if la["mediaType"] == MEDIA_PREFIX + "model"]
+    out = []
+    for path in sorted(files):
+        digest = parse_digest(files[path])
+        if not store.has_blob(digest):
+            raise BadRequest("blob not found for %s (digest %s)" % (path, digest))
+        g = read_gguf(store.blob_path(digest), 0)
+        if g.kind != "adapter" and not g.is_projector:
+            out.append(digest)
+    return out
+
+
+def _quantize_layers(req, level, digests):
+    """Quantize each model blob to `level` with llama-quantize into a temp blob, streaming Ollama's
+    progress; returns {source digest: (quantized digest, size)}. Needs F16, BF16 or F32 sources and
+    the disk space for the result; a failure or a client that goes away leaves no temp file."""
+    store = req.server.store
+    want, bits = QUANTIZE_TYPES[level]
+    out = {}
+    for digest in digests:
+        g = read_gguf(store.blob_path(digest), 0)
+        if g.file_type not in ("F16", "BF16", "F32"):
+            raise BadRequest("quantization is only supported for F16, BF16 and F32 models")
+        if g.kv.get("general.file_type") == want:
+            continue
+        size = store.blob_size(digest)
+        need = int(size * bits / {"F32": 32}.get(g.file_type, 16)) + (64 << 20)   # + metadata, slack
+        free = shutil.disk_usage(str(store.blobs)).free
+        if need > free:
+            raise OllamaError("not enough disk space to quantize: about %s needed, %s free in %s"
+                              % (human_bytes(need), human_bytes(free), store.blobs), 507)
+        exe = find_engine_tool(req.server.config, "llama-quantize")
+        f, tmp = store.temp_blob()
+        try:
+            f.close()
+            status = "quantizing %s model to %s" % (g.file_type, level)
+            yield {"status": status, "digest": "0000000000000000000", "total": size, "completed": 0}
+            for done in quantize_gguf(exe, store.blob_path(digest), tmp, level):
+                yield {"status": status, "digest": "0000000000000000000", "total": size,
+                       "completed": int(done * size)}
+            yield {"status": "verifying conversion"}
+            if read_gguf(tmp, 0).kv.get("general.file_type") != want:
+                raise OllamaError("llama-quantize wrote a model that is not %s" % level)
+            new = file_digest(tmp)
+            store.commit_blob(tmp, new)
+            out[digest] = (new, store.blob_size(new))
+        finally:
+            _unlink(tmp)
+    return out
 
 
 def _message_struct(m):
@@ -6758,8 +6878,9 @@ ENGINE_CHECK_TOKENS = 8
 
 def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
     """Run llama-server `exe` on the engine check's model (engine_check_model): load, one prompt batch,
-    ENGINE_CHECK_TOKENS generated tokens with their probabilities, on every thread. Returns a summary
-    line; raises OllamaError (a death by signal in words) when the engine cannot run here."""
+    ENGINE_CHECK_TOKENS generated tokens with their probabilities, on every thread; then, when
+    llama-quantize is beside it, quantize the F16 variant to Q4_0. Returns a summary line; raises
+    OllamaError (a death by signal in words) when the engine cannot run here."""
     model = engine_check_model(os.path.join(os.path.dirname(str(log_path)), "engine-check.gguf"))
     runner = Runner(exe, model, num_ctx=256, log_path=log_path, launcher=launcher)
     try:
@@ -6780,9 +6901,19 @@ def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
     if not probs or not all(isinstance(p, (int, float)) and math.isfinite(p) for p in probs):
         raise OllamaError("llama-server computed invalid probabilities (%s): its CPU kernels give wrong "
                           "results on this machine" % probs[:4])
-    return "llama-server runs %s: %s prompt tokens at %.0f tok/s, %d generated at %.0f tok/s" % (
+    summary = "llama-server runs %s: %s prompt tokens at %.0f tok/s, %d generated at %.0f tok/s" % (
         "under " + " ".join(launcher) if launcher else "here", timings.get("prompt_n", "?"),
         timings.get("prompt_per_second", 0), made, timings.get("predicted_per_second", 0))
+    quantize = Path(exe).with_name("llama-quantize")
+    if os.access(str(quantize), os.X_OK):           # built beside it: create --quantize uses it
+        src = engine_check_model(os.path.join(os.path.dirname(str(log_path)), "engine-check-f16.gguf"), f16=True)
+        dst = src.replace("f16", "q4_0")
+        for _ in quantize_gguf(str(quantize), src, dst, "Q4_0", launcher):
+            pass
+        if read_gguf(dst, 0).kv.get("general.file_type") != QUANTIZE_TYPES["Q4_0"][0]:
+            raise OllamaError("llama-quantize did not write a Q4_0 model")
+        summary += "; llama-quantize works"
+    return summary
 
 
 def cmd_check_engine(args):
@@ -6929,7 +7060,12 @@ def cmd_create(args):
     status.show("gathering model components")
     try:
         for item in client.stream("POST", "/api/create", req):
-            if item.get("status"):
+            if item.get("status") and item.get("total"):        # quantizing: a percentage on a TTY
+                text = item["status"]
+                if status.tty:
+                    text += " %d%%" % (100 * item.get("completed", 0) // item["total"])
+                status.show(text)
+            elif item.get("status"):
                 status.show(item["status"], final=not status.tty)
     finally:
         status.done()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures  # noqa: E402
 
 
-REAL_PARTS = {"llama_server_bin", "tiny_gguf", "gemma_gguf", "engine"}
+REAL_PARTS = {"llama_server_bin", "tiny_gguf", "tiny_f32_gguf", "gemma_gguf", "engine"}
 UNIT_ONLY = os.environ.get("OLLAMA_PY_UNIT_ONLY") == "1"
 
 
@@ -100,6 +100,12 @@ def llama_server_bin():
 def tiny_gguf(tmp_path_factory):
     """A tiny random-weight llama GGUF (32000-token llama vocab) that real llama-server runs."""
     return fixtures.write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", cache=_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_gguf(tmp_path_factory):
+    """The tiny GGUF with F32 weights: what create --quantize starts from."""
+    return fixtures.write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", f16=False, cache=_CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -381,3 +381,113 @@ def test_delete_keeps_shared_blobs_and_removes_the_rest(server, tmp_path):
     assert not any(server.store.has_blob(d) for d in only_a)
     assert jcall(server, "DELETE", "/api/delete", {"model": "a"}) == (404, {"error": "model 'a' not found"})
     assert_consistent(server.store)
+
+
+# -- create --quantize: llama-quantize from the engine build -----------------
+
+def tiny_f32(server, gguf, name="tiny32"):
+    """The tiny F32 model (64 wide, 32000-token vocab) created as `name`; returns its blob's digest."""
+    digest = upload(server, gguf.read_bytes())
+    status, data = create(server, {"model": name, "files": {"tiny.gguf": digest}, "stream": False})
+    assert status == 200, data
+    return digest
+
+
+def model_blob(server, name):
+    manifest = server.store.get(ollama.Name.parse(name))[2]
+    layer = next(la for la in manifest["layers"] if la["mediaType"] == ollama.MEDIA_PREFIX + "model")
+    return layer["digest"], layer["size"]
+
+
+#: ggml type -> (bytes per block, weights per block)
+BLOCKS = {"F32": (4, 1), "F16": (2, 1), "Q8_0": (34, 32), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q4_0": (18, 32),
+          "Q4_1": (20, 32), "Q4_K": (144, 256), "Q5_K": (176, 256), "Q6_K": (210, 256)}
+
+
+@pytest.mark.parametrize("level, canonical, types", [
+    ("q8_0", "Q8_0", {"Q8_0", "F32"}),
+    # 64-wide tensors cannot hold 256-weight K blocks: llama-quantize falls back to Q5_0 and Q8_0
+    ("q4_K_M", "Q4_K_M", {"Q5_0", "Q8_0", "F32"})])
+def test_cli_create_quantizes_an_f32_model_that_then_generates(engine, server, tiny_f32_gguf, tmp_path, level,
+                                                               canonical, types):
+    import subprocess
+    import sys
+    gguf = tmp_path / "tiny32.gguf"
+    gguf.write_bytes(tiny_f32_gguf.read_bytes())     # a copy: the store may link it (no-copy import)
+    (tmp_path / "Modelfile").write_text("FROM %s\n" % gguf)
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(ollama.__file__), "ollama.py"), "create",
+                          "tinyq", "-q", level, "-f", str(tmp_path / "Modelfile")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "quantizing F32 model to %s" % canonical in out.stderr and "verifying conversion" in out.stderr
+    digest, size = model_blob(server, "tinyq")
+    g = ollama.read_gguf(server.store.blob_path(digest), 0)
+    assert g.file_type == canonical and {t.type_name for t in g.tensors} == types
+    # Smaller by what the tensor types say: the F32 weights' 4 bytes each become their blocks' bytes.
+    weights = sum(t.elements * 4 for t in g.tensors)
+    quantized = sum(t.elements // BLOCKS[t.type_name][1] * BLOCKS[t.type_name][0] for t in g.tensors)
+    assert abs(size - (gguf.stat().st_size - weights + quantized)) < 0.01 * size
+    assert size < 0.4 * gguf.stat().st_size
+    status, shown = jcall(server, "POST", "/api/show", {"model": "tinyq"})
+    assert status == 200 and shown["details"]["quantization_level"] == canonical
+    status, data = call(server, "POST", "/api/generate", {"model": "tinyq", "prompt": "Hello", "stream": False,
+                                                          "options": {"num_predict": 4, "temperature": 0}})
+    assert status == 200 and json.loads(data)["eval_count"] == 4
+    f32 = "sha256-" + hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert f32 not in blobs(server)                    # the unquantized source is used by no model: gone
+    assert not [b for b in blobs(server) if "tmp" in b]
+    assert_consistent(server.store)
+
+
+def test_official_client_create_quantizes_from_a_stored_model(engine, server, tiny_f32_gguf):
+    from test_embed import official_ollama
+    source = tiny_f32(server, tiny_f32_gguf)
+    out = official_ollama(server, """
+        statuses = [r.status for r in client.create(model="tiny-q4", from_="tiny32", quantize="q4_K_M", stream=True)]
+        print(json.dumps({"statuses": statuses, "level": client.show("tiny-q4").details.quantization_level}))
+    """)
+    assert out["statuses"][0] == "quantizing F32 model to Q4_K_M" and out["statuses"][-1] == "success"
+    assert "verifying conversion" in out["statuses"] and out["level"] == "Q4_K_M"
+    assert model_blob(server, "tiny32")[0] == source and server.store.has_blob(source)   # still used: kept
+
+
+def test_quantize_errors_are_ollamas(engine, server, tiny_f32_gguf):
+    tiny_f32(server, tiny_f32_gguf)
+    status, err = jcall(server, "POST", "/api/create", {"model": "x", "from": "tiny32", "quantize": "q9_z"})
+    assert status == 400 and err["error"].startswith("unsupported quantization type Q9_Z - supported types are "
+                                                      "F32, F16, BF16, Q8_0, Q6_K, Q5_K_M")
+    status, _ = jcall(server, "POST", "/api/create", {"model": "tiny8", "from": "tiny32", "quantize": "Q8_0",
+                                                       "stream": False})
+    assert status == 200
+    status, err = jcall(server, "POST", "/api/create", {"model": "x", "from": "tiny8", "quantize": "q4_K_M"})
+    assert (status, err) == (400, {"error": "quantization is only supported for F16, BF16 and F32 models"})
+
+
+def test_quantize_without_disk_space_says_so_and_leaves_nothing(engine, server, tiny_f32_gguf, monkeypatch):
+    import shutil
+    tiny_f32(server, tiny_f32_gguf)
+    before = blobs(server)
+    usage = shutil.disk_usage(str(server.store.blobs))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 << 20))   # 10 MiB free
+    status, err = jcall(server, "POST", "/api/create", {"model": "x", "from": "tiny32", "quantize": "q8_0"})
+    assert status == 507 and err["error"].startswith("not enough disk space to quantize: about ")
+    assert blobs(server) == before and server.store.resolve(ollama.Name.parse("x")) is None
+
+
+def test_a_failing_quantize_leaves_no_temp_file_and_no_model(server, tiny_f32_gguf, tmp_path):
+    # Fault injection: a llama-quantize that writes half a file and dies.
+    exe_dir = tmp_path / "engine"
+    exe_dir.mkdir()
+    for name, body in (("llama-server", "exit 0"),
+                       ("llama-quantize", 'printf half > "$2"; echo "[   1/  10] tensor" >&2; '
+                                          'echo "error: out of cheese" >&2; exit 3')):
+        (exe_dir / name).write_text("#!/bin/sh\n%s\n" % body)
+        (exe_dir / name).chmod(0o755)
+    server.config.llama_server = str(exe_dir / "llama-server")
+    tiny_f32(server, tiny_f32_gguf)
+    before = blobs(server)
+    status, data = call(server, "POST", "/api/create", {"model": "x", "from": "tiny32", "quantize": "q8_0"})
+    items = lines(data)
+    assert status == 200 and items[0]["status"] == "quantizing F32 model to Q8_0"
+    assert items[-1] == {"error": "llama-quantize process has terminated: exit status 3: error: out of cheese"}
+    assert blobs(server) == before and server.store.resolve(ollama.Name.parse("x")) is None
