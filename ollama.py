@@ -5261,9 +5261,11 @@ def api_blob_post(req):
     201 when created, 200 when it already existed, 400 `digest mismatch, expected "…", got "…"`
     (nothing is kept). No-copy import (an ollama.py extension): with the header
     `X-Ollama-Path: /abs/path` and an empty body, a server that runs on the same machine as the
-    client (loopback peer) and can read that file hashes it and, when it matches the digest,
+    client, as the same user (`_peer_trusted`), hashes that file and, when it matches the digest,
     links it into blobs/ (a reflink or hard link when the store is on the same filesystem, else a
-    copy). The hashed file is the linked one, checked unchanged (size, mtime, inode) after hashing,
+    copy). Any other client gets one 403 before the path is looked at, so the answer says nothing
+    about the file, and a mismatch never names the file's real digest: the header can only do
+    what the caller could do by reading the file and uploading it. The hashed file is the linked one, checked unchanged (size, mtime, inode) after hashing,
     so the blob matches its name when it is committed. A hard-linked blob shares its bytes with the
     original: editing that file in place afterwards would change the blob too (tools that write a
     new file and rename it, as editors and downloaders do, are safe).
@@ -5276,8 +5278,8 @@ def api_blob_post(req):
         return Response(200, b"", None)
     if src:
         _drain(req)
-        if not _peer_is_local(req):
-            raise Forbidden("X-Ollama-Path is only honoured for local clients")
+        if not _peer_trusted(req):
+            raise Forbidden("X-Ollama-Path is only honoured for a local client running as the server's user")
         _import_local_blob(store, src, digest)
         return Response(201, b"", None)
     length = req.headers.get("Content-Length")
@@ -5293,13 +5295,49 @@ def _drain(req):
         pass
 
 
-def _peer_is_local(req):
-    host = req.handler.client_address[0]
+def _peer_trusted(req):
+    """True when the client is a process of the server's own user on this machine: a loopback
+    peer whose socket /proc/net/tcp(6) says that uid owns. Unknown (no /proc, another network
+    namespace, the socket already gone) is untrusted."""
+    sock = req.handler.connection
     try:
-        import ipaddress
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
+        peer, local = sock.getpeername(), sock.getsockname()
+    except OSError:
         return False
+    ip = _parse_ip(peer[0].split("%")[0])
+    if ip is None or not (ip.is_loopback or getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback):
+        return False
+    return socket_owner(peer[:2], local[:2]) == os.geteuid()
+
+
+def _proc_net_addr(host, port):
+    """An (ip, port) as /proc/net/tcp(6) spells it: each 32-bit word of the address in host byte
+    order, in hex, then ":" and the port in hex. Returns (table, text); an IPv4-mapped IPv6
+    address is looked up in the IPv4 table, where a dual-stack client's socket is."""
+    ip = _parse_ip(host.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    words = struct.unpack("=%dI" % (len(ip.packed) // 4), ip.packed)
+    return ("tcp" if ip.version == 4 else "tcp6"), "".join("%08X" % w for w in words) + ":%04X" % port
+
+
+def socket_owner(peer, local):
+    """The uid that owns the TCP socket whose local end is `peer` and remote end is `local` (both
+    (ip, port)): the client's end of a connection this process accepted. None when unknown."""
+    table, want_local = _proc_net_addr(*peer)
+    _table, want_remote = _proc_net_addr(*local)
+    if _table != table:
+        return None
+    try:
+        with open("/proc/net/" + table) as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()     # sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+        if len(fields) > 7 and fields[1] == want_local and fields[2] == want_remote:
+            return int(fields[7])
+    return None
 
 
 def _import_local_blob(store, src, digest):
@@ -5322,15 +5360,18 @@ def _import_local_blob(store, src, digest):
             linked = False
         if not linked:
             with open(src, "rb") as f:
-                store.write_blob(f, expected=digest)           # streamed copy, verified
+                try:
+                    store.write_blob(f, expected=digest)       # streamed copy, verified
+                except BadRequest:
+                    raise BadRequest('digest mismatch, expected "%s"' % parse_digest(digest)) from None
             return
         before = os.stat(str(tmp))
         actual = file_digest(str(tmp))
         after = os.stat(str(tmp))
         if (before.st_size, before.st_mtime_ns, before.st_ino) != (after.st_size, after.st_mtime_ns, after.st_ino):
             raise BadRequest("%s changed while it was being imported" % src)
-        if actual != parse_digest(digest):
-            raise BadRequest('digest mismatch, expected "%s", got "%s"' % (parse_digest(digest), actual))
+        if actual != parse_digest(digest):     # its real digest stays unsaid: no hash oracle
+            raise BadRequest('digest mismatch, expected "%s"' % parse_digest(digest))
         if not store.has_blob(digest):
             os.replace(str(tmp), str(store.blob_path(digest)))
             _fsync_dir(store.blobs)
