@@ -20,6 +20,7 @@ __all__ = [
 import argparse
 import base64
 import contextlib
+import ctypes
 import datetime
 import errno
 import hashlib
@@ -29,6 +30,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -4369,6 +4371,124 @@ def free_port():
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1                  # linux/prctl.h
+
+
+def _pdeathsig_setter():
+    """libc's prctl bound to PR_SET_PDEATHSIG/SIGKILL, resolved before any fork (dlopen is not
+    safe in a forked child of a threaded process); None where there is no prctl (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def popen_tied(args, **kw):
+    """subprocess.Popen for a child that the kernel kills (SIGKILL) when the thread that started it
+    ends, the process included, however it ends: kill -9, the OOM killer, a crash (Linux).
+    A child whose parent died before the prctl took effect exits at once."""
+    setter, parent = _pdeathsig_setter(), os.getpid()
+
+    def in_child():
+        if setter is not None:
+            setter()
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return subprocess.Popen(args, preexec_fn=in_child, **kw)
+
+
+def process_start(pid):
+    """A process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid,
+    it names one process, never a later one that reuses the pid. None if there is none."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if len(fields) > 19 and fields[0] != "Z" else None
+
+
+class Spawner:
+    """Starts serve's children from one thread that lives as long as serve, and records them.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked a child ends, so children are not started
+    from request threads (which end with their connection). Each child is recorded by pid and start
+    time in `record` (~/.ollama/runners/serve-<pid>.json), with serve's own; a later serve reaps
+    the children of a serve that died where the kernel could not (`reap_orphans`).
+    """
+
+    def __init__(self, record=None):
+        self.record = Path(record) if record else None
+        self.children = []
+        self.jobs = queue.Queue()
+        threading.Thread(target=self._run, name="spawner", daemon=True).start()
+
+    def popen(self, args, **kw):
+        """popen_tied(args, **kw), run on the spawner's thread; the child is recorded before it runs."""
+        done, box = threading.Event(), {}
+        self.jobs.put((args, kw, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["proc"]
+
+    def _run(self):
+        while True:
+            args, kw, box, done = self.jobs.get()
+            try:
+                box["proc"] = proc = popen_tied(args, **kw)
+                self.children = [c for c in self.children if c.poll() is None] + [proc]
+                self._write()
+            except BaseException as e:        # handed to the caller's thread
+                box["error"] = e
+            done.set()
+
+    def _write(self):
+        if self.record is None:
+            return
+        me = [os.getpid(), process_start(os.getpid())]
+        kids = [[c.pid, process_start(c.pid)] for c in self.children]
+        try:
+            atomic_write(self.record, json_dumps({"serve": me, "runners": kids}).encode())
+        except OSError as e:
+            log.warning("cannot record runner processes in %s: %s", self.record, e)
+
+    def close(self):
+        """Forget the record (every child has been stopped)."""
+        if self.record is not None:
+            _unlink(self.record)
+
+
+def reap_orphans(directory):
+    """Kill the recorded children of serves that are no longer running (Spawner's records in
+    `directory`), matched by pid and start time, never by name. Returns the pids killed."""
+    killed = []
+    for path in sorted(Path(directory).glob("serve-*.json")) if Path(directory).is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+            owner, runners = data["serve"], data["runners"]
+        except (OSError, ValueError, KeyError, TypeError):
+            _unlink(path)
+            continue
+        if owner[1] is not None and process_start(owner[0]) == owner[1]:
+            continue                          # that serve is alive: its children are its own
+        for pid, started in runners:
+            if started is not None and process_start(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    log.warning("killed runner pid %d left behind by serve pid %d", pid, owner[0])
+                except OSError:
+                    pass
+        _unlink(path)
+    return killed
+
+
 class Runner:
     """One llama-server child process serving one GGUF on a free loopback port.
 
@@ -4379,8 +4499,10 @@ class Runner:
 
     def __init__(self, exe, model_path, num_ctx=DEFAULT_NUM_CTX, parallel=1, num_thread=0, num_batch=0,
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
-                 flash_attention=False, kv_cache_type="", log_path=None, extra_args=(), launcher=()):
+                 flash_attention=False, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
+                 spawn=None):
         self.exe, self.model_path = exe, str(model_path)
+        self.spawn = spawn or popen_tied      # Spawner.popen in serve: see its docstring
         self.num_ctx, self.parallel = num_ctx, max(1, parallel)
         self.port = free_port()
         self.log_path = log_path
@@ -4408,6 +4530,8 @@ class Runner:
         self.args = list(launcher) + args + list(extra_args)   # launcher: an emulator such as qemu-aarch64
         self.proc = None
         self._log = None
+        self._lock = threading.Lock()         # orders start's spawn against a stop() from shutdown
+        self._stopped_early = False
 
     def start(self, timeout=DEFAULT_LOAD_TIMEOUT):
         """Start the child and wait until it answers /health with {"status": "ok"}."""
@@ -4415,13 +4539,19 @@ class Runner:
         if self.log_path:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
             self._log = open(str(self.log_path), "ab")
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        with self._lock:
+            if self._stopped_early:           # stop() came first (serve is shutting down)
+                self._close_log()
+                raise OllamaError("server is shutting down")
+            self.proc = self.spawn(self.args, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             code = self.proc.poll()
             if code is not None:
                 self._close_log()
+                if self._stopped_early:
+                    raise OllamaError("server is shutting down")
                 raise self._died(code)
             try:
                 status, body = self._call("GET", "/health", timeout=0.5)
@@ -4474,8 +4604,11 @@ class Runner:
             return False
 
     def stop(self, grace=5.0):
-        """Stop the child: SIGTERM, then SIGKILL after `grace` seconds. Never leaves an orphan."""
-        proc = self.proc
+        """Stop the child: SIGTERM, then SIGKILL after `grace` seconds. Never leaves an orphan; a
+        runner stopped before it started never starts."""
+        with self._lock:
+            self._stopped_early = True
+            proc = self.proc
         if proc is not None and proc.poll() is None:
             try:
                 proc.terminate()
@@ -4648,6 +4781,8 @@ class Scheduler:
         self.load_lock = threading.Lock()
         self.waiting = 0
         self.closed = False
+        self.starting = set()                         # runners being loaded, stopped by shutdown() too
+        self.spawner = Spawner(config.home / "runners" / ("serve-%d.json" % os.getpid()))
         self._reaper = threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True)
         self._reaper.start()
 
@@ -4667,7 +4802,7 @@ class Scheduler:
                       flash_attention=self.config.flash_attention,
                       kv_cache_type=self.config.kv_cache_type,
                       log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
-                      extra_args=_embedding_args(model, num_ctx) if embedding else ())
+                      extra_args=_embedding_args(model, num_ctx) if embedding else (), spawn=self.spawner.popen)
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
@@ -4705,12 +4840,25 @@ class Scheduler:
                         if key in self.loaded:        # another request loaded it meanwhile
                             continue
                     runner = self._runner_for(model, opts, embedding)
-                    runner.start(self.config.load_timeout)
+                    with self.cond:
+                        if self.closed:
+                            raise OllamaError("server is shutting down")
+                        self.starting.add(runner)     # before it starts: a shutdown now stops it
+                    try:
+                        runner.start(self.config.load_timeout)
+                    finally:
+                        with self.cond:
+                            self.starting.discard(runner)
                     entry = _Loaded(model, runner, load_key, keep_alive)
                     with self.cond:
-                        self.loaded[key] = entry
-                        entry.refs += 1
-                        self.cond.notify_all()
+                        closed = self.closed          # shutdown() ran while it loaded
+                        if not closed:
+                            self.loaded[key] = entry
+                            entry.refs += 1
+                            self.cond.notify_all()
+                    if closed:
+                        runner.stop()
+                        raise OllamaError("server is shutting down")
                     return entry
         finally:
             with self.cond:
@@ -4777,11 +4925,12 @@ class Scheduler:
         """Stop every child and wait for them: no orphans."""
         with self.cond:
             self.closed = True
-            entries = list(self.loaded.values())
+            runners = [e.runner for e in self.loaded.values()] + list(self.starting)
             self.loaded.clear()
             self.cond.notify_all()
-        for e in entries:
-            e.runner.stop()
+        for r in runners:
+            r.stop()
+        self.spawner.close()
 
 
 def _trained_context(model):
@@ -6756,6 +6905,7 @@ def cmd_serve(args):
     config = Config()
     _setup_logging(config, to_file=True)
     ensure_keypair(config.home, out=sys.stdout)
+    reap_orphans(config.home / "runners")   # a serve killed where the kernel could not reap for it
     server = make_server(config)
     server.store.fix_blob_names()           # never prunes: partial downloads stay for their resume
     stop = threading.Event()
