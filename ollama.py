@@ -64,6 +64,7 @@ DEFAULT_MAX_QUEUE = 512           # pending requests before 503
 DEFAULT_MAX_LOADED = 3            # runners; Ollama's 3 x #GPUs with CPU counted as one
 DEFAULT_LOAD_TIMEOUT = 300.0      # seconds without load progress before giving up
 COPY_CHUNK = 1 << 20              # bytes per read when streaming blobs
+BLOB_GRACE = 3600.0               # seconds an unreferenced blob is kept at startup (an upload awaiting its create)
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -359,15 +360,31 @@ def atomic_write(path, data, mode=0o644):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
+            flock(f.fileno())                    # owned until renamed: Store.clean leaves it alone
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def flock(fd, wait=True):
+    """Take an exclusive advisory lock on an open file (released when it is closed, or when its
+    process dies). With wait=False, False when another open file holds it. A no-op where there
+    is no fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _fsync_dir(path):
@@ -401,6 +418,7 @@ _PART_RE = {
     "tag": re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$"),
 }
 _DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
+_BLOB_NAME_RE = re.compile(r"^sha256-[0-9a-f]{64}$")     # a committed blob (not -partial, not tmp)
 
 
 class Name:
@@ -522,9 +540,11 @@ class Store:
         return self.blob_path(digest).stat().st_size
 
     def temp_blob(self):
-        """Open a new temp file inside blobs/ (same filesystem, so the final rename is atomic)."""
+        """Open a new temp file inside blobs/ (same filesystem, so the final rename is atomic),
+        locked while it is open, so that `clean` knows a live writer owns it."""
         self.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
         fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix="sha256-tmp-")
+        flock(fd)
         return os.fdopen(fd, "wb"), Path(tmp)
 
     def write_blob(self, stream, expected=None, length=None, progress=None):
@@ -551,10 +571,10 @@ class Store:
                     raise BadRequest("unexpected end of body: got %d of %d bytes" % (size, length))
                 f.flush()
                 os.fsync(f.fileno())
-            digest = "sha256:" + h.hexdigest()
-            if expected is not None and parse_digest(expected) != digest:
-                raise BadRequest('digest mismatch, expected "%s", got "%s"' % (parse_digest(expected), digest))
-            self.commit_blob(tmp, digest)
+                digest = "sha256:" + h.hexdigest()
+                if expected is not None and parse_digest(expected) != digest:
+                    raise BadRequest('digest mismatch, expected "%s", got "%s"' % (parse_digest(expected), digest))
+                self.commit_blob(tmp, digest)         # renamed while still open (so locked)
             return digest, size
         except BaseException:
             _unlink(tmp)
@@ -570,7 +590,7 @@ class Store:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                self.commit_blob(tmp, digest)
+                    self.commit_blob(tmp, digest)
             except BaseException:
                 _unlink(tmp)
                 raise
@@ -655,15 +675,78 @@ class Store:
         return refs
 
     def delete(self, name):
-        """Remove a model: its manifest, then empty folders, then the blobs no other model uses."""
+        """Remove a model: its manifest, then empty folders, then the blobs no other model uses.
+
+        The blobs to check are journalled first (blobs/.rm-<token>.json), so a crash after the
+        manifest is gone leaves a journal that `clean` finishes, not orphaned blobs."""
         with self.lock:
             found, _raw, data = self.get(name)
+            journal = self.blobs / (".rm-%s.json" % secrets.token_hex(8))
+            atomic_write(journal, json_dumps(sorted(manifest_digests(data))).encode())
             path = self.manifest_path(found)
             path.unlink()
             _fsync_dir(path.parent)
             self._prune_dirs(path.parent)
             self.remove_unused(manifest_digests(data))
+            _unlink(journal)
         return found
+
+    def clean(self, grace=BLOB_GRACE, prune=True, now=None):
+        """Startup repair: remove temp files no live writer holds (`flock`), finish interrupted
+        deletes (their journals), and with `prune` remove blobs that no manifest names and that are
+        older than `grace` seconds (an upload waiting for its create is younger). Resumable
+        partial downloads (`-partial*`) are kept. A blob's age is from its ctime, which its commit
+        (a rename) or its import (a hard link) sets, not from the mtime a link keeps. `now`: a
+        time.time() to judge ages at. Returns (files removed, bytes freed)."""
+        removed, freed = 0, 0
+        if not self.blobs.is_dir():
+            return removed, freed
+        with self.lock:
+            for path in list(self.blobs.iterdir()) + list(self._manifest_temps()):
+                if path.name.startswith("sha256-tmp-") or ".tmp-" in path.name:
+                    size = self._remove_unowned(path)
+                    if size is not None:
+                        removed, freed = removed + 1, freed + size
+            for journal in self.blobs.glob(".rm-*.json"):
+                try:
+                    self.remove_unused(json.loads(journal.read_text()))
+                except (OSError, ValueError, TypeError, OllamaError) as e:
+                    log.warning("cannot finish the delete journalled in %s: %s", journal.name, e)
+                _unlink(journal)
+            if prune:
+                refs, now = self.referenced(), time.time() if now is None else now
+                for path in self.blobs.iterdir():
+                    if not _BLOB_NAME_RE.match(path.name) or path.name.replace("-", ":", 1) in refs:
+                        continue
+                    st = path.stat()
+                    if now - st.st_ctime > grace:
+                        _unlink(path)
+                        removed, freed = removed + 1, freed + st.st_size
+        if removed:
+            log.info("removed %d unused files from %s (%s)", removed, self.root, human_bytes(freed))
+        return removed, freed
+
+    def _manifest_temps(self):
+        for dirpath, _dirs, files in os.walk(self.manifests) if self.manifests.is_dir() else ():
+            for f in files:
+                if ".tmp-" in f:
+                    yield Path(dirpath) / f
+
+    @staticmethod
+    def _remove_unowned(path):
+        """Unlink a temp file unless an open file holds its lock; its size, or None if kept."""
+        try:
+            fd = os.open(str(path), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            if not flock(fd, wait=False):
+                return None
+            size = os.fstat(fd).st_size
+            _unlink(path)
+            return size
+        finally:
+            os.close(fd)
 
     def fix_blob_names(self):
         """Rename legacy blobs/sha256:<hex> files (older Ollama, or copied from a filesystem without
@@ -5501,13 +5584,16 @@ def _import_local_blob(store, src, digest):
         raise BadRequest("%s is not a regular file" % src)
     store.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
     tmp = store.blobs / ("sha256-tmp-%s" % secrets.token_hex(8))
-    linked = True
+    linked, owner = True, None
     try:
         try:
             os.link(src, str(tmp))
         except OSError:
             linked = False
-        if not linked:
+        if linked:
+            owner = open(str(tmp), "rb")          # locked while hashed: Store.clean leaves it
+            flock(owner.fileno())
+        else:
             with open(src, "rb") as f:
                 try:
                     store.write_blob(f, expected=digest)       # streamed copy, verified
@@ -5526,6 +5612,8 @@ def _import_local_blob(store, src, digest):
             _fsync_dir(store.blobs)
     finally:
         _unlink(tmp)
+        if owner is not None:
+            owner.close()
 
 
 def _model_details(config, parent=""):
@@ -6896,7 +6984,7 @@ def cmd_serve(args):
       OLLAMA_ORIGINS            a comma separated list of allowed origins
       OLLAMA_DEBUG              show additional debug information (e.g. OLLAMA_DEBUG=1)
       OLLAMA_NOHISTORY          do not preserve readline history
-      OLLAMA_NOPRUNE            accepted for compatibility; ollama.py never prunes at startup
+      OLLAMA_NOPRUNE            do not prune unused blobs at startup (partial downloads are never pruned)
       OLLAMA_LOAD_TIMEOUT       how long to allow model loads to stall before giving up (default "5m")
       OLLAMA_FLASH_ATTENTION    enable flash attention
       OLLAMA_KV_CACHE_TYPE      quantization type for the K/V cache (default: f16)
@@ -6907,7 +6995,8 @@ def cmd_serve(args):
     ensure_keypair(config.home, out=sys.stdout)
     reap_orphans(config.home / "runners")   # a serve killed where the kernel could not reap for it
     server = make_server(config)
-    server.store.fix_blob_names()           # never prunes: partial downloads stay for their resume
+    server.store.fix_blob_names()
+    server.store.clean(prune=not config.noprune)   # partial downloads stay for their resume
     stop = threading.Event()
 
     def on_signal(signum, frame):

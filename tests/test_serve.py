@@ -43,16 +43,18 @@ def _post(port, path, body):
     return resp.status, resp.read()
 
 
-def test_serve_keeps_partials_creates_its_key_and_log_then_stops_its_runners_on_sigterm(ollama_home, llama_server_bin, gemma_gguf):
+def test_serve_keeps_partials_and_young_blobs_removes_temps_creates_its_key_and_log_then_stops_its_runners_on_sigterm(ollama_home, llama_server_bin, gemma_gguf):
     store = ollama.Store(ollama_home / ".ollama" / "models")
     import_gguf(store, "gemma3:270m", gemma_gguf)
     partial = store.blobs / ("sha256-" + "ab" * 32 + "-partial")     # an interrupted pull's data
     partial.write_bytes(b"half a blob")
-    stray, _ = store.write_blob_bytes(b"unreferenced, older than an hour")
-    os.utime(store.blob_path(stray), (time.time() - 7200,) * 2)
+    stray, _ = store.write_blob_bytes(b"unreferenced, uploaded just now")
+    leftover = store.blobs / "sha256-tmp-of-a-killed-upload"
+    leftover.write_bytes(b"no live request owns this")
     proc, port = start_serve(ollama_home, {"OLLAMA_LLAMA_SERVER": str(llama_server_bin)})
     assert partial.read_bytes() == b"half a blob", "serve must not prune partial downloads"
-    assert store.has_blob(stray), "serve must not prune at startup"
+    assert store.has_blob(stray), "an unreferenced blob younger than BLOB_GRACE waits for its create"
+    assert not leftover.exists()
     try:
         status, data = _post(port, "/api/generate", {"model": "gemma3:270m", "prompt": "Hi", "stream": False,
                                                      "options": {"num_predict": 2}})
