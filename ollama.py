@@ -64,6 +64,10 @@ DEFAULT_MAX_QUEUE = 512           # pending requests before 503
 DEFAULT_MAX_LOADED = 3            # runners; Ollama's 3 x #GPUs with CPU counted as one
 DEFAULT_LOAD_TIMEOUT = 300.0      # seconds without load progress before giving up
 COPY_CHUNK = 1 << 20              # bytes per read when streaming blobs
+MAX_JSON_BODY = 64 << 20          # bytes; a JSON request (images ride in it as base64: a dozen photos fit)
+IDLE_TIMEOUT = 120.0              # seconds a kept-alive connection may wait for its next request
+STALL_TIMEOUT = 30.0              # seconds a request's headers or body (or a client reading the answer) may stall
+MAX_CONNECTIONS = 1024            # open connections served at once; more get 503 (each holds a thread)
 BLOB_GRACE = 3600.0               # seconds an unreferenced blob is kept at startup (an upload awaiting its create)
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -175,6 +179,11 @@ class Forbidden(OllamaError):
 class NotFound(OllamaError):
     """No such model, blob or route."""
     status = 404
+
+
+class TooLarge(OllamaError):
+    """The request body is over its endpoint's limit."""
+    status = 413
 
 
 class Canceled(OllamaError):
@@ -5103,13 +5112,19 @@ class Request:
         self._body = None
 
     def body_stream(self):
-        """A file-like reader of the raw body (Content-Length or chunked); read once."""
-        return _BodyReader(self.handler)
+        """A file-like reader of the raw body (Content-Length or chunked), streamed; read once."""
+        return self.handler.body_reader()
 
-    def body(self):
-        """The whole body as bytes."""
+    def body(self, limit=MAX_JSON_BODY):
+        """The whole body as bytes; TooLarge (413) past `limit` bytes, before reading them."""
         if self._body is None:
-            self._body = self.body_stream().read()
+            reader = self.body_stream()
+            if reader.remaining > limit:
+                raise TooLarge("http: request body too large")
+            data = reader.read(limit + 1)
+            if len(data) > limit:
+                raise TooLarge("http: request body too large")
+            self._body = data
         return self._body
 
     def json(self):
@@ -5129,11 +5144,12 @@ class Request:
         """True when the client closed its connection (checked without consuming data)."""
         sock = self.handler.connection
         try:
+            timeout = sock.gettimeout()
             sock.setblocking(False)
             try:
                 return sock.recv(1, socket.MSG_PEEK) == b""
             finally:
-                sock.setblocking(True)
+                sock.settimeout(timeout)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -5146,14 +5162,14 @@ class _BodyReader:
     def __init__(self, handler):
         self.rfile = handler.rfile
         self.chunked = "chunked" in (handler.headers.get("Transfer-Encoding") or "").lower()
-        self.remaining = 0 if self.chunked else int(handler.headers.get("Content-Length") or 0)
-        self.done = False
+        self.remaining = 0 if self.chunked else content_length(handler.headers)
+        self.done = not self.chunked and self.remaining == 0
 
     def read(self, n=-1):
         out = []
         while (n < 0 or n > 0) and not self.done:
             if self.chunked and self.remaining == 0:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                size = self._chunk_size(self.rfile.readline(1024))
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass                                   # trailers
@@ -5174,6 +5190,24 @@ class _BodyReader:
             if n > 0:
                 n -= len(data)
         return b"".join(out)
+
+    @staticmethod
+    def _chunk_size(line):
+        text = line.split(b";")[0].strip()
+        if not re.match(rb"^[0-9a-fA-F]{1,15}$", text):
+            raise BadRequest("invalid chunk size %s" % json.dumps(text.decode("latin-1")[:32]))
+        return int(text, 16)
+
+
+def content_length(headers):
+    """A request's Content-Length: 0 when absent; BadRequest for anything but one decimal number
+    (Go refuses a negative, signed or repeated one the same way)."""
+    values = headers.get_all("Content-Length") or []
+    if not values:
+        return 0
+    if len(set(v.strip() for v in values)) != 1 or not re.match(r"^[0-9]{1,18}$", values[0].strip()):
+        raise BadRequest("invalid Content-Length %s" % json.dumps(values[0][:32]))
+    return int(values[0])
 
 
 _LOOPBACK_NAMES = ("localhost",)
@@ -5200,10 +5234,37 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         # one small write per token: without this, Nagle + delayed ACK can hold a chunk for 40 ms
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def do_GET(self):
-        self._dispatch()
+    def handle_one_request(self):
+        self.connection.settimeout(IDLE_TIMEOUT)     # waiting for the next request line
+        self._reader = None
+        super().handle_one_request()
 
-    do_POST = do_DELETE = do_HEAD = do_PUT = do_PATCH = do_OPTIONS = do_GET
+    def parse_request(self):
+        self.connection.settimeout(STALL_TIMEOUT)    # from the request line on: headers, body, answer
+        return super().parse_request()
+
+    def __getattr__(self, name):
+        if name.startswith("do_"):                   # every method goes to the router: 404/405, not 501
+            return self._dispatch
+        raise AttributeError(name)
+
+    def body_reader(self):
+        """The request's body reader (one per request)."""
+        if self._reader is None:
+            self._reader = _BodyReader(self)
+        return self._reader
+
+    def _finish_body(self):
+        """Keep the connection only if the request's body has been read to its end (a small unread
+        rest is drained); otherwise the next request would start inside it."""
+        try:
+            reader = self.body_reader()
+            if not reader.done and (reader.chunked or reader.remaining > COPY_CHUNK):
+                self.close_connection = True
+            elif not reader.done:
+                reader.read()
+        except (OllamaError, OSError):
+            self.close_connection = True
 
     def log_message(self, fmt, *args):
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -5213,6 +5274,8 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         status = 500
         try:
             status = self._route()
+            if not self.close_connection:
+                self._finish_body()
         finally:
             log.info("| %3d | %10s | %15s | %-7s %s", status, format_duration(time.monotonic() - started),
                      self.client_address[0], self.command, urllib.parse.urlsplit(self.path).path)
@@ -5234,6 +5297,7 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
                 return self._send(Response(403, b"", None))
             if self.command == "OPTIONS" and verdict == "name":
                 return self._send(Response(204, b"", None))
+            self.body_reader()                                  # a bad Content-Length is a 400 here
             path = urllib.parse.urlsplit(self.path).path
             func, params, allowed = self.server.routes.match(self.command, path)
             if func is None:
@@ -5246,6 +5310,9 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             return 499
+        except socket.timeout:                                  # the client stalled: drop it
+            self.close_connection = True
+            return 408
         except Exception as e:                                  # a bug: report it, keep serving
             log.exception("internal error on %s %s", self.command, self.path)
             result = Response(500, json_dumps({"error": str(e)}).encode(), "application/json; charset=utf-8")
@@ -5369,9 +5436,64 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.request_queue_size = listen_backlog()
+        self.max_connections = min(MAX_CONNECTIONS, max(16, _fd_limit() - 128))   # fds kept for files, runners
+        self.connections = 0
+        self.connections_lock = threading.Lock()
+        self.accept_backoff = 0.0                      # seconds; grows while accept() has no fd to give
         super().__init__((host, port), OllamaHandler)
         self.origins = _DEFAULT_ORIGINS + config.origins
         self.loopback = _is_loopback(host)
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            return self._refuse(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self.connections_lock:
+                self.connections -= 1
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
+
+    def _refuse(self, request):
+        """Answer a connection over the cap with a 503 and close it, without a thread: what the
+        client has sent so far is read first, so the close does not reset the answer away."""
+        log.warning("refusing a connection: %d open (the most served at once)", self.max_connections)
+        body = json_dumps({"error": "server busy, please try again.  maximum connections exceeded"}).encode()
+        try:
+            request.setblocking(False)
+            with contextlib.suppress(OSError):
+                request.recv(65536)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8"
+                            b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def get_request(self):
+        """accept(), backing off (5 ms doubling to 1 s, as Go's http.Server) while the process is out
+        of file descriptors: the listener stays readable then, and retrying at once would spin."""
+        try:
+            conn = super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.accept_backoff = min(1.0, self.accept_backoff * 2 or 0.005)
+                log.warning("accept: %s; retrying in %s", e.strerror, format_duration(self.accept_backoff))
+                time.sleep(self.accept_backoff)
+            raise
+        self.accept_backoff = 0.0
+        return conn
 
     @property
     def url(self):
@@ -5453,6 +5575,35 @@ def _is_loopback(host):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def listen_backlog():
+    """The listen backlog Go uses: net.core.somaxconn (at most 65535, Linux keeps it in 16 bits),
+    else 4096. socketserver's default of 5 drops SYNs under a burst of connections."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(1, min(int(f.read().strip()), 65535))
+    except (OSError, ValueError):
+        return 4096
+
+
+def _fd_limit():
+    try:
+        import resource
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_CONNECTIONS * 2
+
+
+def raise_fd_limit():
+    """Raise the soft open-file limit to the hard one, as every Go program does at start (1.19+)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    except (ImportError, OSError, ValueError):
+        pass
 
 
 def make_server(config=None, host=None, port=None):
@@ -6994,7 +7145,11 @@ def cmd_serve(args):
     _setup_logging(config, to_file=True)
     ensure_keypair(config.home, out=sys.stdout)
     reap_orphans(config.home / "runners")   # a serve killed where the kernel could not reap for it
+    raise_fd_limit()
     server = make_server(config)
+    if not server.loopback:
+        log.warning("OLLAMA_HOST=%s serves every network this machine is on, and anyone who can reach "
+                    "it can use and change its models", config.host)
     server.store.fix_blob_names()
     server.store.clean(prune=not config.noprune)   # partial downloads stay for their resume
     stop = threading.Event()
