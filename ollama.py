@@ -1359,6 +1359,13 @@ def format_param(key, value):
     return [value]
 
 
+_INT32 = (1 << 31) - 1
+#: Integer options that become llama-server flags (a C int): checked before any model is unloaded.
+OPTION_RANGES = {"num_ctx": (0, _INT32), "num_batch": (0, _INT32), "num_thread": (0, _INT32),
+                 "num_gpu": (-1, _INT32), "main_gpu": (0, _INT32), "num_keep": (-1, _INT32),
+                 "num_predict": (-2, _INT32), "top_k": (-_INT32, _INT32), "repeat_last_n": (-1, _INT32)}
+
+
 def parse_options(opts):
     """Validate and convert an API `options` map (request options or a params layer) -> dict.
 
@@ -1383,6 +1390,9 @@ def parse_options(opts):
         if kind is int:
             if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or val in (FOREVER, -FOREVER):
                 raise bad
+            low, high = OPTION_RANGES.get(key, (-(1 << 63), (1 << 63) - 1))   # Go's int, else the engine's
+            if not low <= int(val) <= high:
+                raise BadRequest('option "%s" must be between %d and %d' % (key, low, high))
             out[key] = int(val)
         elif kind is float:
             if isinstance(val, bool) or not isinstance(val, (int, float)):
@@ -5132,10 +5142,7 @@ class Request:
         raw = self.body()
         if not raw.strip():
             raise BadRequest("missing request body")
-        try:
-            data = json.loads(raw)
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        data = parse_json(raw)
         if not isinstance(data, dict):
             raise BadRequest("json: cannot unmarshal %s into Go value of type api.Request" % type(data).__name__)
         return data
@@ -5154,6 +5161,78 @@ class Request:
             return False
         except OSError:
             return True
+
+
+def _no_constant(name):
+    if name.startswith("-"):
+        raise ValueError("invalid character 'I' in numeric literal")
+    raise ValueError("invalid character '%s' looking for beginning of value" % name[0])
+
+
+def parse_json(raw):
+    """JSON bytes decoded by Go's encoding/json rules: NaN and Infinity are errors, invalid UTF-8
+    and lone UTF-16 surrogates ("\\ud800") become U+FFFD. BadRequest for bad JSON, nesting too
+    deep for Python's parser included."""
+    try:
+        data = json.loads(raw.decode("utf-8", "replace"), parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest("invalid character '[' exceeded max depth") from None
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if re.search(rb"\\[uU][dD][89a-fA-F]", raw):      # a \uD800-\uDFFF escape: maybe a lone half
+        data = _replace_surrogates(data)
+    return data
+
+
+def _replace_surrogates(value):
+    if isinstance(value, str):
+        return _SURROGATE_RE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    return value
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_fields(body, fields, struct):
+    """Go's unmarshal errors for the fields of a request struct: `fields` maps a field to
+    (Python type, Go type), or to (list, Go type, element type, Go element type)."""
+    for field, spec in fields.items():
+        value = _expect(body, field, spec[0], spec[1], struct)
+        if value is not None and len(spec) == 4:
+            for item in value:
+                if not isinstance(item, spec[2]) or isinstance(item, bool) and spec[2] is not bool:
+                    raise BadRequest("json: cannot unmarshal %s into Go struct field %s.%s of type %s"
+                                     % (_json_kind(item), struct, field, spec[3]))
+
+
+def _json_type(value):
+    """The name Go's encoding/json gives a decoded JSON value, for error texts."""
+    if value is None:
+        return "<nil>"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    return "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
+
+
+def _json_kind(value):
+    return {bool: "bool", str: "string", list: "array", dict: "object"}.get(type(value), "number")
+
+
+def _expect(body, field, kind, go_type, struct="ChatCompletionRequest"):
+    """Go's unmarshal error for a field of the wrong JSON type (null is always accepted)."""
+    value = body.get(field)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field %s.%s of type %s"
+                         % (_json_kind(value), struct, field, go_type))
+    return value
 
 
 class _BodyReader:
@@ -6230,9 +6309,19 @@ def _completion(req, entry, prompt, opts, fmt):
         events.close()
 
 
+_STRING, _BOOL, _OPTIONS = (str, "string"), (bool, "bool"), (dict, "map[string]interface {}")
+#: The fields of Ollama's GenerateRequest and ChatRequest with the JSON type each must have.
+GENERATE_FIELDS = {"model": _STRING, "prompt": _STRING, "suffix": _STRING, "system": _STRING,
+                   "template": _STRING, "raw": _BOOL, "stream": _BOOL, "options": _OPTIONS,
+                   "context": (list, "[]int", int, "int"), "images": (list, "[]api.ImageData", str, "api.ImageData")}
+CHAT_FIELDS = {"model": _STRING, "stream": _BOOL, "options": _OPTIONS, "messages": (list, "[]api.Message", dict,
+               "api.Message"), "tools": (list, "api.Tools", dict, "api.Tool")}
+
+
 def api_generate(req):
     """POST /api/generate: complete a prompt (streamed NDJSON unless "stream": false)."""
     body = req.json()
+    check_fields(body, GENERATE_FIELDS, "api.GenerateRequest")
     started = time.monotonic()
     model = _find_model(req, body)
     keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
@@ -6336,6 +6425,7 @@ def _check_messages(messages):
 def api_chat(req):
     """POST /api/chat: the next assistant message of a conversation (streamed unless "stream": false)."""
     body = req.json()
+    check_fields(body, CHAT_FIELDS, "api.ChatRequest")
     started = time.monotonic()
     model = _find_model(req, body)
     keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
@@ -6637,32 +6727,6 @@ def _forward(req, body):
     sub.__dict__.update(req.__dict__)
     sub._body = json_dumps(body).encode()
     return sub
-
-
-def _json_type(value):
-    """The name Go's encoding/json gives a decoded JSON value, for error texts."""
-    if value is None:
-        return "<nil>"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "float64"
-    if isinstance(value, str):
-        return "string"
-    return "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
-
-
-def _json_kind(value):
-    return {bool: "bool", str: "string", list: "array", dict: "object"}.get(type(value), "number")
-
-
-def _expect(body, field, kind, go_type, struct="ChatCompletionRequest"):
-    """Go's unmarshal error for a field of the wrong JSON type (null is always accepted)."""
-    value = body.get(field)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
-        raise BadRequest("json: cannot unmarshal %s into Go struct field %s.%s of type %s"
-                         % (_json_kind(value), struct, field, go_type))
-    return value
 
 
 def _sse(obj):

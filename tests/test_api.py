@@ -162,6 +162,52 @@ def test_bad_content_lengths_and_chunk_sizes_are_400_in_ollamas_shape(server):
 def test_a_json_body_over_the_limit_is_413_before_it_is_read(server):
     s = _raw(server, b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n{"
              % (ollama.MAX_JSON_BODY + 1), read=False)
-    out = s.recv(65536)
+    out = b""
+    while not out.endswith(b"}"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
     s.close()
     assert out.startswith(b"HTTP/1.1 413 ") and b'{"error":"http: request body too large"}' in out
+
+
+# -- bad inputs ------------------------------------------------------------------
+
+_UNMARSHAL = "json: cannot unmarshal %s into Go struct field %s of type %s"
+
+
+@pytest.mark.parametrize("path, body, error", [
+    ("/api/generate", {"model": "m", "template": 5}, _UNMARSHAL % ("number", "api.GenerateRequest.template", "string")),
+    ("/api/generate", {"model": "m", "context": "abc"}, _UNMARSHAL % ("string", "api.GenerateRequest.context", "[]int")),
+    ("/api/generate", {"model": "m", "context": [1, "x"]}, _UNMARSHAL % ("string", "api.GenerateRequest.context", "int")),
+    ("/api/generate", {"model": "m", "prompt": ["x"]}, _UNMARSHAL % ("array", "api.GenerateRequest.prompt", "string")),
+    ("/api/generate", {"model": "m", "options": []}, _UNMARSHAL % ("array", "api.GenerateRequest.options",
+                                                                  "map[string]interface {}")),
+    ("/api/chat", {"model": "m", "messages": "hi"}, _UNMARSHAL % ("string", "api.ChatRequest.messages", "[]api.Message")),
+    ("/api/chat", {"model": "m", "messages": [1]}, _UNMARSHAL % ("number", "api.ChatRequest.messages", "api.Message")),
+    ("/api/chat", {"model": "m", "stream": "yes"}, _UNMARSHAL % ("string", "api.ChatRequest.stream", "bool")),
+])
+def test_a_field_of_the_wrong_type_is_a_400_with_gos_message(server, path, body, error):
+    resp, data = _request(server, "POST", path, json.dumps(body))
+    assert (resp.status, json.loads(data)) == (400, {"error": error})
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b'{"model": NaN}', "invalid character 'N' looking for beginning of value"),
+    (b'{"model": "m", "options": {"temperature": Infinity}}', "invalid character 'I' looking for beginning of value"),
+    (b'{"model": -Infinity}', "invalid character 'I' in numeric literal"),
+    (b"[" * 100000, "invalid character '[' exceeded max depth"),
+])
+def test_json_go_refuses_is_a_400(server, raw, error):
+    resp, data = _request(server, "POST", "/api/show", raw)
+    assert (resp.status, json.loads(data)) == (400, {"error": error})
+
+
+def test_a_lone_surrogate_becomes_the_replacement_character_as_in_go(server):
+    assert ollama.parse_json(b'{"a": ["x\\ud800y", {"\\udfff": "\\ud83d\\ude00"}]}') == \
+        {"a": ["x\ufffdy", {"\ufffd": "\U0001f600"}]}
+    assert ollama.parse_json(b'{"a": "\xff"}') == {"a": "\ufffd"}          # invalid UTF-8 too
+    for body in (b'{"model": "x\\ud800y"}', b'{"model": "m", "prompt": "\\udc00"}'):
+        resp, data = _request(server, "POST", "/api/generate", body)
+        assert resp.status in (400, 404) and json.loads(data)["error"]
