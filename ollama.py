@@ -4528,11 +4528,14 @@ class Spawner:
         self.record = Path(record) if record else None
         self.children = []
         self.jobs = queue.Queue()
+        self.closed = False
         threading.Thread(target=self._run, name="spawner", daemon=True).start()
 
     def popen(self, args, **kw):
         """popen_tied(args, **kw), run on the spawner's thread; the child is recorded before it runs."""
         done, box = threading.Event(), {}
+        if self.closed:
+            raise OllamaError("server is shutting down")
         self.jobs.put((args, kw, box, done))
         done.wait()
         if "error" in box:
@@ -4541,7 +4544,14 @@ class Spawner:
 
     def _run(self):
         while True:
-            args, kw, box, done = self.jobs.get()
+            job = self.jobs.get()
+            if job is None:                   # close(): its children are stopped; ending kills none
+                while not self.jobs.empty():      # a popen that raced close() is refused, not left waiting
+                    _args, _kw, box, done = self.jobs.get()
+                    box["error"] = OllamaError("server is shutting down")
+                    done.set()
+                return
+            args, kw, box, done = job
             try:
                 box["proc"] = proc = popen_tied(args, **kw)
                 self.children = [c for c in self.children if c.poll() is None] + [proc]
@@ -4561,7 +4571,9 @@ class Spawner:
             log.warning("cannot record runner processes in %s: %s", self.record, e)
 
     def close(self):
-        """Forget the record (every child has been stopped)."""
+        """End the thread and forget the record, once every child has been stopped."""
+        self.closed = True
+        self.jobs.put(None)
         if self.record is not None:
             _unlink(self.record)
 
@@ -5727,8 +5739,9 @@ def api_blob_post(req):
     links it into blobs/ (a reflink or hard link when the store is on the same filesystem, else a
     copy). Any other client gets one 403 before the path is looked at, so the answer says nothing
     about the file, and a mismatch never names the file's real digest: the header can only do
-    what the caller could do by reading the file and uploading it. The hashed file is the linked one, checked unchanged (size, mtime, inode) after hashing,
-    so the blob matches its name when it is committed. A hard-linked blob shares its bytes with the
+    what the caller could do by reading the file and uploading it. The hashed file is the linked
+    one, checked unchanged (size, mtime, inode) after hashing, so the blob matches its name when it
+    is committed. A hard-linked blob shares its bytes with the
     original: editing that file in place afterwards would change the blob too (tools that write a
     new file and rename it, as editors and downloaders do, are safe).
     """
@@ -6313,7 +6326,8 @@ _STRING, _BOOL, _OPTIONS = (str, "string"), (bool, "bool"), (dict, "map[string]i
 #: The fields of Ollama's GenerateRequest and ChatRequest with the JSON type each must have.
 GENERATE_FIELDS = {"model": _STRING, "prompt": _STRING, "suffix": _STRING, "system": _STRING,
                    "template": _STRING, "raw": _BOOL, "stream": _BOOL, "options": _OPTIONS,
-                   "context": (list, "[]int", int, "int"), "images": (list, "[]api.ImageData", str, "api.ImageData")}
+                   "context": (list, "[]int", int, "int"),
+                   "images": (list, "[]api.ImageData", str, "api.ImageData")}
 CHAT_FIELDS = {"model": _STRING, "stream": _BOOL, "options": _OPTIONS, "messages": (list, "[]api.Message", dict,
                "api.Message"), "tools": (list, "api.Tools", dict, "api.Tool")}
 
