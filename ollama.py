@@ -20,6 +20,7 @@ __all__ = [
 import argparse
 import base64
 import contextlib
+import ctypes
 import datetime
 import errno
 import hashlib
@@ -29,6 +30,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -62,6 +64,11 @@ DEFAULT_MAX_QUEUE = 512           # pending requests before 503
 DEFAULT_MAX_LOADED = 3            # runners; Ollama's 3 x #GPUs with CPU counted as one
 DEFAULT_LOAD_TIMEOUT = 300.0      # seconds without load progress before giving up
 COPY_CHUNK = 1 << 20              # bytes per read when streaming blobs
+MAX_JSON_BODY = 64 << 20          # bytes; a JSON request (images ride in it as base64: a dozen photos fit)
+IDLE_TIMEOUT = 120.0              # seconds a kept-alive connection may wait for its next request
+STALL_TIMEOUT = 30.0              # seconds a request's headers or body (or a client reading the answer) may stall
+MAX_CONNECTIONS = 1024            # open connections served at once; more get 503 (each holds a thread)
+BLOB_GRACE = 3600.0               # seconds an unreferenced blob is kept at startup (an upload awaiting its create)
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -172,6 +179,11 @@ class Forbidden(OllamaError):
 class NotFound(OllamaError):
     """No such model, blob or route."""
     status = 404
+
+
+class TooLarge(OllamaError):
+    """The request body is over its endpoint's limit."""
+    status = 413
 
 
 class Canceled(OllamaError):
@@ -357,15 +369,31 @@ def atomic_write(path, data, mode=0o644):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
+            flock(f.fileno())                    # owned until renamed: Store.clean leaves it alone
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def flock(fd, wait=True):
+    """Take an exclusive advisory lock on an open file (released when it is closed, or when its
+    process dies). With wait=False, False when another open file holds it. A no-op where there
+    is no fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _fsync_dir(path):
@@ -399,6 +427,7 @@ _PART_RE = {
     "tag": re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$"),
 }
 _DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
+_BLOB_NAME_RE = re.compile(r"^sha256-[0-9a-f]{64}$")     # a committed blob (not -partial, not tmp)
 
 
 class Name:
@@ -520,9 +549,11 @@ class Store:
         return self.blob_path(digest).stat().st_size
 
     def temp_blob(self):
-        """Open a new temp file inside blobs/ (same filesystem, so the final rename is atomic)."""
+        """Open a new temp file inside blobs/ (same filesystem, so the final rename is atomic),
+        locked while it is open, so that `clean` knows a live writer owns it."""
         self.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
         fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix="sha256-tmp-")
+        flock(fd)
         return os.fdopen(fd, "wb"), Path(tmp)
 
     def write_blob(self, stream, expected=None, length=None, progress=None):
@@ -549,10 +580,10 @@ class Store:
                     raise BadRequest("unexpected end of body: got %d of %d bytes" % (size, length))
                 f.flush()
                 os.fsync(f.fileno())
-            digest = "sha256:" + h.hexdigest()
-            if expected is not None and parse_digest(expected) != digest:
-                raise BadRequest('digest mismatch, expected "%s", got "%s"' % (parse_digest(expected), digest))
-            self.commit_blob(tmp, digest)
+                digest = "sha256:" + h.hexdigest()
+                if expected is not None and parse_digest(expected) != digest:
+                    raise BadRequest('digest mismatch, expected "%s", got "%s"' % (parse_digest(expected), digest))
+                self.commit_blob(tmp, digest)         # renamed while still open (so locked)
             return digest, size
         except BaseException:
             _unlink(tmp)
@@ -568,7 +599,7 @@ class Store:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                self.commit_blob(tmp, digest)
+                    self.commit_blob(tmp, digest)
             except BaseException:
                 _unlink(tmp)
                 raise
@@ -653,15 +684,78 @@ class Store:
         return refs
 
     def delete(self, name):
-        """Remove a model: its manifest, then empty folders, then the blobs no other model uses."""
+        """Remove a model: its manifest, then empty folders, then the blobs no other model uses.
+
+        The blobs to check are journalled first (blobs/.rm-<token>.json), so a crash after the
+        manifest is gone leaves a journal that `clean` finishes, not orphaned blobs."""
         with self.lock:
             found, _raw, data = self.get(name)
+            journal = self.blobs / (".rm-%s.json" % secrets.token_hex(8))
+            atomic_write(journal, json_dumps(sorted(manifest_digests(data))).encode())
             path = self.manifest_path(found)
             path.unlink()
             _fsync_dir(path.parent)
             self._prune_dirs(path.parent)
             self.remove_unused(manifest_digests(data))
+            _unlink(journal)
         return found
+
+    def clean(self, grace=BLOB_GRACE, prune=True, now=None):
+        """Startup repair: remove temp files no live writer holds (`flock`), finish interrupted
+        deletes (their journals), and with `prune` remove blobs that no manifest names and that are
+        older than `grace` seconds (an upload waiting for its create is younger). Resumable
+        partial downloads (`-partial*`) are kept. A blob's age is from its ctime, which its commit
+        (a rename) or its import (a hard link) sets, not from the mtime a link keeps. `now`: a
+        time.time() to judge ages at. Returns (files removed, bytes freed)."""
+        removed, freed = 0, 0
+        if not self.blobs.is_dir():
+            return removed, freed
+        with self.lock:
+            for path in list(self.blobs.iterdir()) + list(self._manifest_temps()):
+                if path.name.startswith("sha256-tmp-") or ".tmp-" in path.name:
+                    size = self._remove_unowned(path)
+                    if size is not None:
+                        removed, freed = removed + 1, freed + size
+            for journal in self.blobs.glob(".rm-*.json"):
+                try:
+                    self.remove_unused(json.loads(journal.read_text()))
+                except (OSError, ValueError, TypeError, OllamaError) as e:
+                    log.warning("cannot finish the delete journalled in %s: %s", journal.name, e)
+                _unlink(journal)
+            if prune:
+                refs, now = self.referenced(), time.time() if now is None else now
+                for path in self.blobs.iterdir():
+                    if not _BLOB_NAME_RE.match(path.name) or path.name.replace("-", ":", 1) in refs:
+                        continue
+                    st = path.stat()
+                    if now - st.st_ctime > grace:
+                        _unlink(path)
+                        removed, freed = removed + 1, freed + st.st_size
+        if removed:
+            log.info("removed %d unused files from %s (%s)", removed, self.root, human_bytes(freed))
+        return removed, freed
+
+    def _manifest_temps(self):
+        for dirpath, _dirs, files in os.walk(self.manifests) if self.manifests.is_dir() else ():
+            for f in files:
+                if ".tmp-" in f:
+                    yield Path(dirpath) / f
+
+    @staticmethod
+    def _remove_unowned(path):
+        """Unlink a temp file unless an open file holds its lock; its size, or None if kept."""
+        try:
+            fd = os.open(str(path), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            if not flock(fd, wait=False):
+                return None
+            size = os.fstat(fd).st_size
+            _unlink(path)
+            return size
+        finally:
+            os.close(fd)
 
     def fix_blob_names(self):
         """Rename legacy blobs/sha256:<hex> files (older Ollama, or copied from a filesystem without
@@ -1268,6 +1362,13 @@ def format_param(key, value):
     return [value]
 
 
+_INT32 = (1 << 31) - 1
+#: Integer options that become llama-server flags (a C int): checked before any model is unloaded.
+OPTION_RANGES = {"num_ctx": (0, _INT32), "num_batch": (0, _INT32), "num_thread": (0, _INT32),
+                 "num_gpu": (-1, _INT32), "main_gpu": (0, _INT32), "num_keep": (-1, _INT32),
+                 "num_predict": (-2, _INT32), "top_k": (-_INT32, _INT32), "repeat_last_n": (-1, _INT32)}
+
+
 def parse_options(opts):
     """Validate and convert an API `options` map (request options or a params layer) -> dict.
 
@@ -1292,6 +1393,9 @@ def parse_options(opts):
         if kind is int:
             if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or val in (FOREVER, -FOREVER):
                 raise bad
+            low, high = OPTION_RANGES.get(key, (-(1 << 63), (1 << 63) - 1))   # Go's int, else the engine's
+            if not low <= int(val) <= high:
+                raise BadRequest('option "%s" must be between %d and %d' % (key, low, high))
             out[key] = int(val)
         elif kind is float:
             if isinstance(val, bool) or not isinstance(val, (int, float)):
@@ -4425,6 +4529,136 @@ def free_port():
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1                  # linux/prctl.h
+
+
+def _pdeathsig_setter():
+    """libc's prctl bound to PR_SET_PDEATHSIG/SIGKILL, resolved before any fork (dlopen is not
+    safe in a forked child of a threaded process); None where there is no prctl (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def popen_tied(args, **kw):
+    """subprocess.Popen for a child that the kernel kills (SIGKILL) when the thread that started it
+    ends, the process included, however it ends: kill -9, the OOM killer, a crash (Linux).
+    A child whose parent died before the prctl took effect exits at once."""
+    setter, parent = _pdeathsig_setter(), os.getpid()
+
+    def in_child():
+        if setter is not None:
+            setter()
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return subprocess.Popen(args, preexec_fn=in_child, **kw)
+
+
+def process_start(pid):
+    """A process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid,
+    it names one process, never a later one that reuses the pid. None if there is none."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if len(fields) > 19 and fields[0] != "Z" else None
+
+
+class Spawner:
+    """Starts serve's children from one thread that lives as long as serve, and records them.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked a child ends, so children are not started
+    from request threads (which end with their connection). Each child is recorded by pid and start
+    time in `record` (~/.ollama/runners/serve-<pid>.json), with serve's own; a later serve reaps
+    the children of a serve that died where the kernel could not (`reap_orphans`).
+    """
+
+    def __init__(self, record=None):
+        self.record = Path(record) if record else None
+        self.children = []
+        self.jobs = queue.Queue()
+        self.closed = False
+        threading.Thread(target=self._run, name="spawner", daemon=True).start()
+
+    def popen(self, args, **kw):
+        """popen_tied(args, **kw), run on the spawner's thread; the child is recorded before it runs."""
+        done, box = threading.Event(), {}
+        if self.closed:
+            raise OllamaError("server is shutting down")
+        self.jobs.put((args, kw, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["proc"]
+
+    def _run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:                   # close(): its children are stopped; ending kills none
+                while not self.jobs.empty():      # a popen that raced close() is refused, not left waiting
+                    _args, _kw, box, done = self.jobs.get()
+                    box["error"] = OllamaError("server is shutting down")
+                    done.set()
+                return
+            args, kw, box, done = job
+            try:
+                box["proc"] = proc = popen_tied(args, **kw)
+                self.children = [c for c in self.children if c.poll() is None] + [proc]
+                self._write()
+            except BaseException as e:        # handed to the caller's thread
+                box["error"] = e
+            done.set()
+
+    def _write(self):
+        if self.record is None:
+            return
+        me = [os.getpid(), process_start(os.getpid())]
+        kids = [[c.pid, process_start(c.pid)] for c in self.children]
+        try:
+            atomic_write(self.record, json_dumps({"serve": me, "runners": kids}).encode())
+        except OSError as e:
+            log.warning("cannot record runner processes in %s: %s", self.record, e)
+
+    def close(self):
+        """End the thread and forget the record, once every child has been stopped."""
+        self.closed = True
+        self.jobs.put(None)
+        if self.record is not None:
+            _unlink(self.record)
+
+
+def reap_orphans(directory):
+    """Kill the recorded children of serves that are no longer running (Spawner's records in
+    `directory`), matched by pid and start time, never by name. Returns the pids killed."""
+    killed = []
+    for path in sorted(Path(directory).glob("serve-*.json")) if Path(directory).is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+            owner, runners = data["serve"], data["runners"]
+        except (OSError, ValueError, KeyError, TypeError):
+            _unlink(path)
+            continue
+        if owner[1] is not None and process_start(owner[0]) == owner[1]:
+            continue                          # that serve is alive: its children are its own
+        for pid, started in runners:
+            if started is not None and process_start(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    log.warning("killed runner pid %d left behind by serve pid %d", pid, owner[0])
+                except OSError:
+                    pass
+        _unlink(path)
+    return killed
+
+
 class Runner:
     """One llama-server child process serving one GGUF on a free loopback port.
 
@@ -4435,8 +4669,10 @@ class Runner:
 
     def __init__(self, exe, model_path, num_ctx=DEFAULT_NUM_CTX, parallel=1, num_thread=0, num_batch=0,
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
-                 flash_attention=False, kv_cache_type="", log_path=None, extra_args=(), launcher=()):
+                 flash_attention=False, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
+                 spawn=None):
         self.exe, self.model_path = exe, str(model_path)
+        self.spawn = spawn or popen_tied      # Spawner.popen in serve: see its docstring
         self.num_ctx, self.parallel = num_ctx, max(1, parallel)
         self.port = free_port()
         self.log_path = log_path
@@ -4464,6 +4700,8 @@ class Runner:
         self.args = list(launcher) + args + list(extra_args)   # launcher: an emulator such as qemu-aarch64
         self.proc = None
         self._log = None
+        self._lock = threading.Lock()         # orders start's spawn against a stop() from shutdown
+        self._stopped_early = False
 
     def start(self, timeout=DEFAULT_LOAD_TIMEOUT):
         """Start the child and wait until it answers /health with {"status": "ok"}."""
@@ -4471,13 +4709,19 @@ class Runner:
         if self.log_path:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
             self._log = open(str(self.log_path), "ab")
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        with self._lock:
+            if self._stopped_early:           # stop() came first (serve is shutting down)
+                self._close_log()
+                raise OllamaError("server is shutting down")
+            self.proc = self.spawn(self.args, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             code = self.proc.poll()
             if code is not None:
                 self._close_log()
+                if self._stopped_early:
+                    raise OllamaError("server is shutting down")
                 raise self._died(code)
             try:
                 status, body = self._call("GET", "/health", timeout=0.5)
@@ -4530,8 +4774,11 @@ class Runner:
             return False
 
     def stop(self, grace=5.0):
-        """Stop the child: SIGTERM, then SIGKILL after `grace` seconds. Never leaves an orphan."""
-        proc = self.proc
+        """Stop the child: SIGTERM, then SIGKILL after `grace` seconds. Never leaves an orphan; a
+        runner stopped before it started never starts."""
+        with self._lock:
+            self._stopped_early = True
+            proc = self.proc
         if proc is not None and proc.poll() is None:
             try:
                 proc.terminate()
@@ -4704,6 +4951,8 @@ class Scheduler:
         self.load_lock = threading.Lock()
         self.waiting = 0
         self.closed = False
+        self.starting = set()                         # runners being loaded, stopped by shutdown() too
+        self.spawner = Spawner(config.home / "runners" / ("serve-%d.json" % os.getpid()))
         self._reaper = threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True)
         self._reaper.start()
 
@@ -4723,7 +4972,7 @@ class Scheduler:
                       flash_attention=self.config.flash_attention,
                       kv_cache_type=self.config.kv_cache_type,
                       log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
-                      extra_args=_embedding_args(model, num_ctx) if embedding else ())
+                      extra_args=_embedding_args(model, num_ctx) if embedding else (), spawn=self.spawner.popen)
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
@@ -4761,12 +5010,25 @@ class Scheduler:
                         if key in self.loaded:        # another request loaded it meanwhile
                             continue
                     runner = self._runner_for(model, opts, embedding)
-                    runner.start(self.config.load_timeout)
+                    with self.cond:
+                        if self.closed:
+                            raise OllamaError("server is shutting down")
+                        self.starting.add(runner)     # before it starts: a shutdown now stops it
+                    try:
+                        runner.start(self.config.load_timeout)
+                    finally:
+                        with self.cond:
+                            self.starting.discard(runner)
                     entry = _Loaded(model, runner, load_key, keep_alive)
                     with self.cond:
-                        self.loaded[key] = entry
-                        entry.refs += 1
-                        self.cond.notify_all()
+                        closed = self.closed          # shutdown() ran while it loaded
+                        if not closed:
+                            self.loaded[key] = entry
+                            entry.refs += 1
+                            self.cond.notify_all()
+                    if closed:
+                        runner.stop()
+                        raise OllamaError("server is shutting down")
                     return entry
         finally:
             with self.cond:
@@ -4833,11 +5095,12 @@ class Scheduler:
         """Stop every child and wait for them: no orphans."""
         with self.cond:
             self.closed = True
-            entries = list(self.loaded.values())
+            runners = [e.runner for e in self.loaded.values()] + list(self.starting)
             self.loaded.clear()
             self.cond.notify_all()
-        for e in entries:
-            e.runner.stop()
+        for r in runners:
+            r.stop()
+        self.spawner.close()
 
 
 def _trained_context(model):
@@ -4927,13 +5190,19 @@ class Request:
         self._body = None
 
     def body_stream(self):
-        """A file-like reader of the raw body (Content-Length or chunked); read once."""
-        return _BodyReader(self.handler)
+        """A file-like reader of the raw body (Content-Length or chunked), streamed; read once."""
+        return self.handler.body_reader()
 
-    def body(self):
-        """The whole body as bytes."""
+    def body(self, limit=MAX_JSON_BODY):
+        """The whole body as bytes; TooLarge (413) past `limit` bytes, before reading them."""
         if self._body is None:
-            self._body = self.body_stream().read()
+            reader = self.body_stream()
+            if reader.remaining > limit:
+                raise TooLarge("http: request body too large")
+            data = reader.read(limit + 1)
+            if len(data) > limit:
+                raise TooLarge("http: request body too large")
+            self._body = data
         return self._body
 
     def json(self):
@@ -4941,10 +5210,7 @@ class Request:
         raw = self.body()
         if not raw.strip():
             raise BadRequest("missing request body")
-        try:
-            data = json.loads(raw)
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        data = parse_json(raw)
         if not isinstance(data, dict):
             raise BadRequest("json: cannot unmarshal %s into Go value of type api.Request" % type(data).__name__)
         return data
@@ -4953,15 +5219,88 @@ class Request:
         """True when the client closed its connection (checked without consuming data)."""
         sock = self.handler.connection
         try:
+            timeout = sock.gettimeout()
             sock.setblocking(False)
             try:
                 return sock.recv(1, socket.MSG_PEEK) == b""
             finally:
-                sock.setblocking(True)
+                sock.settimeout(timeout)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
             return True
+
+
+def _no_constant(name):
+    if name.startswith("-"):
+        raise ValueError("invalid character 'I' in numeric literal")
+    raise ValueError("invalid character '%s' looking for beginning of value" % name[0])
+
+
+def parse_json(raw):
+    """JSON bytes decoded by Go's encoding/json rules: NaN and Infinity are errors, invalid UTF-8
+    and lone UTF-16 surrogates ("\\ud800") become U+FFFD. BadRequest for bad JSON, nesting too
+    deep for Python's parser included."""
+    try:
+        data = json.loads(raw.decode("utf-8", "replace"), parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest("invalid character '[' exceeded max depth") from None
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if re.search(rb"\\[uU][dD][89a-fA-F]", raw):      # a \uD800-\uDFFF escape: maybe a lone half
+        data = _replace_surrogates(data)
+    return data
+
+
+def _replace_surrogates(value):
+    if isinstance(value, str):
+        return _SURROGATE_RE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    return value
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_fields(body, fields, struct):
+    """Go's unmarshal errors for the fields of a request struct: `fields` maps a field to
+    (Python type, Go type), or to (list, Go type, element type, Go element type)."""
+    for field, spec in fields.items():
+        value = _expect(body, field, spec[0], spec[1], struct)
+        if value is not None and len(spec) == 4:
+            for item in value:
+                if not isinstance(item, spec[2]) or isinstance(item, bool) and spec[2] is not bool:
+                    raise BadRequest("json: cannot unmarshal %s into Go struct field %s.%s of type %s"
+                                     % (_json_kind(item), struct, field, spec[3]))
+
+
+def _json_type(value):
+    """The name Go's encoding/json gives a decoded JSON value, for error texts."""
+    if value is None:
+        return "<nil>"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    return "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
+
+
+def _json_kind(value):
+    return {bool: "bool", str: "string", list: "array", dict: "object"}.get(type(value), "number")
+
+
+def _expect(body, field, kind, go_type, struct="ChatCompletionRequest"):
+    """Go's unmarshal error for a field of the wrong JSON type (null is always accepted)."""
+    value = body.get(field)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field %s.%s of type %s"
+                         % (_json_kind(value), struct, field, go_type))
+    return value
 
 
 class _BodyReader:
@@ -4970,14 +5309,14 @@ class _BodyReader:
     def __init__(self, handler):
         self.rfile = handler.rfile
         self.chunked = "chunked" in (handler.headers.get("Transfer-Encoding") or "").lower()
-        self.remaining = 0 if self.chunked else int(handler.headers.get("Content-Length") or 0)
-        self.done = False
+        self.remaining = 0 if self.chunked else content_length(handler.headers)
+        self.done = not self.chunked and self.remaining == 0
 
     def read(self, n=-1):
         out = []
         while (n < 0 or n > 0) and not self.done:
             if self.chunked and self.remaining == 0:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                size = self._chunk_size(self.rfile.readline(1024))
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass                                   # trailers
@@ -4998,6 +5337,24 @@ class _BodyReader:
             if n > 0:
                 n -= len(data)
         return b"".join(out)
+
+    @staticmethod
+    def _chunk_size(line):
+        text = line.split(b";")[0].strip()
+        if not re.match(rb"^[0-9a-fA-F]{1,15}$", text):
+            raise BadRequest("invalid chunk size %s" % json.dumps(text.decode("latin-1")[:32]))
+        return int(text, 16)
+
+
+def content_length(headers):
+    """A request's Content-Length: 0 when absent; BadRequest for anything but one decimal number
+    (Go refuses a negative, signed or repeated one the same way)."""
+    values = headers.get_all("Content-Length") or []
+    if not values:
+        return 0
+    if len(set(v.strip() for v in values)) != 1 or not re.match(r"^[0-9]{1,18}$", values[0].strip()):
+        raise BadRequest("invalid Content-Length %s" % json.dumps(values[0][:32]))
+    return int(values[0])
 
 
 _LOOPBACK_NAMES = ("localhost",)
@@ -5024,10 +5381,37 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         # one small write per token: without this, Nagle + delayed ACK can hold a chunk for 40 ms
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def do_GET(self):
-        self._dispatch()
+    def handle_one_request(self):
+        self.connection.settimeout(IDLE_TIMEOUT)     # waiting for the next request line
+        self._reader = None
+        super().handle_one_request()
 
-    do_POST = do_DELETE = do_HEAD = do_PUT = do_PATCH = do_OPTIONS = do_GET
+    def parse_request(self):
+        self.connection.settimeout(STALL_TIMEOUT)    # from the request line on: headers, body, answer
+        return super().parse_request()
+
+    def __getattr__(self, name):
+        if name.startswith("do_"):                   # every method goes to the router: 404/405, not 501
+            return self._dispatch
+        raise AttributeError(name)
+
+    def body_reader(self):
+        """The request's body reader (one per request)."""
+        if self._reader is None:
+            self._reader = _BodyReader(self)
+        return self._reader
+
+    def _finish_body(self):
+        """Keep the connection only if the request's body has been read to its end (a small unread
+        rest is drained); otherwise the next request would start inside it."""
+        try:
+            reader = self.body_reader()
+            if not reader.done and (reader.chunked or reader.remaining > COPY_CHUNK):
+                self.close_connection = True
+            elif not reader.done:
+                reader.read()
+        except (OllamaError, OSError):
+            self.close_connection = True
 
     def log_message(self, fmt, *args):
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -5037,6 +5421,8 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         status = 500
         try:
             status = self._route()
+            if not self.close_connection:
+                self._finish_body()
         finally:
             log.info("| %3d | %10s | %15s | %-7s %s", status, format_duration(time.monotonic() - started),
                      self.client_address[0], self.command, urllib.parse.urlsplit(self.path).path)
@@ -5058,6 +5444,7 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
                 return self._send(Response(403, b"", None))
             if self.command == "OPTIONS" and verdict == "name":
                 return self._send(Response(204, b"", None))
+            self.body_reader()                                  # a bad Content-Length is a 400 here
             path = urllib.parse.urlsplit(self.path).path
             func, params, allowed = self.server.routes.match(self.command, path)
             if func is None:
@@ -5070,6 +5457,9 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             return 499
+        except socket.timeout:                                  # the client stalled: drop it
+            self.close_connection = True
+            return 408
         except Exception as e:                                  # a bug: report it, keep serving
             log.exception("internal error on %s %s", self.command, self.path)
             result = Response(500, json_dumps({"error": str(e)}).encode(), "application/json; charset=utf-8")
@@ -5193,9 +5583,64 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.request_queue_size = listen_backlog()
+        self.max_connections = min(MAX_CONNECTIONS, max(16, _fd_limit() - 128))   # fds kept for files, runners
+        self.connections = 0
+        self.connections_lock = threading.Lock()
+        self.accept_backoff = 0.0                      # seconds; grows while accept() has no fd to give
         super().__init__((host, port), OllamaHandler)
         self.origins = _DEFAULT_ORIGINS + config.origins
         self.loopback = _is_loopback(host)
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            return self._refuse(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self.connections_lock:
+                self.connections -= 1
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
+
+    def _refuse(self, request):
+        """Answer a connection over the cap with a 503 and close it, without a thread: what the
+        client has sent so far is read first, so the close does not reset the answer away."""
+        log.warning("refusing a connection: %d open (the most served at once)", self.max_connections)
+        body = json_dumps({"error": "server busy, please try again.  maximum connections exceeded"}).encode()
+        try:
+            request.setblocking(False)
+            with contextlib.suppress(OSError):
+                request.recv(65536)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8"
+                            b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def get_request(self):
+        """accept(), backing off (5 ms doubling to 1 s, as Go's http.Server) while the process is out
+        of file descriptors: the listener stays readable then, and retrying at once would spin."""
+        try:
+            conn = super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.accept_backoff = min(1.0, self.accept_backoff * 2 or 0.005)
+                log.warning("accept: %s; retrying in %s", e.strerror, format_duration(self.accept_backoff))
+                time.sleep(self.accept_backoff)
+            raise
+        self.accept_backoff = 0.0
+        return conn
 
     @property
     def url(self):
@@ -5279,6 +5724,35 @@ def _is_loopback(host):
         return False
 
 
+def listen_backlog():
+    """The listen backlog Go uses: net.core.somaxconn (at most 65535, Linux keeps it in 16 bits),
+    else 4096. socketserver's default of 5 drops SYNs under a burst of connections."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(1, min(int(f.read().strip()), 65535))
+    except (OSError, ValueError):
+        return 4096
+
+
+def _fd_limit():
+    try:
+        import resource
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_CONNECTIONS * 2
+
+
+def raise_fd_limit():
+    """Raise the soft open-file limit to the hard one, as every Go program does at start (1.19+)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 def make_server(config=None, host=None, port=None):
     """An OllamaServer bound to (host, port) (port 0 picks a free one); call serve_forever()."""
     config = config or Config()
@@ -5317,10 +5791,13 @@ def api_blob_post(req):
     201 when created, 200 when it already existed, 400 `digest mismatch, expected "…", got "…"`
     (nothing is kept). No-copy import (an ollama.py extension): with the header
     `X-Ollama-Path: /abs/path` and an empty body, a server that runs on the same machine as the
-    client (loopback peer) and can read that file hashes it and, when it matches the digest,
+    client, as the same user (`_peer_trusted`), hashes that file and, when it matches the digest,
     links it into blobs/ (a reflink or hard link when the store is on the same filesystem, else a
-    copy). The hashed file is the linked one, checked unchanged (size, mtime, inode) after hashing,
-    so the blob matches its name when it is committed. A hard-linked blob shares its bytes with the
+    copy). Any other client gets one 403 before the path is looked at, so the answer says nothing
+    about the file, and a mismatch never names the file's real digest: the header can only do
+    what the caller could do by reading the file and uploading it. The hashed file is the linked
+    one, checked unchanged (size, mtime, inode) after hashing, so the blob matches its name when it
+    is committed. A hard-linked blob shares its bytes with the
     original: editing that file in place afterwards would change the blob too (tools that write a
     new file and rename it, as editors and downloaders do, are safe).
     """
@@ -5332,8 +5809,8 @@ def api_blob_post(req):
         return Response(200, b"", None)
     if src:
         _drain(req)
-        if not _peer_is_local(req):
-            raise Forbidden("X-Ollama-Path is only honoured for local clients")
+        if not _peer_trusted(req):
+            raise Forbidden("X-Ollama-Path is only honoured for a local client running as the server's user")
         _import_local_blob(store, src, digest)
         return Response(201, b"", None)
     length = req.headers.get("Content-Length")
@@ -5349,13 +5826,49 @@ def _drain(req):
         pass
 
 
-def _peer_is_local(req):
-    host = req.handler.client_address[0]
+def _peer_trusted(req):
+    """True when the client is a process of the server's own user on this machine: a loopback
+    peer whose socket /proc/net/tcp(6) says that uid owns. Unknown (no /proc, another network
+    namespace, the socket already gone) is untrusted."""
+    sock = req.handler.connection
     try:
-        import ipaddress
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
+        peer, local = sock.getpeername(), sock.getsockname()
+    except OSError:
         return False
+    ip = _parse_ip(peer[0].split("%")[0])
+    if ip is None or not (ip.is_loopback or getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback):
+        return False
+    return socket_owner(peer[:2], local[:2]) == os.geteuid()
+
+
+def _proc_net_addr(host, port):
+    """An (ip, port) as /proc/net/tcp(6) spells it: each 32-bit word of the address in host byte
+    order, in hex, then ":" and the port in hex. Returns (table, text); an IPv4-mapped IPv6
+    address is looked up in the IPv4 table, where a dual-stack client's socket is."""
+    ip = _parse_ip(host.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    words = struct.unpack("=%dI" % (len(ip.packed) // 4), ip.packed)
+    return ("tcp" if ip.version == 4 else "tcp6"), "".join("%08X" % w for w in words) + ":%04X" % port
+
+
+def socket_owner(peer, local):
+    """The uid that owns the TCP socket whose local end is `peer` and remote end is `local` (both
+    (ip, port)): the client's end of a connection this process accepted. None when unknown."""
+    table, want_local = _proc_net_addr(*peer)
+    _table, want_remote = _proc_net_addr(*local)
+    if _table != table:
+        return None
+    try:
+        with open("/proc/net/" + table) as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()     # sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+        if len(fields) > 7 and fields[1] == want_local and fields[2] == want_remote:
+            return int(fields[7])
+    return None
 
 
 def _import_local_blob(store, src, digest):
@@ -5370,28 +5883,36 @@ def _import_local_blob(store, src, digest):
         raise BadRequest("%s is not a regular file" % src)
     store.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
     tmp = store.blobs / ("sha256-tmp-%s" % secrets.token_hex(8))
-    linked = True
+    linked, owner = True, None
     try:
         try:
             os.link(src, str(tmp))
         except OSError:
             linked = False
-        if not linked:
+        if linked:
+            owner = open(str(tmp), "rb")          # locked while hashed: Store.clean leaves it
+            flock(owner.fileno())
+        else:
             with open(src, "rb") as f:
-                store.write_blob(f, expected=digest)           # streamed copy, verified
+                try:
+                    store.write_blob(f, expected=digest)       # streamed copy, verified
+                except BadRequest:
+                    raise BadRequest('digest mismatch, expected "%s"' % parse_digest(digest)) from None
             return
         before = os.stat(str(tmp))
         actual = file_digest(str(tmp))
         after = os.stat(str(tmp))
         if (before.st_size, before.st_mtime_ns, before.st_ino) != (after.st_size, after.st_mtime_ns, after.st_ino):
             raise BadRequest("%s changed while it was being imported" % src)
-        if actual != parse_digest(digest):
-            raise BadRequest('digest mismatch, expected "%s", got "%s"' % (parse_digest(digest), actual))
+        if actual != parse_digest(digest):     # its real digest stays unsaid: no hash oracle
+            raise BadRequest('digest mismatch, expected "%s"' % parse_digest(digest))
         if not store.has_blob(digest):
             os.replace(str(tmp), str(store.blob_path(digest)))
             _fsync_dir(store.blobs)
     finally:
         _unlink(tmp)
+        if owner is not None:
+            owner.close()
 
 
 def _model_details(config, parent=""):
@@ -5921,9 +6442,20 @@ def _completion(req, entry, prompt, opts, fmt):
         events.close()
 
 
+_STRING, _BOOL, _OPTIONS = (str, "string"), (bool, "bool"), (dict, "map[string]interface {}")
+#: The fields of Ollama's GenerateRequest and ChatRequest with the JSON type each must have.
+GENERATE_FIELDS = {"model": _STRING, "prompt": _STRING, "suffix": _STRING, "system": _STRING,
+                   "template": _STRING, "raw": _BOOL, "stream": _BOOL, "options": _OPTIONS,
+                   "context": (list, "[]int", int, "int"),
+                   "images": (list, "[]api.ImageData", str, "api.ImageData")}
+CHAT_FIELDS = {"model": _STRING, "stream": _BOOL, "options": _OPTIONS, "messages": (list, "[]api.Message", dict,
+               "api.Message"), "tools": (list, "api.Tools", dict, "api.Tool")}
+
+
 def api_generate(req):
     """POST /api/generate: complete a prompt (streamed NDJSON unless "stream": false)."""
     body = req.json()
+    check_fields(body, GENERATE_FIELDS, "api.GenerateRequest")
     started = time.monotonic()
     model = _find_model(req, body)
     keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
@@ -6027,6 +6559,7 @@ def _check_messages(messages):
 def api_chat(req):
     """POST /api/chat: the next assistant message of a conversation (streamed unless "stream": false)."""
     body = req.json()
+    check_fields(body, CHAT_FIELDS, "api.ChatRequest")
     started = time.monotonic()
     model = _find_model(req, body)
     keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
@@ -6328,32 +6861,6 @@ def _forward(req, body):
     sub.__dict__.update(req.__dict__)
     sub._body = json_dumps(body).encode()
     return sub
-
-
-def _json_type(value):
-    """The name Go's encoding/json gives a decoded JSON value, for error texts."""
-    if value is None:
-        return "<nil>"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "float64"
-    if isinstance(value, str):
-        return "string"
-    return "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
-
-
-def _json_kind(value):
-    return {bool: "bool", str: "string", list: "array", dict: "object"}.get(type(value), "number")
-
-
-def _expect(body, field, kind, go_type, struct="ChatCompletionRequest"):
-    """Go's unmarshal error for a field of the wrong JSON type (null is always accepted)."""
-    value = body.get(field)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
-        raise BadRequest("json: cannot unmarshal %s into Go struct field %s.%s of type %s"
-                         % (_json_kind(value), struct, field, go_type))
-    return value
 
 
 def _sse(obj):
@@ -6826,7 +7333,7 @@ def cmd_serve(args):
       OLLAMA_ORIGINS            a comma separated list of allowed origins
       OLLAMA_DEBUG              show additional debug information (e.g. OLLAMA_DEBUG=1)
       OLLAMA_NOHISTORY          do not preserve readline history
-      OLLAMA_NOPRUNE            accepted for compatibility; ollama.py never prunes at startup
+      OLLAMA_NOPRUNE            do not prune unused blobs at startup (partial downloads are never pruned)
       OLLAMA_LOAD_TIMEOUT       how long to allow model loads to stall before giving up (default "5m")
       OLLAMA_FLASH_ATTENTION    enable flash attention
       OLLAMA_KV_CACHE_TYPE      quantization type for the K/V cache (default: f16)
@@ -6835,8 +7342,14 @@ def cmd_serve(args):
     config = Config()
     _setup_logging(config, to_file=True)
     ensure_keypair(config.home, out=sys.stdout)
+    reap_orphans(config.home / "runners")   # a serve killed where the kernel could not reap for it
+    raise_fd_limit()
     server = make_server(config)
-    server.store.fix_blob_names()           # never prunes: partial downloads stay for their resume
+    if not server.loopback:
+        log.warning("OLLAMA_HOST=%s serves every network this machine is on, and anyone who can reach "
+                    "it can use and change its models", config.host)
+    server.store.fix_blob_names()
+    server.store.clean(prune=not config.noprune)   # partial downloads stay for their resume
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -270,6 +270,16 @@ def test_changing_a_load_option_reloads_the_runner(server, gemma):
     assert entry.runner is not first and entry.runner.num_ctx == 2048
 
 
+@pytest.mark.parametrize("option, value", [("num_batch", 1 << 31), ("num_gpu", 1 << 31), ("num_thread", -1),
+                                           ("num_ctx", 1 << 40)])
+def test_an_out_of_range_load_option_is_a_400_and_leaves_the_loaded_runner(server, gemma, option, value):
+    post(server, "/api/generate", {"model": gemma})
+    first = server.scheduler.running()[0].runner
+    status, data = post(server, "/api/generate", {"model": gemma, "options": {option: value}}, raw=True)
+    assert status == 400 and json.loads(data)["error"].startswith('option "%s" must be between' % option)
+    assert server.scheduler.running()[0].runner is first and first.alive()
+
+
 def test_max_loaded_models_evicts_the_idle_runner(server, gemma, gemma_gguf):
     server.config.max_loaded_models = 1
     import_gguf(server.store, "other:latest", gemma_gguf, system="You are another model.")

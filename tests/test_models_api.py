@@ -4,7 +4,12 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -144,10 +149,69 @@ def test_local_path_import_refuses_a_file_with_other_bytes(server, tmp_path):
     path.write_bytes(b"not what you said")
     wrong = "sha256:" + "1" * 64
     status, body = jcall(server, "POST", "/api/blobs/" + wrong, b"", {"X-Ollama-Path": str(path)})
-    assert status == 400 and body["error"].startswith('digest mismatch, expected "%s"' % wrong)
+    assert status == 400 and body["error"] == 'digest mismatch, expected "%s"' % wrong   # no real digest
     assert blobs(server) == []
     status, body = jcall(server, "POST", "/api/blobs/" + wrong, b"", {"X-Ollama-Path": str(tmp_path / "nope")})
     assert status == 400 and "cannot read" in body["error"]
+
+
+NOBODY = 65534
+#: A Python another user can run (the test's own interpreter may live under root's 0700 home).
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON or not os.path.isdir("/proc/net"),
+                                reason="needs root (to run a client as nobody), /usr/bin/python3 and /proc")
+
+_ATTACK = """
+import http.client, json, sys
+port, secret, missing, real = sys.argv[1:]
+out = []
+for path, digest in ((secret, "sha256:" + "1" * 64), (missing, "sha256:" + "1" * 64), (secret, real)):
+    conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
+    conn.request("POST", "/api/blobs/" + digest, b"", {"X-Ollama-Path": path})
+    resp = conn.getresponse()
+    out.append([resp.status, resp.read().decode()])
+print(json.dumps(out))
+"""
+
+
+@needs_root
+def test_path_import_as_another_user_reads_nothing_and_reveals_nothing(server, tmp_path):
+    secret = tmp_path / "id_ed25519"
+    secret.write_bytes(b"root's private key")
+    os.chmod(secret, 0o600)
+    real = "sha256:" + hashlib.sha256(secret.read_bytes()).hexdigest()
+    out = subprocess.run([SYSTEM_PYTHON, "-c", _ATTACK, str(server.server_port), str(secret),
+                          str(tmp_path / "no-such-file"), real],
+                         user=NOBODY, capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)
+    assert [a[0] for a in answers] == [403, 403, 403]
+    assert answers[0] == answers[1], "an existing and a missing file must answer alike"
+    assert real[7:] not in out.stdout
+    assert not server.store.has_blob(real) and blobs(server) == []
+
+
+@needs_root
+def test_create_as_another_user_falls_back_to_uploading(server):
+    work = Path(tempfile.mkdtemp(prefix="ollama-nobody-"))
+    try:
+        os.chmod(work, 0o755)
+        write_tiny_gguf(work / "w.gguf")
+        (work / "Modelfile").write_text("FROM ./w.gguf\n")
+        (work / "home").mkdir()
+        for p in (work, work / "w.gguf", work / "Modelfile", work / "home"):
+            os.chown(p, NOBODY, NOBODY)
+        env = {"HOME": str(work / "home"), "OLLAMA_HOST": "127.0.0.1:%d" % server.server_port, "PATH": "/usr/bin:/bin"}
+        out = subprocess.run([SYSTEM_PYTHON, str(Path(ollama.__file__)), "create", "tiny", "-f", "Modelfile"],
+                             user=NOBODY, env=env, cwd=str(work), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        digest = "sha256:" + hashlib.sha256((work / "w.gguf").read_bytes()).hexdigest()
+        blob = server.store.blob_path(digest)
+        assert blob.read_bytes() == (work / "w.gguf").read_bytes()
+        assert not os.path.samestat(blob.stat(), (work / "w.gguf").stat()), "uploaded, not linked"
+        assert server.store.resolve("tiny") is not None
+    finally:
+        shutil.rmtree(str(work), ignore_errors=True)
 
 
 # -- create ------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """`ollama.py serve` as a user runs it: a subprocess, its logs and key, and a clean shutdown."""
+import contextlib
 import http.client
 import json
 import os
@@ -6,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,16 +43,18 @@ def _post(port, path, body):
     return resp.status, resp.read()
 
 
-def test_serve_keeps_partials_creates_its_key_and_log_then_stops_its_runners_on_sigterm(ollama_home, llama_server_bin, gemma_gguf):
+def test_serve_keeps_partials_and_young_blobs_removes_temps_creates_its_key_and_log_then_stops_its_runners_on_sigterm(ollama_home, llama_server_bin, gemma_gguf):
     store = ollama.Store(ollama_home / ".ollama" / "models")
     import_gguf(store, "gemma3:270m", gemma_gguf)
     partial = store.blobs / ("sha256-" + "ab" * 32 + "-partial")     # an interrupted pull's data
     partial.write_bytes(b"half a blob")
-    stray, _ = store.write_blob_bytes(b"unreferenced, older than an hour")
-    os.utime(store.blob_path(stray), (time.time() - 7200,) * 2)
+    stray, _ = store.write_blob_bytes(b"unreferenced, uploaded just now")
+    leftover = store.blobs / "sha256-tmp-of-a-killed-upload"
+    leftover.write_bytes(b"no live request owns this")
     proc, port = start_serve(ollama_home, {"OLLAMA_LLAMA_SERVER": str(llama_server_bin)})
     assert partial.read_bytes() == b"half a blob", "serve must not prune partial downloads"
-    assert store.has_blob(stray), "serve must not prune at startup"
+    assert store.has_blob(stray), "an unreferenced blob younger than BLOB_GRACE waits for its create"
+    assert not leftover.exists()
     try:
         status, data = _post(port, "/api/generate", {"model": "gemma3:270m", "prompt": "Hi", "stream": False,
                                                      "options": {"num_predict": 2}})
@@ -83,6 +87,99 @@ def _alive(pid):
         return False
     with open("/proc/%d/stat" % pid) as f:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _children(pid):
+    """(pid, start time) of each live child of `pid`."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if _parent(int(d)) == pid and _alive(int(d)):
+                    kids.append((int(d), ollama.process_start(int(d))))
+            except OSError:
+                pass
+    return kids
+
+
+def _gone_by(procs, seconds):
+    """Wait up to `seconds` for every (pid, start time) to be gone; the ones still there."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = [p for p in procs if ollama.process_start(p[0]) == p[1]]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+
+
+def test_sigkill_of_serve_with_two_models_loaded_leaves_no_runner(ollama_home, llama_server_bin, tiny_gguf):
+    store = ollama.Store(ollama_home / ".ollama" / "models")
+    import_gguf(store, "one", tiny_gguf)
+    import_gguf(store, "two", tiny_gguf)
+    proc, port = start_serve(ollama_home, {"OLLAMA_LLAMA_SERVER": str(llama_server_bin)})
+    try:
+        for name in ("one", "two"):          # from two connections, so two request threads
+            status, _ = _post(port, "/api/generate", {"model": name, "prompt": "Hi", "stream": False,
+                                                      "options": {"num_predict": 1}})
+            assert status == 200
+        runners = _children(proc.pid)
+        assert len(runners) == 2
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert _gone_by(runners, 1.0) == []
+
+
+def test_sigterm_during_a_model_load_leaves_no_runner(ollama_home, tiny_gguf, tmp_path):
+    engine = tmp_path / "llama-server"             # fault injection: an engine that never gets ready
+    engine.write_text("#!/bin/sh\nexec sleep 600\n")
+    engine.chmod(0o755)
+    store = ollama.Store(ollama_home / ".ollama" / "models")
+    import_gguf(store, "tiny", tiny_gguf)
+    proc, port = start_serve(ollama_home, {"OLLAMA_LLAMA_SERVER": str(engine)})
+    def load():
+        with contextlib.suppress(OSError, http.client.HTTPException):     # serve stops mid-request
+            _post(port, "/api/generate", {"model": "tiny", "prompt": "Hi"})
+
+    loading = threading.Thread(target=load, daemon=True)
+    loading.start()
+    deadline = time.monotonic() + 20
+    while not _children(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    runners = _children(proc.pid)
+    assert len(runners) == 1
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert _gone_by(runners, 1.0) == []
+
+
+def test_serve_reaps_the_runners_a_dead_serve_left_behind_by_pid_and_start_time(ollama_home):
+    orphan = subprocess.Popen(["sleep", "600"])      # stands for a runner whose serve was killed
+    other = subprocess.Popen(["sleep", "600"])       # recorded with a start time that is not its own
+    mine = subprocess.Popen(["sleep", "600"])        # the runner of a serve that is still running
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    records = ollama_home / ".ollama" / "runners"
+    records.mkdir(parents=True)
+    (records / "serve-1.json").write_text(json.dumps(
+        {"serve": [dead.pid, 12345], "runners": [[orphan.pid, ollama.process_start(orphan.pid)],
+                                                 [other.pid, ollama.process_start(other.pid) + 1]]}))
+    (records / "serve-2.json").write_text(json.dumps(
+        {"serve": [os.getpid(), ollama.process_start(os.getpid())],
+         "runners": [[mine.pid, ollama.process_start(mine.pid)]]}))
+    proc, port = start_serve(ollama_home)
+    try:
+        assert orphan.wait(5) == -signal.SIGKILL
+        assert other.poll() is None and mine.poll() is None
+        assert sorted(os.listdir(records)) == ["serve-2.json"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        for p in (orphan, other, mine):
+            p.kill()
+            p.wait()
+    assert "killed runner pid %d left behind by serve pid %d" % (orphan.pid, dead.pid) in err.decode()
 
 
 def test_version_runs_without_site_packages():

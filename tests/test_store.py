@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import ollama
 from tiny_gguf import write_tiny_gguf
 
@@ -77,17 +79,22 @@ while True:
     call("POST", "/api/copy", {"source": "m%d" % (i % 3), "destination": "c%d" % (i % 2)})
     if i % 4 == 0:
         call("DELETE", "/api/delete", {"model": "c%d" % (i % 2)})
+    other = data + str(i).encode()               # a new blob: an upload, then a no-copy import
+    call("POST", "/api/blobs/sha256:" + hashlib.sha256(other).hexdigest(), other)
+    with open(sys.argv[3], "wb") as f:
+        f.write(other + b"!")
+    call("POST", "/api/blobs/sha256:" + hashlib.sha256(other + b"!").hexdigest(), b"")
 """
 
 
-def test_a_kill_at_any_moment_leaves_the_store_consistent(tmp_path, ollama_home):
+def test_a_kill_at_any_moment_leaves_the_store_consistent_and_startup_cleans_the_rest(tmp_path, ollama_home):
     path = tmp_path / "w.gguf"
     write_tiny_gguf(path)
     env = dict(os.environ)
     rng = random.Random(7)
-    for _ in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(ROOT), str(path)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(ROOT), str(path), str(tmp_path / "imp")],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 0.6))
         proc.send_signal(signal.SIGKILL)
@@ -101,6 +108,56 @@ def test_a_kill_at_any_moment_leaves_the_store_consistent(tmp_path, ollama_home)
         for p in store.blobs.iterdir():
             if len(p.name) == 71 and p.name.startswith("sha256-") and "tmp" not in p.name:
                 assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name[7:]
+        store.clean(grace=0)                     # what serve's startup does, without the grace period
+        refs = store.referenced()
+        left = sorted(p.name for p in store.blobs.iterdir() if p.name.replace("-", ":", 1) not in refs)
+        assert left == [], "temp files, journals or unreferenced blobs survived the cleanup"
+        temps = [f for _d, _s, files in os.walk(store.manifests) for f in files if ".tmp-" in f]
+        assert temps == []
+
+
+def test_clean_keeps_what_a_live_writer_holds_partials_and_young_blobs(tmp_path):
+    store = ollama.Store(tmp_path / "models")
+    kept, _ = store.write_blob_bytes(b"named by a model")
+    store.write_manifest(ollama.Name.parse("m"), {"schemaVersion": 2, "mediaType": ollama.MEDIA_MANIFEST,
+                                                  "config": {"digest": kept, "size": 16}, "layers": []})
+    young, _ = store.write_blob_bytes(b"uploaded just now, its create still to come")
+    os.utime(store.blob_path(young), (time.time() - 7200,) * 2)   # an mtime a hard link keeps: not its age
+    partial = store.blobs / ("sha256-" + "ab" * 32 + "-partial")
+    partial.write_bytes(b"half a pull")
+    (store.blobs / ("sha256-" + "ab" * 32 + "-partial-0")).write_bytes(b"{}")
+    dead_tmp = store.blobs / "sha256-tmp-left-by-a-kill"
+    dead_tmp.write_bytes(b"x" * 100)
+    live, live_tmp = store.temp_blob()           # an upload in progress: its writer holds the lock
+    try:
+        assert store.clean() == (1, 100)
+        assert live_tmp.exists() and not dead_tmp.exists()
+        assert store.has_blob(kept) and store.has_blob(young)
+        assert store.clean(now=time.time() + ollama.BLOB_GRACE + 60) == (1, len(b"uploaded just now, its create still to come"))
+        assert store.has_blob(kept) and not store.has_blob(young)
+        assert partial.read_bytes() == b"half a pull"
+    finally:
+        live.close()
+    assert store.clean(prune=False) == (1, 0)     # its writer is gone: now it is removed
+    assert not live_tmp.exists()
+
+
+def test_a_delete_interrupted_after_the_manifest_is_finished_at_startup(tmp_path, monkeypatch):
+    store = ollama.Store(tmp_path / "models")
+    blob, _ = store.write_blob_bytes(b"the only model's blob")
+    store.write_manifest(ollama.Name.parse("m"), {"schemaVersion": 2, "mediaType": ollama.MEDIA_MANIFEST,
+                                                  "config": {"digest": blob, "size": 21}, "layers": []})
+
+    def killed(digests):                          # fault injection: the process dies here
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "remove_unused", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.delete("m")
+    monkeypatch.undo()
+    assert store.list() == [] and store.has_blob(blob)
+    store.clean(prune=False)                      # no age rule: the journal says what to delete
+    assert not store.has_blob(blob) and list(store.blobs.iterdir()) == []
 
 
 def test_legacy_colon_blob_names_are_renamed_and_partials_kept(tmp_path):
