@@ -4457,59 +4457,6 @@ def runner_exit_error(code, log_path=None, tail="", program="llama-server"):
     return OllamaError("%s process has terminated: %s (%s): %s" % (program, name, what, advice))
 
 
-def find_engine_tool(config, name):
-    """Another llama.cpp program build_llama.sh installs (llama-quantize): beside llama-server, else PATH."""
-    beside = Path(find_llama_server(config)).with_name(name)
-    found = str(beside) if os.access(str(beside), os.X_OK) else shutil.which(name)
-    if not found:
-        raise OllamaError("%s not found beside %s: run ./build_llama.sh" % (name, beside.parent))
-    return found
-
-
-#: Quantization levels for create -> (general.file_type, about how many bits per weight it takes):
-#: Ollama's (F32, F16, BF16, Q8_0, Q4_K_S, Q4_K_M, with Q4_K meaning Q4_K_M) and, beyond Ollama, the
-#: other llama-quantize levels a small machine may want.
-QUANTIZE_TYPES = {"F32": (0, 32), "F16": (1, 16), "BF16": (32, 16), "Q8_0": (7, 8.5), "Q6_K": (18, 6.6),
-                  "Q5_K_M": (17, 5.7), "Q5_K_S": (16, 5.5), "Q5_K": (17, 5.7), "Q5_1": (9, 6), "Q5_0": (8, 5.5),
-                  "Q4_K_M": (15, 4.9), "Q4_K_S": (14, 4.6), "Q4_K": (15, 4.9), "Q4_1": (3, 5), "Q4_0": (2, 4.5),
-                  "Q3_K_L": (13, 4.3), "Q3_K_M": (12, 3.9), "Q3_K_S": (11, 3.5), "Q3_K": (12, 3.9),
-                  "Q2_K": (10, 3.4)}
-
-
-def quantize_level(text):
-    """A create request's quantize value -> its canonical level name (Ollama upper-cases it)."""
-    level = text.upper() if isinstance(text, str) else ""
-    if level not in QUANTIZE_TYPES:
-        names = [n for n in QUANTIZE_TYPES if GGUF_FILE_TYPES[QUANTIZE_TYPES[n][0]] == n]
-        raise BadRequest("unsupported quantization type %s - supported types are %s" % (level or text, ", ".join(names)))
-    return GGUF_FILE_TYPES[QUANTIZE_TYPES[level][0]]
-
-
-def quantize_gguf(exe, src, dst, level, launcher=()):
-    """Run llama-quantize: `src` to `dst` at `level`. Yields the fraction of tensors done (it reports
-    each tensor on stderr, unbuffered). A failure raises OllamaError with the program's last words."""
-    args = list(launcher) + [exe, str(src), str(dst), level]
-    log.info("quantizing: %s", " ".join(_shell_quote(a) for a in args))
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    tail = []
-    try:
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            tail = (tail + [line])[-8:]
-            done = re.match(r"\[\s*(\d+)/\s*(\d+)\]", line)
-            if done:
-                yield int(done.group(1)) / max(1, int(done.group(2)))
-        code = proc.wait()
-    finally:
-        if proc.poll() is None:                  # the request went away: stop it, the caller cleans up
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    if code:
-        errors = [ln for ln in tail if "error" in ln.lower() or "failed" in ln.lower()] or tail[-1:]
-        raise runner_exit_error(code, tail=": " + " | ".join(errors) if errors else "", program="llama-quantize")
-
-
 def find_llama_server(config, here=None):
     """The llama-server binary: OLLAMA_LLAMA_SERVER, bin/ beside ollama.py (or `here`), ~/.ollama/bin,
     then PATH."""
@@ -4884,6 +4831,60 @@ class Runner:
             emb = item["embedding"]
             vectors[item.get("index", 0)] = emb[0] if emb and isinstance(emb[0], list) else emb
         return vectors
+
+
+def find_engine_tool(config, name):
+    """Another llama.cpp program build_llama.sh installs (llama-quantize): beside llama-server, else PATH."""
+    beside = Path(find_llama_server(config)).with_name(name)
+    found = str(beside) if os.access(str(beside), os.X_OK) else shutil.which(name)
+    if not found:
+        raise OllamaError("%s not found beside %s: run ./build_llama.sh" % (name, beside.parent))
+    return found
+
+
+#: Quantization levels for create -> (general.file_type, about how many bits per weight it takes):
+#: Ollama's (F32, F16, BF16, Q8_0, Q4_K_S, Q4_K_M, with Q4_K meaning Q4_K_M) and, beyond Ollama, the
+#: other llama-quantize levels a small machine may want.
+QUANTIZE_TYPES = {"F32": (0, 32), "F16": (1, 16), "BF16": (32, 16), "Q8_0": (7, 8.5), "Q6_K": (18, 6.6),
+                  "Q5_K_M": (17, 5.7), "Q5_K_S": (16, 5.5), "Q5_K": (17, 5.7), "Q5_1": (9, 6), "Q5_0": (8, 5.5),
+                  "Q4_K_M": (15, 4.9), "Q4_K_S": (14, 4.6), "Q4_K": (15, 4.9), "Q4_1": (3, 5), "Q4_0": (2, 4.5),
+                  "Q3_K_L": (13, 4.3), "Q3_K_M": (12, 3.9), "Q3_K_S": (11, 3.5), "Q3_K": (12, 3.9),
+                  "Q2_K": (10, 3.4)}
+
+
+def quantize_level(text):
+    """A create request's quantize value -> its canonical level name (Ollama upper-cases it)."""
+    level = text.upper() if isinstance(text, str) else ""
+    if level not in QUANTIZE_TYPES:
+        names = [n for n in QUANTIZE_TYPES if GGUF_FILE_TYPES[QUANTIZE_TYPES[n][0]] == n]
+        raise BadRequest("unsupported quantization type %s - supported types are %s" % (level or text, ", ".join(names)))
+    return GGUF_FILE_TYPES[QUANTIZE_TYPES[level][0]]
+
+
+def quantize_gguf(exe, src, dst, level, launcher=(), spawn=popen_tied):
+    """Run llama-quantize: `src` to `dst` at `level`. Yields the fraction of tensors done (it reports
+    each tensor on stderr, unbuffered). A failure raises OllamaError with the program's last words.
+    `spawn` starts it (serve passes its Spawner's, so the child dies with serve)."""
+    args = list(launcher) + [exe, str(src), str(dst), level]
+    log.info("quantizing: %s", " ".join(_shell_quote(a) for a in args))
+    proc = spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = []
+    try:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail = (tail + [line])[-8:]
+            done = re.match(r"\[\s*(\d+)/\s*(\d+)\]", line)
+            if done:
+                yield int(done.group(1)) / max(1, int(done.group(2)))
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:                  # the request went away: stop it, the caller cleans up
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    if code:
+        errors = [ln for ln in tail if "error" in ln.lower() or "failed" in ln.lower()] or tail[-1:]
+        raise runner_exit_error(code, tail=": " + " | ".join(errors) if errors else "", program="llama-quantize")
 
 
 def _engine_error(status, body):
@@ -6243,12 +6244,12 @@ def _quantize_layers(req, level, digests):
             raise OllamaError("not enough disk space to quantize: about %s needed, %s free in %s"
                               % (human_bytes(need), human_bytes(free), store.blobs), 507)
         exe = find_engine_tool(req.server.config, "llama-quantize")
-        f, tmp = store.temp_blob()
+        f, tmp = store.temp_blob()              # held open, so locked: clean() leaves it to us
         try:
-            f.close()
             status = "quantizing %s model to %s" % (g.file_type, level)
             yield {"status": status, "digest": "0000000000000000000", "total": size, "completed": 0}
-            for done in quantize_gguf(exe, store.blob_path(digest), tmp, level):
+            for done in quantize_gguf(exe, store.blob_path(digest), tmp, level,
+                                      spawn=req.server.scheduler.spawner.popen):
                 yield {"status": status, "digest": "0000000000000000000", "total": size,
                        "completed": int(done * size)}
             yield {"status": "verifying conversion"}
@@ -6258,6 +6259,7 @@ def _quantize_layers(req, level, digests):
             store.commit_blob(tmp, new)
             out[digest] = (new, store.blob_size(new))
         finally:
+            f.close()
             _unlink(tmp)
     return out
 
