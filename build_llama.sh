@@ -30,8 +30,9 @@ usage() {
     cat <<EOF
 Usage: ./build_llama.sh [options] [-- extra cmake -D flags]   (e.g. -- -DCMAKE_CUDA_ARCHITECTURES=90)
 
-Build llama.cpp's llama-server and llama-quantize (for create --quantize) and write them to bin/
-beside ollama.py, with bin/llama-server.build-info describing the build. Before installing, the new binary is run on a
+Build llama.cpp's llama-server, llama-quantize (for create --quantize) and rpc-server (for
+ollama.py worker) and write them to bin/ beside ollama.py, with bin/llama-server.build-info
+describing the build. Before installing, the new binary is run on a
 tiny generated model (python3 ollama.py check-engine); one that dies or fails is never installed,
 and the build is retried with a safer CPU configuration (see CPU below). Re-running with the same
 request does nothing.
@@ -76,7 +77,9 @@ Check (a few seconds natively; about a minute under qemu):
   --no-check       install without running the check (recorded in build-info; not recommended)
 
 Build:
-  --rpc            also build rpc-server (GGML_RPC=ON) for llama.cpp's distributed inference
+  --rpc            build rpc-server and llama.cpp's RPC backend (GGML_RPC=ON), for ollama.py worker
+                   and OLLAMA_RPC_SERVERS (the default)
+  --no-rpc         leave them out
   --jobs N, -j N   parallel compile jobs (default: number of cores, here $(cpu_count))
   --prefix DIR     write llama-server there instead of ${HERE}/bin
   --force          rebuild and reinstall even when already built
@@ -88,7 +91,7 @@ build). ccache is used when it is installed.
 Cache: ${CACHE}
   src/             the sdist and its extracted tree
   build/<version>-<flavor>   cmake build dirs (flavor: accelerator, CPU configuration, then
-                   -static, -rpc: e.g. cpu-native, cpu-x86-64-v3-static, cpu-aarch64-pi4)
+                   -static, -norpc: e.g. cpu-native, cpu-x86-64-v3-static, cpu-aarch64-pi4)
 EOF
 }
 
@@ -136,7 +139,7 @@ normalize_arch() {
 # ---------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------
-source_dir="" sdist="" accel="" portable=0 rpc=0 jobs="" prefix="" force=0
+source_dir="" sdist="" accel="" portable=0 rpc=1 jobs="" prefix="" force=0
 amx=0 baseline="" target="" board="" static=0 check=1 check_with=""
 extra=()
 while [ $# -gt 0 ]; do
@@ -159,6 +162,7 @@ while [ $# -gt 0 ]; do
         --check-with=*) check_with="${1#*=}" ;;
         --no-check) check=0 ;;
         --rpc) rpc=1 ;;
+        --no-rpc) rpc=0 ;;
         --jobs|-j) [ $# -ge 2 ] || die "$1 needs a number"; jobs="$2"; shift ;;
         --jobs=*) jobs="${1#*=}" ;;
         -j[0-9]*) jobs="${1#-j}" ;;
@@ -324,7 +328,7 @@ setup_conf() {
 
     flavor="$accel-$conf"
     [ "$static" = 1 ] && flavor="$flavor-static"
-    [ "$rpc" = 1 ] && flavor="$flavor-rpc"
+    [ "$rpc" = 0 ] && flavor="$flavor-norpc"
     build_dir="$CACHE/build/$version-$flavor"
     identity="$(sha256_text "source=$version:$src_sha
 flags=${flags[*]}
@@ -332,7 +336,7 @@ targets=${targets[*]}")"
 }
 
 targets=(llama-server llama-quantize)      # llama-quantize: create --quantize
-[ "$rpc" = 1 ] && targets+=(rpc-server)
+[ "$rpc" = 1 ] && targets+=(ggml-rpc-server)    # installed as rpc-server: ollama.py worker
 
 # ---------------------------------------------------------------------------------------------------
 # Source identity (cheap: no download, no extraction) and the "already built" check
@@ -383,7 +387,7 @@ request="$(sha256_text "$identity check=$check check_with=$check_with")"
 already_built() {
     [ -n "$src_sha" ] || return 1            # a non-git checkout: let cmake decide what is stale
     [ -f "$info" ] && grep -qx "identity: $request" "$info" || return 1
-    for t in "${targets[@]}"; do [ -x "$prefix/$t" ] || return 1; done
+    for t in "${targets[@]}"; do [ -x "$prefix/${t#ggml-}" ] || return 1; done
 }
 
 if [ "$force" = 0 ] && already_built; then
@@ -552,10 +556,10 @@ fi
 
 mkdir -p "$prefix"
 for t in "${targets[@]}"; do
-    out="$(built_binary "$t")"
+    out="$(built_binary "$t")" name="${t#ggml-}"      # cmake's ggml-rpc-server is rpc-server to users
     # Copy then rename, so a running llama-server is never overwritten in place.
-    cp "$out" "$prefix/.$t.tmp.$$"
-    mv -f "$prefix/.$t.tmp.$$" "$prefix/$t"
+    cp "$out" "$prefix/.$name.tmp.$$"
+    mv -f "$prefix/.$name.tmp.$$" "$prefix/$name"
 done
 
 cxx_used="$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build_dir/CMakeCache.txt" | head -1)"

@@ -124,6 +124,7 @@ class Config:
         self.flash_attention = _env(env, "OLLAMA_FLASH_ATTENTION").lower() in ("1", "true")
         self.kv_cache_type = _env(env, "OLLAMA_KV_CACHE_TYPE")
         self.llama_server = _env(env, "OLLAMA_LLAMA_SERVER")
+        self.rpc_servers = [w.strip() for w in _env(env, "OLLAMA_RPC_SERVERS").split(",") if w.strip()]
 
     @property
     def base_url(self):
@@ -4617,8 +4618,9 @@ class Runner:
     def __init__(self, exe, model_path, num_ctx=DEFAULT_NUM_CTX, parallel=1, num_thread=0, num_batch=0,
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
                  flash_attention=False, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
-                 spawn=None):
+                 spawn=None, rpc=()):
         self.exe, self.model_path = exe, str(model_path)
+        self.rpc = list(rpc)                  # llama.cpp RPC workers ("host:port") sharing the layers
         self.spawn = spawn or popen_tied      # Spawner.popen in serve: see its docstring
         self.num_ctx, self.parallel = num_ctx, max(1, parallel)
         self.port = free_port()
@@ -4644,6 +4646,8 @@ class Runner:
             args += ["--flash-attn", "on"]
         if kv_cache_type:
             args += ["--cache-type-k", kv_cache_type, "--cache-type-v", kv_cache_type]
+        if self.rpc:                          # verbosity 4: the log then says which layers went where
+            args += ["--rpc", ",".join(self.rpc), "--log-verbosity", "4"]
         self.args = list(launcher) + args + list(extra_args)   # launcher: an emulator such as qemu-aarch64
         self.proc = None
         self._log = None
@@ -4698,14 +4702,18 @@ class Runner:
         return ": " + " | ".join(dict.fromkeys([errors[0], errors[-1]]))
 
     def _died(self, code):
-        """The error for the child's exit, logged too, so server.log says what the client is told."""
+        """The error for the child's exit, logged too, so server.log says what the client is told.
+        With RPC workers, a worker that no longer answers is named: it is the likely cause."""
         err = runner_exit_error(code, self.log_path, self._log_tail())
+        down = [w for w in self.rpc if not rpc_worker_answers(w)]
+        if down:
+            err = OllamaError("%s; RPC worker %s does not answer" % (err, ", ".join(down)))
         log.error("%s", err)
         return err
 
     def _stopped(self):
         """The error for a connection to the child that broke: its exit in words if it has died."""
-        if self.proc is not None and self.exited(1.0) and self.proc.returncode < 0:
+        if self.proc is not None and self.exited(1.0) and (self.proc.returncode < 0 or self.rpc):
             return self._died(self.proc.returncode)
         return OllamaError(RUNNER_STOPPED)
 
@@ -4831,6 +4839,16 @@ class Runner:
             emb = item["embedding"]
             vectors[item.get("index", 0)] = emb[0] if emb and isinstance(emb[0], list) else emb
         return vectors
+
+
+def rpc_worker_answers(address, timeout=1.0):
+    """True when something accepts TCP connections at an RPC worker's "host:port"."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def find_engine_tool(config, name):
@@ -4964,16 +4982,28 @@ class Scheduler:
         num_ctx = max(4, int(opts.get("num_ctx") or self.config.context_length))
         if trained:
             num_ctx = min(num_ctx, trained)
-        return Runner(exe, model.model_path, num_ctx=num_ctx,
+        num_gpu = int(opts["num_gpu"]) if opts.get("num_gpu") is not None else -1
+        return Runner(exe, model.model_path, num_ctx=num_ctx, rpc=self._rpc_workers(num_gpu),
                       parallel=1 if embedding else self.config.num_parallel,
                       num_thread=int(opts.get("num_thread") or 0), num_batch=int(opts.get("num_batch") or 0),
-                      num_gpu=int(opts["num_gpu"]) if opts.get("num_gpu") is not None else -1,
-                      use_mmap=opts.get("use_mmap"), embedding=embedding,
+                      num_gpu=num_gpu, use_mmap=opts.get("use_mmap"), embedding=embedding,
                       projector=(model.projector_paths or [None])[0], adapters=model.adapter_paths,
                       flash_attention=self.config.flash_attention,
                       kv_cache_type=self.config.kv_cache_type,
                       log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
                       extra_args=_embedding_args(model, num_ctx) if embedding else (), spawn=self.spawner.popen)
+
+    def _rpc_workers(self, num_gpu):
+        """The OLLAMA_RPC_SERVERS workers a new runner uses: those that answer now (one that is down is
+        left out, with a warning, so a model still loads while it fits without it); none when the
+        request keeps every layer here (num_gpu 0)."""
+        if num_gpu == 0:
+            return []
+        up = [w for w in self.config.rpc_servers if rpc_worker_answers(w)]
+        for w in self.config.rpc_servers:
+            if w not in up:
+                log.warning("RPC worker %s does not answer: loading without it", w)
+        return up
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
@@ -6639,7 +6669,7 @@ def api_ps(req):
         out.append({"name": e.model.short_name, "model": e.model.short_name, "size": e.model.size,
                     "digest": e.model.digest, "details": _model_details(e.model.config, e.model.parent_model),
                     "expires_at": rfc3339_local(expires), "size_vram": 0,
-                    "context_length": e.runner.num_ctx})
+                    "context_length": e.runner.num_ctx, **({"rpc_servers": e.runner.rpc} if e.runner.rpc else {})})
     return {"models": out}
 
 
@@ -7340,6 +7370,7 @@ def cmd_serve(args):
       OLLAMA_FLASH_ATTENTION    enable flash attention
       OLLAMA_KV_CACHE_TYPE      quantization type for the K/V cache (default: f16)
       OLLAMA_LLAMA_SERVER       path of the llama-server binary to run models with
+      OLLAMA_RPC_SERVERS        host:port,... of 'ollama.py worker's to split models' layers with
     """
     config = Config()
     _setup_logging(config, to_file=True)
@@ -7391,13 +7422,9 @@ ENGINE_CHECK_PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
 ENGINE_CHECK_TOKENS = 8
 
 
-def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
-    """Run llama-server `exe` on the engine check's model (engine_check_model): load, one prompt batch,
-    ENGINE_CHECK_TOKENS generated tokens with their probabilities, on every thread; then, when
-    llama-quantize is beside it, quantize the F16 variant to Q4_0. Returns a summary line; raises
-    OllamaError (a death by signal in words) when the engine cannot run here."""
-    model = engine_check_model(os.path.join(os.path.dirname(str(log_path)), "engine-check.gguf"))
-    runner = Runner(exe, model, num_ctx=256, log_path=log_path, launcher=launcher)
+def _check_generate(runner, timeout):
+    """Start `runner`, run ENGINE_CHECK_PROMPT and ENGINE_CHECK_TOKENS greedy tokens with their
+    probabilities, stop it; returns the final event's timings. Raises OllamaError on a bad answer."""
     try:
         runner.start(timeout)
         final, probs = {}, []
@@ -7416,19 +7443,63 @@ def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
     if not probs or not all(isinstance(p, (int, float)) and math.isfinite(p) for p in probs):
         raise OllamaError("llama-server computed invalid probabilities (%s): its CPU kernels give wrong "
                           "results on this machine" % probs[:4])
+    return timings
+
+
+def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
+    """Run llama-server `exe` on the engine check's model (engine_check_model): load, one prompt batch,
+    ENGINE_CHECK_TOKENS generated tokens with their probabilities, on every thread. Then, for the
+    programs built beside it: llama-quantize turns the F16 variant into Q4_0, and an rpc-server
+    worker takes the layers of a second run. Returns a summary line; raises OllamaError (a death by
+    signal in words) when the engine cannot run here."""
+    work = os.path.dirname(str(log_path))
+    model = engine_check_model(os.path.join(work, "engine-check.gguf"))
+    timings = _check_generate(Runner(exe, model, num_ctx=256, log_path=log_path, launcher=launcher), timeout)
     summary = "llama-server runs %s: %s prompt tokens at %.0f tok/s, %d generated at %.0f tok/s" % (
         "under " + " ".join(launcher) if launcher else "here", timings.get("prompt_n", "?"),
-        timings.get("prompt_per_second", 0), made, timings.get("predicted_per_second", 0))
+        timings.get("prompt_per_second", 0), ENGINE_CHECK_TOKENS, timings.get("predicted_per_second", 0))
     quantize = Path(exe).with_name("llama-quantize")
     if os.access(str(quantize), os.X_OK):           # built beside it: create --quantize uses it
-        src = engine_check_model(os.path.join(os.path.dirname(str(log_path)), "engine-check-f16.gguf"), f16=True)
+        src = engine_check_model(os.path.join(work, "engine-check-f16.gguf"), f16=True)
         dst = src.replace("f16", "q4_0")
         for _ in quantize_gguf(str(quantize), src, dst, "Q4_0", launcher):
             pass
         if read_gguf(dst, 0).kv.get("general.file_type") != QUANTIZE_TYPES["Q4_0"][0]:
             raise OllamaError("llama-quantize did not write a Q4_0 model")
         summary += "; llama-quantize works"
+    for name in ("rpc-server", "ggml-rpc-server"):  # installed name, and cmake's in a build dir
+        rpc = Path(exe).with_name(name)
+        if os.access(str(rpc), os.X_OK):            # built beside it: `ollama.py worker` runs it
+            _check_rpc(exe, str(rpc), model, work, launcher, timeout)
+            summary += "; RPC works"
+            break
     return summary
+
+
+def _check_rpc(exe, rpc, model, work, launcher, timeout):
+    """An rpc-server on a free loopback port, and a llama-server that puts its layers there."""
+    address = "127.0.0.1:%d" % free_port()
+    with open(os.path.join(work, "rpc-server.log"), "wb") as worker_log:
+        worker = popen_tied(list(launcher) + [rpc, "--host", "127.0.0.1", "--port", address.split(":")[1],
+                                              "--threads", "1"],
+                            stdin=subprocess.DEVNULL, stdout=worker_log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not rpc_worker_answers(address, 0.2):
+            if worker.poll() is not None:
+                raise runner_exit_error(worker.returncode, program="rpc-server")
+            if time.monotonic() > deadline:
+                raise OllamaError("rpc-server did not listen on %s" % address)
+            time.sleep(0.05)
+        log_path = os.path.join(work, "llama-server-rpc.log")
+        _check_generate(Runner(exe, model, num_ctx=256, log_path=log_path, launcher=launcher, rpc=[address]),
+                        timeout)
+        with open(log_path, "rb") as f:
+            if ("RPC0[%s]" % address).encode() not in f.read():      # llama.cpp names the device so
+                raise OllamaError("llama-server did not use the RPC worker at %s" % address)
+    finally:
+        worker.kill()
+        worker.wait()
 
 
 def cmd_check_engine(args):
@@ -7455,6 +7526,54 @@ def cmd_check_engine(args):
                 tail = f.read()[-4096:].decode(errors="replace").splitlines()[-15:]
                 print("\n".join(["llama-server's log ends:"] + ["  " + ln for ln in tail]), file=sys.stderr)
             raise
+    return 0
+
+
+# -- worker -------------------------------------------------------------------
+
+DEFAULT_RPC_PORT = 50052              # rpc-server's own default
+
+RPC_WARNING = ("WARNING: llama.cpp's RPC protocol has no authentication and no encryption. Anyone who can "
+               "reach this port can use this machine's CPU, GPU and memory and see the model and what it "
+               "computes. Use it only on a network you trust.")
+
+
+def cmd_worker(args):
+    """Lend this machine to another machine's serve, through llama.cpp's RPC backend.
+
+    Runs rpc-server (built beside llama-server by ./build_llama.sh) in the foreground. A serve
+    started with OLLAMA_RPC_SERVERS=host:port,host:port splits each model's layers between its own
+    CPU or GPU and its workers, so a model too big for one machine runs on several. The worker
+    binds 127.0.0.1 unless --host says otherwise. SIGTERM or Ctrl+C stops it.
+    """
+    exe = find_engine_tool(Config(), "rpc-server")
+    argv = [exe, "--host", args.host, "--port", str(args.port)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.cache:
+        argv += ["--cache"]
+    print(RPC_WARNING, file=sys.stderr)
+    if not _is_loopback(args.host):
+        print("WARNING: listening on %s: every machine that can reach it can use this worker." % args.host,
+              file=sys.stderr)
+    print("worker: %s" % " ".join(_shell_quote(a) for a in argv), file=sys.stderr)
+    proc = popen_tied(argv, stdin=subprocess.DEVNULL)
+    stop = lambda signum, frame: proc.terminate()        # noqa: E731 -- forwarded, then we wait
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:                  # the terminal sent it SIGINT too
+        proc.terminate()
+        code = proc.wait()
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    if code == -signal.SIGTERM:
+        return 0
+    if code:
+        raise runner_exit_error(code, program="rpc-server")
     return 0
 
 
@@ -8492,6 +8611,8 @@ def cmd_ps(args):
         else:
             cpu = int(round((size - vram) / size * 100))
             proc = "%d%%/%d%% CPU/GPU" % (cpu, 100 - cpu)
+        if m.get("rpc_servers"):                # layers split with llama.cpp RPC workers
+            proc = "%s + RPC %s" % (proc.split()[-1], ",".join(m["rpc_servers"]))
         expires = _parse_rfc3339(m.get("expires_at"))
         if expires is None:
             until = "Never"
@@ -8667,6 +8788,12 @@ def build_parser():
     p.add_argument("--engine", metavar="PATH", help="the llama-server to check (default: the one serve uses)")
     p.add_argument("--exec", dest="launcher", metavar="CMD",
                    help='run it under an emulator or wrapper, e.g. "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"')
+    p = add("worker", cmd_worker)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_RPC_PORT, help="port (default %d)" % DEFAULT_RPC_PORT)
+    p.add_argument("--threads", type=int, help="CPU threads (default: half the cores, as rpc-server)")
+    p.add_argument("--device", help="devices to lend, e.g. CUDA0 (default: all)")
+    p.add_argument("--cache", action="store_true", help="cache received tensors on disk, so reloads are fast")
     p = add("cp", cmd_cp)
     p.add_argument("source")
     p.add_argument("destination")

@@ -14,6 +14,7 @@ best run of each side, which other load on the machine cannot fake):
   footprint    idle RSS of `serve`; wall time of `ollama.py list` over 50 models vs `python3 -c pass`
   pull         MB/s pulling Gemma's blob from a loopback docker-registry vs curl of the same blob URL
   create       `ollama.py create` of the 253 MB GGUF vs `sha256sum` + `cp`
+  rpc          tokens/s with Gemma split over two `ollama.py worker`s on loopback vs all layers local
 
     python3 bench/bench.py [--json out.json] [--runs N] [--quick] [--only SECTION[,SECTION...]]
                            [--ollama-py PATH] [--keep]
@@ -50,7 +51,7 @@ sys.path.insert(1, str(ROOT / "tests"))
 
 import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
 
-SECTIONS = ("generation", "ttft", "cold", "concurrency", "footprint", "pull", "create")
+SECTIONS = ("generation", "ttft", "cold", "concurrency", "footprint", "pull", "create", "rpc")
 MODEL = "gemma3:270m"
 N_PREDICT = 128                 # tokens per generation run
 N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
@@ -963,17 +964,52 @@ def sec_create(b):
                 note="`ollama.py create NAME -f Modelfile` (FROM /path.gguf) vs sha256sum + cp of the file")]
 
 
+def sec_rpc(b):
+    """Gemma split over two `ollama.py worker`s on loopback vs kept local (num_gpu 0), one serve, alternating.
+    A loss is expected: every token's activations cross to each worker and back."""
+    engine = Path(b.engine)
+    if not os.access(str(engine.with_name("rpc-server")), os.X_OK):
+        raise NotAvailable("no rpc-server beside %s (build_llama.sh --no-rpc?)" % engine)
+    addresses = []
+    for i in range(2):
+        port = free_port()
+        serve_env = clean_env({"HOME": str(b.workdir), "OLLAMA_LLAMA_SERVER": b.engine})
+        proc = b.procs.start([sys.executable, b.ollama_py, "worker", "--port", port, "--threads", "1"],
+                             b.workdir / ("worker-%d.log" % i), env=serve_env)
+        deadline = time.monotonic() + 60
+        while not project.rpc_worker_answers("127.0.0.1:%d" % port, 0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("worker %d did not start (see worker-%d.log)" % (i, i))
+            time.sleep(0.05)
+        addresses.append("127.0.0.1:%d" % port)
+    serve = Serve(b, "serve-rpc", env={"OLLAMA_RPC_SERVERS": ",".join(addresses)})
+    import_model(serve.models, MODEL, b.gemma)
+    serve.start()
+    local, split = [], []
+    try:
+        for i in range(b.runs):
+            for opts, out in (({"num_gpu": 0}, local), ({}, split)):      # num_gpu is a load option: reloads
+                body = {"model": MODEL, "prompt": PROMPT, "options": dict(options(N_PREDICT), **opts)}
+                out.append(stream(serve.port, "/api/generate", body).client_rate)
+            log("  run %d: split %.1f tok/s, local %.1f tok/s" % (i + 1, split[-1] or 0, local[-1] or 0))
+    finally:
+        serve.stop()
+    return [Row("generation split over 2 loopback RPC workers", "tok/s", split, local, "info",
+                note="direct column: the same serve with every layer local (num_gpu 0); info only")]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
 
 NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "cold": ("engine", "gemma"),
-         "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "create": ("gemma",)}
+         "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "create": ("gemma",),
+         "rpc": ("engine", "gemma")}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "cold": sec_cold, "concurrency": sec_concurrency,
-         "footprint": sec_footprint, "pull": sec_pull, "create": sec_create}
+         "footprint": sec_footprint, "pull": sec_pull, "create": sec_create, "rpc": sec_rpc}
 TITLES = {"generation": "generation throughput", "ttft": "time to first token", "cold": "cold start",
           "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull",
-          "create": "create"}
+          "create": "create", "rpc": "RPC split"}
 
 
 class Bench:

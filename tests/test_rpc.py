@@ -1,0 +1,132 @@
+"""One model across several machines: `ollama.py worker` (llama.cpp's rpc-server) and serve with
+OLLAMA_RPC_SERVERS, on loopback, with the real engine and Gemma 3 270M."""
+import contextlib
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import ollama
+from test_inference import import_gguf, post
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def rpc_bin(llama_server_bin):
+    exe = Path(llama_server_bin).with_name("rpc-server")
+    if not os.access(str(exe), os.X_OK):
+        pytest.fail("no rpc-server beside %s: build_llama.sh builds it unless --no-rpc" % llama_server_bin)
+    return exe
+
+
+@contextlib.contextmanager
+def worker(llama_server_bin, port, home):
+    """`ollama.py worker --port PORT` as a user runs it; yields (process, its stderr file)."""
+    env = dict(os.environ, HOME=str(home), OLLAMA_LLAMA_SERVER=str(llama_server_bin))
+    err = open(str(home / ("worker-%d.log" % port)), "w+")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ollama.py"), "worker", "--port", str(port),
+                             "--threads", "1"], env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    try:
+        deadline = time.monotonic() + 60          # give up, not a performance assertion
+        while not ollama.rpc_worker_answers("127.0.0.1:%d" % port, 0.2):
+            assert proc.poll() is None, open(err.name).read()
+            assert time.monotonic() < deadline, "the worker never listened"
+            time.sleep(0.05)
+        yield proc, err.name
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        err.close()
+
+
+@pytest.fixture
+def gemma(server, gemma_gguf, llama_server_bin, rpc_bin):
+    server.scheduler.exe = str(llama_server_bin)
+    server.config.llama_server = str(llama_server_bin)
+    import_gguf(server.store, "gemma3:270m", gemma_gguf)
+    return "gemma3:270m"
+
+
+GREEDY = {"temperature": 0, "seed": 42, "num_predict": 24}
+
+
+def generate(server, model, prompt="The three primary colours are", **options):
+    status, lines = post(server, "/api/generate", {"model": model, "prompt": prompt, "keep_alive": 0,
+                                                    "options": dict(GREEDY, **options)})
+    assert status == 200, lines
+    return "".join(x.get("response", "") for x in lines), lines[-1]
+
+
+def test_two_workers_give_the_local_answer_token_for_token(server, gemma, llama_server_bin, ollama_home):
+    local_text, local = generate(server, gemma)
+    ports = [ollama.free_port(), ollama.free_port()]
+    with worker(llama_server_bin, ports[0], ollama_home), worker(llama_server_bin, ports[1], ollama_home):
+        server.config.rpc_servers = ["127.0.0.1:%d" % p for p in ports]
+        status, lines = post(server, "/api/generate", {"model": gemma, "prompt": "The three primary colours are",
+                                                        "options": GREEDY, "stream": False})
+        assert status == 200
+        split = lines[-1]
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+        conn.request("GET", "/api/ps")
+        ps = json.loads(conn.getresponse().read())["models"]
+        conn.close()
+        running = server.scheduler.running()
+        assert running and running[0].runner.rpc == server.config.rpc_servers
+        runner_log = Path(running[0].runner.log_path).read_text(errors="replace")
+        cli = subprocess.run([sys.executable, str(ROOT / "ollama.py"), "ps"], capture_output=True, text=True,
+                             timeout=60, env=dict(os.environ, OLLAMA_HOST="127.0.0.1:%d" % server.server_port))
+        server.scheduler.expire(gemma)
+    assert split["response"] == local_text and split["context"] == local["context"]   # token for token
+    assert ps[0]["rpc_servers"] == ["127.0.0.1:%d" % p for p in ports]
+    for port in ports:                                # llama.cpp put layers on both workers
+        assert re.search(r"load_tensors: RPC\d+\[127\.0\.0\.1:%d\] model buffer size = +[1-9]" % port, runner_log)
+    assert "CPU + RPC 127.0.0.1:%d,127.0.0.1:%d" % tuple(ports) in cli.stdout
+
+
+def test_a_worker_killed_mid_stream_is_named_and_the_next_request_is_served(server, gemma, llama_server_bin,
+                                                                            ollama_home, caplog):
+    port = ollama.free_port()
+    address = "127.0.0.1:%d" % port
+    with worker(llama_server_bin, port, ollama_home) as (proc, _):
+        server.config.rpc_servers = [address]
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=120)
+        conn.request("POST", "/api/generate", json.dumps({"model": gemma, "prompt": "Once upon a time",
+                                                          "options": {"num_predict": 2000}}))
+        resp = conn.getresponse()
+        resp.readline()
+        proc.kill()                                               # the worker's machine goes away
+        lines = [json.loads(x) for x in resp.read().splitlines() if x.strip()]
+        conn.close()
+    assert "error" in lines[-1] and lines[-1]["error"].endswith("RPC worker %s does not answer" % address)
+    text, final = generate(server, gemma, num_predict=4)          # reloads without the worker
+    assert final["done"] and final["eval_count"] == 4
+    assert "RPC worker %s does not answer: loading without it" % address in caplog.text
+
+
+def test_keeping_every_layer_here_uses_no_worker(server, gemma):
+    server.config.rpc_servers = ["127.0.0.1:%d" % ollama.free_port()]     # nobody listens there
+    status, lines = post(server, "/api/generate", {"model": gemma, "prompt": "Hi", "stream": False,
+                                                    "options": {"num_predict": 2, "num_gpu": 0}})
+    assert status == 200 and server.scheduler.running()[0].runner.rpc == []
+
+
+def test_worker_warns_binds_loopback_and_stops_on_sigterm(llama_server_bin, rpc_bin, ollama_home):
+    port = ollama.free_port()
+    with worker(llama_server_bin, port, ollama_home) as (proc, log_name):
+        with open("/proc/net/tcp") as f:                  # listening (state 0A) on 127.0.0.1 only
+            listening = [ln.split()[1] for ln in f.readlines()[1:] if ln.split()[3] == "0A"]
+        assert "0100007F:%04X" % port in listening and "00000000:%04X" % port not in listening
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        said = open(log_name).read()
+    assert "WARNING: llama.cpp's RPC protocol has no authentication and no encryption" in said
+    assert not ollama.rpc_worker_answers("127.0.0.1:%d" % port, 0.5)
