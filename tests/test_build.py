@@ -237,7 +237,7 @@ def test_check_engine_passes_on_the_installed_engine(llama_server_bin):
     result = check_engine(llama_server_bin)
     assert result.returncode == 0, result.stderr
     assert re.match(r"llama-server runs here: \d+ prompt tokens at \d+ tok/s, 8 generated at \d+ tok/s; "
-                    r"llama-quantize works$", result.stdout.strip())
+                    r"llama-quantize works; RPC works$", result.stdout.strip())
     info = build_info(ROOT / "bin")
     assert info["check"].startswith("llama-server runs here: ")
     if info.get("target") == "x86_64":
