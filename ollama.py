@@ -4925,19 +4925,83 @@ def _shell_quote(arg):
 class _Loaded:
     """A runner in the scheduler's table, with its reference count and expiry."""
 
-    def __init__(self, model, runner, load_key, keep_alive):
+    def __init__(self, model, runner, load_key, keep_alive, embedding=False):
         self.model, self.runner, self.load_key = model, runner, load_key
+        self.embedding = embedding
         self.keep_alive = keep_alive
         self.refs = 0
         self.expires = FOREVER            # time.time() deadline once idle
         self.loaded_at = time.time()
 
 
+class Lease:
+    """One request's hold on a loaded runner, from `Scheduler.lease()`: a context manager, released
+    exactly once when the `with` block ends, unless `stream()` handed it to a streamed answer,
+    which then releases it when it is exhausted, fails or is closed.
+
+    `runner` is the loaded Runner, `opts` the request's options, `load_s` the seconds spent
+    waiting for (and loading) it, `keep_alive` the seconds it stays loaded once idle.
+    """
+
+    def __init__(self, scheduler, entry, keep_alive, opts, load_s):
+        self.scheduler, self.entry, self.keep_alive = scheduler, entry, keep_alive
+        self.runner, self.opts, self.load_s = entry.runner, opts, load_s
+        self._held = True
+        self._handed_off = False
+
+    def release(self):
+        """Give the runner back (idempotent): its keep-alive timer starts once nobody holds it."""
+        if self._held:
+            self._held = False
+            self.scheduler.release(self.entry, self.keep_alive)
+
+    def stream(self, items):
+        """An iterator over `items` that owns this lease from now on: it releases the runner when
+        `items` ends, raises, or the iterator is closed (even unstarted). Leaving the `with` block
+        afterwards releases nothing."""
+        self._handed_off = True
+        return _LeasedItems(self, iter(items))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self._handed_off:
+            self.release()
+
+
+class _LeasedItems:
+    """The iterator `Lease.stream()` returns: `items`, then the lease released."""
+
+    def __init__(self, lease, items):
+        self.lease, self.items = lease, items
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.items)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        close = getattr(self.items, "close", None)
+        try:
+            if close:
+                close()                     # the generator's own cleanup (the runner's stream) first
+        finally:
+            self.lease.release()
+
+    __del__ = close                         # dropped unclosed, as a suspended generator would be
+
+
 class Scheduler:
     """Keeps llama-server children: one per loaded model, shared by concurrent requests.
 
-    `acquire()` returns a loaded runner for a model (loading, reloading or evicting as needed) and
-    must be paired with `release()`; a runner serves OLLAMA_NUM_PARALLEL requests at once and the
+    `lease()` holds a loaded runner for a model (loading, reloading or evicting as needed) for the
+    length of a `with` block (`acquire()`/`release()` are its parts); a runner serves OLLAMA_NUM_PARALLEL requests at once and the
     rest wait for a slot. Loads are serialised; at most OLLAMA_MAX_LOADED_MODELS stay
     loaded, and an idle one that expires soonest is evicted to make room. More than
     OLLAMA_MAX_QUEUE waiting requests get 503. A keep-alive timer starts when the last request on
@@ -4974,6 +5038,19 @@ class Scheduler:
                       kv_cache_type=self.config.kv_cache_type,
                       log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
                       extra_args=_embedding_args(model, num_ctx) if embedding else (), spawn=self.spawner.popen)
+
+    def lease(self, model, opts, keep_alive, embedding=False):
+        """A Lease on a loaded runner for `model` (use it as `with scheduler.lease(...) as lease:`).
+        Raises Busy when the queue is full."""
+        started = time.monotonic()
+        entry = self.acquire(model, opts, keep_alive, embedding=embedding)
+        return Lease(self, entry, keep_alive, opts, time.monotonic() - started)
+
+    def loaded_embedding(self, name):
+        """Whether the runner loaded for `name` embeds (True) or completes (False); None if none is."""
+        with self.cond:
+            entry = self.loaded.get(name.key())
+            return None if entry is None else entry.embedding
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
@@ -5020,7 +5097,7 @@ class Scheduler:
                     finally:
                         with self.cond:
                             self.starting.discard(runner)
-                    entry = _Loaded(model, runner, load_key, keep_alive)
+                    entry = _Loaded(model, runner, load_key, keep_alive, embedding)
                     with self.cond:
                         closed = self.closed          # shutdown() ran while it loaded
                         if not closed:
@@ -6421,19 +6498,21 @@ def _check_think(body, model):
     return think
 
 
-def _schedule(req, model, body, embedding=False):
-    """Validate keep_alive and options, then get a loaded runner: (entry, keep_alive, opts, load seconds)."""
-    keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+def _keep_alive(req, body):
+    """The request's keep_alive in seconds (the server's default when absent); 400 when invalid."""
+    return parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+
+
+def _schedule(req, model, body, keep_alive, embedding=False):
+    """Validate the options, then lease a loaded runner (a Lease: use it in a `with` block)."""
     opts = _request_options(model, body)
-    started = time.monotonic()
-    entry = req.server.scheduler.acquire(model, opts, keep_alive, embedding=embedding)
-    return entry, keep_alive, opts, time.monotonic() - started
+    return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
 
 
-def _completion(req, entry, prompt, opts, fmt):
-    """Stream (piece, final_event_or_None) from the runner; the runner is released by the caller."""
-    payload = dict(_sampling(opts, fmt), prompt=prompt)
-    events = entry.runner.completion(payload)
+def _completion(lease, prompt, fmt):
+    """Stream (piece, final_event_or_None) from the leased runner; the lease is the caller's."""
+    payload = dict(_sampling(lease.opts, fmt), prompt=prompt)
+    events = lease.runner.completion(payload)
     try:
         for event in events:
             if event.get("stop"):
@@ -6460,7 +6539,7 @@ def api_generate(req):
     check_fields(body, GENERATE_FIELDS, "api.GenerateRequest")
     started = time.monotonic()
     model = _find_model(req, body)
-    keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+    keep_alive = _keep_alive(req, body)
     prompt = body.get("prompt") or ""
     base = {"model": body.get("model")}
     if not prompt and keep_alive == 0 and not body.get("images"):
@@ -6474,12 +6553,10 @@ def api_generate(req):
         raise BadRequest("this model is missing data required for image input")
     fmt = body.get("format")
     _format_schema(fmt)
-    entry, keep_alive, opts, load_s = _schedule(req, model, body)
-    try:
+    with _schedule(req, model, body, keep_alive) as lease:
         if not prompt:
-            req.server.scheduler.release(entry, keep_alive)
             return dict(base, created_at=rfc3339(), response="", done=True, done_reason="load")
-        runner = entry.runner
+        runner = lease.runner
         if body.get("raw"):
             text = prompt
         else:
@@ -6498,30 +6575,25 @@ def api_generate(req):
         if body.get("context"):
             text = runner.detokenize(body["context"]) + text
         if body.get("_debug_render_only"):
-            req.server.scheduler.release(entry, keep_alive)
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
-    except BaseException:
-        req.server.scheduler.release(entry, keep_alive)
-        raise
+        chunks = _api_generate_chunks(lease, body, base, text, fmt, started)
+        return _respond(body, lease.stream(chunks), "response")
 
-    def chunks():
-        pieces = []
-        try:
-            for piece, final in _completion(req, entry, text, opts, fmt):
-                if final is None:
-                    pieces.append(piece)
-                    yield dict(base, created_at=rfc3339(), response=piece, done=False)
-                    continue
-                pieces.append(piece)
-                done = dict(base, created_at=rfc3339(), response=piece, done=True, done_reason=stop_reason(final))
-                if not body.get("raw"):
-                    done["context"] = entry.runner.tokenize(text + "".join(pieces))
-                done.update(_metrics(final, started, load_s))
-                yield done
-        finally:
-            req.server.scheduler.release(entry, keep_alive)
 
-    return _respond(body, chunks(), "response")
+def _api_generate_chunks(lease, body, base, text, fmt, started):
+    """/api/generate's answer objects, streamed from the leased runner."""
+    pieces = []
+    for piece, final in _completion(lease, text, fmt):
+        if final is None:
+            pieces.append(piece)
+            yield dict(base, created_at=rfc3339(), response=piece, done=False)
+            continue
+        pieces.append(piece)
+        done = dict(base, created_at=rfc3339(), response=piece, done=True, done_reason=stop_reason(final))
+        if not body.get("raw"):
+            done["context"] = lease.runner.tokenize(text + "".join(pieces))
+        done.update(_metrics(final, started, lease.load_s))
+        yield done
 
 
 def _respond(body, chunks, field):
@@ -6564,7 +6636,7 @@ def api_chat(req):
     check_fields(body, CHAT_FIELDS, "api.ChatRequest")
     started = time.monotonic()
     model = _find_model(req, body)
-    keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+    keep_alive = _keep_alive(req, body)
     messages = _check_messages(body.get("messages") or [])
     base = {"model": body.get("model")}
     if not messages and keep_alive == 0:
@@ -6580,55 +6652,48 @@ def api_chat(req):
         raise BadRequest("this model is missing data required for image input")
     fmt = body.get("format")
     _format_schema(fmt)
-    entry, keep_alive, opts, load_s = _schedule(req, model, body)
-    try:
+    with _schedule(req, model, body, keep_alive) as lease:
         if not messages:
-            req.server.scheduler.release(entry, keep_alive)
             return dict(base, created_at=rfc3339(), message={"role": "assistant", "content": ""}, done=True,
                         done_reason="load")
         full = list(model.messages) + messages
         if full[0].get("role") != "system" and model.system:
             full.insert(0, {"role": "system", "content": model.system})
-        text = _fit_chat(model, entry.runner, full, tools, think, body.get("truncate") is True)
+        text = _fit_chat(model, lease.runner, full, tools, think, body.get("truncate") is True)
         if body.get("_debug_render_only"):
-            req.server.scheduler.release(entry, keep_alive)
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
-    except BaseException:
-        req.server.scheduler.release(entry, keep_alive)
-        raise
+        tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
+        thinking = ThinkingParser(*infer_thinking_tags(model.parsed_template())) if think else None
+        chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking)
+        return _respond(body, lease.stream(chunks), "message")
 
-    tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
-    thinking = ThinkingParser(*infer_thinking_tags(model.parsed_template())) if think else None
 
-    def chunks():
-        try:
-            for piece, final in _completion(req, entry, text, opts, fmt):
-                msg = {"role": "assistant", "content": piece}
-                if thinking:
-                    msg["thinking"], msg["content"] = thinking.feed(msg["content"])
-                    if final is not None:
-                        more_thinking, more = thinking.done()
-                        msg["thinking"] += more_thinking
-                        msg["content"] += more
-                if tool_parser:
-                    msg["content"], calls = tool_parser.feed(msg["content"])
-                    if final is not None:
-                        msg["content"] += tool_parser.done()
-                    if calls:
-                        msg["tool_calls"] = calls
-                if not msg.get("thinking"):
-                    msg.pop("thinking", None)
-                if final is None:
-                    if msg["content"] or msg.get("thinking") or msg.get("tool_calls"):
-                        yield dict(base, created_at=rfc3339(), message=msg, done=False)
-                    continue
-                done = dict(base, created_at=rfc3339(), message=msg, done=True, done_reason=stop_reason(final))
-                done.update(_metrics(final, started, load_s))
-                yield done
-        finally:
-            req.server.scheduler.release(entry, keep_alive)
-
-    return _respond(body, chunks(), "message")
+def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking):
+    """/api/chat's answer objects, streamed from the leased runner through the tool-call and
+    thinking parsers."""
+    for piece, final in _completion(lease, text, fmt):
+        msg = {"role": "assistant", "content": piece}
+        if thinking:
+            msg["thinking"], msg["content"] = thinking.feed(msg["content"])
+            if final is not None:
+                more_thinking, more = thinking.done()
+                msg["thinking"] += more_thinking
+                msg["content"] += more
+        if tool_parser:
+            msg["content"], calls = tool_parser.feed(msg["content"])
+            if final is not None:
+                msg["content"] += tool_parser.done()
+            if calls:
+                msg["tool_calls"] = calls
+        if not msg.get("thinking"):
+            msg.pop("thinking", None)
+        if final is None:
+            if msg["content"] or msg.get("thinking") or msg.get("tool_calls"):
+                yield dict(base, created_at=rfc3339(), message=msg, done=False)
+            continue
+        done = dict(base, created_at=rfc3339(), message=msg, done=True, done_reason=stop_reason(final))
+        done.update(_metrics(final, started, lease.load_s))
+        yield done
 
 
 def api_ps(req):
@@ -6693,14 +6758,11 @@ def api_embed(req):
     if not isinstance(dimensions, int) or isinstance(dimensions, bool):
         raise BadRequest("json: cannot unmarshal %s into Go struct field EmbedRequest.dimensions of type int"
                          % type(dimensions).__name__)
-    entry, keep_alive, _opts, load_s = _schedule(req, model, body, embedding=True)
-    try:
+    with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not inputs:
             return {"model": body.get("model"), "embeddings": []}
-        batches = [_fit_context(entry.runner, text, truncate) for text in inputs]
-        vectors = entry.runner.embeddings(batches)
-    finally:
-        req.server.scheduler.release(entry, keep_alive)
+        batches = [_fit_context(lease.runner, text, truncate) for text in inputs]
+        vectors = lease.runner.embeddings(batches)
     embeddings = []
     for vector in vectors:
         vector = _normalize(vector)
@@ -6708,7 +6770,7 @@ def api_embed(req):
             vector = _normalize(vector[:dimensions])
         embeddings.append(vector)
     return {"model": body.get("model"), "embeddings": embeddings,
-            "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_s),
+            "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(lease.load_s),
             "prompt_eval_count": sum(len(b) for b in batches)}
 
 
@@ -6720,22 +6782,19 @@ def api_embeddings(req):
     if not isinstance(prompt, str):
         raise BadRequest("json: cannot unmarshal %s into Go struct field EmbeddingRequest.prompt of type string"
                          % type(prompt).__name__)
-    entry, keep_alive, _opts, _load_s = _schedule(req, model, body, embedding=True)
-    try:
+    with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not prompt:
             return {"embedding": []}
-        return {"embedding": entry.runner.embeddings([_fit_context(entry.runner, prompt)])[0]}
-    finally:
-        req.server.scheduler.release(entry, keep_alive)
+        return {"embedding": lease.runner.embeddings([_fit_context(lease.runner, prompt)])[0]}
 
 
-def _tokenizer_entry(req, model, body):
-    """A runner for tokenizing: the one already loaded for `model` in whichever mode, else a new
-    one in the model's own mode (embedding models embed, the rest complete)."""
-    with req.server.scheduler.cond:
-        loaded = req.server.scheduler.loaded.get(model.name.key())
-        embedding = loaded.load_key[1] if loaded is not None else is_embedding_model(model)
-    return _schedule(req, model, body, embedding=embedding)
+def _tokenizer_lease(req, model, body):
+    """A lease on a runner for tokenizing: the one already loaded for `model` in whichever mode,
+    else a new one in the model's own mode (embedding models embed, the rest complete)."""
+    embedding = req.server.scheduler.loaded_embedding(model.name)
+    if embedding is None:
+        embedding = is_embedding_model(model)
+    return _schedule(req, model, body, _keep_alive(req, body), embedding=embedding)
 
 
 def api_tokenize(req):
@@ -6745,11 +6804,8 @@ def api_tokenize(req):
     if not isinstance(text, str):
         raise BadRequest("text must be a string")
     model = _find_model(req, body)
-    entry, keep_alive, _opts, _load_s = _tokenizer_entry(req, model, body)
-    try:
-        tokens = entry.runner.tokenize(text) if text else []
-    finally:
-        req.server.scheduler.release(entry, keep_alive)
+    with _tokenizer_lease(req, model, body) as lease:
+        tokens = lease.runner.tokenize(text) if text else []
     return {"model": body.get("model"), "tokens": tokens}
 
 
@@ -6762,11 +6818,8 @@ def api_detokenize(req):
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise BadRequest("tokens must be an array of integers")
     model = _find_model(req, body)
-    entry, keep_alive, _opts, _load_s = _tokenizer_entry(req, model, body)
-    try:
-        text = entry.runner.detokenize(tokens) if tokens else ""
-    finally:
-        req.server.scheduler.release(entry, keep_alive)
+    with _tokenizer_lease(req, model, body) as lease:
+        text = lease.runner.detokenize(tokens) if tokens else ""
     return {"model": body.get("model"), "text": text}
 
 # -- registry ----------------------------------------------------------------
