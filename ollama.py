@@ -4925,13 +4925,13 @@ def _shell_quote(arg):
 class _Loaded:
     """A runner in the scheduler's table, with its reference count and expiry."""
 
-    def __init__(self, model, runner, load_key, keep_alive, embedding=False):
+    def __init__(self, model, runner, load_key, keep_alive, embedding=False, loaded_at=None):
         self.model, self.runner, self.load_key = model, runner, load_key
         self.embedding = embedding
         self.keep_alive = keep_alive
         self.refs = 0
-        self.expires = FOREVER            # time.time() deadline once idle
-        self.loaded_at = time.time()
+        self.expires = FOREVER            # the scheduler's clock() deadline once idle
+        self.loaded_at = time.time() if loaded_at is None else loaded_at
 
 
 class Lease:
@@ -5005,12 +5005,20 @@ class Scheduler:
     rest wait for a slot. Loads are serialised; at most OLLAMA_MAX_LOADED_MODELS stay
     loaded, and an idle one that expires soonest is evicted to make room. More than
     OLLAMA_MAX_QUEUE waiting requests get 503. A keep-alive timer starts when the last request on
-    a runner finishes; a background thread stops runners whose time is up.
+    a runner finishes; a background thread (`reap()` every 0.25 s) stops runners whose time is up.
+
+    Methods for the caller: `lease()`, `expire()`, `running()`, `loaded_embedding()`, `shutdown()`.
+    Seams for tests: `new_runner(model, opts, embedding)` builds a runner that is not started
+    (default: a llama-server `Runner`; it needs `start(timeout)`, `stop()`, `alive()`, `parallel`),
+    `clock()` is the wall clock in seconds that keep-alive deadlines use, and `reaper=False`
+    leaves `reap()` to the caller.
     """
 
-    def __init__(self, config, exe=None):
+    def __init__(self, config, exe=None, new_runner=None, clock=time.time, reaper=True):
         self.config = config
         self.exe = exe
+        self.new_runner = new_runner or self._runner_for
+        self.clock = clock
         self.loaded = {}                              # Name key -> _Loaded
         self.cond = threading.Condition()
         self.load_lock = threading.Lock()
@@ -5018,8 +5026,8 @@ class Scheduler:
         self.closed = False
         self.starting = set()                         # runners being loaded, stopped by shutdown() too
         self.spawner = Spawner(config.home / "runners" / ("serve-%d.json" % os.getpid()))
-        self._reaper = threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True)
-        self._reaper.start()
+        if reaper:
+            threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True).start()
 
     def _runner_for(self, model, opts, embedding):
         exe = self.exe or find_llama_server(self.config)
@@ -5087,7 +5095,7 @@ class Scheduler:
                     with self.cond:
                         if key in self.loaded:        # another request loaded it meanwhile
                             continue
-                    runner = self._runner_for(model, opts, embedding)
+                    runner = self.new_runner(model, opts, embedding)
                     with self.cond:
                         if self.closed:
                             raise OllamaError("server is shutting down")
@@ -5097,7 +5105,7 @@ class Scheduler:
                     finally:
                         with self.cond:
                             self.starting.discard(runner)
-                    entry = _Loaded(model, runner, load_key, keep_alive, embedding)
+                    entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock())
                     with self.cond:
                         closed = self.closed          # shutdown() ran while it loaded
                         if not closed:
@@ -5120,7 +5128,7 @@ class Scheduler:
                 entry.keep_alive = keep_alive
             if entry.refs <= 0:
                 entry.refs = 0
-                entry.expires = time.time() + entry.keep_alive if entry.keep_alive != FOREVER else FOREVER
+                entry.expires = self.clock() + entry.keep_alive if entry.keep_alive != FOREVER else FOREVER
                 if entry.keep_alive <= 0 or not entry.runner.alive():
                     self._unload(entry.model.name.key(), entry)
             self.cond.notify_all()
@@ -5153,15 +5161,19 @@ class Scheduler:
         return True
 
     def _reap(self):
-        while True:
+        while not self.closed:
             time.sleep(0.25)
-            with self.cond:
-                if self.closed:
-                    return
-                now = time.time()
-                for key, entry in list(self.loaded.items()):
-                    if entry.refs == 0 and (entry.expires <= now or not entry.runner.alive()):
-                        self._unload(key, entry)
+            self.reap()
+
+    def reap(self):
+        """Unload every idle runner whose keep-alive is over, or that died."""
+        with self.cond:
+            if self.closed:
+                return
+            now = self.clock()
+            for key, entry in list(self.loaded.items()):
+                if entry.refs == 0 and (entry.expires <= now or not entry.runner.alive()):
+                    self._unload(key, entry)
 
     def running(self):
         """The loaded models, latest expiry first, for /api/ps."""
