@@ -3971,11 +3971,6 @@ class Transfers:
                 del self.jobs[job.digest]
 
 
-def _transfers(server):
-    """The Transfers object of an OllamaServer (or of a stand-in server object, created on first use)."""
-    return vars(server).setdefault("transfers", Transfers())
-
-
 class _Part:
     """One byte range of a download, stored as Ollama's blobs/sha256-<hex>-partial-<N> JSON."""
     __slots__ = ("n", "offset", "size", "completed")
@@ -4248,18 +4243,18 @@ class _BlobDownload:
             _unlink(f)
 
 
-def pull_model(server, name, insecure=False, progress=None, cancel=None):
-    """Pull `name` (Name or str) from its registry into server.store, reporting Ollama's pull
+def pull_model(store, transfers, config, name, insecure=False, progress=None, cancel=None):
+    """Pull `name` (Name or str) from its registry into `store`, sharing downloads through
+    `transfers` (a Transfers) and reading credentials and OLLAMA_NOPRUNE from `config`; reports Ollama's pull
     statuses as dicts to progress(obj). Blobs already present are not fetched; a download in
     progress for the same digest is shared; interrupted downloads resume. The manifest is written
     last, byte for byte as received. `cancel` (threading.Event) stops it with Canceled."""
     progress = progress or (lambda obj: None)
-    store, transfers = server.store, _transfers(server)
     if isinstance(name, str):
         name = Name.parse(name)
     old = set()
     stored = store.resolve(name)
-    if stored is not None and not server.config.noprune:
+    if stored is not None and not config.noprune:
         try:
             old = set(manifest_digests(store.get(stored)[2]))
         except (OSError, ValueError, OllamaError):
@@ -4267,7 +4262,7 @@ def pull_model(server, name, insecure=False, progress=None, cancel=None):
     if name.scheme == "http" and not insecure:
         raise OllamaError("insecure protocol http")
     progress({"status": "pulling manifest"})
-    session = RegistrySession(server.config, name, insecure, transfers.stall_timeout)
+    session = RegistrySession(config, name, insecure, transfers.stall_timeout)
     try:
         resp = session.request("GET", manifest_url(session.base, name),
                                {"Accept": ", ".join(MANIFEST_MEDIA_TYPES)})
@@ -4381,26 +4376,25 @@ def _upload_blob(session, store, name, desc, transfers, progress, cancel):
     progress({"status": status, "digest": digest, "total": size, "completed": size})
 
 
-def push_model(server, name, insecure=False, progress=None, cancel=None):
-    """Push `name` (Name or str) from server.store to its registry: each blob the registry lacks
+def push_model(store, transfers, config, name, insecure=False, progress=None, cancel=None):
+    """Push `name` (Name or str) from `store` to its registry: each blob the registry lacks
     (HEAD) is mounted or uploaded in PATCH chunks, then the manifest is PUT byte for byte as
     stored. Reports Ollama's push statuses as dicts to progress(obj)."""
     progress = progress or (lambda obj: None)
-    transfers = _transfers(server)
     if isinstance(name, str):
         name = Name.parse(name)
     progress({"status": "retrieving manifest"})
     if name.scheme == "http" and not insecure:
         raise OllamaError("insecure protocol http")
     try:
-        stored, raw, manifest = server.store.get(name)
+        stored, raw, manifest = store.get(name)
         manifest = parse_manifest(raw)
     except OllamaError:
         progress({"status": "couldn't retrieve manifest"})
         raise
-    session = RegistrySession(server.config, stored, insecure, transfers.stall_timeout)
+    session = RegistrySession(config, stored, insecure, transfers.stall_timeout)
     for desc in manifest_layers(manifest):
-        _upload_blob(session, server.store, stored, desc, transfers, progress, cancel)
+        _upload_blob(session, store, stored, desc, transfers, progress, cancel)
     progress({"status": "pushing manifest"})
     media = manifest.get("mediaType") or MEDIA_MANIFEST
     resp = session.request("PUT", manifest_url(session.base, stored), {"Content-Type": media}, raw)
@@ -6127,7 +6121,7 @@ def api_delete(req):
 def _pull_for_create(req, name):
     """/api/create with a `from` model that is not stored pulls it first, streaming the pull's
     progress (its closing "success" is left to create)."""
-    for progress in _progress_items(lambda report, cancel: pull_model(req.server, name, False, report, cancel)):
+    for progress in _progress_items(lambda report, cancel: pull_model(*_registry_parts(req), name, False, report, cancel)):
         if progress.get("status") != "success":
             yield progress
 
@@ -6883,18 +6877,23 @@ def _transfer_request(req):
     return name, bool(body.get("insecure")), body.get("stream", True) is not False
 
 
+def _registry_parts(req):
+    """What pull_model and push_model need of the server: (store, transfers, config)."""
+    return req.server.store, req.server.transfers, req.server.config
+
+
 def api_pull(req):
     """POST /api/pull {model, insecure, stream}: pull a model from its registry."""
     name, insecure, stream = _transfer_request(req)
     return _progress_stream(req, lambda progress, cancel: pull_model(
-        req.server, name, insecure, progress, cancel), stream)
+        *_registry_parts(req), name, insecure, progress, cancel), stream)
 
 
 def api_push(req):
     """POST /api/push {model, insecure, stream}: push a model to its registry."""
     name, insecure, stream = _transfer_request(req)
     return _progress_stream(req, lambda progress, cancel: push_model(
-        req.server, name, insecure, progress, cancel), stream)
+        *_registry_parts(req), name, insecure, progress, cancel), stream)
 
 # -- OpenAI compatibility ----------------------------------------------------
 
