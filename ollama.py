@@ -5296,7 +5296,7 @@ class Request:
             raise BadRequest("missing request body")
         data = parse_json(raw)
         if not isinstance(data, dict):
-            raise BadRequest("json: cannot unmarshal %s into Go value of type api.Request" % type(data).__name__)
+            raise BadRequest("json: cannot unmarshal %s into Go value of type api.Request" % _json_kind(data))
         return data
 
     def client_gone(self):
@@ -5799,13 +5799,12 @@ def _local_addresses():
 
 
 def _is_loopback(host):
-    if host in ("localhost", ""):
+    """True for a host that is this machine's loopback: "localhost", "" or None (the default
+    address) or a loopback IP. The one check serve (bind) and the CLI (the server's host) use."""
+    if not host or host in _LOOPBACK_NAMES:
         return True
-    try:
-        import ipaddress
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    ip = _parse_ip(host)
+    return ip is not None and ip.is_loopback
 
 
 def listen_backlog():
@@ -6760,10 +6759,7 @@ def api_embed(req):
     inputs = _embed_inputs(body.get("input"))
     model = _find_model(req, body)
     truncate = body.get("truncate", True) is not False
-    dimensions = body.get("dimensions") or 0
-    if not isinstance(dimensions, int) or isinstance(dimensions, bool):
-        raise BadRequest("json: cannot unmarshal %s into Go struct field EmbedRequest.dimensions of type int"
-                         % type(dimensions).__name__)
+    dimensions = _expect(body, "dimensions", int, "int", "EmbedRequest") or 0
     with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not inputs:
             return {"model": body.get("model"), "embeddings": []}
@@ -6784,10 +6780,7 @@ def api_embeddings(req):
     """POST /api/embeddings (legacy): one raw, unnormalised embedding of `prompt`."""
     body = req.json()
     model = _find_model(req, body)
-    prompt = body.get("prompt") or ""
-    if not isinstance(prompt, str):
-        raise BadRequest("json: cannot unmarshal %s into Go struct field EmbeddingRequest.prompt of type string"
-                         % type(prompt).__name__)
+    prompt = _expect(body, "prompt", str, "string", "EmbeddingRequest") or ""
     with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not prompt:
             return {"embedding": []}
@@ -7031,9 +7024,6 @@ def _from_chat_messages(messages):
     """OpenAI messages -> /api/chat messages (each content part becomes its own message, as in Ollama)."""
     out = []
     for msg in messages:
-        if not isinstance(msg, dict):
-            raise BadRequest("json: cannot unmarshal %s into Go struct field ChatCompletionRequest.messages "
-                             "of type openai.Message" % _json_kind(msg))
         role, content = msg.get("role") or "", msg.get("content")
         tool_name = ""
         if role.lower() == "tool":
@@ -7145,7 +7135,8 @@ def v1_chat_completions(req):
     """POST /v1/chat/completions: OpenAI chat on top of /api/chat."""
     body = req.json()
     _expect(body, "model", str, "string")
-    messages = _expect(body, "messages", list, "[]openai.Message")
+    check_fields(body, {"messages": (list, "[]openai.Message", dict, "openai.Message")}, "ChatCompletionRequest")
+    messages = body.get("messages")
     if not messages:
         raise BadRequest("[] is too short - 'messages'")
     chat = {"model": body.get("model"), "messages": _from_chat_messages(messages),
@@ -7598,13 +7589,8 @@ def _send_blob(client, path, digest, status):
 
 
 def _server_is_local(client):
-    if client.host in ("localhost", None):
-        return True
-    try:
-        import ipaddress
-        return ipaddress.ip_address(client.host).is_loopback
-    except ValueError:
-        return False
+    """Whether the server runs on this machine (so it can read a file by its path)."""
+    return _is_loopback(client.host)
 
 
 def cmd_create(args):
@@ -7662,20 +7648,9 @@ def cmd_list(args):
         if prefix and not m["name"].lower().startswith(prefix):
             continue
         rows.append([m["name"], m["digest"][:12], human_bytes(m["size"]),
-                     human_time(_parse_time(m["modified_at"]))])
+                     human_time(_parse_rfc3339(m["modified_at"], zero=True) or 0.0)])
     sys.stdout.write(_table(rows, ["NAME", "ID", "SIZE", "MODIFIED"]))
     return 0
-
-
-def _parse_time(text):
-    """RFC 3339 (with up to nanosecond fractions) -> unix seconds."""
-    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text or "")
-    if not m:
-        return 0.0
-    base = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")
-    tz = datetime.timezone.utc if m.group(3) == "Z" else datetime.timezone(
-        datetime.timedelta(hours=int(m.group(3)[:3]), minutes=int(m.group(3)[0] + m.group(3)[4:])))
-    return base.replace(tzinfo=tz).timestamp() + float("0." + (m.group(2) or "0"))
 
 
 def _show_value(v):
@@ -7790,7 +7765,7 @@ def cmd_rm(args):
             for _ in client.stream("POST", "/api/generate", {"model": model, "keep_alive": 0}):
                 pass
         except OllamaError as e:
-            if "not found" not in str(e).lower():
+            if e.status != NotFound.status:
                 print("Warning: unable to stop model '%s'" % model, file=sys.stderr)
         client.call("DELETE", "/api/delete", {"model": model})
         print("deleted '%s'" % model)
@@ -7830,11 +7805,12 @@ def _format_param(key, values):
     raise ValueError("unknown parameter '%s'" % key)
 
 
-def _parse_rfc3339(text):
+def _parse_rfc3339(text, zero=False):
     """Seconds since the epoch for an RFC 3339 time with any fraction and offset ("Z" too); None for
-    Go's zero time or text that doesn't parse (fromisoformat takes neither "Z" nor nanoseconds on 3.9)."""
+    text that doesn't parse, and for Go's zero time (year 1) unless `zero` (fromisoformat takes
+    neither "Z" nor nanoseconds on 3.9)."""
     m = _RFC3339_RE.match(text or "")
-    if not m or m.group(1) == "0001":
+    if not m or m.group(1) == "0001" and not zero:
         return None
     y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
     off = m.group(8)
@@ -8386,7 +8362,7 @@ class _Repl:
             _load_model(self.client, opts)
         except OllamaError as e:
             opts.model, opts.messages, opts.parent_model, opts.capabilities, opts.think = saved
-            if "not found" in str(e):
+            if e.status == NotFound.status:
                 print("Couldn't find model '%s'" % args[1])
             else:
                 print("error: %s" % e)
@@ -8585,7 +8561,7 @@ def cmd_stop(args):
         for _ in client.stream("POST", "/api/generate", {"model": args.model, "keep_alive": 0}):
             pass
     except OllamaError as e:
-        if "not found" in str(e):
+        if e.status == NotFound.status:
             raise missing from None
         raise
     return 0
