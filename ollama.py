@@ -5631,6 +5631,21 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
 
 
+#: The one route table: (method, pattern, handler) in file order, filled by @route beside each
+#: handler. HEAD is served by the GET handler where no HEAD route is given.
+ROUTES = []
+
+
+def route(method, pattern):
+    """Declare the decorated function the handler of `method pattern` (":name" segments become
+    req.params), as bottle's @route does: it goes into ROUTES, which every OllamaServer serves.
+    Over another decorator (@_openai), it registers the wrapped handler."""
+    def register(handler):
+        ROUTES.append((method, pattern, handler))
+        return handler
+    return register
+
+
 class Routes:
     """The route table: (method, pattern) -> handler; ":name" segments capture path params."""
 
@@ -5844,11 +5859,13 @@ def make_server(config=None, host=None, port=None):
 
 # -- general -----------------------------------------------------------------
 
+@route("GET", "/")
 def api_root(req):
     """GET|HEAD /: the heartbeat every CLI command sends first."""
     return Response(200, b"Ollama is running")
 
 
+@route("GET", "/api/version")
 def api_version(req):
     """GET /api/version."""
     return {"version": __version__}
@@ -5860,6 +5877,7 @@ def _blob_digest_param(req):
     return parse_digest(req.params.get("digest"))
 
 
+@route("HEAD", "/api/blobs/:digest")
 def api_blob_head(req):
     """HEAD /api/blobs/:digest: 200 if the blob is stored, else 404 `blob "…" not found`."""
     digest = _blob_digest_param(req)
@@ -5868,6 +5886,7 @@ def api_blob_head(req):
     return Response(200, b"", None)
 
 
+@route("POST", "/api/blobs/:digest")
 def api_blob_post(req):
     """POST /api/blobs/:digest: store the body as a blob, streamed to disk and verified.
 
@@ -6014,6 +6033,7 @@ def _read_config(store, manifest):
         return {}
 
 
+@route("GET", "/api/tags")
 def api_tags(req):
     """GET /api/tags: every stored model, newest first."""
     store = req.server.store
@@ -6030,6 +6050,7 @@ def api_tags(req):
     return {"models": [m for _, m in models]}
 
 
+@route("POST", "/api/show")
 def api_show(req):
     """POST /api/show: a model's Modelfile, parameters, template, details, metadata, capabilities."""
     body = req.json()
@@ -6078,6 +6099,7 @@ def api_show(req):
     return resp
 
 
+@route("POST", "/api/copy")
 def api_copy(req):
     """POST /api/copy {source, destination}: copy the manifest byte for byte; 200, empty body."""
     body = req.json()
@@ -6104,6 +6126,7 @@ def _valid(text):
         return False
 
 
+@route("DELETE", "/api/delete")
 def api_delete(req):
     """DELETE /api/delete {model}: remove the manifest, then the blobs no other model uses."""
     body = req.json()
@@ -6160,6 +6183,7 @@ def _new_layer(store, data, media, created):
     return _layer(media, digest, len(data))
 
 
+@route("POST", "/api/create")
 def api_create(req):
     """POST /api/create: build a model from GGUF blobs (`files`) or another model (`from`), plus
     template, system, license, parameters and messages; streams statuses ending in "success"."""
@@ -6538,6 +6562,7 @@ CHAT_FIELDS = {"model": _STRING, "stream": _BOOL, "options": _OPTIONS, "messages
                "api.Message"), "tools": (list, "api.Tools", dict, "api.Tool")}
 
 
+@route("POST", "/api/generate")
 def api_generate(req):
     """POST /api/generate: complete a prompt (streamed NDJSON unless "stream": false)."""
     body = req.json()
@@ -6635,6 +6660,7 @@ def _check_messages(messages):
     return out
 
 
+@route("POST", "/api/chat")
 def api_chat(req):
     """POST /api/chat: the next assistant message of a conversation (streamed unless "stream": false)."""
     body = req.json()
@@ -6701,6 +6727,7 @@ def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking):
         yield done
 
 
+@route("GET", "/api/ps")
 def api_ps(req):
     """GET /api/ps: the models loaded now."""
     out = []
@@ -6752,6 +6779,7 @@ def _normalize(vector):
     return [v * scale for v in vector]
 
 
+@route("POST", "/api/embed")
 def api_embed(req):
     """POST /api/embed: L2-normalised embeddings for a string or a list of strings."""
     body = req.json()
@@ -6776,6 +6804,7 @@ def api_embed(req):
             "prompt_eval_count": sum(len(b) for b in batches)}
 
 
+@route("POST", "/api/embeddings")
 def api_embeddings(req):
     """POST /api/embeddings (legacy): one raw, unnormalised embedding of `prompt`."""
     body = req.json()
@@ -6796,6 +6825,7 @@ def _tokenizer_lease(req, model, body):
     return _schedule(req, model, body, _keep_alive(req, body), embedding=embedding)
 
 
+@route("POST", "/api/tokenize")
 def api_tokenize(req):
     """POST /api/tokenize: the model's token ids for `text` (no BOS/EOS added)."""
     body = req.json()
@@ -6808,6 +6838,7 @@ def api_tokenize(req):
     return {"model": body.get("model"), "tokens": tokens}
 
 
+@route("POST", "/api/detokenize")
 def api_detokenize(req):
     """POST /api/detokenize: the text of a list of token ids."""
     body = req.json()
@@ -6875,6 +6906,7 @@ def _registry_parts(req):
     return req.server.store, req.server.transfers, req.server.config
 
 
+@route("POST", "/api/pull")
 def api_pull(req):
     """POST /api/pull {model, insecure, stream}: pull a model from its registry."""
     name, insecure, stream = _transfer_request(req)
@@ -6882,6 +6914,7 @@ def api_pull(req):
         *_registry_parts(req), name, insecure, progress, cancel), stream)
 
 
+@route("POST", "/api/push")
 def api_push(req):
     """POST /api/push {model, insecure, stream}: push a model to its registry."""
     name, insecure, stream = _transfer_request(req)
@@ -7130,6 +7163,7 @@ def _chat_chunks(first, items, cid, created, model, include_usage):
                 return
 
 
+@route("POST", "/v1/chat/completions")
 @_openai
 def v1_chat_completions(req):
     """POST /v1/chat/completions: OpenAI chat on top of /api/chat."""
@@ -7191,6 +7225,7 @@ def _completion_chunks(first, items, cid, created, model, include_usage):
                 return
 
 
+@route("POST", "/v1/completions")
 @_openai
 def v1_completions(req):
     """POST /v1/completions: OpenAI text completion of a prompt (and suffix) on top of /api/generate."""
@@ -7217,6 +7252,7 @@ def v1_completions(req):
             "usage": _usage(first)}
 
 
+@route("POST", "/v1/embeddings")
 @_openai
 def v1_embeddings(req):
     """POST /v1/embeddings: OpenAI embeddings (float or base64 little-endian float32) via /api/embed."""
@@ -7244,6 +7280,7 @@ def v1_embeddings(req):
             "usage": {"prompt_tokens": count, "total_tokens": count}}
 
 
+@route("GET", "/v1/models")
 @_openai
 def v1_models(req):
     """GET /v1/models: every stored model, newest first."""
@@ -7252,6 +7289,7 @@ def v1_models(req):
                                         "owned_by": name.namespace} for name, _raw, _m, mtime in models]}
 
 
+@route("GET", "/v1/models/:model")
 @_openai
 def v1_model(req):
     """GET /v1/models/{model}: one stored model."""
@@ -7262,34 +7300,6 @@ def v1_model(req):
         raise NotFound("model '%s' not found" % text)
     mtime = req.server.store.manifest_path(stored).stat().st_mtime
     return {"id": text, "object": "model", "created": int(mtime), "owned_by": name.namespace}
-
-
-#: The one route table. HEAD is served by the GET handler where no HEAD route is given.
-ROUTES = [
-    ("GET", "/", api_root),
-    ("GET", "/api/version", api_version),
-    ("GET", "/api/tags", api_tags),
-    ("POST", "/api/show", api_show),
-    ("POST", "/api/create", api_create),
-    ("POST", "/api/copy", api_copy),
-    ("DELETE", "/api/delete", api_delete),
-    ("HEAD", "/api/blobs/:digest", api_blob_head),
-    ("POST", "/api/blobs/:digest", api_blob_post),
-    ("POST", "/api/pull", api_pull),
-    ("POST", "/api/push", api_push),
-    ("POST", "/api/generate", api_generate),
-    ("POST", "/api/chat", api_chat),
-    ("GET", "/api/ps", api_ps),
-    ("POST", "/api/embed", api_embed),
-    ("POST", "/api/embeddings", api_embeddings),
-    ("POST", "/api/tokenize", api_tokenize),
-    ("POST", "/api/detokenize", api_detokenize),
-    ("POST", "/v1/chat/completions", v1_chat_completions),
-    ("POST", "/v1/completions", v1_completions),
-    ("POST", "/v1/embeddings", v1_embeddings),
-    ("GET", "/v1/models", v1_models),
-    ("GET", "/v1/models/:model", v1_model),
-]
 
 
 ###############################################################################

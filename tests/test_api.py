@@ -40,6 +40,14 @@ def test_unknown_route_is_gin_404(server):
     assert resp.status == 404 and data == b"404 page not found"
 
 
+def test_every_api_handler_is_routed_once_by_its_decorator():
+    import ollama
+    routed = [handler.__name__ for _method, _pattern, handler in ollama.ROUTES]
+    handlers = [name for name in vars(ollama) if name.startswith(("api_", "v1_"))]
+    assert sorted(routed) == sorted(handlers)
+    assert len({(m, p) for m, p, _h in ollama.ROUTES}) == len(ollama.ROUTES) == 23
+
+
 def test_wrong_method_is_405(server):
     resp, _ = _request(server, "GET", "/api/generate")
     assert resp.status == 405
