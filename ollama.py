@@ -7380,12 +7380,37 @@ class Client:
         conn.close()
 
 
-def _client(args):
+def _client():
+    """A Client for the server at OLLAMA_HOST."""
     return Client(Config().base_url)
+
+
+#: The CLI's commands: name -> (cmd_* function, aliases, argparse arguments), filled by @command.
+COMMANDS = {}
+
+
+def arg(*names, **kw):
+    """One argparse argument of a command, for @command: arg("model"), arg("--think", nargs="?")."""
+    return names, kw
+
+
+#: Shared by the commands that reach a registry.
+INSECURE = arg("--insecure", action="store_true", help="use an insecure registry")
+
+
+def command(name, *args, aliases=()):
+    """Declare the decorated cmd_NAME(args) -> exit status as `ollama.py NAME`, taking `args` (each
+    an arg(...)); its docstring's first line is its help, the rest its description. The flags sit
+    beside the command, as RamaLama pairs *_parser with *_cli; build_parser() wires them all."""
+    def register(func):
+        COMMANDS[name] = (func, tuple(aliases), args)
+        return func
+    return register
 
 
 # -- serve -------------------------------------------------------------------
 
+@command("serve", aliases=["start"])
 def cmd_serve(args):
     """Start ollama.py's server.
 
@@ -7496,6 +7521,10 @@ def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
     return summary
 
 
+@command("check-engine",
+         arg("--engine", metavar="PATH", help="the llama-server to check (default: the one serve uses)"),
+         arg("--exec", dest="launcher", metavar="CMD",
+             help='run it under an emulator or wrapper, e.g. "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"'))
 def cmd_check_engine(args):
     """Check that the llama-server engine runs on this machine.
 
@@ -7603,6 +7632,9 @@ def _server_is_local(client):
     return _is_loopback(client.host)
 
 
+@command("create", arg("model"),
+         arg("-f", "--file", help='name of the Modelfile (default "Modelfile")'),
+         arg("-q", "--quantize", help="quantize model to this level (e.g. q4_K_M)"))
 def cmd_create(args):
     """Create a model from a Modelfile.
 
@@ -7611,7 +7643,7 @@ def cmd_create(args):
     instead of copied when the server runs on this machine and can read them), then asks the
     server to build the model.
     """
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     if not Name.parse_bare(args.model) or not Name.parse_bare(args.model).is_valid():
         raise OllamaError("invalid model name: %s" % args.model)
@@ -7647,12 +7679,18 @@ def cmd_create(args):
     return 0
 
 
+@command("list", arg("prefix", nargs="?", default=""), aliases=["ls"])
 def cmd_list(args):
     """List models."""
-    client = _client(args)
+    return _list_models(args.prefix)
+
+
+def _list_models(prefix):
+    """The `list` table of the models whose name starts with `prefix` (any case)."""
+    client = _client()
     client.heartbeat()
     resp = client.call("GET", "/api/tags") or {}
-    prefix = (args.prefix or "").lower()
+    prefix = (prefix or "").lower()
     rows = []
     for m in resp.get("models") or []:
         if prefix and not m["name"].lower().startswith(prefix):
@@ -7736,13 +7774,18 @@ def _show_info(resp, verbose, out):
         section("License", head(resp["license"], 2))
 
 
+@command("show", arg("model"),
+         *(arg("--" + name, action="store_true", help="show %s of a model" % what)
+           for name, what in (("license", "license"), ("modelfile", "Modelfile"), ("parameters", "parameters"),
+                              ("system", "system message"), ("template", "template"))),
+         arg("-v", "--verbose", action="store_true", help="show detailed model information"))
 def cmd_show(args):
     """Show information for a model."""
     flags = [f for f in ("license", "modelfile", "parameters", "system", "template") if getattr(args, f)]
     if len(flags) > 1:
         raise OllamaError("only one of '--license', '--modelfile', '--parameters', '--system', "
                           "or '--template' can be specified")
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     resp = client.call("POST", "/api/show", {"name": args.model, "verbose": bool(args.verbose)})
     if flags:
@@ -7757,18 +7800,20 @@ def cmd_show(args):
     return 0
 
 
+@command("cp", arg("source"), arg("destination"))
 def cmd_cp(args):
     """Copy a model."""
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     client.call("POST", "/api/copy", {"source": args.source, "destination": args.destination})
     print("copied '%s' to '%s'" % (args.source, args.destination))
     return 0
 
 
+@command("rm", arg("models", nargs="+", metavar="model"))
 def cmd_rm(args):
     """Remove a model."""
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     for model in args.models:
         try:
@@ -7987,7 +8032,7 @@ def _show_or_pull(client, name, insecure=False):
     except OllamaError as e:
         if e.status != 404:
             raise
-    _transfer(argparse.Namespace(model=name, insecure=insecure), "/api/pull")
+    _transfer(name, insecure, "/api/pull")
     return client.call("POST", "/api/show", {"model": name})
 
 
@@ -8009,9 +8054,20 @@ def _load_model(client, opts):
         pass
 
 
+@command("run", arg("model"), arg("prompt", nargs="*"),
+         arg("--format", help='response format (e.g. json)'),
+         arg("--keepalive", help="duration to keep a model loaded (e.g. 5m)"),
+         arg("--verbose", action="store_true", help="show timings for response"),
+         INSECURE,
+         arg("--nowordwrap", action="store_true", help="don't wrap words to the next line automatically"),
+         arg("--think", nargs="?", const="true", help="enable thinking mode: true/false or high/medium/low"),
+         arg("--hidethinking", action="store_true", help="hide thinking output (if provided)"),
+         arg("--truncate", action="store_true",
+             help="for embedding models: truncate inputs that exceed the context length"),
+         arg("--dimensions", type=int, help="truncate output embeddings to specified dimension"))
 def cmd_run(args):
     """Run a model."""
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     opts = _RunOptions(args.model)
     opts.format = args.format or ""
@@ -8355,7 +8411,7 @@ class _Repl:
 
     def cmd_list(self, args):
         try:
-            cmd_list(argparse.Namespace(command="list", prefix=args[1] if len(args) > 1 else ""))
+            _list_models(args[1] if len(args) > 1 else "")
         except OllamaError as e:
             print("Error: %s" % e)
 
@@ -8524,9 +8580,10 @@ def _go_value(v):
     return str(v)
 
 
+@command("ps")
 def cmd_ps(args):
     """List running models."""
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     resp = client.call("GET", "/api/ps") or {}
     rows = []
@@ -8555,9 +8612,10 @@ def cmd_ps(args):
     return 0
 
 
+@command("stop", arg("model"))
 def cmd_stop(args):
     """Stop a running model."""
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     missing = OllamaError('couldn\'t find model "%s" to stop' % args.model)
     try:
@@ -8652,13 +8710,14 @@ class _TransferProgress:
             self.out.flush()
 
 
-def _transfer(args, path):
-    client = _client(args)
+def _transfer(model, insecure, path):
+    """Pull or push `model` (path /api/pull or /api/push) with a progress display."""
+    client = _client()
     client.heartbeat()
     display = _TransferProgress()
     last = None
     try:
-        for last in client.stream("POST", path, {"model": args.model, "insecure": bool(args.insecure)}):
+        for last in client.stream("POST", path, {"model": model, "insecure": bool(insecure)}):
             display.update(last)
     except (OSError, http.client.HTTPException) as e:
         raise OllamaError("unexpected EOF: %s" % e) from None
@@ -8668,6 +8727,7 @@ def _transfer(args, path):
         raise OllamaError("unexpected EOF")                 # the server went away mid-stream
 
 
+@command("pull", arg("model"), INSECURE)
 def cmd_pull(args):
     """Pull a model from a registry
 
@@ -8676,16 +8736,17 @@ def cmd_pull(args):
     Credentials for other registries come from the docker config (~/.docker/config.json "auths",
     as written by 'docker login'); --insecure allows plain HTTP.
     """
-    _transfer(args, "/api/pull")
+    _transfer(args.model, args.insecure, "/api/pull")
     return 0
 
 
+@command("push", arg("model"), INSECURE)
 def cmd_push(args):
     """Push a model to a registry
 
     Uploads the blobs the registry lacks, then the manifest. Credentials as for 'pull'.
     """
-    _transfer(args, "/api/push")
+    _transfer(args.model, args.insecure, "/api/push")
     name = Name.parse_bare(args.model)
     if name is not None and name.host.lower() == DEFAULT_REGISTRY:
         print("\nYou can find your model at:\n\n\thttps://ollama.com/%s/%s\n" % (name.namespace, name.model))
@@ -8698,64 +8759,20 @@ def _doc(func):
 
 
 def build_parser():
-    """The argparse parser with every Ollama command, each routed to its cmd_* function."""
+    """The argparse parser with every command of COMMANDS (see @command), routed to its cmd_* function."""
     parser = argparse.ArgumentParser(
         prog="ollama.py", description="Large language model runner",
         epilog="Environment: OLLAMA_HOST (default 127.0.0.1:11434), OLLAMA_MODELS (default "
                "~/.ollama/models); see 'ollama.py serve --help' for the rest.")
     parser.add_argument("-v", "--version", action="store_true", help="show version information")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def add(name, func, aliases=()):
-        doc = (func.__doc__ or "").strip()
-        p = sub.add_parser(name, aliases=list(aliases), help=_doc(func), description=doc,
+    for name in sorted(COMMANDS):
+        func, aliases, args = COMMANDS[name]
+        p = sub.add_parser(name, aliases=list(aliases), help=_doc(func), description=(func.__doc__ or "").strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
-        return p
-
-    p = add("check-engine", cmd_check_engine)
-    p.add_argument("--engine", metavar="PATH", help="the llama-server to check (default: the one serve uses)")
-    p.add_argument("--exec", dest="launcher", metavar="CMD",
-                   help='run it under an emulator or wrapper, e.g. "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"')
-    p = add("cp", cmd_cp)
-    p.add_argument("source")
-    p.add_argument("destination")
-    p = add("create", cmd_create)
-    p.add_argument("model")
-    p.add_argument("-f", "--file", help='name of the Modelfile (default "Modelfile")')
-    p.add_argument("-q", "--quantize", help="quantize model to this level (e.g. q4_K_M)")
-    p = add("list", cmd_list, aliases=["ls"])
-    p.add_argument("prefix", nargs="?", default="")
-    p = add("ps", cmd_ps)
-    p = add("pull", cmd_pull)
-    p.add_argument("model")
-    p.add_argument("--insecure", action="store_true", help="use an insecure registry")
-    p = add("push", cmd_push)
-    p.add_argument("model")
-    p.add_argument("--insecure", action="store_true", help="use an insecure registry")
-    p = add("rm", cmd_rm)
-    p.add_argument("models", nargs="+", metavar="model")
-    p = add("run", cmd_run)
-    p.add_argument("model")
-    p.add_argument("prompt", nargs="*")
-    p.add_argument("--format", help='response format (e.g. json)')
-    p.add_argument("--keepalive", help="duration to keep a model loaded (e.g. 5m)")
-    p.add_argument("--verbose", action="store_true", help="show timings for response")
-    p.add_argument("--insecure", action="store_true", help="use an insecure registry")
-    p.add_argument("--nowordwrap", action="store_true", help="don't wrap words to the next line automatically")
-    p.add_argument("--think", nargs="?", const="true", help="enable thinking mode: true/false or high/medium/low")
-    p.add_argument("--hidethinking", action="store_true", help="hide thinking output (if provided)")
-    p.add_argument("--truncate", action="store_true", help="for embedding models: truncate inputs that exceed the context length")
-    p.add_argument("--dimensions", type=int, help="truncate output embeddings to specified dimension")
-    p = add("serve", cmd_serve, aliases=["start"])
-    p = add("show", cmd_show)
-    p.add_argument("model")
-    for flag, what in (("license", "license"), ("modelfile", "Modelfile"), ("parameters", "parameters"),
-                       ("system", "system message"), ("template", "template")):
-        p.add_argument("--" + flag, action="store_true", help="show %s of a model" % what)
-    p.add_argument("-v", "--verbose", action="store_true", help="show detailed model information")
-    p = add("stop", cmd_stop)
-    p.add_argument("model")
+        for names, kw in args:
+            p.add_argument(*names, **kw)
     return parser
 
 
