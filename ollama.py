@@ -1182,6 +1182,134 @@ def engine_check_model(path, seed=0, f16=False):
 
 
 ###############################################################################
+# Go formatting ###############################################################
+###############################################################################
+
+def _is_print(ch):
+    return ch == " " or ch.isprintable()
+
+
+def _go_float(f, bits=64):
+    """Go's %v of a float (strconv 'g', shortest): "0.7", "40", "1e+06", "1.5e-05"."""
+    if f != f:
+        return "NaN"
+    if f in (FOREVER, -FOREVER):
+        return "+Inf" if f > 0 else "-Inf"
+    from decimal import Decimal
+    text = repr(_f32(f) if bits == 32 else float(f))
+    if f == 0:
+        return "-0" if text.startswith("-") else "0"
+    d = Decimal(text)
+    digits = str(d.as_tuple().digits and "".join(map(str, d.as_tuple().digits))).rstrip("0") or "0"
+    exponent = d.adjusted()
+    if exponent < -4 or exponent >= 6:              # shortest %g switches to %e at these exponents
+        m = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        return "%s%se%s%02d" % ("-" if f < 0 else "", m, "-" if exponent < 0 else "+", abs(exponent))
+    out = format(d, "f")
+    return out.rstrip("0").rstrip(".") if "." in out else out
+
+
+def _go_json_float(f):
+    """encoding/json's float64 text: plain digits unless |f| < 1e-6 or >= 1e21."""
+    if f != f or f in (FOREVER, -FOREVER):
+        raise ValueError("json: unsupported value: %r" % f)
+    a = abs(f)
+    from decimal import Decimal
+    if a != 0 and (a < 1e-6 or a >= 1e21):
+        text = repr(float(f))
+        m, _, e = text.partition("e")
+        return "%se%s%d" % (m, "-" if e.startswith("-") else "+", abs(int(e)))
+    out = format(Decimal(repr(float(f))), "f")
+    if "." in out:
+        out = out.rstrip("0").rstrip(".")
+    return out or "0"
+
+
+_GO_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                    "<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def _go_json_string(s):
+    out = []
+    for ch in s:
+        if ch in _GO_JSON_ESCAPES:
+            out.append(_GO_JSON_ESCAPES[ch])
+        elif ch < " ":
+            out.append("\\u%04x" % ord(ch))
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def go_json(obj, sort_keys=False):
+    """JSON as Go's json.Encoder writes it (HTML-escaped, Go float text), without the newline.
+
+    Go sorts map keys; pass sort_keys=True for values that are Go maps (params), False for
+    structs whose field order the dict already has (manifests, config, messages).
+    """
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    if isinstance(obj, int):
+        return str(obj)
+    if isinstance(obj, float):
+        return _go_json_float(obj)
+    if isinstance(obj, str):
+        return _go_json_string(obj)
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(go_json(v, sort_keys) for v in obj) + "]"
+    if isinstance(obj, dict):
+        keys = sorted(obj) if sort_keys else list(obj)
+        return "{" + ",".join(_go_json_string(str(k)) + ":" + go_json(obj[k], sort_keys) for k in keys) + "}"
+    raise TypeError("cannot encode %r" % (obj,))
+
+
+def _go_quote(s):
+    """strconv.Quote: Go's %#v of a string."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch in "\a\b\f\n\r\t\v":
+            out.append({"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                        "\v": "\\v"}[ch])
+        elif _is_print(ch):
+            out.append(ch)
+        elif o < 0x80:
+            out.append("\\x%02x" % o)
+        elif o < 0x10000:
+            out.append("\\u%04x" % o)
+        else:
+            out.append("\\U%08x" % o)
+    return '"' + "".join(out) + '"'
+
+
+def go_sprint(v, sharp=False):
+    """Go's %v (or %#v with sharp=True) for JSON-decoded values: numbers, strings, bools, lists."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return _go_float(v)
+    if isinstance(v, str):
+        return _go_quote(v) if sharp else v
+    if isinstance(v, list):
+        if sharp:
+            return "[]interface {}{" + ", ".join(go_sprint(x, True) for x in v) + "}"
+        return "[" + " ".join(go_sprint(x) for x in v) + "]"
+    if v is None:
+        return "<nil>" if not sharp else "interface {}(nil)"
+    return str(v)
+
+
+###############################################################################
 # Modelfile ###################################################################
 ###############################################################################
 
@@ -1216,10 +1344,6 @@ _GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True"
 _GO_INT_RE = re.compile(r"^[+-]?[0-9]+$")
 _GO_FLOAT_RE = re.compile(r"^[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)$",
                           re.IGNORECASE)
-
-
-def _is_print(ch):
-    return ch == " " or ch.isprintable()
 
 
 def _unquote(s):
@@ -1548,279 +1672,6 @@ def modelfile_command(name, args):
         role, _, text = args.partition(": ")
         return "MESSAGE %s %s" % (role, quote_modelfile_value(text))
     return "PARAMETER %s %s" % (name, quote_modelfile_value(args))
-
-
-# -- Go formatting, so blobs and texts match Ollama's byte for byte ------------
-
-def _go_float(f, bits=64):
-    """Go's %v of a float (strconv 'g', shortest): "0.7", "40", "1e+06", "1.5e-05"."""
-    if f != f:
-        return "NaN"
-    if f in (FOREVER, -FOREVER):
-        return "+Inf" if f > 0 else "-Inf"
-    from decimal import Decimal
-    text = repr(_f32(f) if bits == 32 else float(f))
-    if f == 0:
-        return "-0" if text.startswith("-") else "0"
-    d = Decimal(text)
-    digits = str(d.as_tuple().digits and "".join(map(str, d.as_tuple().digits))).rstrip("0") or "0"
-    exponent = d.adjusted()
-    if exponent < -4 or exponent >= 6:              # shortest %g switches to %e at these exponents
-        m = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        return "%s%se%s%02d" % ("-" if f < 0 else "", m, "-" if exponent < 0 else "+", abs(exponent))
-    out = format(d, "f")
-    return out.rstrip("0").rstrip(".") if "." in out else out
-
-
-def _go_json_float(f):
-    """encoding/json's float64 text: plain digits unless |f| < 1e-6 or >= 1e21."""
-    if f != f or f in (FOREVER, -FOREVER):
-        raise ValueError("json: unsupported value: %r" % f)
-    a = abs(f)
-    from decimal import Decimal
-    if a != 0 and (a < 1e-6 or a >= 1e21):
-        text = repr(float(f))
-        m, _, e = text.partition("e")
-        return "%se%s%d" % (m, "-" if e.startswith("-") else "+", abs(int(e)))
-    out = format(Decimal(repr(float(f))), "f")
-    if "." in out:
-        out = out.rstrip("0").rstrip(".")
-    return out or "0"
-
-
-_GO_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-                    "<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-
-
-def _go_json_string(s):
-    out = []
-    for ch in s:
-        if ch in _GO_JSON_ESCAPES:
-            out.append(_GO_JSON_ESCAPES[ch])
-        elif ch < " ":
-            out.append("\\u%04x" % ord(ch))
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def go_json(obj, sort_keys=False):
-    """JSON as Go's json.Encoder writes it (HTML-escaped, Go float text), without the newline.
-
-    Go sorts map keys; pass sort_keys=True for values that are Go maps (params), False for
-    structs whose field order the dict already has (manifests, config, messages).
-    """
-    if obj is None:
-        return "null"
-    if obj is True:
-        return "true"
-    if obj is False:
-        return "false"
-    if isinstance(obj, int):
-        return str(obj)
-    if isinstance(obj, float):
-        return _go_json_float(obj)
-    if isinstance(obj, str):
-        return _go_json_string(obj)
-    if isinstance(obj, (list, tuple)):
-        return "[" + ",".join(go_json(v, sort_keys) for v in obj) + "]"
-    if isinstance(obj, dict):
-        keys = sorted(obj) if sort_keys else list(obj)
-        return "{" + ",".join(_go_json_string(str(k)) + ":" + go_json(obj[k], sort_keys) for k in keys) + "}"
-    raise TypeError("cannot encode %r" % (obj,))
-
-
-def _go_quote(s):
-    """strconv.Quote: Go's %#v of a string."""
-    out = []
-    for ch in s:
-        o = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch in "\a\b\f\n\r\t\v":
-            out.append({"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-                        "\v": "\\v"}[ch])
-        elif _is_print(ch):
-            out.append(ch)
-        elif o < 0x80:
-            out.append("\\x%02x" % o)
-        elif o < 0x10000:
-            out.append("\\u%04x" % o)
-        else:
-            out.append("\\U%08x" % o)
-    return '"' + "".join(out) + '"'
-
-
-def go_sprint(v, sharp=False):
-    """Go's %v (or %#v with sharp=True) for JSON-decoded values: numbers, strings, bools, lists."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return _go_float(v)
-    if isinstance(v, str):
-        return _go_quote(v) if sharp else v
-    if isinstance(v, list):
-        if sharp:
-            return "[]interface {}{" + ", ".join(go_sprint(x, True) for x in v) + "}"
-        return "[" + " ".join(go_sprint(x) for x in v) + "]"
-    if v is None:
-        return "<nil>" if not sharp else "interface {}(nil)"
-    return str(v)
-
-
-# -- a stored model, as its layers describe it ----------------------------------
-
-class Model:
-    """A stored model read from its manifest: weights path, projectors, adapters, template, system,
-    params, messages, licenses, config. Build it with `load_model(store, name)`."""
-
-    def __init__(self, name, manifest_raw, manifest, config, store):
-        self.name, self.manifest_raw, self.manifest, self.config = name, manifest_raw, manifest, config
-        self.digest = hashlib.sha256(manifest_raw).hexdigest()
-        self.model_path = None
-        self.parent_model = ""
-        self.projector_paths, self.adapter_paths, self.license = [], [], []
-        self.template, self.system, self.params, self.messages = DEFAULT_TEMPLATE, "", {}, []
-        self.has_template = False              # else the GGUF's own chat template is used for chat
-        self.size = sum(layer.get("size", 0) for layer in manifest.get("layers") or [])
-        for layer in manifest.get("layers") or []:
-            media = layer.get("mediaType", "")
-            kind = media[len(MEDIA_PREFIX):] if media.startswith(MEDIA_PREFIX) else media
-            path = store.blob_path(layer["digest"])
-            if kind == "model":
-                self.model_path, self.parent_model = str(path), layer.get("from", "")
-            elif kind == "projector":
-                self.projector_paths.append(str(path))
-            elif kind == "adapter":
-                self.adapter_paths.append(str(path))
-            elif kind in ("template", "prompt"):
-                self.template = path.read_text(encoding="utf-8", errors="replace")
-                self.has_template = True
-            elif kind == "system":
-                self.system = path.read_text(encoding="utf-8", errors="replace")
-            elif kind == "params":
-                self.params = json.loads(path.read_bytes() or b"{}") or {}
-            elif kind == "messages":
-                self.messages = json.loads(path.read_bytes() or b"[]") or []
-            elif kind == "license":
-                self.license.append(path.read_text(encoding="utf-8", errors="replace"))
-        self._parsed = store.parsed
-        self._capabilities = None
-
-    @property
-    def short_name(self):
-        return self.name.display()
-
-    def gguf(self, max_array=0):
-        """The weights' GGUF metadata (arrays skipped unless max_array is None); None if no weights."""
-        if self.model_path is None:
-            return None
-        if max_array == 0:
-            header = self._parsed.get(self.model_path)
-            if header is None:
-                header = self._parsed[self.model_path] = read_gguf(self.model_path, 0)
-            return header
-        return read_gguf(self.model_path, max_array)
-
-    def parsed_template(self):
-        """The TEMPLATE parsed once per server (a request renders it, reads its Vars() and tags);
-        TemplateError if it does not parse."""
-        key = ("template", self.template)
-        parsed = self._parsed.get(key)
-        if parsed is None:
-            parsed = self._parsed[key] = parse_template(self.template)
-        return parsed
-
-    def capabilities(self):
-        """Ollama's Model.Capabilities: completion or embedding, vision, tools, insert, thinking."""
-        if self._capabilities is None:
-            self._capabilities = model_capabilities(self)
-        return self._capabilities
-
-    def modelfile(self):
-        """The Modelfile text `ollama show --modelfile` prints (Model.String with its header)."""
-        cmds = []
-        if self.model_path:
-            cmds.append(("model", self.model_path))
-        cmds += [("adapter", p) for p in self.adapter_paths]
-        cmds += [("model", p) for p in self.projector_paths]
-        cmds.append(("template", self.template))
-        if self.system:
-            cmds.append(("system", self.system))
-        for k in sorted(self.params):
-            v = self.params[k]
-            for item in (v if isinstance(v, list) else [v]):
-                cmds.append((k, go_sprint(item)))
-        cmds += [("license", text) for text in self.license]
-        cmds += [("message", "%s: %s" % (m.get("role", ""), m.get("content", ""))) for m in self.messages]
-        head = ('# Modelfile generated by "ollama show"\n'
-                "# To build a new Modelfile based on this, replace FROM with:\n"
-                "# FROM %s\n\n" % self.short_name)
-        return head + "".join(modelfile_command(n, a) + "\n" for n, a in cmds)
-
-    def parameters_text(self, params=None):
-        """/api/show `parameters`: Go's "%-30s %#v" per value, one line per list item."""
-        params = self.params if params is None else params
-        lines = []
-        for k in sorted(params):
-            v = params[k]
-            for item in (v if isinstance(v, list) else [v]):
-                lines.append("%-30s %s" % (k, go_sprint(item, sharp=True)))
-        return "\n".join(lines)
-
-
-def load_model(store, name):
-    """Load a stored model by name (str or Name) -> Model; NotFound("model 'X' not found")."""
-    found, raw, manifest = store.get(name)
-    config = {}
-    digest = (manifest.get("config") or {}).get("digest")
-    if digest:
-        try:
-            config = json.loads(store.blob_path(digest).read_bytes())
-        except (OSError, ValueError) as e:
-            log.warning("unreadable config blob %s: %s", digest, e)
-    return Model(found, raw, manifest, config, store)
-
-
-def model_capabilities(model):
-    """The capabilities of a Model, as Ollama's server/images.go Capabilities decides them.
-
-    completion (or embedding when the GGUF has <arch>.pooling_type), vision (a vision block or a
-    projector), tools (the template's Vars() include .Tools), insert (.Suffix), thinking (.Thinking,
-    or a gpt-oss family).
-    """
-    caps = []
-    g = None
-    if model.model_path:
-        try:
-            g = model.gguf()
-        except (OSError, OllamaError) as e:
-            log.error("couldn't open model file: %s", e)
-    if g is not None:
-        caps.append("embedding" if g.is_embedding else "completion")
-        if g.key("vision.block_count") in g.kv:
-            caps.append("vision")
-    elif model.config.get("capabilities"):
-        caps.extend(model.config["capabilities"])
-    try:
-        names = model.parsed_template().vars()
-    except TemplateError as e:
-        log.warning("template of %s does not parse: %s", model.short_name, e)
-        names = set()
-    if "tools" in names:
-        caps.append("tools")
-    if "suffix" in names:
-        caps.append("insert")
-    if model.projector_paths and "vision" not in caps:
-        caps.append("vision")
-    if "thinking" not in caps and ("thinking" in names
-                                   or model.config.get("model_family") in ("gptoss", "gpt-oss")):
-        caps.append("thinking")
-    return caps
 
 
 ###############################################################################
@@ -3362,6 +3213,159 @@ def _overlap(s, delim):
         if s.endswith(delim[:n]):
             return n
     return 0
+
+
+###############################################################################
+# Models ######################################################################
+###############################################################################
+
+class Model:
+    """A stored model read from its manifest: weights path, projectors, adapters, template, system,
+    params, messages, licenses, config. Build it with `load_model(store, name)`."""
+
+    def __init__(self, name, manifest_raw, manifest, config, store):
+        self.name, self.manifest_raw, self.manifest, self.config = name, manifest_raw, manifest, config
+        self.digest = hashlib.sha256(manifest_raw).hexdigest()
+        self.model_path = None
+        self.parent_model = ""
+        self.projector_paths, self.adapter_paths, self.license = [], [], []
+        self.template, self.system, self.params, self.messages = DEFAULT_TEMPLATE, "", {}, []
+        self.has_template = False              # else the GGUF's own chat template is used for chat
+        self.size = sum(layer.get("size", 0) for layer in manifest.get("layers") or [])
+        for layer in manifest.get("layers") or []:
+            media = layer.get("mediaType", "")
+            kind = media[len(MEDIA_PREFIX):] if media.startswith(MEDIA_PREFIX) else media
+            path = store.blob_path(layer["digest"])
+            if kind == "model":
+                self.model_path, self.parent_model = str(path), layer.get("from", "")
+            elif kind == "projector":
+                self.projector_paths.append(str(path))
+            elif kind == "adapter":
+                self.adapter_paths.append(str(path))
+            elif kind in ("template", "prompt"):
+                self.template = path.read_text(encoding="utf-8", errors="replace")
+                self.has_template = True
+            elif kind == "system":
+                self.system = path.read_text(encoding="utf-8", errors="replace")
+            elif kind == "params":
+                self.params = json.loads(path.read_bytes() or b"{}") or {}
+            elif kind == "messages":
+                self.messages = json.loads(path.read_bytes() or b"[]") or []
+            elif kind == "license":
+                self.license.append(path.read_text(encoding="utf-8", errors="replace"))
+        self._parsed = store.parsed
+        self._capabilities = None
+
+    @property
+    def short_name(self):
+        return self.name.display()
+
+    def gguf(self, max_array=0):
+        """The weights' GGUF metadata (arrays skipped unless max_array is None); None if no weights."""
+        if self.model_path is None:
+            return None
+        if max_array == 0:
+            header = self._parsed.get(self.model_path)
+            if header is None:
+                header = self._parsed[self.model_path] = read_gguf(self.model_path, 0)
+            return header
+        return read_gguf(self.model_path, max_array)
+
+    def parsed_template(self):
+        """The TEMPLATE parsed once per server (a request renders it, reads its Vars() and tags);
+        TemplateError if it does not parse."""
+        key = ("template", self.template)
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            parsed = self._parsed[key] = parse_template(self.template)
+        return parsed
+
+    def capabilities(self):
+        """Ollama's Model.Capabilities: completion or embedding, vision, tools, insert, thinking."""
+        if self._capabilities is None:
+            self._capabilities = model_capabilities(self)
+        return self._capabilities
+
+    def modelfile(self):
+        """The Modelfile text `ollama show --modelfile` prints (Model.String with its header)."""
+        cmds = []
+        if self.model_path:
+            cmds.append(("model", self.model_path))
+        cmds += [("adapter", p) for p in self.adapter_paths]
+        cmds += [("model", p) for p in self.projector_paths]
+        cmds.append(("template", self.template))
+        if self.system:
+            cmds.append(("system", self.system))
+        for k in sorted(self.params):
+            v = self.params[k]
+            for item in (v if isinstance(v, list) else [v]):
+                cmds.append((k, go_sprint(item)))
+        cmds += [("license", text) for text in self.license]
+        cmds += [("message", "%s: %s" % (m.get("role", ""), m.get("content", ""))) for m in self.messages]
+        head = ('# Modelfile generated by "ollama show"\n'
+                "# To build a new Modelfile based on this, replace FROM with:\n"
+                "# FROM %s\n\n" % self.short_name)
+        return head + "".join(modelfile_command(n, a) + "\n" for n, a in cmds)
+
+    def parameters_text(self, params=None):
+        """/api/show `parameters`: Go's "%-30s %#v" per value, one line per list item."""
+        params = self.params if params is None else params
+        lines = []
+        for k in sorted(params):
+            v = params[k]
+            for item in (v if isinstance(v, list) else [v]):
+                lines.append("%-30s %s" % (k, go_sprint(item, sharp=True)))
+        return "\n".join(lines)
+
+
+def load_model(store, name):
+    """Load a stored model by name (str or Name) -> Model; NotFound("model 'X' not found")."""
+    found, raw, manifest = store.get(name)
+    config = {}
+    digest = (manifest.get("config") or {}).get("digest")
+    if digest:
+        try:
+            config = json.loads(store.blob_path(digest).read_bytes())
+        except (OSError, ValueError) as e:
+            log.warning("unreadable config blob %s: %s", digest, e)
+    return Model(found, raw, manifest, config, store)
+
+
+def model_capabilities(model):
+    """The capabilities of a Model, as Ollama's server/images.go Capabilities decides them.
+
+    completion (or embedding when the GGUF has <arch>.pooling_type), vision (a vision block or a
+    projector), tools (the template's Vars() include .Tools), insert (.Suffix), thinking (.Thinking,
+    or a gpt-oss family).
+    """
+    caps = []
+    g = None
+    if model.model_path:
+        try:
+            g = model.gguf()
+        except (OSError, OllamaError) as e:
+            log.error("couldn't open model file: %s", e)
+    if g is not None:
+        caps.append("embedding" if g.is_embedding else "completion")
+        if g.key("vision.block_count") in g.kv:
+            caps.append("vision")
+    elif model.config.get("capabilities"):
+        caps.extend(model.config["capabilities"])
+    try:
+        names = model.parsed_template().vars()
+    except TemplateError as e:
+        log.warning("template of %s does not parse: %s", model.short_name, e)
+        names = set()
+    if "tools" in names:
+        caps.append("tools")
+    if "suffix" in names:
+        caps.append("insert")
+    if model.projector_paths and "vision" not in caps:
+        caps.append("vision")
+    if "thinking" not in caps and ("thinking" in names
+                                   or model.config.get("model_family") in ("gptoss", "gpt-oss")):
+        caps.append("thinking")
+    return caps
 
 
 ###############################################################################
