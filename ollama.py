@@ -7833,35 +7833,9 @@ def cmd_rm(args):
 
 # -- inference ---------------------------------------------------------------
 
-# Ollama's api.Options and Runner fields by type, for `/set parameter` (api.FormatParams).
-_PARAM_INT = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
-              "main_gpu", "num_thread")
-_PARAM_FLOAT = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                "frequency_penalty")
-_PARAM_BOOL = ("use_mmap",)
-_PARAM_LIST = ("stop",)
 _THINK_LEVELS = ("high", "medium", "low", "max")
-_HISTORY_LIMIT = 100                  # lines kept in ~/.ollama/history, as Ollama's readline keeps
 _GREY, _BOLD, _RESET = "\x1b[38;5;245m", "\x1b[1m", "\x1b[0m"
 _RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
-
-
-def _format_param(key, values):
-    """One `/set parameter` value typed as Ollama's api.FormatParams does; ValueError with its text."""
-    if key in _PARAM_LIST:
-        return list(values)
-    text = values[0]
-    try:
-        if key in _PARAM_INT:
-            return int(text, 10)
-        if key in _PARAM_FLOAT:
-            return float(text)
-        if key in _PARAM_BOOL:
-            return {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}[text.lower()]
-    except (ValueError, KeyError):
-        kind = "int" if key in _PARAM_INT else "float" if key in _PARAM_FLOAT else "bool"
-        raise ValueError("invalid %s value [%s]" % (kind, " ".join(values))) from None
-    raise ValueError("unknown parameter '%s'" % key)
 
 
 def _parse_rfc3339(text, zero=False):
@@ -8205,6 +8179,209 @@ def _chat(client, opts):
     if final is not None and opts.verbose:
         _print_metrics(final)
     return {"role": role, "content": "".join(out.content)}
+
+
+@command("ps")
+def cmd_ps(args):
+    """List running models."""
+    client = _client()
+    client.heartbeat()
+    resp = client.call("GET", "/api/ps") or {}
+    rows = []
+    now = time.time()
+    for m in resp.get("models") or []:
+        size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
+        if vram == 0:
+            proc = "100% CPU"
+        elif vram == size:
+            proc = "100% GPU"
+        elif vram > size or size == 0:
+            proc = "Unknown"
+        else:
+            cpu = int(round((size - vram) / size * 100))
+            proc = "%d%%/%d%% CPU/GPU" % (cpu, 100 - cpu)
+        expires = _parse_rfc3339(m.get("expires_at"))
+        if expires is None:
+            until = "Never"
+        elif expires < now:
+            until = "Stopping..."
+        else:
+            until = human_time(expires, now)
+        rows.append([m.get("name", ""), (m.get("digest") or "")[:12], human_bytes(size), proc,
+                     str(m.get("context_length") or 0), until])
+    sys.stdout.write(_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
+    return 0
+
+
+@command("stop", arg("model"))
+def cmd_stop(args):
+    """Stop a running model."""
+    client = _client()
+    client.heartbeat()
+    missing = OllamaError('couldn\'t find model "%s" to stop' % args.model)
+    try:
+        name = Name.parse(args.model)
+    except BadRequest:
+        raise missing from None
+    running = (client.call("GET", "/api/ps") or {}).get("models") or []
+    if not any(Name.parse_bare(m.get("name") or m.get("model")) == name for m in running):
+        raise missing
+    try:
+        for _ in client.stream("POST", "/api/generate", {"model": args.model, "keep_alive": 0}):
+            pass
+    except OllamaError as e:
+        if e.status == NotFound.status:
+            raise missing from None
+        raise
+    return 0
+
+# -- registry ----------------------------------------------------------------
+
+class _TransferProgress:
+    """Ollama-style progress for pull/push on stderr: a bar per blob (percent, size, speed, time
+    left) redrawn in place on a TTY; plain lines otherwise (a blob's line once it completes)."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stderr
+        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
+        self.lines = []                     # [key, text] in display order
+        self.bars = {}                      # digest -> [total, completed, [(time, completed)...]]
+        self.drawn, self.last_draw = 0, 0.0
+        self.status = None
+
+    def update(self, obj):
+        status, digest = obj.get("status") or "", obj.get("digest")
+        if digest and obj.get("total"):
+            total, done = obj["total"], obj.get("completed") or 0
+            bar = self.bars.get(digest)
+            if bar is None:
+                if not done:
+                    return                  # Ollama skips a blob's first, empty update
+                bar = self.bars[digest] = [total, done, []]
+                self.lines.append([digest, ""])
+            was_done = bar[1] >= bar[0]
+            bar[0], bar[1] = total, done
+            bar[2].append((time.monotonic(), done))
+            bar[2][:] = [s for s in bar[2] if s[0] > time.monotonic() - 3.0]
+            self._set(digest, self._bar(status, digest))
+            if not self.tty and done >= total and not was_done:
+                print(self._bar(status, digest, plain=True), file=self.out, flush=True)
+        elif status and status != self.status:
+            self.status = status
+            self.lines.append([status, status])
+            if not self.tty:
+                print(status, file=self.out, flush=True)
+        self._draw(force=status == "success" or not digest)
+
+    def _set(self, key, text):
+        for line in self.lines:
+            if line[0] == key:
+                line[1] = text
+
+    def _bar(self, status, digest, plain=False):
+        total, done, samples = self.bars[digest]
+        pct = int(100 * done / total) if total else 100
+        if plain:
+            return "%s: %3d%% %s" % (status, pct, human_bytes(total))
+        width = 25
+        filled = width * done // total if total else width
+        size = human_bytes(total) if done >= total else "%s/%s" % (human_bytes(done), human_bytes(total))
+        text = "%s: %3d%% \u2595%s%s\u258f %s" % (status, pct, "\u2588" * filled, " " * (width - filled), size)
+        if done < total and len(samples) > 1 and samples[-1][0] > samples[0][0]:
+            rate = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
+            if rate > 0:
+                left = format_duration(int((total - done) / rate))
+                text += "  %8s/s %7s" % (human_bytes(rate), left)
+        return text
+
+    def _draw(self, force=False):
+        if not self.tty or (not force and time.monotonic() - self.last_draw < 0.1):
+            return
+        self.last_draw = time.monotonic()
+        out = "\x1b[%dA" % (self.drawn - 1) if self.drawn > 1 else ""
+        out += "\r" + "\n".join("\x1b[K" + text for _key, text in self.lines)
+        self.out.write(out)
+        self.out.flush()
+        self.drawn = len(self.lines)
+
+    def close(self):
+        if self.tty and self.drawn:
+            self._draw(force=True)
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _transfer(model, insecure, path):
+    """Pull or push `model` (path /api/pull or /api/push) with a progress display."""
+    client = _client()
+    client.heartbeat()
+    display = _TransferProgress()
+    last = None
+    try:
+        for last in client.stream("POST", path, {"model": model, "insecure": bool(insecure)}):
+            display.update(last)
+    except (OSError, http.client.HTTPException) as e:
+        raise OllamaError("unexpected EOF: %s" % e) from None
+    finally:
+        display.close()
+    if not last or last.get("status") != "success":
+        raise OllamaError("unexpected EOF")                 # the server went away mid-stream
+
+
+@command("pull", arg("model"), INSECURE)
+def cmd_pull(args):
+    """Pull a model from a registry
+
+    Fetches the manifest and every missing blob (resuming interrupted downloads) from the model's
+    registry: registry.ollama.ai, or the host in the name (host:port/namespace/model:tag).
+    Credentials for other registries come from the docker config (~/.docker/config.json "auths",
+    as written by 'docker login'); --insecure allows plain HTTP.
+    """
+    _transfer(args.model, args.insecure, "/api/pull")
+    return 0
+
+
+@command("push", arg("model"), INSECURE)
+def cmd_push(args):
+    """Push a model to a registry
+
+    Uploads the blobs the registry lacks, then the manifest. Credentials as for 'pull'.
+    """
+    _transfer(args.model, args.insecure, "/api/push")
+    name = Name.parse_bare(args.model)
+    if name is not None and name.host.lower() == DEFAULT_REGISTRY:
+        print("\nYou can find your model at:\n\n\thttps://ollama.com/%s/%s\n" % (name.namespace, name.model))
+    return 0
+
+
+# -- the REPL: `run` without a prompt --------------------------------------------
+
+# Ollama's api.Options and Runner fields by type, for `/set parameter` (api.FormatParams).
+_PARAM_INT = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
+              "main_gpu", "num_thread")
+_PARAM_FLOAT = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                "frequency_penalty")
+_PARAM_BOOL = ("use_mmap",)
+_PARAM_LIST = ("stop",)
+_HISTORY_LIMIT = 100                  # lines kept in ~/.ollama/history, as Ollama's readline keeps
+
+
+def _format_param(key, values):
+    """One `/set parameter` value typed as Ollama's api.FormatParams does; ValueError with its text."""
+    if key in _PARAM_LIST:
+        return list(values)
+    text = values[0]
+    try:
+        if key in _PARAM_INT:
+            return int(text, 10)
+        if key in _PARAM_FLOAT:
+            return float(text)
+        if key in _PARAM_BOOL:
+            return {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}[text.lower()]
+    except (ValueError, KeyError):
+        kind = "int" if key in _PARAM_INT else "float" if key in _PARAM_FLOAT else "bool"
+        raise ValueError("invalid %s value [%s]" % (kind, " ".join(values))) from None
+    raise ValueError("unknown parameter '%s'" % key)
 
 
 class _LineReader:
@@ -8582,179 +8759,6 @@ def _go_value(v):
     if isinstance(v, list):
         return "[%s]" % " ".join(_go_value(x) for x in v)
     return str(v)
-
-
-@command("ps")
-def cmd_ps(args):
-    """List running models."""
-    client = _client()
-    client.heartbeat()
-    resp = client.call("GET", "/api/ps") or {}
-    rows = []
-    now = time.time()
-    for m in resp.get("models") or []:
-        size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
-        if vram == 0:
-            proc = "100% CPU"
-        elif vram == size:
-            proc = "100% GPU"
-        elif vram > size or size == 0:
-            proc = "Unknown"
-        else:
-            cpu = int(round((size - vram) / size * 100))
-            proc = "%d%%/%d%% CPU/GPU" % (cpu, 100 - cpu)
-        expires = _parse_rfc3339(m.get("expires_at"))
-        if expires is None:
-            until = "Never"
-        elif expires < now:
-            until = "Stopping..."
-        else:
-            until = human_time(expires, now)
-        rows.append([m.get("name", ""), (m.get("digest") or "")[:12], human_bytes(size), proc,
-                     str(m.get("context_length") or 0), until])
-    sys.stdout.write(_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
-    return 0
-
-
-@command("stop", arg("model"))
-def cmd_stop(args):
-    """Stop a running model."""
-    client = _client()
-    client.heartbeat()
-    missing = OllamaError('couldn\'t find model "%s" to stop' % args.model)
-    try:
-        name = Name.parse(args.model)
-    except BadRequest:
-        raise missing from None
-    running = (client.call("GET", "/api/ps") or {}).get("models") or []
-    if not any(Name.parse_bare(m.get("name") or m.get("model")) == name for m in running):
-        raise missing
-    try:
-        for _ in client.stream("POST", "/api/generate", {"model": args.model, "keep_alive": 0}):
-            pass
-    except OllamaError as e:
-        if e.status == NotFound.status:
-            raise missing from None
-        raise
-    return 0
-
-# -- registry ----------------------------------------------------------------
-
-class _TransferProgress:
-    """Ollama-style progress for pull/push on stderr: a bar per blob (percent, size, speed, time
-    left) redrawn in place on a TTY; plain lines otherwise (a blob's line once it completes)."""
-
-    def __init__(self, out=None):
-        self.out = out or sys.stderr
-        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
-        self.lines = []                     # [key, text] in display order
-        self.bars = {}                      # digest -> [total, completed, [(time, completed)...]]
-        self.drawn, self.last_draw = 0, 0.0
-        self.status = None
-
-    def update(self, obj):
-        status, digest = obj.get("status") or "", obj.get("digest")
-        if digest and obj.get("total"):
-            total, done = obj["total"], obj.get("completed") or 0
-            bar = self.bars.get(digest)
-            if bar is None:
-                if not done:
-                    return                  # Ollama skips a blob's first, empty update
-                bar = self.bars[digest] = [total, done, []]
-                self.lines.append([digest, ""])
-            was_done = bar[1] >= bar[0]
-            bar[0], bar[1] = total, done
-            bar[2].append((time.monotonic(), done))
-            bar[2][:] = [s for s in bar[2] if s[0] > time.monotonic() - 3.0]
-            self._set(digest, self._bar(status, digest))
-            if not self.tty and done >= total and not was_done:
-                print(self._bar(status, digest, plain=True), file=self.out, flush=True)
-        elif status and status != self.status:
-            self.status = status
-            self.lines.append([status, status])
-            if not self.tty:
-                print(status, file=self.out, flush=True)
-        self._draw(force=status == "success" or not digest)
-
-    def _set(self, key, text):
-        for line in self.lines:
-            if line[0] == key:
-                line[1] = text
-
-    def _bar(self, status, digest, plain=False):
-        total, done, samples = self.bars[digest]
-        pct = int(100 * done / total) if total else 100
-        if plain:
-            return "%s: %3d%% %s" % (status, pct, human_bytes(total))
-        width = 25
-        filled = width * done // total if total else width
-        size = human_bytes(total) if done >= total else "%s/%s" % (human_bytes(done), human_bytes(total))
-        text = "%s: %3d%% \u2595%s%s\u258f %s" % (status, pct, "\u2588" * filled, " " * (width - filled), size)
-        if done < total and len(samples) > 1 and samples[-1][0] > samples[0][0]:
-            rate = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
-            if rate > 0:
-                left = format_duration(int((total - done) / rate))
-                text += "  %8s/s %7s" % (human_bytes(rate), left)
-        return text
-
-    def _draw(self, force=False):
-        if not self.tty or (not force and time.monotonic() - self.last_draw < 0.1):
-            return
-        self.last_draw = time.monotonic()
-        out = "\x1b[%dA" % (self.drawn - 1) if self.drawn > 1 else ""
-        out += "\r" + "\n".join("\x1b[K" + text for _key, text in self.lines)
-        self.out.write(out)
-        self.out.flush()
-        self.drawn = len(self.lines)
-
-    def close(self):
-        if self.tty and self.drawn:
-            self._draw(force=True)
-            self.out.write("\n")
-            self.out.flush()
-
-
-def _transfer(model, insecure, path):
-    """Pull or push `model` (path /api/pull or /api/push) with a progress display."""
-    client = _client()
-    client.heartbeat()
-    display = _TransferProgress()
-    last = None
-    try:
-        for last in client.stream("POST", path, {"model": model, "insecure": bool(insecure)}):
-            display.update(last)
-    except (OSError, http.client.HTTPException) as e:
-        raise OllamaError("unexpected EOF: %s" % e) from None
-    finally:
-        display.close()
-    if not last or last.get("status") != "success":
-        raise OllamaError("unexpected EOF")                 # the server went away mid-stream
-
-
-@command("pull", arg("model"), INSECURE)
-def cmd_pull(args):
-    """Pull a model from a registry
-
-    Fetches the manifest and every missing blob (resuming interrupted downloads) from the model's
-    registry: registry.ollama.ai, or the host in the name (host:port/namespace/model:tag).
-    Credentials for other registries come from the docker config (~/.docker/config.json "auths",
-    as written by 'docker login'); --insecure allows plain HTTP.
-    """
-    _transfer(args.model, args.insecure, "/api/pull")
-    return 0
-
-
-@command("push", arg("model"), INSECURE)
-def cmd_push(args):
-    """Push a model to a registry
-
-    Uploads the blobs the registry lacks, then the manifest. Credentials as for 'pull'.
-    """
-    _transfer(args.model, args.insecure, "/api/push")
-    name = Name.parse_bare(args.model)
-    if name is not None and name.host.lower() == DEFAULT_REGISTRY:
-        print("\nYou can find your model at:\n\n\thttps://ollama.com/%s/%s\n" % (name.namespace, name.model))
-    return 0
 
 
 def _doc(func):
