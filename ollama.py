@@ -9,6 +9,56 @@ Standard library only, Python 3.9 or newer. MIT licensed.
     ollama.py create NAME -f Modelfile
     ollama.py run NAME [PROMPT]       chat, or answer one prompt
     ollama.py pull|push|list|ps|show|cp|rm|stop ...
+
+The map
+-------
+Sections run in dependency order: each uses only those above it (Config's keep_alive default
+and the Utilities' Go durations are the exceptions). Each has a three-line ``#`` banner; the big
+ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lines.
+
+    Config         defaults (one per line, with units); Config: the OLLAMA_* environment, read once
+    Errors         OllamaError and its subclasses, each with the HTTP `status` it is answered with
+    Utilities      Go durations, human sizes and times, RFC 3339, JSON as Go writes it, files
+    Names          Name: host/namespace/model:tag as Ollama parses, displays and compares them
+    Store          Store: ~/.ollama/models (blobs/sha256-*, manifests/...), its lock, atomic writes
+    GGUF           GGUF headers (architecture, context, chat template, vocabulary); tiny writers
+    Go formatting  Go's %v, strconv quoting and json.Marshal: texts and blobs byte for byte Ollama's
+    Modelfile      parse_modelfile, PARAMETER types and ranges, the /api/create body it becomes
+    Templates      == Go's text/template engine, == Ollama's templates (values, vars, a chat
+                   rendered), == output parsers (tool calls, thinking)
+    Models         Model: a stored model as its layers describe it (load_model); its capabilities
+    Registry       == keys (Ed25519, OpenSSH files, signed requests), == client (OCI pull and
+                   push: RegistrySession, Transfers, pull_model, push_model)
+    Runner         Runner: one llama-server child (argv, start, health, completion, tokenize,
+                   embeddings); Spawner: the thread that forks children tied to serve
+    Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
+    HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream),
+                   == Ollama's API (/api/*, an api_* each), == OpenAI compatibility (/v1/*)
+    CLI            == the client (Client, @command), == commands (a cmd_* each), == the REPL
+    Main           main(argv): parse, run the command; an OllamaError is "Error: ..." and exit 1
+
+The request path of a chat: ``OllamaServer`` (a ThreadingHTTPServer; one thread per connection)
+-> ``OllamaHandler._route`` (CORS and Host guards, then ``Routes.match``) -> ``api_chat(req)``
+(check_fields, ``_find_model`` -> ``load_model``) -> ``Scheduler.lease()`` in a ``with`` block
+(loads a ``Runner`` if needed: llama-server on a free loopback port) -> ``Runner.completion()``
+(llama-server's streamed /completion) -> ``_api_chat_chunks`` (tool-call and thinking parsers) ->
+a ``Stream`` that ``OllamaHandler._send_stream`` writes as chunked NDJSON; the lease is handed to
+the stream (``lease.stream()``) and released when it ends, which starts the keep-alive timer.
+The /v1 handlers call the /api ones and translate; the CLI talks to serve over HTTP only.
+
+Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers,
+routes, connection count); the models are on disk in the ``Store``; the loaded runners in the
+``Scheduler``; downloads in flight in ``Transfers``. At module level there are only constants,
+the logger and the two tables the decorators fill at import: ``ROUTES`` and ``COMMANDS``.
+
+To add an endpoint: write ``@route("POST", "/api/thing")`` over ``def api_thing(req):`` in its
+part of HTTP API; read the body with ``req.json()`` and ``check_fields`` (Go's exact unmarshal
+errors), raise an ``OllamaError`` subclass for an error, and return a dict (JSON), a ``Stream``
+or a ``Response``. Runners only through ``with _schedule(...) as lease:``. Test it through the
+``server`` fixture (tests/test_api.py). To add a command: write ``@command("thing",
+argument("model"), ...)`` over ``def cmd_thing(args):`` (its docstring's first line is its help,
+the rest its description), talk to the server through ``_client()``, return the exit status,
+and add it to README.md.
 """
 
 __version__ = "0.1.0"
@@ -52,6 +102,7 @@ from pathlib import Path
 ###############################################################################
 # Config ######################################################################
 ###############################################################################
+# Defaults, and the environment read once into Config.
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
@@ -150,6 +201,7 @@ def _duration_env(env, key, default):
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
+# One hierarchy: every error the server answers or the CLI prints is an OllamaError with a status.
 
 class OllamaError(Exception):
     """An error with the HTTP status it is reported with; its text is Ollama's."""
@@ -199,6 +251,7 @@ class Busy(OllamaError):
 ###############################################################################
 # Utilities ###################################################################
 ###############################################################################
+# Small helpers with no state: Go durations, human sizes and times, timestamps, JSON, files.
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -419,6 +472,7 @@ def _unlink(path):
 ###############################################################################
 # Names #######################################################################
 ###############################################################################
+# Model names as Ollama's types/model package parses, checks and displays them.
 
 _PART_RE = {
     "host": re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$"),
@@ -518,6 +572,7 @@ def parse_digest(text):
 ###############################################################################
 # Store #######################################################################
 ###############################################################################
+# The models directory: content-addressed blobs, manifests by name, one lock, crash-safe writes.
 
 class Store:
     """Ollama's on-disk model store under OLLAMA_MODELS.
@@ -802,6 +857,7 @@ def manifest_digests(manifest):
 ###############################################################################
 # GGUF ########################################################################
 ###############################################################################
+# GGUF files: the header's key/values and tensor list (read lazily), and a writer for tests and checks.
 
 GGUF_MAGIC = b"GGUF"
 #: GGUF metadata value types: id -> (name, struct format or None for string/array).
@@ -1184,6 +1240,7 @@ def engine_check_model(path, seed=0, f16=False):
 ###############################################################################
 # Go formatting ###############################################################
 ###############################################################################
+# Go's fmt, strconv and encoding/json output, for the Modelfile, templates and blobs that must match Ollama's.
 
 def _is_print(ch):
     return ch == " " or ch.isprintable()
@@ -1312,6 +1369,7 @@ def go_sprint(v, sharp=False):
 ###############################################################################
 # Modelfile ###################################################################
 ###############################################################################
+# Modelfile text <-> commands, typed PARAMETERs, and the /api/create request a Modelfile becomes.
 
 MODELFILE_COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
                       "parameter", "message", "requires")
@@ -1677,10 +1735,13 @@ def modelfile_command(name, args):
 ###############################################################################
 # Templates ###################################################################
 ###############################################################################
+# Prompt templates: a Go text/template engine, Ollama's template values, and the parsers of its output.
 
 class TemplateError(BadRequest):
     """A prompt template that does not parse or fails to execute; the text is Go's ("template: :LINE: ...")."""
 
+
+# == Templates: Go's text/template engine =====================================
 
 # -- Go text/template: lexer and parser -----------------------------------------
 
@@ -2555,6 +2616,8 @@ def _node_text(node):
     return node.kind
 
 
+# == Templates: Ollama's templates ============================================
+
 # -- Ollama's template values ----------------------------------------------------
 
 def _plain(*names):
@@ -2887,6 +2950,8 @@ def chat_prompt(template, messages, count_tokens, num_ctx, tools=None, think=Non
     return attempt(0)[0], 0
 
 
+# == Templates: output parsers (tool calls, thinking) =========================
+
 # -- tool calls ------------------------------------------------------------------
 
 def infer_tool_tag(template):
@@ -3218,6 +3283,7 @@ def _overlap(s, delim):
 ###############################################################################
 # Models ######################################################################
 ###############################################################################
+# A stored model as its manifest and layers describe it, and what it can do.
 
 class Model:
     """A stored model read from its manifest: weights path, projectors, adapters, template, system,
@@ -3371,8 +3437,9 @@ def model_capabilities(model):
 ###############################################################################
 # Registry ####################################################################
 ###############################################################################
+# Talking to OCI registries: the Ed25519 keys Ollama signs with, and pull and push.
 
-# -- keys: ed25519 (RFC 8032) and the OpenSSH key files ------------------------
+# == Registry: keys: ed25519 (RFC 8032) and the OpenSSH key files =============
 
 # Ed25519 over edwards25519 (RFC 8032 section 5.1); points are extended (X, Y, Z, T), x=X/Z, y=Y/Z, xy=T/Z.
 _ED_P = 2 ** 255 - 19                                                   # field prime
@@ -3664,7 +3731,7 @@ def sign_challenge(key, method, url, body=b""):
     return sign_auth(key, "%s,%s,%s" % (method, url, base64.b64encode(digest).decode("ascii")))
 
 
-# -- registry client: OCI distribution pull and push ---------------------------
+# == Registry: client: OCI distribution pull and push =========================
 #
 # Names, media types and digest checks are small functions so that a future `serve` can answer
 # as a read-only OCI registry with the same rules it uses to fetch.
@@ -4409,6 +4476,7 @@ def push_model(store, transfers, config, name, insecure=False, progress=None, ca
 ###############################################################################
 # Runner ######################################################################
 ###############################################################################
+# One llama-server child per loaded model: its argv, its life, and the HTTP calls to it.
 
 #: Request options that decide how llama-server is started; a change in any of them reloads.
 LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
@@ -4919,6 +4987,7 @@ def _shell_quote(arg):
 ###############################################################################
 # Scheduler ###################################################################
 ###############################################################################
+# Which runners are loaded, and who holds them: leases, queueing, eviction, keep-alive.
 
 class _Loaded:
     """A runner in the scheduler's table, with its reference count and expiry."""
@@ -5236,6 +5305,9 @@ def _safe_filename(text):
 ###############################################################################
 # HTTP API ####################################################################
 ###############################################################################
+# The serve process: the HTTP server and router, Ollama's /api and the OpenAI-compatible /v1.
+
+# == HTTP API: the server =====================================================
 
 class Response:
     """A complete, non-JSON (or non-200) answer: status, body bytes, content type, extra headers."""
@@ -5860,6 +5932,8 @@ def make_server(config=None, host=None, port=None):
     config = config or Config()
     return OllamaServer(config, (host or config.host, config.port if port is None else port))
 
+
+# == HTTP API: Ollama's API (/api) ============================================
 
 # -- general -----------------------------------------------------------------
 
@@ -6925,7 +6999,7 @@ def api_push(req):
     return _progress_stream(req, lambda progress, cancel: push_model(
         *_registry_parts(req), name, insecure, progress, cancel), stream)
 
-# -- OpenAI compatibility ----------------------------------------------------
+# == HTTP API: OpenAI compatibility (/v1) =====================================
 
 #: OpenAI's error "type" for an HTTP status (openai.NewError).
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
@@ -7309,6 +7383,9 @@ def v1_model(req):
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
+# The commands: a client of the HTTP API, one cmd_* per command, and the interactive REPL.
+
+# == CLI: the client, and @command ============================================
 
 class Client:
     """The CLI's side of the API: JSON calls and NDJSON streams to OLLAMA_HOST over http.client."""
@@ -7393,24 +7470,27 @@ def _client():
 COMMANDS = {}
 
 
-def arg(*names, **kw):
-    """One argparse argument of a command, for @command: arg("model"), arg("--think", nargs="?")."""
+def argument(*names, **kw):
+    """One argparse argument of a command, for @command: argument("model"), argument("--x", ...)."""
     return names, kw
 
 
 #: Shared by the commands that reach a registry.
-INSECURE = arg("--insecure", action="store_true", help="use an insecure registry")
+INSECURE = argument("--insecure", action="store_true", help="use an insecure registry")
 
 
 def command(name, *args, aliases=()):
-    """Declare the decorated cmd_NAME(args) -> exit status as `ollama.py NAME`, taking `args` (each
-    an arg(...)); its docstring's first line is its help, the rest its description. The flags sit
-    beside the command, as RamaLama pairs *_parser with *_cli; build_parser() wires them all."""
+    """Declare the decorated cmd_NAME(args) -> exit status as `ollama.py NAME`, taking `args`
+    (each an argument(...)); its docstring's first line is its help, the rest its description.
+    The flags sit beside the command, as RamaLama pairs *_parser with *_cli; build_parser()
+    wires them all."""
     def register(func):
         COMMANDS[name] = (func, tuple(aliases), args)
         return func
     return register
 
+
+# == CLI: commands ============================================================
 
 # -- serve -------------------------------------------------------------------
 
@@ -7526,8 +7606,8 @@ def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
 
 
 @command("check-engine",
-         arg("--engine", metavar="PATH", help="the llama-server to check (default: the one serve uses)"),
-         arg("--exec", dest="launcher", metavar="CMD",
+         argument("--engine", metavar="PATH", help="the llama-server to check (default: the one serve uses)"),
+         argument("--exec", dest="launcher", metavar="CMD",
              help='run it under an emulator or wrapper, e.g. "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"'))
 def cmd_check_engine(args):
     """Check that the llama-server engine runs on this machine.
@@ -7636,9 +7716,9 @@ def _server_is_local(client):
     return _is_loopback(client.host)
 
 
-@command("create", arg("model"),
-         arg("-f", "--file", help='name of the Modelfile (default "Modelfile")'),
-         arg("-q", "--quantize", help="quantize model to this level (e.g. q4_K_M)"))
+@command("create", argument("model"),
+         argument("-f", "--file", help='name of the Modelfile (default "Modelfile")'),
+         argument("-q", "--quantize", help="quantize model to this level (e.g. q4_K_M)"))
 def cmd_create(args):
     """Create a model from a Modelfile.
 
@@ -7683,7 +7763,7 @@ def cmd_create(args):
     return 0
 
 
-@command("list", arg("prefix", nargs="?", default=""), aliases=["ls"])
+@command("list", argument("prefix", nargs="?", default=""), aliases=["ls"])
 def cmd_list(args):
     """List models."""
     return _list_models(args.prefix)
@@ -7778,11 +7858,11 @@ def _show_info(resp, verbose, out):
         section("License", head(resp["license"], 2))
 
 
-@command("show", arg("model"),
-         *(arg("--" + name, action="store_true", help="show %s of a model" % what)
+@command("show", argument("model"),
+         *(argument("--" + name, action="store_true", help="show %s of a model" % what)
            for name, what in (("license", "license"), ("modelfile", "Modelfile"), ("parameters", "parameters"),
                               ("system", "system message"), ("template", "template"))),
-         arg("-v", "--verbose", action="store_true", help="show detailed model information"))
+         argument("-v", "--verbose", action="store_true", help="show detailed model information"))
 def cmd_show(args):
     """Show information for a model."""
     flags = [f for f in ("license", "modelfile", "parameters", "system", "template") if getattr(args, f)]
@@ -7804,7 +7884,7 @@ def cmd_show(args):
     return 0
 
 
-@command("cp", arg("source"), arg("destination"))
+@command("cp", argument("source"), argument("destination"))
 def cmd_cp(args):
     """Copy a model."""
     client = _client()
@@ -7814,7 +7894,7 @@ def cmd_cp(args):
     return 0
 
 
-@command("rm", arg("models", nargs="+", metavar="model"))
+@command("rm", argument("models", nargs="+", metavar="model"))
 def cmd_rm(args):
     """Remove a model."""
     client = _client()
@@ -8032,17 +8112,17 @@ def _load_model(client, opts):
         pass
 
 
-@command("run", arg("model"), arg("prompt", nargs="*"),
-         arg("--format", help='response format (e.g. json)'),
-         arg("--keepalive", help="duration to keep a model loaded (e.g. 5m)"),
-         arg("--verbose", action="store_true", help="show timings for response"),
+@command("run", argument("model"), argument("prompt", nargs="*"),
+         argument("--format", help='response format (e.g. json)'),
+         argument("--keepalive", help="duration to keep a model loaded (e.g. 5m)"),
+         argument("--verbose", action="store_true", help="show timings for response"),
          INSECURE,
-         arg("--nowordwrap", action="store_true", help="don't wrap words to the next line automatically"),
-         arg("--think", nargs="?", const="true", help="enable thinking mode: true/false or high/medium/low"),
-         arg("--hidethinking", action="store_true", help="hide thinking output (if provided)"),
-         arg("--truncate", action="store_true",
+         argument("--nowordwrap", action="store_true", help="don't wrap words to the next line automatically"),
+         argument("--think", nargs="?", const="true", help="enable thinking mode: true/false or high/medium/low"),
+         argument("--hidethinking", action="store_true", help="hide thinking output (if provided)"),
+         argument("--truncate", action="store_true",
              help="for embedding models: truncate inputs that exceed the context length"),
-         arg("--dimensions", type=int, help="truncate output embeddings to specified dimension"))
+         argument("--dimensions", type=int, help="truncate output embeddings to specified dimension"))
 def cmd_run(args):
     """Run a model."""
     client = _client()
@@ -8213,7 +8293,7 @@ def cmd_ps(args):
     return 0
 
 
-@command("stop", arg("model"))
+@command("stop", argument("model"))
 def cmd_stop(args):
     """Stop a running model."""
     client = _client()
@@ -8328,7 +8408,7 @@ def _transfer(model, insecure, path):
         raise OllamaError("unexpected EOF")                 # the server went away mid-stream
 
 
-@command("pull", arg("model"), INSECURE)
+@command("pull", argument("model"), INSECURE)
 def cmd_pull(args):
     """Pull a model from a registry
 
@@ -8341,7 +8421,7 @@ def cmd_pull(args):
     return 0
 
 
-@command("push", arg("model"), INSECURE)
+@command("push", argument("model"), INSECURE)
 def cmd_push(args):
     """Push a model to a registry
 
@@ -8354,7 +8434,7 @@ def cmd_push(args):
     return 0
 
 
-# -- the REPL: `run` without a prompt --------------------------------------------
+# == CLI: the REPL (`run` without a prompt) ===================================
 
 # Ollama's api.Options and Runner fields by type, for `/set parameter` (api.FormatParams).
 _PARAM_INT = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
@@ -8787,6 +8867,7 @@ def build_parser():
 ###############################################################################
 # Main ########################################################################
 ###############################################################################
+# The entry point.
 
 def main(argv=None):
     """Entry point: parse the command line and run the command; returns the exit status."""
