@@ -1750,7 +1750,8 @@ _TPL_KEYWORDS = {"if", "else", "end", "range", "with", "break", "continue", "def
 _TPL_NUMBER_RE = re.compile(
     r"[+-]?(?:0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?\d+)?)")
 _TPL_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TPL_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", '"': '"', "'": "'"}
+_TPL_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+                "\\": "\\", '"': '"', "'": "'"}
 
 
 class _Tok:
@@ -2030,7 +2031,8 @@ class _TplParser:
         cmds.append(args)
         for cmd in cmds[1:]:
             if cmd[0].kind in ("const", "nil"):
-                raise TemplateError("template: :%d: non executable command in pipeline stage %d" % (line, cmds.index(cmd) + 1))
+                raise TemplateError("template: :%d: non executable command in pipeline stage %d"
+                                    % (line, cmds.index(cmd) + 1))
         return cmds, i
 
     def operand(self, toks, i, line, context):
@@ -2219,8 +2221,8 @@ def _go_type(v):
     """The Go type name fmt prints in %!verb(type=value) notes."""
     if v is None:
         return "<nil>"
-    for t, name in ((bool, "bool"), (int, "int"), (float, "float64"), (str, "string"), (dict, "map[string]interface {}"),
-                    (list, "[]interface {}"), (tuple, "[]interface {}")):
+    for t, name in ((bool, "bool"), (int, "int"), (float, "float64"), (str, "string"),
+                    (dict, "map[string]interface {}"), (list, "[]interface {}"), (tuple, "[]interface {}")):
         if isinstance(v, t):
             return name
     return type(v).__name__.lstrip("_")
@@ -2265,7 +2267,8 @@ def _go_sprintf(fmt, args):
             if verb in "gG" and prec is None:
                 body = _go_float(float(a))
             else:
-                body = ("%" + ("+" if "+" in flags else "") + "." + str(int(prec or 0) if prec is not None else 6) + verb) % a
+                digits = str(int(prec or 0) if prec is not None else 6)
+                body = ("%" + ("+" if "+" in flags else "") + "." + digits + verb) % a
         else:
             body = "%!" + verb + "(" + _go_type(a) + "=" + _go_print(a, top=False) + ")"
         if width and len(body) < int(width):
@@ -2548,7 +2551,7 @@ class _TplExec:
                 if not args and final is _MISSING:
                     raise TemplateError("wrong number of args for %s: want at least 1 got 0" % name)
                 value = None
-                for i, arg in enumerate(args):
+                for arg in args:
                     value = self.arg(dot, arg)
                     if _go_truth(value) != (name == "and"):
                         return value
@@ -2712,7 +2715,7 @@ def _template_messages(messages):
     out = []
     for m in messages:
         calls = []
-        for i, tc in enumerate(m.get("tool_calls") or []):
+        for tc in m.get("tool_calls") or []:
             fn = tc.get("function") or {}
             calls.append(_TToolCall(ID=tc.get("id") or "", Function=_TToolCallFunction(
                 Index=fn.get("index") or 0, Name=fn.get("name") or "", Arguments=_tool_arguments(fn.get("arguments")))))
@@ -3607,7 +3610,7 @@ class Ed25519Key:
         try:
             body = base64.b64decode("".join(m.group(1).split()), validate=True)
         except ValueError:
-            raise OllamaError("ssh: no key found")
+            raise OllamaError("ssh: no key found") from None
         if not body.startswith(_OPENSSH_MAGIC):
             raise OllamaError("ssh: invalid openssh private key format")
         r = _SSHReader(body[len(_OPENSSH_MAGIC):])
@@ -4355,8 +4358,8 @@ def pull_model(store, transfers, config, name, insecure=False, progress=None, ca
                 progress({"status": "pulling %s" % digest[7:19], "digest": digest, "total": size,
                           "completed": size})
                 continue
-            job = transfers.acquire(digest, lambda: _BlobDownload(
-                transfers, store, session, name.repository(), digest, desc["size"]))
+            job = transfers.acquire(digest, lambda digest=digest, size=desc["size"]: _BlobDownload(
+                transfers, store, session, name.repository(), digest, size))
             jobs.append(job)
             job.wait(progress, cancel)
         progress({"status": "verifying sha256 digest"})
@@ -4923,7 +4926,8 @@ def quantize_level(text):
     level = text.upper() if isinstance(text, str) else ""
     if level not in QUANTIZE_TYPES:
         names = [n for n in QUANTIZE_TYPES if GGUF_FILE_TYPES[QUANTIZE_TYPES[n][0]] == n]
-        raise BadRequest("unsupported quantization type %s - supported types are %s" % (level or text, ", ".join(names)))
+        raise BadRequest("unsupported quantization type %s - supported types are %s"
+                         % (level or text, ", ".join(names)))
     return GGUF_FILE_TYPES[QUANTIZE_TYPES[level][0]]
 
 
@@ -5068,9 +5072,10 @@ class Scheduler:
     """Keeps llama-server children: one per loaded model, shared by concurrent requests.
 
     `lease()` holds a loaded runner for a model (loading, reloading or evicting as needed) for the
-    length of a `with` block (`acquire()`/`release()` are its parts); a runner serves OLLAMA_NUM_PARALLEL requests at once and the
-    rest wait for a slot. Loads are serialised; at most OLLAMA_MAX_LOADED_MODELS stay
-    loaded, and an idle one that expires soonest is evicted to make room. More than
+    length of a `with` block (`acquire()`/`release()` are its parts); a runner serves
+    OLLAMA_NUM_PARALLEL requests at once and the rest wait for a slot. Loads are serialised; at
+    most OLLAMA_MAX_LOADED_MODELS stay loaded, and an idle one that expires soonest is evicted to
+    make room. More than
     OLLAMA_MAX_QUEUE waiting requests get 503. A keep-alive timer starts when the last request on
     a runner finishes; a background thread (`reap()` every 0.25 s) stops runners whose time is up.
 
@@ -6221,7 +6226,10 @@ def api_delete(req):
 def _pull_for_create(req, name):
     """/api/create with a `from` model that is not stored pulls it first, streaming the pull's
     progress (its closing "success" is left to create)."""
-    for progress in _progress_items(lambda report, cancel: pull_model(*_registry_parts(req), name, False, report, cancel)):
+    def pull(report, cancel):
+        return pull_model(*_registry_parts(req), name, False, report, cancel)
+
+    for progress in _progress_items(pull):
         if progress.get("status") != "success":
             yield progress
 
@@ -6292,7 +6300,7 @@ def api_create(req):
     if stream:
         return Stream(items)
     last = None
-    for last in items:
+    for last in items:  # noqa: B007 -- run the stream to its end, keeping its last item
         pass
     return last
 

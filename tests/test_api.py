@@ -187,12 +187,15 @@ _UNMARSHAL = "json: cannot unmarshal %s into Go struct field %s of type %s"
 
 @pytest.mark.parametrize("path, body, error", [
     ("/api/generate", {"model": "m", "template": 5}, _UNMARSHAL % ("number", "api.GenerateRequest.template", "string")),
-    ("/api/generate", {"model": "m", "context": "abc"}, _UNMARSHAL % ("string", "api.GenerateRequest.context", "[]int")),
-    ("/api/generate", {"model": "m", "context": [1, "x"]}, _UNMARSHAL % ("string", "api.GenerateRequest.context", "int")),
+    ("/api/generate", {"model": "m", "context": "abc"},
+     _UNMARSHAL % ("string", "api.GenerateRequest.context", "[]int")),
+    ("/api/generate", {"model": "m", "context": [1, "x"]},
+     _UNMARSHAL % ("string", "api.GenerateRequest.context", "int")),
     ("/api/generate", {"model": "m", "prompt": ["x"]}, _UNMARSHAL % ("array", "api.GenerateRequest.prompt", "string")),
     ("/api/generate", {"model": "m", "options": []}, _UNMARSHAL % ("array", "api.GenerateRequest.options",
                                                                   "map[string]interface {}")),
-    ("/api/chat", {"model": "m", "messages": "hi"}, _UNMARSHAL % ("string", "api.ChatRequest.messages", "[]api.Message")),
+    ("/api/chat", {"model": "m", "messages": "hi"},
+     _UNMARSHAL % ("string", "api.ChatRequest.messages", "[]api.Message")),
     ("/api/chat", {"model": "m", "messages": [1]}, _UNMARSHAL % ("number", "api.ChatRequest.messages", "api.Message")),
     ("/api/chat", {"model": "m", "stream": "yes"}, _UNMARSHAL % ("string", "api.ChatRequest.stream", "bool")),
 ])
