@@ -5321,6 +5321,16 @@ class Response:
         self.status, self.body, self.content_type = status, body, content_type
         self.headers = headers or {}
 
+    @classmethod
+    def json(cls, status, obj):
+        """A JSON answer with this status."""
+        return cls(status, json_dumps(obj).encode(), "application/json; charset=utf-8")
+
+    @classmethod
+    def error(cls, status, message):
+        """Ollama's error answer: {"error": message} with this status."""
+        return cls.json(status, {"error": message})
+
 
 class Stream:
     """A streamed answer: `items` is an iterator of JSON-able objects, sent as they come.
@@ -5618,7 +5628,7 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
                 return self._send(Response(404, b"404 page not found"))
             result = func(Request(self, params))
         except OllamaError as e:
-            result = Response(e.status, (json_dumps({"error": str(e)})).encode(), "application/json; charset=utf-8")
+            result = Response.error(e.status, str(e))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             return 499
@@ -5627,7 +5637,7 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
             return 408
         except Exception as e:                                  # a bug: report it, keep serving
             log.exception("internal error on %s %s", self.command, self.path)
-            result = Response(500, json_dumps({"error": str(e)}).encode(), "application/json; charset=utf-8")
+            result = Response.error(500, str(e))
         return self._send(result)
 
     def _cors(self):
@@ -5671,8 +5681,7 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         except StopIteration:
             first = None
         except OllamaError as e:
-            return self._send(Response(e.status, json_dumps({"error": str(e)}).encode(),
-                                       "application/json; charset=utf-8"))
+            return self._send(Response.error(e.status, str(e)))
         self.send_response(200)
         self.send_header("Content-Type", stream.content_type)
         for k, v in stream.headers.items():
@@ -5956,6 +5965,12 @@ def api_version(req):
 
 # -- models ------------------------------------------------------------------
 
+def _model_field(body, key="model"):
+    """The model a request names: its `key` field, or the older "name" (Ollama reads both). Each
+    endpoint checks it with its own Ollama message."""
+    return body.get(key) or body.get("name")
+
+
 def _blob_digest_param(req):
     return parse_digest(req.params.get("digest"))
 
@@ -6137,7 +6152,7 @@ def api_tags(req):
 def api_show(req):
     """POST /api/show: a model's Modelfile, parameters, template, details, metadata, capabilities."""
     body = req.json()
-    text = body.get("model") or body.get("name")
+    text = _model_field(body)
     if not text:
         raise BadRequest("model is required")
     name = Name.parse(text)
@@ -6213,7 +6228,7 @@ def _valid(text):
 def api_delete(req):
     """DELETE /api/delete {model}: remove the manifest, then the blobs no other model uses."""
     body = req.json()
-    text = body.get("model") or body.get("name") or ""
+    text = _model_field(body) or ""
     if not isinstance(text, str) or not _valid(text):
         raise BadRequest("name %s is invalid" % _go_quote(str(text)))
     store = req.server.store
@@ -6274,7 +6289,7 @@ def api_create(req):
     """POST /api/create: build a model from GGUF blobs (`files`) or another model (`from`), plus
     template, system, license, parameters and messages; streams statuses ending in "success"."""
     body = req.json()
-    text = body.get("model") or body.get("name") or ""
+    text = _model_field(body) or ""
     files = _validate_create_files(body.get("files"))
     adapters = _validate_create_files(body.get("adapters"), "adapters")
     quantize = body.get("quantize") or body.get("quantization")
@@ -6490,7 +6505,7 @@ def _ns(seconds):
 
 def _find_model(req, body, key="model"):
     """The Model named in the request: 400 for a missing/invalid name, 404 when not stored."""
-    text = body.get(key) or body.get("name")
+    text = _model_field(body, key)
     if not text:
         raise BadRequest("model is required")
     if not isinstance(text, str):
@@ -6981,7 +6996,7 @@ def _progress_items(work):
 
 def _transfer_request(req):
     body = req.json()
-    name = Name.parse_bare(body.get("model") or body.get("name") or "")
+    name = Name.parse_bare(_model_field(body) or "")
     if name is None or not name.is_valid():
         raise BadRequest("invalid model name")
     return name, bool(body.get("insecure")), body.get("stream", True) is not False
@@ -7019,7 +7034,7 @@ def _openai_error(status, message):
     """An OpenAI-shaped error answer: {"error": {"message", "type", "param": null, "code": null}}."""
     body = {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
                       "param": None, "code": None}}
-    return Response(status, json_dumps(body).encode(), "application/json; charset=utf-8")
+    return Response.json(status, body)
 
 
 def _openai(handler):
