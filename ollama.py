@@ -8748,68 +8748,84 @@ class _Repl:
         print("Cleared session context")
 
     def cmd_set(self, args):
-        opts = self.opts
+        """/set WHAT [VALUE...]: each setting has its method; an unknown one is reported."""
         if len(args) < 2:
             sys.stderr.write(_USAGE_SET)
             return
         what = args[1]
-        if what == "history":
-            self.reader.enabled = True
-        elif what == "nohistory":
-            self.reader.enabled = False
-        elif what in ("wordwrap", "nowordwrap"):
-            opts.wordwrap = what == "wordwrap"
-            print("Set '%s' mode." % what)
-        elif what in ("verbose", "quiet"):
-            opts.verbose = what == "verbose"
-            print("Set '%s' mode." % what)
-        elif what == "think":
-            opts.think, opts.think_explicit = (args[2] if len(args) > 2 else True), True
-            print("Set 'think' mode to '%s'." % args[2] if len(args) > 2 else "Set 'think' mode.")
-        elif what == "nothink":
+        setter = {"history": self._set_history, "nohistory": self._set_history,
+                  "wordwrap": self._set_wordwrap, "nowordwrap": self._set_wordwrap,
+                  "verbose": self._set_verbose, "quiet": self._set_verbose,
+                  "think": self._set_think, "nothink": self._set_think,
+                  "format": self._set_format, "noformat": self._set_format,
+                  "parameter": self._set_parameter, "system": self._set_system}.get(what)
+        if setter is None:
+            print("Unknown command '/set %s'. Type /? for help" % what)
+        else:
+            setter(what, args)
+
+    def _set_history(self, what, args):
+        self.reader.enabled = what == "history"
+
+    def _set_wordwrap(self, what, args):
+        self.opts.wordwrap = what == "wordwrap"
+        print("Set '%s' mode." % what)
+
+    def _set_verbose(self, what, args):
+        self.opts.verbose = what == "verbose"
+        print("Set '%s' mode." % what)
+
+    def _set_think(self, what, args):
+        opts = self.opts
+        if what == "nothink":
             opts.think, opts.think_explicit = False, True
             print("Set 'nothink' mode.")
-        elif what == "format":
-            if len(args) < 3 or args[2] != "json":
-                print("Invalid or missing format. For 'json' mode use '/set format json'")
-            else:
-                opts.format = args[2]
-                print("Set format to '%s' mode." % args[2])
-        elif what == "noformat":
-            opts.format = ""
+            return
+        opts.think, opts.think_explicit = (args[2] if len(args) > 2 else True), True
+        print("Set 'think' mode to '%s'." % args[2] if len(args) > 2 else "Set 'think' mode.")
+
+    def _set_format(self, what, args):
+        if what == "noformat":
+            self.opts.format = ""
             print("Disabled format.")
-        elif what == "parameter":
-            if len(args) < 4:
-                sys.stderr.write(_USAGE_PARAMETERS)
-                return
-            try:
-                value = _format_param(args[2], args[3:])
-            except ValueError as e:
-                print("Couldn't set parameter: %s" % json.dumps(str(e)))
-                return
-            print("Set parameter '%s' to '%s'" % (args[2], ", ".join(args[3:])))
-            opts.options[args[2]] = value
-        elif what == "system":
-            if len(args) < 3:
-                sys.stderr.write(_USAGE_SET)
-                return
-            text = " ".join(args[2:])
-            if text.startswith('"""'):
-                text = text[3:]
-                if not text.endswith('"""'):
-                    self.multiline = "system"
-                    self.buf = [text + "\n"] if text else []
-                    return
-                text = text[:-3]
-            opts.system = text
-            msg = {"role": "system", "content": text}
-            if opts.messages and opts.messages[-1].get("role") == "system":
-                opts.messages[-1] = msg
-            else:
-                opts.messages.append(msg)
-            print("Set system message.")
+        elif len(args) < 3 or args[2] != "json":
+            print("Invalid or missing format. For 'json' mode use '/set format json'")
         else:
-            print("Unknown command '/set %s'. Type /? for help" % what)
+            self.opts.format = args[2]
+            print("Set format to '%s' mode." % args[2])
+
+    def _set_parameter(self, what, args):
+        if len(args) < 4:
+            sys.stderr.write(_USAGE_PARAMETERS)
+            return
+        try:
+            value = _format_param(args[2], args[3:])
+        except ValueError as e:
+            print("Couldn't set parameter: %s" % json.dumps(str(e)))
+            return
+        print("Set parameter '%s' to '%s'" % (args[2], ", ".join(args[3:])))
+        self.opts.options[args[2]] = value
+
+    def _set_system(self, what, args):
+        opts = self.opts
+        if len(args) < 3:
+            sys.stderr.write(_USAGE_SET)
+            return
+        text = " ".join(args[2:])
+        if text.startswith('"""'):
+            text = text[3:]
+            if not text.endswith('"""'):
+                self.multiline = "system"
+                self.buf = [text + "\n"] if text else []
+                return
+            text = text[:-3]
+        opts.system = text
+        msg = {"role": "system", "content": text}
+        if opts.messages and opts.messages[-1].get("role") == "system":
+            opts.messages[-1] = msg
+        else:
+            opts.messages.append(msg)
+        print("Set system message.")
 
     def cmd_show(self, args):
         opts = self.opts
