@@ -5075,9 +5075,9 @@ class Scheduler:
     length of a `with` block (`acquire()`/`release()` are its parts); a runner serves
     OLLAMA_NUM_PARALLEL requests at once and the rest wait for a slot. Loads are serialised; at
     most OLLAMA_MAX_LOADED_MODELS stay loaded, and an idle one that expires soonest is evicted to
-    make room. More than
-    OLLAMA_MAX_QUEUE waiting requests get 503. A keep-alive timer starts when the last request on
-    a runner finishes; a background thread (`reap()` every 0.25 s) stops runners whose time is up.
+    make room. More than OLLAMA_MAX_QUEUE waiting requests get 503. A keep-alive timer starts when
+    the last request on a runner finishes; a background thread (`reap()` every 0.25 s) stops
+    runners whose time is up.
 
     Methods for the caller: `lease()`, `expire()`, `running()`, `loaded_embedding()`, `shutdown()`.
     Seams for tests: `new_runner(model, opts, embedding)` builds a runner that is not started
