@@ -9,6 +9,56 @@ Standard library only, Python 3.9 or newer. MIT licensed.
     ollama.py create NAME -f Modelfile
     ollama.py run NAME [PROMPT]       chat, or answer one prompt
     ollama.py pull|push|list|ps|show|cp|rm|stop ...
+
+The map
+-------
+Sections run in dependency order: each uses only those above it (Config's keep_alive default
+and the Utilities' Go durations are the exceptions). Each has a three-line ``#`` banner; the big
+ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lines.
+
+    Config         defaults (one per line, with units); Config: the OLLAMA_* environment, read once
+    Errors         OllamaError and its subclasses, each with the HTTP `status` it is answered with
+    Utilities      Go durations, human sizes and times, RFC 3339, JSON as Go writes it, files
+    Names          Name: host/namespace/model:tag as Ollama parses, displays and compares them
+    Store          Store: ~/.ollama/models (blobs/sha256-*, manifests/...), its lock, atomic writes
+    GGUF           GGUF headers (architecture, context, chat template, vocabulary); tiny writers
+    Go formatting  Go's %v, strconv quoting and json.Marshal: texts and blobs byte for byte Ollama's
+    Modelfile      parse_modelfile, PARAMETER types and ranges, the /api/create body it becomes
+    Templates      == Go's text/template engine, == Ollama's templates (values, vars, a chat
+                   rendered), == output parsers (tool calls, thinking)
+    Models         Model: a stored model as its layers describe it (load_model); its capabilities
+    Registry       == keys (Ed25519, OpenSSH files, signed requests), == client (OCI pull and
+                   push: RegistrySession, Transfers, pull_model, push_model)
+    Runner         Runner: one llama-server child (argv, start, health, completion, tokenize,
+                   embeddings); Spawner: the thread that forks children tied to serve
+    Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
+    HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream),
+                   == Ollama's API (/api/*, an api_* each), == OpenAI compatibility (/v1/*)
+    CLI            == the client (Client, @command), == commands (a cmd_* each), == the REPL
+    Main           main(argv): parse, run the command; an OllamaError is "Error: ..." and exit 1
+
+The request path of a chat: ``OllamaServer`` (a ThreadingHTTPServer; one thread per connection)
+-> ``OllamaHandler._route`` (CORS and Host guards, then ``Routes.match``) -> ``api_chat(req)``
+(check_fields, ``_find_model`` -> ``load_model``) -> ``Scheduler.lease()`` in a ``with`` block
+(loads a ``Runner`` if needed: llama-server on a free loopback port) -> ``Runner.completion()``
+(llama-server's streamed /completion) -> ``_api_chat_chunks`` (tool-call and thinking parsers) ->
+a ``Stream`` that ``OllamaHandler._send_stream`` writes as chunked NDJSON; the lease is handed to
+the stream (``lease.stream()``) and released when it ends, which starts the keep-alive timer.
+The /v1 handlers call the /api ones and translate; the CLI talks to serve over HTTP only.
+
+Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers,
+routes, connection count); the models are on disk in the ``Store``; the loaded runners in the
+``Scheduler``; downloads in flight in ``Transfers``. At module level there are only constants,
+the logger and the two tables the decorators fill at import: ``ROUTES`` and ``COMMANDS``.
+
+To add an endpoint: write ``@route("POST", "/api/thing")`` over ``def api_thing(req):`` in its
+part of HTTP API; read the body with ``req.json()`` and ``check_fields`` (Go's exact unmarshal
+errors), raise an ``OllamaError`` subclass for an error, and return a dict (JSON), a ``Stream``
+or a ``Response``. Runners only through ``with _schedule(...) as lease:``. Test it through the
+``server`` fixture (tests/test_api.py). To add a command: write ``@command("thing",
+argument("model"), ...)`` over ``def cmd_thing(args):`` (its docstring's first line is its help,
+the rest its description), talk to the server through ``_client()``, return the exit status,
+and add it to README.md.
 """
 
 __version__ = "0.1.0"
@@ -52,6 +102,7 @@ from pathlib import Path
 ###############################################################################
 # Config ######################################################################
 ###############################################################################
+# Defaults, and the environment read once into Config.
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
@@ -151,6 +202,7 @@ def _duration_env(env, key, default):
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
+# One hierarchy: every error the server answers or the CLI prints is an OllamaError with a status.
 
 class OllamaError(Exception):
     """An error with the HTTP status it is reported with; its text is Ollama's."""
@@ -200,6 +252,7 @@ class Busy(OllamaError):
 ###############################################################################
 # Utilities ###################################################################
 ###############################################################################
+# Small helpers with no state: Go durations, human sizes and times, timestamps, JSON, files.
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -420,6 +473,7 @@ def _unlink(path):
 ###############################################################################
 # Names #######################################################################
 ###############################################################################
+# Model names as Ollama's types/model package parses, checks and displays them.
 
 _PART_RE = {
     "host": re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$"),
@@ -519,6 +573,7 @@ def parse_digest(text):
 ###############################################################################
 # Store #######################################################################
 ###############################################################################
+# The models directory: content-addressed blobs, manifests by name, one lock, crash-safe writes.
 
 class Store:
     """Ollama's on-disk model store under OLLAMA_MODELS.
@@ -803,6 +858,7 @@ def manifest_digests(manifest):
 ###############################################################################
 # GGUF ########################################################################
 ###############################################################################
+# GGUF files: the header's key/values and tensor list (read lazily), and a writer for tests and checks.
 
 GGUF_MAGIC = b"GGUF"
 #: GGUF metadata value types: id -> (name, struct format or None for string/array).
@@ -1183,8 +1239,138 @@ def engine_check_model(path, seed=0, f16=False):
 
 
 ###############################################################################
+# Go formatting ###############################################################
+###############################################################################
+# Go's fmt, strconv and encoding/json output, for the Modelfile, templates and blobs that must match Ollama's.
+
+def _is_print(ch):
+    return ch == " " or ch.isprintable()
+
+
+def _go_float(f, bits=64):
+    """Go's %v of a float (strconv 'g', shortest): "0.7", "40", "1e+06", "1.5e-05"."""
+    if f != f:
+        return "NaN"
+    if f in (FOREVER, -FOREVER):
+        return "+Inf" if f > 0 else "-Inf"
+    from decimal import Decimal
+    text = repr(_f32(f) if bits == 32 else float(f))
+    if f == 0:
+        return "-0" if text.startswith("-") else "0"
+    d = Decimal(text)
+    digits = str(d.as_tuple().digits and "".join(map(str, d.as_tuple().digits))).rstrip("0") or "0"
+    exponent = d.adjusted()
+    if exponent < -4 or exponent >= 6:              # shortest %g switches to %e at these exponents
+        m = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        return "%s%se%s%02d" % ("-" if f < 0 else "", m, "-" if exponent < 0 else "+", abs(exponent))
+    out = format(d, "f")
+    return out.rstrip("0").rstrip(".") if "." in out else out
+
+
+def _go_json_float(f):
+    """encoding/json's float64 text: plain digits unless |f| < 1e-6 or >= 1e21."""
+    if f != f or f in (FOREVER, -FOREVER):
+        raise ValueError("json: unsupported value: %r" % f)
+    a = abs(f)
+    from decimal import Decimal
+    if a != 0 and (a < 1e-6 or a >= 1e21):
+        text = repr(float(f))
+        m, _, e = text.partition("e")
+        return "%se%s%d" % (m, "-" if e.startswith("-") else "+", abs(int(e)))
+    out = format(Decimal(repr(float(f))), "f")
+    if "." in out:
+        out = out.rstrip("0").rstrip(".")
+    return out or "0"
+
+
+_GO_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                    "<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def _go_json_string(s):
+    out = []
+    for ch in s:
+        if ch in _GO_JSON_ESCAPES:
+            out.append(_GO_JSON_ESCAPES[ch])
+        elif ch < " ":
+            out.append("\\u%04x" % ord(ch))
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def go_json(obj, sort_keys=False):
+    """JSON as Go's json.Encoder writes it (HTML-escaped, Go float text), without the newline.
+
+    Go sorts map keys; pass sort_keys=True for values that are Go maps (params), False for
+    structs whose field order the dict already has (manifests, config, messages).
+    """
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    if isinstance(obj, int):
+        return str(obj)
+    if isinstance(obj, float):
+        return _go_json_float(obj)
+    if isinstance(obj, str):
+        return _go_json_string(obj)
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(go_json(v, sort_keys) for v in obj) + "]"
+    if isinstance(obj, dict):
+        keys = sorted(obj) if sort_keys else list(obj)
+        return "{" + ",".join(_go_json_string(str(k)) + ":" + go_json(obj[k], sort_keys) for k in keys) + "}"
+    raise TypeError("cannot encode %r" % (obj,))
+
+
+def _go_quote(s):
+    """strconv.Quote: Go's %#v of a string."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch in "\a\b\f\n\r\t\v":
+            out.append({"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                        "\v": "\\v"}[ch])
+        elif _is_print(ch):
+            out.append(ch)
+        elif o < 0x80:
+            out.append("\\x%02x" % o)
+        elif o < 0x10000:
+            out.append("\\u%04x" % o)
+        else:
+            out.append("\\U%08x" % o)
+    return '"' + "".join(out) + '"'
+
+
+def go_sprint(v, sharp=False):
+    """Go's %v (or %#v with sharp=True) for JSON-decoded values: numbers, strings, bools, lists."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return _go_float(v)
+    if isinstance(v, str):
+        return _go_quote(v) if sharp else v
+    if isinstance(v, list):
+        if sharp:
+            return "[]interface {}{" + ", ".join(go_sprint(x, True) for x in v) + "}"
+        return "[" + " ".join(go_sprint(x) for x in v) + "]"
+    if v is None:
+        return "<nil>" if not sharp else "interface {}(nil)"
+    return str(v)
+
+
+###############################################################################
 # Modelfile ###################################################################
 ###############################################################################
+# Modelfile text <-> commands, typed PARAMETERs, and the /api/create request a Modelfile becomes.
 
 MODELFILE_COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
                       "parameter", "message", "requires")
@@ -1217,10 +1403,6 @@ _GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True"
 _GO_INT_RE = re.compile(r"^[+-]?[0-9]+$")
 _GO_FLOAT_RE = re.compile(r"^[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)$",
                           re.IGNORECASE)
-
-
-def _is_print(ch):
-    return ch == " " or ch.isprintable()
 
 
 def _unquote(s):
@@ -1551,286 +1733,16 @@ def modelfile_command(name, args):
     return "PARAMETER %s %s" % (name, quote_modelfile_value(args))
 
 
-# -- Go formatting, so blobs and texts match Ollama's byte for byte ------------
-
-def _go_float(f, bits=64):
-    """Go's %v of a float (strconv 'g', shortest): "0.7", "40", "1e+06", "1.5e-05"."""
-    if f != f:
-        return "NaN"
-    if f in (FOREVER, -FOREVER):
-        return "+Inf" if f > 0 else "-Inf"
-    from decimal import Decimal
-    text = repr(_f32(f) if bits == 32 else float(f))
-    if f == 0:
-        return "-0" if text.startswith("-") else "0"
-    d = Decimal(text)
-    digits = str(d.as_tuple().digits and "".join(map(str, d.as_tuple().digits))).rstrip("0") or "0"
-    exponent = d.adjusted()
-    if exponent < -4 or exponent >= 6:              # shortest %g switches to %e at these exponents
-        m = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        return "%s%se%s%02d" % ("-" if f < 0 else "", m, "-" if exponent < 0 else "+", abs(exponent))
-    out = format(d, "f")
-    return out.rstrip("0").rstrip(".") if "." in out else out
-
-
-def _go_json_float(f):
-    """encoding/json's float64 text: plain digits unless |f| < 1e-6 or >= 1e21."""
-    if f != f or f in (FOREVER, -FOREVER):
-        raise ValueError("json: unsupported value: %r" % f)
-    a = abs(f)
-    from decimal import Decimal
-    if a != 0 and (a < 1e-6 or a >= 1e21):
-        text = repr(float(f))
-        m, _, e = text.partition("e")
-        return "%se%s%d" % (m, "-" if e.startswith("-") else "+", abs(int(e)))
-    out = format(Decimal(repr(float(f))), "f")
-    if "." in out:
-        out = out.rstrip("0").rstrip(".")
-    return out or "0"
-
-
-_GO_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-                    "<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-
-
-def _go_json_string(s):
-    out = []
-    for ch in s:
-        if ch in _GO_JSON_ESCAPES:
-            out.append(_GO_JSON_ESCAPES[ch])
-        elif ch < " ":
-            out.append("\\u%04x" % ord(ch))
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def go_json(obj, sort_keys=False):
-    """JSON as Go's json.Encoder writes it (HTML-escaped, Go float text), without the newline.
-
-    Go sorts map keys; pass sort_keys=True for values that are Go maps (params), False for
-    structs whose field order the dict already has (manifests, config, messages).
-    """
-    if obj is None:
-        return "null"
-    if obj is True:
-        return "true"
-    if obj is False:
-        return "false"
-    if isinstance(obj, int):
-        return str(obj)
-    if isinstance(obj, float):
-        return _go_json_float(obj)
-    if isinstance(obj, str):
-        return _go_json_string(obj)
-    if isinstance(obj, (list, tuple)):
-        return "[" + ",".join(go_json(v, sort_keys) for v in obj) + "]"
-    if isinstance(obj, dict):
-        keys = sorted(obj) if sort_keys else list(obj)
-        return "{" + ",".join(_go_json_string(str(k)) + ":" + go_json(obj[k], sort_keys) for k in keys) + "}"
-    raise TypeError("cannot encode %r" % (obj,))
-
-
-def _go_quote(s):
-    """strconv.Quote: Go's %#v of a string."""
-    out = []
-    for ch in s:
-        o = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch in "\a\b\f\n\r\t\v":
-            out.append({"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-                        "\v": "\\v"}[ch])
-        elif _is_print(ch):
-            out.append(ch)
-        elif o < 0x80:
-            out.append("\\x%02x" % o)
-        elif o < 0x10000:
-            out.append("\\u%04x" % o)
-        else:
-            out.append("\\U%08x" % o)
-    return '"' + "".join(out) + '"'
-
-
-def go_sprint(v, sharp=False):
-    """Go's %v (or %#v with sharp=True) for JSON-decoded values: numbers, strings, bools, lists."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return _go_float(v)
-    if isinstance(v, str):
-        return _go_quote(v) if sharp else v
-    if isinstance(v, list):
-        if sharp:
-            return "[]interface {}{" + ", ".join(go_sprint(x, True) for x in v) + "}"
-        return "[" + " ".join(go_sprint(x) for x in v) + "]"
-    if v is None:
-        return "<nil>" if not sharp else "interface {}(nil)"
-    return str(v)
-
-
-# -- a stored model, as its layers describe it ----------------------------------
-
-class Model:
-    """A stored model read from its manifest: weights path, projectors, adapters, template, system,
-    params, messages, licenses, config. Build it with `load_model(store, name)`."""
-
-    def __init__(self, name, manifest_raw, manifest, config, store):
-        self.name, self.manifest_raw, self.manifest, self.config = name, manifest_raw, manifest, config
-        self.digest = hashlib.sha256(manifest_raw).hexdigest()
-        self.model_path = None
-        self.parent_model = ""
-        self.projector_paths, self.adapter_paths, self.license = [], [], []
-        self.template, self.system, self.params, self.messages = DEFAULT_TEMPLATE, "", {}, []
-        self.has_template = False              # else the GGUF's own chat template is used for chat
-        self.size = sum(layer.get("size", 0) for layer in manifest.get("layers") or [])
-        for layer in manifest.get("layers") or []:
-            media = layer.get("mediaType", "")
-            kind = media[len(MEDIA_PREFIX):] if media.startswith(MEDIA_PREFIX) else media
-            path = store.blob_path(layer["digest"])
-            if kind == "model":
-                self.model_path, self.parent_model = str(path), layer.get("from", "")
-            elif kind == "projector":
-                self.projector_paths.append(str(path))
-            elif kind == "adapter":
-                self.adapter_paths.append(str(path))
-            elif kind in ("template", "prompt"):
-                self.template = path.read_text(encoding="utf-8", errors="replace")
-                self.has_template = True
-            elif kind == "system":
-                self.system = path.read_text(encoding="utf-8", errors="replace")
-            elif kind == "params":
-                self.params = json.loads(path.read_bytes() or b"{}") or {}
-            elif kind == "messages":
-                self.messages = json.loads(path.read_bytes() or b"[]") or []
-            elif kind == "license":
-                self.license.append(path.read_text(encoding="utf-8", errors="replace"))
-        self._parsed = store.parsed
-        self._capabilities = None
-
-    @property
-    def short_name(self):
-        return self.name.display()
-
-    def gguf(self, max_array=0):
-        """The weights' GGUF metadata (arrays skipped unless max_array is None); None if no weights."""
-        if self.model_path is None:
-            return None
-        if max_array == 0:
-            header = self._parsed.get(self.model_path)
-            if header is None:
-                header = self._parsed[self.model_path] = read_gguf(self.model_path, 0)
-            return header
-        return read_gguf(self.model_path, max_array)
-
-    def parsed_template(self):
-        """The TEMPLATE parsed once per server (a request renders it, reads its Vars() and tags);
-        TemplateError if it does not parse."""
-        key = ("template", self.template)
-        parsed = self._parsed.get(key)
-        if parsed is None:
-            parsed = self._parsed[key] = parse_template(self.template)
-        return parsed
-
-    def capabilities(self):
-        """Ollama's Model.Capabilities: completion or embedding, vision, tools, insert, thinking."""
-        if self._capabilities is None:
-            self._capabilities = model_capabilities(self)
-        return self._capabilities
-
-    def modelfile(self):
-        """The Modelfile text `ollama show --modelfile` prints (Model.String with its header)."""
-        cmds = []
-        if self.model_path:
-            cmds.append(("model", self.model_path))
-        cmds += [("adapter", p) for p in self.adapter_paths]
-        cmds += [("model", p) for p in self.projector_paths]
-        cmds.append(("template", self.template))
-        if self.system:
-            cmds.append(("system", self.system))
-        for k in sorted(self.params):
-            v = self.params[k]
-            for item in (v if isinstance(v, list) else [v]):
-                cmds.append((k, go_sprint(item)))
-        cmds += [("license", text) for text in self.license]
-        cmds += [("message", "%s: %s" % (m.get("role", ""), m.get("content", ""))) for m in self.messages]
-        head = ('# Modelfile generated by "ollama show"\n'
-                "# To build a new Modelfile based on this, replace FROM with:\n"
-                "# FROM %s\n\n" % self.short_name)
-        return head + "".join(modelfile_command(n, a) + "\n" for n, a in cmds)
-
-    def parameters_text(self, params=None):
-        """/api/show `parameters`: Go's "%-30s %#v" per value, one line per list item."""
-        params = self.params if params is None else params
-        lines = []
-        for k in sorted(params):
-            v = params[k]
-            for item in (v if isinstance(v, list) else [v]):
-                lines.append("%-30s %s" % (k, go_sprint(item, sharp=True)))
-        return "\n".join(lines)
-
-
-def load_model(store, name):
-    """Load a stored model by name (str or Name) -> Model; NotFound("model 'X' not found")."""
-    found, raw, manifest = store.get(name)
-    config = {}
-    digest = (manifest.get("config") or {}).get("digest")
-    if digest:
-        try:
-            config = json.loads(store.blob_path(digest).read_bytes())
-        except (OSError, ValueError) as e:
-            log.warning("unreadable config blob %s: %s", digest, e)
-    return Model(found, raw, manifest, config, store)
-
-
-def model_capabilities(model):
-    """The capabilities of a Model, as Ollama's server/images.go Capabilities decides them.
-
-    completion (or embedding when the GGUF has <arch>.pooling_type), vision (a vision block or a
-    projector), tools (the template's Vars() include .Tools), insert (.Suffix), thinking (.Thinking,
-    or a gpt-oss family).
-    """
-    caps = []
-    g = None
-    if model.model_path:
-        try:
-            g = model.gguf()
-        except (OSError, OllamaError) as e:
-            log.error("couldn't open model file: %s", e)
-    if g is not None:
-        caps.append("embedding" if g.is_embedding else "completion")
-        if g.key("vision.block_count") in g.kv:
-            caps.append("vision")
-    elif model.config.get("capabilities"):
-        caps.extend(model.config["capabilities"])
-    try:
-        names = model.parsed_template().vars()
-    except TemplateError as e:
-        log.warning("template of %s does not parse: %s", model.short_name, e)
-        names = set()
-    if "tools" in names:
-        caps.append("tools")
-    if "suffix" in names:
-        caps.append("insert")
-    if model.projector_paths and "vision" not in caps:
-        caps.append("vision")
-    if "thinking" not in caps and ("thinking" in names
-                                   or model.config.get("model_family") in ("gptoss", "gpt-oss")):
-        caps.append("thinking")
-    return caps
-
-
 ###############################################################################
 # Templates ###################################################################
 ###############################################################################
+# Prompt templates: a Go text/template engine, Ollama's template values, and the parsers of its output.
 
 class TemplateError(BadRequest):
     """A prompt template that does not parse or fails to execute; the text is Go's ("template: :LINE: ...")."""
 
+
+# == Templates: Go's text/template engine =====================================
 
 # -- Go text/template: lexer and parser -----------------------------------------
 
@@ -1839,7 +1751,8 @@ _TPL_KEYWORDS = {"if", "else", "end", "range", "with", "break", "continue", "def
 _TPL_NUMBER_RE = re.compile(
     r"[+-]?(?:0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?\d+)?)")
 _TPL_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TPL_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", '"': '"', "'": "'"}
+_TPL_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+                "\\": "\\", '"': '"', "'": "'"}
 
 
 class _Tok:
@@ -2119,7 +2032,8 @@ class _TplParser:
         cmds.append(args)
         for cmd in cmds[1:]:
             if cmd[0].kind in ("const", "nil"):
-                raise TemplateError("template: :%d: non executable command in pipeline stage %d" % (line, cmds.index(cmd) + 1))
+                raise TemplateError("template: :%d: non executable command in pipeline stage %d"
+                                    % (line, cmds.index(cmd) + 1))
         return cmds, i
 
     def operand(self, toks, i, line, context):
@@ -2308,8 +2222,8 @@ def _go_type(v):
     """The Go type name fmt prints in %!verb(type=value) notes."""
     if v is None:
         return "<nil>"
-    for t, name in ((bool, "bool"), (int, "int"), (float, "float64"), (str, "string"), (dict, "map[string]interface {}"),
-                    (list, "[]interface {}"), (tuple, "[]interface {}")):
+    for t, name in ((bool, "bool"), (int, "int"), (float, "float64"), (str, "string"),
+                    (dict, "map[string]interface {}"), (list, "[]interface {}"), (tuple, "[]interface {}")):
         if isinstance(v, t):
             return name
     return type(v).__name__.lstrip("_")
@@ -2354,7 +2268,8 @@ def _go_sprintf(fmt, args):
             if verb in "gG" and prec is None:
                 body = _go_float(float(a))
             else:
-                body = ("%" + ("+" if "+" in flags else "") + "." + str(int(prec or 0) if prec is not None else 6) + verb) % a
+                digits = str(int(prec or 0) if prec is not None else 6)
+                body = ("%" + ("+" if "+" in flags else "") + "." + digits + verb) % a
         else:
             body = "%!" + verb + "(" + _go_type(a) + "=" + _go_print(a, top=False) + ")"
         if width and len(body) < int(width):
@@ -2637,7 +2552,7 @@ class _TplExec:
                 if not args and final is _MISSING:
                     raise TemplateError("wrong number of args for %s: want at least 1 got 0" % name)
                 value = None
-                for i, arg in enumerate(args):
+                for arg in args:
                     value = self.arg(dot, arg)
                     if _go_truth(value) != (name == "and"):
                         return value
@@ -2704,6 +2619,8 @@ def _node_text(node):
         return json.dumps(node.a) if isinstance(node.a, str) else _go_print(node.a)
     return node.kind
 
+
+# == Templates: Ollama's templates ============================================
 
 # -- Ollama's template values ----------------------------------------------------
 
@@ -2799,7 +2716,7 @@ def _template_messages(messages):
     out = []
     for m in messages:
         calls = []
-        for i, tc in enumerate(m.get("tool_calls") or []):
+        for tc in m.get("tool_calls") or []:
             fn = tc.get("function") or {}
             calls.append(_TToolCall(ID=tc.get("id") or "", Function=_TToolCallFunction(
                 Index=fn.get("index") or 0, Name=fn.get("name") or "", Arguments=_tool_arguments(fn.get("arguments")))))
@@ -3036,6 +2953,8 @@ def chat_prompt(template, messages, count_tokens, num_ctx, tools=None, think=Non
             return prompt, dropped
     return attempt(0)[0], 0
 
+
+# == Templates: output parsers (tool calls, thinking) =========================
 
 # -- tool calls ------------------------------------------------------------------
 
@@ -3366,10 +3285,165 @@ def _overlap(s, delim):
 
 
 ###############################################################################
+# Models ######################################################################
+###############################################################################
+# A stored model as its manifest and layers describe it, and what it can do.
+
+class Model:
+    """A stored model read from its manifest: weights path, projectors, adapters, template, system,
+    params, messages, licenses, config. Build it with `load_model(store, name)`."""
+
+    def __init__(self, name, manifest_raw, manifest, config, store):
+        self.name, self.manifest_raw, self.manifest, self.config = name, manifest_raw, manifest, config
+        self.digest = hashlib.sha256(manifest_raw).hexdigest()
+        self.model_path = None
+        self.parent_model = ""
+        self.projector_paths, self.adapter_paths, self.license = [], [], []
+        self.template, self.system, self.params, self.messages = DEFAULT_TEMPLATE, "", {}, []
+        self.has_template = False              # else the GGUF's own chat template is used for chat
+        self.size = sum(layer.get("size", 0) for layer in manifest.get("layers") or [])
+        for layer in manifest.get("layers") or []:
+            media = layer.get("mediaType", "")
+            kind = media[len(MEDIA_PREFIX):] if media.startswith(MEDIA_PREFIX) else media
+            path = store.blob_path(layer["digest"])
+            if kind == "model":
+                self.model_path, self.parent_model = str(path), layer.get("from", "")
+            elif kind == "projector":
+                self.projector_paths.append(str(path))
+            elif kind == "adapter":
+                self.adapter_paths.append(str(path))
+            elif kind in ("template", "prompt"):
+                self.template = path.read_text(encoding="utf-8", errors="replace")
+                self.has_template = True
+            elif kind == "system":
+                self.system = path.read_text(encoding="utf-8", errors="replace")
+            elif kind == "params":
+                self.params = json.loads(path.read_bytes() or b"{}") or {}
+            elif kind == "messages":
+                self.messages = json.loads(path.read_bytes() or b"[]") or []
+            elif kind == "license":
+                self.license.append(path.read_text(encoding="utf-8", errors="replace"))
+        self._parsed = store.parsed
+        self._capabilities = None
+
+    @property
+    def short_name(self):
+        return self.name.display()
+
+    def gguf(self, max_array=0):
+        """The weights' GGUF metadata (arrays skipped unless max_array is None); None if no weights."""
+        if self.model_path is None:
+            return None
+        if max_array == 0:
+            header = self._parsed.get(self.model_path)
+            if header is None:
+                header = self._parsed[self.model_path] = read_gguf(self.model_path, 0)
+            return header
+        return read_gguf(self.model_path, max_array)
+
+    def parsed_template(self):
+        """The TEMPLATE parsed once per server (a request renders it, reads its Vars() and tags);
+        TemplateError if it does not parse."""
+        key = ("template", self.template)
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            parsed = self._parsed[key] = parse_template(self.template)
+        return parsed
+
+    def capabilities(self):
+        """Ollama's Model.Capabilities: completion or embedding, vision, tools, insert, thinking."""
+        if self._capabilities is None:
+            self._capabilities = model_capabilities(self)
+        return self._capabilities
+
+    def modelfile(self):
+        """The Modelfile text `ollama show --modelfile` prints (Model.String with its header)."""
+        cmds = []
+        if self.model_path:
+            cmds.append(("model", self.model_path))
+        cmds += [("adapter", p) for p in self.adapter_paths]
+        cmds += [("model", p) for p in self.projector_paths]
+        cmds.append(("template", self.template))
+        if self.system:
+            cmds.append(("system", self.system))
+        for k in sorted(self.params):
+            v = self.params[k]
+            for item in (v if isinstance(v, list) else [v]):
+                cmds.append((k, go_sprint(item)))
+        cmds += [("license", text) for text in self.license]
+        cmds += [("message", "%s: %s" % (m.get("role", ""), m.get("content", ""))) for m in self.messages]
+        head = ('# Modelfile generated by "ollama show"\n'
+                "# To build a new Modelfile based on this, replace FROM with:\n"
+                "# FROM %s\n\n" % self.short_name)
+        return head + "".join(modelfile_command(n, a) + "\n" for n, a in cmds)
+
+    def parameters_text(self, params=None):
+        """/api/show `parameters`: Go's "%-30s %#v" per value, one line per list item."""
+        params = self.params if params is None else params
+        lines = []
+        for k in sorted(params):
+            v = params[k]
+            for item in (v if isinstance(v, list) else [v]):
+                lines.append("%-30s %s" % (k, go_sprint(item, sharp=True)))
+        return "\n".join(lines)
+
+
+def load_model(store, name):
+    """Load a stored model by name (str or Name) -> Model; NotFound("model 'X' not found")."""
+    found, raw, manifest = store.get(name)
+    config = {}
+    digest = (manifest.get("config") or {}).get("digest")
+    if digest:
+        try:
+            config = json.loads(store.blob_path(digest).read_bytes())
+        except (OSError, ValueError) as e:
+            log.warning("unreadable config blob %s: %s", digest, e)
+    return Model(found, raw, manifest, config, store)
+
+
+def model_capabilities(model):
+    """The capabilities of a Model, as Ollama's server/images.go Capabilities decides them.
+
+    completion (or embedding when the GGUF has <arch>.pooling_type), vision (a vision block or a
+    projector), tools (the template's Vars() include .Tools), insert (.Suffix), thinking (.Thinking,
+    or a gpt-oss family).
+    """
+    caps = []
+    g = None
+    if model.model_path:
+        try:
+            g = model.gguf()
+        except (OSError, OllamaError) as e:
+            log.error("couldn't open model file: %s", e)
+    if g is not None:
+        caps.append("embedding" if g.is_embedding else "completion")
+        if g.key("vision.block_count") in g.kv:
+            caps.append("vision")
+    elif model.config.get("capabilities"):
+        caps.extend(model.config["capabilities"])
+    try:
+        names = model.parsed_template().vars()
+    except TemplateError as e:
+        log.warning("template of %s does not parse: %s", model.short_name, e)
+        names = set()
+    if "tools" in names:
+        caps.append("tools")
+    if "suffix" in names:
+        caps.append("insert")
+    if model.projector_paths and "vision" not in caps:
+        caps.append("vision")
+    if "thinking" not in caps and ("thinking" in names
+                                   or model.config.get("model_family") in ("gptoss", "gpt-oss")):
+        caps.append("thinking")
+    return caps
+
+
+###############################################################################
 # Registry ####################################################################
 ###############################################################################
+# Talking to OCI registries: the Ed25519 keys Ollama signs with, and pull and push.
 
-# -- keys: ed25519 (RFC 8032) and the OpenSSH key files ------------------------
+# == Registry: keys: ed25519 (RFC 8032) and the OpenSSH key files =============
 
 # Ed25519 over edwards25519 (RFC 8032 section 5.1); points are extended (X, Y, Z, T), x=X/Z, y=Y/Z, xy=T/Z.
 _ED_P = 2 ** 255 - 19                                                   # field prime
@@ -3537,7 +3611,7 @@ class Ed25519Key:
         try:
             body = base64.b64decode("".join(m.group(1).split()), validate=True)
         except ValueError:
-            raise OllamaError("ssh: no key found")
+            raise OllamaError("ssh: no key found") from None
         if not body.startswith(_OPENSSH_MAGIC):
             raise OllamaError("ssh: invalid openssh private key format")
         r = _SSHReader(body[len(_OPENSSH_MAGIC):])
@@ -3661,7 +3735,7 @@ def sign_challenge(key, method, url, body=b""):
     return sign_auth(key, "%s,%s,%s" % (method, url, base64.b64encode(digest).decode("ascii")))
 
 
-# -- registry client: OCI distribution pull and push ---------------------------
+# == Registry: client: OCI distribution pull and push =========================
 #
 # Names, media types and digest checks are small functions so that a future `serve` can answer
 # as a read-only OCI registry with the same rules it uses to fetch.
@@ -3972,11 +4046,6 @@ class Transfers:
                 del self.jobs[job.digest]
 
 
-def _transfers(server):
-    """The Transfers object of an OllamaServer (or of a stand-in server object, created on first use)."""
-    return vars(server).setdefault("transfers", Transfers())
-
-
 class _Part:
     """One byte range of a download, stored as Ollama's blobs/sha256-<hex>-partial-<N> JSON."""
     __slots__ = ("n", "offset", "size", "completed")
@@ -4249,18 +4318,18 @@ class _BlobDownload:
             _unlink(f)
 
 
-def pull_model(server, name, insecure=False, progress=None, cancel=None):
-    """Pull `name` (Name or str) from its registry into server.store, reporting Ollama's pull
+def pull_model(store, transfers, config, name, insecure=False, progress=None, cancel=None):
+    """Pull `name` (Name or str) from its registry into `store`, sharing downloads through
+    `transfers` (a Transfers) and reading credentials and OLLAMA_NOPRUNE from `config`; reports Ollama's pull
     statuses as dicts to progress(obj). Blobs already present are not fetched; a download in
     progress for the same digest is shared; interrupted downloads resume. The manifest is written
     last, byte for byte as received. `cancel` (threading.Event) stops it with Canceled."""
     progress = progress or (lambda obj: None)
-    store, transfers = server.store, _transfers(server)
     if isinstance(name, str):
         name = Name.parse(name)
     old = set()
     stored = store.resolve(name)
-    if stored is not None and not server.config.noprune:
+    if stored is not None and not config.noprune:
         try:
             old = set(manifest_digests(store.get(stored)[2]))
         except (OSError, ValueError, OllamaError):
@@ -4268,7 +4337,7 @@ def pull_model(server, name, insecure=False, progress=None, cancel=None):
     if name.scheme == "http" and not insecure:
         raise OllamaError("insecure protocol http")
     progress({"status": "pulling manifest"})
-    session = RegistrySession(server.config, name, insecure, transfers.stall_timeout)
+    session = RegistrySession(config, name, insecure, transfers.stall_timeout)
     try:
         resp = session.request("GET", manifest_url(session.base, name),
                                {"Accept": ", ".join(MANIFEST_MEDIA_TYPES)})
@@ -4290,8 +4359,8 @@ def pull_model(server, name, insecure=False, progress=None, cancel=None):
                 progress({"status": "pulling %s" % digest[7:19], "digest": digest, "total": size,
                           "completed": size})
                 continue
-            job = transfers.acquire(digest, lambda: _BlobDownload(
-                transfers, store, session, name.repository(), digest, desc["size"]))
+            job = transfers.acquire(digest, lambda digest=digest, size=desc["size"]: _BlobDownload(
+                transfers, store, session, name.repository(), digest, size))
             jobs.append(job)
             job.wait(progress, cancel)
         progress({"status": "verifying sha256 digest"})
@@ -4382,26 +4451,25 @@ def _upload_blob(session, store, name, desc, transfers, progress, cancel):
     progress({"status": status, "digest": digest, "total": size, "completed": size})
 
 
-def push_model(server, name, insecure=False, progress=None, cancel=None):
-    """Push `name` (Name or str) from server.store to its registry: each blob the registry lacks
+def push_model(store, transfers, config, name, insecure=False, progress=None, cancel=None):
+    """Push `name` (Name or str) from `store` to its registry: each blob the registry lacks
     (HEAD) is mounted or uploaded in PATCH chunks, then the manifest is PUT byte for byte as
     stored. Reports Ollama's push statuses as dicts to progress(obj)."""
     progress = progress or (lambda obj: None)
-    transfers = _transfers(server)
     if isinstance(name, str):
         name = Name.parse(name)
     progress({"status": "retrieving manifest"})
     if name.scheme == "http" and not insecure:
         raise OllamaError("insecure protocol http")
     try:
-        stored, raw, manifest = server.store.get(name)
+        stored, raw, manifest = store.get(name)
         manifest = parse_manifest(raw)
     except OllamaError:
         progress({"status": "couldn't retrieve manifest"})
         raise
-    session = RegistrySession(server.config, stored, insecure, transfers.stall_timeout)
+    session = RegistrySession(config, stored, insecure, transfers.stall_timeout)
     for desc in manifest_layers(manifest):
-        _upload_blob(session, server.store, stored, desc, transfers, progress, cancel)
+        _upload_blob(session, store, stored, desc, transfers, progress, cancel)
     progress({"status": "pushing manifest"})
     media = manifest.get("mediaType") or MEDIA_MANIFEST
     resp = session.request("PUT", manifest_url(session.base, stored), {"Content-Type": media}, raw)
@@ -4412,6 +4480,7 @@ def push_model(server, name, insecure=False, progress=None, cancel=None):
 ###############################################################################
 # Runner ######################################################################
 ###############################################################################
+# One llama-server child per loaded model: its argv, its life, and the HTTP calls to it.
 
 #: Request options that decide how llama-server is started; a change in any of them reloads.
 LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
@@ -4875,7 +4944,8 @@ def quantize_level(text):
     level = text.upper() if isinstance(text, str) else ""
     if level not in QUANTIZE_TYPES:
         names = [n for n in QUANTIZE_TYPES if GGUF_FILE_TYPES[QUANTIZE_TYPES[n][0]] == n]
-        raise BadRequest("unsupported quantization type %s - supported types are %s" % (level or text, ", ".join(names)))
+        raise BadRequest("unsupported quantization type %s - supported types are %s"
+                         % (level or text, ", ".join(names)))
     return GGUF_FILE_TYPES[QUANTIZE_TYPES[level][0]]
 
 
@@ -4939,32 +5009,106 @@ def _shell_quote(arg):
 ###############################################################################
 # Scheduler ###################################################################
 ###############################################################################
+# Which runners are loaded, and who holds them: leases, queueing, eviction, keep-alive.
 
 class _Loaded:
     """A runner in the scheduler's table, with its reference count and expiry."""
 
-    def __init__(self, model, runner, load_key, keep_alive):
+    def __init__(self, model, runner, load_key, keep_alive, embedding=False, loaded_at=None):
         self.model, self.runner, self.load_key = model, runner, load_key
+        self.embedding = embedding
         self.keep_alive = keep_alive
         self.refs = 0
-        self.expires = FOREVER            # time.time() deadline once idle
-        self.loaded_at = time.time()
+        self.expires = FOREVER            # the scheduler's clock() deadline once idle
+        self.loaded_at = time.time() if loaded_at is None else loaded_at
+
+
+class Lease:
+    """One request's hold on a loaded runner, from `Scheduler.lease()`: a context manager, released
+    exactly once when the `with` block ends, unless `stream()` handed it to a streamed answer,
+    which then releases it when it is exhausted, fails or is closed.
+
+    `runner` is the loaded Runner, `opts` the request's options, `load_s` the seconds spent
+    waiting for (and loading) it, `keep_alive` the seconds it stays loaded once idle.
+    """
+
+    def __init__(self, scheduler, entry, keep_alive, opts, load_s):
+        self.scheduler, self.entry, self.keep_alive = scheduler, entry, keep_alive
+        self.runner, self.opts, self.load_s = entry.runner, opts, load_s
+        self._held = True
+        self._handed_off = False
+
+    def release(self):
+        """Give the runner back (idempotent): its keep-alive timer starts once nobody holds it."""
+        if self._held:
+            self._held = False
+            self.scheduler.release(self.entry, self.keep_alive)
+
+    def stream(self, items):
+        """An iterator over `items` that owns this lease from now on: it releases the runner when
+        `items` ends, raises, or the iterator is closed (even unstarted). Leaving the `with` block
+        afterwards releases nothing."""
+        self._handed_off = True
+        return _LeasedItems(self, iter(items))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self._handed_off:
+            self.release()
+
+
+class _LeasedItems:
+    """The iterator `Lease.stream()` returns: `items`, then the lease released."""
+
+    def __init__(self, lease, items):
+        self.lease, self.items = lease, items
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.items)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        close = getattr(self.items, "close", None)
+        try:
+            if close:
+                close()                     # the generator's own cleanup (the runner's stream) first
+        finally:
+            self.lease.release()
+
+    __del__ = close                         # dropped unclosed, as a suspended generator would be
 
 
 class Scheduler:
     """Keeps llama-server children: one per loaded model, shared by concurrent requests.
 
-    `acquire()` returns a loaded runner for a model (loading, reloading or evicting as needed) and
-    must be paired with `release()`; a runner serves OLLAMA_NUM_PARALLEL requests at once and the
-    rest wait for a slot. Loads are serialised; at most OLLAMA_MAX_LOADED_MODELS stay
-    loaded, and an idle one that expires soonest is evicted to make room. More than
-    OLLAMA_MAX_QUEUE waiting requests get 503. A keep-alive timer starts when the last request on
-    a runner finishes; a background thread stops runners whose time is up.
+    `lease()` holds a loaded runner for a model (loading, reloading or evicting as needed) for the
+    length of a `with` block (`acquire()`/`release()` are its parts); a runner serves
+    OLLAMA_NUM_PARALLEL requests at once and the rest wait for a slot. Loads are serialised; at
+    most OLLAMA_MAX_LOADED_MODELS stay loaded, and an idle one that expires soonest is evicted to
+    make room. More than OLLAMA_MAX_QUEUE waiting requests get 503. A keep-alive timer starts when
+    the last request on a runner finishes; a background thread (`reap()` every 0.25 s) stops
+    runners whose time is up.
+
+    Methods for the caller: `lease()`, `expire()`, `running()`, `loaded_embedding()`, `shutdown()`.
+    Seams for tests: `new_runner(model, opts, embedding)` builds a runner that is not started
+    (default: a llama-server `Runner`; it needs `start(timeout)`, `stop()`, `alive()`, `parallel`),
+    `clock()` is the wall clock in seconds that keep-alive deadlines use, and `reaper=False`
+    leaves `reap()` to the caller.
     """
 
-    def __init__(self, config, exe=None):
+    def __init__(self, config, exe=None, new_runner=None, clock=time.time, reaper=True):
         self.config = config
         self.exe = exe
+        self.new_runner = new_runner or self._runner_for
+        self.clock = clock
         self.loaded = {}                              # Name key -> _Loaded
         self.cond = threading.Condition()
         self.load_lock = threading.Lock()
@@ -4972,8 +5116,8 @@ class Scheduler:
         self.closed = False
         self.starting = set()                         # runners being loaded, stopped by shutdown() too
         self.spawner = Spawner(config.home / "runners" / ("serve-%d.json" % os.getpid()))
-        self._reaper = threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True)
-        self._reaper.start()
+        if reaper:
+            threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True).start()
 
     def _runner_for(self, model, opts, embedding):
         exe = self.exe or find_llama_server(self.config)
@@ -5004,6 +5148,19 @@ class Scheduler:
             if w not in up:
                 log.warning("RPC worker %s does not answer: loading without it", w)
         return up
+
+    def lease(self, model, opts, keep_alive, embedding=False):
+        """A Lease on a loaded runner for `model` (use it as `with scheduler.lease(...) as lease:`).
+        Raises Busy when the queue is full."""
+        started = time.monotonic()
+        entry = self.acquire(model, opts, keep_alive, embedding=embedding)
+        return Lease(self, entry, keep_alive, opts, time.monotonic() - started)
+
+    def loaded_embedding(self, name):
+        """Whether the runner loaded for `name` embeds (True) or completes (False); None if none is."""
+        with self.cond:
+            entry = self.loaded.get(name.key())
+            return None if entry is None else entry.embedding
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
@@ -5040,7 +5197,7 @@ class Scheduler:
                     with self.cond:
                         if key in self.loaded:        # another request loaded it meanwhile
                             continue
-                    runner = self._runner_for(model, opts, embedding)
+                    runner = self.new_runner(model, opts, embedding)
                     with self.cond:
                         if self.closed:
                             raise OllamaError("server is shutting down")
@@ -5050,7 +5207,7 @@ class Scheduler:
                     finally:
                         with self.cond:
                             self.starting.discard(runner)
-                    entry = _Loaded(model, runner, load_key, keep_alive)
+                    entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock())
                     with self.cond:
                         closed = self.closed          # shutdown() ran while it loaded
                         if not closed:
@@ -5073,7 +5230,7 @@ class Scheduler:
                 entry.keep_alive = keep_alive
             if entry.refs <= 0:
                 entry.refs = 0
-                entry.expires = time.time() + entry.keep_alive if entry.keep_alive != FOREVER else FOREVER
+                entry.expires = self.clock() + entry.keep_alive if entry.keep_alive != FOREVER else FOREVER
                 if entry.keep_alive <= 0 or not entry.runner.alive():
                     self._unload(entry.model.name.key(), entry)
             self.cond.notify_all()
@@ -5106,15 +5263,19 @@ class Scheduler:
         return True
 
     def _reap(self):
-        while True:
+        while not self.closed:
             time.sleep(0.25)
-            with self.cond:
-                if self.closed:
-                    return
-                now = time.time()
-                for key, entry in list(self.loaded.items()):
-                    if entry.refs == 0 and (entry.expires <= now or not entry.runner.alive()):
-                        self._unload(key, entry)
+            self.reap()
+
+    def reap(self):
+        """Unload every idle runner whose keep-alive is over, or that died."""
+        with self.cond:
+            if self.closed:
+                return
+            now = self.clock()
+            for key, entry in list(self.loaded.items()):
+                if entry.refs == 0 and (entry.expires <= now or not entry.runner.alive()):
+                    self._unload(key, entry)
 
     def running(self):
         """The loaded models, latest expiry first, for /api/ps."""
@@ -5179,6 +5340,9 @@ def _safe_filename(text):
 ###############################################################################
 # HTTP API ####################################################################
 ###############################################################################
+# The serve process: the HTTP server and router, Ollama's /api and the OpenAI-compatible /v1.
+
+# == HTTP API: the server =====================================================
 
 class Response:
     """A complete, non-JSON (or non-200) answer: status, body bytes, content type, extra headers."""
@@ -5186,6 +5350,16 @@ class Response:
     def __init__(self, status=200, body=b"", content_type="text/plain; charset=utf-8", headers=None):
         self.status, self.body, self.content_type = status, body, content_type
         self.headers = headers or {}
+
+    @classmethod
+    def json(cls, status, obj):
+        """A JSON answer with this status."""
+        return cls(status, json_dumps(obj).encode(), "application/json; charset=utf-8")
+
+    @classmethod
+    def error(cls, status, message):
+        """Ollama's error answer: {"error": message} with this status."""
+        return cls.json(status, {"error": message})
 
 
 class Stream:
@@ -5243,7 +5417,7 @@ class Request:
             raise BadRequest("missing request body")
         data = parse_json(raw)
         if not isinstance(data, dict):
-            raise BadRequest("json: cannot unmarshal %s into Go value of type api.Request" % type(data).__name__)
+            raise BadRequest("json: cannot unmarshal %s into Go value of type api.Request" % _json_kind(data))
         return data
 
     def client_gone(self):
@@ -5484,7 +5658,7 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
                 return self._send(Response(404, b"404 page not found"))
             result = func(Request(self, params))
         except OllamaError as e:
-            result = Response(e.status, (json_dumps({"error": str(e)})).encode(), "application/json; charset=utf-8")
+            result = Response.error(e.status, str(e))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             return 499
@@ -5493,7 +5667,7 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
             return 408
         except Exception as e:                                  # a bug: report it, keep serving
             log.exception("internal error on %s %s", self.command, self.path)
-            result = Response(500, json_dumps({"error": str(e)}).encode(), "application/json; charset=utf-8")
+            result = Response.error(500, str(e))
         return self._send(result)
 
     def _cors(self):
@@ -5537,8 +5711,7 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         except StopIteration:
             first = None
         except OllamaError as e:
-            return self._send(Response(e.status, json_dumps({"error": str(e)}).encode(),
-                                       "application/json; charset=utf-8"))
+            return self._send(Response.error(e.status, str(e)))
         self.send_response(200)
         self.send_header("Content-Type", stream.content_type)
         for k, v in stream.headers.items():
@@ -5576,6 +5749,21 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         if data:
             self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
+
+
+#: The one route table: (method, pattern, handler) in file order, filled by @route beside each
+#: handler. HEAD is served by the GET handler where no HEAD route is given.
+ROUTES = []
+
+
+def route(method, pattern):
+    """Declare the decorated function the handler of `method pattern` (":name" segments become
+    req.params), as bottle's @route does: it goes into ROUTES, which every OllamaServer serves.
+    Over another decorator (@_openai), it registers the wrapped handler."""
+    def register(handler):
+        ROUTES.append((method, pattern, handler))
+        return handler
+    return register
 
 
 class Routes:
@@ -5746,13 +5934,12 @@ def _local_addresses():
 
 
 def _is_loopback(host):
-    if host in ("localhost", ""):
+    """True for a host that is this machine's loopback: "localhost", "" or None (the default
+    address) or a loopback IP. The one check serve (bind) and the CLI (the server's host) use."""
+    if not host or host in _LOOPBACK_NAMES:
         return True
-    try:
-        import ipaddress
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    ip = _parse_ip(host)
+    return ip is not None and ip.is_loopback
 
 
 def listen_backlog():
@@ -5790,13 +5977,17 @@ def make_server(config=None, host=None, port=None):
     return OllamaServer(config, (host or config.host, config.port if port is None else port))
 
 
+# == HTTP API: Ollama's API (/api) ============================================
+
 # -- general -----------------------------------------------------------------
 
+@route("GET", "/")
 def api_root(req):
     """GET|HEAD /: the heartbeat every CLI command sends first."""
     return Response(200, b"Ollama is running")
 
 
+@route("GET", "/api/version")
 def api_version(req):
     """GET /api/version."""
     return {"version": __version__}
@@ -5804,10 +5995,17 @@ def api_version(req):
 
 # -- models ------------------------------------------------------------------
 
+def _model_field(body, key="model"):
+    """The model a request names: its `key` field, or the older "name" (Ollama reads both). Each
+    endpoint checks it with its own Ollama message."""
+    return body.get(key) or body.get("name")
+
+
 def _blob_digest_param(req):
     return parse_digest(req.params.get("digest"))
 
 
+@route("HEAD", "/api/blobs/:digest")
 def api_blob_head(req):
     """HEAD /api/blobs/:digest: 200 if the blob is stored, else 404 `blob "…" not found`."""
     digest = _blob_digest_param(req)
@@ -5816,6 +6014,7 @@ def api_blob_head(req):
     return Response(200, b"", None)
 
 
+@route("POST", "/api/blobs/:digest")
 def api_blob_post(req):
     """POST /api/blobs/:digest: store the body as a blob, streamed to disk and verified.
 
@@ -5962,6 +6161,7 @@ def _read_config(store, manifest):
         return {}
 
 
+@route("GET", "/api/tags")
 def api_tags(req):
     """GET /api/tags: every stored model, newest first."""
     store = req.server.store
@@ -5978,10 +6178,11 @@ def api_tags(req):
     return {"models": [m for _, m in models]}
 
 
+@route("POST", "/api/show")
 def api_show(req):
     """POST /api/show: a model's Modelfile, parameters, template, details, metadata, capabilities."""
     body = req.json()
-    text = body.get("model") or body.get("name")
+    text = _model_field(body)
     if not text:
         raise BadRequest("model is required")
     name = Name.parse(text)
@@ -6026,6 +6227,7 @@ def api_show(req):
     return resp
 
 
+@route("POST", "/api/copy")
 def api_copy(req):
     """POST /api/copy {source, destination}: copy the manifest byte for byte; 200, empty body."""
     body = req.json()
@@ -6052,10 +6254,11 @@ def _valid(text):
         return False
 
 
+@route("DELETE", "/api/delete")
 def api_delete(req):
     """DELETE /api/delete {model}: remove the manifest, then the blobs no other model uses."""
     body = req.json()
-    text = body.get("model") or body.get("name") or ""
+    text = _model_field(body) or ""
     if not isinstance(text, str) or not _valid(text):
         raise BadRequest("name %s is invalid" % _go_quote(str(text)))
     store = req.server.store
@@ -6068,7 +6271,10 @@ def api_delete(req):
 def _pull_for_create(req, name):
     """/api/create with a `from` model that is not stored pulls it first, streaming the pull's
     progress (its closing "success" is left to create)."""
-    for progress in _progress_items(lambda report, cancel: pull_model(req.server, name, False, report, cancel)):
+    def pull(report, cancel):
+        return pull_model(*_registry_parts(req), name, False, report, cancel)
+
+    for progress in _progress_items(pull):
         if progress.get("status") != "success":
             yield progress
 
@@ -6108,11 +6314,12 @@ def _new_layer(store, data, media, created):
     return _layer(media, digest, len(data))
 
 
+@route("POST", "/api/create")
 def api_create(req):
     """POST /api/create: build a model from GGUF blobs (`files`) or another model (`from`), plus
     template, system, license, parameters and messages; streams statuses ending in "success"."""
     body = req.json()
-    text = body.get("model") or body.get("name") or ""
+    text = _model_field(body) or ""
     files = _validate_create_files(body.get("files"))
     adapters = _validate_create_files(body.get("adapters"), "adapters")
     quantize = body.get("quantize") or body.get("quantization")
@@ -6138,7 +6345,7 @@ def api_create(req):
     if stream:
         return Stream(items)
     last = None
-    for last in items:
+    for last in items:  # noqa: B007 -- run the stream to its end, keeping its last item
         pass
     return last
 
@@ -6328,7 +6535,7 @@ def _ns(seconds):
 
 def _find_model(req, body, key="model"):
     """The Model named in the request: 400 for a missing/invalid name, 404 when not stored."""
-    text = body.get(key) or body.get("name")
+    text = _model_field(body, key)
     if not text:
         raise BadRequest("model is required")
     if not isinstance(text, str):
@@ -6451,19 +6658,21 @@ def _check_think(body, model):
     return think
 
 
-def _schedule(req, model, body, embedding=False):
-    """Validate keep_alive and options, then get a loaded runner: (entry, keep_alive, opts, load seconds)."""
-    keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+def _keep_alive(req, body):
+    """The request's keep_alive in seconds (the server's default when absent); 400 when invalid."""
+    return parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+
+
+def _schedule(req, model, body, keep_alive, embedding=False):
+    """Validate the options, then lease a loaded runner (a Lease: use it in a `with` block)."""
     opts = _request_options(model, body)
-    started = time.monotonic()
-    entry = req.server.scheduler.acquire(model, opts, keep_alive, embedding=embedding)
-    return entry, keep_alive, opts, time.monotonic() - started
+    return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
 
 
-def _completion(req, entry, prompt, opts, fmt):
-    """Stream (piece, final_event_or_None) from the runner; the runner is released by the caller."""
-    payload = dict(_sampling(opts, fmt), prompt=prompt)
-    events = entry.runner.completion(payload)
+def _completion(lease, prompt, fmt):
+    """Stream (piece, final_event_or_None) from the leased runner; the lease is the caller's."""
+    payload = dict(_sampling(lease.opts, fmt), prompt=prompt)
+    events = lease.runner.completion(payload)
     try:
         for event in events:
             if event.get("stop"):
@@ -6484,13 +6693,14 @@ CHAT_FIELDS = {"model": _STRING, "stream": _BOOL, "options": _OPTIONS, "messages
                "api.Message"), "tools": (list, "api.Tools", dict, "api.Tool")}
 
 
+@route("POST", "/api/generate")
 def api_generate(req):
     """POST /api/generate: complete a prompt (streamed NDJSON unless "stream": false)."""
     body = req.json()
     check_fields(body, GENERATE_FIELDS, "api.GenerateRequest")
     started = time.monotonic()
     model = _find_model(req, body)
-    keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+    keep_alive = _keep_alive(req, body)
     prompt = body.get("prompt") or ""
     base = {"model": body.get("model")}
     if not prompt and keep_alive == 0 and not body.get("images"):
@@ -6504,12 +6714,10 @@ def api_generate(req):
         raise BadRequest("this model is missing data required for image input")
     fmt = body.get("format")
     _format_schema(fmt)
-    entry, keep_alive, opts, load_s = _schedule(req, model, body)
-    try:
+    with _schedule(req, model, body, keep_alive) as lease:
         if not prompt:
-            req.server.scheduler.release(entry, keep_alive)
             return dict(base, created_at=rfc3339(), response="", done=True, done_reason="load")
-        runner = entry.runner
+        runner = lease.runner
         if body.get("raw"):
             text = prompt
         else:
@@ -6528,30 +6736,25 @@ def api_generate(req):
         if body.get("context"):
             text = runner.detokenize(body["context"]) + text
         if body.get("_debug_render_only"):
-            req.server.scheduler.release(entry, keep_alive)
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
-    except BaseException:
-        req.server.scheduler.release(entry, keep_alive)
-        raise
+        chunks = _api_generate_chunks(lease, body, base, text, fmt, started)
+        return _respond(body, lease.stream(chunks), "response")
 
-    def chunks():
-        pieces = []
-        try:
-            for piece, final in _completion(req, entry, text, opts, fmt):
-                if final is None:
-                    pieces.append(piece)
-                    yield dict(base, created_at=rfc3339(), response=piece, done=False)
-                    continue
-                pieces.append(piece)
-                done = dict(base, created_at=rfc3339(), response=piece, done=True, done_reason=stop_reason(final))
-                if not body.get("raw"):
-                    done["context"] = entry.runner.tokenize(text + "".join(pieces))
-                done.update(_metrics(final, started, load_s))
-                yield done
-        finally:
-            req.server.scheduler.release(entry, keep_alive)
 
-    return _respond(body, chunks(), "response")
+def _api_generate_chunks(lease, body, base, text, fmt, started):
+    """/api/generate's answer objects, streamed from the leased runner."""
+    pieces = []
+    for piece, final in _completion(lease, text, fmt):
+        if final is None:
+            pieces.append(piece)
+            yield dict(base, created_at=rfc3339(), response=piece, done=False)
+            continue
+        pieces.append(piece)
+        done = dict(base, created_at=rfc3339(), response=piece, done=True, done_reason=stop_reason(final))
+        if not body.get("raw"):
+            done["context"] = lease.runner.tokenize(text + "".join(pieces))
+        done.update(_metrics(final, started, lease.load_s))
+        yield done
 
 
 def _respond(body, chunks, field):
@@ -6588,13 +6791,14 @@ def _check_messages(messages):
     return out
 
 
+@route("POST", "/api/chat")
 def api_chat(req):
     """POST /api/chat: the next assistant message of a conversation (streamed unless "stream": false)."""
     body = req.json()
     check_fields(body, CHAT_FIELDS, "api.ChatRequest")
     started = time.monotonic()
     model = _find_model(req, body)
-    keep_alive = parse_keep_alive(body.get("keep_alive"), req.server.config.keep_alive)
+    keep_alive = _keep_alive(req, body)
     messages = _check_messages(body.get("messages") or [])
     base = {"model": body.get("model")}
     if not messages and keep_alive == 0:
@@ -6610,57 +6814,51 @@ def api_chat(req):
         raise BadRequest("this model is missing data required for image input")
     fmt = body.get("format")
     _format_schema(fmt)
-    entry, keep_alive, opts, load_s = _schedule(req, model, body)
-    try:
+    with _schedule(req, model, body, keep_alive) as lease:
         if not messages:
-            req.server.scheduler.release(entry, keep_alive)
             return dict(base, created_at=rfc3339(), message={"role": "assistant", "content": ""}, done=True,
                         done_reason="load")
         full = list(model.messages) + messages
         if full[0].get("role") != "system" and model.system:
             full.insert(0, {"role": "system", "content": model.system})
-        text = _fit_chat(model, entry.runner, full, tools, think, body.get("truncate") is True)
+        text = _fit_chat(model, lease.runner, full, tools, think, body.get("truncate") is True)
         if body.get("_debug_render_only"):
-            req.server.scheduler.release(entry, keep_alive)
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
-    except BaseException:
-        req.server.scheduler.release(entry, keep_alive)
-        raise
-
-    tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
-    thinking = ThinkingParser(*infer_thinking_tags(model.parsed_template())) if think else None
-
-    def chunks():
-        try:
-            for piece, final in _completion(req, entry, text, opts, fmt):
-                msg = {"role": "assistant", "content": piece}
-                if thinking:
-                    msg["thinking"], msg["content"] = thinking.feed(msg["content"])
-                    if final is not None:
-                        more_thinking, more = thinking.done()
-                        msg["thinking"] += more_thinking
-                        msg["content"] += more
-                if tool_parser:
-                    msg["content"], calls = tool_parser.feed(msg["content"])
-                    if final is not None:
-                        msg["content"] += tool_parser.done()
-                    if calls:
-                        msg["tool_calls"] = calls
-                if not msg.get("thinking"):
-                    msg.pop("thinking", None)
-                if final is None:
-                    if msg["content"] or msg.get("thinking") or msg.get("tool_calls"):
-                        yield dict(base, created_at=rfc3339(), message=msg, done=False)
-                    continue
-                done = dict(base, created_at=rfc3339(), message=msg, done=True, done_reason=stop_reason(final))
-                done.update(_metrics(final, started, load_s))
-                yield done
-        finally:
-            req.server.scheduler.release(entry, keep_alive)
-
-    return _respond(body, chunks(), "message")
+        tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
+        thinking = ThinkingParser(*infer_thinking_tags(model.parsed_template())) if think else None
+        chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking)
+        return _respond(body, lease.stream(chunks), "message")
 
 
+def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking):
+    """/api/chat's answer objects, streamed from the leased runner through the tool-call and
+    thinking parsers."""
+    for piece, final in _completion(lease, text, fmt):
+        msg = {"role": "assistant", "content": piece}
+        if thinking:
+            msg["thinking"], msg["content"] = thinking.feed(msg["content"])
+            if final is not None:
+                more_thinking, more = thinking.done()
+                msg["thinking"] += more_thinking
+                msg["content"] += more
+        if tool_parser:
+            msg["content"], calls = tool_parser.feed(msg["content"])
+            if final is not None:
+                msg["content"] += tool_parser.done()
+            if calls:
+                msg["tool_calls"] = calls
+        if not msg.get("thinking"):
+            msg.pop("thinking", None)
+        if final is None:
+            if msg["content"] or msg.get("thinking") or msg.get("tool_calls"):
+                yield dict(base, created_at=rfc3339(), message=msg, done=False)
+            continue
+        done = dict(base, created_at=rfc3339(), message=msg, done=True, done_reason=stop_reason(final))
+        done.update(_metrics(final, started, lease.load_s))
+        yield done
+
+
+@route("GET", "/api/ps")
 def api_ps(req):
     """GET /api/ps: the models loaded now."""
     out = []
@@ -6712,6 +6910,7 @@ def _normalize(vector):
     return [v * scale for v in vector]
 
 
+@route("POST", "/api/embed")
 def api_embed(req):
     """POST /api/embed: L2-normalised embeddings for a string or a list of strings."""
     body = req.json()
@@ -6719,18 +6918,12 @@ def api_embed(req):
     inputs = _embed_inputs(body.get("input"))
     model = _find_model(req, body)
     truncate = body.get("truncate", True) is not False
-    dimensions = body.get("dimensions") or 0
-    if not isinstance(dimensions, int) or isinstance(dimensions, bool):
-        raise BadRequest("json: cannot unmarshal %s into Go struct field EmbedRequest.dimensions of type int"
-                         % type(dimensions).__name__)
-    entry, keep_alive, _opts, load_s = _schedule(req, model, body, embedding=True)
-    try:
+    dimensions = _expect(body, "dimensions", int, "int", "EmbedRequest") or 0
+    with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not inputs:
             return {"model": body.get("model"), "embeddings": []}
-        batches = [_fit_context(entry.runner, text, truncate) for text in inputs]
-        vectors = entry.runner.embeddings(batches)
-    finally:
-        req.server.scheduler.release(entry, keep_alive)
+        batches = [_fit_context(lease.runner, text, truncate) for text in inputs]
+        vectors = lease.runner.embeddings(batches)
     embeddings = []
     for vector in vectors:
         vector = _normalize(vector)
@@ -6738,36 +6931,32 @@ def api_embed(req):
             vector = _normalize(vector[:dimensions])
         embeddings.append(vector)
     return {"model": body.get("model"), "embeddings": embeddings,
-            "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_s),
+            "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(lease.load_s),
             "prompt_eval_count": sum(len(b) for b in batches)}
 
 
+@route("POST", "/api/embeddings")
 def api_embeddings(req):
     """POST /api/embeddings (legacy): one raw, unnormalised embedding of `prompt`."""
     body = req.json()
     model = _find_model(req, body)
-    prompt = body.get("prompt") or ""
-    if not isinstance(prompt, str):
-        raise BadRequest("json: cannot unmarshal %s into Go struct field EmbeddingRequest.prompt of type string"
-                         % type(prompt).__name__)
-    entry, keep_alive, _opts, _load_s = _schedule(req, model, body, embedding=True)
-    try:
+    prompt = _expect(body, "prompt", str, "string", "EmbeddingRequest") or ""
+    with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not prompt:
             return {"embedding": []}
-        return {"embedding": entry.runner.embeddings([_fit_context(entry.runner, prompt)])[0]}
-    finally:
-        req.server.scheduler.release(entry, keep_alive)
+        return {"embedding": lease.runner.embeddings([_fit_context(lease.runner, prompt)])[0]}
 
 
-def _tokenizer_entry(req, model, body):
-    """A runner for tokenizing: the one already loaded for `model` in whichever mode, else a new
-    one in the model's own mode (embedding models embed, the rest complete)."""
-    with req.server.scheduler.cond:
-        loaded = req.server.scheduler.loaded.get(model.name.key())
-        embedding = loaded.load_key[1] if loaded is not None else is_embedding_model(model)
-    return _schedule(req, model, body, embedding=embedding)
+def _tokenizer_lease(req, model, body):
+    """A lease on a runner for tokenizing: the one already loaded for `model` in whichever mode,
+    else a new one in the model's own mode (embedding models embed, the rest complete)."""
+    embedding = req.server.scheduler.loaded_embedding(model.name)
+    if embedding is None:
+        embedding = is_embedding_model(model)
+    return _schedule(req, model, body, _keep_alive(req, body), embedding=embedding)
 
 
+@route("POST", "/api/tokenize")
 def api_tokenize(req):
     """POST /api/tokenize: the model's token ids for `text` (no BOS/EOS added)."""
     body = req.json()
@@ -6775,14 +6964,12 @@ def api_tokenize(req):
     if not isinstance(text, str):
         raise BadRequest("text must be a string")
     model = _find_model(req, body)
-    entry, keep_alive, _opts, _load_s = _tokenizer_entry(req, model, body)
-    try:
-        tokens = entry.runner.tokenize(text) if text else []
-    finally:
-        req.server.scheduler.release(entry, keep_alive)
+    with _tokenizer_lease(req, model, body) as lease:
+        tokens = lease.runner.tokenize(text) if text else []
     return {"model": body.get("model"), "tokens": tokens}
 
 
+@route("POST", "/api/detokenize")
 def api_detokenize(req):
     """POST /api/detokenize: the text of a list of token ids."""
     body = req.json()
@@ -6792,11 +6979,8 @@ def api_detokenize(req):
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise BadRequest("tokens must be an array of integers")
     model = _find_model(req, body)
-    entry, keep_alive, _opts, _load_s = _tokenizer_entry(req, model, body)
-    try:
-        text = entry.runner.detokenize(tokens) if tokens else ""
-    finally:
-        req.server.scheduler.release(entry, keep_alive)
+    with _tokenizer_lease(req, model, body) as lease:
+        text = lease.runner.detokenize(tokens) if tokens else ""
     return {"model": body.get("model"), "text": text}
 
 # -- registry ----------------------------------------------------------------
@@ -6842,26 +7026,33 @@ def _progress_items(work):
 
 def _transfer_request(req):
     body = req.json()
-    name = Name.parse_bare(body.get("model") or body.get("name") or "")
+    name = Name.parse_bare(_model_field(body) or "")
     if name is None or not name.is_valid():
         raise BadRequest("invalid model name")
     return name, bool(body.get("insecure")), body.get("stream", True) is not False
 
 
+def _registry_parts(req):
+    """What pull_model and push_model need of the server: (store, transfers, config)."""
+    return req.server.store, req.server.transfers, req.server.config
+
+
+@route("POST", "/api/pull")
 def api_pull(req):
     """POST /api/pull {model, insecure, stream}: pull a model from its registry."""
     name, insecure, stream = _transfer_request(req)
     return _progress_stream(req, lambda progress, cancel: pull_model(
-        req.server, name, insecure, progress, cancel), stream)
+        *_registry_parts(req), name, insecure, progress, cancel), stream)
 
 
+@route("POST", "/api/push")
 def api_push(req):
     """POST /api/push {model, insecure, stream}: push a model to its registry."""
     name, insecure, stream = _transfer_request(req)
     return _progress_stream(req, lambda progress, cancel: push_model(
-        req.server, name, insecure, progress, cancel), stream)
+        *_registry_parts(req), name, insecure, progress, cancel), stream)
 
-# -- OpenAI compatibility ----------------------------------------------------
+# == HTTP API: OpenAI compatibility (/v1) =====================================
 
 #: OpenAI's error "type" for an HTTP status (openai.NewError).
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
@@ -6873,7 +7064,7 @@ def _openai_error(status, message):
     """An OpenAI-shaped error answer: {"error": {"message", "type", "param": null, "code": null}}."""
     body = {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
                       "param": None, "code": None}}
-    return Response(status, json_dumps(body).encode(), "application/json; charset=utf-8")
+    return Response.json(status, body)
 
 
 def _openai(handler):
@@ -6997,9 +7188,6 @@ def _from_chat_messages(messages):
     """OpenAI messages -> /api/chat messages (each content part becomes its own message, as in Ollama)."""
     out = []
     for msg in messages:
-        if not isinstance(msg, dict):
-            raise BadRequest("json: cannot unmarshal %s into Go struct field ChatCompletionRequest.messages "
-                             "of type openai.Message" % _json_kind(msg))
         role, content = msg.get("role") or "", msg.get("content")
         tool_name = ""
         if role.lower() == "tool":
@@ -7106,12 +7294,14 @@ def _chat_chunks(first, items, cid, created, model, include_usage):
                 return
 
 
+@route("POST", "/v1/chat/completions")
 @_openai
 def v1_chat_completions(req):
     """POST /v1/chat/completions: OpenAI chat on top of /api/chat."""
     body = req.json()
     _expect(body, "model", str, "string")
-    messages = _expect(body, "messages", list, "[]openai.Message")
+    check_fields(body, {"messages": (list, "[]openai.Message", dict, "openai.Message")}, "ChatCompletionRequest")
+    messages = body.get("messages")
     if not messages:
         raise BadRequest("[] is too short - 'messages'")
     chat = {"model": body.get("model"), "messages": _from_chat_messages(messages),
@@ -7166,6 +7356,7 @@ def _completion_chunks(first, items, cid, created, model, include_usage):
                 return
 
 
+@route("POST", "/v1/completions")
 @_openai
 def v1_completions(req):
     """POST /v1/completions: OpenAI text completion of a prompt (and suffix) on top of /api/generate."""
@@ -7192,6 +7383,7 @@ def v1_completions(req):
             "usage": _usage(first)}
 
 
+@route("POST", "/v1/embeddings")
 @_openai
 def v1_embeddings(req):
     """POST /v1/embeddings: OpenAI embeddings (float or base64 little-endian float32) via /api/embed."""
@@ -7219,6 +7411,7 @@ def v1_embeddings(req):
             "usage": {"prompt_tokens": count, "total_tokens": count}}
 
 
+@route("GET", "/v1/models")
 @_openai
 def v1_models(req):
     """GET /v1/models: every stored model, newest first."""
@@ -7227,6 +7420,7 @@ def v1_models(req):
                                         "owned_by": name.namespace} for name, _raw, _m, mtime in models]}
 
 
+@route("GET", "/v1/models/:model")
 @_openai
 def v1_model(req):
     """GET /v1/models/{model}: one stored model."""
@@ -7239,37 +7433,12 @@ def v1_model(req):
     return {"id": text, "object": "model", "created": int(mtime), "owned_by": name.namespace}
 
 
-#: The one route table. HEAD is served by the GET handler where no HEAD route is given.
-ROUTES = [
-    ("GET", "/", api_root),
-    ("GET", "/api/version", api_version),
-    ("GET", "/api/tags", api_tags),
-    ("POST", "/api/show", api_show),
-    ("POST", "/api/create", api_create),
-    ("POST", "/api/copy", api_copy),
-    ("DELETE", "/api/delete", api_delete),
-    ("HEAD", "/api/blobs/:digest", api_blob_head),
-    ("POST", "/api/blobs/:digest", api_blob_post),
-    ("POST", "/api/pull", api_pull),
-    ("POST", "/api/push", api_push),
-    ("POST", "/api/generate", api_generate),
-    ("POST", "/api/chat", api_chat),
-    ("GET", "/api/ps", api_ps),
-    ("POST", "/api/embed", api_embed),
-    ("POST", "/api/embeddings", api_embeddings),
-    ("POST", "/api/tokenize", api_tokenize),
-    ("POST", "/api/detokenize", api_detokenize),
-    ("POST", "/v1/chat/completions", v1_chat_completions),
-    ("POST", "/v1/completions", v1_completions),
-    ("POST", "/v1/embeddings", v1_embeddings),
-    ("GET", "/v1/models", v1_models),
-    ("GET", "/v1/models/:model", v1_model),
-]
-
-
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
+# The commands: a client of the HTTP API, one cmd_* per command, and the interactive REPL.
+
+# == CLI: the client, and @command ============================================
 
 class Client:
     """The CLI's side of the API: JSON calls and NDJSON streams to OLLAMA_HOST over http.client."""
@@ -7345,12 +7514,40 @@ class Client:
         conn.close()
 
 
-def _client(args):
+def _client():
+    """A Client for the server at OLLAMA_HOST."""
     return Client(Config().base_url)
 
 
+#: The CLI's commands: name -> (cmd_* function, aliases, argparse arguments), filled by @command.
+COMMANDS = {}
+
+
+def argument(*names, **kw):
+    """One argparse argument of a command, for @command: argument("model"), argument("--x", ...)."""
+    return names, kw
+
+
+#: Shared by the commands that reach a registry.
+INSECURE = argument("--insecure", action="store_true", help="use an insecure registry")
+
+
+def command(name, *args, aliases=()):
+    """Declare the decorated cmd_NAME(args) -> exit status as `ollama.py NAME`, taking `args`
+    (each an argument(...)); its docstring's first line is its help, the rest its description.
+    The flags sit beside the command, as RamaLama pairs *_parser with *_cli; build_parser()
+    wires them all."""
+    def register(func):
+        COMMANDS[name] = (func, tuple(aliases), args)
+        return func
+    return register
+
+
+# == CLI: commands ============================================================
+
 # -- serve -------------------------------------------------------------------
 
+@command("serve", aliases=["start"])
 def cmd_serve(args):
     """Start ollama.py's server.
 
@@ -7502,6 +7699,10 @@ def _check_rpc(exe, rpc, model, work, launcher, timeout):
         worker.wait()
 
 
+@command("check-engine",
+         argument("--engine", metavar="PATH", help="the llama-server to check (default: the one serve uses)"),
+         argument("--exec", dest="launcher", metavar="CMD",
+             help='run it under an emulator or wrapper, e.g. "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"'))
 def cmd_check_engine(args):
     """Check that the llama-server engine runs on this machine.
 
@@ -7538,6 +7739,12 @@ RPC_WARNING = ("WARNING: llama.cpp's RPC protocol has no authentication and no e
                "computes. Use it only on a network you trust.")
 
 
+@command("worker",
+         argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"),
+         argument("--port", type=int, default=DEFAULT_RPC_PORT, help="port (default %d)" % DEFAULT_RPC_PORT),
+         argument("--threads", type=int, help="CPU threads (default: half the cores, as rpc-server)"),
+         argument("--device", help="devices to lend, e.g. CUDA0 (default: all)"),
+         argument("--cache", action="store_true", help="cache received tensors on disk, so reloads are fast"))
 def cmd_worker(args):
     """Lend this machine to another machine's serve, through llama.cpp's RPC backend.
 
@@ -7653,15 +7860,13 @@ def _send_blob(client, path, digest, status):
 
 
 def _server_is_local(client):
-    if client.host in ("localhost", None):
-        return True
-    try:
-        import ipaddress
-        return ipaddress.ip_address(client.host).is_loopback
-    except ValueError:
-        return False
+    """Whether the server runs on this machine (so it can read a file by its path)."""
+    return _is_loopback(client.host)
 
 
+@command("create", argument("model"),
+         argument("-f", "--file", help='name of the Modelfile (default "Modelfile")'),
+         argument("-q", "--quantize", help="quantize model to this level (e.g. q4_K_M)"))
 def cmd_create(args):
     """Create a model from a Modelfile.
 
@@ -7670,7 +7875,7 @@ def cmd_create(args):
     instead of copied when the server runs on this machine and can read them), then asks the
     server to build the model.
     """
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     if not Name.parse_bare(args.model) or not Name.parse_bare(args.model).is_valid():
         raise OllamaError("invalid model name: %s" % args.model)
@@ -7706,31 +7911,26 @@ def cmd_create(args):
     return 0
 
 
+@command("list", argument("prefix", nargs="?", default=""), aliases=["ls"])
 def cmd_list(args):
     """List models."""
-    client = _client(args)
+    return _list_models(args.prefix)
+
+
+def _list_models(prefix):
+    """The `list` table of the models whose name starts with `prefix` (any case)."""
+    client = _client()
     client.heartbeat()
     resp = client.call("GET", "/api/tags") or {}
-    prefix = (args.prefix or "").lower()
+    prefix = (prefix or "").lower()
     rows = []
     for m in resp.get("models") or []:
         if prefix and not m["name"].lower().startswith(prefix):
             continue
         rows.append([m["name"], m["digest"][:12], human_bytes(m["size"]),
-                     human_time(_parse_time(m["modified_at"]))])
+                     human_time(_parse_rfc3339(m["modified_at"], zero=True) or 0.0)])
     sys.stdout.write(_table(rows, ["NAME", "ID", "SIZE", "MODIFIED"]))
     return 0
-
-
-def _parse_time(text):
-    """RFC 3339 (with up to nanosecond fractions) -> unix seconds."""
-    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text or "")
-    if not m:
-        return 0.0
-    base = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")
-    tz = datetime.timezone.utc if m.group(3) == "Z" else datetime.timezone(
-        datetime.timedelta(hours=int(m.group(3)[:3]), minutes=int(m.group(3)[0] + m.group(3)[4:])))
-    return base.replace(tzinfo=tz).timestamp() + float("0." + (m.group(2) or "0"))
 
 
 def _show_value(v):
@@ -7806,13 +8006,18 @@ def _show_info(resp, verbose, out):
         section("License", head(resp["license"], 2))
 
 
+@command("show", argument("model"),
+         *(argument("--" + name, action="store_true", help="show %s of a model" % what)
+           for name, what in (("license", "license"), ("modelfile", "Modelfile"), ("parameters", "parameters"),
+                              ("system", "system message"), ("template", "template"))),
+         argument("-v", "--verbose", action="store_true", help="show detailed model information"))
 def cmd_show(args):
     """Show information for a model."""
     flags = [f for f in ("license", "modelfile", "parameters", "system", "template") if getattr(args, f)]
     if len(flags) > 1:
         raise OllamaError("only one of '--license', '--modelfile', '--parameters', '--system', "
                           "or '--template' can be specified")
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     resp = client.call("POST", "/api/show", {"name": args.model, "verbose": bool(args.verbose)})
     if flags:
@@ -7827,25 +8032,27 @@ def cmd_show(args):
     return 0
 
 
+@command("cp", argument("source"), argument("destination"))
 def cmd_cp(args):
     """Copy a model."""
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     client.call("POST", "/api/copy", {"source": args.source, "destination": args.destination})
     print("copied '%s' to '%s'" % (args.source, args.destination))
     return 0
 
 
+@command("rm", argument("models", nargs="+", metavar="model"))
 def cmd_rm(args):
     """Remove a model."""
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     for model in args.models:
         try:
             for _ in client.stream("POST", "/api/generate", {"model": model, "keep_alive": 0}):
                 pass
         except OllamaError as e:
-            if "not found" not in str(e).lower():
+            if e.status != NotFound.status:
                 print("Warning: unable to stop model '%s'" % model, file=sys.stderr)
         client.call("DELETE", "/api/delete", {"model": model})
         print("deleted '%s'" % model)
@@ -7854,42 +8061,17 @@ def cmd_rm(args):
 
 # -- inference ---------------------------------------------------------------
 
-# Ollama's api.Options and Runner fields by type, for `/set parameter` (api.FormatParams).
-_PARAM_INT = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
-              "main_gpu", "num_thread")
-_PARAM_FLOAT = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                "frequency_penalty")
-_PARAM_BOOL = ("use_mmap",)
-_PARAM_LIST = ("stop",)
 _THINK_LEVELS = ("high", "medium", "low", "max")
-_HISTORY_LIMIT = 100                  # lines kept in ~/.ollama/history, as Ollama's readline keeps
 _GREY, _BOLD, _RESET = "\x1b[38;5;245m", "\x1b[1m", "\x1b[0m"
 _RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
 
 
-def _format_param(key, values):
-    """One `/set parameter` value typed as Ollama's api.FormatParams does; ValueError with its text."""
-    if key in _PARAM_LIST:
-        return list(values)
-    text = values[0]
-    try:
-        if key in _PARAM_INT:
-            return int(text, 10)
-        if key in _PARAM_FLOAT:
-            return float(text)
-        if key in _PARAM_BOOL:
-            return {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}[text.lower()]
-    except (ValueError, KeyError):
-        kind = "int" if key in _PARAM_INT else "float" if key in _PARAM_FLOAT else "bool"
-        raise ValueError("invalid %s value [%s]" % (kind, " ".join(values))) from None
-    raise ValueError("unknown parameter '%s'" % key)
-
-
-def _parse_rfc3339(text):
+def _parse_rfc3339(text, zero=False):
     """Seconds since the epoch for an RFC 3339 time with any fraction and offset ("Z" too); None for
-    Go's zero time or text that doesn't parse (fromisoformat takes neither "Z" nor nanoseconds on 3.9)."""
+    text that doesn't parse, and for Go's zero time (year 1) unless `zero` (fromisoformat takes
+    neither "Z" nor nanoseconds on 3.9)."""
     m = _RFC3339_RE.match(text or "")
-    if not m or m.group(1) == "0001":
+    if not m or m.group(1) == "0001" and not zero:
         return None
     y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
     off = m.group(8)
@@ -8056,7 +8238,7 @@ def _show_or_pull(client, name, insecure=False):
     except OllamaError as e:
         if e.status != 404:
             raise
-    _transfer(argparse.Namespace(model=name, insecure=insecure), "/api/pull")
+    _transfer(name, insecure, "/api/pull")
     return client.call("POST", "/api/show", {"model": name})
 
 
@@ -8078,9 +8260,20 @@ def _load_model(client, opts):
         pass
 
 
+@command("run", argument("model"), argument("prompt", nargs="*"),
+         argument("--format", help='response format (e.g. json)'),
+         argument("--keepalive", help="duration to keep a model loaded (e.g. 5m)"),
+         argument("--verbose", action="store_true", help="show timings for response"),
+         INSECURE,
+         argument("--nowordwrap", action="store_true", help="don't wrap words to the next line automatically"),
+         argument("--think", nargs="?", const="true", help="enable thinking mode: true/false or high/medium/low"),
+         argument("--hidethinking", action="store_true", help="hide thinking output (if provided)"),
+         argument("--truncate", action="store_true",
+             help="for embedding models: truncate inputs that exceed the context length"),
+         argument("--dimensions", type=int, help="truncate output embeddings to specified dimension"))
 def cmd_run(args):
     """Run a model."""
-    client = _client(args)
+    client = _client()
     client.heartbeat()
     opts = _RunOptions(args.model)
     opts.format = args.format or ""
@@ -8214,6 +8407,211 @@ def _chat(client, opts):
     if final is not None and opts.verbose:
         _print_metrics(final)
     return {"role": role, "content": "".join(out.content)}
+
+
+@command("ps")
+def cmd_ps(args):
+    """List running models."""
+    client = _client()
+    client.heartbeat()
+    resp = client.call("GET", "/api/ps") or {}
+    rows = []
+    now = time.time()
+    for m in resp.get("models") or []:
+        size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
+        if vram == 0:
+            proc = "100% CPU"
+        elif vram == size:
+            proc = "100% GPU"
+        elif vram > size or size == 0:
+            proc = "Unknown"
+        else:
+            cpu = int(round((size - vram) / size * 100))
+            proc = "%d%%/%d%% CPU/GPU" % (cpu, 100 - cpu)
+        if m.get("rpc_servers"):                # layers split with llama.cpp RPC workers
+            proc = "%s + RPC %s" % (proc.split()[-1], ",".join(m["rpc_servers"]))
+        expires = _parse_rfc3339(m.get("expires_at"))
+        if expires is None:
+            until = "Never"
+        elif expires < now:
+            until = "Stopping..."
+        else:
+            until = human_time(expires, now)
+        rows.append([m.get("name", ""), (m.get("digest") or "")[:12], human_bytes(size), proc,
+                     str(m.get("context_length") or 0), until])
+    sys.stdout.write(_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
+    return 0
+
+
+@command("stop", argument("model"))
+def cmd_stop(args):
+    """Stop a running model."""
+    client = _client()
+    client.heartbeat()
+    missing = OllamaError('couldn\'t find model "%s" to stop' % args.model)
+    try:
+        name = Name.parse(args.model)
+    except BadRequest:
+        raise missing from None
+    running = (client.call("GET", "/api/ps") or {}).get("models") or []
+    if not any(Name.parse_bare(m.get("name") or m.get("model")) == name for m in running):
+        raise missing
+    try:
+        for _ in client.stream("POST", "/api/generate", {"model": args.model, "keep_alive": 0}):
+            pass
+    except OllamaError as e:
+        if e.status == NotFound.status:
+            raise missing from None
+        raise
+    return 0
+
+# -- registry ----------------------------------------------------------------
+
+class _TransferProgress:
+    """Ollama-style progress for pull/push on stderr: a bar per blob (percent, size, speed, time
+    left) redrawn in place on a TTY; plain lines otherwise (a blob's line once it completes)."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stderr
+        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
+        self.lines = []                     # [key, text] in display order
+        self.bars = {}                      # digest -> [total, completed, [(time, completed)...]]
+        self.drawn, self.last_draw = 0, 0.0
+        self.status = None
+
+    def update(self, obj):
+        status, digest = obj.get("status") or "", obj.get("digest")
+        if digest and obj.get("total"):
+            total, done = obj["total"], obj.get("completed") or 0
+            bar = self.bars.get(digest)
+            if bar is None:
+                if not done:
+                    return                  # Ollama skips a blob's first, empty update
+                bar = self.bars[digest] = [total, done, []]
+                self.lines.append([digest, ""])
+            was_done = bar[1] >= bar[0]
+            bar[0], bar[1] = total, done
+            bar[2].append((time.monotonic(), done))
+            bar[2][:] = [s for s in bar[2] if s[0] > time.monotonic() - 3.0]
+            self._set(digest, self._bar(status, digest))
+            if not self.tty and done >= total and not was_done:
+                print(self._bar(status, digest, plain=True), file=self.out, flush=True)
+        elif status and status != self.status:
+            self.status = status
+            self.lines.append([status, status])
+            if not self.tty:
+                print(status, file=self.out, flush=True)
+        self._draw(force=status == "success" or not digest)
+
+    def _set(self, key, text):
+        for line in self.lines:
+            if line[0] == key:
+                line[1] = text
+
+    def _bar(self, status, digest, plain=False):
+        total, done, samples = self.bars[digest]
+        pct = int(100 * done / total) if total else 100
+        if plain:
+            return "%s: %3d%% %s" % (status, pct, human_bytes(total))
+        width = 25
+        filled = width * done // total if total else width
+        size = human_bytes(total) if done >= total else "%s/%s" % (human_bytes(done), human_bytes(total))
+        text = "%s: %3d%% \u2595%s%s\u258f %s" % (status, pct, "\u2588" * filled, " " * (width - filled), size)
+        if done < total and len(samples) > 1 and samples[-1][0] > samples[0][0]:
+            rate = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
+            if rate > 0:
+                left = format_duration(int((total - done) / rate))
+                text += "  %8s/s %7s" % (human_bytes(rate), left)
+        return text
+
+    def _draw(self, force=False):
+        if not self.tty or (not force and time.monotonic() - self.last_draw < 0.1):
+            return
+        self.last_draw = time.monotonic()
+        out = "\x1b[%dA" % (self.drawn - 1) if self.drawn > 1 else ""
+        out += "\r" + "\n".join("\x1b[K" + text for _key, text in self.lines)
+        self.out.write(out)
+        self.out.flush()
+        self.drawn = len(self.lines)
+
+    def close(self):
+        if self.tty and self.drawn:
+            self._draw(force=True)
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _transfer(model, insecure, path):
+    """Pull or push `model` (path /api/pull or /api/push) with a progress display."""
+    client = _client()
+    client.heartbeat()
+    display = _TransferProgress()
+    last = None
+    try:
+        for last in client.stream("POST", path, {"model": model, "insecure": bool(insecure)}):
+            display.update(last)
+    except (OSError, http.client.HTTPException) as e:
+        raise OllamaError("unexpected EOF: %s" % e) from None
+    finally:
+        display.close()
+    if not last or last.get("status") != "success":
+        raise OllamaError("unexpected EOF")                 # the server went away mid-stream
+
+
+@command("pull", argument("model"), INSECURE)
+def cmd_pull(args):
+    """Pull a model from a registry
+
+    Fetches the manifest and every missing blob (resuming interrupted downloads) from the model's
+    registry: registry.ollama.ai, or the host in the name (host:port/namespace/model:tag).
+    Credentials for other registries come from the docker config (~/.docker/config.json "auths",
+    as written by 'docker login'); --insecure allows plain HTTP.
+    """
+    _transfer(args.model, args.insecure, "/api/pull")
+    return 0
+
+
+@command("push", argument("model"), INSECURE)
+def cmd_push(args):
+    """Push a model to a registry
+
+    Uploads the blobs the registry lacks, then the manifest. Credentials as for 'pull'.
+    """
+    _transfer(args.model, args.insecure, "/api/push")
+    name = Name.parse_bare(args.model)
+    if name is not None and name.host.lower() == DEFAULT_REGISTRY:
+        print("\nYou can find your model at:\n\n\thttps://ollama.com/%s/%s\n" % (name.namespace, name.model))
+    return 0
+
+
+# == CLI: the REPL (`run` without a prompt) ===================================
+
+# Ollama's api.Options and Runner fields by type, for `/set parameter` (api.FormatParams).
+_PARAM_INT = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
+              "main_gpu", "num_thread")
+_PARAM_FLOAT = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                "frequency_penalty")
+_PARAM_BOOL = ("use_mmap",)
+_PARAM_LIST = ("stop",)
+_HISTORY_LIMIT = 100                  # lines kept in ~/.ollama/history, as Ollama's readline keeps
+
+
+def _format_param(key, values):
+    """One `/set parameter` value typed as Ollama's api.FormatParams does; ValueError with its text."""
+    if key in _PARAM_LIST:
+        return list(values)
+    text = values[0]
+    try:
+        if key in _PARAM_INT:
+            return int(text, 10)
+        if key in _PARAM_FLOAT:
+            return float(text)
+        if key in _PARAM_BOOL:
+            return {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}[text.lower()]
+    except (ValueError, KeyError):
+        kind = "int" if key in _PARAM_INT else "float" if key in _PARAM_FLOAT else "bool"
+        raise ValueError("invalid %s value [%s]" % (kind, " ".join(values))) from None
+    raise ValueError("unknown parameter '%s'" % key)
 
 
 class _LineReader:
@@ -8424,7 +8822,7 @@ class _Repl:
 
     def cmd_list(self, args):
         try:
-            cmd_list(argparse.Namespace(command="list", prefix=args[1] if len(args) > 1 else ""))
+            _list_models(args[1] if len(args) > 1 else "")
         except OllamaError as e:
             print("Error: %s" % e)
 
@@ -8441,7 +8839,7 @@ class _Repl:
             _load_model(self.client, opts)
         except OllamaError as e:
             opts.model, opts.messages, opts.parent_model, opts.capabilities, opts.think = saved
-            if "not found" in str(e):
+            if e.status == NotFound.status:
                 print("Couldn't find model '%s'" % args[1])
             else:
                 print("error: %s" % e)
@@ -8477,68 +8875,84 @@ class _Repl:
         print("Cleared session context")
 
     def cmd_set(self, args):
-        opts = self.opts
+        """/set WHAT [VALUE...]: each setting has its method; an unknown one is reported."""
         if len(args) < 2:
             sys.stderr.write(_USAGE_SET)
             return
         what = args[1]
-        if what == "history":
-            self.reader.enabled = True
-        elif what == "nohistory":
-            self.reader.enabled = False
-        elif what in ("wordwrap", "nowordwrap"):
-            opts.wordwrap = what == "wordwrap"
-            print("Set '%s' mode." % what)
-        elif what in ("verbose", "quiet"):
-            opts.verbose = what == "verbose"
-            print("Set '%s' mode." % what)
-        elif what == "think":
-            opts.think, opts.think_explicit = (args[2] if len(args) > 2 else True), True
-            print("Set 'think' mode to '%s'." % args[2] if len(args) > 2 else "Set 'think' mode.")
-        elif what == "nothink":
+        setter = {"history": self._set_history, "nohistory": self._set_history,
+                  "wordwrap": self._set_wordwrap, "nowordwrap": self._set_wordwrap,
+                  "verbose": self._set_verbose, "quiet": self._set_verbose,
+                  "think": self._set_think, "nothink": self._set_think,
+                  "format": self._set_format, "noformat": self._set_format,
+                  "parameter": self._set_parameter, "system": self._set_system}.get(what)
+        if setter is None:
+            print("Unknown command '/set %s'. Type /? for help" % what)
+        else:
+            setter(what, args)
+
+    def _set_history(self, what, args):
+        self.reader.enabled = what == "history"
+
+    def _set_wordwrap(self, what, args):
+        self.opts.wordwrap = what == "wordwrap"
+        print("Set '%s' mode." % what)
+
+    def _set_verbose(self, what, args):
+        self.opts.verbose = what == "verbose"
+        print("Set '%s' mode." % what)
+
+    def _set_think(self, what, args):
+        opts = self.opts
+        if what == "nothink":
             opts.think, opts.think_explicit = False, True
             print("Set 'nothink' mode.")
-        elif what == "format":
-            if len(args) < 3 or args[2] != "json":
-                print("Invalid or missing format. For 'json' mode use '/set format json'")
-            else:
-                opts.format = args[2]
-                print("Set format to '%s' mode." % args[2])
-        elif what == "noformat":
-            opts.format = ""
+            return
+        opts.think, opts.think_explicit = (args[2] if len(args) > 2 else True), True
+        print("Set 'think' mode to '%s'." % args[2] if len(args) > 2 else "Set 'think' mode.")
+
+    def _set_format(self, what, args):
+        if what == "noformat":
+            self.opts.format = ""
             print("Disabled format.")
-        elif what == "parameter":
-            if len(args) < 4:
-                sys.stderr.write(_USAGE_PARAMETERS)
-                return
-            try:
-                value = _format_param(args[2], args[3:])
-            except ValueError as e:
-                print("Couldn't set parameter: %s" % json.dumps(str(e)))
-                return
-            print("Set parameter '%s' to '%s'" % (args[2], ", ".join(args[3:])))
-            opts.options[args[2]] = value
-        elif what == "system":
-            if len(args) < 3:
-                sys.stderr.write(_USAGE_SET)
-                return
-            text = " ".join(args[2:])
-            if text.startswith('"""'):
-                text = text[3:]
-                if not text.endswith('"""'):
-                    self.multiline = "system"
-                    self.buf = [text + "\n"] if text else []
-                    return
-                text = text[:-3]
-            opts.system = text
-            msg = {"role": "system", "content": text}
-            if opts.messages and opts.messages[-1].get("role") == "system":
-                opts.messages[-1] = msg
-            else:
-                opts.messages.append(msg)
-            print("Set system message.")
+        elif len(args) < 3 or args[2] != "json":
+            print("Invalid or missing format. For 'json' mode use '/set format json'")
         else:
-            print("Unknown command '/set %s'. Type /? for help" % what)
+            self.opts.format = args[2]
+            print("Set format to '%s' mode." % args[2])
+
+    def _set_parameter(self, what, args):
+        if len(args) < 4:
+            sys.stderr.write(_USAGE_PARAMETERS)
+            return
+        try:
+            value = _format_param(args[2], args[3:])
+        except ValueError as e:
+            print("Couldn't set parameter: %s" % json.dumps(str(e)))
+            return
+        print("Set parameter '%s' to '%s'" % (args[2], ", ".join(args[3:])))
+        self.opts.options[args[2]] = value
+
+    def _set_system(self, what, args):
+        opts = self.opts
+        if len(args) < 3:
+            sys.stderr.write(_USAGE_SET)
+            return
+        text = " ".join(args[2:])
+        if text.startswith('"""'):
+            text = text[3:]
+            if not text.endswith('"""'):
+                self.multiline = "system"
+                self.buf = [text + "\n"] if text else []
+                return
+            text = text[:-3]
+        opts.system = text
+        msg = {"role": "system", "content": text}
+        if opts.messages and opts.messages[-1].get("role") == "system":
+            opts.messages[-1] = msg
+        else:
+            opts.messages.append(msg)
+        print("Set system message.")
 
     def cmd_show(self, args):
         opts = self.opts
@@ -8593,252 +9007,33 @@ def _go_value(v):
     return str(v)
 
 
-def cmd_ps(args):
-    """List running models."""
-    client = _client(args)
-    client.heartbeat()
-    resp = client.call("GET", "/api/ps") or {}
-    rows = []
-    now = time.time()
-    for m in resp.get("models") or []:
-        size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
-        if vram == 0:
-            proc = "100% CPU"
-        elif vram == size:
-            proc = "100% GPU"
-        elif vram > size or size == 0:
-            proc = "Unknown"
-        else:
-            cpu = int(round((size - vram) / size * 100))
-            proc = "%d%%/%d%% CPU/GPU" % (cpu, 100 - cpu)
-        if m.get("rpc_servers"):                # layers split with llama.cpp RPC workers
-            proc = "%s + RPC %s" % (proc.split()[-1], ",".join(m["rpc_servers"]))
-        expires = _parse_rfc3339(m.get("expires_at"))
-        if expires is None:
-            until = "Never"
-        elif expires < now:
-            until = "Stopping..."
-        else:
-            until = human_time(expires, now)
-        rows.append([m.get("name", ""), (m.get("digest") or "")[:12], human_bytes(size), proc,
-                     str(m.get("context_length") or 0), until])
-    sys.stdout.write(_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
-    return 0
-
-
-def cmd_stop(args):
-    """Stop a running model."""
-    client = _client(args)
-    client.heartbeat()
-    missing = OllamaError('couldn\'t find model "%s" to stop' % args.model)
-    try:
-        name = Name.parse(args.model)
-    except BadRequest:
-        raise missing from None
-    running = (client.call("GET", "/api/ps") or {}).get("models") or []
-    if not any(Name.parse_bare(m.get("name") or m.get("model")) == name for m in running):
-        raise missing
-    try:
-        for _ in client.stream("POST", "/api/generate", {"model": args.model, "keep_alive": 0}):
-            pass
-    except OllamaError as e:
-        if "not found" in str(e):
-            raise missing from None
-        raise
-    return 0
-
-# -- registry ----------------------------------------------------------------
-
-class _TransferProgress:
-    """Ollama-style progress for pull/push on stderr: a bar per blob (percent, size, speed, time
-    left) redrawn in place on a TTY; plain lines otherwise (a blob's line once it completes)."""
-
-    def __init__(self, out=None):
-        self.out = out or sys.stderr
-        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
-        self.lines = []                     # [key, text] in display order
-        self.bars = {}                      # digest -> [total, completed, [(time, completed)...]]
-        self.drawn, self.last_draw = 0, 0.0
-        self.status = None
-
-    def update(self, obj):
-        status, digest = obj.get("status") or "", obj.get("digest")
-        if digest and obj.get("total"):
-            total, done = obj["total"], obj.get("completed") or 0
-            bar = self.bars.get(digest)
-            if bar is None:
-                if not done:
-                    return                  # Ollama skips a blob's first, empty update
-                bar = self.bars[digest] = [total, done, []]
-                self.lines.append([digest, ""])
-            was_done = bar[1] >= bar[0]
-            bar[0], bar[1] = total, done
-            bar[2].append((time.monotonic(), done))
-            bar[2][:] = [s for s in bar[2] if s[0] > time.monotonic() - 3.0]
-            self._set(digest, self._bar(status, digest))
-            if not self.tty and done >= total and not was_done:
-                print(self._bar(status, digest, plain=True), file=self.out, flush=True)
-        elif status and status != self.status:
-            self.status = status
-            self.lines.append([status, status])
-            if not self.tty:
-                print(status, file=self.out, flush=True)
-        self._draw(force=status == "success" or not digest)
-
-    def _set(self, key, text):
-        for line in self.lines:
-            if line[0] == key:
-                line[1] = text
-
-    def _bar(self, status, digest, plain=False):
-        total, done, samples = self.bars[digest]
-        pct = int(100 * done / total) if total else 100
-        if plain:
-            return "%s: %3d%% %s" % (status, pct, human_bytes(total))
-        width = 25
-        filled = width * done // total if total else width
-        size = human_bytes(total) if done >= total else "%s/%s" % (human_bytes(done), human_bytes(total))
-        text = "%s: %3d%% \u2595%s%s\u258f %s" % (status, pct, "\u2588" * filled, " " * (width - filled), size)
-        if done < total and len(samples) > 1 and samples[-1][0] > samples[0][0]:
-            rate = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
-            if rate > 0:
-                left = format_duration(int((total - done) / rate))
-                text += "  %8s/s %7s" % (human_bytes(rate), left)
-        return text
-
-    def _draw(self, force=False):
-        if not self.tty or (not force and time.monotonic() - self.last_draw < 0.1):
-            return
-        self.last_draw = time.monotonic()
-        out = "\x1b[%dA" % (self.drawn - 1) if self.drawn > 1 else ""
-        out += "\r" + "\n".join("\x1b[K" + text for _key, text in self.lines)
-        self.out.write(out)
-        self.out.flush()
-        self.drawn = len(self.lines)
-
-    def close(self):
-        if self.tty and self.drawn:
-            self._draw(force=True)
-            self.out.write("\n")
-            self.out.flush()
-
-
-def _transfer(args, path):
-    client = _client(args)
-    client.heartbeat()
-    display = _TransferProgress()
-    last = None
-    try:
-        for last in client.stream("POST", path, {"model": args.model, "insecure": bool(args.insecure)}):
-            display.update(last)
-    except (OSError, http.client.HTTPException) as e:
-        raise OllamaError("unexpected EOF: %s" % e) from None
-    finally:
-        display.close()
-    if not last or last.get("status") != "success":
-        raise OllamaError("unexpected EOF")                 # the server went away mid-stream
-
-
-def cmd_pull(args):
-    """Pull a model from a registry
-
-    Fetches the manifest and every missing blob (resuming interrupted downloads) from the model's
-    registry: registry.ollama.ai, or the host in the name (host:port/namespace/model:tag).
-    Credentials for other registries come from the docker config (~/.docker/config.json "auths",
-    as written by 'docker login'); --insecure allows plain HTTP.
-    """
-    _transfer(args, "/api/pull")
-    return 0
-
-
-def cmd_push(args):
-    """Push a model to a registry
-
-    Uploads the blobs the registry lacks, then the manifest. Credentials as for 'pull'.
-    """
-    _transfer(args, "/api/push")
-    name = Name.parse_bare(args.model)
-    if name is not None and name.host.lower() == DEFAULT_REGISTRY:
-        print("\nYou can find your model at:\n\n\thttps://ollama.com/%s/%s\n" % (name.namespace, name.model))
-    return 0
-
-
 def _doc(func):
     """A command's help: the first line of its docstring (the rest is its description)."""
     return (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else None
 
 
 def build_parser():
-    """The argparse parser with every Ollama command, each routed to its cmd_* function."""
+    """The argparse parser with every command of COMMANDS (see @command), routed to its cmd_* function."""
     parser = argparse.ArgumentParser(
         prog="ollama.py", description="Large language model runner",
         epilog="Environment: OLLAMA_HOST (default 127.0.0.1:11434), OLLAMA_MODELS (default "
                "~/.ollama/models); see 'ollama.py serve --help' for the rest.")
     parser.add_argument("-v", "--version", action="store_true", help="show version information")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def add(name, func, aliases=()):
-        doc = (func.__doc__ or "").strip()
-        p = sub.add_parser(name, aliases=list(aliases), help=_doc(func), description=doc,
+    for name in sorted(COMMANDS):
+        func, aliases, args = COMMANDS[name]
+        p = sub.add_parser(name, aliases=list(aliases), help=_doc(func), description=(func.__doc__ or "").strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
-        return p
-
-    p = add("check-engine", cmd_check_engine)
-    p.add_argument("--engine", metavar="PATH", help="the llama-server to check (default: the one serve uses)")
-    p.add_argument("--exec", dest="launcher", metavar="CMD",
-                   help='run it under an emulator or wrapper, e.g. "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"')
-    p = add("worker", cmd_worker)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_RPC_PORT, help="port (default %d)" % DEFAULT_RPC_PORT)
-    p.add_argument("--threads", type=int, help="CPU threads (default: half the cores, as rpc-server)")
-    p.add_argument("--device", help="devices to lend, e.g. CUDA0 (default: all)")
-    p.add_argument("--cache", action="store_true", help="cache received tensors on disk, so reloads are fast")
-    p = add("cp", cmd_cp)
-    p.add_argument("source")
-    p.add_argument("destination")
-    p = add("create", cmd_create)
-    p.add_argument("model")
-    p.add_argument("-f", "--file", help='name of the Modelfile (default "Modelfile")')
-    p.add_argument("-q", "--quantize", help="quantize model to this level (e.g. q4_K_M)")
-    p = add("list", cmd_list, aliases=["ls"])
-    p.add_argument("prefix", nargs="?", default="")
-    p = add("ps", cmd_ps)
-    p = add("pull", cmd_pull)
-    p.add_argument("model")
-    p.add_argument("--insecure", action="store_true", help="use an insecure registry")
-    p = add("push", cmd_push)
-    p.add_argument("model")
-    p.add_argument("--insecure", action="store_true", help="use an insecure registry")
-    p = add("rm", cmd_rm)
-    p.add_argument("models", nargs="+", metavar="model")
-    p = add("run", cmd_run)
-    p.add_argument("model")
-    p.add_argument("prompt", nargs="*")
-    p.add_argument("--format", help='response format (e.g. json)')
-    p.add_argument("--keepalive", help="duration to keep a model loaded (e.g. 5m)")
-    p.add_argument("--verbose", action="store_true", help="show timings for response")
-    p.add_argument("--insecure", action="store_true", help="use an insecure registry")
-    p.add_argument("--nowordwrap", action="store_true", help="don't wrap words to the next line automatically")
-    p.add_argument("--think", nargs="?", const="true", help="enable thinking mode: true/false or high/medium/low")
-    p.add_argument("--hidethinking", action="store_true", help="hide thinking output (if provided)")
-    p.add_argument("--truncate", action="store_true", help="for embedding models: truncate inputs that exceed the context length")
-    p.add_argument("--dimensions", type=int, help="truncate output embeddings to specified dimension")
-    p = add("serve", cmd_serve, aliases=["start"])
-    p = add("show", cmd_show)
-    p.add_argument("model")
-    for flag, what in (("license", "license"), ("modelfile", "Modelfile"), ("parameters", "parameters"),
-                       ("system", "system message"), ("template", "template")):
-        p.add_argument("--" + flag, action="store_true", help="show %s of a model" % what)
-    p.add_argument("-v", "--verbose", action="store_true", help="show detailed model information")
-    p = add("stop", cmd_stop)
-    p.add_argument("model")
+        for names, kw in args:
+            p.add_argument(*names, **kw)
     return parser
 
 
 ###############################################################################
 # Main ########################################################################
 ###############################################################################
+# The entry point.
 
 def main(argv=None):
     """Entry point: parse the command line and run the command; returns the exit status."""

@@ -675,7 +675,7 @@ def sec_ttft(b):
     templ, rawt, theirs = [], [], []
     stream(rig.serve.port, "/api/generate", body)
     stream(direct.port, "/completion", payload, sse=True)
-    for i in range(max(b.runs, 5) * 2):
+    for _i in range(max(b.runs, 5) * 2):
         templ.append(stream(rig.serve.port, "/api/generate", body).ttft * 1e3)
         theirs.append(stream(direct.port, "/completion", payload, sse=True).ttft * 1e3)
         rawt.append(stream(rig.serve.port, "/api/generate", raw).ttft * 1e3)
@@ -695,7 +695,7 @@ def sec_cold(b):
     http_json(port, "POST", "/api/generate", {"model": MODEL, "keep_alive": 0, "stream": False})
     rig.serve.wait_unloaded()
     ours, theirs = [], []
-    for i in range(b.runs):
+    for _i in range(b.runs):
         ours.append(stream(port, "/api/generate", body).ttft * 1e3)
         rig.serve.wait_unloaded()
         d = Direct(b, rig.args, "direct-cold")
@@ -808,7 +808,7 @@ def sec_footprint(b):
         entry_env = {k: v for k, v in serve.env.items() if k != "PYTHONDONTWRITEBYTECODE"}
         timed_run(entry_cmd, env=entry_env)                    # writes __pycache__
         entry = []
-        for i in range(runs):
+        for _i in range(runs):
             ours.append(serve.cli("list")[0] * 1e3)
             base.append(timed_run([sys.executable, "-c", "pass"])[0] * 1e3)
             entry.append(timed_run(entry_cmd, env=entry_env)[0] * 1e3)
@@ -818,7 +818,7 @@ def sec_footprint(b):
         rows.append(Row("`list` via installed entry point", "ms", median(entry), median(base), "slower", 1.5,
                         note="`import ollama; ollama.main()` with cached bytecode, as the console script runs it"))
     except NotAvailable as e:
-        for i in range(runs):
+        for _i in range(runs):
             base.append(timed_run([sys.executable, "-c", "pass"])[0] * 1e3)
             version.append(serve.cli("--version")[0] * 1e3)
         rows.append(Row("`list` of %d models, wall" % FAKE_MODELS, "ms", None, median(base), "slower", 1.5, str(e)))
@@ -916,7 +916,7 @@ def sec_pull(b):
     hasher = "openssl dgst -sha256" if shutil.which("openssl") else "sha256sum"   # openssl uses SHA-NI
     floor_cmd = ["sh", "-c", 'curl -s -f -o "$1" "$2" && %s "$1" >/dev/null && sync "$1"' % hasher, "sh",
                  target, url]
-    for i in range(b.runs):
+    for _i in range(b.runs):
         _wipe_store(serve)
         wall, cp = serve.cli("pull", name, "--insecure")
         check_cli(cp, "ollama.py pull")
@@ -947,7 +947,7 @@ def sec_create(b):
     wall, cp = serve.cli("create", "bench-gemma", "-f", modelfile)
     check_cli(cp, "ollama.py create")
     ours, theirs = [], []
-    for i in range(b.runs):
+    for _i in range(b.runs):
         _wipe_store(serve)
         wall, cp = serve.cli("create", "bench-gemma", "-f", modelfile)
         check_cli(cp, "ollama.py create")

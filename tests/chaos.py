@@ -14,7 +14,6 @@ first broken invariant, printing it.
 import argparse
 import hashlib
 import http.client
-import json
 import os
 import random
 import shutil

@@ -3,7 +3,8 @@ and the real parts (engine, tiny GGUF, Gemma 3 270M) built or fetched once per s
 
 With OLLAMA_PY_UNIT_ONLY=1 (.ci/run's pass under a real Python 3.9 that has only pytest), the
 suite is the unit tests: modules that import a third-party package are not collected, and tests
-that need a real part (the engine, a GGUF written with `gguf`, Gemma) are deselected."""
+that need a real part (the engine, a GGUF written with `gguf`, Gemma) are deselected. Those tests
+carry the `engine` marker, so `-m "not engine"` runs the engine-free part with every package."""
 import ast
 import importlib.util
 import os
@@ -49,7 +50,16 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "engine: needs a real part (llama-server, a real GGUF, Gemma); "
+                                       "set on every test that requests one of REAL_PARTS")
+
+
+@pytest.hookimpl(tryfirst=True)                     # before -m selects on the marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_PARTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
     if not UNIT_ONLY:
         return
     keep = [item for item in items if not REAL_PARTS & set(getattr(item, "fixturenames", ()))]

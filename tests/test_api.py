@@ -40,6 +40,14 @@ def test_unknown_route_is_gin_404(server):
     assert resp.status == 404 and data == b"404 page not found"
 
 
+def test_every_api_handler_is_routed_once_by_its_decorator():
+    import ollama
+    routed = [handler.__name__ for _method, _pattern, handler in ollama.ROUTES]
+    handlers = [name for name in vars(ollama) if name.startswith(("api_", "v1_"))]
+    assert sorted(routed) == sorted(handlers)
+    assert len({(m, p) for m, p, _h in ollama.ROUTES}) == len(ollama.ROUTES) == 23
+
+
 def test_wrong_method_is_405(server):
     resp, _ = _request(server, "GET", "/api/generate")
     assert resp.status == 405
@@ -179,12 +187,15 @@ _UNMARSHAL = "json: cannot unmarshal %s into Go struct field %s of type %s"
 
 @pytest.mark.parametrize("path, body, error", [
     ("/api/generate", {"model": "m", "template": 5}, _UNMARSHAL % ("number", "api.GenerateRequest.template", "string")),
-    ("/api/generate", {"model": "m", "context": "abc"}, _UNMARSHAL % ("string", "api.GenerateRequest.context", "[]int")),
-    ("/api/generate", {"model": "m", "context": [1, "x"]}, _UNMARSHAL % ("string", "api.GenerateRequest.context", "int")),
+    ("/api/generate", {"model": "m", "context": "abc"},
+     _UNMARSHAL % ("string", "api.GenerateRequest.context", "[]int")),
+    ("/api/generate", {"model": "m", "context": [1, "x"]},
+     _UNMARSHAL % ("string", "api.GenerateRequest.context", "int")),
     ("/api/generate", {"model": "m", "prompt": ["x"]}, _UNMARSHAL % ("array", "api.GenerateRequest.prompt", "string")),
     ("/api/generate", {"model": "m", "options": []}, _UNMARSHAL % ("array", "api.GenerateRequest.options",
                                                                   "map[string]interface {}")),
-    ("/api/chat", {"model": "m", "messages": "hi"}, _UNMARSHAL % ("string", "api.ChatRequest.messages", "[]api.Message")),
+    ("/api/chat", {"model": "m", "messages": "hi"},
+     _UNMARSHAL % ("string", "api.ChatRequest.messages", "[]api.Message")),
     ("/api/chat", {"model": "m", "messages": [1]}, _UNMARSHAL % ("number", "api.ChatRequest.messages", "api.Message")),
     ("/api/chat", {"model": "m", "stream": "yes"}, _UNMARSHAL % ("string", "api.ChatRequest.stream", "bool")),
 ])

@@ -244,7 +244,8 @@ def test_check_engine_passes_on_the_installed_engine(llama_server_bin):
         assert "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in info["cmake_flags"]   # the AMX crash
 
 
-TILE_INSTRUCTIONS = re.compile(r"\b(ldtilecfg|tilezero|tileloadd|tileloaddt1|tilestored|tdpbssd|tdpbsud|tdpbusd|tdpbuud|tdpbf16ps)\b")
+TILE_INSTRUCTIONS = re.compile(r"\b(ldtilecfg|tilezero|tileloadd|tileloaddt1|tilestored"
+                               r"|tdpbssd|tdpbsud|tdpbusd|tdpbuud|tdpbf16ps)\b")
 
 
 @pytest.mark.parametrize("use_build_flags", [True, False])
@@ -312,7 +313,8 @@ def objdump_registers(exe):
 
 def needed_libraries(exe):
     """The DT_NEEDED entries of an ELF file of any architecture (readelf does not run it)."""
-    out = subprocess.run(["readelf", "-d", str(exe)], stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    out = subprocess.run(["readelf", "-d", str(exe)], stdout=subprocess.PIPE, universal_newlines=True,
+                         check=True).stdout
     return sorted(re.findall(r"\(NEEDED\).*\[(.+)\]", out))
 
 

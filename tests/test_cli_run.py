@@ -413,3 +413,31 @@ def test_set_parameter_types_values_like_ollama(key, values, expected):
 def test_table_pads_columns_like_tablewriter():
     assert ollama._table([["gemma3:270m", "abc"]], ["NAME", "ID"]) == \
         "NAME           ID     \ngemma3:270m    abc    \n"
+
+
+@pytest.mark.parametrize("line, state, out", [
+    ("/set nohistory", {"history": False}, ""),
+    ("/set history", {"history": True}, ""),
+    ("/set nowordwrap", {"wordwrap": False}, "Set 'nowordwrap' mode.\n"),
+    ("/set verbose", {"verbose": True}, "Set 'verbose' mode.\n"),
+    ("/set quiet", {"verbose": False}, "Set 'quiet' mode.\n"),
+    ("/set think high", {"think": "high", "think_explicit": True}, "Set 'think' mode to 'high'.\n"),
+    ("/set think", {"think": True, "think_explicit": True}, "Set 'think' mode.\n"),
+    ("/set nothink", {"think": False, "think_explicit": True}, "Set 'nothink' mode.\n"),
+    ("/set format json", {"format": "json"}, "Set format to 'json' mode.\n"),
+    ("/set format xml", {"format": ""}, "Invalid or missing format. For 'json' mode use '/set format json'\n"),
+    ("/set noformat", {"format": ""}, "Disabled format.\n"),
+    ("/set parameter top_k 5", {"options": {"top_k": 5}}, "Set parameter 'top_k' to '5'\n"),
+    ("/set parameter stop a b", {"options": {"stop": ["a", "b"]}}, "Set parameter 'stop' to 'a, b'\n"),
+    ("/set parameter top_k x", {"options": {}}, 'Couldn\'t set parameter: "invalid int value [x]"\n'),
+    ("/set system Be brief.", {"system": "Be brief.", "messages": [{"role": "system", "content": "Be brief."}]},
+     "Set system message.\n"),
+    ('/set system """Be', {"system": "", "multiline": "system", "buf": ["Be\n"]}, ""),
+    ("/set bogus", {}, "Unknown command '/set bogus'. Type /? for help\n"),
+])
+def test_repl_set_changes_the_session_and_says_so(line, state, out, capsys):
+    repl = ollama._Repl(None, ollama._RunOptions("m"))
+    repl.command(line)
+    seen = dict(vars(repl.opts), history=repl.reader.enabled, multiline=repl.multiline, buf=repl.buf)
+    assert {k: seen[k] for k in state} == state
+    assert capsys.readouterr().out == out

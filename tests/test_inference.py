@@ -123,7 +123,7 @@ def test_two_concurrent_chats_overlap(server, gemma):
             "model": gemma, "messages": [{"role": "user", "content": "Tell me a story %d" % i}],
             "options": {"num_predict": 24, "temperature": 0}})
         first = None
-        for line in resp:
+        for _line in resp:
             if first is None:
                 first = time.monotonic()
         spans[i] = (first, time.monotonic())

@@ -62,7 +62,7 @@ def blobs(server):
 
 def assert_consistent(store):
     """Every manifest's blobs exist, and every blob's bytes match its name."""
-    for name, raw, manifest, _ in store.list():
+    for name, _raw, manifest, _ in store.list():
         for digest in ollama.manifest_digests(manifest):
             assert store.has_blob(digest), (name, digest)
     for p in store.blobs.iterdir() if store.blobs.is_dir() else []:
@@ -440,7 +440,8 @@ def test_delete_keeps_shared_blobs_and_removes_the_rest(server, tmp_path):
     digest = upload(server, gguf_bytes(tmp_path))
     create(server, {"model": "a", "files": {"w.gguf": digest}, "system": "only in a"})
     create(server, {"model": "b", "files": {"w.gguf": digest}})
-    only_a = set(ollama.manifest_digests(server.store.get("a")[2])) - set(ollama.manifest_digests(server.store.get("b")[2]))
+    digests = {n: set(ollama.manifest_digests(server.store.get(n)[2])) for n in ("a", "b")}
+    only_a = digests["a"] - digests["b"]
     assert call(server, "DELETE", "/api/delete", {"model": "a"}) == (200, b"")
     assert server.store.has_blob(digest)
     assert not any(server.store.has_blob(d) for d in only_a)
@@ -476,7 +477,6 @@ BLOCKS = {"F32": (4, 1), "F16": (2, 1), "Q8_0": (34, 32), "Q5_0": (22, 32), "Q5_
 def test_cli_create_quantizes_an_f32_model_that_then_generates(engine, server, tiny_f32_gguf, tmp_path, level,
                                                                canonical, types):
     import subprocess
-    import sys
     gguf = tmp_path / "tiny32.gguf"
     gguf.write_bytes(tiny_f32_gguf.read_bytes())     # a copy: the store may link it (no-copy import)
     (tmp_path / "Modelfile").write_text("FROM %s\n" % gguf)

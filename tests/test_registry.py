@@ -217,16 +217,21 @@ def fake():
 @pytest.fixture
 def fast(server):
     """Small parts, short retries and stall timeout on the test server's transfer settings."""
-    t = ollama._transfers(server)
+    t = server.transfers
     t.part_min, t.retries, t.backoff, t.backoff_max, t.stall_timeout = 64 * 1024, 3, 0.01, 0.05, 1.0
     t.checkpoint_interval = 0.05
     return t
 
 
+def parts(server):
+    """What pull_model and push_model take: the store, its transfer state and the config."""
+    return server.store, server.transfers, server.config
+
+
 def pull(server, name, insecure=True):
     """pull_model on the test server; returns the progress objects."""
     seen = []
-    ollama.pull_model(server, name, insecure=insecure, progress=seen.append)
+    ollama.pull_model(*parts(server), name, insecure=insecure, progress=seen.append)
     return seen
 
 
@@ -591,14 +596,14 @@ def test_push_then_pull_through_real_docker_registry(server, fast, registry, tmp
 
     # pushing again finds every blob present (HEAD), and a second name mounts nothing new
     statuses = []
-    ollama.push_model(server, name, insecure=True, progress=statuses.append)
+    ollama.push_model(*parts(server), name, insecure=True, progress=statuses.append)
     assert statuses[-2:] == [{"status": "pushing manifest"}, {"status": "success"}]
 
 
 def test_push_unknown_model_fails(server, fast, registry):
     seen = []
     with pytest.raises(ollama.NotFound):
-        ollama.push_model(server, "%s/test/none:1" % registry, insecure=True, progress=seen.append)
+        ollama.push_model(*parts(server), "%s/test/none:1" % registry, insecure=True, progress=seen.append)
     assert seen == [{"status": "retrieving manifest"}, {"status": "couldn't retrieve manifest"}]
 
 
@@ -667,7 +672,7 @@ def _serve(env):
 def test_pull_survives_server_sigkill_and_resumes_gemma(server, registry, tmp_path):
     name = "%s/test/gemma3:270m" % registry
     put_model(server.store, name, [(GEMMA, MODEL_MEDIA)])
-    ollama.push_model(server, name, insecure=True)
+    ollama.push_model(*parts(server), name, insecure=True)
     digest = json.loads(server.store.get(name)[1])["layers"][0]["digest"]
     total = GEMMA.stat().st_size
 
@@ -714,7 +719,7 @@ def test_pull_survives_server_sigkill_and_resumes_gemma(server, registry, tmp_pa
 def test_push_mounts_layer_from_another_repository(server, fast, registry, monkeypatch):
     blob = tiny_gguf() + os.urandom(100_000)
     put_model(server.store, "%s/test/base:1" % registry, [(blob, MODEL_MEDIA)])
-    ollama.push_model(server, "%s/test/base:1" % registry, insecure=True)
+    ollama.push_model(*parts(server), "%s/test/base:1" % registry, insecure=True)
     derived = {"schemaVersion": 2, "mediaType": ollama.MEDIA_MANIFEST,
                "config": json.loads(server.store.get("%s/test/base:1" % registry)[1])["config"],
                "layers": [{"mediaType": MODEL_MEDIA, "digest": sha(blob), "size": len(blob),
@@ -729,7 +734,7 @@ def test_push_mounts_layer_from_another_repository(server, fast, registry, monke
         return resp
 
     monkeypatch.setattr(ollama.RegistrySession, "request", spy)
-    ollama.push_model(server, "%s/other/derived:1" % registry, insecure=True)
+    ollama.push_model(*parts(server), "%s/other/derived:1" % registry, insecure=True)
     mounts = [c for c in calls if c[0] == "POST" and "mount=" + sha(blob).replace(":", "%3A") in c[1]]
     assert mounts and mounts[0][2] == 201 and "from=test%2Fbase" in mounts[0][1]
     assert len([c for c in calls if c[0] == "PATCH"]) == 1       # the config only: it has no "from"

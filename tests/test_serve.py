@@ -43,7 +43,8 @@ def _post(port, path, body):
     return resp.status, resp.read()
 
 
-def test_serve_keeps_partials_and_young_blobs_removes_temps_creates_its_key_and_log_then_stops_its_runners_on_sigterm(ollama_home, llama_server_bin, gemma_gguf):
+def test_serve_keeps_partials_and_young_blobs_removes_temps_creates_its_key_and_log_then_stops_its_runners_on_sigterm(
+        ollama_home, llama_server_bin, gemma_gguf):
     store = ollama.Store(ollama_home / ".ollama" / "models")
     import_gguf(store, "gemma3:270m", gemma_gguf)
     partial = store.blobs / ("sha256-" + "ab" * 32 + "-partial")     # an interrupted pull's data

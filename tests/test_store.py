@@ -36,8 +36,9 @@ c.copy("official", "official-copy")
 after_copy = sorted(m.model for m in c.list().models)
 c.delete("official")
 final = [m.model for m in c.list().models]
-print(json.dumps({"steps": steps, "names": names, "system": "SYSTEM hi" in show.modelfile, "family": show.details.family,
-                  "caps": list(show.capabilities or []), "after_copy": after_copy, "final": final,
+print(json.dumps({"steps": steps, "names": names, "system": "SYSTEM hi" in show.modelfile,
+                  "family": show.details.family, "caps": list(show.capabilities or []), "after_copy": after_copy,
+                  "final": final,
                   "arch": show.modelinfo["general.architecture"]}))
 """
 
@@ -102,7 +103,7 @@ def test_a_kill_at_any_moment_leaves_the_store_consistent_and_startup_cleans_the
         store = ollama.Store(os.environ["OLLAMA_MODELS"])
         models = store.list()
         assert models, "the worker should have written some manifests"
-        for name, raw, manifest, _ in models:
+        for name, _raw, manifest, _ in models:
             for d in ollama.manifest_digests(manifest):
                 assert store.has_blob(d), (str(name), d)
         for p in store.blobs.iterdir():
@@ -133,7 +134,8 @@ def test_clean_keeps_what_a_live_writer_holds_partials_and_young_blobs(tmp_path)
         assert store.clean() == (1, 100)
         assert live_tmp.exists() and not dead_tmp.exists()
         assert store.has_blob(kept) and store.has_blob(young)
-        assert store.clean(now=time.time() + ollama.BLOB_GRACE + 60) == (1, len(b"uploaded just now, its create still to come"))
+        later = time.time() + ollama.BLOB_GRACE + 60
+        assert store.clean(now=later) == (1, len(b"uploaded just now, its create still to come"))
         assert store.has_blob(kept) and not store.has_blob(young)
         assert partial.read_bytes() == b"half a pull"
     finally:

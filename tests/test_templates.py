@@ -91,7 +91,8 @@ def test_parse_appends_response_only_without_messages_or_response():
     assert ollama.template_vars("{{ range .Messages }}{{ .Role }} {{ .Content }}{{ end }}") == {
         "messages", "role", "content"}
     assert ollama.template_vars("{{ json .Messages }}") == {"messages"}
-    assert ollama.render_prompt("A:", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "yz"}]) == "A:yz"
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "yz"}]
+    assert ollama.render_prompt("A:", messages) == "A:yz"
 
 
 def test_default_template_renders_the_prompt():
@@ -193,12 +194,13 @@ def test_current_date_functions_print_iso_dates():
 
 
 def test_to_typescript_type_of_tool_properties():
-    text = "{{ range .Tools }}{{ range $k, $v := .Function.Parameters.Properties }}{{ $k }}:{{ toTypeScriptType $v }};" \
-           "{{ end }}{{ end }}{{ range .Messages }}{{ end }}"
+    text = "{{ range .Tools }}{{ range $k, $v := .Function.Parameters.Properties }}" \
+           "{{ $k }}:{{ toTypeScriptType $v }};{{ end }}{{ end }}{{ range .Messages }}{{ end }}"
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "a": {"type": "integer"}, "b": {"type": ["string", "null"]}, "c": {"anyOf": [{"type": "array"}, {"type": "object"}]},
-        "d": {}}}}}
-    assert ollama.render_prompt(text, [], tools=[tool]) == "a:number;b:string | null;c:any[] | Record<string, any>;d:any;"
+        "a": {"type": "integer"}, "b": {"type": ["string", "null"]},
+        "c": {"anyOf": [{"type": "array"}, {"type": "object"}]}, "d": {}}}}}
+    assert ollama.render_prompt(text, [], tools=[tool]) == \
+        "a:number;b:string | null;c:any[] | Record<string, any>;d:any;"
 
 
 @pytest.mark.parametrize("text,message", [
@@ -298,7 +300,8 @@ QWEN_TOOLS = ("{{ range .Messages }}{{ if .ToolCalls }}<tool_call>\n{{ range .To
     ("{{ range .Messages }}{{ if .ToolCalls }}[TOOL_CALLS] [{{ range .ToolCalls }}{}{{ end }}]{{ end }}{{ end }}",
      "[TOOL_CALLS] ["),                 # the whole first text node: only "{" cuts it
     ("{{ range .Messages }}{{ if .ToolCalls }}{{ range .ToolCalls }}{\"name\": 1}{{ end }}{{ end }}{{ end }}", "{"),
-    ("{{ range .Messages }}{{ if eq .Role \"x\" }}{{ else if .ToolCalls }}\n  functools[{{ end }}{{ end }}", "functools["),
+    ("{{ range .Messages }}{{ if eq .Role \"x\" }}{{ else if .ToolCalls }}\n  functools[{{ end }}{{ end }}",
+     "functools["),
     ("{{ .Prompt }}", "{"),
 ])
 def test_tool_tag_is_inferred_from_the_template(text, tag):

@@ -1,0 +1,287 @@
+"""The Scheduler on its own: leases, queueing, eviction, keep-alive and reloads, with a fake
+runner and a fake clock (no llama-server), so each test takes milliseconds. The same rules with
+the real engine are tested through the API in test_inference.py and test_serve.py."""
+import threading
+import time
+import types
+
+import pytest
+
+import ollama
+
+
+class FakeRunner:
+    """What the Scheduler needs of a runner: start, stop, alive, parallel (and num_ctx for ps)."""
+
+    def __init__(self, model, opts, embedding, parallel):
+        self.model, self.opts, self.embedding, self.parallel = model, opts, embedding, parallel
+        self.num_ctx = opts.get("num_ctx") or 4096
+        self.started = False
+        self.stopped = threading.Event()
+        self.dead = False
+
+    def start(self, timeout):
+        self.started = True
+
+    def stop(self):
+        self.stopped.set()
+
+    def alive(self):
+        return self.started and not self.dead and not self.stopped.is_set()
+
+
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def model(name):
+    """The parts of a Model the Scheduler reads."""
+    return types.SimpleNamespace(name=ollama.Name.parse(name), digest="sha256:" + name.encode().hex(),
+                                 short_name=name + ":latest")
+
+
+@pytest.fixture
+def make(ollama_home):
+    """make(**env) -> a Scheduler with fake runners (its `.runners` lists them in load order)."""
+    made = []
+
+    def factory(parallel=1, **env):
+        environ = {"HOME": str(ollama_home)}
+        environ.update({"OLLAMA_" + k.upper(): str(v) for k, v in env.items()})
+        runners = []
+
+        def new_runner(m, opts, embedding):
+            runners.append(FakeRunner(m, opts, embedding, parallel))
+            return runners[-1]
+
+        sched = ollama.Scheduler(ollama.Config(environ), new_runner=new_runner, clock=Clock(), reaper=False)
+        sched.runners = runners
+        made.append(sched)
+        return sched
+
+    yield factory
+    for sched in made:
+        sched.shutdown()
+
+
+def stopped(runner, timeout=2.0):
+    """True once the scheduler has stopped `runner` (it stops them on a thread of their own)."""
+    return runner.stopped.wait(timeout)
+
+
+def wait_for(predicate, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def in_thread(func):
+    """Run func() on a thread; returns (thread, box) where box gets "result" or "error"."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = func()
+        except Exception as e:  # handed to the test through the box
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_second_lease_of_a_model_shares_its_loaded_runner(make):
+    sched = make()
+    with sched.lease(model("a"), {}, 300) as first:
+        pass
+    with sched.lease(model("a"), {}, 300) as second:
+        assert second.runner is first.runner
+    assert len(sched.runners) == 1
+    assert [e.model.short_name for e in sched.running()] == ["a:latest"]
+
+
+def test_lease_is_released_when_its_block_raises(make):
+    sched = make()
+    with pytest.raises(RuntimeError):
+        with sched.lease(model("a"), {}, 300) as lease:
+            raise RuntimeError("handler failed")
+    assert lease.entry.refs == 0
+    assert lease.entry.expires == sched.clock() + 300
+
+
+def test_streamed_lease_is_released_when_the_stream_ends_not_when_the_block_does(make):
+    sched = make()
+    with sched.lease(model("a"), {}, 300) as lease:
+        items = lease.stream(iter([1, 2]))
+    assert lease.entry.refs == 1
+    assert list(items) == [1, 2]
+    assert lease.entry.refs == 0
+
+
+def test_streamed_lease_is_released_when_the_stream_is_closed_unstarted(make):
+    sched = make()
+    with sched.lease(model("a"), {}, 300) as lease:
+        items = lease.stream(x for x in [1, 2])
+    items.close()
+    items.close()                                   # once only: a second close releases nothing
+    assert lease.entry.refs == 0
+
+
+def test_full_table_evicts_the_idle_model_that_expires_soonest(make):
+    sched = make(max_loaded_models=2)
+    with sched.lease(model("a"), {}, 10):
+        pass
+    with sched.lease(model("b"), {}, 100):
+        pass
+    a, b = sched.runners
+    with sched.lease(model("c"), {}, 300):
+        assert stopped(a)
+        assert not b.stopped.is_set()
+        assert sorted(e.model.short_name for e in sched.running()) == ["b:latest", "c:latest"]
+
+
+def test_busy_model_is_not_evicted_the_new_one_waits_for_it(make):
+    sched = make(max_loaded_models=1)
+    held = sched.lease(model("a"), {}, 300)
+    t, box = in_thread(lambda: sched.lease(model("b"), {}, 300))
+    time.sleep(0.05)
+    assert "result" not in box and len(sched.runners) == 1
+    held.release()
+    t.join(2)
+    assert stopped(sched.runners[0])
+    assert box["result"].runner is sched.runners[1]
+    box["result"].release()
+
+
+def test_requests_beyond_max_queue_get_503_busy(make):
+    sched = make(max_queue=1)
+    held = sched.lease(model("a"), {}, 300)         # the runner's one slot
+    t, box = in_thread(lambda: sched.lease(model("a"), {}, 300))
+    wait_for(lambda: sched.waiting == 1)
+    with pytest.raises(ollama.Busy) as e:
+        sched.lease(model("a"), {}, 300)
+    assert e.value.status == 503
+    assert "maximum pending requests exceeded" in str(e.value)
+    held.release()                                  # the queued one gets the slot
+    t.join(2)
+    assert box["result"].runner is held.runner
+    box["result"].release()
+
+
+def test_parallel_slots_serve_that_many_at_once_then_queue(make):
+    sched = make(parallel=2)
+    first, second = sched.lease(model("a"), {}, 300), sched.lease(model("a"), {}, 300)
+    assert first.runner is second.runner
+    t, box = in_thread(lambda: sched.lease(model("a"), {}, 300))
+    time.sleep(0.05)
+    assert "result" not in box
+    first.release()
+    t.join(2)
+    assert box["result"].runner is first.runner
+    second.release()
+    box["result"].release()
+
+
+def test_idle_runner_is_unloaded_when_its_keep_alive_is_over(make):
+    sched = make()
+    with sched.lease(model("a"), {}, 10):
+        pass
+    sched.clock.now += 9.9
+    sched.reap()
+    assert sched.running() and not sched.runners[0].stopped.is_set()
+    sched.clock.now += 0.2
+    sched.reap()
+    assert sched.running() == []
+    assert stopped(sched.runners[0])
+
+
+def test_keep_alive_zero_unloads_at_release_and_forever_never_expires(make):
+    sched = make()
+    with sched.lease(model("a"), {}, 0):
+        pass
+    assert stopped(sched.runners[0])
+    with sched.lease(model("b"), {}, ollama.FOREVER):
+        pass
+    sched.clock.now += 10 ** 9
+    sched.reap()
+    assert [e.model.short_name for e in sched.running()] == ["b:latest"]
+
+
+def test_keep_alive_timer_starts_when_the_last_request_ends(make):
+    sched = make(parallel=2)
+    first = sched.lease(model("a"), {}, 10)
+    second = sched.lease(model("a"), {}, 10)
+    first.release()
+    sched.clock.now += 60                           # still in use: no deadline yet
+    sched.reap()
+    assert sched.running()
+    second.release()
+    sched.clock.now += 5
+    sched.reap()
+    assert sched.running()
+    sched.clock.now += 6
+    sched.reap()
+    assert sched.running() == []
+
+
+def test_changed_load_option_reloads_the_model(make):
+    sched = make()
+    with sched.lease(model("a"), {"num_ctx": 2048}, 300) as old:
+        pass
+    with sched.lease(model("a"), {"num_ctx": 2048, "temperature": 0.1}, 300) as same:
+        assert same.runner is old.runner             # a sampling option needs no reload
+    with sched.lease(model("a"), {"num_ctx": 4096}, 300) as new:
+        assert new.runner is not old.runner and new.runner.num_ctx == 4096
+    assert stopped(old.runner)
+    assert len(sched.running()) == 1
+
+
+def test_embedding_lease_reloads_a_completion_runner_and_says_which_mode_is_loaded(make):
+    sched = make()
+    assert sched.loaded_embedding(ollama.Name.parse("a")) is None
+    with sched.lease(model("a"), {}, 300):
+        pass
+    assert sched.loaded_embedding(ollama.Name.parse("a")) is False
+    with sched.lease(model("a"), {}, 300, embedding=True) as lease:
+        assert lease.runner.embedding
+    assert sched.loaded_embedding(ollama.Name.parse("a")) is True
+    assert stopped(sched.runners[0])
+
+
+def test_dead_runner_is_replaced_by_the_next_lease(make):
+    sched = make()
+    with sched.lease(model("a"), {}, 300) as old:
+        pass
+    old.runner.dead = True
+    with sched.lease(model("a"), {}, 300) as new:
+        assert new.runner is not old.runner and new.runner.alive()
+    assert len(sched.runners) == 2
+
+
+def test_idle_dead_runner_is_reaped(make):
+    sched = make()
+    with sched.lease(model("a"), {}, 300) as lease:
+        pass
+    lease.runner.dead = True
+    sched.reap()
+    assert sched.running() == []
+
+
+def test_shutdown_stops_every_runner_and_refuses_new_leases(make):
+    sched = make()
+    with sched.lease(model("a"), {}, 300):
+        pass
+    held = sched.lease(model("b"), {}, 300)
+    sched.shutdown()
+    assert all(r.stopped.is_set() for r in sched.runners)
+    assert sched.running() == []
+    with pytest.raises(ollama.OllamaError, match="shutting down"):
+        sched.lease(model("c"), {}, 300)
+    held.release()
