@@ -74,6 +74,7 @@ import ctypes
 import datetime
 import errno
 import hashlib
+import hmac
 import http.client
 import http.server
 import json
@@ -176,6 +177,9 @@ class Config:
         self.kv_cache_type = _env(env, "OLLAMA_KV_CACHE_TYPE")
         self.llama_server = _env(env, "OLLAMA_LLAMA_SERVER")
         self.rpc_servers = [w.strip() for w in _env(env, "OLLAMA_RPC_SERVERS").split(",") if w.strip()]
+        self.api_keys = [k.strip() for k in _env(env, "OLLAMA_API_KEYS").split(",") if k.strip()]
+        self.api_key = _env(env, "OLLAMA_API_KEY")            # what the CLI sends, as the official clients do
+        self.tls_cert, self.tls_key = _env(env, "OLLAMA_TLS_CERT"), _env(env, "OLLAMA_TLS_KEY")
 
     @property
     def base_url(self):
@@ -5649,8 +5653,10 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
                 return self._send(Response(403, b"", None))
             if self.command == "OPTIONS" and verdict == "name":
                 return self._send(Response(204, b"", None))
-            self.body_reader()                                  # a bad Content-Length is a 400 here
             path = urllib.parse.urlsplit(self.path).path
+            if self.server.config.api_keys and path != "/" and not self._api_key_ok():
+                return self._send(_unauthorized(path))
+            self.body_reader()                                  # a bad Content-Length is a 400 here
             func, params, allowed = self.server.routes.match(self.command, path)
             if func is None:
                 if allowed:
@@ -5669,6 +5675,17 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
             log.exception("internal error on %s %s", self.command, self.path)
             result = Response.error(500, str(e))
         return self._send(result)
+
+    def _api_key_ok(self):
+        """OLLAMA_API_KEYS: the request carries one of the keys, as `Authorization: Bearer KEY` (Ollama's
+        and OpenAI's clients) or `x-api-key: KEY` (Anthropic's). Every key is compared, in constant
+        time, so the answer's timing says nothing about how much of a key matched."""
+        auth = self.headers.get("Authorization", "")
+        given = (auth[7:] if auth[:7].lower() == "bearer " else self.headers.get("x-api-key", "")).strip()
+        ok = False
+        for key in self.server.config.api_keys:
+            ok |= hmac.compare_digest(given.encode(), key.encode())
+        return ok
 
     def _cors(self):
         origin = getattr(self, "_cors_origin", None)
@@ -5795,6 +5812,7 @@ class OllamaServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, config, address=None, routes=None):
         self.config = config
+        self.tls = _tls_context(config)                # first: a bad certificate starts nothing
         self.store = Store(config.models)
         self.routes = routes or Routes(ROUTES)
         self.scheduler = Scheduler(config)
@@ -5810,6 +5828,22 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         super().__init__((host, port), OllamaHandler)
         self.origins = _DEFAULT_ORIGINS + config.origins
         self.loopback = _is_loopback(host)
+
+    def finish_request(self, request, client_address):
+        """With OLLAMA_TLS_CERT/KEY, the TLS handshake happens here, on the connection's own thread
+        (a slow or broken client holds up no one else), bounded by the stall timeout."""
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(STALL_TIMEOUT)
+        try:
+            request = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.debug("TLS handshake with %s failed: %s", client_address[0], e)
+            return None
+        try:
+            return super().finish_request(request, client_address)
+        finally:
+            request.close()
 
     def process_request(self, request, client_address):
         with self.connections_lock:
@@ -5864,7 +5898,7 @@ class OllamaServer(http.server.ThreadingHTTPServer):
     @property
     def url(self):
         host, port = self.server_address[:2]
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+        return "%s://%s:%d" % ("https" if self.tls else "http", "[%s]" % host if ":" in host else host, port)
 
     def host_allowed(self, host_header):
         """The DNS-rebinding guard (Ollama's allowedHostsMiddleware). Falsy: refuse with 403. Bound
@@ -5898,6 +5932,37 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         if self.scheduler is not None:
             self.scheduler.shutdown()
         super().server_close()
+
+
+def _tls_context(config):
+    """The server's TLS context from OLLAMA_TLS_CERT and OLLAMA_TLS_KEY (PEM files), or None for
+    plain HTTP. One without the other, or files that do not load, is an error at start."""
+    if not (config.tls_cert or config.tls_key):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise OllamaError("OLLAMA_TLS_CERT and OLLAMA_TLS_KEY must be set together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise OllamaError("cannot load OLLAMA_TLS_CERT/OLLAMA_TLS_KEY: %s" % e) from None
+    return context
+
+
+def _unauthorized(path):
+    """The 401 for a request without a valid OLLAMA_API_KEYS key, in the shape of the API it called."""
+    if path.startswith("/v1/messages"):
+        body = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
+    elif path.startswith("/v1/"):
+        body = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                          "param": None, "code": "invalid_api_key"}}
+    elif path.startswith("/v2/"):
+        body = {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required", "detail": None}]}
+    else:
+        body = {"error": "unauthorized"}
+    answer = Response.json(401, body)
+    answer.headers["WWW-Authenticate"] = 'Bearer realm="ollama.py"'
+    return answer
 
 
 def _split_host(host_header):
@@ -7443,11 +7508,12 @@ def v1_model(req):
 class Client:
     """The CLI's side of the API: JSON calls and NDJSON streams to OLLAMA_HOST over http.client."""
 
-    def __init__(self, base_url, timeout=None):
+    def __init__(self, base_url, timeout=None, api_key=""):
         url = urllib.parse.urlsplit(base_url)
         self.scheme, self.host, self.port = url.scheme or "http", url.hostname, url.port
         self.prefix = url.path.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key                    # OLLAMA_API_KEY: sent as a bearer token
 
     def _connect(self):
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
@@ -7459,6 +7525,8 @@ class Client:
                 "User-Agent": "ollama.py/%s (%s %s) Python/%s" % (
                     __version__, os.uname().machine if hasattr(os, "uname") else "", sys.platform,
                     sys.version.split()[0])}
+        if self.api_key:
+            hdrs["Authorization"] = "Bearer " + self.api_key
         hdrs.update(headers or {})
         if isinstance(body, (dict, list)):
             body = json_dumps(body).encode()
@@ -7515,8 +7583,9 @@ class Client:
 
 
 def _client():
-    """A Client for the server at OLLAMA_HOST."""
-    return Client(Config().base_url)
+    """A Client for the server at OLLAMA_HOST, with OLLAMA_API_KEY when set."""
+    config = Config()
+    return Client(config.base_url, api_key=config.api_key)
 
 
 #: The CLI's commands: name -> (cmd_* function, aliases, argparse arguments), filled by @command.
@@ -7568,6 +7637,10 @@ def cmd_serve(args):
       OLLAMA_KV_CACHE_TYPE      quantization type for the K/V cache (default: f16)
       OLLAMA_LLAMA_SERVER       path of the llama-server binary to run models with
       OLLAMA_RPC_SERVERS        host:port,... of 'ollama.py worker's to split models' layers with
+      OLLAMA_API_KEYS           comma separated keys; when set, every request but GET / must carry one
+                                (Authorization: Bearer KEY, or x-api-key); clients send OLLAMA_API_KEY
+      OLLAMA_TLS_CERT           PEM certificate (chain) to serve https with, with OLLAMA_TLS_KEY
+      OLLAMA_TLS_KEY            PEM private key for OLLAMA_TLS_CERT
     """
     config = Config()
     _setup_logging(config, to_file=True)
@@ -7575,9 +7648,9 @@ def cmd_serve(args):
     reap_orphans(config.home / "runners")   # a serve killed where the kernel could not reap for it
     raise_fd_limit()
     server = make_server(config)
-    if not server.loopback:
+    if not server.loopback and not config.api_keys:
         log.warning("OLLAMA_HOST=%s serves every network this machine is on, and anyone who can reach "
-                    "it can use and change its models", config.host)
+                    "it can use and change its models (OLLAMA_API_KEYS requires a key)", config.host)
     server.store.fix_blob_names()
     server.store.clean(prune=not config.noprune)   # partial downloads stay for their resume
     stop = threading.Event()
@@ -7588,7 +7661,7 @@ def cmd_serve(args):
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    log.info("Listening on %s (version %s)", server.url.replace("http://", ""), __version__)
+    log.info("Listening on %s (version %s)", server.url.split("://", 1)[1], __version__)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

@@ -222,3 +222,112 @@ def test_a_lone_surrogate_becomes_the_replacement_character_as_in_go(server):
     for body in (b'{"model": "x\\ud800y"}', b'{"model": "m", "prompt": "\\udc00"}'):
         resp, data = _request(server, "POST", "/api/generate", body)
         assert resp.status in (400, 404) and json.loads(data)["error"]
+
+
+# -- OLLAMA_API_KEYS and OLLAMA_TLS_CERT/KEY ------------------------------------
+
+@pytest.fixture
+def keyed(ollama_home, monkeypatch):
+    """A server that requires one of two keys."""
+    from fixtures import serving
+    config = ollama.Config({"HOME": str(ollama_home), "OLLAMA_API_KEYS": "sekrit-1, sekrit-2"})
+    with serving(ollama.make_server(config, "127.0.0.1", 0)) as srv:
+        monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:%d" % srv.server_port)
+        yield srv
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/tags", {"error": "unauthorized"}),
+    ("/v1/models", {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                              "param": None, "code": "invalid_api_key"}}),
+    ("/v1/messages", {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
+    ("/v2/", {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required", "detail": None}]}),
+])
+def test_api_keys_refuse_each_api_in_its_own_shape(keyed, path, body):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "sekrit-"}):
+        resp, data = _request(keyed, "GET", path, headers=headers)
+        assert (resp.status, json.loads(data)) == (401, body)
+        assert resp.getheader("WWW-Authenticate") == 'Bearer realm="ollama.py"'
+
+
+def test_api_keys_admit_bearer_and_x_api_key_and_leave_the_heartbeat_open(keyed):
+    assert _request(keyed, "GET", "/api/tags", headers={"Authorization": "Bearer sekrit-2"})[0].status == 200
+    assert _request(keyed, "GET", "/api/tags", headers={"x-api-key": "sekrit-1"})[0].status == 200
+    assert _request(keyed, "HEAD", "/")[0].status == 200        # `ollama.py` and load balancers probe it
+
+
+def test_api_keys_work_from_the_cli_and_the_official_clients(keyed, ollama_home):
+    import os
+    import subprocess
+    import sys
+    from test_embed import official_ollama
+    cli = [sys.executable, os.path.join(os.path.dirname(ollama.__file__), "ollama.py"), "list"]
+    env = dict(os.environ, OLLAMA_HOST="127.0.0.1:%d" % keyed.server_port, HOME=str(ollama_home))
+    refused = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stderr.strip() == "Error: unauthorized"
+    admitted = subprocess.run(cli, env=dict(env, OLLAMA_API_KEY="sekrit-1"), capture_output=True, text=True,
+                              timeout=60)
+    assert admitted.returncode == 0 and admitted.stdout.startswith("NAME")
+    os.environ["OLLAMA_API_KEY"] = "sekrit-2"                 # the official client reads it
+    try:
+        assert official_ollama(keyed, "print(json.dumps(len(client.list().models)))") == 0
+    finally:
+        del os.environ["OLLAMA_API_KEY"]
+    script = ("import json, openai\nc = openai.OpenAI(base_url=%r, api_key=%r)\n"
+              "try:\n    c.models.list()\n    print(json.dumps('ok'))\n"
+              "except openai.AuthenticationError as e:\n    print(json.dumps(e.status_code))\n")
+    for key, want in (("sekrit-1", "ok"), ("nope", 401)):
+        out = subprocess.run([sys.executable, "-I", "-c", script % (keyed.url + "/v1", key)], capture_output=True,
+                             text=True, timeout=60, cwd="/")
+        assert json.loads(out.stdout) == want, out.stderr
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and localhost, made with openssl."""
+    import shutil
+    import subprocess
+    if not shutil.which("openssl"):
+        pytest.skip("needs openssl")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(d / "key.pem"),
+                    "-out", str(d / "cert.pem")], check=True, capture_output=True, timeout=60)
+    return d / "cert.pem", d / "key.pem"
+
+
+def test_tls_serves_https_to_the_cli_and_refuses_plain_http(ollama_home, certificate, monkeypatch):
+    import os
+    import ssl
+    import subprocess
+    import sys
+    from fixtures import serving
+    cert, key = certificate
+    config = ollama.Config({"HOME": str(ollama_home), "OLLAMA_TLS_CERT": str(cert), "OLLAMA_TLS_KEY": str(key)})
+    with serving(ollama.make_server(config, "127.0.0.1", 0)) as srv:
+        assert srv.url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.server_port, timeout=10, context=context)
+        conn.request("GET", "/api/version")
+        assert json.loads(conn.getresponse().read()) == {"version": ollama.__version__}
+        conn.close()
+        env = dict(os.environ, OLLAMA_HOST=srv.url, HOME=str(ollama_home), SSL_CERT_FILE=str(cert))
+        out = subprocess.run([sys.executable, os.path.join(os.path.dirname(ollama.__file__), "ollama.py"), "list"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):   # plain HTTP gets no answer
+            _request(srv, "GET", "/api/version")
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.server_port, timeout=10, context=context)
+        conn.request("GET", "/")                     # and the server still serves after it
+        assert conn.getresponse().read() == b"Ollama is running"
+
+
+def test_tls_needs_both_files_and_says_why(ollama_home, tmp_path):
+    with pytest.raises(ollama.OllamaError) as e:
+        ollama.make_server(ollama.Config({"HOME": str(ollama_home), "OLLAMA_TLS_CERT": "/x.pem"}), "127.0.0.1", 0)
+    assert str(e.value) == "OLLAMA_TLS_CERT and OLLAMA_TLS_KEY must be set together"
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ollama.OllamaError) as e:
+        ollama.make_server(ollama.Config({"HOME": str(ollama_home), "OLLAMA_TLS_CERT": str(tmp_path / "bad.pem"),
+                                          "OLLAMA_TLS_KEY": str(tmp_path / "bad.pem")}), "127.0.0.1", 0)
+    assert str(e.value).startswith("cannot load OLLAMA_TLS_CERT/OLLAMA_TLS_KEY: ")
