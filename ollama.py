@@ -4648,7 +4648,10 @@ class Spawner:
             log.warning("cannot record runner processes in %s: %s", self.record, e)
 
     def close(self):
-        """End the thread and forget the record, once every child has been stopped."""
+        """End the thread and forget the record, once every child has been stopped (idempotent:
+        a second None would reach the thread's drain loop as a job)."""
+        if self.closed:
+            return
         self.closed = True
         self.jobs.put(None)
         if self.record is not None:

@@ -285,3 +285,16 @@ def test_shutdown_stops_every_runner_and_refuses_new_leases(make):
     with pytest.raises(ollama.OllamaError, match="shutting down"):
         sched.lease(model("c"), {}, 300)
     held.release()
+
+
+def test_a_second_shutdown_is_harmless(make):
+    sched = make()
+    errors = []
+    hook, threading.excepthook = threading.excepthook, errors.append
+    try:
+        sched.shutdown()
+        sched.shutdown()                            # as the fixture does after a test that shut it down
+        time.sleep(0.05)
+    finally:
+        threading.excepthook = hook
+    assert errors == []
