@@ -6759,6 +6759,9 @@ GENERATE_FIELDS = {"model": _STRING, "prompt": _STRING, "suffix": _STRING, "syst
                    "images": (list, "[]api.ImageData", str, "api.ImageData")}
 CHAT_FIELDS = {"model": _STRING, "stream": _BOOL, "options": _OPTIONS, "messages": (list, "[]api.Message", dict,
                "api.Message"), "tools": (list, "api.Tools", dict, "api.Tool")}
+MESSAGE_FIELDS = {"role": _STRING, "content": _STRING, "thinking": _STRING, "tool_name": _STRING,
+                  "images": (list, "[]api.ImageData", str, "api.ImageData"),
+                  "tool_calls": (list, "[]api.ToolCall", dict, "api.ToolCall")}
 
 
 @route("POST", "/api/generate")
@@ -6853,6 +6856,7 @@ def _check_messages(messages):
     for m in messages:
         if not isinstance(m, dict):
             raise BadRequest("invalid message: %s" % json_dumps(m))
+        check_fields(m, MESSAGE_FIELDS, "api.ChatRequest.messages")
         m = dict(m)
         m["role"] = str(m.get("role", "")).lower()
         out.append(m)
