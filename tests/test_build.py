@@ -394,3 +394,19 @@ def test_pi5_build_is_refused_by_a_pi4_cpu_in_words(llama_server_bin, tmp_path):
         "Error: llama-server process has terminated: SIGILL (illegal instruction): the engine uses CPU "
         "instructions this machine cannot run; rebuild it with ./build_llama.sh (with --portable if the "
         "binary came from another machine)")
+
+
+def test_launcher_runs_ollama_py_from_its_cached_bytecode(llama_server_bin, tmp_path):
+    import importlib.util
+    launcher = ROOT / "bin" / "ollama"
+    assert launcher.is_file() and os.access(str(launcher), os.X_OK)
+    cache = Path(importlib.util.cache_from_source(str(ROOT / "ollama.py")))
+    assert cache.is_file()                                  # build_llama.sh wrote it, whatever the env says
+    import ollama
+    out = subprocess.run([str(launcher), "--version"], stdout=subprocess.PIPE, universal_newlines=True, timeout=60,
+                         env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), cwd=str(tmp_path))
+    assert out.stdout.strip() == "ollama version is %s" % ollama.__version__
+    # Fresh for this ollama.py (the header's source mtime and size match), so import runs it uncompiled.
+    flags, mtime, size = struct.unpack("<III", cache.read_bytes()[4:16])
+    st = (ROOT / "ollama.py").stat()
+    assert flags == 0 and (mtime, size) == (int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
