@@ -171,9 +171,9 @@ class Config:
         self.origins = [o.strip() for o in _env(env, "OLLAMA_ORIGINS").split(",") if o.strip()]
         debug = _env(env, "OLLAMA_DEBUG").lower()
         self.debug = 2 if debug == "2" else 1 if debug in ("1", "true") else 0
-        self.noprune = bool(_env(env, "OLLAMA_NOPRUNE"))
-        self.nohistory = bool(_env(env, "OLLAMA_NOHISTORY"))
-        self.flash_attention = _env(env, "OLLAMA_FLASH_ATTENTION").lower() in ("1", "true")
+        self.noprune = _bool_env(env, "OLLAMA_NOPRUNE", False)
+        self.nohistory = _bool_env(env, "OLLAMA_NOHISTORY", False)
+        self.flash_attention = _bool_env(env, "OLLAMA_FLASH_ATTENTION", None)    # None: llama-server decides
         self.kv_cache_type = _env(env, "OLLAMA_KV_CACHE_TYPE")
         self.llama_server = _env(env, "OLLAMA_LLAMA_SERVER")
         self.rpc_servers = [w.strip() for w in _env(env, "OLLAMA_RPC_SERVERS").split(",") if w.strip()]
@@ -185,6 +185,15 @@ class Config:
     def base_url(self):
         host = "[%s]" % self.host if ":" in self.host else self.host
         return "%s://%s:%d" % (self.scheme, host, self.port)
+
+
+def _bool_env(env, key, default):
+    """An OLLAMA_* boolean as Ollama's envconfig.Bool reads it: unset is `default`; Go's ParseBool
+    spellings (1 t T TRUE true True, 0 f F FALSE false False) say yes or no; anything else is yes."""
+    value = _env(env, key)
+    if not value:
+        return default
+    return value not in ("0", "f", "F", "FALSE", "false", "False")
 
 
 def _int_env(env, key, default):
@@ -4693,7 +4702,7 @@ class Runner:
 
     def __init__(self, exe, model_path, num_ctx=DEFAULT_NUM_CTX, parallel=1, num_thread=0, num_batch=0,
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
-                 flash_attention=False, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
+                 flash_attention=None, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
                  spawn=None, rpc=()):
         self.exe, self.model_path = exe, str(model_path)
         self.rpc = list(rpc)                  # llama.cpp RPC workers ("host:port") sharing the layers
@@ -4718,8 +4727,8 @@ class Runner:
             args += ["--mmproj", str(projector)]
         for a in adapters:
             args += ["--lora", str(a)]
-        if flash_attention:
-            args += ["--flash-attn", "on"]
+        if flash_attention is not None:           # unset: llama-server's own "auto"
+            args += ["--flash-attn", "on" if flash_attention else "off"]
         if kv_cache_type:
             args += ["--cache-type-k", kv_cache_type, "--cache-type-v", kv_cache_type]
         if self.rpc:                          # verbosity 4: the log then says which layers went where
@@ -6219,6 +6228,25 @@ def _model_details(config, parent=""):
             "parameter_size": config.get("model_type", ""), "quantization_level": config.get("file_type", "")}
 
 
+def _list_gguf_details(store, name, entry):
+    """What Ollama's model list adds from the GGUF (headers are cached per blob): capabilities,
+    details.context_length and details.embedding_length. A model whose GGUF cannot be read is listed
+    without them."""
+    try:
+        model = load_model(store, name)
+        caps = model_capabilities(model)
+        g = model.gguf() if model.model_path else None
+    except (OSError, OllamaError) as e:
+        log.debug("list: %s: %s", name.display(), e)
+        return
+    if caps:
+        entry["capabilities"] = caps
+    if g is not None:
+        for key, value in (("context_length", g.context_length), ("embedding_length", g.embedding_length)):
+            if value:
+                entry["details"][key] = value
+
+
 def _read_config(store, manifest):
     digest = (manifest.get("config") or {}).get("digest")
     if not digest:
@@ -6238,10 +6266,10 @@ def api_tags(req):
         config = _read_config(store, manifest)
         size = sum(int(layer.get("size") or 0) for layer in manifest.get("layers") or [])
         size += int((manifest.get("config") or {}).get("size") or 0)
-        models.append((mtime, {"name": name.display(), "model": name.display(),
-                               "modified_at": rfc3339_local(mtime), "size": size,
-                               "digest": hashlib.sha256(raw).hexdigest(),
-                               "details": _model_details(config)}))
+        entry = {"name": name.display(), "model": name.display(), "modified_at": rfc3339_local(mtime),
+                 "size": size, "digest": hashlib.sha256(raw).hexdigest(), "details": _model_details(config)}
+        _list_gguf_details(store, name, entry)
+        models.append((mtime, entry))
     models.sort(key=lambda m: m[0], reverse=True)
     return {"models": [m for _, m in models]}
 
@@ -6284,8 +6312,7 @@ def api_show(req):
         resp["model_info"] = g.model_info(verbose)
         if model.projector_paths:
             resp["projector_info"] = read_gguf(model.projector_paths[0], None if verbose else 5).model_info(verbose)
-        if verbose:
-            resp["tensors"] = [t.to_dict() for t in g.tensors]
+        resp["tensors"] = [t.to_dict() for t in g.tensors]        # always, as Ollama (the CLI shows them with -v)
     caps = model_capabilities(model)
     if caps:
         resp["capabilities"] = caps
@@ -6392,6 +6419,11 @@ def api_create(req):
     adapters = _validate_create_files(body.get("adapters"), "adapters")
     quantize = body.get("quantize") or body.get("quantization")
     level = quantize_level(quantize) if quantize else None
+    if isinstance(body.get("template"), str) and body["template"]:
+        try:                                        # refused now, not at the first chat (as Ollama)
+            parse_template(body["template"])
+        except TemplateError as e:
+            raise BadRequest("template error: %s" % e) from None
     license_ = body.get("license")
     if license_ is not None and not isinstance(license_, str) and not (
             isinstance(license_, list) and all(isinstance(x, str) for x in license_)):
@@ -6780,6 +6812,8 @@ def api_generate(req):
     if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
         raise BadRequest("raw mode does not support template, system, or context")
     _check_capability(body, model, "completion", "generate")
+    if body.get("suffix"):                              # Ollama: a suffix needs the insert capability
+        _check_capability(body, model, "insert", "insert")
     _check_think(body, model)
     if body.get("images") and not model.projector_paths:
         raise BadRequest("this model is missing data required for image input")

@@ -375,8 +375,36 @@ def test_tags_lists_models_newest_first_with_details(server, tmp_path):
     assert m["model"] == "older:latest" and m["digest"] == hashlib.sha256(raw).hexdigest()
     assert m["size"] == sum(la["size"] for la in manifest["layers"]) + manifest["config"]["size"]
     assert m["details"] == {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-                            "parameter_size": "128", "quantization_level": "Q4_K_M"}
+                            "parameter_size": "128", "quantization_level": "Q4_K_M",
+                            "context_length": 2048, "embedding_length": 16}      # from the GGUF, as Ollama
+    assert m["capabilities"] == ["completion"]
     assert m["modified_at"].startswith("2020-09-1")
+
+
+def test_create_refuses_a_template_that_does_not_parse(server, tmp_path):
+    digest = upload(server, gguf_bytes(tmp_path))
+    status, err = jcall(server, "POST", "/api/create", {"model": "x", "files": {"w.gguf": digest},
+                                                         "template": "{{ .Prompt"})
+    assert status == 400 and err["error"].startswith("template error: template: ")
+    assert server.store.resolve(ollama.Name.parse("x")) is None
+
+
+def test_suffix_needs_a_model_that_can_insert(server, tmp_path):
+    digest = upload(server, gguf_bytes(tmp_path))
+    create(server, {"model": "plain", "files": {"w.gguf": digest}, "template": "{{ .Prompt }}"})
+    status, err = jcall(server, "POST", "/api/generate", {"model": "plain", "prompt": "def f(", "suffix": "return 1"})
+    assert (status, err) == (400, {"error": '"plain" does not support insert'})
+
+
+@pytest.mark.parametrize("value, noprune", [("", False), ("0", False), ("false", False), ("F", False),
+                                             ("1", True), ("true", True), ("yes", True)])
+def test_boolean_settings_read_like_go_parsebool(value, noprune):
+    config = ollama.Config({"HOME": "/nonexistent", "OLLAMA_NOPRUNE": value, "OLLAMA_NOHISTORY": value,
+                            "OLLAMA_FLASH_ATTENTION": value})
+    assert config.noprune is noprune and config.nohistory is noprune
+    assert config.flash_attention is (None if value == "" else noprune)    # unset: llama-server's auto
+    args = ollama.Runner("llama-server", "m.gguf", flash_attention=config.flash_attention).args
+    assert ("--flash-attn" in args) is (value != "") and args[-1] != "--flash-attn"
 
 
 def test_show_reports_modelfile_parameters_and_metadata(server, tmp_path):
@@ -400,7 +428,8 @@ def test_show_reports_modelfile_parameters_and_metadata(server, tmp_path):
     assert body["messages"] == [{"role": "user", "content": "hello"}]
     assert body["model_info"]["general.architecture"] == "llama"
     assert body["model_info"]["tokenizer.ggml.tokens"] == []
-    assert "general.name" not in body["model_info"] and "tensors" not in body
+    assert "general.name" not in body["model_info"]
+    assert body["tensors"][0] == {"name": "token_embd.weight", "type": "F32", "shape": [16, 6]}   # as Ollama: always
     assert body["capabilities"] == ["completion", "tools", "insert"]
     status, verbose = jcall(server, "POST", "/api/show", {"model": "S", "verbose": True})
     assert len(verbose["model_info"]["tokenizer.ggml.tokens"]) == 6
