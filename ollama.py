@@ -33,7 +33,8 @@ ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lin
                    embeddings); Spawner: the thread that forks children tied to serve
     Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
     HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream),
-                   == Ollama's API (/api/*, an api_* each), == OpenAI compatibility (/v1/*)
+                   == Ollama's API (/api/*, an api_* each), == OpenAI compatibility (/v1/*, with
+                   the Responses API), == Anthropic compatibility (/v1/messages)
     CLI            == the client (Client, @command), == commands (a cmd_* each), == the REPL
     Main           main(argv): parse, run the command; an OllamaError is "Error: ..." and exit 1
 
@@ -44,7 +45,8 @@ The request path of a chat: ``OllamaServer`` (a ThreadingHTTPServer; one thread 
 (llama-server's streamed /completion) -> ``_api_chat_chunks`` (tool-call and thinking parsers) ->
 a ``Stream`` that ``OllamaHandler._send_stream`` writes as chunked NDJSON; the lease is handed to
 the stream (``lease.stream()``) and released when it ends, which starts the keep-alive timer.
-The /v1 handlers call the /api ones and translate; the CLI talks to serve over HTTP only.
+The /v1 handlers (OpenAI chat, completions and Responses; Anthropic Messages) call the /api
+ones through ``_forward`` and translate the answer; the CLI talks to serve over HTTP only.
 
 Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers,
 routes, connection count); the models are on disk in the ``Store``; the loaded runners in the
@@ -6912,6 +6914,8 @@ def api_chat(req):
         return dict(base, created_at=rfc3339(), message={"role": "assistant", "content": ""}, done=True,
                     done_reason="unload")
     _check_capability(body, model, "completion", "chat")
+    if getattr(req, "relax_thinking", False) and body.get("think") and "thinking" not in model.capabilities():
+        body = dict(body, think=None)       # /v1/messages: Claude Code asks every model to think
     think = _check_think(body, model)
     tools = body.get("tools") or None
     if tools and "tools" not in model.capabilities():
@@ -6931,9 +6935,20 @@ def api_chat(req):
         if body.get("_debug_render_only"):
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
         tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
-        thinking = ThinkingParser(*infer_thinking_tags(model.parsed_template())) if think else None
+        thinking = _thinking_parser(model, text) if think else None
         chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking)
         return _respond(body, lease.stream(chunks), "message")
+
+
+def _thinking_parser(model, prompt):
+    """A ThinkingParser for the model's tags; when the rendered prompt already ends with the opening
+    tag (a template that starts the thinking itself), the parser is fed it, as Ollama does, so
+    the output up to the closing tag is thinking."""
+    opening, closing = infer_thinking_tags(model.parsed_template())
+    parser = ThinkingParser(opening, closing)
+    if opening and prompt.rstrip().endswith(opening):
+        parser.feed(opening)
+    return parser
 
 
 def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking):
@@ -7184,10 +7199,13 @@ def _openai(handler):
     return wrapped
 
 
-def _forward(req, body):
-    """The same request with `body` as its JSON: how a /v1 call reaches the /api handler it wraps."""
+def _forward(req, body, **context):
+    """The same request with `body` as its JSON: how a /v1 call reaches the /api handler it wraps.
+    `context` become attributes of the copy (Ollama's gin context values, e.g. relax_thinking):
+    what a wrapper may tell the handler that a client cannot put in the body."""
     sub = Request.__new__(Request)
     sub.__dict__.update(req.__dict__)
+    sub.__dict__.update(context)
     sub._body = json_dumps(body).encode()
     return sub
 
@@ -7342,15 +7360,21 @@ def _chat_format(response_format):
     return None
 
 
+#: A reasoning effort -> /api/chat `think` (openai.thinkFromReasoningEffort).
+REASONING_EFFORTS = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                     "max": "max", "xhigh": "max", "ultra": "max"}
+
+
 def _reasoning_think(body):
+    """`think` from "reasoning": {"effort"} (or chat's "reasoning_effort"); None when unset."""
     effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
     effort = effort or body.get("reasoning_effort")
     if not effort:
         return None
-    if effort not in ("high", "medium", "low", "none"):
-        raise BadRequest("invalid reasoning value: '%s' (must be \"high\", \"medium\", \"low\", or \"none\")"
-                         % effort)
-    return False if effort == "none" else effort
+    if not isinstance(effort, str) or effort not in REASONING_EFFORTS:
+        raise BadRequest('invalid reasoning value: %s (must be "minimal", "low", "medium", "high", "xhigh", '
+                         '"ultra", "max", or "none")' % json_dumps(effort))
+    return REASONING_EFFORTS[effort]
 
 
 def _openai_tool_calls(calls):
@@ -7489,6 +7513,353 @@ def v1_completions(req):
             "usage": _usage(first)}
 
 
+# -- /v1/responses (OpenAI Responses) ---------------------------------------------------------------
+
+
+def _sse_event(obj):
+    """One named server-sent event, `event: <its "type">` then `data: <json>`: how the Responses
+    and Anthropic streams are framed (the SDKs dispatch on the event name)."""
+    return b"event: %s\ndata: %s\n\n" % (obj["type"].encode(), json_dumps(obj).encode())
+
+
+def _responses_content(parts, where):
+    """Responses content (a string, or input_text/output_text/input_image parts) -> (text, images)."""
+    if isinstance(parts, str):
+        return parts, []
+    if not isinstance(parts, list):
+        raise BadRequest("%s: content must be a string or array" % where)
+    text, images = [], []
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text"):
+            text.append(part.get("text") or "")
+        elif kind == "input_image":
+            if part.get("image_url"):                  # a file_id names stored state: skipped, as in Ollama
+                images.append(_image_part(part))
+        elif kind == "input_file":
+            raise BadRequest("file inputs are not currently supported")
+        else:
+            raise BadRequest("%s: content[%d]: unknown content type: %s" % (where, i, kind or ""))
+    return "".join(text), images
+
+
+def _responses_call(item, messages, thinking):
+    """A function_call item -> a tool call on the assistant message it belongs to (the last one,
+    or a new one), as openai.FromResponsesRequest merges them."""
+    try:
+        arguments = json.loads(item.get("arguments") or "{}")
+    except (TypeError, ValueError) as e:
+        raise BadRequest("failed to parse function call arguments: %s" % e) from None
+    call = {"id": item.get("call_id") or "", "function": {"name": item.get("name") or "", "arguments": arguments}}
+    if messages and messages[-1]["role"] == "assistant":
+        messages[-1].setdefault("tool_calls", []).append(call)
+        if thinking:
+            messages[-1]["thinking"] = thinking
+    else:
+        messages.append(dict({"role": "assistant", "content": "", "tool_calls": [call]},
+                             **({"thinking": thinking} if thinking else {})))
+
+
+def _tool_name_for(messages, call_id):
+    """The function an earlier tool call with this id named ("" when none): a template's .ToolName."""
+    for m in reversed(messages):
+        for call in m.get("tool_calls") or []:
+            if call_id and call.get("id") == call_id:
+                return call["function"]["name"]
+    return ""
+
+
+def _from_responses_input(value):
+    """Responses `input` (a string, or message / function_call / function_call_output / reasoning
+    items) -> /api/chat messages. A reasoning item's text becomes the next assistant turn's thinking."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}] if value else []
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest("input must be a string or array")
+    messages, thinking = [], ""
+    for i, item in enumerate(value):
+        where = "input[%d]" % i
+        if not isinstance(item, dict):
+            raise BadRequest("%s: input item must be an object" % where)
+        kind = item.get("type") or ("message" if item.get("role") else "")
+        if kind == "message":
+            text, images = _responses_content(item.get("content") or "", where)
+            msg = {"role": str(item.get("role") or "").lower(), "content": text}
+            if images:
+                msg["images"] = images
+            if msg["role"] == "assistant" and thinking:
+                msg["thinking"], thinking = thinking, ""
+            messages.append(msg)
+        elif kind == "function_call":
+            _responses_call(item, messages, thinking)
+            thinking = ""
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text, images = _responses_content(output if output is not None else "", where)
+            msg = {"role": "tool", "content": text, "tool_call_id": item.get("call_id") or ""}
+            name = _tool_name_for(messages, item.get("call_id"))
+            if name:
+                msg["tool_name"] = name
+            if images:
+                msg["images"] = images
+            messages.append(msg)
+        elif kind == "reasoning":
+            thinking = item.get("encrypted_content") or "".join(
+                (s or {}).get("text", "") for s in item.get("summary") or [] if isinstance(s, dict))
+        elif not kind:
+            raise BadRequest("%s: input item missing required 'type' field" % where)
+        else:
+            raise BadRequest("%s: unknown input item type: %s" % (where, json_dumps(kind)))
+    if thinking:
+        messages.append({"role": "assistant", "content": "", "thinking": thinking})
+    return messages
+
+
+def _from_responses_tools(tools, prefix=""):
+    """Responses tools (flat {"type": "function", "name", "parameters"}; a "namespace" groups
+    members, which get "namespace." names) -> /api/chat tools. The built-in web_search needs
+    ollama.com, so it is left out."""
+    out = []
+    for tool in tools or []:
+        if not isinstance(tool, dict):
+            raise BadRequest("invalid tool: %s" % json_dumps(tool))
+        name = tool.get("name") or ""
+        if tool.get("type") == "web_search":
+            log.warning("/v1/responses: the built-in web_search tool is not supported; left out")
+        elif tool.get("type") == "namespace":
+            out += _from_responses_tools(tool.get("tools"), prefix + name + "." if name else prefix)
+        else:
+            parameters = tool.get("parameters")
+            if parameters is not None and not isinstance(parameters, dict):
+                raise BadRequest("failed to unmarshal tool parameters: %s" % json_dumps(parameters))
+            out.append({"type": "function", "function": {
+                "name": name if name.startswith(prefix) else prefix + name,
+                "description": tool.get("description") or "", "parameters": parameters or {"type": "object"}}})
+    return out
+
+
+def _responses_format(text):
+    """text.format -> /api/chat `format`: json_schema is its schema, json_object any JSON; text is None."""
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_schema" and fmt.get("schema") is not None:
+        return fmt["schema"]
+    return "json" if fmt.get("type") == "json_object" else None
+
+
+#: ResponsesRequest fields with the JSON type each must have (Go's unmarshal errors).
+RESPONSES_FIELDS = {"model": _STRING, "instructions": _STRING, "stream": _BOOL, "max_output_tokens": (int, "int"),
+                    "temperature": ((int, float), "float64"), "top_p": ((int, float), "float64"),
+                    "tools": (list, "[]openai.ResponsesTool", dict, "openai.ResponsesTool"),
+                    "reasoning": (dict, "openai.ResponsesReasoning"), "text": (dict, "openai.ResponsesText")}
+
+
+def _responses_chat(body):
+    """A Responses request -> the /api/chat body it is answered with."""
+    check_fields(body, RESPONSES_FIELDS, "ResponsesRequest")
+    for field in ("previous_response_id", "conversation"):
+        if body.get(field):                    # Ollama ignores them too: it keeps no responses
+            log.warning("/v1/responses: %s is not supported (no stored state); answering from input alone", field)
+    messages = []
+    if body.get("instructions"):
+        messages.append({"role": "system", "content": body["instructions"]})
+    messages += _from_responses_input(body.get("input"))
+    options = {"temperature": 1.0 if body.get("temperature") is None else body["temperature"]}
+    if body.get("top_p") is not None:
+        options["top_p"] = body["top_p"]
+    if body.get("max_output_tokens") is not None:
+        options["num_predict"] = body["max_output_tokens"]
+    chat = {"model": body.get("model"), "messages": messages, "options": options,
+            "stream": body.get("stream") is True}
+    tools = _from_responses_tools(body.get("tools"))
+    if tools and body.get("tool_choice") != "none":
+        chat["tools"] = tools
+    fmt = _responses_format(body.get("text"))
+    if fmt is not None:
+        chat["format"] = fmt
+    think = _reasoning_think(body)
+    if think is not None:
+        chat["think"] = think
+    return chat
+
+
+class ResponsesAnswer:
+    """One /v1/responses answer being built from /api/chat items: the response object (what
+    Ollama echoes of the request: tools, text format, sampling, reasoning), its output items, and
+    for a stream the events in order, each with its sequence_number."""
+
+    def __init__(self, body):
+        self.body, self.id = body, "resp_" + secrets.token_hex(8)
+        self.msg_id, self.seq, self.output = "msg_" + secrets.token_hex(8), 0, []
+        self.text, self.thinking, self.reasoning_id, self.calls = None, None, None, 0
+
+    def response(self, status, usage=None):
+        b = self.body
+        reasoning = b.get("reasoning") if isinstance(b.get("reasoning"), dict) else {}
+        fmt = (b.get("text") or {}).get("format") if isinstance(b.get("text"), dict) else None
+        now = int(time.time())
+        return {"id": self.id, "object": "response", "created_at": now,
+                "completed_at": now if status == "completed" else None, "status": status,
+                "incomplete_details": None, "model": b.get("model"), "previous_response_id": None,
+                "instructions": b.get("instructions") or None, "output": list(self.output), "error": None,
+                "tools": b.get("tools") or [], "tool_choice": b.get("tool_choice") or "auto",
+                "truncation": b.get("truncation") or "disabled", "parallel_tool_calls": True,
+                "text": {"format": fmt or {"type": "text"}},
+                "top_p": 1.0 if b.get("top_p") is None else b["top_p"], "presence_penalty": 0,
+                "frequency_penalty": 0, "top_logprobs": 0,
+                "temperature": 1.0 if b.get("temperature") is None else b["temperature"],
+                "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")}
+                if reasoning.get("effort") or reasoning.get("summary") else None,
+                "usage": usage, "max_output_tokens": b.get("max_output_tokens"), "max_tool_calls": None,
+                "store": False, "background": False, "service_tier": "default", "metadata": {},
+                "safety_identifier": None, "prompt_cache_key": None}
+
+    def event(self, kind, **fields):
+        fields = dict(type=kind, sequence_number=self.seq, **fields)
+        self.seq += 1
+        return fields
+
+    def feed(self, item):
+        """The events for one /api/chat item (a stream's first item also opens the response)."""
+        msg = item.get("message") or {}
+        if self.seq == 0:
+            yield self.event("response.created", response=self.response("in_progress"))
+            yield self.event("response.in_progress", response=self.response("in_progress"))
+        if msg.get("thinking"):
+            yield from self._thinking(msg["thinking"])
+        if msg.get("tool_calls"):
+            yield from self._calls(msg["tool_calls"])
+        elif msg.get("content") and not self.calls:
+            yield from self._text(msg["content"])
+        if item.get("done"):
+            yield from self._finish_thinking()
+            yield from self._finish_text()
+            yield self.event("response.completed", response=self.response("completed", _responses_usage(item)))
+
+    def _thinking(self, piece):
+        if self.reasoning_id is None:
+            self.reasoning_id, self.thinking = "rs_" + secrets.token_hex(8), ""
+            yield self.event("response.output_item.added", output_index=len(self.output),
+                             item={"id": self.reasoning_id, "type": "reasoning", "summary": []})
+        self.thinking += piece
+        yield self.event("response.reasoning_summary_text.delta", item_id=self.reasoning_id,
+                         output_index=len(self.output), summary_index=0, delta=piece)
+
+    def _finish_thinking(self):
+        if self.reasoning_id is None:
+            return
+        item = _reasoning_item(self.reasoning_id, self.thinking)
+        yield self.event("response.reasoning_summary_text.done", item_id=self.reasoning_id,
+                         output_index=len(self.output), summary_index=0, text=self.thinking)
+        yield self.event("response.output_item.done", output_index=len(self.output), item=item)
+        self.output.append(item)
+        self.reasoning_id = None
+
+    def _calls(self, calls):
+        yield from self._finish_thinking()
+        yield from self._finish_text()
+        for call in _openai_tool_calls(calls):
+            item = _function_call_item("fc_" + secrets.token_hex(8), call)
+            index = len(self.output)
+            yield self.event("response.output_item.added", output_index=index,
+                             item=dict(item, status="in_progress", arguments=""))
+            yield self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                             delta=item["arguments"])
+            yield self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                             arguments=item["arguments"])
+            yield self.event("response.output_item.done", output_index=index, item=item)
+            self.output.append(item)
+            self.calls += 1
+
+    def _text(self, piece):
+        yield from self._finish_thinking()
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        if self.text is None:
+            self.text = ""
+            yield self.event("response.output_item.added", output_index=len(self.output),
+                             item={"id": self.msg_id, "type": "message", "status": "in_progress",
+                                   "role": "assistant", "content": []})
+            yield self.event("response.content_part.added", item_id=self.msg_id, output_index=len(self.output),
+                             content_index=0, part=part)
+        self.text += piece
+        yield self.event("response.output_text.delta", item_id=self.msg_id, output_index=len(self.output),
+                         content_index=0, delta=piece, logprobs=[])
+
+    def _finish_text(self):
+        if self.text is None:
+            return
+        item = _message_item(self.msg_id, self.text)
+        index = len(self.output)
+        yield self.event("response.output_text.done", item_id=self.msg_id, output_index=index, content_index=0,
+                         text=self.text, logprobs=[])
+        yield self.event("response.content_part.done", item_id=self.msg_id, output_index=index, content_index=0,
+                         part=item["content"][0])
+        yield self.event("response.output_item.done", output_index=index, item=item)
+        self.output.append(item)
+        self.text = None
+
+    def whole(self, final):
+        """The non-streamed answer from /api/chat's collapsed reply (openai.ToResponse): reasoning,
+        then the function calls, or else the message."""
+        msg = final.get("message") or {}
+        if msg.get("thinking"):
+            self.output.append(_reasoning_item("rs_" + self.id, msg["thinking"]))
+        calls = _openai_tool_calls(msg.get("tool_calls"))
+        for i, call in enumerate(calls):
+            self.output.append(_function_call_item("fc_%s_%d" % (self.id, i), call))
+        if not calls:
+            self.output.append(_message_item(self.msg_id, msg.get("content", "")))
+        return self.response("completed", _responses_usage(final))
+
+
+def _reasoning_item(item_id, thinking):
+    """A reasoning output item; the thinking rides as plain text in encrypted_content too, so a
+    client that sends it back (as Codex does) gives it to the model again."""
+    return {"id": item_id, "type": "reasoning", "summary": [{"type": "summary_text", "text": thinking}],
+            "encrypted_content": thinking}
+
+
+def _function_call_item(item_id, call):
+    return {"id": item_id, "type": "function_call", "status": "completed", "call_id": call["id"],
+            "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+
+
+def _message_item(item_id, text):
+    return {"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def _responses_usage(final):
+    prompt, completion = final.get("prompt_eval_count", 0), final.get("eval_count", 0)
+    return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
+            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+
+
+def _responses_events(answer, first, items):
+    with contextlib.closing(_relay(first, items)) as stream:
+        for item in stream:
+            yield from answer.feed(item)
+
+
+@route("POST", "/v1/responses")
+@_openai
+def v1_responses(req):
+    """POST /v1/responses: OpenAI's Responses API, stateless (no store, no previous_response_id, as
+    in Ollama), on top of /api/chat."""
+    body = req.json()
+    chat = _responses_chat(body)
+    answer = ResponsesAnswer(body)
+    first, items = _prime(api_chat(_forward(req, chat)))
+    if not chat["stream"]:
+        return answer.whole(first)
+    return Stream(_responses_events(answer, first, items), content_type="text/event-stream", encode=_sse_event,
+                  error_item=lambda msg: answer.event("error", code=None, message=msg, param=None),
+                  headers={"Cache-Control": "no-cache"})
+
+
 @route("POST", "/v1/embeddings")
 @_openai
 def v1_embeddings(req):
@@ -7537,6 +7908,308 @@ def v1_model(req):
         raise NotFound("model '%s' not found" % text)
     mtime = req.server.store.manifest_path(stored).stat().st_mtime
     return {"id": text, "object": "model", "created": int(mtime), "owned_by": name.namespace}
+
+
+# == HTTP API: Anthropic compatibility (/v1/messages) =========================
+
+#: Anthropic's error "type" for an HTTP status (anthropic.NewError; 413 as Anthropic itself names it).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 529: "overloaded_error"}
+#: MessagesRequest fields with the JSON type each must have (Go's unmarshal errors).
+MESSAGES_FIELDS = {"model": _STRING, "max_tokens": (int, "int"), "stream": _BOOL,
+                   "messages": (list, "[]anthropic.MessageParam", dict, "anthropic.MessageParam"),
+                   "temperature": ((int, float), "float64"), "top_p": ((int, float), "float64"),
+                   "top_k": (int, "int"), "stop_sequences": (list, "[]string", str, "string"),
+                   "tools": (list, "[]anthropic.Tool", dict, "anthropic.Tool"),
+                   "tool_choice": (dict, "anthropic.ToolChoice"), "thinking": (dict, "anthropic.ThinkingConfig"),
+                   "metadata": (dict, "anthropic.Metadata"), "output_config": (dict, "anthropic.OutputConfig")}
+
+
+def _anthropic_id(prefix):
+    return "%s_%s" % (prefix, secrets.token_hex(12))
+
+
+def _anthropic_error(status, message):
+    """{"type": "error", "error": {"type", "message"}, "request_id"}: what the SDKs turn into their
+    exception for the status (BadRequestError, NotFoundError, ...)."""
+    return Response.json(status, {"type": "error", "error": {
+        "type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message},
+        "request_id": _anthropic_id("req")})
+
+
+def _anthropic(handler):
+    """Wrap a /v1/messages handler so that every OllamaError it raises is answered in Anthropic's shape."""
+    def wrapped(req):
+        try:
+            return handler(req)
+        except OllamaError as e:
+            return _anthropic_error(e.status, str(e))
+    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+    return wrapped
+
+
+def _block_list(content, where):
+    """A message's content as blocks: a string is one text block."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field %s of type []anthropic.ContentBlock"
+                         % (_json_kind(content), where))
+    return content
+
+
+def _anthropic_image(source):
+    """An image block's source -> the base64 /api/chat takes; only base64 sources (no URLs), as Ollama."""
+    if not isinstance(source, dict):
+        raise BadRequest("invalid image source")
+    if source.get("type") != "base64":
+        raise BadRequest("invalid image source type: %s. Only base64 images are supported." % source.get("type"))
+    data = source.get("data") or ""
+    try:
+        base64.b64decode(data, validate=True)
+    except ValueError as e:
+        raise BadRequest("invalid base64 image data: %s" % e) from None
+    return data
+
+
+def _tool_result_content(content):
+    """A tool_result's content (a string, or text and image blocks) -> (text, images)."""
+    if isinstance(content, str):
+        return content, []
+    text, images = [], []
+    for block in content if isinstance(content, list) else []:
+        if isinstance(block, dict) and block.get("type") == "text":
+            text.append(block.get("text") or "")
+        elif isinstance(block, dict) and block.get("type") == "image":
+            images.append(_anthropic_image(block.get("source")))
+    return "".join(text), images
+
+
+def _from_anthropic_message(msg, earlier):
+    """One Anthropic message -> /api/chat messages (anthropic.convertMessage): its text, images,
+    tool_use and thinking blocks make one message; each tool_result becomes a "tool" message, put
+    before a user's text (the results answer the previous turn) and after anything else's."""
+    role = str(msg.get("role") or "").lower()
+    text, images, calls, thinking, results = [], [], [], "", []
+    for block in _block_list(msg.get("content"), "MessageParam.messages.content"):
+        kind = block.get("type")
+        if kind == "text":
+            text.append(block.get("text") or "")
+        elif kind == "image":
+            images.append(_anthropic_image(block.get("source")))
+        elif kind == "tool_use":
+            for field in ("id", "name"):
+                if not block.get(field):
+                    raise BadRequest("tool_use block missing required '%s' field" % field)
+            calls.append({"id": block["id"], "function": {"name": block["name"], "arguments": block.get("input")
+                                                          or {}}})
+        elif kind == "tool_result":
+            content, result_images = _tool_result_content(block.get("content"))
+            result = {"role": "tool", "content": content, "tool_call_id": block.get("tool_use_id") or ""}
+            name = _tool_name_for(earlier, block.get("tool_use_id"))
+            if name:
+                result["tool_name"] = name
+            if result_images:
+                result["images"] = result_images
+            results.append(result)
+        elif kind == "thinking":
+            thinking = block.get("thinking") or ""
+        # other blocks (redacted_thinking, server tools, documents) carry nothing a local model reads
+    out = []
+    if text or images or calls or thinking:
+        m = {"role": role, "content": "".join(text)}
+        for key, value in (("images", images), ("tool_calls", calls), ("thinking", thinking)):
+            if value:
+                m[key] = value
+        out.append(m)
+    return results + out if role == "user" else out + results
+
+
+def _anthropic_system(system):
+    """`system`: a string, or text blocks joined."""
+    if isinstance(system, list):
+        return "".join(b.get("text") or "" for b in system if isinstance(b, dict) and b.get("type") == "text")
+    return system if isinstance(system, str) else ""
+
+
+def _from_anthropic_tools(tools):
+    """Anthropic tools ({name, description, input_schema}) -> /api/chat tools. Server tools
+    (web_search_*, which Ollama answers through ollama.com) are left out: nothing here can reach it."""
+    out = []
+    for tool in tools or []:
+        if str(tool.get("type") or "").startswith("web_search"):
+            log.warning("/v1/messages: the %s server tool is not supported; left out", tool.get("type"))
+            continue
+        schema = tool.get("input_schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise BadRequest("invalid input_schema for tool %s: json: cannot unmarshal %s into Go value of type "
+                             "api.ToolFunctionParameters" % (json_dumps(tool.get("name") or ""), _json_kind(schema)))
+        out.append({"type": "function", "function": {"name": tool.get("name") or "",
+                                                      "description": tool.get("description") or "",
+                                                      "parameters": schema or {"type": "object"}}})
+    return out
+
+
+def _anthropic_think(body):
+    """thinking {"type": "enabled"|"disabled"} -> think true/false; else output_config.effort as a level."""
+    kind = (body.get("thinking") or {}).get("type")
+    if kind in ("enabled", "disabled"):
+        return kind == "enabled"
+    effort = str((body.get("output_config") or {}).get("effort") or "").strip().lower()
+    effort = "high" if effort == "xhigh" else effort
+    return effort if effort in ("low", "medium", "high", "max") else None
+
+
+def _anthropic_chat(body):
+    """A Messages request -> the /api/chat body it is answered with (anthropic.FromMessagesRequest)."""
+    check_fields(body, MESSAGES_FIELDS, "MessagesRequest")
+    if not body.get("model"):
+        raise BadRequest("model is required")
+    if not body.get("max_tokens") or body["max_tokens"] <= 0:
+        raise BadRequest("max_tokens is required and must be positive")
+    if not body.get("messages"):
+        raise BadRequest("messages is required")
+    messages = []
+    system = _anthropic_system(body.get("system"))
+    if system:
+        messages.append({"role": "system", "content": system})
+    for msg in body["messages"]:
+        messages += _from_anthropic_message(msg, messages)
+    options = {"num_predict": body["max_tokens"]}
+    for key in ("temperature", "top_p", "top_k"):
+        if body.get(key) is not None:
+            options[key] = body[key]
+    if body.get("stop_sequences"):
+        options["stop"] = body["stop_sequences"]
+    chat = {"model": body["model"], "messages": messages, "options": options, "stream": body.get("stream") is True}
+    tools = _from_anthropic_tools(body.get("tools"))
+    if tools and (body.get("tool_choice") or {}).get("type") != "none":
+        chat["tools"] = tools
+    think = _anthropic_think(body)
+    if think is not None:
+        chat["think"] = think
+    fmt = (body.get("output_config") or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        chat["format"] = fmt.get("schema")
+    return chat
+
+
+def _estimate_tokens(body):
+    """A rough input token count (4 characters a token, as Ollama estimates) for message_start,
+    which is sent before the prompt is evaluated; message_delta then carries the real count."""
+    chars = len(json_dumps([body.get("system"), body.get("messages"), body.get("tools")]))
+    return max(1, chars // 4)
+
+
+def _anthropic_stop(done_reason, has_calls):
+    """/api/chat's done_reason -> stop_reason (anthropic.mapStopReason)."""
+    if has_calls:
+        return "tool_use"
+    return {"stop": "end_turn", "length": "max_tokens", None: None, "": None}.get(done_reason, "stop_sequence")
+
+
+def _anthropic_message(mid, model, final):
+    """The non-streamed answer from /api/chat's collapsed reply: thinking, text, then tool_use blocks."""
+    msg = final.get("message") or {}
+    content = []
+    if msg.get("thinking"):
+        content.append({"type": "thinking", "thinking": msg["thinking"], "signature": ""})
+    if msg.get("content"):
+        content.append({"type": "text", "text": msg["content"]})
+    for call in msg.get("tool_calls") or []:
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id") or _anthropic_id("toolu"),
+                        "name": function.get("name", ""), "input": function.get("arguments") or {}})
+    return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": _anthropic_stop(final.get("done_reason"), bool(msg.get("tool_calls"))),
+            "stop_sequence": None, "usage": _anthropic_usage(final)}
+
+
+def _anthropic_usage(final):
+    return {"input_tokens": final.get("prompt_eval_count", 0), "output_tokens": final.get("eval_count", 0)}
+
+
+class MessageEvents:
+    """/api/chat stream items -> Anthropic's event sequence: message_start, ping, then for each
+    content block content_block_start / _delta (text_delta, thinking_delta, input_json_delta) /
+    _stop, and at the end message_delta (stop_reason, usage) and message_stop. A change of kind
+    (thinking -> text -> tool_use) closes the open block and starts the next index."""
+
+    def __init__(self, mid, model, estimate):
+        self.mid, self.model, self.estimate = mid, model, estimate
+        self.started, self.open, self.index, self.calls = False, "", 0, 0
+
+    def feed(self, item):
+        msg = item.get("message") or {}
+        if not self.started:
+            self.started = True
+            yield {"type": "message_start", "message": {
+                "id": self.mid, "type": "message", "role": "assistant", "model": self.model, "content": [],
+                "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": self.estimate, "output_tokens": 0}}}
+            yield {"type": "ping"}
+        for kind, key in (("thinking", "thinking"), ("text", "content")):
+            if msg.get(key):
+                yield from self._start(kind)
+                delta = {"type": kind + "_delta", kind: msg[key]}
+                yield {"type": "content_block_delta", "index": self.index, "delta": delta}
+        for call in msg.get("tool_calls") or []:
+            yield from self._close()
+            function = call.get("function") or {}
+            yield {"type": "content_block_start", "index": self.index, "content_block": {
+                "type": "tool_use", "id": call.get("id") or _anthropic_id("toolu"),
+                "name": function.get("name", ""), "input": {}}}
+            yield {"type": "content_block_delta", "index": self.index, "delta": {
+                "type": "input_json_delta", "partial_json": json_dumps(function.get("arguments") or {})}}
+            yield {"type": "content_block_stop", "index": self.index}
+            self.index += 1
+            self.calls += 1
+        if item.get("done"):
+            yield from self._close()
+            yield {"type": "message_delta", "delta": {"stop_reason": _anthropic_stop(item.get("done_reason"),
+                                                                                     self.calls > 0),
+                                                      "stop_sequence": None}, "usage": _anthropic_usage(item)}
+            yield {"type": "message_stop"}
+
+    def _start(self, kind):
+        if self.open == kind:
+            return
+        yield from self._close()
+        self.open = kind
+        yield {"type": "content_block_start", "index": self.index,
+               "content_block": {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
+               else {"type": "text", "text": ""}}
+
+    def _close(self):
+        if self.open:
+            yield {"type": "content_block_stop", "index": self.index}
+            self.index += 1
+        self.open = ""
+
+
+def _message_events(events, first, items):
+    with contextlib.closing(_relay(first, items)) as stream:
+        for item in stream:
+            yield from events.feed(item)
+
+
+@route("POST", "/v1/messages")
+@_anthropic
+def v1_messages(req):
+    """POST /v1/messages: Anthropic's Messages API on top of /api/chat. The x-api-key and
+    anthropic-version headers are accepted and not checked (there is nothing to authenticate)."""
+    body = req.json()
+    chat = _anthropic_chat(body)
+    mid = _anthropic_id("msg")
+    # relax_thinking: a model that cannot think answers anyway (Claude Code asks every model to).
+    first, items = _prime(api_chat(_forward(req, chat, relax_thinking=True)))
+    if not chat["stream"]:
+        return _anthropic_message(mid, body["model"], first)
+    events = MessageEvents(mid, body["model"], _estimate_tokens(body))
+    return Stream(_message_events(events, first, items), content_type="text/event-stream", encode=_sse_event,
+                  error_item=lambda msg: {"type": "error", "error": {"type": "api_error", "message": msg}},
+                  headers={"Cache-Control": "no-cache"})
 
 
 ###############################################################################

@@ -45,7 +45,7 @@ def test_every_api_handler_is_routed_once_by_its_decorator():
     routed = [handler.__name__ for _method, _pattern, handler in ollama.ROUTES]
     handlers = [name for name in vars(ollama) if name.startswith(("api_", "v1_"))]
     assert sorted(routed) == sorted(handlers)
-    assert len({(m, p) for m, p, _h in ollama.ROUTES}) == len(ollama.ROUTES) == 23
+    assert len({(m, p) for m, p, _h in ollama.ROUTES}) == len(ollama.ROUTES) == 25   # with /v1/messages
 
 
 def test_wrong_method_is_405(server):
