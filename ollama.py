@@ -6748,14 +6748,20 @@ def _check_capability(body, model, capability, what):
         raise BadRequest('"%s" does not support %s' % (body.get("model"), what))
 
 
-def _check_think(body, model):
+def _check_think(body, model, relax=False):
+    """The request's `think` as Ollama's chat and generate handlers settle it: None (unset), a bool or
+    a level. A thinking-capable model thinks unless told `false` (which templates then see as set);
+    asking a model that cannot think is a 400, or, with `relax` (/v1/messages), ignored."""
     think = body.get("think")
-    if think is None or think is False:
-        return None
-    if not isinstance(think, bool) and think not in ("low", "medium", "high", "max"):
+    if think is not None and not isinstance(think, bool) and think not in ("low", "medium", "high", "max"):
         raise BadRequest('invalid think value: %s (must be "true", "false", "low", "medium", "high" or "max")'
                          % json_dumps(think))
-    if "thinking" not in model.capabilities():
+    if "thinking" in model.capabilities():
+        return True if think is None else think
+    if think not in (None, False):
+        if relax:
+            log.warning("%s does not support thinking: relaxing think to unset", body.get("model"))
+            return None
         raise BadRequest('"%s" does not support thinking' % body.get("model"))
     return think
 
@@ -6816,7 +6822,7 @@ def api_generate(req):
     _check_capability(body, model, "completion", "generate")
     if body.get("suffix"):                              # Ollama: a suffix needs the insert capability
         _check_capability(body, model, "insert", "insert")
-    _check_think(body, model)
+    think = None if body.get("raw") else _check_think(body, model)
     if body.get("images") and not model.projector_paths:
         raise BadRequest("this model is missing data required for image input")
     fmt = body.get("format")
@@ -6837,27 +6843,36 @@ def api_generate(req):
             messages.append({"role": "user", "content": prompt, "images": body.get("images")})
             if body.get("suffix"):
                 text = render_generate(body.get("template") or model.parsed_template(), prompt,
-                                       suffix=body["suffix"])
+                                       suffix=body["suffix"], think=think)
             else:
-                text = _render(model, runner, messages, template=body.get("template"))
+                text = _render(model, runner, messages, template=body.get("template"), think=think)
         if body.get("context"):
             text = runner.detokenize(body["context"]) + text
         if body.get("_debug_render_only"):
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
-        chunks = _api_generate_chunks(lease, body, base, text, fmt, started)
+        thinking = _thinking_parser(model, text) if think else None
+        chunks = _api_generate_chunks(lease, body, base, text, fmt, started, thinking)
         return _respond(body, lease.stream(chunks), "response")
 
 
-def _api_generate_chunks(lease, body, base, text, fmt, started):
-    """/api/generate's answer objects, streamed from the leased runner."""
+def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None):
+    """/api/generate's answer objects, streamed from the leased runner (through the thinking parser
+    when the model thinks: its thoughts go to `thinking`, as Ollama's GenerateHandler does)."""
     pieces = []
     for piece, final in _completion(lease, text, fmt):
-        if final is None:
-            pieces.append(piece)
-            yield dict(base, created_at=rfc3339(), response=piece, done=False)
-            continue
         pieces.append(piece)
-        done = dict(base, created_at=rfc3339(), response=piece, done=True, done_reason=stop_reason(final))
+        thought = ""
+        if thinking:
+            thought, piece = thinking.feed(piece)
+            if final is not None:
+                more_thought, more = thinking.done()
+                thought, piece = thought + more_thought, piece + more
+        extra = {"thinking": thought} if thought else {}
+        if final is None:
+            if piece or thought or not thinking:
+                yield dict(base, created_at=rfc3339(), response=piece, **extra, done=False)
+            continue
+        done = dict(base, created_at=rfc3339(), response=piece, **extra, done=True, done_reason=stop_reason(final))
         if not body.get("raw"):
             done["context"] = lease.runner.tokenize(text + "".join(pieces))
         done.update(_metrics(final, started, lease.load_s))
@@ -6914,9 +6929,7 @@ def api_chat(req):
         return dict(base, created_at=rfc3339(), message={"role": "assistant", "content": ""}, done=True,
                     done_reason="unload")
     _check_capability(body, model, "completion", "chat")
-    if getattr(req, "relax_thinking", False) and body.get("think") and "thinking" not in model.capabilities():
-        body = dict(body, think=None)       # /v1/messages: Claude Code asks every model to think
-    think = _check_think(body, model)
+    think = _check_think(body, model, relax=getattr(req, "relax_thinking", False))   # /v1/messages: Claude Code
     tools = body.get("tools") or None
     if tools and "tools" not in model.capabilities():
         raise BadRequest("%s does not support tools" % model.name)
