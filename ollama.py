@@ -6777,18 +6777,43 @@ def _schedule(req, model, body, keep_alive, embedding=False):
     return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
 
 
-def _completion(lease, prompt, fmt):
-    """Stream (piece, final_event_or_None) from the leased runner; the lease is the caller's."""
+def _completion(lease, prompt, fmt, top_logprobs=None):
+    """Stream (piece, final_event_or_None, logprobs) from the leased runner; the lease is the caller's.
+    With `top_logprobs` (0-20, None for off) each piece's tokens come with Ollama's api.Logprob
+    entries, from llama-server's n_probs."""
     payload = dict(_sampling(lease.opts, fmt), prompt=prompt)
+    if top_logprobs is not None:
+        payload["n_probs"] = max(1, top_logprobs)
     events = lease.runner.completion(payload)
     try:
         for event in events:
+            probs = _logprobs(event, top_logprobs) if top_logprobs is not None else []
             if event.get("stop"):
-                yield event.get("content", ""), event
+                yield event.get("content", ""), event, probs
                 return
-            yield event.get("content", ""), None
+            yield event.get("content", ""), None, probs
     finally:
         events.close()
+
+
+def _logprobs(event, top):
+    """Ollama's api.Logprob list ({token, logprob, bytes, top_logprobs}) for one /completion event."""
+    out = []
+    for p in event.get("completion_probabilities") or []:
+        entry = {"token": p.get("token", ""), "logprob": p.get("logprob", 0.0), "bytes": p.get("bytes")}
+        if top:
+            entry["top_logprobs"] = [{"token": t.get("token", ""), "logprob": t.get("logprob", 0.0),
+                                      "bytes": t.get("bytes")} for t in (p.get("top_logprobs") or [])[:top]]
+        out.append(entry)
+    return out
+
+
+def _top_logprobs(body):
+    """The request's logprobs/top_logprobs as _completion takes them; Ollama's 400 out of range."""
+    top = body.get("top_logprobs") or 0
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
+        raise BadRequest("top_logprobs must be between 0 and 20")
+    return top if body.get("logprobs") else None
 
 
 _STRING, _BOOL, _OPTIONS = (str, "string"), (bool, "bool"), (dict, "map[string]interface {}")
@@ -6796,9 +6821,11 @@ _STRING, _BOOL, _OPTIONS = (str, "string"), (bool, "bool"), (dict, "map[string]i
 GENERATE_FIELDS = {"model": _STRING, "prompt": _STRING, "suffix": _STRING, "system": _STRING,
                    "template": _STRING, "raw": _BOOL, "stream": _BOOL, "options": _OPTIONS,
                    "context": (list, "[]int", int, "int"),
-                   "images": (list, "[]api.ImageData", str, "api.ImageData")}
+                   "images": (list, "[]api.ImageData", str, "api.ImageData"),
+                   "logprobs": _BOOL, "top_logprobs": (int, "int")}
 CHAT_FIELDS = {"model": _STRING, "stream": _BOOL, "options": _OPTIONS, "messages": (list, "[]api.Message", dict,
-               "api.Message"), "tools": (list, "api.Tools", dict, "api.Tool")}
+               "api.Message"), "tools": (list, "api.Tools", dict, "api.Tool"),
+               "logprobs": _BOOL, "top_logprobs": (int, "int")}
 MESSAGE_FIELDS = {"role": _STRING, "content": _STRING, "thinking": _STRING, "tool_name": _STRING,
                   "images": (list, "[]api.ImageData", str, "api.ImageData"),
                   "tool_calls": (list, "[]api.ToolCall", dict, "api.ToolCall")}
@@ -6823,6 +6850,7 @@ def api_generate(req):
     if body.get("suffix"):                              # Ollama: a suffix needs the insert capability
         _check_capability(body, model, "insert", "insert")
     think = None if body.get("raw") else _check_think(body, model)
+    top_logprobs = _top_logprobs(body)
     if body.get("images") and not model.projector_paths:
         raise BadRequest("this model is missing data required for image input")
     fmt = body.get("format")
@@ -6851,15 +6879,15 @@ def api_generate(req):
         if body.get("_debug_render_only"):
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
         thinking = _thinking_parser(model, text) if think else None
-        chunks = _api_generate_chunks(lease, body, base, text, fmt, started, thinking)
+        chunks = _api_generate_chunks(lease, body, base, text, fmt, started, thinking, top_logprobs)
         return _respond(body, lease.stream(chunks), "response")
 
 
-def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None):
+def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, top_logprobs=None):
     """/api/generate's answer objects, streamed from the leased runner (through the thinking parser
     when the model thinks: its thoughts go to `thinking`, as Ollama's GenerateHandler does)."""
     pieces = []
-    for piece, final in _completion(lease, text, fmt):
+    for piece, final, probs in _completion(lease, text, fmt, top_logprobs):
         pieces.append(piece)
         thought = ""
         if thinking:
@@ -6868,8 +6896,10 @@ def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None):
                 more_thought, more = thinking.done()
                 thought, piece = thought + more_thought, piece + more
         extra = {"thinking": thought} if thought else {}
+        if probs:
+            extra["logprobs"] = probs
         if final is None:
-            if piece or thought or not thinking:
+            if piece or thought or probs or not thinking:
                 yield dict(base, created_at=rfc3339(), response=piece, **extra, done=False)
             continue
         done = dict(base, created_at=rfc3339(), response=piece, **extra, done=True, done_reason=stop_reason(final))
@@ -6883,14 +6913,17 @@ def _respond(body, chunks, field):
     """Stream the chunks, or with "stream": false collapse them into one object."""
     if body.get("stream", True) is not False:
         return Stream(chunks)
-    parts, thoughts, calls, last = [], [], [], None
+    parts, thoughts, calls, probs, last = [], [], [], [], None
     for last in chunks:
         part = last if field == "response" else last["message"]
         parts.append(part.get(field if field == "response" else "content", ""))
         thoughts.append(part.get("thinking", ""))
         calls.extend(part.get("tool_calls") or [])
+        probs.extend(last.get("logprobs") or [])
     if last is None:
         raise OllamaError("no response from the model")
+    if probs:
+        last["logprobs"] = probs
     part = last if field == "response" else last["message"]
     part[field if field == "response" else "content"] = "".join(parts)
     if any(thoughts):
@@ -6930,6 +6963,7 @@ def api_chat(req):
                     done_reason="unload")
     _check_capability(body, model, "completion", "chat")
     think = _check_think(body, model, relax=getattr(req, "relax_thinking", False))   # /v1/messages: Claude Code
+    top_logprobs = _top_logprobs(body)
     tools = body.get("tools") or None
     if tools and "tools" not in model.capabilities():
         raise BadRequest("%s does not support tools" % model.name)
@@ -6949,7 +6983,7 @@ def api_chat(req):
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
         tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
         thinking = _thinking_parser(model, text) if think else None
-        chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking)
+        chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs)
         return _respond(body, lease.stream(chunks), "message")
 
 
@@ -6964,10 +6998,10 @@ def _thinking_parser(model, prompt):
     return parser
 
 
-def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking):
+def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs=None):
     """/api/chat's answer objects, streamed from the leased runner through the tool-call and
     thinking parsers."""
-    for piece, final in _completion(lease, text, fmt):
+    for piece, final, probs in _completion(lease, text, fmt, top_logprobs):
         msg = {"role": "assistant", "content": piece}
         if thinking:
             msg["thinking"], msg["content"] = thinking.feed(msg["content"])
@@ -6983,11 +7017,12 @@ def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking):
                 msg["tool_calls"] = calls
         if not msg.get("thinking"):
             msg.pop("thinking", None)
+        extra = {"logprobs": probs} if probs else {}    # sent even while a parser holds the text back
         if final is None:
-            if msg["content"] or msg.get("thinking") or msg.get("tool_calls"):
-                yield dict(base, created_at=rfc3339(), message=msg, done=False)
+            if msg["content"] or msg.get("thinking") or msg.get("tool_calls") or probs:
+                yield dict(base, created_at=rfc3339(), message=msg, **extra, done=False)
             continue
-        done = dict(base, created_at=rfc3339(), message=msg, done=True, done_reason=stop_reason(final))
+        done = dict(base, created_at=rfc3339(), message=msg, **extra, done=True, done_reason=stop_reason(final))
         done.update(_metrics(final, started, lease.load_s))
         yield done
 
@@ -7423,11 +7458,14 @@ def _chat_chunks(first, items, cid, created, model, include_usage):
             if msg.get("tool_calls"):
                 delta["tool_calls"] = _openai_tool_calls(msg["tool_calls"])
                 tool_sent = True
-            if delta or not (role_sent or item.get("done")):
+            if delta or item.get("logprobs") or not (role_sent or item.get("done")):
                 if not role_sent:
                     delta = dict({"role": "assistant", "content": ""}, **delta)
                     role_sent = True
-                yield dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}])
+                choice = {"index": 0, "delta": delta, "finish_reason": None}
+                if item.get("logprobs"):
+                    choice["logprobs"] = {"content": item["logprobs"]}
+                yield dict(base, choices=[choice])
             if item.get("done"):
                 reason = "tool_calls" if tool_sent else item.get("done_reason") or "stop"
                 yield dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": reason}])
@@ -7457,6 +7495,8 @@ def v1_chat_completions(req):
     think = _reasoning_think(body)
     if think is not None:
         chat["think"] = think
+    if body.get("logprobs"):                      # OpenAI's logprobs: true, top_logprobs: N (0-20)
+        chat["logprobs"], chat["top_logprobs"] = True, body.get("top_logprobs") or 0
     if body.get("_debug_render_only"):
         chat["_debug_render_only"] = True
     cid, created = "chatcmpl-%d" % secrets.randbelow(999), int(time.time())
@@ -7472,9 +7512,11 @@ def v1_chat_completions(req):
     if calls:
         message["tool_calls"] = calls
     reason = "tool_calls" if calls else first.get("done_reason") or None
+    choice = {"index": 0, "message": message, "finish_reason": reason}
+    if first.get("logprobs"):
+        choice["logprobs"] = {"content": first["logprobs"]}
     out = {"id": cid, "object": "chat.completion", "created": created, "model": body.get("model"),
-           "system_fingerprint": "fp_ollama",
-           "choices": [{"index": 0, "message": message, "finish_reason": reason}], "usage": _usage(first)}
+           "system_fingerprint": "fp_ollama", "choices": [choice], "usage": _usage(first)}
     if "_debug_info" in first:
         out["_debug_info"] = first["_debug_info"]
     return out
@@ -7488,6 +7530,8 @@ def _completion_chunks(first, items, cid, created, model, include_usage):
         for item in stream:
             choice = {"text": item.get("response", ""), "index": 0,
                       "finish_reason": item.get("done_reason") or None}
+            if item.get("logprobs"):
+                choice["logprobs"] = {"content": item["logprobs"]}
             chunk = dict(base, choices=[choice])
             if include_usage:
                 chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -7512,6 +7556,9 @@ def v1_completions(req):
                 "stream": bool(body.get("stream"))}
     if suffix:
         generate["suffix"] = suffix
+    logprobs = _expect(body, "logprobs", int, "int", struct_name)
+    if logprobs:                                  # the legacy API: logprobs is how many alternatives
+        generate["logprobs"], generate["top_logprobs"] = True, logprobs
     if body.get("_debug_render_only"):
         generate["_debug_render_only"] = True
     cid, created = "cmpl-%d" % secrets.randbelow(999), int(time.time())
@@ -7521,8 +7568,9 @@ def v1_completions(req):
         return _sse_stream(_completion_chunks(first, items, cid, created, body.get("model"), include_usage))
     return {"id": cid, "object": "text_completion", "created": created, "model": body.get("model"),
             "system_fingerprint": "fp_ollama",
-            "choices": [{"text": first.get("response", ""), "index": 0,
-                         "finish_reason": first.get("done_reason") or None}],
+            "choices": [dict({"text": first.get("response", ""), "index": 0,
+                              "finish_reason": first.get("done_reason") or None},
+                             **({"logprobs": {"content": first["logprobs"]}} if first.get("logprobs") else {}))],
             "usage": _usage(first)}
 
 
