@@ -32,8 +32,9 @@ ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lin
     Runner         Runner: one llama-server child (argv, start, health, completion, tokenize,
                    embeddings); Spawner: the thread that forks children tied to serve
     Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
-    HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream),
-                   == Ollama's API (/api/*, an api_* each), == OpenAI compatibility (/v1/*)
+    HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream,
+                   FileResponse), == Ollama's API (/api/*, an api_* each), == a read-only OCI
+                   registry of the store (/v2/*, a v2_* each), == OpenAI compatibility (/v1/*)
     CLI            == the client (Client, @command), == commands (a cmd_* each), == the REPL
     Main           main(argv): parse, run the command; an OllamaError is "Error: ..." and exit 1
 
@@ -48,8 +49,9 @@ The /v1 handlers call the /api ones and translate; the CLI talks to serve over H
 
 Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers,
 routes, connection count); the models are on disk in the ``Store``; the loaded runners in the
-``Scheduler``; downloads in flight in ``Transfers``. At module level there are only constants,
-the logger and the two tables the decorators fill at import: ``ROUTES`` and ``COMMANDS``.
+``Scheduler``; downloads in flight in ``Transfers``; the blobs /v2 has hashed in the server's
+``served_blobs``. At module level there are only constants, the logger and the two tables the
+decorators fill at import: ``ROUTES`` and ``COMMANDS``.
 
 To add an endpoint: write ``@route("POST", "/api/thing")`` over ``def api_thing(req):`` in its
 part of HTTP API; read the body with ``req.json()`` and ``check_fields`` (Go's exact unmarshal
@@ -176,6 +178,7 @@ class Config:
         self.kv_cache_type = _env(env, "OLLAMA_KV_CACHE_TYPE")
         self.llama_server = _env(env, "OLLAMA_LLAMA_SERVER")
         self.rpc_servers = [w.strip() for w in _env(env, "OLLAMA_RPC_SERVERS").split(",") if w.strip()]
+        self.registry = _env(env, "OLLAMA_NO_REGISTRY").lower() not in ("1", "true")   # serve /v2
 
     @property
     def base_url(self):
@@ -247,6 +250,15 @@ class Canceled(OllamaError):
 class Busy(OllamaError):
     """The request queue is full."""
     status = 503
+
+
+class RegistryError(OllamaError):
+    """An OCI distribution error served by /v2: `code` is the spec's (MANIFEST_UNKNOWN, BLOB_UNKNOWN,
+    NAME_UNKNOWN, NAME_INVALID, DIGEST_INVALID, UNSUPPORTED, ...), answered as {"errors": [...]}."""
+
+    def __init__(self, code, message, status):
+        super().__init__(message, status)
+        self.code = code
 
 
 ###############################################################################
@@ -5362,6 +5374,16 @@ class Response:
         return cls.json(status, {"error": message})
 
 
+class FileResponse:
+    """A byte range of an open file as the answer (a blob): `length` bytes from `offset`, sent with
+    socket.sendfile (the kernel's sendfile where it exists, no copy through Python); the file is
+    closed once sent. HEAD sends the headers only."""
+
+    def __init__(self, f, offset, length, status=200, content_type="application/octet-stream", headers=None):
+        self.file, self.offset, self.length, self.status = f, offset, length, status
+        self.content_type, self.headers = content_type, headers or {}
+
+
 class Stream:
     """A streamed answer: `items` is an iterator of JSON-able objects, sent as they come.
 
@@ -5689,6 +5711,8 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, result):
         if isinstance(result, Stream):
             return self._send_stream(result)
+        if isinstance(result, FileResponse):
+            return self._send_file(result)
         if not isinstance(result, Response):
             body = b"" if result is None else json_dumps(result).encode()
             result = Response(200, body, "application/json; charset=utf-8" if result is not None else None)
@@ -5702,6 +5726,26 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(result.body)
+        return result.status
+
+    def _send_file(self, result):
+        try:
+            self.send_response(result.status)
+            self.send_header("Content-Type", result.content_type)
+            for k, v in result.headers.items():
+                self.send_header(k, v)
+            self._cors()
+            self.send_header("Content-Length", str(result.length))
+            self.end_headers()
+            if self.command != "HEAD" and result.length:
+                sent = self.connection.sendfile(result.file, result.offset, result.length)
+                if sent != result.length:                       # the file shrank: the framing is broken
+                    self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+            self.close_connection = True
+            return 499
+        finally:
+            result.file.close()
         return result.status
 
     def _send_stream(self, stream):
@@ -5758,7 +5802,8 @@ ROUTES = []
 
 def route(method, pattern):
     """Declare the decorated function the handler of `method pattern` (":name" segments become
-    req.params), as bottle's @route does: it goes into ROUTES, which every OllamaServer serves.
+    req.params, and a last "*name" takes the rest of the path, slashes included), as bottle's @route
+    does: it goes into ROUTES, which every OllamaServer serves.
     Over another decorator (@_openai), it registers the wrapped handler."""
     def register(handler):
         ROUTES.append((method, pattern, handler))
@@ -5767,12 +5812,13 @@ def route(method, pattern):
 
 
 class Routes:
-    """The route table: (method, pattern) -> handler; ":name" segments capture path params."""
+    """The route table: (method, pattern) -> handler; ":name" segments capture path params, "*name"
+    the rest of the path."""
 
     def __init__(self, table):
         self.table = []
         for method, pattern, func in table:
-            regex = "^" + re.sub(r":(\w+)", r"(?P<\1>[^/]+)", pattern) + "$"
+            regex = "^" + re.sub(r"\*(\w+)$", r"(?P<\1>.+)", re.sub(r":(\w+)", r"(?P<\1>[^/]+)", pattern)) + "$"
             self.table.append((method, re.compile(regex), func))
 
     def match(self, method, path):
@@ -5796,9 +5842,11 @@ class OllamaServer(http.server.ThreadingHTTPServer):
     def __init__(self, config, address=None, routes=None):
         self.config = config
         self.store = Store(config.models)
-        self.routes = routes or Routes(ROUTES)
+        self.routes = routes or Routes([r for r in ROUTES if config.registry or not r[1].startswith("/v2")])
         self.scheduler = Scheduler(config)
         self.transfers = Transfers()      # registry downloads in flight, shared per digest
+        self.served_blobs = {}            # digest -> stat identity of the file whose bytes /v2 hashed and matched
+        self.verify_lock = threading.Lock()     # one blob hashed at a time for /v2 (parallel parts wait)
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -7052,6 +7100,230 @@ def api_push(req):
     return _progress_stream(req, lambda progress, cancel: push_model(
         *_registry_parts(req), name, insecure, progress, cancel), stream)
 
+# == HTTP API: a read-only OCI registry (/v2) =================================
+#
+# serve answers the OCI distribution API for its own store, read-only, so that another ollama.py
+# (or skopeo, crane, docker-registry's clients) can pull from it on a LAN. The name mapping:
+#
+#     /v2/<namespace>/<model>/...          manifests/registry.ollama.ai/<namespace>/<model>/<tag>
+#     /v2/<model>/...                      manifests/registry.ollama.ai/library/<model>/<tag>
+#     /v2/<host>/<namespace>/<model>/...   manifests/<host>/<namespace>/<model>/<tag>
+#
+# so a model pulled from registry.ollama.ai (or created locally) is `library/<model>`, and a model
+# pulled from elsewhere keeps its host as the first component. Only committed blobs a manifest of
+# that repository names are served, each hashed once before its first byte goes out; OLLAMA_NO_REGISTRY=1
+# turns it all off (404).
+
+REGISTRY_API_VERSION = "registry/2.0"          # Docker-Distribution-API-Version
+_OCI_PATH_RE = re.compile(r"^(?P<repo>.+)/(?P<kind>manifests|blobs|tags)/(?P<ref>[^/]+)$")
+_OCI_STATUS_CODES = {400: "NAME_INVALID", 401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN",
+                     405: "UNSUPPORTED", 429: "TOOMANYREQUESTS"}
+
+
+def _oci(handler):
+    """Wrap a /v2 handler: every answer carries Docker-Distribution-API-Version, and an OllamaError
+    becomes the spec's {"errors": [{"code", "message", "detail"}]} with its status."""
+    def wrapped(req):
+        try:
+            result = handler(req)
+        except OllamaError as e:
+            code = e.code if isinstance(e, RegistryError) else _OCI_STATUS_CODES.get(e.status, "UNKNOWN")
+            result = Response.json(e.status, {"errors": [{"code": code, "message": str(e), "detail": None}]})
+        result.headers["Docker-Distribution-API-Version"] = REGISTRY_API_VERSION
+        return result
+    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+    return wrapped
+
+
+def oci_repository_name(repo, tag=DEFAULT_TAG):
+    """The store Name for an OCI repository path (see the mapping above); NAME_INVALID otherwise."""
+    parts = repo.split("/")
+    if len(parts) == 1:
+        parts = [DEFAULT_NAMESPACE] + parts
+    if len(parts) == 2:
+        parts = [DEFAULT_REGISTRY] + parts
+    name = Name(*parts, tag) if len(parts) == 3 else None
+    if name is None or not name.is_valid():
+        raise RegistryError("NAME_INVALID", "invalid repository name %s" % json.dumps(repo[:200]), 400)
+    return name
+
+
+def oci_repository(name):
+    """The OCI repository path a stored Name is served under (the inverse of oci_repository_name)."""
+    if name.host.lower() == DEFAULT_REGISTRY:
+        return name.repository()
+    return "%s/%s" % (name.host, name.repository())
+
+
+def _oci_manifests(store, repo):
+    """[(Name, raw bytes, manifest dict)] of every tag stored under `repo`; NAME_UNKNOWN if none."""
+    want = oci_repository_name(repo).key()[:3]
+    found = [(n, raw, data) for n, raw, data, _mtime in store.list() if n.key()[:3] == want]
+    if not found:
+        raise RegistryError("NAME_UNKNOWN", "repository name not known to registry", 404)
+    return found
+
+
+def _paginate(req, items, path, field, extra=None):
+    """The spec's pagination (?n=&last=) of sorted `items` as {field: page}, with a Link to the next."""
+    items = sorted(set(items))
+    last, n = req.query.get("last"), req.query.get("n")
+    if last:
+        items = [i for i in items if i > last]
+    headers = {}
+    if n is not None:
+        if not n.isdigit():
+            raise RegistryError("PAGINATION_NUMBER_INVALID", "invalid number of results requested", 400)
+        n = int(n)
+        if len(items) > n:
+            items = items[:n]
+            if items:
+                query = urllib.parse.urlencode({"n": n, "last": items[-1]})
+                headers["Link"] = '<%s?%s>; rel="next"' % (path, query)
+    body = dict(extra or {}, **{field: items})
+    return Response(200, json_dumps(body).encode(), "application/json; charset=utf-8", headers)
+
+
+def parse_range(header, size):
+    """(start, stop) of a single "bytes=a-b", "bytes=a-" or "bytes=-n" Range over `size` bytes; None
+    to send the whole body (no header, several ranges, or one RFC 9110 says to ignore).
+    RegistryError 416 when it cannot be satisfied."""
+    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", header or "")
+    if not m or not (m.group(1) or m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:                                   # the last n bytes
+        start, stop = max(0, size - int(last)), size
+        if int(last) == 0:
+            start = size
+    else:
+        start = int(first)
+        stop = size if not last else min(size, int(last) + 1)
+        if last and int(last) < start:
+            return None                             # syntactically invalid: ignored
+    if start >= size or stop <= start:
+        raise RegistryError("RANGE_INVALID", "requested range not satisfiable", 416)
+    return start, stop
+
+
+def _verified_blob(server, digest, f):
+    """True when the open blob file's bytes hash to `digest`: hashed once per file identity
+    (inode, size, mtime, ctime), so a blob changed behind the store's back is hashed again."""
+    st = os.fstat(f.fileno())
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with server.verify_lock:
+        if server.served_blobs.get(digest) == key:
+            return True
+        h = hashlib.sha256()
+        for chunk in iter(lambda: os.read(f.fileno(), COPY_CHUNK), b""):
+            h.update(chunk)
+        if "sha256:" + h.hexdigest() != digest:
+            log.error("blob %s does not match its digest; not serving it", digest)
+            return False
+        server.served_blobs[digest] = key
+        return True
+
+
+@route("GET", "/v2/")
+@route("GET", "/v2")
+@_oci
+def v2_base(req):
+    """GET /v2/: the API version check; {} with Docker-Distribution-API-Version."""
+    return Response.json(200, {})
+
+
+@route("GET", "/v2/_catalog")
+@_oci
+def v2_catalog(req):
+    """GET /v2/_catalog?n=&last=: every repository in the store, paginated."""
+    repos = [oci_repository(n) for n, _raw, _data, _mtime in req.server.store.list()]
+    return _paginate(req, repos, "/v2/_catalog", "repositories")
+
+
+@route("GET", "/v2/*path")
+@_oci
+def v2_get(req):
+    """GET|HEAD /v2/<name>/manifests/<ref>, /v2/<name>/blobs/<digest>, /v2/<name>/tags/list."""
+    m = _OCI_PATH_RE.match(req.params["path"])
+    if not m:
+        raise NotFound("404 page not found")
+    repo, kind, ref = m.group("repo", "kind", "ref")
+    if kind == "tags":
+        if ref != "list":
+            raise NotFound("404 page not found")
+        tags = [n.tag for n, _raw, _data in _oci_manifests(req.server.store, repo)]
+        return _paginate(req, tags, "/v2/%s/tags/list" % repo, "tags", {"name": repo})
+    if kind == "manifests":
+        return _oci_manifest(req, repo, ref)
+    return _oci_blob(req, repo, ref)
+
+
+def _oci_manifest(req, repo, ref):
+    """A stored manifest by tag or digest: its exact bytes, media type and digest."""
+    stored = _oci_manifests(req.server.store, repo)
+    if ":" in ref:
+        if not is_strict_digest(ref):
+            raise RegistryError("DIGEST_INVALID", "invalid digest %s" % json.dumps(ref[:100]), 400)
+        hits = [raw for _n, raw, _d in stored if "sha256:" + hashlib.sha256(raw).hexdigest() == ref]
+    else:
+        hits = [raw for n, raw, _d in stored if n.tag.lower() == ref.lower()]
+    if not hits:
+        raise RegistryError("MANIFEST_UNKNOWN", "manifest unknown", 404)
+    raw = hits[0]
+    try:
+        media = parse_manifest(raw).get("mediaType") or MEDIA_MANIFEST
+    except OllamaError:
+        raise RegistryError("MANIFEST_UNKNOWN", "manifest unknown (the stored one is invalid)", 404) from None
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    return Response(200, raw, media, {"Docker-Content-Digest": digest})
+
+
+def _oci_blob(req, repo, digest):
+    """A blob that a manifest of `repo` names, whole or one Range (206, 416), hashed before its
+    first serve; a blob missing, of the wrong size or not matching its digest is BLOB_UNKNOWN."""
+    if not is_strict_digest(digest):
+        raise RegistryError("DIGEST_INVALID", "invalid digest %s" % json.dumps(digest[:100]), 400)
+    unknown = RegistryError("BLOB_UNKNOWN", "blob unknown to registry", 404)
+    sizes = {d["digest"]: d["size"] for _n, _raw, data in _oci_manifests(req.server.store, repo)
+             for d in manifest_layers(data) if isinstance(d.get("size"), int)}
+    if digest not in sizes:
+        raise unknown
+    try:   # O_NOFOLLOW: a link planted in blobs/ is never followed out of models/
+        f = os.fdopen(os.open(str(req.server.store.blob_path(digest)), os.O_RDONLY | os.O_NOFOLLOW), "rb")
+    except OSError:
+        raise unknown from None
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size != sizes[digest] or \
+                not _verified_blob(req.server, digest, f):
+            raise unknown
+        size = st.st_size
+        headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes", "ETag": '"%s"' % digest}
+        try:
+            span = parse_range(req.headers.get("Range"), size)
+        except RegistryError:
+            f.close()
+            return Response(416, b"", None, dict(headers, **{"Content-Range": "bytes */%d" % size}))
+        if span is None:
+            return FileResponse(f, 0, size, headers=headers)
+        start, stop = span
+        headers["Content-Range"] = "bytes %d-%d/%d" % (start, stop - 1, size)
+        return FileResponse(f, start, stop - start, status=206, headers=headers)
+    except BaseException:
+        f.close()
+        raise
+
+
+@route("POST", "/v2/*path")
+@route("PUT", "/v2/*path")
+@route("PATCH", "/v2/*path")
+@route("DELETE", "/v2/*path")
+@_oci
+def v2_write(req):
+    """Writes to /v2 (uploads, manifest puts, deletes): UNSUPPORTED, this registry is read-only."""
+    raise RegistryError("UNSUPPORTED", "this registry is read-only: push to it with ollama.py create/pull", 405)
+
+
 # == HTTP API: OpenAI compatibility (/v1) =====================================
 
 #: OpenAI's error "type" for an HTTP status (openai.NewError).
@@ -7568,6 +7840,7 @@ def cmd_serve(args):
       OLLAMA_KV_CACHE_TYPE      quantization type for the K/V cache (default: f16)
       OLLAMA_LLAMA_SERVER       path of the llama-server binary to run models with
       OLLAMA_RPC_SERVERS        host:port,... of 'ollama.py worker's to split models' layers with
+      OLLAMA_NO_REGISTRY        do not answer /v2 (the read-only OCI registry other machines pull from)
     """
     config = Config()
     _setup_logging(config, to_file=True)
