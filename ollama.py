@@ -93,6 +93,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -4489,6 +4490,240 @@ def push_model(store, transfers, config, name, insecure=False, progress=None, ca
     progress({"status": "success"})
 
 
+# == Registry: archives: OCI image layout tarballs (export, import) ===========
+#
+# An archive is an OCI image layout in a tar: oci-layout, index.json (one descriptor per model, its
+# name in org.opencontainers.image.ref.name) and blobs/sha256/<hex> (manifests, configs, layers,
+# each once however many models share it). export streams it in constant memory; import verifies
+# every member before anything enters the store.
+
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_REF_NAME = "org.opencontainers.image.ref.name"
+OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+TAR_BLOCK = 512                      # bytes; tar pads every member to a whole block
+ARCHIVE_META_MAX = 4 << 20           # bytes; the most index.json, oci-layout or a manifest may be
+_ARCHIVE_BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
+
+
+def _tar_header(name, size, mtime):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.type = size, int(mtime), 0o644, tarfile.REGTYPE
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+def _tar_padding(size):
+    return b"\0" * (-size % TAR_BLOCK)
+
+
+def archive_plan(store, names):
+    """What an archive of the models `names` holds: ([(member, size, path or bytes)], the tar's size
+    in bytes). NotFound for a model not in the store, before anything is sent."""
+    descs, members, seen = [], [("oci-layout", len(OCI_LAYOUT), OCI_LAYOUT)], set()
+    for text in names:
+        found, raw, _data = store.get(text)
+        manifest = parse_manifest(raw)
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        descs.append({"mediaType": manifest.get("mediaType") or MEDIA_MANIFEST, "digest": digest,
+                      "size": len(raw), "annotations": {OCI_REF_NAME: found.display()}})
+        for d, size, source in [(digest, len(raw), raw)] + [
+                (x["digest"], x["size"], store.blob_path(x["digest"])) for x in manifest_layers(manifest)]:
+            if d not in seen:
+                seen.add(d)
+                members.append(("blobs/sha256/" + d[7:], size, source))
+    index = json_dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": descs}).encode()
+    members.insert(1, ("index.json", len(index), index))
+    total = sum(TAR_BLOCK + size + len(_tar_padding(size)) for _m, size, _s in members) + 2 * TAR_BLOCK
+    return members, total
+
+
+def archive_chunks(members, progress=None):
+    """Yield the tar bytes of archive_plan's members, a blob at a time in COPY_CHUNK reads.
+    OllamaError when a blob is missing or not its manifest's size (the archive would be wrong)."""
+    now, sent = time.time(), 0
+    for name, size, source in members:
+        yield _tar_header(name, size, now)
+        if isinstance(source, bytes):
+            yield source
+        else:
+            try:
+                f = open(str(source), "rb")
+            except OSError as e:
+                raise OllamaError("cannot read %s: %s" % (source.name, e.strerror)) from None
+            with f:
+                if os.fstat(f.fileno()).st_size != size:
+                    raise OllamaError("blob %s is not %d bytes; the store is damaged" % (source.name, size))
+                left = size
+                while left:
+                    chunk = f.read(min(COPY_CHUNK, left))
+                    if not chunk:
+                        raise OllamaError("blob %s shrank while it was exported" % source.name)
+                    left -= len(chunk)
+                    yield chunk
+        yield _tar_padding(size)
+        sent += size
+        if progress:
+            progress(sent)
+    yield b"\0" * (2 * TAR_BLOCK)
+
+
+def _archive_member_name(member):
+    """The member's path, or BadRequest for anything an OCI layout must not hold: absolute paths,
+    "..", links, devices, fifos."""
+    name = member.name
+    while name.startswith("./"):
+        name = name[2:]
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+        raise BadRequest("refusing archive member %s: it points outside the archive" % json.dumps(member.name))
+    if not (member.isreg() or member.isdir()):
+        kind = "a link" if member.issym() or member.islnk() else "a device or fifo"
+        raise BadRequest("refusing archive member %s: it is %s" % (json.dumps(member.name), kind))
+    return name.rstrip("/")
+
+
+class _Staged:
+    """Blobs of an archive being imported: temp files in blobs/ (locked, so `clean` leaves them while
+    we live and removes them after a kill), each hashed as it was copied and named by its digest."""
+
+    def __init__(self, store):
+        self.store, self.files, self.meta = store, {}, {}      # digest -> (file, tmp path, size); name -> bytes
+
+    def add_blob(self, digest, reader, size, progress):
+        f, tmp = self.store.temp_blob()
+        self.files.setdefault(digest, (f, tmp, size))
+        h, left = hashlib.sha256(), size
+        while left:
+            chunk = reader.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise BadRequest("archive is truncated: blob %s ends early" % digest[7:19])
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+            progress(len(chunk))
+        if "sha256:" + h.hexdigest() != digest:
+            raise BadRequest("archive blob %s does not match its digest" % digest[7:19])
+        if self.files[digest][1] != tmp:                       # a duplicate member: keep the first
+            f.close()
+            _unlink(tmp)
+
+    def read(self, digest):
+        f, _tmp, size = self.files[digest]
+        if size > ARCHIVE_META_MAX:
+            raise BadRequest("archive manifest %s is too large" % digest[7:19])
+        f.flush()
+        with open(str(self.files[digest][1]), "rb") as r:
+            return r.read()
+
+    def commit(self, digests):
+        for d in digests:
+            f, tmp, _size = self.files.pop(d)
+            if not self.store.has_blob(d):
+                f.flush()
+                os.fsync(f.fileno())
+                self.store.commit_blob(tmp, d)
+            f.close()
+            _unlink(tmp)
+
+    def discard(self):
+        for f, tmp, _size in self.files.values():
+            f.close()
+            _unlink(tmp)
+        self.files.clear()
+
+
+def import_archive(store, stream, name=None, progress=None):
+    """Import the models of an OCI image layout tar read from `stream` (a file-like object) into
+    `store`; returns their Names. Every member is checked and every blob hashed before a blob or
+    manifest enters the store: a truncated, hostile or inconsistent archive raises BadRequest and
+    leaves the store as it was. `name` names the model of a one-model archive (else its ref.name).
+    progress(bytes) reports the blob bytes read so far."""
+    progress = progress or (lambda n: None)
+    staged, state = _Staged(store), {"read": 0}
+
+    def count(n):
+        state["read"] += n
+        progress(state["read"])
+
+    try:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    path = _archive_member_name(member)
+                    if member.isdir():
+                        continue
+                    m = _ARCHIVE_BLOB_RE.match(path)
+                    reader = tar.extractfile(member)
+                    if m:
+                        staged.add_blob("sha256:" + m.group(1), reader, member.size, count)
+                    elif path in ("oci-layout", "index.json") and member.size <= ARCHIVE_META_MAX:
+                        staged.meta[path] = reader.read()
+                        if len(staged.meta[path]) != member.size:
+                            raise BadRequest("archive is truncated: %s ends early" % path)
+                    else:
+                        raise BadRequest("refusing archive member %s: not part of an OCI image layout"
+                                         % json.dumps(member.name))
+        except (tarfile.TarError, EOFError) as e:
+            raise BadRequest("archive is not a complete tar: %s" % e) from None
+        models = _archive_models(staged, name)
+        with store.lock:
+            needed = set()
+            for _n, raw, manifest in models:
+                needed.add("sha256:" + hashlib.sha256(raw).hexdigest())
+                needed.update(d for d in manifest_digests(manifest) if d in staged.files)
+            staged.commit(sorted(needed))
+            for n, raw, _manifest in models:
+                store.write_manifest(n, raw)
+        return [n for n, _raw, _m in models]
+    finally:
+        staged.discard()
+
+
+def _archive_models(staged, name):
+    """[(Name, manifest bytes, manifest dict)] the archive's index.json names, all checked."""
+    try:
+        layout = json.loads(staged.meta["oci-layout"])
+        index = json.loads(staged.meta["index.json"])
+    except KeyError as e:
+        raise BadRequest("not an OCI image layout: %s is missing" % e) from None
+    except ValueError as e:
+        raise BadRequest("not an OCI image layout: bad JSON: %s" % e) from None
+    if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != "1.0.0":
+        raise BadRequest("not an OCI image layout: unsupported oci-layout")
+    descs = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(descs, list) or not descs:
+        raise BadRequest("index.json lists no manifests")
+    if name is not None and len(descs) != 1:
+        raise BadRequest("a name can only be given for an archive of one model")
+    models = []
+    for desc in descs:
+        if not isinstance(desc, dict) or not is_strict_digest(desc.get("digest")):
+            raise BadRequest("index.json has an invalid manifest descriptor")
+        digest = desc["digest"]
+        if desc.get("mediaType") not in MANIFEST_MEDIA_TYPES:
+            raise BadRequest("unsupported manifest type %s in index.json" % json.dumps(desc.get("mediaType")))
+        if digest not in staged.files or staged.files[digest][2] != desc.get("size"):
+            raise BadRequest("archive is missing manifest %s" % digest[7:19])
+        raw = staged.read(digest)
+        try:
+            manifest = parse_manifest(raw)
+        except OllamaError as e:
+            raise BadRequest(str(e)) from None
+        for d in manifest_layers(manifest):
+            have = staged.files.get(d["digest"])
+            if have is None and not staged.store.has_blob(d["digest"]):
+                raise BadRequest("archive is missing blob %s" % d["digest"][7:19])
+            size = have[2] if have else staged.store.blob_size(d["digest"])
+            if size != d["size"]:
+                raise BadRequest("archive blob %s is %d bytes, its manifest says %d" % (
+                    d["digest"][7:19], size, d["size"]))
+        ref = name or (desc.get("annotations") or {}).get(OCI_REF_NAME)
+        if not isinstance(ref, str) or not ref:
+            raise BadRequest("manifest %s has no %s annotation; give the model a name" % (digest[7:19], OCI_REF_NAME))
+        model = Name.parse_bare(ref)
+        if model is None or not model.is_valid():
+            raise BadRequest("invalid model name %s in the archive" % json.dumps(ref[:200]))
+        models.append((model, raw, manifest))
+    return models
+
 ###############################################################################
 # Runner ######################################################################
 ###############################################################################
@@ -5391,15 +5626,19 @@ class Stream:
     OllamaError raised before the first item becomes an ordinary JSON error with its status; one
     raised later becomes a final `error_item(message)` chunk, as Ollama does. When the client goes
     away the iterator is closed, so a generator's `finally` can cancel its work.
+    With `length` (bytes; the items are then bytes) it is sent with that Content-Length instead, and
+    an error after the first item drops the connection short of it, so the client sees a truncated
+    body, never a complete-looking wrong one (an archive).
     """
 
     def __init__(self, items, content_type="application/x-ndjson",
-                 encode=None, error_item=None, headers=None):
+                 encode=None, error_item=None, headers=None, length=None):
         self.items = iter(items)
         self.content_type = content_type
         self.encode = encode or (lambda obj: (json_dumps(obj) + "\n").encode())
         self.error_item = error_item or (lambda msg: {"error": msg})
         self.headers = headers or {}
+        self.length = length
 
 
 class Request:
@@ -5761,24 +6000,29 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         for k, v in stream.headers.items():
             self.send_header(k, v)
         self._cors()
-        self.send_header("Transfer-Encoding", "chunked")
+        sized = stream.length is not None
+        self.send_header(*("Content-Length", str(stream.length)) if sized else ("Transfer-Encoding", "chunked"))
         self.end_headers()
+        write = self.wfile.write if sized else self._chunk
         try:
             item = first
             while item is not None:
-                self._chunk(stream.encode(item))
+                write(stream.encode(item))
                 try:
                     item = next(items)
                 except StopIteration:
                     break
-                except OllamaError as e:
-                    self._chunk(stream.encode(stream.error_item(str(e))))
-                    break
                 except Exception as e:
-                    log.exception("internal error while streaming %s", self.path)
+                    if not isinstance(e, OllamaError):
+                        log.exception("internal error while streaming %s", self.path)
+                    if sized:
+                        log.error("%s stopped short of its Content-Length: %s", self.path, e)
+                        self.close_connection = True
+                        return 500
                     self._chunk(stream.encode(stream.error_item(str(e))))
                     break
-            self.wfile.write(b"0\r\n\r\n")
+            if not sized:
+                self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self.close_connection = True
@@ -7099,6 +7343,27 @@ def api_push(req):
     name, insecure, stream = _transfer_request(req)
     return _progress_stream(req, lambda progress, cancel: push_model(
         *_registry_parts(req), name, insecure, progress, cancel), stream)
+
+
+@route("GET", "/api/export")
+def api_export(req):
+    """GET /api/export?model=NAME[&model=NAME...] (an ollama.py extension): the models as one OCI
+    image layout tar, with its Content-Length; a failure part-way drops the connection short of it."""
+    names = urllib.parse.parse_qs(urllib.parse.urlsplit(req.handler.path).query).get("model") or []
+    if not names:
+        raise BadRequest("model is required")
+    members, total = archive_plan(req.server.store, names)
+    return Stream(archive_chunks(members), "application/x-tar", encode=bytes, length=total)
+
+
+@route("POST", "/api/import")
+def api_import(req):
+    """POST /api/import[?name=NAME] (an ollama.py extension), the body an OCI image layout tar (as
+    export writes, or skopeo's oci-archive): its models enter the store once every blob is read and
+    verified. Answers NDJSON: {"status": "imported NAME"} per model, then {"status": "success"}."""
+    name = req.query.get("name") or None
+    names = import_archive(req.server.store, req.body_stream(), name)
+    return Stream([{"status": "imported %s" % n.display()} for n in names] + [{"status": "success"}])
 
 # == HTTP API: a read-only OCI registry (/v2) =================================
 #
@@ -8854,6 +9119,107 @@ def cmd_push(args):
     name = Name.parse_bare(args.model)
     if name is not None and name.host.lower() == DEFAULT_REGISTRY:
         print("\nYou can find your model at:\n\n\thttps://ollama.com/%s/%s\n" % (name.namespace, name.model))
+    return 0
+
+
+@command("export", argument("models", nargs="+", metavar="model"), argument("file", help="FILE.tar, or - for stdout"))
+def cmd_export(args):
+    """Write models to an OCI image layout archive
+
+    The archive (oci-layout, index.json, blobs/sha256/...) holds each model's manifest and blobs,
+    each blob once; 'ollama.py import' reads it on another machine, and so do OCI tools
+    (skopeo inspect oci-archive:FILE.tar). With - it is written to stdout, e.g.
+    'ollama.py export gemma3 - | ssh pi python3 ollama.py import -'. A FILE is written in full
+    or not at all.
+    """
+    client = _client()
+    client.heartbeat()
+    query = urllib.parse.urlencode([("model", m) for m in args.models])
+    conn, resp = client._open("GET", "/api/export?" + query)
+    total = int(resp.headers.get("Content-Length") or 0)
+    display = _TransferProgress()
+    out, tmp = (sys.stdout.buffer, None) if args.file == "-" else _export_target(args.file)
+    try:
+        done = 0
+        while True:
+            chunk = resp.read(COPY_CHUNK)
+            if not chunk:
+                break
+            out.write(chunk)
+            done += len(chunk)
+            display.update({"status": "exporting", "digest": "archive", "total": total, "completed": done})
+        if done != total:
+            raise OllamaError("export ended after %d of %d bytes" % (done, total))
+        out.flush()
+        if tmp is not None:
+            os.fsync(out.fileno())
+            out.close()
+            os.replace(tmp, args.file)
+            tmp = None
+    except (OSError, http.client.HTTPException) as e:
+        raise OllamaError("export failed: %s" % (e or type(e).__name__)) from None
+    finally:
+        display.close()
+        conn.close()
+        if tmp is not None:
+            out.close()
+            _unlink(tmp)
+    display.update({"status": "success"})
+    return 0
+
+
+def _export_target(path):
+    """(open file, its temp path) next to `path`: renamed onto it only once the archive is complete."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".%s.tmp-" % os.path.basename(path))
+    os.chmod(tmp, 0o644)
+    return os.fdopen(fd, "wb"), tmp
+
+
+@command("import", argument("file", help="FILE.tar, or - for stdin"),
+         argument("--name", help="the name of the model of a one-model archive (else its ref.name)"))
+def cmd_import(args):
+    """Add the models of an OCI image layout archive to the store
+
+    Reads an archive written by 'ollama.py export' (or skopeo's oci-archive) and sends it to the
+    server, which verifies every blob's sha256 and every manifest before anything enters the
+    store: a truncated or hostile archive (absolute paths, .., links, devices) is refused and the
+    store stays as it was. With - the archive is read from stdin.
+    """
+    client = _client()
+    client.heartbeat()
+    display = _TransferProgress()
+    src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    total = None if args.file == "-" else os.fstat(src.fileno()).st_size
+
+    class Reader:
+        def __init__(self):
+            self.n = 0
+
+        def read(self, n=-1):
+            data = src.read(COPY_CHUNK)
+            self.n += len(data)
+            if total:
+                display.update({"status": "importing", "digest": "archive", "total": total, "completed": self.n})
+            return data
+
+    headers = {"Content-Type": "application/x-tar"}
+    if total is not None:
+        headers["Content-Length"] = str(total)
+    path = "/api/import" + ("?" + urllib.parse.urlencode({"name": args.name}) if args.name else "")
+    last = None
+    try:
+        display.update({"status": "sending archive"})
+        for last in client.stream("POST", path, Reader(), headers):
+            display.update(last)
+    except (OSError, http.client.HTTPException) as e:
+        raise OllamaError("import failed: %s" % (e or type(e).__name__)) from None
+    finally:
+        display.close()
+        if src is not sys.stdin.buffer:
+            src.close()
+    if not last or last.get("status") != "success":
+        raise OllamaError("unexpected EOF")
     return 0
 
 

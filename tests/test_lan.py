@@ -340,3 +340,211 @@ def test_skopeo_copies_a_model_from_serve_byte_for_byte(server, tmp_path):
     assert (dest / "blobs" / "sha256" / sha(raw)[7:]).read_bytes() == raw
     for d in ollama.manifest_digests(json.loads(raw)):
         assert (dest / "blobs" / "sha256" / d[7:]).read_bytes() == server.store.blob_path(d).read_bytes()
+
+
+# -- export and import: OCI image layout archives --------------------------------------
+
+def store_snapshot(store):
+    """Every file under the store with its bytes' digest: what "unchanged" is checked against."""
+    root = store.root
+    return {str(p.relative_to(root)): ollama.file_digest(p) for p in root.rglob("*") if p.is_file()} \
+        if root.exists() else {}
+
+
+def committed(store):
+    """The store's blobs and manifests (temp files of a live import left out)."""
+    return {k: v for k, v in store_snapshot(store).items() if "-tmp-" not in k}
+
+
+@pytest.fixture
+def two_models(server):
+    """Two models sharing their big layer: tiny:1 and alice/tiny:2."""
+    shared = tiny_gguf() + os.urandom(400_000)
+    raws = [put_model(server.store, "tiny:1", [(shared, MODEL_MEDIA)]),
+            put_model(server.store, "alice/tiny:2", [(shared, MODEL_MEDIA), (b"{{ .Prompt }}",
+                                                                            "application/vnd.ollama.image.template")])]
+    return raws
+
+
+def test_export_writes_an_oci_layout_with_each_blob_once(server, two_models, tmp_path, capsys):
+    import tarfile
+    archive = tmp_path / "m.tar"
+    assert ollama.main(["export", "tiny:1", "alice/tiny:2", str(archive)]) == 0
+    with tarfile.open(str(archive)) as tar:
+        names = tar.getnames()
+        index = json.loads(tar.extractfile("index.json").read())
+        assert json.loads(tar.extractfile("oci-layout").read()) == {"imageLayoutVersion": "1.0.0"}
+    assert names[:2] == ["oci-layout", "index.json"] and len(names) == len(set(names))
+    digests = set()
+    for raw in two_models:
+        digests.add(sha(raw))
+        digests.update(ollama.manifest_digests(json.loads(raw)))
+    assert sorted(names[2:]) == sorted("blobs/sha256/" + d[7:] for d in digests)
+    assert [(m["digest"], m["annotations"]["org.opencontainers.image.ref.name"]) for m in index["manifests"]] \
+        == [(sha(two_models[0]), "tiny:1"), (sha(two_models[1]), "alice/tiny:2")]
+    assert ollama.main(["export", "ghost", str(tmp_path / "g.tar")]) == 1
+    assert "model 'ghost' not found" in capsys.readouterr().err
+    assert not (tmp_path / "g.tar").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_import_round_trip_into_a_fresh_store_is_byte_identical(server, two_models, tmp_path, monkeypatch):
+    archive = tmp_path / "m.tar"
+    assert ollama.main(["export", "tiny:1", "alice/tiny:2", str(archive)]) == 0
+    with serving(other_server(tmp_path)) as b:
+        monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:%d" % b.server_port)
+        assert ollama.main(["import", str(archive)]) == 0
+        for name, raw in zip(("tiny:1", "alice/tiny:2"), two_models):
+            assert b.store.get(name)[1] == raw
+            for d in ollama.manifest_digests(json.loads(raw)):
+                assert b.store.blob_path(d).read_bytes() == server.store.blob_path(d).read_bytes()
+        assert ollama.main(["import", "--name", "x:1", str(archive)]) == 1     # a name needs one model
+
+
+def http_import(server, body, query=""):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=60)
+    try:
+        conn.request("POST", "/api/import" + query, body=body, headers={"Content-Type": "application/x-tar"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_truncated_archives_are_refused_and_leave_the_store_unchanged(server, two_models, tmp_path):
+    archive = tmp_path / "m.tar"
+    assert ollama.main(["export", "tiny:1", "alice/tiny:2", str(archive)]) == 0
+    data = archive.read_bytes()
+    with serving(other_server(tmp_path)) as b:
+        put_model(b.store, "keep:1", [(b"already here", MODEL_MEDIA)])
+        before = store_snapshot(b.store)
+        for cut in (100, 512, 1536, 3000, len(data) // 2, len(data) - 2048 - 600):
+            status, body = http_import(b, data[:cut])
+            assert status == 400, (cut, body)
+            assert "error" in json.loads(body)
+            assert store_snapshot(b.store) == before, cut
+        assert http_import(b, data)[0] == 200
+
+
+def hostile_tar(tmp_path, kind):
+    """A small tar with one hostile member among valid OCI layout files."""
+    import io
+    import tarfile
+    path = tmp_path / ("%s.tar" % kind)
+    with tarfile.open(str(path), "w") as tar:
+        def add(name, data=b"x", **attrs):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            for k, v in attrs.items():
+                setattr(info, k, v)
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+        add("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        if kind == "traversal":
+            add("../../evil", b"boom")
+        elif kind == "absolute":
+            add("/tmp/evil", b"boom")
+        elif kind == "symlink":
+            add("blobs/sha256/" + "a" * 64, b"", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+        elif kind == "hardlink":
+            add("blobs/sha256/" + "a" * 64, b"", type=tarfile.LNKTYPE, linkname="oci-layout")
+        elif kind == "device":
+            add("blobs/sha256/" + "a" * 64, b"", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+        elif kind == "mismatch":
+            add("blobs/sha256/" + "a" * 64, b"not what the name says")
+        add("index.json", b'{"schemaVersion":2,"manifests":[]}')
+    return path
+
+
+@pytest.mark.parametrize("kind", ["traversal", "absolute", "symlink", "hardlink", "device", "mismatch"])
+def test_hostile_archives_are_refused_clearly_and_the_store_is_unchanged(server, tiny, tmp_path, kind, capsys):
+    before = store_snapshot(server.store)
+    assert ollama.main(["import", str(hostile_tar(tmp_path, kind))]) == 1
+    err = capsys.readouterr().err
+    expect = {"traversal": "points outside the archive", "absolute": "points outside the archive",
+              "symlink": "is a link", "hardlink": "is a link", "device": "is a device",
+              "mismatch": "does not match its digest"}[kind]
+    assert expect in err
+    assert store_snapshot(server.store) == before
+    assert not (tmp_path.parent / "evil").exists()
+
+
+def test_an_import_killed_half_way_leaves_the_store_untouched(tmp_path):
+    """A client that dies mid-upload, then a serve SIGKILLed mid-import: no blob or manifest enters."""
+    models = tmp_path / "src"
+    src = ollama.Store(models)
+    put_model(src, "tiny:1", [(tiny_gguf() + os.urandom(3_000_000), MODEL_MEDIA)])
+    members, total = ollama.archive_plan(src, ["tiny:1"])
+    data = b"".join(ollama.archive_chunks(members))
+    assert len(data) == total
+    env = dict(os.environ, OLLAMA_HOST="127.0.0.1:%d" % free_port(), OLLAMA_MODELS=str(tmp_path / "b"),
+               HOME=str(tmp_path / "home-b"))
+    store = ollama.Store(env["OLLAMA_MODELS"])
+    srv = _serve(env)
+    try:
+        host, port = env["OLLAMA_HOST"].split(":")
+        for kill_serve in (False, True):
+            import socket
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /api/import HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (
+                env["OLLAMA_HOST"].encode(), len(data)) + data[:len(data) // 2])
+            time.sleep(0.5)
+            if kill_serve:
+                srv.send_signal(signal.SIGKILL)
+                srv.wait()
+            sock.close()
+            time.sleep(0.3)
+            assert committed(store) == {}, kill_serve
+        srv = _serve(env)                         # its startup clean removes the dead import's temp files
+        assert store_snapshot(store) == {}
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+@pytest.mark.timeout(300)
+def test_gemma_exported_and_imported_through_pipes_between_serves_is_byte_identical(serve_a, tmp_path):
+    env_a, store_a = serve_a
+    env = env_b(tmp_path)
+    srv = _serve(env)
+    try:
+        export = subprocess.Popen([sys.executable, OLLAMA_PY, "export", "gemma3:270m", "-"], env=env_a,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, OLLAMA_PY, "import", "-"], env=env, stdin=export.stdout,
+                              capture_output=True, text=True, timeout=240)
+        export.stdout.close()
+        assert export.wait(30) == 0
+        assert done.returncode == 0, done.stderr
+        assert "imported gemma3:270m" in done.stderr
+        store_b = ollama.Store(env["OLLAMA_MODELS"])
+        raw = store_a.get("gemma3:270m")[1]
+        assert store_b.get("gemma3:270m")[1] == raw
+        for d in ollama.manifest_digests(json.loads(raw)):
+            assert ollama.file_digest(store_b.blob_path(d)) == d
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+@needs_skopeo
+def test_skopeo_reads_our_archive_and_makes_one_that_imports(server, tmp_path):
+    raw = put_oci_model(server.store, "tiny:oci", tiny_gguf() + os.urandom(200_000))
+    ours = tmp_path / "ours.tar"
+    assert ollama.main(["export", "tiny:oci", str(ours)]) == 0
+    for ref in ("oci-archive:%s" % ours, "oci-archive:%s:tiny:oci" % ours):
+        out = skopeo("inspect", "--raw", ref)
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout == raw
+    # a docker-typed manifest (what registry.ollama.ai serves) skopeo reads raw from a one-model archive
+    docker = put_model(server.store, "tiny:docker", [(tiny_gguf(), MODEL_MEDIA)])
+    assert ollama.main(["export", "tiny:docker", str(tmp_path / "docker.tar")]) == 0
+    out = skopeo("inspect", "--raw", "oci-archive:%s" % (tmp_path / "docker.tar"))
+    assert (out.returncode, out.stdout) == (0, docker), out.stderr.decode()
+    theirs = tmp_path / "theirs.tar"
+    ref = "docker://127.0.0.1:%d/library/tiny:oci" % server.server_port
+    copy = skopeo("copy", "--src-tls-verify=false", ref, "oci-archive:%s:copied:v1" % theirs)
+    assert copy.returncode == 0, copy.stderr.decode()
+    with serving(other_server(tmp_path)) as b:
+        status, body = http_import(b, theirs.read_bytes())
+        assert status == 200, body
+        assert b.store.get("copied:v1")[1] == raw
+        for d in ollama.manifest_digests(json.loads(raw)):
+            assert b.store.blob_path(d).read_bytes() == server.store.blob_path(d).read_bytes()
