@@ -180,6 +180,7 @@ class Config:
         self.llama_server = _env(env, "OLLAMA_LLAMA_SERVER")
         self.rpc_servers = [w.strip() for w in _env(env, "OLLAMA_RPC_SERVERS").split(",") if w.strip()]
         self.registry = _env(env, "OLLAMA_NO_REGISTRY").lower() not in ("1", "true")   # serve /v2
+        self.mirrors = [m.strip() for m in _env(env, "OLLAMA_REGISTRY_MIRRORS").split(",") if m.strip()]
 
     @property
     def base_url(self):
@@ -4331,12 +4332,30 @@ class _BlobDownload:
             _unlink(f)
 
 
+def pull_sources(config, name, insecure=False):
+    """Where to pull `name` from, in order: [(Name to fetch, insecure)]. For a registry.ollama.ai
+    name, each of OLLAMA_REGISTRY_MIRRORS first (host:port is plain HTTP, as an ollama.py serve
+    answers; https://host for TLS), then the registry itself; for other names, their registry."""
+    sources = []
+    if name.host.lower() == DEFAULT_REGISTRY:
+        for mirror in config.mirrors:
+            scheme, _, host = mirror.rpartition("://")
+            mirrored = Name(host.rstrip("/"), name.namespace, name.model, name.tag, scheme or "http")
+            if not mirrored.is_valid():
+                log.warning("ignoring invalid OLLAMA_REGISTRY_MIRRORS entry %r", mirror)
+                continue
+            sources.append((mirrored, mirrored.scheme == "http"))
+    return sources + [(name, insecure)]
+
+
 def pull_model(store, transfers, config, name, insecure=False, progress=None, cancel=None):
     """Pull `name` (Name or str) from its registry into `store`, sharing downloads through
-    `transfers` (a Transfers) and reading credentials and OLLAMA_NOPRUNE from `config`; reports Ollama's pull
-    statuses as dicts to progress(obj). Blobs already present are not fetched; a download in
-    progress for the same digest is shared; interrupted downloads resume. The manifest is written
-    last, byte for byte as received. `cancel` (threading.Event) stops it with Canceled."""
+    `transfers` (a Transfers) and reading credentials, OLLAMA_NOPRUNE and OLLAMA_REGISTRY_MIRRORS from
+    `config`; reports Ollama's pull statuses as dicts to progress(obj). Blobs already present are
+    not fetched; a download in progress for the same digest is shared; interrupted downloads resume.
+    With mirrors, each source is tried in turn (a failed one's partial downloads are resumed from the
+    next) and "pulling from HOST" / "pulled from HOST" say which served it. The manifest is written
+    last, byte for byte as received, under `name`. `cancel` (threading.Event) stops it with Canceled."""
     progress = progress or (lambda obj: None)
     if isinstance(name, str):
         name = Name.parse(name)
@@ -4349,6 +4368,35 @@ def pull_model(store, transfers, config, name, insecure=False, progress=None, ca
             pass
     if name.scheme == "http" and not insecure:
         raise OllamaError("insecure protocol http")
+    sources = pull_sources(config, name, insecure)
+    for i, (source, source_insecure) in enumerate(sources):
+        if len(sources) > 1:
+            progress({"status": "pulling from %s" % source.host})
+        try:
+            raw, manifest = _pull_blobs(store, transfers, config, source, source_insecure, progress, cancel)
+            break
+        except Canceled:
+            raise
+        except OllamaError as e:
+            if i == len(sources) - 1:
+                raise
+            log.warning("pull of %s from %s failed: %s; trying %s", name.display(), source.host, e,
+                        sources[i + 1][0].host)
+            progress({"status": "%s failed: %s" % (source.host, e)})
+    progress({"status": "writing manifest"})
+    store.write_manifest(name, raw)
+    unused = old - set(manifest_digests(manifest))
+    if unused:
+        progress({"status": "removing unused layers"})
+        store.remove_unused(unused)
+    if len(sources) > 1:
+        progress({"status": "pulled from %s" % source.host})
+    progress({"status": "success"})
+
+
+def _pull_blobs(store, transfers, config, name, insecure, progress, cancel):
+    """Fetch the manifest of `name` from its registry and every blob it names that the store lacks
+    (verified); returns (raw manifest bytes, manifest dict). Nothing is written but blobs."""
     progress({"status": "pulling manifest"})
     session = RegistrySession(config, name, insecure, transfers.stall_timeout)
     try:
@@ -4382,13 +4430,7 @@ def pull_model(store, transfers, config, name, insecure=False, progress=None, ca
     finally:
         for job in jobs:
             transfers.release(job)
-    progress({"status": "writing manifest"})
-    store.write_manifest(name, raw)
-    unused = old - set(manifest_digests(manifest))
-    if unused:
-        progress({"status": "removing unused layers"})
-        store.remove_unused(unused)
-    progress({"status": "success"})
+    return raw, manifest
 
 
 class _FileSlice:
@@ -8106,6 +8148,7 @@ def cmd_serve(args):
       OLLAMA_LLAMA_SERVER       path of the llama-server binary to run models with
       OLLAMA_RPC_SERVERS        host:port,... of 'ollama.py worker's to split models' layers with
       OLLAMA_NO_REGISTRY        do not answer /v2 (the read-only OCI registry other machines pull from)
+      OLLAMA_REGISTRY_MIRRORS   host:port,... tried in order before registry.ollama.ai for its models
     """
     config = Config()
     _setup_logging(config, to_file=True)

@@ -548,3 +548,43 @@ def test_skopeo_reads_our_archive_and_makes_one_that_imports(server, tmp_path):
         assert b.store.get("copied:v1")[1] == raw
         for d in ollama.manifest_digests(json.loads(raw)):
             assert b.store.blob_path(d).read_bytes() == server.store.blob_path(d).read_bytes()
+
+
+# -- mirrors -------------------------------------------------------------------------------
+
+def test_mirrors_are_tried_in_order_for_registry_ollama_ai_names_and_say_which_served(server, tiny, tmp_path):
+    raw, manifest = tiny
+    dead = "127.0.0.1:%d" % free_port()
+    live = "127.0.0.1:%d" % server.server_port
+    with serving(other_server(tmp_path, OLLAMA_REGISTRY_MIRRORS="%s, http://%s" % (dead, live))) as b:
+        b.transfers.retries, b.transfers.backoff = 1, 0.01
+        seen = []
+        ollama.pull_model(b.store, b.transfers, b.config, "tiny:1", progress=seen.append)
+        statuses = [s["status"] for s in seen if "digest" not in s]
+        assert statuses[0] == "pulling from %s" % dead
+        assert statuses[2].startswith("%s failed: " % dead)
+        assert statuses[3:5] == ["pulling from %s" % live, "pulling manifest"]
+        assert statuses[-2:] == ["pulled from %s" % live, "success"]
+        stored, pulled, _m = b.store.get("registry.ollama.ai/library/tiny:1")
+        assert pulled == raw and stored.host == "registry.ollama.ai"
+        for d in ollama.manifest_digests(manifest):
+            assert b.store.blob_path(d).read_bytes() == server.store.blob_path(d).read_bytes()
+
+
+def test_mirrors_are_not_used_for_names_of_other_registries(server, tiny, tmp_path):
+    dead = "127.0.0.1:%d" % free_port()
+    with serving(other_server(tmp_path, OLLAMA_REGISTRY_MIRRORS=dead)) as b:
+        assert ollama.pull_sources(b.config, ollama.Name.parse("x:1"))[0][0].host == dead
+        seen = []
+        name = "127.0.0.1:%d/library/tiny:1" % server.server_port
+        ollama.pull_model(b.store, b.transfers, b.config, name, insecure=True, progress=seen.append)
+        assert not [s for s in seen if "from" in s["status"]]
+        assert b.store.get(name)[1] == tiny[0]
+
+
+def test_pull_cli_prints_the_mirror_that_served_it(server, tiny, tmp_path, monkeypatch):
+    with serving(other_server(tmp_path, OLLAMA_REGISTRY_MIRRORS="127.0.0.1:%d" % server.server_port)) as b:
+        done = subprocess.run([sys.executable, OLLAMA_PY, "pull", "tiny:1"], capture_output=True, text=True,
+                              env=dict(os.environ, OLLAMA_HOST="127.0.0.1:%d" % b.server_port), timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "pulled from 127.0.0.1:%d" % server.server_port in done.stderr
