@@ -8,7 +8,7 @@ Standard library only, Python 3.9 or newer. MIT licensed.
     ollama.py serve                   start the server (OLLAMA_HOST, default 127.0.0.1:11434)
     ollama.py create NAME -f Modelfile
     ollama.py run NAME [PROMPT]       chat, or answer one prompt
-    ollama.py pull|push|list|ps|show|cp|rm|stop ...
+    ollama.py pull|push|list|ps|show|cp|rm|stop|export|import ...
 
 The map
 -------
