@@ -6046,6 +6046,8 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         self.send_header(*("Content-Length", str(stream.length)) if sized else ("Transfer-Encoding", "chunked"))
         self.end_headers()
         write = self.wfile.write if sized else self._chunk
+        if sized and self.command == "HEAD":
+            first = None                                        # the length, without the body
         try:
             item = first
             while item is not None:
