@@ -8,7 +8,7 @@ Standard library only, Python 3.9 or newer. MIT licensed.
     ollama.py serve                   start the server (OLLAMA_HOST, default 127.0.0.1:11434)
     ollama.py create NAME -f Modelfile
     ollama.py run NAME [PROMPT]       chat, or answer one prompt
-    ollama.py pull|push|list|ps|show|cp|rm|stop ...
+    ollama.py pull|push|list|ps|show|cp|rm|stop|export|import ...
 
 The map
 -------
@@ -32,8 +32,9 @@ ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lin
     Runner         Runner: one llama-server child (argv, start, health, completion, tokenize,
                    embeddings); Spawner: the thread that forks children tied to serve
     Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
-    HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream),
-                   == Ollama's API (/api/*, an api_* each), == OpenAI compatibility (/v1/*, with
+    HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream,
+                   FileResponse), == Ollama's API (/api/*, an api_* each), == a read-only OCI
+                   registry of the store (/v2/*, a v2_* each), == OpenAI compatibility (/v1/*, with
                    the Responses API), == Anthropic compatibility (/v1/messages)
     CLI            == the client (Client, @command), == commands (a cmd_* each), == the REPL
     Main           main(argv): parse, run the command; an OllamaError is "Error: ..." and exit 1
@@ -50,8 +51,9 @@ ones through ``_forward`` and translate the answer; the CLI talks to serve over 
 
 Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers,
 routes, connection count); the models are on disk in the ``Store``; the loaded runners in the
-``Scheduler``; downloads in flight in ``Transfers``. At module level there are only constants,
-the logger and the two tables the decorators fill at import: ``ROUTES`` and ``COMMANDS``.
+``Scheduler``; downloads in flight in ``Transfers``; the blobs /v2 has hashed in the server's
+``served_blobs``. At module level there are only constants, the logger and the two tables the
+decorators fill at import: ``ROUTES`` and ``COMMANDS``.
 
 To add an endpoint: write ``@route("POST", "/api/thing")`` over ``def api_thing(req):`` in its
 part of HTTP API; read the body with ``req.json()`` and ``check_fields`` (Go's exact unmarshal
@@ -94,6 +96,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -182,6 +185,8 @@ class Config:
         self.api_keys = [k.strip() for k in _env(env, "OLLAMA_API_KEYS").split(",") if k.strip()]
         self.api_key = _env(env, "OLLAMA_API_KEY")            # what the CLI sends, as the official clients do
         self.tls_cert, self.tls_key = _env(env, "OLLAMA_TLS_CERT"), _env(env, "OLLAMA_TLS_KEY")
+        self.registry = _env(env, "OLLAMA_NO_REGISTRY").lower() not in ("1", "true")   # serve /v2
+        self.mirrors = [m.strip() for m in _env(env, "OLLAMA_REGISTRY_MIRRORS").split(",") if m.strip()]
 
     @property
     def base_url(self):
@@ -262,6 +267,15 @@ class Canceled(OllamaError):
 class Busy(OllamaError):
     """The request queue is full."""
     status = 503
+
+
+class RegistryError(OllamaError):
+    """An OCI distribution error served by /v2: `code` is the spec's (MANIFEST_UNKNOWN, BLOB_UNKNOWN,
+    NAME_UNKNOWN, NAME_INVALID, DIGEST_INVALID, UNSUPPORTED, ...), answered as {"errors": [...]}."""
+
+    def __init__(self, code, message, status):
+        super().__init__(message, status)
+        self.code = code
 
 
 ###############################################################################
@@ -3971,6 +3985,11 @@ class RegistrySession:
                     return False
                 self.auth = "Basic " + base64.b64encode(("%s:%s" % creds).encode()).decode()
                 return True
+            if scheme == "bearer" and params.get("realm") == "ollama.py":    # another serve's OLLAMA_API_KEYS
+                if not self.config.api_key or self.auth:
+                    return False
+                self.auth = "Bearer " + self.config.api_key
+                return True
             if scheme != "bearer" or not params.get("realm"):
                 return False
             self.auth = "Bearer " + self._token(params, creds)
@@ -4333,12 +4352,30 @@ class _BlobDownload:
             _unlink(f)
 
 
+def pull_sources(config, name, insecure=False):
+    """Where to pull `name` from, in order: [(Name to fetch, insecure)]. For a registry.ollama.ai
+    name, each of OLLAMA_REGISTRY_MIRRORS first (host:port is plain HTTP, as an ollama.py serve
+    answers; https://host for TLS), then the registry itself; for other names, their registry."""
+    sources = []
+    if name.host.lower() == DEFAULT_REGISTRY:
+        for mirror in config.mirrors:
+            scheme, _, host = mirror.rpartition("://")
+            mirrored = Name(host.rstrip("/"), name.namespace, name.model, name.tag, scheme or "http")
+            if not mirrored.is_valid():
+                log.warning("ignoring invalid OLLAMA_REGISTRY_MIRRORS entry %r", mirror)
+                continue
+            sources.append((mirrored, mirrored.scheme == "http"))
+    return sources + [(name, insecure)]
+
+
 def pull_model(store, transfers, config, name, insecure=False, progress=None, cancel=None):
     """Pull `name` (Name or str) from its registry into `store`, sharing downloads through
-    `transfers` (a Transfers) and reading credentials and OLLAMA_NOPRUNE from `config`; reports Ollama's pull
-    statuses as dicts to progress(obj). Blobs already present are not fetched; a download in
-    progress for the same digest is shared; interrupted downloads resume. The manifest is written
-    last, byte for byte as received. `cancel` (threading.Event) stops it with Canceled."""
+    `transfers` (a Transfers) and reading credentials, OLLAMA_NOPRUNE and OLLAMA_REGISTRY_MIRRORS from
+    `config`; reports Ollama's pull statuses as dicts to progress(obj). Blobs already present are
+    not fetched; a download in progress for the same digest is shared; interrupted downloads resume.
+    With mirrors, each source is tried in turn (a failed one's partial downloads are resumed from the
+    next) and "pulling from HOST" / "pulled from HOST" say which served it. The manifest is written
+    last, byte for byte as received, under `name`. `cancel` (threading.Event) stops it with Canceled."""
     progress = progress or (lambda obj: None)
     if isinstance(name, str):
         name = Name.parse(name)
@@ -4351,6 +4388,35 @@ def pull_model(store, transfers, config, name, insecure=False, progress=None, ca
             pass
     if name.scheme == "http" and not insecure:
         raise OllamaError("insecure protocol http")
+    sources = pull_sources(config, name, insecure)
+    for i, (source, source_insecure) in enumerate(sources):
+        if len(sources) > 1:
+            progress({"status": "pulling from %s" % source.host})
+        try:
+            raw, manifest = _pull_blobs(store, transfers, config, source, source_insecure, progress, cancel)
+            break
+        except Canceled:
+            raise
+        except OllamaError as e:
+            if i == len(sources) - 1:
+                raise
+            log.warning("pull of %s from %s failed: %s; trying %s", name.display(), source.host, e,
+                        sources[i + 1][0].host)
+            progress({"status": "%s failed: %s" % (source.host, e)})
+    progress({"status": "writing manifest"})
+    store.write_manifest(name, raw)
+    unused = old - set(manifest_digests(manifest))
+    if unused:
+        progress({"status": "removing unused layers"})
+        store.remove_unused(unused)
+    if len(sources) > 1:
+        progress({"status": "pulled from %s" % source.host})
+    progress({"status": "success"})
+
+
+def _pull_blobs(store, transfers, config, name, insecure, progress, cancel):
+    """Fetch the manifest of `name` from its registry and every blob it names that the store lacks
+    (verified); returns (raw manifest bytes, manifest dict). Nothing is written but blobs."""
     progress({"status": "pulling manifest"})
     session = RegistrySession(config, name, insecure, transfers.stall_timeout)
     try:
@@ -4384,13 +4450,7 @@ def pull_model(store, transfers, config, name, insecure=False, progress=None, ca
     finally:
         for job in jobs:
             transfers.release(job)
-    progress({"status": "writing manifest"})
-    store.write_manifest(name, raw)
-    unused = old - set(manifest_digests(manifest))
-    if unused:
-        progress({"status": "removing unused layers"})
-        store.remove_unused(unused)
-    progress({"status": "success"})
+    return raw, manifest
 
 
 class _FileSlice:
@@ -4491,6 +4551,240 @@ def push_model(store, transfers, config, name, insecure=False, progress=None, ca
     resp.close()
     progress({"status": "success"})
 
+
+# == Registry: archives: OCI image layout tarballs (export, import) ===========
+#
+# An archive is an OCI image layout in a tar: oci-layout, index.json (one descriptor per model, its
+# name in org.opencontainers.image.ref.name) and blobs/sha256/<hex> (manifests, configs, layers,
+# each once however many models share it). export streams it in constant memory; import verifies
+# every member before anything enters the store.
+
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_REF_NAME = "org.opencontainers.image.ref.name"
+OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+TAR_BLOCK = 512                      # bytes; tar pads every member to a whole block
+ARCHIVE_META_MAX = 4 << 20           # bytes; the most index.json, oci-layout or a manifest may be
+_ARCHIVE_BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
+
+
+def _tar_header(name, size, mtime):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.type = size, int(mtime), 0o644, tarfile.REGTYPE
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+def _tar_padding(size):
+    return b"\0" * (-size % TAR_BLOCK)
+
+
+def archive_plan(store, names):
+    """What an archive of the models `names` holds: ([(member, size, path or bytes)], the tar's size
+    in bytes). NotFound for a model not in the store, before anything is sent."""
+    descs, members, seen = [], [("oci-layout", len(OCI_LAYOUT), OCI_LAYOUT)], set()
+    for text in names:
+        found, raw, _data = store.get(text)
+        manifest = parse_manifest(raw)
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        descs.append({"mediaType": manifest.get("mediaType") or MEDIA_MANIFEST, "digest": digest,
+                      "size": len(raw), "annotations": {OCI_REF_NAME: found.display()}})
+        for d, size, source in [(digest, len(raw), raw)] + [
+                (x["digest"], x["size"], store.blob_path(x["digest"])) for x in manifest_layers(manifest)]:
+            if d not in seen:
+                seen.add(d)
+                members.append(("blobs/sha256/" + d[7:], size, source))
+    index = json_dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": descs}).encode()
+    members.insert(1, ("index.json", len(index), index))
+    total = sum(TAR_BLOCK + size + len(_tar_padding(size)) for _m, size, _s in members) + 2 * TAR_BLOCK
+    return members, total
+
+
+def archive_chunks(members, progress=None):
+    """Yield the tar bytes of archive_plan's members, a blob at a time in COPY_CHUNK reads.
+    OllamaError when a blob is missing or not its manifest's size (the archive would be wrong)."""
+    now, sent = time.time(), 0
+    for name, size, source in members:
+        yield _tar_header(name, size, now)
+        if isinstance(source, bytes):
+            yield source
+        else:
+            try:
+                f = open(str(source), "rb")
+            except OSError as e:
+                raise OllamaError("cannot read %s: %s" % (source.name, e.strerror)) from None
+            with f:
+                if os.fstat(f.fileno()).st_size != size:
+                    raise OllamaError("blob %s is not %d bytes; the store is damaged" % (source.name, size))
+                left = size
+                while left:
+                    chunk = f.read(min(COPY_CHUNK, left))
+                    if not chunk:
+                        raise OllamaError("blob %s shrank while it was exported" % source.name)
+                    left -= len(chunk)
+                    yield chunk
+        yield _tar_padding(size)
+        sent += size
+        if progress:
+            progress(sent)
+    yield b"\0" * (2 * TAR_BLOCK)
+
+
+def _archive_member_name(member):
+    """The member's path, or BadRequest for anything an OCI layout must not hold: absolute paths,
+    "..", links, devices, fifos."""
+    name = member.name
+    while name.startswith("./"):
+        name = name[2:]
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+        raise BadRequest("refusing archive member %s: it points outside the archive" % json.dumps(member.name))
+    if not (member.isreg() or member.isdir()):
+        kind = "a link" if member.issym() or member.islnk() else "a device or fifo"
+        raise BadRequest("refusing archive member %s: it is %s" % (json.dumps(member.name), kind))
+    return name.rstrip("/")
+
+
+class _Staged:
+    """Blobs of an archive being imported: temp files in blobs/ (locked, so `clean` leaves them while
+    we live and removes them after a kill), each hashed as it was copied and named by its digest."""
+
+    def __init__(self, store):
+        self.store, self.files, self.meta = store, {}, {}      # digest -> (file, tmp path, size); name -> bytes
+
+    def add_blob(self, digest, reader, size, progress):
+        f, tmp = self.store.temp_blob()
+        self.files.setdefault(digest, (f, tmp, size))
+        h, left = hashlib.sha256(), size
+        while left:
+            chunk = reader.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise BadRequest("archive is truncated: blob %s ends early" % digest[7:19])
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+            progress(len(chunk))
+        if "sha256:" + h.hexdigest() != digest:
+            raise BadRequest("archive blob %s does not match its digest" % digest[7:19])
+        if self.files[digest][1] != tmp:                       # a duplicate member: keep the first
+            f.close()
+            _unlink(tmp)
+
+    def read(self, digest):
+        f, _tmp, size = self.files[digest]
+        if size > ARCHIVE_META_MAX:
+            raise BadRequest("archive manifest %s is too large" % digest[7:19])
+        f.flush()
+        with open(str(self.files[digest][1]), "rb") as r:
+            return r.read()
+
+    def commit(self, digests):
+        for d in digests:
+            f, tmp, _size = self.files.pop(d)
+            if not self.store.has_blob(d):
+                f.flush()
+                os.fsync(f.fileno())
+                self.store.commit_blob(tmp, d)
+            f.close()
+            _unlink(tmp)
+
+    def discard(self):
+        for f, tmp, _size in self.files.values():
+            f.close()
+            _unlink(tmp)
+        self.files.clear()
+
+
+def import_archive(store, stream, name=None, progress=None):
+    """Import the models of an OCI image layout tar read from `stream` (a file-like object) into
+    `store`; returns their Names. Every member is checked and every blob hashed before a blob or
+    manifest enters the store: a truncated, hostile or inconsistent archive raises BadRequest and
+    leaves the store as it was. `name` names the model of a one-model archive (else its ref.name).
+    progress(bytes) reports the blob bytes read so far."""
+    progress = progress or (lambda n: None)
+    staged, state = _Staged(store), {"read": 0}
+
+    def count(n):
+        state["read"] += n
+        progress(state["read"])
+
+    try:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    path = _archive_member_name(member)
+                    if member.isdir():
+                        continue
+                    m = _ARCHIVE_BLOB_RE.match(path)
+                    reader = tar.extractfile(member)
+                    if m:
+                        staged.add_blob("sha256:" + m.group(1), reader, member.size, count)
+                    elif path in ("oci-layout", "index.json") and member.size <= ARCHIVE_META_MAX:
+                        staged.meta[path] = reader.read()
+                        if len(staged.meta[path]) != member.size:
+                            raise BadRequest("archive is truncated: %s ends early" % path)
+                    else:
+                        raise BadRequest("refusing archive member %s: not part of an OCI image layout"
+                                         % json.dumps(member.name))
+        except (tarfile.TarError, EOFError) as e:
+            raise BadRequest("archive is not a complete tar: %s" % e) from None
+        models = _archive_models(staged, name)
+        with store.lock:
+            needed = set()
+            for _n, raw, manifest in models:
+                needed.add("sha256:" + hashlib.sha256(raw).hexdigest())
+                needed.update(d for d in manifest_digests(manifest) if d in staged.files)
+            staged.commit(sorted(needed))
+            for n, raw, _manifest in models:
+                store.write_manifest(n, raw)
+        return [n for n, _raw, _m in models]
+    finally:
+        staged.discard()
+
+
+def _archive_models(staged, name):
+    """[(Name, manifest bytes, manifest dict)] the archive's index.json names, all checked."""
+    try:
+        layout = json.loads(staged.meta["oci-layout"])
+        index = json.loads(staged.meta["index.json"])
+    except KeyError as e:
+        raise BadRequest("not an OCI image layout: %s is missing" % e) from None
+    except ValueError as e:
+        raise BadRequest("not an OCI image layout: bad JSON: %s" % e) from None
+    if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != "1.0.0":
+        raise BadRequest("not an OCI image layout: unsupported oci-layout")
+    descs = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(descs, list) or not descs:
+        raise BadRequest("index.json lists no manifests")
+    if name is not None and len(descs) != 1:
+        raise BadRequest("a name can only be given for an archive of one model")
+    models = []
+    for desc in descs:
+        if not isinstance(desc, dict) or not is_strict_digest(desc.get("digest")):
+            raise BadRequest("index.json has an invalid manifest descriptor")
+        digest = desc["digest"]
+        if desc.get("mediaType") not in MANIFEST_MEDIA_TYPES:
+            raise BadRequest("unsupported manifest type %s in index.json" % json.dumps(desc.get("mediaType")))
+        if digest not in staged.files or staged.files[digest][2] != desc.get("size"):
+            raise BadRequest("archive is missing manifest %s" % digest[7:19])
+        raw = staged.read(digest)
+        try:
+            manifest = parse_manifest(raw)
+        except OllamaError as e:
+            raise BadRequest(str(e)) from None
+        for d in manifest_layers(manifest):
+            have = staged.files.get(d["digest"])
+            if have is None and not staged.store.has_blob(d["digest"]):
+                raise BadRequest("archive is missing blob %s" % d["digest"][7:19])
+            size = have[2] if have else staged.store.blob_size(d["digest"])
+            if size != d["size"]:
+                raise BadRequest("archive blob %s is %d bytes, its manifest says %d" % (
+                    d["digest"][7:19], size, d["size"]))
+        ref = name or (desc.get("annotations") or {}).get(OCI_REF_NAME)
+        if not isinstance(ref, str) or not ref:
+            raise BadRequest("manifest %s has no %s annotation; give the model a name" % (digest[7:19], OCI_REF_NAME))
+        model = Name.parse_bare(ref)
+        if model is None or not model.is_valid():
+            raise BadRequest("invalid model name %s in the archive" % json.dumps(ref[:200]))
+        models.append((model, raw, manifest))
+    return models
 
 ###############################################################################
 # Runner ######################################################################
@@ -5380,6 +5674,16 @@ class Response:
         return cls.json(status, {"error": message})
 
 
+class FileResponse:
+    """A byte range of an open file as the answer (a blob): `length` bytes from `offset`, sent with
+    socket.sendfile (the kernel's sendfile where it exists, no copy through Python); the file is
+    closed once sent. HEAD sends the headers only."""
+
+    def __init__(self, f, offset, length, status=200, content_type="application/octet-stream", headers=None):
+        self.file, self.offset, self.length, self.status = f, offset, length, status
+        self.content_type, self.headers = content_type, headers or {}
+
+
 class Stream:
     """A streamed answer: `items` is an iterator of JSON-able objects, sent as they come.
 
@@ -5387,15 +5691,19 @@ class Stream:
     OllamaError raised before the first item becomes an ordinary JSON error with its status; one
     raised later becomes a final `error_item(message)` chunk, as Ollama does. When the client goes
     away the iterator is closed, so a generator's `finally` can cancel its work.
+    With `length` (bytes; the items are then bytes) it is sent with that Content-Length instead, and
+    an error after the first item drops the connection short of it, so the client sees a truncated
+    body, never a complete-looking wrong one (an archive).
     """
 
     def __init__(self, items, content_type="application/x-ndjson",
-                 encode=None, error_item=None, headers=None):
+                 encode=None, error_item=None, headers=None, length=None):
         self.items = iter(items)
         self.content_type = content_type
         self.encode = encode or (lambda obj: (json_dumps(obj) + "\n").encode())
         self.error_item = error_item or (lambda msg: {"error": msg})
         self.headers = headers or {}
+        self.length = length
 
 
 class Request:
@@ -5720,6 +6028,8 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, result):
         if isinstance(result, Stream):
             return self._send_stream(result)
+        if isinstance(result, FileResponse):
+            return self._send_file(result)
         if not isinstance(result, Response):
             body = b"" if result is None else json_dumps(result).encode()
             result = Response(200, body, "application/json; charset=utf-8" if result is not None else None)
@@ -5735,6 +6045,26 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(result.body)
         return result.status
 
+    def _send_file(self, result):
+        try:
+            self.send_response(result.status)
+            self.send_header("Content-Type", result.content_type)
+            for k, v in result.headers.items():
+                self.send_header(k, v)
+            self._cors()
+            self.send_header("Content-Length", str(result.length))
+            self.end_headers()
+            if self.command != "HEAD" and result.length:
+                sent = self.connection.sendfile(result.file, result.offset, result.length)
+                if sent != result.length:                       # the file shrank: the framing is broken
+                    self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+            self.close_connection = True
+            return 499
+        finally:
+            result.file.close()
+        return result.status
+
     def _send_stream(self, stream):
         items = stream.items
         try:
@@ -5748,24 +6078,31 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         for k, v in stream.headers.items():
             self.send_header(k, v)
         self._cors()
-        self.send_header("Transfer-Encoding", "chunked")
+        sized = stream.length is not None
+        self.send_header(*("Content-Length", str(stream.length)) if sized else ("Transfer-Encoding", "chunked"))
         self.end_headers()
+        write = self.wfile.write if sized else self._chunk
+        if sized and self.command == "HEAD":
+            first = None                                        # the length, without the body
         try:
             item = first
             while item is not None:
-                self._chunk(stream.encode(item))
+                write(stream.encode(item))
                 try:
                     item = next(items)
                 except StopIteration:
                     break
-                except OllamaError as e:
-                    self._chunk(stream.encode(stream.error_item(str(e))))
-                    break
                 except Exception as e:
-                    log.exception("internal error while streaming %s", self.path)
+                    if not isinstance(e, OllamaError):
+                        log.exception("internal error while streaming %s", self.path)
+                    if sized:
+                        log.error("%s stopped short of its Content-Length: %s", self.path, e)
+                        self.close_connection = True
+                        return 500
                     self._chunk(stream.encode(stream.error_item(str(e))))
                     break
-            self.wfile.write(b"0\r\n\r\n")
+            if not sized:
+                self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self.close_connection = True
@@ -5789,7 +6126,8 @@ ROUTES = []
 
 def route(method, pattern):
     """Declare the decorated function the handler of `method pattern` (":name" segments become
-    req.params), as bottle's @route does: it goes into ROUTES, which every OllamaServer serves.
+    req.params, and a last "*name" takes the rest of the path, slashes included), as bottle's @route
+    does: it goes into ROUTES, which every OllamaServer serves.
     Over another decorator (@_openai), it registers the wrapped handler."""
     def register(handler):
         ROUTES.append((method, pattern, handler))
@@ -5798,12 +6136,13 @@ def route(method, pattern):
 
 
 class Routes:
-    """The route table: (method, pattern) -> handler; ":name" segments capture path params."""
+    """The route table: (method, pattern) -> handler; ":name" segments capture path params, "*name"
+    the rest of the path."""
 
     def __init__(self, table):
         self.table = []
         for method, pattern, func in table:
-            regex = "^" + re.sub(r":(\w+)", r"(?P<\1>[^/]+)", pattern) + "$"
+            regex = "^" + re.sub(r"\*(\w+)$", r"(?P<\1>.+)", re.sub(r":(\w+)", r"(?P<\1>[^/]+)", pattern)) + "$"
             self.table.append((method, re.compile(regex), func))
 
     def match(self, method, path):
@@ -5828,9 +6167,11 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.tls = _tls_context(config)                # first: a bad certificate starts nothing
         self.store = Store(config.models)
-        self.routes = routes or Routes(ROUTES)
+        self.routes = routes or Routes([r for r in ROUTES if config.registry or not r[1].startswith("/v2")])
         self.scheduler = Scheduler(config)
         self.transfers = Transfers()      # registry downloads in flight, shared per digest
+        self.served_blobs = {}            # digest -> stat identity of the file whose bytes /v2 hashed and matched
+        self.verify_lock = threading.Lock()     # one blob hashed at a time for /v2 (parallel parts wait)
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -7221,6 +7562,251 @@ def api_push(req):
     return _progress_stream(req, lambda progress, cancel: push_model(
         *_registry_parts(req), name, insecure, progress, cancel), stream)
 
+
+@route("GET", "/api/export")
+def api_export(req):
+    """GET /api/export?model=NAME[&model=NAME...] (an ollama.py extension): the models as one OCI
+    image layout tar, with its Content-Length; a failure part-way drops the connection short of it."""
+    names = urllib.parse.parse_qs(urllib.parse.urlsplit(req.handler.path).query).get("model") or []
+    if not names:
+        raise BadRequest("model is required")
+    members, total = archive_plan(req.server.store, names)
+    return Stream(archive_chunks(members), "application/x-tar", encode=bytes, length=total)
+
+
+@route("POST", "/api/import")
+def api_import(req):
+    """POST /api/import[?name=NAME] (an ollama.py extension), the body an OCI image layout tar (as
+    export writes, or skopeo's oci-archive): its models enter the store once every blob is read and
+    verified. Answers NDJSON: {"status": "imported NAME"} per model, then {"status": "success"}."""
+    name = req.query.get("name") or None
+    names = import_archive(req.server.store, req.body_stream(), name)
+    return Stream([{"status": "imported %s" % n.display()} for n in names] + [{"status": "success"}])
+
+# == HTTP API: a read-only OCI registry (/v2) =================================
+#
+# serve answers the OCI distribution API for its own store, read-only, so that another ollama.py
+# (or skopeo, crane, docker-registry's clients) can pull from it on a LAN. The name mapping:
+#
+#     /v2/<namespace>/<model>/...          manifests/registry.ollama.ai/<namespace>/<model>/<tag>
+#     /v2/<model>/...                      manifests/registry.ollama.ai/library/<model>/<tag>
+#     /v2/<host>/<namespace>/<model>/...   manifests/<host>/<namespace>/<model>/<tag>
+#
+# so a model pulled from registry.ollama.ai (or created locally) is `library/<model>`, and a model
+# pulled from elsewhere keeps its host as the first component. Only committed blobs a manifest of
+# that repository names are served, each hashed once before its first byte goes out; OLLAMA_NO_REGISTRY=1
+# turns it all off (404).
+
+REGISTRY_API_VERSION = "registry/2.0"          # Docker-Distribution-API-Version
+_OCI_PATH_RE = re.compile(r"^(?P<repo>.+)/(?P<kind>manifests|blobs|tags)/(?P<ref>[^/]+)$")
+_OCI_STATUS_CODES = {400: "NAME_INVALID", 401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN",
+                     405: "UNSUPPORTED", 429: "TOOMANYREQUESTS"}
+
+
+def _oci(handler):
+    """Wrap a /v2 handler: every answer carries Docker-Distribution-API-Version, and an OllamaError
+    becomes the spec's {"errors": [{"code", "message", "detail"}]} with its status."""
+    def wrapped(req):
+        try:
+            result = handler(req)
+        except OllamaError as e:
+            code = e.code if isinstance(e, RegistryError) else _OCI_STATUS_CODES.get(e.status, "UNKNOWN")
+            result = Response.json(e.status, {"errors": [{"code": code, "message": str(e), "detail": None}]})
+        result.headers["Docker-Distribution-API-Version"] = REGISTRY_API_VERSION
+        return result
+    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+    return wrapped
+
+
+def oci_repository_name(repo, tag=DEFAULT_TAG):
+    """The store Name for an OCI repository path (see the mapping above); NAME_INVALID otherwise."""
+    parts = repo.split("/")
+    if len(parts) == 1:
+        parts = [DEFAULT_NAMESPACE] + parts
+    if len(parts) == 2:
+        parts = [DEFAULT_REGISTRY] + parts
+    name = Name(*parts, tag) if len(parts) == 3 else None
+    if name is None or not name.is_valid():
+        raise RegistryError("NAME_INVALID", "invalid repository name %s" % json.dumps(repo[:200]), 400)
+    return name
+
+
+def oci_repository(name):
+    """The OCI repository path a stored Name is served under (the inverse of oci_repository_name)."""
+    if name.host.lower() == DEFAULT_REGISTRY:
+        return name.repository()
+    return "%s/%s" % (name.host, name.repository())
+
+
+def _oci_manifests(store, repo):
+    """[(Name, raw bytes, manifest dict)] of every tag stored under `repo`; NAME_UNKNOWN if none."""
+    want = oci_repository_name(repo).key()[:3]
+    found = [(n, raw, data) for n, raw, data, _mtime in store.list() if n.key()[:3] == want]
+    if not found:
+        raise RegistryError("NAME_UNKNOWN", "repository name not known to registry", 404)
+    return found
+
+
+def _paginate(req, items, path, field, extra=None):
+    """The spec's pagination (?n=&last=) of sorted `items` as {field: page}, with a Link to the next."""
+    items = sorted(set(items))
+    last, n = req.query.get("last"), req.query.get("n")
+    if last:
+        items = [i for i in items if i > last]
+    headers = {}
+    if n is not None:
+        if not n.isdigit():
+            raise RegistryError("PAGINATION_NUMBER_INVALID", "invalid number of results requested", 400)
+        n = int(n)
+        if len(items) > n:
+            items = items[:n]
+            if items:
+                query = urllib.parse.urlencode({"n": n, "last": items[-1]})
+                headers["Link"] = '<%s?%s>; rel="next"' % (path, query)
+    body = dict(extra or {}, **{field: items})
+    return Response(200, json_dumps(body).encode(), "application/json; charset=utf-8", headers)
+
+
+def parse_range(header, size):
+    """(start, stop) of a single "bytes=a-b", "bytes=a-" or "bytes=-n" Range over `size` bytes; None
+    to send the whole body (no header, several ranges, or one RFC 9110 says to ignore).
+    RegistryError 416 when it cannot be satisfied."""
+    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", header or "")
+    if not m or not (m.group(1) or m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:                                   # the last n bytes
+        start, stop = max(0, size - int(last)), size
+        if int(last) == 0:
+            start = size
+    else:
+        start = int(first)
+        stop = size if not last else min(size, int(last) + 1)
+        if last and int(last) < start:
+            return None                             # syntactically invalid: ignored
+    if start >= size or stop <= start:
+        raise RegistryError("RANGE_INVALID", "requested range not satisfiable", 416)
+    return start, stop
+
+
+def _verified_blob(server, digest, f):
+    """True when the open blob file's bytes hash to `digest`: hashed once per file identity
+    (inode, size, mtime, ctime), so a blob changed behind the store's back is hashed again."""
+    st = os.fstat(f.fileno())
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with server.verify_lock:
+        if server.served_blobs.get(digest) == key:
+            return True
+        h = hashlib.sha256()
+        for chunk in iter(lambda: os.read(f.fileno(), COPY_CHUNK), b""):
+            h.update(chunk)
+        if "sha256:" + h.hexdigest() != digest:
+            log.error("blob %s does not match its digest; not serving it", digest)
+            return False
+        server.served_blobs[digest] = key
+        return True
+
+
+@route("GET", "/v2/")
+@route("GET", "/v2")
+@_oci
+def v2_base(req):
+    """GET /v2/: the API version check; {} with Docker-Distribution-API-Version."""
+    return Response.json(200, {})
+
+
+@route("GET", "/v2/_catalog")
+@_oci
+def v2_catalog(req):
+    """GET /v2/_catalog?n=&last=: every repository in the store, paginated."""
+    repos = [oci_repository(n) for n, _raw, _data, _mtime in req.server.store.list()]
+    return _paginate(req, repos, "/v2/_catalog", "repositories")
+
+
+@route("GET", "/v2/*path")
+@_oci
+def v2_get(req):
+    """GET|HEAD /v2/<name>/manifests/<ref>, /v2/<name>/blobs/<digest>, /v2/<name>/tags/list."""
+    m = _OCI_PATH_RE.match(req.params["path"])
+    if not m:
+        raise NotFound("404 page not found")
+    repo, kind, ref = m.group("repo", "kind", "ref")
+    if kind == "tags":
+        if ref != "list":
+            raise NotFound("404 page not found")
+        tags = [n.tag for n, _raw, _data in _oci_manifests(req.server.store, repo)]
+        return _paginate(req, tags, "/v2/%s/tags/list" % repo, "tags", {"name": repo})
+    if kind == "manifests":
+        return _oci_manifest(req, repo, ref)
+    return _oci_blob(req, repo, ref)
+
+
+def _oci_manifest(req, repo, ref):
+    """A stored manifest by tag or digest: its exact bytes, media type and digest."""
+    stored = _oci_manifests(req.server.store, repo)
+    if ":" in ref:
+        if not is_strict_digest(ref):
+            raise RegistryError("DIGEST_INVALID", "invalid digest %s" % json.dumps(ref[:100]), 400)
+        hits = [raw for _n, raw, _d in stored if "sha256:" + hashlib.sha256(raw).hexdigest() == ref]
+    else:
+        hits = [raw for n, raw, _d in stored if n.tag.lower() == ref.lower()]
+    if not hits:
+        raise RegistryError("MANIFEST_UNKNOWN", "manifest unknown", 404)
+    raw = hits[0]
+    try:
+        media = parse_manifest(raw).get("mediaType") or MEDIA_MANIFEST
+    except OllamaError:
+        raise RegistryError("MANIFEST_UNKNOWN", "manifest unknown (the stored one is invalid)", 404) from None
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    return Response(200, raw, media, {"Docker-Content-Digest": digest})
+
+
+def _oci_blob(req, repo, digest):
+    """A blob that a manifest of `repo` names, whole or one Range (206, 416), hashed before its
+    first serve; a blob missing, of the wrong size or not matching its digest is BLOB_UNKNOWN."""
+    if not is_strict_digest(digest):
+        raise RegistryError("DIGEST_INVALID", "invalid digest %s" % json.dumps(digest[:100]), 400)
+    unknown = RegistryError("BLOB_UNKNOWN", "blob unknown to registry", 404)
+    sizes = {d["digest"]: d["size"] for _n, _raw, data in _oci_manifests(req.server.store, repo)
+             for d in manifest_layers(data) if isinstance(d.get("size"), int)}
+    if digest not in sizes:
+        raise unknown
+    try:   # O_NOFOLLOW: a link planted in blobs/ is never followed out of models/
+        f = os.fdopen(os.open(str(req.server.store.blob_path(digest)), os.O_RDONLY | os.O_NOFOLLOW), "rb")
+    except OSError:
+        raise unknown from None
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size != sizes[digest] or \
+                not _verified_blob(req.server, digest, f):
+            raise unknown
+        size = st.st_size
+        headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes", "ETag": '"%s"' % digest}
+        try:
+            span = parse_range(req.headers.get("Range"), size)
+        except RegistryError:
+            f.close()
+            return Response(416, b"", None, dict(headers, **{"Content-Range": "bytes */%d" % size}))
+        if span is None:
+            return FileResponse(f, 0, size, headers=headers)
+        start, stop = span
+        headers["Content-Range"] = "bytes %d-%d/%d" % (start, stop - 1, size)
+        return FileResponse(f, start, stop - start, status=206, headers=headers)
+    except BaseException:
+        f.close()
+        raise
+
+
+@route("POST", "/v2/*path")
+@route("PUT", "/v2/*path")
+@route("PATCH", "/v2/*path")
+@route("DELETE", "/v2/*path")
+@_oci
+def v2_write(req):
+    """Writes to /v2 (uploads, manifest puts, deletes): UNSUPPORTED, this registry is read-only."""
+    raise RegistryError("UNSUPPORTED", "this registry is read-only: push to it with ollama.py create/pull", 405)
+
+
 # == HTTP API: OpenAI compatibility (/v1) =====================================
 
 #: OpenAI's error "type" for an HTTP status (openai.NewError).
@@ -8416,6 +9002,8 @@ def cmd_serve(args):
                                 (Authorization: Bearer KEY, or x-api-key); clients send OLLAMA_API_KEY
       OLLAMA_TLS_CERT           PEM certificate (chain) to serve https with, with OLLAMA_TLS_KEY
       OLLAMA_TLS_KEY            PEM private key for OLLAMA_TLS_CERT
+      OLLAMA_NO_REGISTRY        do not answer /v2 (the read-only OCI registry other machines pull from)
+      OLLAMA_REGISTRY_MIRRORS   host:port,... tried in order before registry.ollama.ai for its models
     """
     config = Config()
     _setup_logging(config, to_file=True)
@@ -9429,6 +10017,107 @@ def cmd_push(args):
     name = Name.parse_bare(args.model)
     if name is not None and name.host.lower() == DEFAULT_REGISTRY:
         print("\nYou can find your model at:\n\n\thttps://ollama.com/%s/%s\n" % (name.namespace, name.model))
+    return 0
+
+
+@command("export", argument("models", nargs="+", metavar="model"), argument("file", help="FILE.tar, or - for stdout"))
+def cmd_export(args):
+    """Write models to an OCI image layout archive
+
+    The archive (oci-layout, index.json, blobs/sha256/...) holds each model's manifest and blobs,
+    each blob once; 'ollama.py import' reads it on another machine, and so do OCI tools
+    (skopeo inspect oci-archive:FILE.tar). With - it is written to stdout, e.g.
+    'ollama.py export gemma3 - | ssh pi python3 ollama.py import -'. A FILE is written in full
+    or not at all.
+    """
+    client = _client()
+    client.heartbeat()
+    query = urllib.parse.urlencode([("model", m) for m in args.models])
+    conn, resp = client._open("GET", "/api/export?" + query)
+    total = int(resp.headers.get("Content-Length") or 0)
+    display = _TransferProgress()
+    out, tmp = (sys.stdout.buffer, None) if args.file == "-" else _export_target(args.file)
+    try:
+        done = 0
+        while True:
+            chunk = resp.read(COPY_CHUNK)
+            if not chunk:
+                break
+            out.write(chunk)
+            done += len(chunk)
+            display.update({"status": "exporting", "digest": "archive", "total": total, "completed": done})
+        if done != total:
+            raise OllamaError("export ended after %d of %d bytes" % (done, total))
+        out.flush()
+        if tmp is not None:
+            os.fsync(out.fileno())
+            out.close()
+            os.replace(tmp, args.file)
+            tmp = None
+    except (OSError, http.client.HTTPException) as e:
+        raise OllamaError("export failed: %s" % (e or type(e).__name__)) from None
+    finally:
+        display.close()
+        conn.close()
+        if tmp is not None:
+            out.close()
+            _unlink(tmp)
+    display.update({"status": "success"})
+    return 0
+
+
+def _export_target(path):
+    """(open file, its temp path) next to `path`: renamed onto it only once the archive is complete."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".%s.tmp-" % os.path.basename(path))
+    os.chmod(tmp, 0o644)
+    return os.fdopen(fd, "wb"), tmp
+
+
+@command("import", argument("file", help="FILE.tar, or - for stdin"),
+         argument("--name", help="the name of the model of a one-model archive (else its ref.name)"))
+def cmd_import(args):
+    """Add the models of an OCI image layout archive to the store
+
+    Reads an archive written by 'ollama.py export' (or skopeo's oci-archive) and sends it to the
+    server, which verifies every blob's sha256 and every manifest before anything enters the
+    store: a truncated or hostile archive (absolute paths, .., links, devices) is refused and the
+    store stays as it was. With - the archive is read from stdin.
+    """
+    client = _client()
+    client.heartbeat()
+    display = _TransferProgress()
+    src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    total = None if args.file == "-" else os.fstat(src.fileno()).st_size
+
+    class Reader:
+        def __init__(self):
+            self.n = 0
+
+        def read(self, n=-1):
+            data = src.read(COPY_CHUNK)
+            self.n += len(data)
+            if total:
+                display.update({"status": "importing", "digest": "archive", "total": total, "completed": self.n})
+            return data
+
+    headers = {"Content-Type": "application/x-tar"}
+    if total is not None:
+        headers["Content-Length"] = str(total)
+    path = "/api/import" + ("?" + urllib.parse.urlencode({"name": args.name}) if args.name else "")
+    last = None
+    try:
+        display.update({"status": "sending archive"})
+        for last in client.stream("POST", path, Reader(), headers):
+            display.update(last)
+    except (OSError, http.client.HTTPException) as e:
+        raise OllamaError("import failed: %s" % (e or type(e).__name__)) from None
+    finally:
+        display.close()
+        if src is not sys.stdin.buffer:
+            src.close()
+    if not last or last.get("status") != "success":
+        raise OllamaError("unexpected EOF")
     return 0
 
 

@@ -13,6 +13,7 @@ best run of each side, which other load on the machine cannot fake):
   concurrency  4 simultaneous chats (OLLAMA_NUM_PARALLEL=4) vs llama-server -np 4, aggregate tokens/s
   footprint    idle RSS of `serve`; wall time of `ollama.py list` over 50 models vs `python3 -c pass`
   pull         MB/s pulling Gemma's blob from a loopback docker-registry vs curl of the same blob URL
+  lan          MB/s of a LAN pull: serve B pulls Gemma from serve A's /v2 vs curl of the same blob from A
   create       `ollama.py create` of the 253 MB GGUF vs `sha256sum` + `cp`
   rpc          tokens/s with Gemma split over two `ollama.py worker`s on loopback vs all layers local
 
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -51,7 +53,7 @@ sys.path.insert(1, str(ROOT / "tests"))
 
 import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
 
-SECTIONS = ("generation", "ttft", "cold", "concurrency", "footprint", "pull", "create", "rpc")
+SECTIONS = ("generation", "ttft", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc")
 MODEL = "gemma3:270m"
 N_PREDICT = 128                 # tokens per generation run
 N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
@@ -938,6 +940,55 @@ def sec_pull(b):
                 note="direct = curl to a file, `%s` it, sync it: the floor for a verified, durable pull" % hasher)]
 
 
+def sec_lan(b):
+    """A LAN pull: serve B pulls Gemma from serve A (its /v2 registry) vs curl of the same blob from A."""
+    curl = shutil.which("curl")
+    if curl is None:
+        raise NotAvailable("curl not installed")
+    a = Serve(b, "serve-lan-a")
+    import_model(a.models, MODEL, b.gemma)
+    a.start()
+    try:
+        url = "http://127.0.0.1:%d/v2/library/%s/manifests/%s" % ((a.port,) + tuple(MODEL.split(":")))
+        try:
+            with urllib.request.urlopen(url) as resp:
+                layer = json.loads(resp.read())["layers"][0]
+        except urllib.error.HTTPError as e:
+            raise NotAvailable("serve answers no /v2 registry (%d)" % e.code) from None
+        digest, size = layer["digest"], layer["size"]
+        blob = "http://127.0.0.1:%d/v2/library/%s/blobs/%s" % (a.port, MODEL.split(":")[0], digest)
+        serve = _store_serve(b)
+        name = "127.0.0.1:%d/library/%s" % (a.port, MODEL)
+        _wipe_store(serve)
+        wall, cp = serve.cli("pull", "--insecure", name)        # warm-up: A hashes the blob on its first serve
+        check_cli(cp, "ollama.py pull --insecure (LAN)")
+        timed_run([curl, "-s", "-o", "/dev/null", blob])
+        target = b.workdir / "curl-lan.blob"
+        hasher = "openssl dgst -sha256" if shutil.which("openssl") else "sha256sum"
+        floor_cmd = ["sh", "-c", 'curl -s -f -o "$1" "$2" && %s "$1" >/dev/null && sync "$1"' % hasher, "sh",
+                     target, blob]
+        ours, theirs, floor = [], [], []
+        for _i in range(b.runs):
+            _wipe_store(serve)
+            wall, cp = serve.cli("pull", "--insecure", name)
+            check_cli(cp, "ollama.py pull (LAN)")
+            ours.append(size / 1e6 / wall)
+            for cmd, out in (([curl, "-s", "-f", "-o", "/dev/null", blob], theirs), (floor_cmd, floor)):
+                wall, cp = timed_run(cmd)
+                if cp.returncode:
+                    raise BenchError("%s exited %d" % (cmd[0], cp.returncode))
+                out.append(size / 1e6 / wall)
+            target.unlink()
+        _wipe_store(serve)
+    finally:
+        a.stop()
+    return [Row("LAN pull %d MB blob, serve A -> serve B" % (size // 1e6), "MB/s", ours, theirs, "rate", 0.8,
+                "whole `ollama.py pull --insecure A/library/...` into B (blob to disk, verify) vs `curl -s -o "
+                "/dev/null` of the blob from A's /v2"),
+            Row("LAN pull %d MB blob vs curl+sha256+sync" % (size // 1e6), "MB/s", median(ours), median(floor),
+                "info", note="direct = curl of the blob from A to a file, `%s` it, sync it" % hasher)]
+
+
 def sec_create(b):
     serve = _store_serve(b)
     modelfile = b.workdir / "Modelfile"
@@ -1003,12 +1054,13 @@ def sec_rpc(b):
 # ----------------------------------------------------------------------------------------------------------------
 
 NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "cold": ("engine", "gemma"),
-         "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "create": ("gemma",),
+         "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
+         "create": ("gemma",),
          "rpc": ("engine", "gemma")}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "cold": sec_cold, "concurrency": sec_concurrency,
-         "footprint": sec_footprint, "pull": sec_pull, "create": sec_create, "rpc": sec_rpc}
+         "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc}
 TITLES = {"generation": "generation throughput", "ttft": "time to first token", "cold": "cold start",
-          "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull",
+          "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull", "lan": "LAN pull",
           "create": "create", "rpc": "RPC split"}
 
 
