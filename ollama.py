@@ -8485,10 +8485,12 @@ def _responses_usage(final):
             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
 
 
-def _responses_events(answer, first, items):
+def _fed_events(translator, first, items):
+    """The /api/chat stream (first item, then the rest) through an answer translator's feed(item),
+    which yields the events of another API's stream (Responses, Anthropic Messages)."""
     with contextlib.closing(_relay(first, items)) as stream:
         for item in stream:
-            yield from answer.feed(item)
+            yield from translator.feed(item)
 
 
 @route("POST", "/v1/responses")
@@ -8502,7 +8504,7 @@ def v1_responses(req):
     first, items = _prime(api_chat(_forward(req, chat)))
     if not chat["stream"]:
         return answer.whole(first)
-    return Stream(_responses_events(answer, first, items), content_type="text/event-stream", encode=_sse_event,
+    return Stream(_fed_events(answer, first, items), content_type="text/event-stream", encode=_sse_event,
                   error_item=lambda msg: answer.event("error", code=None, message=msg, param=None),
                   headers={"Cache-Control": "no-cache"})
 
@@ -8835,17 +8837,11 @@ class MessageEvents:
         self.open = ""
 
 
-def _message_events(events, first, items):
-    with contextlib.closing(_relay(first, items)) as stream:
-        for item in stream:
-            yield from events.feed(item)
-
-
 @route("POST", "/v1/messages")
 @_anthropic
 def v1_messages(req):
-    """POST /v1/messages: Anthropic's Messages API on top of /api/chat. The x-api-key and
-    anthropic-version headers are accepted and not checked (there is nothing to authenticate)."""
+    """POST /v1/messages: Anthropic's Messages API on top of /api/chat. anthropic-version is accepted
+    and not checked; x-api-key is checked only when OLLAMA_API_KEYS is set (see _api_key_ok)."""
     body = req.json()
     chat = _anthropic_chat(body)
     mid = _anthropic_id("msg")
@@ -8854,7 +8850,7 @@ def v1_messages(req):
     if not chat["stream"]:
         return _anthropic_message(mid, body["model"], first)
     events = MessageEvents(mid, body["model"], _estimate_tokens(body))
-    return Stream(_message_events(events, first, items), content_type="text/event-stream", encode=_sse_event,
+    return Stream(_fed_events(events, first, items), content_type="text/event-stream", encode=_sse_event,
                   error_item=lambda msg: {"type": "error", "error": {"type": "api_error", "message": msg}},
                   headers={"Cache-Control": "no-cache"})
 
