@@ -2940,6 +2940,43 @@ def render_generate(template, prompt, suffix="", system="", messages=(), think=N
     return parse_template(template or DEFAULT_TEMPLATE).render(messages=msgs, think=think)
 
 
+IMAGE_TAG_RE = re.compile(r"\[img-(\d+)\]")   # Ollama's stable image tags; Runner.media_prompt swaps them
+IMAGE_TOKENS = 768                                # what an image counts for in truncation, as Ollama's chatPrompt
+
+
+def image_data(value):
+    """One api.ImageData: base64 (Go's []byte in JSON), checked and given back in standard padding;
+    bad base64 is Go's unmarshal error, a 400."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        clean = value.rstrip("=")
+        at = next((i for i, c in enumerate(clean) if not (c.isalnum() and c.isascii() or c in "+/")), len(clean))
+        raise BadRequest("illegal base64 data at input byte %d" % at) from None
+    return base64.b64encode(raw).decode()
+
+
+def tag_images(messages):
+    """(messages, images): each message's images tagged [img-N] in its content, as Ollama's
+    imageTaggedMessages does (a "[img]" in the text is where the next one goes, else they lead), and
+    all the images in tag order, for Runner.media_prompt to match up after rendering."""
+    out, images = [], []
+    for m in messages:
+        if not m.get("images"):
+            out.append(m)
+            continue
+        content, prefix = m.get("content") or "", ""
+        for img in m["images"]:
+            tag = "[img-%d]" % len(images)
+            images.append(image_data(img))
+            if "[img]" in content:
+                content = content.replace("[img]", tag, 1)
+            else:
+                prefix += tag
+        out.append(dict(m, content=prefix + content))
+    return out, images
+
+
 def _tool_block_start(messages, i):
     """Index to cut at so tool results never lose the assistant turn that called them."""
     if i <= 0 or i >= len(messages) or messages[i].get("role") != "tool":
@@ -5019,6 +5056,9 @@ class Runner:
             args += ["--load-mode", "none"]
         if embedding:
             args += ["--embedding"]
+        # llama-server splits a prompt at its media marker, random per process unless pinned; pinned to a
+        # secret one here, as Ollama does, so a user's text can never pass for an image (media_prompt)
+        self.media_marker = "<__ollama_media_%s__>" % secrets.token_hex(16) if projector else None
         if projector:
             args += ["--mmproj", str(projector)]
         for a in adapters:
@@ -5045,8 +5085,9 @@ class Runner:
             if self._stopped_early:           # stop() came first (serve is shutting down)
                 self._close_log()
                 raise OllamaError("server is shutting down")
+            env = dict(os.environ, LLAMA_MEDIA_MARKER=self.media_marker) if self.media_marker else None
             self.proc = self.spawn(self.args, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while True:
             code = self.proc.poll()
@@ -5207,6 +5248,27 @@ class Runner:
 
     def detokenize(self, tokens):
         return self.call("/detokenize", {"tokens": list(tokens)})["content"]
+
+    def media_prompt(self, prompt, images):
+        """/completion's `prompt` for a text and its images: Ollama's [img-N] tags become this child's
+        media marker, in the order they appear, and the images go along as base64 in that order (a tag
+        whose message was truncated away takes its image with it, as in Ollama)."""
+        if not images:
+            return prompt
+        if not self.media_marker:
+            raise BadRequest("this model is missing data required for image input")
+        sent, data = set(), []
+
+        def swap(m):
+            i = int(m.group(1))
+            if i >= len(images) or i in sent:
+                return m.group(0)             # a tag a user typed, or one already used: left as text
+            sent.add(i)
+            data.append(images[i])
+            return self.media_marker
+
+        text = IMAGE_TAG_RE.sub(swap, prompt)
+        return {"prompt_string": text, "multimodal_data": data} if data else prompt
 
     def apply_template(self, messages):
         """Render messages with the GGUF's own chat template (llama-server's jinja), generation prompt added."""
@@ -7062,7 +7124,7 @@ def _fit_chat(model, runner, messages, tools, think, truncate):
 
     if model.has_template or not _gguf_chat_template(model):
         text, dropped = chat_prompt(model.parsed_template(), messages, count, runner.num_ctx, tools=tools,
-                                    think=think)
+                                    think=think, image_tokens=IMAGE_TOKENS if model.projector_paths else 0)
     else:
         keep = list(messages)
         dropped = 0
@@ -7118,11 +7180,12 @@ def _schedule(req, model, body, keep_alive, embedding=False):
     return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
 
 
-def _completion(lease, prompt, fmt, top_logprobs=None):
+def _completion(lease, prompt, fmt, top_logprobs=None, images=()):
     """Stream (piece, final_event_or_None, logprobs) from the leased runner; the lease is the caller's.
     With `top_logprobs` (0-20, None for off) each piece's tokens come with Ollama's api.Logprob
-    entries, from llama-server's n_probs."""
-    payload = dict(_sampling(lease.opts, fmt), prompt=prompt)
+    entries, from llama-server's n_probs. `images` (base64) are those the prompt's [img-N] tags name."""
+    payload = dict(_sampling(lease.opts, fmt), prompt=lease.runner.media_prompt(prompt, list(images)) if images
+                   else prompt)
     if top_logprobs is not None:
         payload["n_probs"] = max(1, top_logprobs)
     events = lease.runner.completion(payload)
@@ -7194,14 +7257,15 @@ def api_generate(req):
     top_logprobs = _top_logprobs(body)
     if body.get("images") and not model.projector_paths:
         raise BadRequest("this model is missing data required for image input")
+    images = [image_data(i) for i in body.get("images") or []]
     fmt = body.get("format")
     _format_schema(fmt)
     with _schedule(req, model, body, keep_alive) as lease:
         if not prompt:
             return dict(base, created_at=rfc3339(), response="", done=True, done_reason="load")
         runner = lease.runner
-        if body.get("raw"):
-            text = prompt
+        if body.get("raw"):                             # the caller's own [img-N] tags, else they lead
+            text = "".join("[img-%d]" % i for i in range(len(images)) if "[img-%d]" % i not in prompt) + prompt
         else:
             messages = []
             system = body.get("system") or model.system
@@ -7210,6 +7274,7 @@ def api_generate(req):
             if not body.get("context"):
                 messages.extend(model.messages)
             messages.append({"role": "user", "content": prompt, "images": body.get("images")})
+            messages, images = tag_images(messages)
             if body.get("suffix"):
                 text = render_generate(body.get("template") or model.parsed_template(), prompt,
                                        suffix=body["suffix"], think=think)
@@ -7218,17 +7283,18 @@ def api_generate(req):
         if body.get("context"):
             text = runner.detokenize(body["context"]) + text
         if body.get("_debug_render_only"):
-            return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
+            return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text,
+                                                                 "image_count": len(images)})
         thinking = _thinking_parser(model, text) if think else None
-        chunks = _api_generate_chunks(lease, body, base, text, fmt, started, thinking, top_logprobs)
+        chunks = _api_generate_chunks(lease, body, base, text, fmt, started, thinking, top_logprobs, images)
         return _respond(body, lease.stream(chunks), "response")
 
 
-def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, top_logprobs=None):
+def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, top_logprobs=None, images=()):
     """/api/generate's answer objects, streamed from the leased runner (through the thinking parser
     when the model thinks: its thoughts go to `thinking`, as Ollama's GenerateHandler does)."""
     pieces = []
-    for piece, final, probs in _completion(lease, text, fmt, top_logprobs):
+    for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images):
         pieces.append(piece)
         thought = ""
         if thinking:
@@ -7310,6 +7376,9 @@ def api_chat(req):
         raise BadRequest("%s does not support tools" % model.name)
     if any(m.get("images") for m in messages) and not model.projector_paths:
         raise BadRequest("this model is missing data required for image input")
+    for m in messages:                                  # bad base64 is a 400 before any model loads
+        for img in m.get("images") or []:
+            image_data(img)
     fmt = body.get("format")
     _format_schema(fmt)
     with _schedule(req, model, body, keep_alive) as lease:
@@ -7319,12 +7388,14 @@ def api_chat(req):
         full = list(model.messages) + messages
         if full[0].get("role") != "system" and model.system:
             full.insert(0, {"role": "system", "content": model.system})
+        full, images = tag_images(full)
         text = _fit_chat(model, lease.runner, full, tools, think, body.get("truncate") is True)
         if body.get("_debug_render_only"):
-            return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
+            return dict(base, created_at=rfc3339(), _debug_info={
+                "rendered_template": text, "image_count": len(set(IMAGE_TAG_RE.findall(text)))})
         tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
         thinking = _thinking_parser(model, text) if think else None
-        chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs)
+        chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs, images)
         return _respond(body, lease.stream(chunks), "message")
 
 
@@ -7339,10 +7410,10 @@ def _thinking_parser(model, prompt):
     return parser
 
 
-def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs=None):
+def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs=None, images=()):
     """/api/chat's answer objects, streamed from the leased runner through the tool-call and
     thinking parsers."""
-    for piece, final, probs in _completion(lease, text, fmt, top_logprobs):
+    for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images):
         msg = {"role": "assistant", "content": piece}
         if thinking:
             msg["thinking"], msg["content"] = thinking.feed(msg["content"])
