@@ -3407,6 +3407,16 @@ class Model:
             return header
         return read_gguf(self.model_path, max_array)
 
+    def jinja_template(self):
+        """The GGUF's tokenizer.chat_template when it is what renders chat (no TEMPLATE layer), else None:
+        then llama-server's Jinja engine and its tool-call and reasoning parsers do the work."""
+        if self.has_template or not self.model_path:
+            return None
+        try:
+            return self.gguf().chat_template or None
+        except (OSError, OllamaError):
+            return None
+
     def parsed_template(self):
         """The TEMPLATE parsed once per server (a request renders it, reads its Vars() and tags);
         TemplateError if it does not parse."""
@@ -3467,6 +3477,11 @@ def load_model(store, name):
     return Model(found, raw, manifest, config, store)
 
 
+#: What a GGUF's Jinja chat template must mention for a capability (llama.cpp's common_chat detects
+#: tool and reasoning formats from the same text).
+JINJA_CAPABILITIES = {"tools": ("tools",), "thinking": ("reasoning_content", "<think>", "enable_thinking")}
+
+
 def model_capabilities(model):
     """The capabilities of a Model, as Ollama's server/images.go Capabilities decides them.
 
@@ -3492,6 +3507,9 @@ def model_capabilities(model):
     except TemplateError as e:
         log.warning("template of %s does not parse: %s", model.short_name, e)
         names = set()
+    jinja = model.jinja_template()
+    if jinja:                     # llama.cpp's chat machinery renders it: what it mentions, it can do
+        names = set(names) | {n for n, says in JINJA_CAPABILITIES.items() if any(w in jinja for w in says)}
     if "tools" in names:
         caps.append("tools")
     if "suffix" in names:
@@ -5203,13 +5221,15 @@ class Runner:
             raise _engine_error(status, out)
         return out
 
-    def completion(self, payload):
+    def completion(self, payload, path="/completion"):
         """Stream POST /completion: yields each SSE event as a dict, the last one with "stop": true
-        and "timings". Closing the generator closes the connection, which cancels the task."""
+        and "timings". Closing the generator closes the connection, which cancels the task.
+        With path="/v1/chat/completions" (the GGUF's Jinja template and llama.cpp's tool-call and
+        reasoning parsers) the events are OpenAI chunks, up to the one with a finish_reason."""
         body = dict(payload, stream=True)
         try:
             conn = self._connect()
-            conn.request("POST", "/completion", body=json_dumps(body).encode(),
+            conn.request("POST", path, body=json_dumps(body).encode(),
                          headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException):
@@ -5234,6 +5254,8 @@ class Runner:
                                       "unexpected end of response")
                 if not line.startswith(b"data: "):
                     continue
+                if line.strip() == b"data: [DONE]":
+                    return
                 event = json.loads(line[6:])
                 if "error" in event:
                     raise _engine_error(500, event)
@@ -6703,7 +6725,7 @@ def api_show(req):
     text_params = model.parameters_text(params)
     if text_params:
         resp["parameters"] = text_params
-    resp["template"] = model.template
+    resp["template"] = model.jinja_template() or model.template     # the one that renders chat
     if model.system:
         resp["system"] = model.system
     for k in ("renderer", "parser"):
@@ -7388,6 +7410,9 @@ def api_chat(req):
         full = list(model.messages) + messages
         if full[0].get("role") != "system" and model.system:
             full.insert(0, {"role": "system", "content": model.system})
+        if model.jinja_template() and (tools or think) and not any(m.get("images") for m in full):
+            chunks = _jinja_chat_chunks(lease, base, full, tools, think, fmt, started)
+            return _respond(body, lease.stream(chunks), "message")
         full, images = tag_images(full)
         text = _fit_chat(model, lease.runner, full, tools, think, body.get("truncate") is True)
         if body.get("_debug_render_only"):
@@ -7397,6 +7422,79 @@ def api_chat(req):
         thinking = _thinking_parser(model, text) if think else None
         chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs, images)
         return _respond(body, lease.stream(chunks), "message")
+
+
+def _openai_messages(messages):
+    """Ollama messages as llama-server's /v1/chat/completions takes them (arguments as JSON text,
+    thinking as reasoning_content), for the GGUF's Jinja template."""
+    out = []
+    for m in messages:
+        msg = {"role": m.get("role"), "content": m.get("content") or ""}
+        if m.get("thinking"):
+            msg["reasoning_content"] = m["thinking"]
+        if m.get("tool_calls"):
+            msg["tool_calls"] = [{"type": "function", "id": c.get("id") or "call_%d" % i,
+                                  "function": {"name": (c.get("function") or {}).get("name", ""),
+                                               "arguments": json_dumps((c.get("function") or {}).get("arguments")
+                                                                       or {})}}
+                                 for i, c in enumerate(m["tool_calls"])]
+        if m.get("tool_call_id"):
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    return out
+
+
+def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started):
+    """/api/chat's answer objects for a model with only its GGUF template: llama-server renders it with
+    Jinja and parses tool calls and reasoning itself; content and thinking stream as they come, the
+    tool calls (whole only once their arguments are) come with the final object."""
+    payload = dict(_sampling(lease.opts, fmt), messages=_openai_messages(messages),
+                   reasoning_format="deepseek" if think else "none",
+                   chat_template_kwargs={"enable_thinking": bool(think)})
+    if tools:
+        payload["tools"] = tools
+    calls = {}
+    events = lease.runner.completion(payload, path="/v1/chat/completions")
+    try:
+        for event in events:
+            choice = (event.get("choices") or [{}])[0]
+            delta = choice.get("delta") or {}
+            for c in delta.get("tool_calls") or []:
+                call = calls.setdefault(c.get("index", len(calls)), {"id": "", "name": "", "arguments": ""})
+                fn = c.get("function") or {}
+                call["id"] = c.get("id") or call["id"]
+                call["name"] += fn.get("name") or ""
+                call["arguments"] += fn.get("arguments") or ""
+            msg = {"role": "assistant", "content": delta.get("content") or ""}
+            if delta.get("reasoning_content"):
+                msg["thinking"] = delta["reasoning_content"]
+            finish = choice.get("finish_reason")
+            if finish is None:
+                if msg["content"] or msg.get("thinking"):
+                    yield dict(base, created_at=rfc3339(), message=msg, done=False)
+                continue
+            if calls:
+                msg["tool_calls"] = [_jinja_tool_call(i, calls[k]) for i, k in enumerate(sorted(calls))]
+            done = dict(base, created_at=rfc3339(), message=msg, done=True,
+                        done_reason="length" if finish == "length" else "stop")
+            done.update(_metrics(event, started, lease.load_s))
+            yield done
+            return
+    finally:
+        events.close()
+
+
+def _jinja_tool_call(index, call):
+    """One of llama-server's parsed tool calls as Ollama's api.ToolCall (arguments an object)."""
+    try:
+        args = json.loads(call["arguments"] or "{}")
+    except ValueError:
+        args = {}
+        log.warning("tool call %s: arguments are not JSON: %r", call["name"], call["arguments"])
+    out = {"function": {"index": index, "name": call["name"], "arguments": args}}
+    if call["id"]:
+        out["id"] = call["id"]
+    return out
 
 
 def _thinking_parser(model, prompt):
