@@ -2940,6 +2940,43 @@ def render_generate(template, prompt, suffix="", system="", messages=(), think=N
     return parse_template(template or DEFAULT_TEMPLATE).render(messages=msgs, think=think)
 
 
+IMAGE_TAG_RE = re.compile(r"\[img-(\d+)\]")   # Ollama's stable image tags; Runner.media_prompt swaps them
+IMAGE_TOKENS = 768                                # what an image counts for in truncation, as Ollama's chatPrompt
+
+
+def image_data(value):
+    """One api.ImageData: base64 (Go's []byte in JSON), checked and given back in standard padding;
+    bad base64 is Go's unmarshal error, a 400."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        clean = value.rstrip("=")
+        at = next((i for i, c in enumerate(clean) if not (c.isalnum() and c.isascii() or c in "+/")), len(clean))
+        raise BadRequest("illegal base64 data at input byte %d" % at) from None
+    return base64.b64encode(raw).decode()
+
+
+def tag_images(messages):
+    """(messages, images): each message's images tagged [img-N] in its content, as Ollama's
+    imageTaggedMessages does (a "[img]" in the text is where the next one goes, else they lead), and
+    all the images in tag order, for Runner.media_prompt to match up after rendering."""
+    out, images = [], []
+    for m in messages:
+        if not m.get("images"):
+            out.append(m)
+            continue
+        content, prefix = m.get("content") or "", ""
+        for img in m["images"]:
+            tag = "[img-%d]" % len(images)
+            images.append(image_data(img))
+            if "[img]" in content:
+                content = content.replace("[img]", tag, 1)
+            else:
+                prefix += tag
+        out.append(dict(m, content=prefix + content))
+    return out, images
+
+
 def _tool_block_start(messages, i):
     """Index to cut at so tool results never lose the assistant turn that called them."""
     if i <= 0 or i >= len(messages) or messages[i].get("role") != "tool":
@@ -3370,6 +3407,16 @@ class Model:
             return header
         return read_gguf(self.model_path, max_array)
 
+    def jinja_template(self):
+        """The GGUF's tokenizer.chat_template when it is what renders chat (no TEMPLATE layer), else None:
+        then llama-server's Jinja engine and its tool-call and reasoning parsers do the work."""
+        if self.has_template or not self.model_path:
+            return None
+        try:
+            return self.gguf().chat_template or None
+        except (OSError, OllamaError):
+            return None
+
     def parsed_template(self):
         """The TEMPLATE parsed once per server (a request renders it, reads its Vars() and tags);
         TemplateError if it does not parse."""
@@ -3430,6 +3477,11 @@ def load_model(store, name):
     return Model(found, raw, manifest, config, store)
 
 
+#: What a GGUF's Jinja chat template must mention for a capability (llama.cpp's common_chat detects
+#: tool and reasoning formats from the same text).
+JINJA_CAPABILITIES = {"tools": ("tools",), "thinking": ("reasoning_content", "<think>", "enable_thinking")}
+
+
 def model_capabilities(model):
     """The capabilities of a Model, as Ollama's server/images.go Capabilities decides them.
 
@@ -3455,6 +3507,9 @@ def model_capabilities(model):
     except TemplateError as e:
         log.warning("template of %s does not parse: %s", model.short_name, e)
         names = set()
+    jinja = model.jinja_template()
+    if jinja:                     # llama.cpp's chat machinery renders it: what it mentions, it can do
+        names = set(names) | {n for n, says in JINJA_CAPABILITIES.items() if any(w in jinja for w in says)}
     if "tools" in names:
         caps.append("tools")
     if "suffix" in names:
@@ -5019,6 +5074,9 @@ class Runner:
             args += ["--load-mode", "none"]
         if embedding:
             args += ["--embedding"]
+        # llama-server splits a prompt at its media marker, random per process unless pinned; pinned to a
+        # secret one here, as Ollama does, so a user's text can never pass for an image (media_prompt)
+        self.media_marker = "<__ollama_media_%s__>" % secrets.token_hex(16) if projector else None
         if projector:
             args += ["--mmproj", str(projector)]
         for a in adapters:
@@ -5045,8 +5103,9 @@ class Runner:
             if self._stopped_early:           # stop() came first (serve is shutting down)
                 self._close_log()
                 raise OllamaError("server is shutting down")
+            env = dict(os.environ, LLAMA_MEDIA_MARKER=self.media_marker) if self.media_marker else None
             self.proc = self.spawn(self.args, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while True:
             code = self.proc.poll()
@@ -5162,13 +5221,15 @@ class Runner:
             raise _engine_error(status, out)
         return out
 
-    def completion(self, payload):
+    def completion(self, payload, path="/completion"):
         """Stream POST /completion: yields each SSE event as a dict, the last one with "stop": true
-        and "timings". Closing the generator closes the connection, which cancels the task."""
+        and "timings". Closing the generator closes the connection, which cancels the task.
+        With path="/v1/chat/completions" (the GGUF's Jinja template and llama.cpp's tool-call and
+        reasoning parsers) the events are OpenAI chunks, up to the one with a finish_reason."""
         body = dict(payload, stream=True)
         try:
             conn = self._connect()
-            conn.request("POST", "/completion", body=json_dumps(body).encode(),
+            conn.request("POST", path, body=json_dumps(body).encode(),
                          headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException):
@@ -5193,6 +5254,8 @@ class Runner:
                                       "unexpected end of response")
                 if not line.startswith(b"data: "):
                     continue
+                if line.strip() == b"data: [DONE]":
+                    return
                 event = json.loads(line[6:])
                 if "error" in event:
                     raise _engine_error(500, event)
@@ -5207,6 +5270,27 @@ class Runner:
 
     def detokenize(self, tokens):
         return self.call("/detokenize", {"tokens": list(tokens)})["content"]
+
+    def media_prompt(self, prompt, images):
+        """/completion's `prompt` for a text and its images: Ollama's [img-N] tags become this child's
+        media marker, in the order they appear, and the images go along as base64 in that order (a tag
+        whose message was truncated away takes its image with it, as in Ollama)."""
+        if not images:
+            return prompt
+        if not self.media_marker:
+            raise BadRequest("this model is missing data required for image input")
+        sent, data = set(), []
+
+        def swap(m):
+            i = int(m.group(1))
+            if i >= len(images) or i in sent:
+                return m.group(0)             # a tag a user typed, or one already used: left as text
+            sent.add(i)
+            data.append(images[i])
+            return self.media_marker
+
+        text = IMAGE_TAG_RE.sub(swap, prompt)
+        return {"prompt_string": text, "multimodal_data": data} if data else prompt
 
     def apply_template(self, messages):
         """Render messages with the GGUF's own chat template (llama-server's jinja), generation prompt added."""
@@ -6641,7 +6725,7 @@ def api_show(req):
     text_params = model.parameters_text(params)
     if text_params:
         resp["parameters"] = text_params
-    resp["template"] = model.template
+    resp["template"] = model.jinja_template() or model.template     # the one that renders chat
     if model.system:
         resp["system"] = model.system
     for k in ("renderer", "parser"):
@@ -7062,7 +7146,7 @@ def _fit_chat(model, runner, messages, tools, think, truncate):
 
     if model.has_template or not _gguf_chat_template(model):
         text, dropped = chat_prompt(model.parsed_template(), messages, count, runner.num_ctx, tools=tools,
-                                    think=think)
+                                    think=think, image_tokens=IMAGE_TOKENS if model.projector_paths else 0)
     else:
         keep = list(messages)
         dropped = 0
@@ -7118,11 +7202,12 @@ def _schedule(req, model, body, keep_alive, embedding=False):
     return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
 
 
-def _completion(lease, prompt, fmt, top_logprobs=None):
+def _completion(lease, prompt, fmt, top_logprobs=None, images=()):
     """Stream (piece, final_event_or_None, logprobs) from the leased runner; the lease is the caller's.
     With `top_logprobs` (0-20, None for off) each piece's tokens come with Ollama's api.Logprob
-    entries, from llama-server's n_probs."""
-    payload = dict(_sampling(lease.opts, fmt), prompt=prompt)
+    entries, from llama-server's n_probs. `images` (base64) are those the prompt's [img-N] tags name."""
+    payload = dict(_sampling(lease.opts, fmt), prompt=lease.runner.media_prompt(prompt, list(images)) if images
+                   else prompt)
     if top_logprobs is not None:
         payload["n_probs"] = max(1, top_logprobs)
     events = lease.runner.completion(payload)
@@ -7194,14 +7279,15 @@ def api_generate(req):
     top_logprobs = _top_logprobs(body)
     if body.get("images") and not model.projector_paths:
         raise BadRequest("this model is missing data required for image input")
+    images = [image_data(i) for i in body.get("images") or []]
     fmt = body.get("format")
     _format_schema(fmt)
     with _schedule(req, model, body, keep_alive) as lease:
         if not prompt:
             return dict(base, created_at=rfc3339(), response="", done=True, done_reason="load")
         runner = lease.runner
-        if body.get("raw"):
-            text = prompt
+        if body.get("raw"):                             # the caller's own [img-N] tags, else they lead
+            text = "".join("[img-%d]" % i for i in range(len(images)) if "[img-%d]" % i not in prompt) + prompt
         else:
             messages = []
             system = body.get("system") or model.system
@@ -7210,6 +7296,7 @@ def api_generate(req):
             if not body.get("context"):
                 messages.extend(model.messages)
             messages.append({"role": "user", "content": prompt, "images": body.get("images")})
+            messages, images = tag_images(messages)
             if body.get("suffix"):
                 text = render_generate(body.get("template") or model.parsed_template(), prompt,
                                        suffix=body["suffix"], think=think)
@@ -7218,17 +7305,18 @@ def api_generate(req):
         if body.get("context"):
             text = runner.detokenize(body["context"]) + text
         if body.get("_debug_render_only"):
-            return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
+            return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text,
+                                                                 "image_count": len(images)})
         thinking = _thinking_parser(model, text) if think else None
-        chunks = _api_generate_chunks(lease, body, base, text, fmt, started, thinking, top_logprobs)
+        chunks = _api_generate_chunks(lease, body, base, text, fmt, started, thinking, top_logprobs, images)
         return _respond(body, lease.stream(chunks), "response")
 
 
-def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, top_logprobs=None):
+def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, top_logprobs=None, images=()):
     """/api/generate's answer objects, streamed from the leased runner (through the thinking parser
     when the model thinks: its thoughts go to `thinking`, as Ollama's GenerateHandler does)."""
     pieces = []
-    for piece, final, probs in _completion(lease, text, fmt, top_logprobs):
+    for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images):
         pieces.append(piece)
         thought = ""
         if thinking:
@@ -7310,6 +7398,9 @@ def api_chat(req):
         raise BadRequest("%s does not support tools" % model.name)
     if any(m.get("images") for m in messages) and not model.projector_paths:
         raise BadRequest("this model is missing data required for image input")
+    for m in messages:                                  # bad base64 is a 400 before any model loads
+        for img in m.get("images") or []:
+            image_data(img)
     fmt = body.get("format")
     _format_schema(fmt)
     with _schedule(req, model, body, keep_alive) as lease:
@@ -7319,13 +7410,91 @@ def api_chat(req):
         full = list(model.messages) + messages
         if full[0].get("role") != "system" and model.system:
             full.insert(0, {"role": "system", "content": model.system})
+        if model.jinja_template() and (tools or think) and not any(m.get("images") for m in full):
+            chunks = _jinja_chat_chunks(lease, base, full, tools, think, fmt, started)
+            return _respond(body, lease.stream(chunks), "message")
+        full, images = tag_images(full)
         text = _fit_chat(model, lease.runner, full, tools, think, body.get("truncate") is True)
         if body.get("_debug_render_only"):
-            return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text, "image_count": 0})
+            return dict(base, created_at=rfc3339(), _debug_info={
+                "rendered_template": text, "image_count": len(set(IMAGE_TAG_RE.findall(text)))})
         tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
         thinking = _thinking_parser(model, text) if think else None
-        chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs)
+        chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs, images)
         return _respond(body, lease.stream(chunks), "message")
+
+
+def _openai_messages(messages):
+    """Ollama messages as llama-server's /v1/chat/completions takes them (arguments as JSON text,
+    thinking as reasoning_content), for the GGUF's Jinja template."""
+    out = []
+    for m in messages:
+        msg = {"role": m.get("role"), "content": m.get("content") or ""}
+        if m.get("thinking"):
+            msg["reasoning_content"] = m["thinking"]
+        if m.get("tool_calls"):
+            msg["tool_calls"] = [{"type": "function", "id": c.get("id") or "call_%d" % i,
+                                  "function": {"name": (c.get("function") or {}).get("name", ""),
+                                               "arguments": json_dumps((c.get("function") or {}).get("arguments")
+                                                                       or {})}}
+                                 for i, c in enumerate(m["tool_calls"])]
+        if m.get("tool_call_id"):
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    return out
+
+
+def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started):
+    """/api/chat's answer objects for a model with only its GGUF template: llama-server renders it with
+    Jinja and parses tool calls and reasoning itself; content and thinking stream as they come, the
+    tool calls (whole only once their arguments are) come with the final object."""
+    payload = dict(_sampling(lease.opts, fmt), messages=_openai_messages(messages),
+                   reasoning_format="deepseek" if think else "none",
+                   chat_template_kwargs={"enable_thinking": bool(think)})
+    if tools:
+        payload["tools"] = tools
+    calls = {}
+    events = lease.runner.completion(payload, path="/v1/chat/completions")
+    try:
+        for event in events:
+            choice = (event.get("choices") or [{}])[0]
+            delta = choice.get("delta") or {}
+            for c in delta.get("tool_calls") or []:
+                call = calls.setdefault(c.get("index", len(calls)), {"id": "", "name": "", "arguments": ""})
+                fn = c.get("function") or {}
+                call["id"] = c.get("id") or call["id"]
+                call["name"] += fn.get("name") or ""
+                call["arguments"] += fn.get("arguments") or ""
+            msg = {"role": "assistant", "content": delta.get("content") or ""}
+            if delta.get("reasoning_content"):
+                msg["thinking"] = delta["reasoning_content"]
+            finish = choice.get("finish_reason")
+            if finish is None:
+                if msg["content"] or msg.get("thinking"):
+                    yield dict(base, created_at=rfc3339(), message=msg, done=False)
+                continue
+            if calls:
+                msg["tool_calls"] = [_jinja_tool_call(i, calls[k]) for i, k in enumerate(sorted(calls))]
+            done = dict(base, created_at=rfc3339(), message=msg, done=True,
+                        done_reason="length" if finish == "length" else "stop")
+            done.update(_metrics(event, started, lease.load_s))
+            yield done
+            return
+    finally:
+        events.close()
+
+
+def _jinja_tool_call(index, call):
+    """One of llama-server's parsed tool calls as Ollama's api.ToolCall (arguments an object)."""
+    try:
+        args = json.loads(call["arguments"] or "{}")
+    except ValueError:
+        args = {}
+        log.warning("tool call %s: arguments are not JSON: %r", call["name"], call["arguments"])
+    out = {"function": {"index": index, "name": call["name"], "arguments": args}}
+    if call["id"]:
+        out["id"] = call["id"]
+    return out
 
 
 def _thinking_parser(model, prompt):
@@ -7339,10 +7508,10 @@ def _thinking_parser(model, prompt):
     return parser
 
 
-def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs=None):
+def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs=None, images=()):
     """/api/chat's answer objects, streamed from the leased runner through the tool-call and
     thinking parsers."""
-    for piece, final, probs in _completion(lease, text, fmt, top_logprobs):
+    for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images):
         msg = {"role": "assistant", "content": piece}
         if thinking:
             msg["thinking"], msg["content"] = thinking.feed(msg["content"])
