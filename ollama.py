@@ -74,7 +74,6 @@ __all__ = [
 import argparse
 import base64
 import contextlib
-import ctypes
 import datetime
 import errno
 import hashlib
@@ -85,7 +84,6 @@ import json
 import logging
 import math
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -96,7 +94,6 @@ import stat
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -4623,6 +4620,7 @@ _ARCHIVE_BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 
 
 def _tar_header(name, size, mtime):
+    import tarfile  # here and in import_archive, not at the top: only export/import use it (~2 ms)
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.type = size, int(mtime), 0o644, tarfile.REGTYPE
     return info.tobuf(tarfile.USTAR_FORMAT)
@@ -4753,6 +4751,7 @@ def import_archive(store, stream, name=None, progress=None):
     manifest enters the store: a truncated, hostile or inconsistent archive raises BadRequest and
     leaves the store as it was. `name` names the model of a one-model archive (else its ref.name).
     progress(bytes) reports the blob bytes read so far."""
+    import tarfile  # see _tar_header
     progress = progress or (lambda n: None)
     staged, state = _Staged(store), {"read": 0}
 
@@ -4918,6 +4917,7 @@ def _pdeathsig_setter():
     safe in a forked child of a threaded process); None where there is no prctl (not Linux)."""
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # here, not at the top: only serve forks children, and ctypes costs ~2 ms to import
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
@@ -4964,6 +4964,7 @@ class Spawner:
     def __init__(self, record=None):
         self.record = Path(record) if record else None
         self.children = []
+        import queue  # here, not at the top: only serve spawns runners (~1 ms to import)
         self.jobs = queue.Queue()
         self.closed = False
         threading.Thread(target=self._run, name="spawner", daemon=True).start()
