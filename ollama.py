@@ -7992,15 +7992,21 @@ def _openai_error(status, message):
     return Response.json(status, body)
 
 
-def _openai(handler):
-    """Wrap a /v1 handler so that every OllamaError it raises is answered in OpenAI's error shape."""
-    def wrapped(req):
-        try:
-            return handler(req)
-        except OllamaError as e:
-            return _openai_error(e.status, str(e))
-    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
-    return wrapped
+def _errors_as(shape):
+    """A decorator for the handlers of another API: every OllamaError a handler raises is answered
+    by `shape(status, message)`, that API's own error answer."""
+    def decorate(handler):
+        def wrapped(req):
+            try:
+                return handler(req)
+            except OllamaError as e:
+                return shape(e.status, str(e))
+        wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+        return wrapped
+    return decorate
+
+
+_openai = _errors_as(_openai_error)            # the /v1 handlers (OpenAI's shape)
 
 
 def _forward(req, body, **context):
@@ -8757,15 +8763,7 @@ def _anthropic_error(status, message):
         "request_id": _anthropic_id("req")})
 
 
-def _anthropic(handler):
-    """Wrap a /v1/messages handler so that every OllamaError it raises is answered in Anthropic's shape."""
-    def wrapped(req):
-        try:
-            return handler(req)
-        except OllamaError as e:
-            return _anthropic_error(e.status, str(e))
-    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
-    return wrapped
+_anthropic = _errors_as(_anthropic_error)      # the /v1/messages handlers (Anthropic's shape)
 
 
 def _block_list(content, where):
