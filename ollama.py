@@ -8392,6 +8392,18 @@ def _tool_name_for(messages, call_id):
     return ""
 
 
+def _tool_message(content, images, call_id, earlier):
+    """An /api/chat tool message answering call `call_id` (Responses' function_call_output, Anthropic's
+    tool_result), named after the earlier call it answers."""
+    msg = {"role": "tool", "content": content, "tool_call_id": call_id or ""}
+    name = _tool_name_for(earlier, call_id)
+    if name:
+        msg["tool_name"] = name
+    if images:
+        msg["images"] = images
+    return msg
+
+
 def _from_responses_input(value):
     """Responses `input` (a string, or message / function_call / function_call_output / reasoning
     items) -> /api/chat messages. A reasoning item's text becomes the next assistant turn's thinking."""
@@ -8421,13 +8433,7 @@ def _from_responses_input(value):
         elif kind == "function_call_output":
             output = item.get("output")
             text, images = _responses_content(output if output is not None else "", where)
-            msg = {"role": "tool", "content": text, "tool_call_id": item.get("call_id") or ""}
-            name = _tool_name_for(messages, item.get("call_id"))
-            if name:
-                msg["tool_name"] = name
-            if images:
-                msg["images"] = images
-            messages.append(msg)
+            messages.append(_tool_message(text, images, item.get("call_id"), messages))
         elif kind == "reasoning":
             thinking = item.get("encrypted_content") or "".join(
                 (s or {}).get("text", "") for s in item.get("summary") or [] if isinstance(s, dict))
@@ -8823,13 +8829,7 @@ def _from_anthropic_message(msg, earlier):
                                                           or {}}})
         elif kind == "tool_result":
             content, result_images = _tool_result_content(block.get("content"))
-            result = {"role": "tool", "content": content, "tool_call_id": block.get("tool_use_id") or ""}
-            name = _tool_name_for(earlier, block.get("tool_use_id"))
-            if name:
-                result["tool_name"] = name
-            if result_images:
-                result["images"] = result_images
-            results.append(result)
+            results.append(_tool_message(content, result_images, block.get("tool_use_id"), earlier))
         elif kind == "thinking":
             thinking = block.get("thinking") or ""
         # other blocks (redacted_thinking, server tools, documents) carry nothing a local model reads
