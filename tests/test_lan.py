@@ -16,7 +16,7 @@ import pytest
 import ollama
 from fixtures import serving
 from test_inference import import_gguf
-from test_registry import MODEL_MEDIA, _CountingProxy, _serve, free_port, partial_completed, put_model, tiny_gguf
+from test_registry import MODEL_MEDIA, _CountingProxy, _serve, free_port, kill_pull_and_resume, put_model, tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 OLLAMA_PY = str(ROOT / "ollama.py")
@@ -276,37 +276,13 @@ def test_lan_pull_resumes_after_sigkill_fetching_only_the_missing_part(serve_a, 
     proxy = _CountingProxy(env_a["OLLAMA_HOST"], rate=40e6)      # counts what A sends B, throttled
     env = env_b(tmp_path)
     name = "127.0.0.1:%d/library/gemma3:270m" % proxy.server_port
-    pull = [sys.executable, OLLAMA_PY, "pull", "--insecure", name]
-    srv = _serve(env)
     try:
-        puller = subprocess.Popen(pull, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        store_b = ollama.Store(env["OLLAMA_MODELS"])
-        recorded, deadline = 0, time.monotonic() + 60
-        while recorded < total // 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            try:
-                recorded = partial_completed(store_b, digest)
-            except (OSError, ValueError):             # a part file being replaced
-                pass
-        srv.send_signal(signal.SIGKILL)
-        srv.wait()
-        assert puller.wait(30) != 0
-        recorded = partial_completed(store_b, digest)
-        assert 0 < recorded < total
-        assert not store_b.has_blob(digest) and store_b.resolve(name) is None
-
-        proxy.served = 0
-        srv = _serve(env)
-        done = subprocess.run(pull, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=90)
-        assert done.returncode == 0, done.stderr.decode()
-        assert ollama.file_digest(store_b.blob_path(digest)) == digest
+        store_b, recorded = kill_pull_and_resume(env, name, digest, total, proxy)
         assert store_b.get(name)[1] == store_a.get("gemma3:270m")[1]
         small = sum(d["size"] for d in ollama.manifest_layers(manifest) if d["digest"] != digest)
         assert 0 < proxy.served <= total - recorded + small
         print("LAN resume: %d of %d bytes on disk at the kill; refetched %d" % (recorded, total, proxy.served))
     finally:
-        srv.kill()
-        srv.wait()
         proxy.shutdown()
         proxy.server_close()
 

@@ -667,6 +667,39 @@ def _serve(env):
     pytest.fail("ollama.py serve did not start")
 
 
+def kill_pull_and_resume(env, name, digest, total, proxy):
+    """`ollama.py pull --insecure NAME` through a serve with `env`: SIGKILL the serve once a quarter of
+    the blob `digest` (`total` bytes) is on disk, check the partial was kept and nothing committed, then
+    restart and pull again with the proxy's byte count reset. Returns (store, bytes on disk at the kill)."""
+    pull = [sys.executable, str(ROOT / "ollama.py"), "pull", "--insecure", name]
+    store = ollama.Store(env["OLLAMA_MODELS"])
+    srv = _serve(env)
+    try:
+        puller = subprocess.Popen(pull, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        recorded, deadline = 0, time.monotonic() + 60
+        while recorded < total // 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                recorded = partial_completed(store, digest)
+            except (OSError, ValueError):           # a part file being replaced
+                pass
+        srv.send_signal(signal.SIGKILL)
+        srv.wait()
+        assert puller.wait(30) != 0
+        recorded = partial_completed(store, digest)
+        assert 0 < recorded < total
+        assert not store.has_blob(digest) and store.resolve(ollama.Name.parse(name)) is None
+        proxy.served = 0
+        srv = _serve(env)
+        done = subprocess.run(pull, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=90)
+        assert done.returncode == 0, done.stderr.decode()
+        assert ollama.file_digest(store.blob_path(digest)) == digest
+        return store, recorded
+    finally:
+        srv.kill()
+        srv.wait()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not GEMMA.is_file(), reason="Gemma 3 270M GGUF not downloaded")
 def test_pull_survives_server_sigkill_and_resumes_gemma(server, registry, tmp_path):
@@ -681,37 +714,12 @@ def test_pull_survives_server_sigkill_and_resumes_gemma(server, registry, tmp_pa
     env = dict(os.environ, OLLAMA_HOST="127.0.0.1:%d" % free_port(), OLLAMA_MODELS=str(models),
                HOME=str(tmp_path / "home2"))
     pulled = "127.0.0.1:%d/test/gemma3:270m" % proxy.server_port
-    cli = [sys.executable, str(ROOT / "ollama.py"), "pull", "--insecure", pulled]
-    srv = _serve(env)
     try:
-        puller = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        store2 = ollama.Store(models)
-        recorded = 0
-        deadline = time.monotonic() + 60
-        while recorded < total // 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            try:
-                recorded = partial_completed(store2, digest)
-            except (OSError, ValueError):           # a part file being replaced
-                pass
-        srv.send_signal(signal.SIGKILL)
-        srv.wait()
-        assert puller.wait(30) != 0
-        recorded = partial_completed(store2, digest)
-        assert 0 < recorded < total
-        assert not store2.has_blob(digest) and store2.resolve(pulled) is None
-
-        proxy.served = 0
-        srv = _serve(env)
-        done = subprocess.run(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=90)
-        assert done.returncode == 0, done.stderr.decode()
-        assert ollama.file_digest(store2.blob_path(digest)) == digest
+        store2, recorded = kill_pull_and_resume(env, pulled, digest, total, proxy)
         config = json.loads(store2.get(pulled)[1])["config"]["size"]
         assert 0 < proxy.served <= total - recorded + config
         print("resume: %d of %d bytes on disk at the kill; refetched %d" % (recorded, total, proxy.served))
     finally:
-        srv.kill()
-        srv.wait()
         proxy.shutdown()
         proxy.server_close()
 
