@@ -183,6 +183,86 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
     return path
 
 
+def write_scripted_gguf(path, script, chat_template, *, controls=("<|im_start|>", "<|im_end|>"),
+                        eos="<|im_end|>", name="scripted"):
+    """Write a tiny llama GGUF whose greedy (and, at any sane temperature, sampled) output is `script`.
+
+    A real model for the paths random weights never reach (a parsed tool call, a thinking block): the
+    vocabulary is SentencePiece's 256 byte tokens, the `controls` and one user-defined token per piece
+    of `script` (so each piece comes out verbatim), and the weights make a bigram model: attention and
+    feed-forward write nothing (zero output projections), so the last hidden state is the current
+    token's embedding. Every token outside the script embeds on axis 0, which the output head maps to
+    script[0]; script[i] embeds on axis i+1, which it maps to script[i+1], and the last piece to `eos`.
+    So whatever the prompt ends with, the answer is the script, then end of generation; a prompt that
+    ends with a piece of the script (a template's prefill) continues from there. Pieces must differ.
+    """
+    import numpy as np
+    import gguf
+
+    if len(set(script)) != len(script) or set(script) & set(controls):
+        raise ValueError("the script's pieces must be distinct, and not control tokens")
+    tokens = ["<unk>", "<s>", "</s>"] + ["<0x%02X>" % b for b in range(256)] + list(controls) + list(script)
+    types = ([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+             + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.CONTROL] * len(controls)
+             + [gguf.TokenType.USER_DEFINED] * len(script))
+    ids = {t: i for i, t in enumerate(tokens)}
+    n_vocab, n_head = len(tokens), 2
+    n_embd = max(16, -(-(len(script) + 1) // n_head) * n_head)       # one axis per piece, plus axis 0
+    n_ff = 2 * n_embd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name)
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(1)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * n_vocab)
+    w.add_token_types(types)
+    w.add_bos_token_id(ids["<s>"])
+    w.add_eos_token_id(ids[eos])
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_chat_template(chat_template)
+
+    embd = np.zeros((n_vocab, n_embd), dtype=np.float32)
+    embd[:, 0] = 1.0
+    out = np.zeros((n_vocab, n_embd), dtype=np.float32)
+    out[ids[script[0]], 0] = 10.0                        # logit 10 * sqrt(n_embd) after the RMS norm
+    for i, piece in enumerate(script):
+        embd[ids[piece]] = 0.0
+        embd[ids[piece], i + 1] = 1.0
+        nxt = script[i + 1] if i + 1 < len(script) else eos
+        out[ids[nxt], i + 1] = 10.0
+    zeros = lambda rows, cols: np.zeros((rows, cols), dtype=np.float32)   # noqa: E731
+    w.add_tensor("token_embd.weight", embd)
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor("output.weight", out)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+    for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        w.add_tensor("blk.0.%s.weight" % t, zeros(n_embd, n_embd))
+    w.add_tensor("blk.0.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor("blk.0.ffn_gate.weight", zeros(n_ff, n_embd))
+    w.add_tensor("blk.0.ffn_up.weight", zeros(n_ff, n_embd))
+    w.add_tensor("blk.0.ffn_down.weight", zeros(n_embd, n_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(str(tmp), str(path))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------
