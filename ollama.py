@@ -7511,9 +7511,9 @@ def _jinja_tool_call(index, call):
 
 
 def _thinking_parser(model, prompt):
-    """A ThinkingParser for the model's tags (None when it has none); when the rendered prompt already ends with the opening
-    tag (a template that starts the thinking itself), the parser is fed it, as Ollama does, so
-    the output up to the closing tag is thinking."""
+    """A ThinkingParser for the model's tags (None when it has none); when the rendered prompt already
+    ends with the opening tag (a template that starts the thinking itself), the parser is fed it, as
+    Ollama does, so the output up to the closing tag is thinking."""
     jinja = model.jinja_template()
     if jinja:                                  # the tags llama.cpp's reasoning parser knows, if it uses them
         opening, closing = ("<think>", "</think>") if "<think>" in jinja else ("", "")
