@@ -7217,7 +7217,8 @@ def _completion(lease, prompt, fmt, top_logprobs=None, images=()):
     events = lease.runner.completion(payload)
     try:
         for event in events:
-            probs = _logprobs(event, top_logprobs) if top_logprobs is not None else []
+            probs = (_logprobs(event.get("completion_probabilities"), top_logprobs)
+                     if top_logprobs is not None else [])
             if event.get("stop"):
                 yield event.get("content", ""), event, probs
                 return
@@ -7226,10 +7227,11 @@ def _completion(lease, prompt, fmt, top_logprobs=None, images=()):
         events.close()
 
 
-def _logprobs(event, top):
-    """Ollama's api.Logprob list ({token, logprob, bytes, top_logprobs}) for one /completion event."""
+def _logprobs(entries, top):
+    """Ollama's api.Logprob list ({token, logprob, bytes, top_logprobs}) from llama-server's entries for
+    one event: /completion's completion_probabilities or /v1/chat/completions' logprobs.content."""
     out = []
-    for p in event.get("completion_probabilities") or []:
+    for p in entries or []:
         entry = {"token": p.get("token", ""), "logprob": p.get("logprob", 0.0), "bytes": p.get("bytes")}
         if top:
             entry["top_logprobs"] = [{"token": t.get("token", ""), "logprob": t.get("logprob", 0.0),
@@ -7415,7 +7417,7 @@ def api_chat(req):
         if full[0].get("role") != "system" and model.system:
             full.insert(0, {"role": "system", "content": model.system})
         if model.jinja_template() and (tools or think is not None) and not any(m.get("images") for m in full):
-            chunks = _jinja_chat_chunks(lease, base, full, tools, think, fmt, started)
+            chunks = _jinja_chat_chunks(lease, base, full, tools, think, fmt, started, top_logprobs)
             return _respond(body, lease.stream(chunks), "message")
         full, images = tag_images(full)
         text = _fit_chat(model, lease.runner, full, tools, think, body.get("truncate") is True)
@@ -7448,7 +7450,7 @@ def _openai_messages(messages):
     return out
 
 
-def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started):
+def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started, top_logprobs=None):
     """/api/chat's answer objects for a model with only its GGUF template: llama-server renders it with
     Jinja and parses tool calls and reasoning itself; content and thinking stream as they come, the
     tool calls (whole only once their arguments are) come with the final object."""
@@ -7457,6 +7459,8 @@ def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started):
                    chat_template_kwargs=_jinja_think_kwargs(think))
     if tools:
         payload["tools"] = tools
+    if top_logprobs is not None:
+        payload.update(logprobs=True, top_logprobs=max(1, top_logprobs))
     calls = {}
     events = lease.runner.completion(payload, path="/v1/chat/completions")
     try:
@@ -7472,14 +7476,17 @@ def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started):
             msg = {"role": "assistant", "content": delta.get("content") or ""}
             if delta.get("reasoning_content"):
                 msg["thinking"] = delta["reasoning_content"]
+            extra = {}
+            if top_logprobs is not None and (choice.get("logprobs") or {}).get("content"):
+                extra["logprobs"] = _logprobs(choice["logprobs"]["content"], top_logprobs)
             finish = choice.get("finish_reason")
             if finish is None:
-                if msg["content"] or msg.get("thinking"):
-                    yield dict(base, created_at=rfc3339(), message=msg, done=False)
+                if msg["content"] or msg.get("thinking") or extra:
+                    yield dict(base, created_at=rfc3339(), message=msg, **extra, done=False)
                 continue
             if calls:
                 msg["tool_calls"] = [_jinja_tool_call(i, calls[k]) for i, k in enumerate(sorted(calls))]
-            done = dict(base, created_at=rfc3339(), message=msg, done=True,
+            done = dict(base, created_at=rfc3339(), message=msg, **extra, done=True,
                         done_reason="length" if finish == "length" else "stop")
             done.update(_metrics(event, started, lease.load_s))
             yield done

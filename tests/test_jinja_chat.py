@@ -164,3 +164,15 @@ def test_a_renderer_we_do_not_implement_leaves_chat_to_the_gguf_template(qwen, t
     _, thinking, content, calls = chat(qwen, "qwen3-renderer", False, tools=TOOLS)
     assert (thinking, content) == (THOUGHT_SEEN, "")
     assert [c["function"]["arguments"] for c in calls] == [{"city": "Paris"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_come_through_the_gguf_template_path(qwen, stream):
+    status, lines = post(qwen, "/api/chat", {"model": "qwen3-answer", "stream": stream, "messages": QUESTION,
+                                             "logprobs": True, "top_logprobs": 2})
+    assert status == 200, lines
+    probs = [p for x in lines for p in x.get("logprobs") or []]
+    # Thoughts too; llama-server sends no chunk, so no logprob, for tokens its parser holds back entirely
+    assert [p["token"] for p in probs] == ["<think>", THOUGHT, ANSWER]
+    assert all(p["logprob"] > -0.01 and len(p["top_logprobs"]) == 2 for p in probs)
+    assert probs[-1]["bytes"] == list(ANSWER.encode())
