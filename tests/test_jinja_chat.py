@@ -12,7 +12,6 @@ from test_embed import official_ollama
 from test_inference import import_gguf, post
 from test_models_api import upload
 
-TEMPLATES = fixtures.llama_cpp_source() / "models" / "templates"
 THOUGHT = "\nThe user wants the weather: call the tool.\n"
 THOUGHT_SEEN = THOUGHT.lstrip()   # as Ollama's parser: whitespace after <think> eaten, before </think> kept
 CALL = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
@@ -30,7 +29,8 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 @pytest.fixture
 def qwen(server, engine, tmp_path):
     """qwen3-tools and qwen3-answer: Qwen3's real chat template, no TEMPLATE layer."""
-    text = (TEMPLATES / "Qwen-Qwen3-0.6B.jinja").read_text()
+    tree = fixtures.llama_cpp_source()         # after `engine`, which builds from (so fetches) it
+    text = (tree / "models" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
     for name, script in (("qwen3-tools", TOOL_SCRIPT), ("qwen3-answer", ANSWER_SCRIPT)):
         gguf = fixtures.write_scripted_gguf(tmp_path / (name + ".gguf"), script, text)
         import_gguf(server.store, name, gguf)
