@@ -97,18 +97,21 @@ def test_a_tool_result_goes_back_through_the_template(qwen):
     assert lines[-1]["message"]["content"] == ANSWER
 
 
-def test_official_ollama_client_gets_the_tool_call_and_thinking(qwen):
+def test_official_ollama_client_gets_tool_calls_and_thinking_as_asked(qwen):
     out = official_ollama(qwen, """
         r = client.chat(model="qwen3-tools", messages=%r, tools=%r)
         s = list(client.chat(model="qwen3-tools", messages=%r, tools=%r, stream=True))
         calls = [c for part in s for c in part.message.tool_calls or []]
+        off = client.chat(model="qwen3-answer", messages=%r, think=False)
+        g = client.generate(model="qwen3-answer", prompt="Weather?", think="low")
         print(json.dumps([r.message.thinking, r.message.content,
                           [(c.function.name, c.function.arguments) for c in r.message.tool_calls],
                           "".join(p.message.thinking or "" for p in s),
-                          [(c.function.name, c.function.arguments) for c in calls]]))
-    """ % (QUESTION, TOOLS, QUESTION, TOOLS))
+                          [(c.function.name, c.function.arguments) for c in calls],
+                          [off.message.thinking, off.message.content], [g.thinking, g.response]]))
+    """ % (QUESTION, TOOLS, QUESTION, TOOLS, QUESTION))
     call = ["get_weather", {"city": "Paris"}]
-    assert out == [THOUGHT_SEEN, "", [call], THOUGHT_SEEN, [call]]
+    assert out == [THOUGHT_SEEN, "", [call], THOUGHT_SEEN, [call], [None, ANSWER], [THOUGHT_SEEN, ANSWER]]
 
 
 @pytest.mark.parametrize("stream", [False, True])
