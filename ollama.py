@@ -5988,8 +5988,11 @@ _DEFAULT_ORIGINS = ["http://localhost", "https://localhost", "http://localhost:*
                     "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
                     "http://0.0.0.0", "https://0.0.0.0", "http://0.0.0.0:*", "https://0.0.0.0:*",
                     "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*"]
-#: Preflight answers as gin-contrib/cors writes them: canonical header names joined by ",".
+#: Preflight answers as gin-contrib/cors writes them: canonical header names joined by ",". Ollama's
+#: list, plus the Anthropic SDK's (Ollama serves /v1/messages but a browser could not send these).
 _CORS_HEADERS = ",".join(["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "Openai-Beta"]
+                         + ["X-Api-Key", "Anthropic-Version", "Anthropic-Beta",
+                            "Anthropic-Dangerous-Direct-Browser-Access"]
                          + ["X-Stainless-" + h for h in (
                              "Arch", "Async", "Custom-Poll-Interval", "Helper-Method", "Lang", "Os",
                              "Package-Version", "Poll-Helper", "Retry-Count", "Runtime", "Runtime-Version",

@@ -295,6 +295,8 @@ def test_preflight_from_an_allowed_origin_is_204_with_cors_headers(server):
     assert "POST" in resp.getheader("Access-Control-Allow-Methods").split(",")
     allowed = {h.lower() for h in resp.getheader("Access-Control-Allow-Headers").split(",")}
     assert {"authorization", "content-type", "openai-beta", "x-stainless-retry-count"} <= allowed
+    # what the Anthropic SDK sends from a browser, for /v1/messages (Ollama's list lacks them)
+    assert {"x-api-key", "anthropic-version", "anthropic-beta", "anthropic-dangerous-direct-browser-access"} <= allowed
     status, resp, _ = call(server, "GET", "/api/version", headers={"Origin": "http://127.0.0.1:8080"})
     assert status == 200 and resp.getheader("Access-Control-Allow-Origin") == "http://127.0.0.1:8080"
 
