@@ -2941,16 +2941,59 @@ IMAGE_TAG_RE = re.compile(r"\[img-(\d+)\]")   # Ollama's stable image tags; Runn
 IMAGE_TOKENS = 768                                # what an image counts for in truncation, as Ollama's chatPrompt
 
 
+WEBP_DECODER = "dwebp"             # libwebp's command-line decoder (Debian: apt install webp; brew install webp)
+WEBP_MAX_PIXELS = 32 << 20        # a WebP bigger than this (decoded, 3 bytes a pixel) is refused, not decoded
+
+
 def image_data(value):
-    """One api.ImageData: base64 (Go's []byte in JSON), checked and given back in standard padding;
-    bad base64 is Go's unmarshal error, a 400."""
+    """One api.ImageData: base64 (Go's []byte in JSON), checked and given back in standard padding,
+    a WebP converted to PNG (as Ollama's llama_server.go does: llama.cpp's image loader cannot read
+    WebP). Bad base64 is Go's unmarshal error, a 400."""
     try:
         raw = base64.b64decode(value, validate=True)
     except ValueError:
         clean = value.rstrip("=")
         at = next((i for i, c in enumerate(clean) if not (c.isalnum() and c.isascii() or c in "+/")), len(clean))
         raise BadRequest("illegal base64 data at input byte %d" % at) from None
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        raw = webp_to_png(raw)
     return base64.b64encode(raw).decode()
+
+
+def webp_size(raw):
+    """(width, height) from a WebP's first chunk (VP8X canvas, VP8 key frame or VP8L header); None
+    when the header is not one of those."""
+    fourcc = raw[12:16]
+    if fourcc == b"VP8X" and len(raw) >= 30:
+        return 1 + int.from_bytes(raw[24:27], "little"), 1 + int.from_bytes(raw[27:30], "little")
+    if fourcc == b"VP8 " and len(raw) >= 30 and raw[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(raw[26:28], "little") & 0x3FFF, int.from_bytes(raw[28:30], "little") & 0x3FFF
+    if fourcc == b"VP8L" and len(raw) >= 25 and raw[20] == 0x2F:
+        bits = int.from_bytes(raw[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return None
+
+
+def webp_to_png(raw):
+    """A WebP image's bytes as PNG, through libwebp's dwebp (stdin to stdout); a 400 that says what
+    to install when it is not on PATH, and for an image that is not a WebP it can decode."""
+    size = webp_size(raw)
+    if size is None:
+        raise BadRequest("decode WebP image: unknown WebP header")
+    if size[0] * size[1] > WEBP_MAX_PIXELS:
+        raise BadRequest("decode WebP image: %dx%d is more than %d pixels" % (size + (WEBP_MAX_PIXELS,)))
+    exe = shutil.which(WEBP_DECODER)
+    if not exe:
+        raise BadRequest("WebP images need libwebp's %s on PATH (apt install webp, or brew install webp): "
+                         "ollama.py converts them to PNG for the engine" % WEBP_DECODER)
+    try:
+        out = subprocess.run([exe, "-quiet", "-o", "-", "--", "-"], input=raw, capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise BadRequest("decode WebP image: %s took more than 60 s" % WEBP_DECODER) from None
+    if out.returncode != 0 or not out.stdout.startswith(b"\x89PNG\r\n\x1a\n"):
+        why = out.stderr.decode(errors="replace").strip().splitlines()
+        raise BadRequest("decode WebP image: %s" % (why[-1] if why else "%s failed" % WEBP_DECODER))
+    return out.stdout
 
 
 def tag_images(messages):
@@ -7304,7 +7347,7 @@ def api_generate(req):
                 messages.append({"role": "system", "content": system})
             if not body.get("context"):
                 messages.extend(model.messages)
-            messages.append({"role": "user", "content": prompt, "images": body.get("images")})
+            messages.append({"role": "user", "content": prompt, "images": images})   # checked, WebP converted
             messages, images = tag_images(messages)
             if body.get("suffix"):
                 text = render_generate(body.get("template") or model.parsed_template(), prompt,
@@ -7407,9 +7450,8 @@ def api_chat(req):
         raise BadRequest("%s does not support tools" % model.name)
     if any(m.get("images") for m in messages) and not model.projector_paths:
         raise BadRequest("this model is missing data required for image input")
-    for m in messages:                                  # bad base64 is a 400 before any model loads
-        for img in m.get("images") or []:
-            image_data(img)
+    messages = [dict(m, images=[image_data(i) for i in m["images"]]) if m.get("images") else m
+                for m in messages]                      # bad base64 or WebP is a 400 before any model loads
     fmt = body.get("format")
     _format_schema(fmt)
     with _schedule(req, model, body, keep_alive) as lease:

@@ -6,7 +6,10 @@ The engine here is a recording fake "llama-server" (fault-injection style): a re
 projector, and clip.cpp wants a full vision tower of named tensors, not a tiny random GGUF."""
 import base64
 import json
+import struct
+import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -177,3 +180,93 @@ def test_debug_render_counts_images(vision):
     status, lines = post(vision, "/api/chat", {"model": "seer", "_debug_render_only": True, "messages": [
         {"role": "user", "content": "x", "images": [b64(PNG), b64(JPEG)]}]})
     assert status == 200 and lines[-1]["_debug_info"]["image_count"] == 2
+
+
+# -- WebP: converted to PNG before the engine sees it (llama.cpp's loader has no WebP) ---------------
+
+def real_png(width=5, height=3):
+    """A real RGB PNG (filter 0 rows), and its pixels as rows of bytes."""
+    rows = [b"".join(bytes((x * 50 % 256, y * 80 % 256, 200)) for x in range(width)) for y in range(height)]
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + r for r in rows))) + chunk(b"IEND", b""))
+    return png, rows
+
+
+def png_pixels(png):
+    """(width, height, rows) of an 8-bit RGB or RGBA PNG, its five row filters undone."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, head = 8, b"", None
+    while pos < len(png):
+        (n,), kind = struct.unpack(">I", png[pos:pos + 4]), png[pos + 4:pos + 8]
+        data = png[pos + 8:pos + 8 + n]
+        head = data if kind == b"IHDR" else head
+        idat += data if kind == b"IDAT" else b""
+        pos += 12 + n
+    width, height, depth, color = struct.unpack(">IIBB", head[:10])
+    assert depth == 8 and color in (2, 6)
+    bpp = 3 if color == 2 else 4
+    raw, rows, prev = zlib.decompress(idat), [], bytes(width * bpp)
+    for y in range(height):
+        line = raw[y * (width * bpp + 1):(y + 1) * (width * bpp + 1)]
+        kind, cur = line[0], bytearray(line[1:])
+        for i in range(len(cur)):
+            a, b, c = (cur[i - bpp] if i >= bpp else 0), prev[i], (prev[i - bpp] if i >= bpp else 0)
+            p = a + b - c
+            pred = (0, a, b, (a + b) // 2, a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c)
+                    else b if abs(p - b) <= abs(p - c) else c)[kind]
+            cur[i] = (cur[i] + pred) & 0xFF
+        prev = bytes(cur)
+        rows.append(b"".join(prev[i:i + 3] for i in range(0, len(prev), bpp)))    # RGB, alpha dropped
+    return width, height, rows
+
+
+def cwebp(tmp_path, png, lossless):
+    """A real WebP of `png`, written by libwebp's cwebp (.ci/run installs Debian's webp)."""
+    src, out = tmp_path / "in.png", tmp_path / "out.webp"
+    src.write_bytes(png)
+    subprocess.run(["cwebp", "-quiet"] + (["-lossless"] if lossless else []) + [str(src), "-o", str(out)], check=True)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+@pytest.mark.parametrize("path", ["/api/generate", "/api/chat", "/v1/chat/completions"])
+def test_webp_reaches_the_engine_as_png(vision, tmp_path, path, lossless):
+    png, rows = real_png()
+    webp = cwebp(tmp_path, png, lossless)
+    assert webp[:4] == b"RIFF" and webp[8:12] == b"WEBP"
+    body = {"/api/generate": {"prompt": "x", "images": [b64(webp)]},
+            "/api/chat": {"messages": [{"role": "user", "content": "x", "images": [b64(webp)]}]},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/webp;base64," + b64(webp)}}]}]}}[path]
+    status, lines = post(vision, path, dict(body, model="seer", stream=False))
+    assert status == 200, lines
+    _, images = sent(vision)
+    width, height, got = png_pixels(images[0])
+    assert (width, height) == (5, 3)
+    if lossless:
+        assert got == rows
+
+
+def test_webp_without_dwebp_is_a_400_that_says_what_to_install(vision, tmp_path, monkeypatch):
+    webp = cwebp(tmp_path, real_png()[0], True)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    status, lines = post(vision, "/api/generate", {"model": "seer", "prompt": "x", "images": [b64(webp)],
+                                                   "stream": False})
+    assert status == 400 and "need libwebp's dwebp on PATH (apt install webp" in lines[-1]["error"]
+    assert vision.requests() == []
+
+
+@pytest.mark.parametrize("webp, error", [
+    (b"RIFF\x00\x00\x00\x00WEBPVP8X" + bytes(8) + (19999).to_bytes(3, "little") * 2,
+     "decode WebP image: 20000x20000 is more than 33554432 pixels"),
+    (b"RIFF\x00\x00\x00\x00WEBPJUNK" + bytes(20), "decode WebP image: unknown WebP header"),
+    (b"RIFF\x20\x00\x00\x00WEBPVP8L\x10\x00\x00\x00\x2f" + bytes(20), "decode WebP image: "),
+])
+def test_a_webp_too_big_or_broken_is_a_400(vision, webp, error):
+    status, lines = post(vision, "/api/chat", {"model": "seer", "stream": False, "messages": [
+        {"role": "user", "content": "x", "images": [b64(webp)]}]})
+    assert status == 400 and lines[-1]["error"].startswith(error), lines
+    assert vision.requests() == []
