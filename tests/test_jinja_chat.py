@@ -179,3 +179,13 @@ def test_logprobs_come_through_the_gguf_template_path(qwen, stream):
     assert [p["token"] for p in probs] == ["<think>", THOUGHT, ANSWER]
     assert all(p["logprob"] > -0.01 and len(p["top_logprobs"]) == 2 for p in probs)
     assert probs[-1]["bytes"] == list(ANSWER.encode())
+
+
+def test_cli_run_shows_the_thinking_framed_hidden_or_off(qwen):
+    from test_cli_run import cli
+    r = cli("run", "qwen3-answer", "What is the weather in Paris?")
+    assert (r.returncode, r.stdout) == (0, "Thinking...\n%s...done thinking.\n\n%s\n\n" % (THOUGHT_SEEN, ANSWER)), \
+        r.stderr
+    for flags in (["--hidethinking"], ["--think=false"]):
+        r = cli("run", "qwen3-answer", "What is the weather in Paris?", *flags)
+        assert (r.returncode, r.stdout) == (0, ANSWER + "\n\n"), (flags, r.stderr)
