@@ -183,7 +183,7 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
     return path
 
 
-def write_scripted_gguf(path, script, chat_template, *, controls=("<|im_start|>", "<|im_end|>"),
+def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),
                         eos="<|im_end|>", name="scripted"):
     """Write a tiny llama GGUF whose greedy (and, at any sane temperature, sampled) output is `script`.
 
@@ -233,7 +233,8 @@ def write_scripted_gguf(path, script, chat_template, *, controls=("<|im_start|>"
     w.add_eos_token_id(ids[eos])
     w.add_add_bos_token(False)
     w.add_add_space_prefix(False)
-    w.add_chat_template(chat_template)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     embd = np.zeros((n_vocab, n_embd), dtype=np.float32)
     embd[:, 0] = 1.0

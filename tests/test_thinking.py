@@ -4,6 +4,7 @@ model, `think: false` honoured and visible to the template, levels, and the thou
 
 import pytest
 
+import fixtures
 from test_anthropic import THINK_TEMPLATE
 from test_inference import import_gguf, post
 
@@ -87,3 +88,15 @@ def test_official_client_gets_thinking_separated(models):
         print(json.dumps([r.message.thinking, off.message.thinking, g.thinking]))
     """)
     assert out[0] and not out[1] and out[2]
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_prefilled_think_tag_starts_the_parser_inside_the_thoughts(server, engine, tmp_path, path, stream):
+    # DeepSeek-R1-style: the template ends the prompt with <think>, so the model's first words are
+    # thoughts and only its </think> shows where they end (a scripted model, so the text is exact).
+    gguf = fixtures.write_scripted_gguf(tmp_path / "r1.gguf", ["<think>", "\nHmm, blue.\n", "</think>", "\n\nBlue."])
+    server.scheduler.exe = str(engine)
+    import_gguf(server.store, "think", gguf, template=THINK_TEMPLATE)
+    for think in ("unset", True, "high"):
+        assert answer(server, path, think, stream) == ("Hmm, blue.\n", "Blue."), think
