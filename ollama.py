@@ -80,6 +80,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import itertools
 import json
 import logging
 import math
@@ -7262,7 +7263,20 @@ def _completion(lease, prompt, fmt, top_logprobs=None, images=()):
         payload["n_probs"] = max(1, top_logprobs)
     events = lease.runner.completion(payload)
     try:
-        for event in events:
+        try:
+            first = next(events, None)
+        except OllamaError as e:
+            # llama-server cannot cut a slot's cached prompt between two adjacent images (no text between
+            # them, as with LLaVA's projector): a prompt that shares only the first one fails (a 500,
+            # "Chunk not found"), and so does every later one until a prompt evaluated afresh replaces the
+            # cache. So a request with images that the engine fails before any output runs once more
+            # without the cache; an error that is the request's own (a 400) is not retried.
+            if not images or e.status != 500:
+                raise
+            events.close()
+            events = lease.runner.completion(dict(payload, cache_prompt=False))
+            first = next(events, None)
+        for event in itertools.chain([] if first is None else [first], events):
             probs = (_logprobs(event.get("completion_probabilities"), top_logprobs)
                      if top_logprobs is not None else [])
             if event.get("stop"):

