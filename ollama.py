@@ -46,6 +46,9 @@ The request path of a chat: ``OllamaServer`` (a ThreadingHTTPServer; one thread 
 (llama-server's streamed /completion) -> ``_api_chat_chunks`` (tool-call and thinking parsers) ->
 a ``Stream`` that ``OllamaHandler._send_stream`` writes as chunked NDJSON; the lease is handed to
 the stream (``lease.stream()``) and released when it ends, which starts the keep-alive timer.
+A model whose GGUF's Jinja template renders chat (``Model.jinja_template``: no TEMPLATE, or a
+RENDERER) takes ``_jinja_chat_chunks`` instead: llama-server's /v1/chat/completions renders the
+chat and parses tool calls and thinking itself; images are checked (WebP made PNG) by ``image_data``.
 The /v1 handlers (OpenAI chat, completions and Responses; Anthropic Messages) call the /api
 ones through ``_forward`` and translate the answer; the CLI talks to serve over HTTP only.
 
