@@ -118,6 +118,7 @@ DEFAULT_MAX_QUEUE = 512           # pending requests before 503
 DEFAULT_MAX_LOADED = 3            # runners; Ollama's 3 x #GPUs with CPU counted as one
 DEFAULT_LOAD_TIMEOUT = 300.0      # seconds without load progress before giving up
 COPY_CHUNK = 1 << 20              # bytes per read when streaming blobs
+RELAY_READ = 1 << 16              # bytes per recv from llama-server's token stream (many events when it runs ahead)
 MAX_JSON_BODY = 64 << 20          # bytes; a JSON request (images ride in it as base64: a dozen photos fit)
 IDLE_TIMEOUT = 120.0              # seconds a kept-alive connection may wait for its next request
 STALL_TIMEOUT = 30.0              # seconds a request's headers or body (or a client reading the answer) may stall
@@ -5044,6 +5045,70 @@ def reap_orphans(directory):
     return killed
 
 
+class _Wire:
+    """An HTTP/1.1 response read straight off a socket: one buffer, one recv per wake-up (up to
+    RELAY_READ bytes, so a burst of events costs one syscall), lines split in C (bytes.split);
+    reads advance an offset, so a burst is not copied once per line."""
+
+    def __init__(self, sock):
+        self.sock, self.buf, self.pos = sock, b"", 0      # self.buf[self.pos:] is unread
+
+    def _recv(self):
+        data = self.sock.recv(RELAY_READ)
+        if not data:
+            raise EOFError("connection closed")
+        self.buf, self.pos = self.buf[self.pos:] + data, 0
+
+    def line(self):
+        while True:
+            end = self.buf.find(b"\n", self.pos) + 1
+            if end:
+                line, self.pos = self.buf[self.pos:end], end
+                return line
+            self._recv()
+
+    def take(self, n):
+        while len(self.buf) - self.pos < n:
+            self._recv()
+        self.pos += n
+        return self.buf[self.pos - n:self.pos]
+
+    def response_head(self):
+        """(status, chunked) from the status line and headers; ValueError when they are not HTTP."""
+        status = int(self.line().split()[1])
+        chunked = False
+        while True:
+            line = self.line()
+            if line in (b"\r\n", b"\n"):
+                return status, chunked
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+
+    def body_lines(self, chunked):
+        """The body's lines (with their b"\n"), chunked or read to the close; the last one may lack
+        its newline. Connection: close, so a non-chunked body ends when the socket does."""
+        pending = b""
+        while True:
+            if chunked:
+                size = int(self.line().split(b";")[0], 16)
+                if size == 0:
+                    break
+                data = self.take(size + 2)[:-2]          # the chunk and its CRLF
+            else:
+                if self.pos == len(self.buf):             # else what came with the headers first
+                    try:
+                        self._recv()
+                    except EOFError:
+                        break
+                data, self.buf, self.pos = self.buf[self.pos:], b"", 0
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                yield line + b"\n"
+        if pending:
+            yield pending
+
+
 class Runner:
     """One llama-server child process serving one GGUF on a free loopback port.
 
@@ -5226,33 +5291,33 @@ class Runner:
         """Stream POST /completion: yields each SSE event as a dict, the last one with "stop": true
         and "timings". Closing the generator closes the connection, which cancels the task.
         With path="/v1/chat/completions" (the GGUF's Jinja template and llama.cpp's tool-call and
-        reasoning parsers) the events are OpenAI chunks, up to the one with a finish_reason."""
-        body = dict(payload, stream=True)
+        reasoning parsers) the events are OpenAI chunks, up to the one with a finish_reason.
+        Read from the raw socket (_Wire), not http.client: its chunked readline costs a dozen Python
+        calls per token on a path that runs once per token, on the cores llama-server computes on."""
+        body = json_dumps(dict(payload, stream=True)).encode()
+        head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, self.port, len(body))).encode()
         try:
-            conn = self._connect()
-            conn.request("POST", path, body=json_dumps(body).encode(),
-                         headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException):
+            sock = socket.create_connection(("127.0.0.1", self.port))
+        except OSError:
             raise self._stopped() from None
         try:
-            if resp.status != 200:
-                raw = resp.read()
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(head + body)
+                wire = _Wire(sock)
+                status, chunked = wire.response_head()
+            except (OSError, ValueError, IndexError, EOFError):
+                raise self._stopped() from None
+            lines = wire.body_lines(chunked)
+            if status != 200:
+                raw = b"".join(self._engine_lines(lines))
                 try:
                     err = json.loads(raw)
                 except ValueError:
                     err = {"error": raw.decode(errors="replace")}
-                raise _engine_error(resp.status, err)
-            while True:
-                try:
-                    line = resp.readline()
-                except (OSError, http.client.HTTPException):
-                    raise self._stopped() from None
-                if not line:
-                    if self.exited(1.0):
-                        raise self._stopped()
-                    raise OllamaError("an error was encountered while running the model: "
-                                      "unexpected end of response")
+                raise _engine_error(status, err)
+            for line in self._engine_lines(lines):
                 if not line.startswith(b"data: "):
                     continue
                 if line.strip() == b"data: [DONE]":
@@ -5263,8 +5328,21 @@ class Runner:
                 yield event
                 if event.get("stop"):
                     return
+            if self.exited(1.0):
+                raise self._stopped()
+            raise OllamaError("an error was encountered while running the model: unexpected end of response")
         finally:
-            conn.close()
+            sock.close()
+
+    def _engine_lines(self, lines):
+        """`lines`, with a broken connection (or a malformed chunk) as the engine's stop error; a
+        body cut short just ends them (completion then tells a dead runner from a short answer)."""
+        try:
+            yield from lines
+        except EOFError:
+            return
+        except (OSError, ValueError):
+            raise self._stopped() from None
 
     def tokenize(self, text, add_special=False):
         return self.call("/tokenize", {"content": text, "add_special": add_special})["tokens"]
