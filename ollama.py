@@ -5073,17 +5073,47 @@ class _Wire:
         self.pos += n
         return self.buf[self.pos - n:self.pos]
 
+    @classmethod
+    def post(cls, port, path, body):
+        """A _Wire on a new loopback connection to `port` that has sent POST `path` with the JSON
+        `body` (Connection: close); OSError when it cannot."""
+        data = json_dumps(body).encode()
+        head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, port, len(data))).encode()
+        sock = socket.create_connection(("127.0.0.1", port))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(head + data)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def close(self):
+        self.sock.close()
+
     def response_head(self):
-        """(status, chunked) from the status line and headers; ValueError when they are not HTTP."""
+        """(status, chunked, content_length or None) from the status line and headers; ValueError
+        or IndexError when they are not HTTP."""
         status = int(self.line().split()[1])
-        chunked = False
+        chunked, length = False, None
         while True:
             line = self.line()
             if line in (b"\r\n", b"\n"):
-                return status, chunked
+                return status, chunked, length
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"transfer-encoding":
+            name = name.strip().lower()
+            if name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
+            elif name == b"content-length":
+                length = int(value)
+
+    def json(self):
+        """The JSON answer of a request (its status, its body), read whole; OSError, EOFError or
+        ValueError when it is not one."""
+        status, chunked, length = self.response_head()
+        raw = self.take(length) if length is not None and not chunked else b"".join(self.body_lines(chunked))
+        return status, json.loads(raw) if raw.strip() else {}
 
     def body_lines(self, chunked):
         """The body's lines (with their b"\n"), chunked or read to the close; the last one may lack
@@ -5294,19 +5324,13 @@ class Runner:
         reasoning parsers) the events are OpenAI chunks, up to the one with a finish_reason.
         Read from the raw socket (_Wire), not http.client: its chunked readline costs a dozen Python
         calls per token on a path that runs once per token, on the cores llama-server computes on."""
-        body = json_dumps(dict(payload, stream=True)).encode()
-        head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, self.port, len(body))).encode()
         try:
-            sock = socket.create_connection(("127.0.0.1", self.port))
+            wire = _Wire.post(self.port, path, dict(payload, stream=True))
         except OSError:
             raise self._stopped() from None
         try:
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(head + body)
-                wire = _Wire(sock)
-                status, chunked = wire.response_head()
+                status, chunked, _ = wire.response_head()
             except (OSError, ValueError, IndexError, EOFError):
                 raise self._stopped() from None
             lines = wire.body_lines(chunked)
@@ -5332,7 +5356,7 @@ class Runner:
                 raise self._stopped()
             raise OllamaError("an error was encountered while running the model: unexpected end of response")
         finally:
-            sock.close()
+            wire.close()
 
     def _engine_lines(self, lines):
         """`lines`, with a broken connection (or a malformed chunk) as the engine's stop error; a
@@ -5346,6 +5370,15 @@ class Runner:
 
     def tokenize(self, text, add_special=False):
         return self.call("/tokenize", {"content": text, "add_special": add_special})["tokens"]
+
+    def tokenize_soon(self, text):
+        """POST /tokenize now, answer later: a _Wire whose .json() reads it, or None when it could not
+        be sent. llama-server tokenizes on its HTTP threads, not in the generating slot, so asked as a
+        stream starts, the answer is waiting in the socket when the stream ends."""
+        try:
+            return _Wire.post(self.port, "/tokenize", {"content": text, "add_special": False})
+        except OSError:
+            return None
 
     def detokenize(self, tokens):
         return self.call("/detokenize", {"tokens": list(tokens)})["content"]
@@ -7281,10 +7314,11 @@ def _schedule(req, model, body, keep_alive, embedding=False):
     return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
 
 
-def _completion(lease, prompt, fmt, top_logprobs=None, images=()):
+def _completion(lease, prompt, fmt, top_logprobs=None, images=(), tokens=None):
     """Stream (piece, final_event_or_None, logprobs) from the leased runner; the lease is the caller's.
     With `top_logprobs` (0-20, None for off) each piece's tokens come with Ollama's api.Logprob
-    entries, from llama-server's n_probs. `images` (base64) are those the prompt's [img-N] tags name."""
+    entries, from llama-server's n_probs. `images` (base64) are those the prompt's [img-N] tags name.
+    `tokens`, a list, gets the token ids the events carry (see _context)."""
     payload = dict(_sampling(lease.opts, fmt), prompt=lease.runner.media_prompt(prompt, list(images)) if images
                    else prompt)
     if top_logprobs is not None:
@@ -7292,6 +7326,8 @@ def _completion(lease, prompt, fmt, top_logprobs=None, images=()):
     events = lease.runner.completion(payload)
     try:
         for event in events:
+            if tokens is not None:
+                tokens.extend(event.get("tokens") or ())
             probs = _logprobs(event, top_logprobs) if top_logprobs is not None else []
             if event.get("stop"):
                 yield event.get("content", ""), event, probs
@@ -7394,27 +7430,49 @@ def api_generate(req):
 def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, top_logprobs=None, images=()):
     """/api/generate's answer objects, streamed from the leased runner (through the thinking parser
     when the model thinks: its thoughts go to `thinking`, as Ollama's GenerateHandler does)."""
-    pieces = []
-    for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images):
-        pieces.append(piece)
-        thought = ""
-        if thinking:
-            thought, piece = thinking.feed(piece)
-            if final is not None:
-                more_thought, more = thinking.done()
-                thought, piece = thought + more_thought, piece + more
-        extra = {"thinking": thought} if thought else {}
-        if probs:
-            extra["logprobs"] = probs
-        if final is None:
-            if piece or thought or probs or not thinking:
-                yield dict(base, created_at=rfc3339(), response=piece, **extra, done=False)
-            continue
-        done = dict(base, created_at=rfc3339(), response=piece, **extra, done=True, done_reason=stop_reason(final))
-        if not body.get("raw"):
-            done["context"] = lease.runner.tokenize(text + "".join(pieces))
-        done.update(_metrics(final, started, lease.load_s))
-        yield done
+    pieces, tokens = [], []
+    asked = None if body.get("raw") else lease.runner.tokenize_soon(text)
+    try:
+        for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images, tokens):
+            pieces.append(piece)
+            thought = ""
+            if thinking:
+                thought, piece = thinking.feed(piece)
+                if final is not None:
+                    more_thought, more = thinking.done()
+                    thought, piece = thought + more_thought, piece + more
+            extra = {"thinking": thought} if thought else {}
+            if probs:
+                extra["logprobs"] = probs
+            if final is None:
+                if piece or thought or probs or not thinking:
+                    yield dict(base, created_at=rfc3339(), response=piece, **extra, done=False)
+                continue
+            done = dict(base, created_at=rfc3339(), response=piece, **extra, done=True, done_reason=stop_reason(final))
+            if not body.get("raw"):
+                done["context"] = _context(lease.runner, text, "".join(pieces), asked, tokens, final)
+            done.update(_metrics(final, started, lease.load_s))
+            yield done
+    finally:
+        if asked is not None:
+            asked.close()
+
+
+def _context(runner, prompt, answer, asked, tokens, final):
+    """Ollama's `context`: the tokens of prompt+answer (a later request detokenizes them and puts
+    the text first). The prompt's, asked for as the stream started (`asked`, a _Wire), then the
+    answer's, from the stream's events: no round trip after the last token. Where those are not the
+    answer's (a stop word cut it, or an event never came because its token ended inside a UTF-8
+    character), prompt+answer is tokenized now, as Ollama does."""
+    stop = final.get("stop_type")
+    if asked is not None and stop in ("eos", "limit") and len(tokens) == final.get("tokens_predicted"):
+        try:
+            status, out = asked.json()
+        except (OSError, EOFError, ValueError, IndexError):
+            status, out = None, {}
+        if status == 200 and isinstance(out.get("tokens"), list):
+            return out["tokens"] + (tokens[:-1] if stop == "eos" else tokens)      # less the end-of-generation token
+    return runner.tokenize(prompt + answer)
 
 
 def _respond(body, chunks, field):
