@@ -395,14 +395,21 @@ install_launcher() {
     # the whole file at every start as it does for a script (~130 ms here). The bytecode is written now,
     # explicitly, since PYTHONDONTWRITEBYTECODE stops Python from writing it itself; a stale or unwritable
     # cache only makes the command as slow as `python3 ollama.py`. Not for cross builds' prefixes.
+    # It runs the interpreter the cache is compiled for, by its own path: `python3` may be a wrapper
+    # (pyenv's shim is a bash script, ~65 ms a start here), and the cache is per Python version; plain
+    # `python3` if that one is gone. -S: ollama.py imports only the standard library, so `site`
+    # (site-packages and their .pth files, run at every start) is not needed.
     [ "$cross" = 0 ] && [ -f "$HERE/ollama.py" ] || return 0
     local py launcher="$HERE/bin/ollama"
     py="$(command -v python3)" || return 0
+    py="$("$py" -c 'import sys; print(sys.executable)' 2>/dev/null)" && [ -x "$py" ] || py="$(command -v python3)"
     mkdir -p "$HERE/bin"
     cat > "$launcher.tmp.$$" <<LAUNCHER
 #!/bin/sh
 # written by build_llama.sh: \`ollama ARGS\` is \`python3 ollama.py ARGS\`, from cached bytecode
-exec python3 -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); import ollama; sys.exit(ollama.main())' \\
+py='$py'
+[ -x "\$py" ] || py=python3
+exec "\$py" -S -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); import ollama; sys.exit(ollama.main())' \\
     "$HERE" "\$@"
 LAUNCHER
     chmod 755 "$launcher.tmp.$$" && mv -f "$launcher.tmp.$$" "$launcher"

@@ -122,6 +122,7 @@ DEFAULT_MAX_QUEUE = 512           # pending requests before 503
 DEFAULT_MAX_LOADED = 3            # runners; Ollama's 3 x #GPUs with CPU counted as one
 DEFAULT_LOAD_TIMEOUT = 300.0      # seconds without load progress before giving up
 COPY_CHUNK = 1 << 20              # bytes per read when streaming blobs
+RELAY_READ = 1 << 16              # bytes per recv from llama-server's token stream (many events when it runs ahead)
 MAX_JSON_BODY = 64 << 20          # bytes; a JSON request (images ride in it as base64: a dozen photos fit)
 IDLE_TIMEOUT = 120.0              # seconds a kept-alive connection may wait for its next request
 STALL_TIMEOUT = 30.0              # seconds a request's headers or body (or a client reading the answer) may stall
@@ -5097,6 +5098,100 @@ def reap_orphans(directory):
     return killed
 
 
+class _Wire:
+    """An HTTP/1.1 response read straight off a socket: one buffer, one recv per wake-up (up to
+    RELAY_READ bytes, so a burst of events costs one syscall), lines split in C (bytes.split);
+    reads advance an offset, so a burst is not copied once per line."""
+
+    def __init__(self, sock):
+        self.sock, self.buf, self.pos = sock, b"", 0      # self.buf[self.pos:] is unread
+
+    def _recv(self):
+        data = self.sock.recv(RELAY_READ)
+        if not data:
+            raise EOFError("connection closed")
+        self.buf, self.pos = self.buf[self.pos:] + data, 0
+
+    def line(self):
+        while True:
+            end = self.buf.find(b"\n", self.pos) + 1
+            if end:
+                line, self.pos = self.buf[self.pos:end], end
+                return line
+            self._recv()
+
+    def take(self, n):
+        while len(self.buf) - self.pos < n:
+            self._recv()
+        self.pos += n
+        return self.buf[self.pos - n:self.pos]
+
+    @classmethod
+    def post(cls, port, path, body):
+        """A _Wire on a new loopback connection to `port` that has sent POST `path` with the JSON
+        `body` (Connection: close); OSError when it cannot."""
+        data = json_dumps(body).encode()
+        head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, port, len(data))).encode()
+        sock = socket.create_connection(("127.0.0.1", port))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(head + data)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def close(self):
+        self.sock.close()
+
+    def response_head(self):
+        """(status, chunked, content_length or None) from the status line and headers; ValueError
+        or IndexError when they are not HTTP."""
+        status = int(self.line().split()[1])
+        chunked, length = False, None
+        while True:
+            line = self.line()
+            if line in (b"\r\n", b"\n"):
+                return status, chunked, length
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"content-length":
+                length = int(value)
+
+    def json(self):
+        """The JSON answer of a request (its status, its body), read whole; OSError, EOFError or
+        ValueError when it is not one."""
+        status, chunked, length = self.response_head()
+        raw = self.take(length) if length is not None and not chunked else b"".join(self.body_lines(chunked))
+        return status, json.loads(raw) if raw.strip() else {}
+
+    def body_lines(self, chunked):
+        """The body's lines (with their b"\n"), chunked or read to the close; the last one may lack
+        its newline. Connection: close, so a non-chunked body ends when the socket does."""
+        pending = b""
+        while True:
+            if chunked:
+                size = int(self.line().split(b";")[0], 16)
+                if size == 0:
+                    break
+                data = self.take(size + 2)[:-2]          # the chunk and its CRLF
+            else:
+                if self.pos == len(self.buf):             # else what came with the headers first
+                    try:
+                        self._recv()
+                    except EOFError:
+                        break
+                data, self.buf, self.pos = self.buf[self.pos:], b"", 0
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                yield line + b"\n"
+        if pending:
+            yield pending
+
+
 class Runner:
     """One llama-server child process serving one GGUF on a free loopback port.
 
@@ -5279,33 +5374,27 @@ class Runner:
         """Stream POST /completion: yields each SSE event as a dict, the last one with "stop": true
         and "timings". Closing the generator closes the connection, which cancels the task.
         With path="/v1/chat/completions" (the GGUF's Jinja template and llama.cpp's tool-call and
-        reasoning parsers) the events are OpenAI chunks, up to the one with a finish_reason."""
-        body = dict(payload, stream=True)
+        reasoning parsers) the events are OpenAI chunks, up to the one with a finish_reason.
+        Read from the raw socket (_Wire), not http.client: its chunked readline costs a dozen Python
+        calls per token on a path that runs once per token, on the cores llama-server computes on."""
         try:
-            conn = self._connect()
-            conn.request("POST", path, body=json_dumps(body).encode(),
-                         headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException):
+            wire = _Wire.post(self.port, path, dict(payload, stream=True))
+        except OSError:
             raise self._stopped() from None
         try:
-            if resp.status != 200:
-                raw = resp.read()
+            try:
+                status, chunked, _ = wire.response_head()
+            except (OSError, ValueError, IndexError, EOFError):
+                raise self._stopped() from None
+            lines = wire.body_lines(chunked)
+            if status != 200:
+                raw = b"".join(self._engine_lines(lines))
                 try:
                     err = json.loads(raw)
                 except ValueError:
                     err = {"error": raw.decode(errors="replace")}
-                raise _engine_error(resp.status, err)
-            while True:
-                try:
-                    line = resp.readline()
-                except (OSError, http.client.HTTPException):
-                    raise self._stopped() from None
-                if not line:
-                    if self.exited(1.0):
-                        raise self._stopped()
-                    raise OllamaError("an error was encountered while running the model: "
-                                      "unexpected end of response")
+                raise _engine_error(status, err)
+            for line in self._engine_lines(lines):
                 if not line.startswith(b"data: "):
                     continue
                 if line.strip() == b"data: [DONE]":
@@ -5316,11 +5405,33 @@ class Runner:
                 yield event
                 if event.get("stop"):
                     return
+            if self.exited(1.0):
+                raise self._stopped()
+            raise OllamaError("an error was encountered while running the model: unexpected end of response")
         finally:
-            conn.close()
+            wire.close()
+
+    def _engine_lines(self, lines):
+        """`lines`, with a broken connection (or a malformed chunk) as the engine's stop error; a
+        body cut short just ends them (completion then tells a dead runner from a short answer)."""
+        try:
+            yield from lines
+        except EOFError:
+            return
+        except (OSError, ValueError):
+            raise self._stopped() from None
 
     def tokenize(self, text, add_special=False):
         return self.call("/tokenize", {"content": text, "add_special": add_special})["tokens"]
+
+    def tokenize_soon(self, text):
+        """POST /tokenize now, answer later: a _Wire whose .json() reads it, or None when it could not
+        be sent. llama-server tokenizes on its HTTP threads, not in the generating slot, so asked as a
+        stream starts, the answer is waiting in the socket when the stream ends."""
+        try:
+            return _Wire.post(self.port, "/tokenize", {"content": text, "add_special": False})
+        except OSError:
+            return None
 
     def detokenize(self, tokens):
         return self.call("/detokenize", {"tokens": list(tokens)})["content"]
@@ -7256,10 +7367,11 @@ def _schedule(req, model, body, keep_alive, embedding=False):
     return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
 
 
-def _completion(lease, prompt, fmt, top_logprobs=None, images=()):
+def _completion(lease, prompt, fmt, top_logprobs=None, images=(), tokens=None):
     """Stream (piece, final_event_or_None, logprobs) from the leased runner; the lease is the caller's.
     With `top_logprobs` (0-20, None for off) each piece's tokens come with Ollama's api.Logprob
-    entries, from llama-server's n_probs. `images` (base64) are those the prompt's [img-N] tags name."""
+    entries, from llama-server's n_probs. `images` (base64) are those the prompt's [img-N] tags name.
+    `tokens`, a list, gets the token ids the events carry (see _context)."""
     payload = dict(_sampling(lease.opts, fmt), prompt=lease.runner.media_prompt(prompt, list(images)) if images
                    else prompt)
     if top_logprobs is not None:
@@ -7280,6 +7392,8 @@ def _completion(lease, prompt, fmt, top_logprobs=None, images=()):
             events = lease.runner.completion(dict(payload, cache_prompt=False))
             first = next(events, None)
         for event in itertools.chain([] if first is None else [first], events):
+            if tokens is not None:
+                tokens.extend(event.get("tokens") or ())
             probs = (_logprobs(event.get("completion_probabilities"), top_logprobs)
                      if top_logprobs is not None else [])
             if event.get("stop"):
@@ -7384,27 +7498,49 @@ def api_generate(req):
 def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, top_logprobs=None, images=()):
     """/api/generate's answer objects, streamed from the leased runner (through the thinking parser
     when the model thinks: its thoughts go to `thinking`, as Ollama's GenerateHandler does)."""
-    pieces = []
-    for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images):
-        pieces.append(piece)
-        thought = ""
-        if thinking:
-            thought, piece = thinking.feed(piece)
-            if final is not None:
-                more_thought, more = thinking.done()
-                thought, piece = thought + more_thought, piece + more
-        extra = {"thinking": thought} if thought else {}
-        if probs:
-            extra["logprobs"] = probs
-        if final is None:
-            if piece or thought or probs or not thinking:
-                yield dict(base, created_at=rfc3339(), response=piece, **extra, done=False)
-            continue
-        done = dict(base, created_at=rfc3339(), response=piece, **extra, done=True, done_reason=stop_reason(final))
-        if not body.get("raw"):
-            done["context"] = lease.runner.tokenize(text + "".join(pieces))
-        done.update(_metrics(final, started, lease.load_s))
-        yield done
+    pieces, tokens = [], []
+    asked = None if body.get("raw") else lease.runner.tokenize_soon(text)
+    try:
+        for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images, tokens):
+            pieces.append(piece)
+            thought = ""
+            if thinking:
+                thought, piece = thinking.feed(piece)
+                if final is not None:
+                    more_thought, more = thinking.done()
+                    thought, piece = thought + more_thought, piece + more
+            extra = {"thinking": thought} if thought else {}
+            if probs:
+                extra["logprobs"] = probs
+            if final is None:
+                if piece or thought or probs or not thinking:
+                    yield dict(base, created_at=rfc3339(), response=piece, **extra, done=False)
+                continue
+            done = dict(base, created_at=rfc3339(), response=piece, **extra, done=True, done_reason=stop_reason(final))
+            if not body.get("raw"):
+                done["context"] = _context(lease.runner, text, "".join(pieces), asked, tokens, final)
+            done.update(_metrics(final, started, lease.load_s))
+            yield done
+    finally:
+        if asked is not None:
+            asked.close()
+
+
+def _context(runner, prompt, answer, asked, tokens, final):
+    """Ollama's `context`: the tokens of prompt+answer (a later request detokenizes them and puts
+    the text first). The prompt's, asked for as the stream started (`asked`, a _Wire), then the
+    answer's, from the stream's events: no round trip after the last token. Where those are not the
+    answer's (a stop word cut it, or an event never came because its token ended inside a UTF-8
+    character), prompt+answer is tokenized now, as Ollama does."""
+    stop = final.get("stop_type")
+    if asked is not None and stop in ("eos", "limit") and len(tokens) == final.get("tokens_predicted"):
+        try:
+            status, out = asked.json()
+        except (OSError, EOFError, ValueError, IndexError):
+            status, out = None, {}
+        if status == 200 and isinstance(out.get("tokens"), list):
+            return out["tokens"] + (tokens[:-1] if stop == "eos" else tokens)      # less the end-of-generation token
+    return runner.tokenize(prompt + answer)
 
 
 def _respond(body, chunks, field):
@@ -10846,5 +10982,33 @@ def main(argv=None):
         return 130
 
 
+def _serve_from_bytecode(argv):
+    """`python3 ollama.py serve` (a script, so compiled from source) carries on as `import ollama`
+    from a fresh bytecode cache (build_llama.sh writes one), in this process (exec, same pid): the
+    memory the compiler took stays with a process for good (~25 MB of an idle serve's ~50), and
+    serve runs for days. Without such a cache, or with interpreter options it cannot pass on, serve
+    runs as it is, only bigger."""
+    flags = getattr(subprocess, "_args_from_interpreter_flags", None)     # what multiprocessing uses
+    if argv[:1] not in (["serve"], ["start"]) or not sys.executable or flags is None or sys.flags.optimize:
+        return
+    import importlib.util  # here: only this re-exec reads a cache header
+    path = os.path.abspath(__file__)
+    try:
+        with open(importlib.util.cache_from_source(path), "rb") as f:
+            head = f.read(16)
+        st = os.stat(path)
+    except (OSError, NotImplementedError, ValueError):
+        return
+    if head[:4] != importlib.util.MAGIC_NUMBER or head[4:16] != struct.pack(
+            "<III", 0, int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF):
+        return                                              # stale, or hash-based: not worth checking here
+    code = "import sys; sys.path.insert(0, sys.argv.pop(1)); import ollama; sys.exit(ollama.main())"
+    try:
+        os.execv(sys.executable, [sys.executable] + flags() + ["-c", code, os.path.dirname(path)] + argv)
+    except OSError:
+        return
+
+
 if __name__ == "__main__":  # pragma: no cover
+    _serve_from_bytecode(sys.argv[1:])
     sys.exit(main())

@@ -74,6 +74,58 @@ def test_generate_is_deterministic_with_seed_and_zero_temperature(server, gemma)
     assert a == b and a
 
 
+
+def test_context_is_the_tokens_of_prompt_and_answer_without_a_round_trip_after_the_stream(
+        server, gemma, monkeypatch):
+    """`context` is what tokenizing prompt+answer gives (as in Ollama); from the prompt's tokens, asked
+    as the stream starts, and the stream's own, so nothing is tokenized after the last token - except
+    where a stop word cut the answer (its tokens are not the answer's): then prompt+answer is."""
+    calls = []
+    tokenize = ollama.Runner.tokenize
+    monkeypatch.setattr(ollama.Runner, "tokenize", lambda self, text, add_special=False: calls.append(text)
+                        or tokenize(self, text, add_special))
+
+    def generate(prompt, **options):
+        body = {"model": gemma, "prompt": prompt, "stream": False, "options": dict(temperature=0, **options)}
+        out = post(server, "/api/generate", body)[1][0]
+        rendered = post(server, "/api/generate", dict(body, _debug_render_only=True))[1][0]
+        calls_during = len(calls)
+        expected = post(server, "/api/tokenize", {"model": gemma, "text": rendered["_debug_info"]["rendered_template"]
+                                                  + out["response"]})[1][0]["tokens"]
+        return out, expected, calls_during
+
+    out, expected, n = generate("Once upon a time", num_predict=12)
+    assert out["done_reason"] == "length" and out["context"] == expected and n == 0
+    word = out["response"].split()[2]
+    calls.clear()
+    out, expected, n = generate("Once upon a time", num_predict=12, stop=[word])
+    assert word not in out["response"] and out["context"] == expected and n == 1
+
+
+class _Asked:
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def json(self):
+        return 200, {"tokens": self.tokens}
+
+
+@pytest.mark.parametrize("stop, streamed, predicted, context", [
+    ("limit", [7, 8], 2, [1, 2, 7, 8]),
+    ("eos", [7, 8, 2], 3, [1, 2, 7, 8]),             # the end-of-generation token is not the answer's
+    ("limit", [7], 2, "tokenized"),                  # an event never came (its token ended mid UTF-8 character)
+    ("word", [7, 8], 2, "tokenized"),                # a stop word's tokens came, its text was cut
+])
+def test_context_from_the_stream_or_tokenized(stop, streamed, predicted, context):
+    class Runner:
+        def tokenize(self, text):
+            assert text == "prompt" + "answer"
+            return "tokenized"
+    final = {"stop": True, "stop_type": stop, "tokens_predicted": predicted}
+    assert ollama._context(Runner(), "prompt", "answer", _Asked([1, 2]), streamed, final) == context
+    assert ollama._context(Runner(), "prompt", "answer", None, streamed, final) == "tokenized"
+
+
 def test_unknown_model_is_404(server):
     status, data = post(server, "/api/generate", {"model": "nope", "prompt": "x"}, raw=True)
     assert status == 404 and json.loads(data) == {"error": "model 'nope' not found"}

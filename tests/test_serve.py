@@ -17,11 +17,11 @@ from test_inference import import_gguf
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_serve(home, env_extra=None):
+def start_serve(home, env_extra=None, script=ROOT / "ollama.py"):
     port = ollama.free_port()
     env = dict(os.environ, HOME=str(home), OLLAMA_HOST="127.0.0.1:%d" % port,
                OLLAMA_MODELS=str(home / ".ollama" / "models"), **(env_extra or {}))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "ollama.py"), "serve"], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), "serve"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -181,6 +181,31 @@ def test_serve_reaps_the_runners_a_dead_serve_left_behind_by_pid_and_start_time(
             p.kill()
             p.wait()
     assert "killed runner pid %d left behind by serve pid %d" % (orphan.pid, dead.pid) in err.decode()
+
+
+def test_script_serve_carries_on_from_fresh_bytecode_else_as_it_is(ollama_home, tmp_path):
+    """`python3 ollama.py serve` execs itself as `import ollama` (same pid) when the bytecode cache is
+    fresh, so the compiler's memory is not kept for serve's lifetime; stale, missing or unwritable
+    (PYTHONDONTWRITEBYTECODE), it serves as the script."""
+    import py_compile
+    for cached in (True, False):
+        here = tmp_path / ("cached" if cached else "plain")
+        here.mkdir()
+        shutil.copy(str(ROOT / "ollama.py"), str(here / "ollama.py"))
+        if cached:
+            py_compile.compile(str(here / "ollama.py"), doraise=True)
+        proc, port = start_serve(ollama_home, {"PYTHONDONTWRITEBYTECODE": "1"}, script=here / "ollama.py")
+        try:
+            with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+                argv = f.read().split(b"\0")
+            assert (b"-c" in argv) == cached and argv[-2:] == [b"serve", b""]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/api/tags")
+            assert conn.getresponse().status == 200
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        assert proc.returncode == 0 and (here / "__pycache__").exists() == cached
 
 
 def test_version_runs_without_site_packages():
