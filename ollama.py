@@ -74,36 +74,29 @@ __all__ = [
     "Config", "OllamaError", "Name", "Store", "Client", "OllamaServer", "make_server", "main",
 ]
 
+# Only what a CLI command needs at every start is imported here (bin/ollama's start-up is a target in
+# bench/). The rest is imported in the functions that use it: http.server, http.client, urllib.request
+# and ssl (with the email parser: ~20 ms), hashlib and hmac (OpenSSL), secrets, subprocess, shutil,
+# tempfile, ctypes, tarfile, queue.
 import argparse
 import base64
 import contextlib
 import datetime
 import errno
-import hashlib
-import hmac
-import http.client
-import http.server
 import itertools
 import json
 import logging
 import math
 import os
 import re
-import secrets
-import shutil
 import signal
 import socket
-import ssl
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 ###############################################################################
@@ -449,6 +442,7 @@ def json_dumps(obj):
 
 def atomic_write(path, data, mode=0o644):
     """Write bytes to path so that a crash leaves either the old or the new file: temp + fsync + rename."""
+    import tempfile
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".tmp-")
@@ -638,6 +632,7 @@ class Store:
     def temp_blob(self):
         """Open a new temp file inside blobs/ (same filesystem, so the final rename is atomic),
         locked while it is open, so that `clean` knows a live writer owns it."""
+        import tempfile
         self.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
         fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix="sha256-tmp-")
         flock(fd)
@@ -650,6 +645,7 @@ class Store:
         read (a Content-Length). `progress(n)` is called with the bytes written so far.
         On any error (a full disk included) the temp file is removed and the store is unchanged.
         """
+        import hashlib
         h, size = hashlib.sha256(), 0
         f, tmp = self.temp_blob()
         try:
@@ -678,6 +674,7 @@ class Store:
 
     def write_blob_bytes(self, data):
         """Store bytes; returns (digest, size)."""
+        import hashlib
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if not self.has_blob(digest):
             f, tmp = self.temp_blob()
@@ -741,18 +738,20 @@ class Store:
         out = []
         for name, path in self._walk_manifests():
             try:
-                raw = path.read_bytes()
-                out.append((name, raw, json.loads(raw), path.stat().st_mtime))
+                with open(path, "rb") as f:
+                    raw = f.read()
+                    mtime = os.fstat(f.fileno()).st_mtime
+                out.append((name, raw, json.loads(raw), mtime))
             except (OSError, ValueError) as e:
                 log.warning("skipping unreadable manifest %s: %s", path, e)
         return out
 
     def _walk_manifests(self):
-        root = self.manifests
-        if not root.is_dir():
-            return
+        """(Name, path string) of each manifest file: host/namespace/model/tag under manifests/. Plain
+        strings, not Paths: /api/tags walks them all at every call (pathlib was half its time)."""
+        root = str(self.manifests)
         for dirpath, _dirs, files in os.walk(root):
-            rel = Path(dirpath).relative_to(root).parts
+            rel = os.path.relpath(dirpath, root).split(os.sep)
             if len(rel) != 3:
                 continue
             for tag in files:
@@ -760,7 +759,7 @@ class Store:
                     continue
                 name = Name(rel[0], rel[1], rel[2], tag)
                 if name.is_valid():
-                    yield name, Path(dirpath) / tag
+                    yield name, os.path.join(dirpath, tag)
 
     def referenced(self, exclude=None):
         """Every digest named by a stored manifest (except the manifest of `exclude`)."""
@@ -775,6 +774,7 @@ class Store:
 
         The blobs to check are journalled first (blobs/.rm-<token>.json), so a crash after the
         manifest is gone leaves a journal that `clean` finishes, not orphaned blobs."""
+        import secrets
         with self.lock:
             found, _raw, data = self.get(name)
             journal = self.blobs / (".rm-%s.json" % secrets.token_hex(8))
@@ -1660,6 +1660,7 @@ def _files_for_model(folder):
 
 def file_digest(path, progress=None):
     """sha256 of a file, read in COPY_CHUNK pieces -> "sha256:<hex>"; progress(bytes_so_far)."""
+    import hashlib
     h, n = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while True:
@@ -2982,6 +2983,8 @@ def webp_size(raw):
 def webp_to_png(raw):
     """A WebP image's bytes as PNG, through libwebp's dwebp (stdin to stdout); a 400 that says what
     to install when it is not on PATH, and for an image that is not a WebP it can decode."""
+    import shutil
+    import subprocess
     size = webp_size(raw)
     if size is None:
         raise BadRequest("decode WebP image: unknown WebP header")
@@ -3106,6 +3109,7 @@ def infer_tool_tag(template):
 
 
 def _tool_call_id():
+    import secrets
     return "call_" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
 
 
@@ -3405,6 +3409,7 @@ class Model:
     params, messages, licenses, config. Build it with `load_model(store, name)`."""
 
     def __init__(self, name, manifest_raw, manifest, config, store):
+        import hashlib
         self.name, self.manifest_raw, self.manifest, self.config = name, manifest_raw, manifest, config
         self.digest = hashlib.sha256(manifest_raw).hexdigest()
         self.model_path = None
@@ -3448,7 +3453,13 @@ class Model:
         if max_array == 0:
             header = self._parsed.get(self.model_path)
             if header is None:
-                header = self._parsed[self.model_path] = read_gguf(self.model_path, 0)
+                try:
+                    header = read_gguf(self.model_path, 0)
+                except OllamaError as e:       # a blob never changes (its name is its hash): nor does this
+                    header = e
+                self._parsed[self.model_path] = header
+            if isinstance(header, OllamaError):
+                raise type(header)(str(header))  # a new one: raising the cached one would grow its traceback
             return header
         return read_gguf(self.model_path, max_array)
 
@@ -3661,6 +3672,7 @@ def _ed_decode(data):
 
 def _ed_hash(*parts):
     """SHA-512 of the concatenated parts as a little-endian integer mod L."""
+    import hashlib
     return int.from_bytes(hashlib.sha512(b"".join(parts)).digest(), "little") % _ED_L
 
 
@@ -3671,6 +3683,7 @@ class Ed25519Key:
     """
 
     def __init__(self, seed):
+        import hashlib
         if len(seed) != 32:
             raise ValueError("ed25519 seed must be 32 bytes")
         h = hashlib.sha512(seed).digest()
@@ -3683,6 +3696,7 @@ class Ed25519Key:
     @classmethod
     def generate(cls):
         """A new key from 32 bytes of the OS's randomness."""
+        import secrets
         return cls(secrets.token_bytes(32))
 
     @classmethod
@@ -3724,6 +3738,7 @@ class Ed25519Key:
 
     def to_openssh_private(self, comment=""):
         """The unencrypted "OPENSSH PRIVATE KEY" PEM, byte for byte as Go's ssh.MarshalPrivateKey writes it."""
+        import secrets
         check = secrets.token_bytes(4)                      # checkint, twice; proves decryption worked
         block = (check + check + _ssh_string(SSH_ED25519) + _ssh_string(self.public)
                  + _ssh_string(self.seed + self.public) + _ssh_string(comment.encode("utf-8")))
@@ -3830,6 +3845,7 @@ def ensure_keypair(home, out=None):
 
 def _create_exclusive(path, data, mode):
     """Atomically create `path` with `data` unless it exists; True if we created it."""
+    import tempfile
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".tmp-")
@@ -3866,6 +3882,7 @@ def sign_challenge(key, method, url, body=b""):
     Signs "<METHOD>,<url>,<base64(hex(sha256(body)))>"; `url` is the full token URL (realm with service,
     scope, ts and nonce), exactly as it is sent.
     """
+    import hashlib
     digest = hashlib.sha256(body).hexdigest().encode("ascii")
     return sign_auth(key, "%s,%s,%s" % (method, url, base64.b64encode(digest).decode("ascii")))
 
@@ -4008,18 +4025,21 @@ def _pwrite(fd, data, offset):
         view, offset = view[n:], offset + n
 
 
-class _KeepAuthOnSameHost(urllib.request.HTTPRedirectHandler):
-    """Follow redirects; the registry's Authorization goes along only to the same scheme+host+port
-    (blob storage elsewhere gets a plain request, as Ollama does)."""
+def _registry_opener():
+    """A urllib opener that follows redirects, the registry's Authorization going along only to the
+    same scheme+host+port (blob storage elsewhere gets a plain request, as Ollama does)."""
+    import urllib.request  # here and in RegistrySession._open, not at the top: only serve reaches registries
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        auth = req.unredirected_hdrs.get("Authorization")
-        if new is not None and auth:
-            old, nxt = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new.full_url)
-            if (old.scheme, old.netloc.lower()) == (nxt.scheme, nxt.netloc.lower()):
-                new.add_unredirected_header("Authorization", auth)
-        return new
+    class KeepAuthOnSameHost(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            auth = req.unredirected_hdrs.get("Authorization")
+            if new is not None and auth:
+                old, nxt = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new.full_url)
+                if (old.scheme, old.netloc.lower()) == (nxt.scheme, nxt.netloc.lower()):
+                    new.add_unredirected_header("Authorization", auth)
+            return new
+    return urllib.request.build_opener(KeepAuthOnSameHost())
 
 
 class RegistrySession:
@@ -4034,7 +4054,7 @@ class RegistrySession:
         self.netloc = urllib.parse.urlsplit(self.base).netloc.lower()
         self.auth = None                # Authorization header value once a challenge was answered
         self.auth_lock = threading.Lock()
-        self.opener = urllib.request.build_opener(_KeepAuthOnSameHost())
+        self.opener = _registry_opener()
         self.user_agent = "ollama.py/%s (%s %s) Python/%s" % (
             __version__, getattr(os.uname(), "machine", ""), sys.platform, sys.version.split()[0])
 
@@ -4062,6 +4082,10 @@ class RegistrySession:
         raise Unauthorized("unauthorized: access denied")          # pragma: no cover
 
     def _open(self, method, url, headers, body, auth=True):
+        import urllib.error
+        import http.client
+        import ssl
+        import urllib.request
         req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
         req.add_header("User-Agent", self.user_agent)
         if auth and self.auth and urllib.parse.urlsplit(url).netloc.lower() == self.netloc:
@@ -4102,6 +4126,7 @@ class RegistrySession:
             return True
 
     def _token(self, params, creds):
+        import secrets
         query = [("service", params["service"])] if params.get("service") else []
         query += [("scope", s) for s in params.get("scope", "").split() if s]
         query += [("ts", str(int(time.time()))),
@@ -4132,6 +4157,7 @@ class RegistrySession:
 
 
 def _read_error(resp):
+    import http.client
     try:
         with resp:
             return resp.read(4096).decode(errors="replace").strip()
@@ -4328,6 +4354,7 @@ class _BlobDownload:
         return self.abort.is_set() or self.cancelled.is_set()
 
     def _fetch_part(self, part):
+        import http.client  # loaded already (RegistrySession uses urllib); the name, for its errors
         tries = 0
         while part.completed < part.size:
             if self._stopped():
@@ -4523,6 +4550,7 @@ def pull_model(store, transfers, config, name, insecure=False, progress=None, ca
 def _pull_blobs(store, transfers, config, name, insecure, progress, cancel):
     """Fetch the manifest of `name` from its registry and every blob it names that the store lacks
     (verified); returns (raw manifest bytes, manifest dict). Nothing is written but blobs."""
+    import http.client  # loaded already (RegistrySession uses urllib); the name, for its errors
     progress({"status": "pulling manifest"})
     session = RegistrySession(config, name, insecure, transfers.stall_timeout)
     try:
@@ -4687,6 +4715,7 @@ def _tar_padding(size):
 def archive_plan(store, names):
     """What an archive of the models `names` holds: ([(member, size, path or bytes)], the tar's size
     in bytes). NotFound for a model not in the store, before anything is sent."""
+    import hashlib
     descs, members, seen = [], [("oci-layout", len(OCI_LAYOUT), OCI_LAYOUT)], set()
     for text in names:
         found, raw, _data = store.get(text)
@@ -4757,6 +4786,7 @@ class _Staged:
         self.store, self.files, self.meta = store, {}, {}      # digest -> (file, tmp path, size); name -> bytes
 
     def add_blob(self, digest, reader, size, progress):
+        import hashlib
         f, tmp = self.store.temp_blob()
         self.files.setdefault(digest, (f, tmp, size))
         h, left = hashlib.sha256(), size
@@ -4805,6 +4835,7 @@ def import_archive(store, stream, name=None, progress=None):
     manifest enters the store: a truncated, hostile or inconsistent archive raises BadRequest and
     leaves the store as it was. `name` names the model of a one-model archive (else its ref.name).
     progress(bytes) reports the blob bytes read so far."""
+    import hashlib
     import tarfile  # see _tar_header
     progress = progress or (lambda n: None)
     staged, state = _Staged(store), {"read": 0}
@@ -4947,6 +4978,7 @@ def runner_exit_error(code, log_path=None, tail="", program="llama-server"):
 def find_llama_server(config, here=None):
     """The llama-server binary: OLLAMA_LLAMA_SERVER, bin/ beside ollama.py (or `here`), ~/.ollama/bin,
     then PATH."""
+    import shutil
     here = Path(here or os.path.dirname(os.path.abspath(__file__)))
     candidates = [config.llama_server, here / "bin" / "llama-server", config.home / "bin" / "llama-server",
                   shutil.which("llama-server", path=os.environ.get("PATH"))]
@@ -4984,6 +5016,7 @@ def popen_tied(args, **kw):
     """subprocess.Popen for a child that the kernel kills (SIGKILL) when the thread that started it
     ends, the process included, however it ends: kill -9, the OOM killer, a crash (Linux).
     A child whose parent died before the prctl took effect exits at once."""
+    import subprocess
     setter, parent = _pdeathsig_setter(), os.getpid()
 
     def in_child():
@@ -5099,12 +5132,16 @@ def reap_orphans(directory):
 
 
 class _Wire:
-    """An HTTP/1.1 response read straight off a socket: one buffer, one recv per wake-up (up to
-    RELAY_READ bytes, so a burst of events costs one syscall), lines split in C (bytes.split);
-    reads advance an offset, so a burst is not copied once per line."""
+    """One HTTP/1.1 exchange on a raw socket (Connection: close): the request sent in one write, the
+    answer read through one buffer, one recv per wake-up (up to RELAY_READ bytes, so a burst of
+    events costs one syscall), lines split in C (bytes.split), reads advancing an offset so a burst
+    is not copied once per line. The runner's token relay and the CLI's Client both use it:
+    http.client costs a dozen Python calls per line on the relay, and ~20 ms (it imports the email
+    parser) at every CLI start."""
 
     def __init__(self, sock):
         self.sock, self.buf, self.pos = sock, b"", 0      # self.buf[self.pos:] is unread
+        self.reason, self.headers = "", {}                # of the answer, once response_head() has read it
 
     def _recv(self):
         data = self.sock.recv(RELAY_READ)
@@ -5127,28 +5164,54 @@ class _Wire:
         return self.buf[self.pos - n:self.pos]
 
     @classmethod
-    def post(cls, port, path, body):
-        """A _Wire on a new loopback connection to `port` that has sent POST `path` with the JSON
-        `body` (Connection: close); OSError when it cannot."""
-        data = json_dumps(body).encode()
-        head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, port, len(data))).encode()
-        sock = socket.create_connection(("127.0.0.1", port))
+    def request(cls, host, port, method, path, body=None, headers=None, timeout=None, tls=None):
+        """A _Wire on a new connection to host:port (through the ssl context `tls` if given) that has
+        sent the request. `body` is bytes or a file (read in COPY_CHUNK pieces: as they come with a
+        Content-Length header, else chunked). OSError when it cannot connect or send."""
+        sock = socket.create_connection((host, port), timeout=timeout)
         try:
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=host)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(head + data)
-        except OSError:
+            hdrs = dict(headers or {})
+            stream = body is not None and not isinstance(body, (bytes, bytearray))
+            if isinstance(body, (bytes, bytearray)) or (body is None and method not in ("GET", "HEAD")):
+                hdrs["Content-Length"] = str(len(body or b""))
+            elif stream and "Content-Length" not in hdrs:
+                hdrs["Transfer-Encoding"] = "chunked"
+            head = "%s %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n%s\r\n" % (
+                method, path, "[%s]" % host if ":" in host else host, port,
+                "".join("%s: %s\r\n" % kv for kv in hdrs.items()))
+            if not stream:
+                sock.sendall(head.encode("latin-1") + (body or b""))
+            else:
+                sock.sendall(head.encode("latin-1"))
+                chunked = "Transfer-Encoding" in hdrs
+                for data in iter(lambda: body.read(COPY_CHUNK), b""):
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                if chunked:
+                    sock.sendall(b"0\r\n\r\n")
+        except BaseException:
             sock.close()
             raise
         return cls(sock)
+
+    @classmethod
+    def post(cls, port, path, body):
+        """request() of POST `path` with the JSON `body` to 127.0.0.1:`port` (a runner)."""
+        return cls.request("127.0.0.1", port, "POST", path, json_dumps(body).encode(),
+                           {"Content-Type": "application/json"})
 
     def close(self):
         self.sock.close()
 
     def response_head(self):
-        """(status, chunked, content_length or None) from the status line and headers; ValueError
-        or IndexError when they are not HTTP."""
-        status = int(self.line().split()[1])
+        """(status, chunked, content_length or None) from the status line and headers (kept, with
+        lower-case names, in .headers; the reason phrase in .reason); ValueError or IndexError when
+        they are not HTTP."""
+        parts = self.line().split(None, 2)
+        status = int(parts[1])
+        self.reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
         chunked, length = False, None
         while True:
             line = self.line()
@@ -5156,6 +5219,7 @@ class _Wire:
                 return status, chunked, length
             name, _, value = line.partition(b":")
             name = name.strip().lower()
+            self.headers[name.decode("latin-1")] = value.strip().decode("latin-1")
             if name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
             elif name == b"content-length":
@@ -5165,26 +5229,36 @@ class _Wire:
         """The JSON answer of a request (its status, its body), read whole; OSError, EOFError or
         ValueError when it is not one."""
         status, chunked, length = self.response_head()
-        raw = self.take(length) if length is not None and not chunked else b"".join(self.body_lines(chunked))
+        raw = b"".join(self.chunks(chunked, length))
         return status, json.loads(raw) if raw.strip() else {}
 
-    def body_lines(self, chunked):
-        """The body's lines (with their b"\n"), chunked or read to the close; the last one may lack
-        its newline. Connection: close, so a non-chunked body ends when the socket does."""
-        pending = b""
-        while True:
-            if chunked:
+    def chunks(self, chunked, length=None):
+        """The body's bytes as they arrive: chunked, `length` bytes, or up to the close (the
+        connection is Connection: close). EOFError when the socket closes inside a framed body."""
+        if chunked:
+            while True:
                 size = int(self.line().split(b";")[0], 16)
                 if size == 0:
-                    break
-                data = self.take(size + 2)[:-2]          # the chunk and its CRLF
-            else:
-                if self.pos == len(self.buf):             # else what came with the headers first
-                    try:
-                        self._recv()
-                    except EOFError:
-                        break
-                data, self.buf, self.pos = self.buf[self.pos:], b"", 0
+                    return
+                yield self.take(size + 2)[:-2]          # the chunk and its CRLF
+        while length is None or length > 0:
+            if self.pos == len(self.buf):             # else what came with the headers first
+                try:
+                    self._recv()
+                except EOFError:
+                    if length is None:
+                        return
+                    raise
+            end = len(self.buf) if length is None else min(len(self.buf), self.pos + length)
+            data, self.pos = self.buf[self.pos:end], end
+            if length is not None:
+                length -= len(data)
+            yield data
+
+    def body_lines(self, chunked, length=None):
+        """The body's lines (with their b"\n"); the last one may lack its newline."""
+        pending = b""
+        for data in self.chunks(chunked, length):
             *lines, pending = (pending + data).split(b"\n")
             for line in lines:
                 yield line + b"\n"
@@ -5204,6 +5278,7 @@ class Runner:
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
                  flash_attention=None, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
                  spawn=None, rpc=()):
+        import secrets
         self.exe, self.model_path = exe, str(model_path)
         self.rpc = list(rpc)                  # llama.cpp RPC workers ("host:port") sharing the layers
         self.spawn = spawn or popen_tied      # Spawner.popen in serve: see its docstring
@@ -5244,6 +5319,7 @@ class Runner:
 
     def start(self, timeout=DEFAULT_LOAD_TIMEOUT):
         """Start the child and wait until it answers /health with {"status": "ok"}."""
+        import subprocess
         log.info("starting llama server: %s", " ".join(_shell_quote(a) for a in self.args))
         if self.log_path:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -5267,7 +5343,7 @@ class Runner:
                 status, body = self._call("GET", "/health", timeout=0.5)
                 if status == 200 and body.get("status") == "ok":
                     return self
-            except (OSError, http.client.HTTPException, ValueError):
+            except (OSError, EOFError, IndexError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 self.stop()
@@ -5311,6 +5387,7 @@ class Runner:
 
     def exited(self, wait=0.0):
         """True once the child has exited, waiting up to `wait` seconds for it (it may be dying)."""
+        import subprocess
         try:
             self.proc.wait(wait)
             return True
@@ -5320,6 +5397,7 @@ class Runner:
     def stop(self, grace=5.0):
         """Stop the child: SIGTERM, then SIGKILL after `grace` seconds. Never leaves an orphan; a
         runner stopped before it started never starts."""
+        import subprocess
         with self._lock:
             self._stopped_early = True
             proc = self.proc
@@ -5343,28 +5421,22 @@ class Runner:
     def pid(self):
         return self.proc.pid if self.proc else None
 
-    def _connect(self, timeout=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        conn.connect()
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
-
     def _call(self, method, path, body=None, timeout=None):
-        conn = self._connect(timeout)
+        """(status, JSON answer) of one request to the runner; OSError, EOFError or IndexError when
+        there is no HTTP answer, ValueError when it is not JSON."""
+        data = json_dumps(body).encode() if body is not None else None
+        wire = _Wire.request("127.0.0.1", self.port, method, path, data, {"Content-Type": "application/json"},
+                             timeout)
         try:
-            data = json_dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            raw = resp.read()
-            return resp.status, (json.loads(raw) if raw.strip() else {})
+            return wire.json()
         finally:
-            conn.close()
+            wire.close()
 
     def call(self, path, body):
         """POST a JSON body to the runner and return its JSON answer; engine errors become OllamaError."""
         try:
             status, out = self._call("POST", path, body)
-        except (OSError, http.client.HTTPException):
+        except (OSError, EOFError, IndexError):
             raise self._stopped() from None
         if status != 200:
             raise _engine_error(status, out)
@@ -5487,6 +5559,7 @@ def rpc_worker_answers(address, timeout=1.0):
 
 def find_engine_tool(config, name):
     """Another llama.cpp program build_llama.sh installs (llama-quantize): beside llama-server, else PATH."""
+    import shutil
     beside = Path(find_llama_server(config)).with_name(name)
     found = str(beside) if os.access(str(beside), os.X_OK) else shutil.which(name)
     if not found:
@@ -5518,6 +5591,7 @@ def quantize_gguf(exe, src, dst, level, launcher=(), spawn=popen_tied):
     """Run llama-quantize: `src` to `dst` at `level`. Yields the fraction of tensors done (it reports
     each tensor on stderr, unbuffered). A failure raises OllamaError with the program's last words.
     `spawn` starts it (serve passes its Spawner's, so the child dies with serve)."""
+    import subprocess
     args = list(launcher) + [exe, str(src), str(dst), level]
     log.info("quantizing: %s", " ".join(_shell_quote(a) for a in args))
     proc = spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -6158,8 +6232,11 @@ _CORS_HEADERS = ",".join(["Authorization", "Content-Type", "User-Agent", "Accept
 _CORS_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
 
 
-class OllamaHandler(http.server.BaseHTTPRequestHandler):
-    """Serves Ollama's API: host check, CORS, then one route table (ROUTES) for dispatch."""
+class OllamaHandler:
+    """Serves Ollama's API: host check, CORS, then one route table (ROUTES) for dispatch. A mixin
+    that make_server puts over http.server.BaseHTTPRequestHandler (as OllamaServer over its
+    ThreadingHTTPServer): http.server, with http.client and the email parser, is imported by serve,
+    not by every CLI command (~20 ms a start)."""
     protocol_version = "HTTP/1.1"
     server_version = "ollama.py/" + __version__
 
@@ -6258,6 +6335,7 @@ class OllamaHandler(http.server.BaseHTTPRequestHandler):
         """OLLAMA_API_KEYS: the request carries one of the keys, as `Authorization: Bearer KEY` (Ollama's
         and OpenAI's clients) or `x-api-key: KEY` (Anthropic's). Every key is compared, in constant
         time, so the answer's timing says nothing about how much of a key matched."""
+        import hmac
         auth = self.headers.get("Authorization", "")
         given = (auth[7:] if auth[:7].lower() == "bearer " else self.headers.get("x-api-key", "")).strip()
         ok = False
@@ -6414,8 +6492,9 @@ class Routes:
         return None, {}, allowed
 
 
-class OllamaServer(http.server.ThreadingHTTPServer):
-    """The `serve` process: the HTTP listener plus all server state (store, scheduler, config)."""
+class OllamaServer:
+    """The `serve` process: the HTTP listener plus all server state (store, scheduler, config). A
+    mixin over http.server.ThreadingHTTPServer: make_server builds one, with its `handler` class."""
     daemon_threads = True
     allow_reuse_address = True
 
@@ -6436,7 +6515,7 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         self.connections = 0
         self.connections_lock = threading.Lock()
         self.accept_backoff = 0.0                      # seconds; grows while accept() has no fd to give
-        super().__init__((host, port), OllamaHandler)
+        super().__init__((host, port), self.handler)
         self.origins = _DEFAULT_ORIGINS + config.origins
         self.loopback = _is_loopback(host)
 
@@ -6448,7 +6527,7 @@ class OllamaServer(http.server.ThreadingHTTPServer):
         request.settimeout(STALL_TIMEOUT)
         try:
             request = self.tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as e:
+        except OSError as e:                      # ssl.SSLError is one
             log.debug("TLS handshake with %s failed: %s", client_address[0], e)
             return None
         try:
@@ -6552,10 +6631,11 @@ def _tls_context(config):
         return None
     if not (config.tls_cert and config.tls_key):
         raise OllamaError("OLLAMA_TLS_CERT and OLLAMA_TLS_KEY must be set together")
+    import ssl  # here, not at the top: only a TLS serve (or an https client) needs it
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
-    except (OSError, ssl.SSLError) as e:
+    except OSError as e:                            # ssl.SSLError is one
         raise OllamaError("cannot load OLLAMA_TLS_CERT/OLLAMA_TLS_KEY: %s" % e) from None
     return context
 
@@ -6649,8 +6729,11 @@ def raise_fd_limit():
 
 def make_server(config=None, host=None, port=None):
     """An OllamaServer bound to (host, port) (port 0 picks a free one); call serve_forever()."""
+    import http.server  # here, not at the top: see OllamaHandler
     config = config or Config()
-    return OllamaServer(config, (host or config.host, config.port if port is None else port))
+    handler = type("OllamaHandler", (OllamaHandler, http.server.BaseHTTPRequestHandler), {})
+    server = type("OllamaServer", (OllamaServer, http.server.ThreadingHTTPServer), {"handler": handler})
+    return server(config, (host or config.host, config.port if port is None else port))
 
 
 # == HTTP API: Ollama's API (/api) ============================================
@@ -6779,6 +6862,7 @@ def socket_owner(peer, local):
 
 def _import_local_blob(store, src, digest):
     """Link (or copy) a local file into blobs/ under `digest`, re-hashed; BadRequest on mismatch."""
+    import secrets
     if not os.path.isabs(src):
         raise BadRequest("X-Ollama-Path must be an absolute path")
     try:
@@ -6827,12 +6911,12 @@ def _model_details(config, parent=""):
             "parameter_size": config.get("model_type", ""), "quantization_level": config.get("file_type", "")}
 
 
-def _list_gguf_details(store, name, entry):
+def _list_gguf_details(store, model, entry):
     """What Ollama's model list adds from the GGUF (headers are cached per blob): capabilities,
     details.context_length and details.embedding_length. A model whose GGUF cannot be read is listed
     without them."""
+    name = model.name
     try:
-        model = load_model(store, name)
         caps = model_capabilities(model)
         g = model.gguf() if model.model_path else None
     except (OSError, OllamaError) as e:
@@ -6859,6 +6943,7 @@ def _read_config(store, manifest):
 @route("GET", "/api/tags")
 def api_tags(req):
     """GET /api/tags: every stored model, newest first."""
+    import hashlib
     store = req.server.store
     models = []
     for name, raw, manifest, mtime in store.list():
@@ -6867,7 +6952,7 @@ def api_tags(req):
         size += int((manifest.get("config") or {}).get("size") or 0)
         entry = {"name": name.display(), "model": name.display(), "modified_at": rfc3339_local(mtime),
                  "size": size, "digest": hashlib.sha256(raw).hexdigest(), "details": _model_details(config)}
-        _list_gguf_details(store, name, entry)
+        _list_gguf_details(store, Model(name, raw, manifest, config, store), entry)
         models.append((mtime, entry))
     models.sort(key=lambda m: m[0], reverse=True)
     return {"models": [m for _, m in models]}
@@ -7001,6 +7086,7 @@ def _layer(media, digest, size, source=None):
 
 def _new_layer(store, data, media, created):
     """A layer for bytes written now; its digest goes into `created` when the blob is new."""
+    import hashlib
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     if not store.has_blob(digest):
         store.write_blob_bytes(data)
@@ -7164,6 +7250,7 @@ def _quantize_layers(req, level, digests):
     """Quantize each model blob to `level` with llama-quantize into a temp blob, streaming Ollama's
     progress; returns {source digest: (quantized digest, size)}. Needs F16, BF16 or F32 sources and
     the disk space for the result; a failure or a client that goes away leaves no temp file."""
+    import shutil
     store = req.server.store
     want, bits = QUANTIZE_TYPES[level]
     out = {}
@@ -8085,6 +8172,7 @@ def parse_range(header, size):
 def _verified_blob(server, digest, f):
     """True when the open blob file's bytes hash to `digest`: hashed once per file identity
     (inode, size, mtime, ctime), so a blob changed behind the store's back is hashed again."""
+    import hashlib
     st = os.fstat(f.fileno())
     key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with server.verify_lock:
@@ -8136,6 +8224,7 @@ def v2_get(req):
 
 def _oci_manifest(req, repo, ref):
     """A stored manifest by tag or digest: its exact bytes, media type and digest."""
+    import hashlib
     stored = _oci_manifests(req.server.store, repo)
     if ":" in ref:
         if not is_strict_digest(ref):
@@ -8412,6 +8501,7 @@ def _reasoning_think(body):
 
 def _openai_tool_calls(calls):
     """Ollama tool calls -> OpenAI's, `arguments` as a JSON string (openai.ToToolCalls)."""
+    import secrets
     out = []
     for call in calls or []:
         function = call.get("function") or {}
@@ -8464,6 +8554,7 @@ def _chat_chunks(first, items, cid, created, model, include_usage):
 @_openai
 def v1_chat_completions(req):
     """POST /v1/chat/completions: OpenAI chat on top of /api/chat."""
+    import secrets
     body = req.json()
     _expect(body, "model", str, "string")
     check_fields(body, {"messages": (list, "[]openai.Message", dict, "openai.Message")}, "ChatCompletionRequest")
@@ -8532,6 +8623,7 @@ def _completion_chunks(first, items, cid, created, model, include_usage):
 @_openai
 def v1_completions(req):
     """POST /v1/completions: OpenAI text completion of a prompt (and suffix) on top of /api/generate."""
+    import secrets
     body = req.json()
     struct_name = "CompletionRequest"
     _expect(body, "model", str, "string", struct_name)
@@ -8744,6 +8836,7 @@ class ResponsesAnswer:
     for a stream the events in order, each with its sequence_number."""
 
     def __init__(self, body):
+        import secrets
         self.body, self.id = body, "resp_" + secrets.token_hex(8)
         self.msg_id, self.seq, self.output = "msg_" + secrets.token_hex(8), 0, []
         self.text, self.thinking, self.reasoning_id, self.calls = None, None, None, 0
@@ -8792,6 +8885,7 @@ class ResponsesAnswer:
             yield self.event("response.completed", response=self.response("completed", _responses_usage(item)))
 
     def _thinking(self, piece):
+        import secrets
         if self.reasoning_id is None:
             self.reasoning_id, self.thinking = "rs_" + secrets.token_hex(8), ""
             yield self.event("response.output_item.added", output_index=len(self.output),
@@ -8811,6 +8905,7 @@ class ResponsesAnswer:
         self.reasoning_id = None
 
     def _calls(self, calls):
+        import secrets
         yield from self._finish_thinking()
         yield from self._finish_text()
         for call in _openai_tool_calls(calls):
@@ -8981,6 +9076,7 @@ MESSAGES_FIELDS = {"model": _STRING, "max_tokens": (int, "int"), "stream": _BOOL
 
 
 def _anthropic_id(prefix):
+    import secrets
     return "%s_%s" % (prefix, secrets.token_hex(12))
 
 
@@ -9254,21 +9350,20 @@ def v1_messages(req):
 # == CLI: the client, and @command ============================================
 
 class Client:
-    """The CLI's side of the API: JSON calls and NDJSON streams to OLLAMA_HOST over http.client."""
+    """The CLI's side of the API: JSON calls and NDJSON streams to OLLAMA_HOST, one connection each,
+    over a _Wire (http.client would import the email parser at every CLI start)."""
 
     def __init__(self, base_url, timeout=None, api_key=""):
         url = urllib.parse.urlsplit(base_url)
-        self.scheme, self.host, self.port = url.scheme or "http", url.hostname, url.port
+        self.scheme, self.host = url.scheme or "http", url.hostname
+        self.port = url.port or (443 if self.scheme == "https" else 80)
         self.prefix = url.path.rstrip("/")
         self.timeout = timeout
         self.api_key = api_key                    # OLLAMA_API_KEY: sent as a bearer token
 
-    def _connect(self):
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=self.timeout)
-
     def _open(self, method, path, body=None, headers=None):
-        conn = self._connect()
+        """Send one request; its _Reply when the status is below 400, else OllamaError (the
+        server's "error" text, or the reason phrase) with that status."""
         hdrs = {"Accept": "application/x-ndjson, application/json",
                 "User-Agent": "ollama.py/%s (%s %s) Python/%s" % (
                     __version__, os.uname().machine if hasattr(os, "uname") else "", sys.platform,
@@ -9279,55 +9374,103 @@ class Client:
         if isinstance(body, (dict, list)):
             body = json_dumps(body).encode()
             hdrs["Content-Type"] = "application/json"
+        tls = None
+        if self.scheme == "https":
+            import ssl  # here, not at the top: only an https OLLAMA_HOST needs it (~5 ms to import)
+            tls = ssl.create_default_context()   # the system CAs; SSL_CERT_FILE honoured
+        wire = None
         try:
-            conn.request(method, self.prefix + path, body=body, headers=hdrs)
-            resp = conn.getresponse()
+            wire = _Wire.request(self.host, self.port, method, self.prefix + path, body, hdrs, self.timeout, tls)
+            status, chunked, length = wire.response_head()
         except ConnectionRefusedError:
-            conn.close()
             raise OllamaError("could not connect to ollama server, run 'ollama.py serve' to start it") from None
-        except OSError as e:
-            conn.close()
-            raise OllamaError("could not connect to ollama server: %s" % e) from None
-        if resp.status >= 400:
-            data = resp.read()
-            conn.close()
+        except (OSError, EOFError, ValueError, IndexError) as e:
+            if wire is not None:
+                wire.close()
+            raise OllamaError("could not connect to ollama server: %s" % (e or type(e).__name__)) from None
+        reply = _Reply(wire, status, None if method == "HEAD" or status in (204, 304) else (chunked, length))
+        if status >= 400:
+            with reply:
+                data = reply.read()
             try:
                 msg = json.loads(data)["error"]
                 if isinstance(msg, dict):                       # OpenAI shape
                     msg = msg.get("message")
             except (ValueError, KeyError, TypeError):
-                msg = data.decode(errors="replace").strip() or http.client.responses.get(resp.status, "")
-            raise OllamaError(msg, resp.status)
-        return conn, resp
+                msg = data.decode(errors="replace").strip() or wire.reason
+            raise OllamaError(msg, status)
+        return reply
 
     def call(self, method, path, body=None, headers=None):
         """One request; the decoded JSON answer (None for an empty body). Raises OllamaError."""
-        conn, resp = self._open(method, path, body, headers)
-        try:
-            data = resp.read()
-        finally:
-            conn.close()
+        with self._open(method, path, body, headers) as reply:
+            data = reply.read()
         return json.loads(data) if data.strip() else None
 
     def stream(self, method, path, body=None, headers=None):
         """Yield each NDJSON object of a streamed answer; an {"error"} line raises OllamaError."""
-        conn, resp = self._open(method, path, body, headers)
-        try:
-            for line in resp:
+        with self._open(method, path, body, headers) as reply:
+            for line in reply:
                 if not line.strip():
                     continue
                 obj = json.loads(line)
                 if isinstance(obj, dict) and obj.get("error"):
                     raise OllamaError(obj["error"])
                 yield obj
-        finally:
-            conn.close()
 
     def heartbeat(self):
         """HEAD /, as every Ollama command does before its real work."""
-        conn, resp = self._open("HEAD", "/")
-        resp.read()
-        conn.close()
+        self._open("HEAD", "/").close()
+
+
+class _Reply:
+    """The answer a Client got, as a file: read(n), lines by iteration, .status, .headers (lower-case
+    names); a body cut short is a ConnectionError (an OSError). Closing it closes the connection."""
+
+    def __init__(self, wire, status, framing):
+        self.wire, self.status, self.headers = wire, status, wire.headers
+        self._chunks = wire.chunks(*framing) if framing else iter(())   # framing: (chunked, length)
+        self._buf = b""
+
+    def _more(self):
+        try:
+            return next(self._chunks, b"")
+        except EOFError:
+            raise ConnectionError("unexpected EOF: the server closed the connection mid-answer") from None
+
+    def read(self, n=-1):
+        while n < 0 or len(self._buf) < n:
+            data = self._more()
+            if not data:
+                break
+            self._buf += data
+        cut = len(self._buf) if n < 0 else n
+        out, self._buf = self._buf[:cut], self._buf[cut:]
+        return out
+
+    def __iter__(self):
+        while True:
+            end = self._buf.find(b"\n") + 1
+            while not end:
+                data = self._more()
+                if not data:
+                    if self._buf:
+                        yield self._buf
+                        self._buf = b""
+                    return
+                self._buf += data
+                end = self._buf.find(b"\n") + 1
+            line, self._buf = self._buf[:end], self._buf[end:]
+            yield line
+
+    def close(self):
+        self.wire.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _client():
@@ -9498,6 +9641,7 @@ def check_engine(exe, log_path, launcher=(), timeout=DEFAULT_LOAD_TIMEOUT):
 
 def _check_rpc(exe, rpc, model, work, launcher, timeout):
     """An rpc-server on a free loopback port, and a llama-server that puts its layers there."""
+    import subprocess
     address = "127.0.0.1:%d" % free_port()
     with open(os.path.join(work, "rpc-server.log"), "wb") as worker_log:
         worker = popen_tied(list(launcher) + [rpc, "--host", "127.0.0.1", "--port", address.split(":")[1],
@@ -9536,6 +9680,7 @@ def cmd_check_engine(args):
     the end of the engine's log and why (for example: it uses CPU instructions this machine
     lacks), and exits 1.
     """
+    import tempfile
     log.addHandler(logging.NullHandler())           # the runner's own error log: printed below instead
     exe = args.engine or find_llama_server(Config())
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
@@ -9576,6 +9721,7 @@ def cmd_worker(args):
     CPU or GPU and its workers, so a model too big for one machine runs on several. The worker
     binds 127.0.0.1 unless --host says otherwise. SIGTERM or Ctrl+C stops it.
     """
+    import subprocess
     exe = find_engine_tool(Config(), "rpc-server")
     argv = [exe, "--host", args.host, "--port", str(args.port)]
     if args.threads:
@@ -9913,6 +10059,8 @@ def _char_width(ch):
 
 
 def _text_width(text):
+    if text.isascii():                     # the usual case, and a list's table has hundreds of cells
+        return len(text)
     return sum(_char_width(c) for c in text)
 
 
@@ -10373,7 +10521,7 @@ def _transfer(model, insecure, path):
     try:
         for last in client.stream("POST", path, {"model": model, "insecure": bool(insecure)}):
             display.update(last)
-    except (OSError, http.client.HTTPException) as e:
+    except OSError as e:
         raise OllamaError("unexpected EOF: %s" % e) from None
     finally:
         display.close()
@@ -10420,8 +10568,8 @@ def cmd_export(args):
     client = _client()
     client.heartbeat()
     query = urllib.parse.urlencode([("model", m) for m in args.models])
-    conn, resp = client._open("GET", "/api/export?" + query)
-    total = int(resp.headers.get("Content-Length") or 0)
+    resp = client._open("GET", "/api/export?" + query)
+    total = int(resp.headers.get("content-length") or 0)
     display = _TransferProgress()
     out, tmp = (sys.stdout.buffer, None) if args.file == "-" else _export_target(args.file)
     try:
@@ -10441,11 +10589,11 @@ def cmd_export(args):
             out.close()
             os.replace(tmp, args.file)
             tmp = None
-    except (OSError, http.client.HTTPException) as e:
+    except OSError as e:
         raise OllamaError("export failed: %s" % (e or type(e).__name__)) from None
     finally:
         display.close()
-        conn.close()
+        resp.close()
         if tmp is not None:
             out.close()
             _unlink(tmp)
@@ -10455,6 +10603,7 @@ def cmd_export(args):
 
 def _export_target(path):
     """(open file, its temp path) next to `path`: renamed onto it only once the archive is complete."""
+    import tempfile
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".%s.tmp-" % os.path.basename(path))
     os.chmod(tmp, 0o644)
@@ -10497,7 +10646,7 @@ def cmd_import(args):
         display.update({"status": "sending archive"})
         for last in client.stream("POST", path, Reader(), headers):
             display.update(last)
-    except (OSError, http.client.HTTPException) as e:
+    except OSError as e:
         raise OllamaError("import failed: %s" % (e or type(e).__name__)) from None
     finally:
         display.close()
@@ -10936,15 +11085,17 @@ def _doc(func):
     return (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else None
 
 
-def build_parser():
-    """The argparse parser with every command of COMMANDS (see @command), routed to its cmd_* function."""
+def build_parser(only=None):
+    """The argparse parser with every command of COMMANDS (see @command), routed to its cmd_* function;
+    with `only` (a set of command names), just those: a CLI start builds the one it runs (building
+    them all, with argparse's gettext calls, takes ~8 ms)."""
     parser = argparse.ArgumentParser(
         prog="ollama.py", description="Large language model runner",
         epilog="Environment: OLLAMA_HOST (default 127.0.0.1:11434), OLLAMA_MODELS (default "
                "~/.ollama/models); see 'ollama.py serve --help' for the rest.")
     parser.add_argument("-v", "--version", action="store_true", help="show version information")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in sorted(COMMANDS):
+    for name in sorted(COMMANDS if only is None else only):
         func, aliases, args = COMMANDS[name]
         p = sub.add_parser(name, aliases=list(aliases), help=_doc(func), description=(func.__doc__ or "").strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -10961,8 +11112,16 @@ def build_parser():
 
 def main(argv=None):
     """Entry point: parse the command line and run the command; returns the exit status."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = {alias: name for name, (_f, aliases, _a) in COMMANDS.items() for alias in (name,) + aliases}
+    if argv and argv[0] in names:
+        only = {names[argv[0]]}
+    elif argv in (["-v"], ["--version"]):
+        only = set()
+    else:
+        only = None                           # help, or an error that lists the commands
+    parser = build_parser(only)
+    args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "command", None) == "run" and not any(x.startswith("-") for x in extra):
         args.prompt += extra            # flags may come between prompt words, as with Ollama's cobra
     elif extra:
@@ -10988,8 +11147,11 @@ def _serve_from_bytecode(argv):
     memory the compiler took stays with a process for good (~25 MB of an idle serve's ~50), and
     serve runs for days. Without such a cache, or with interpreter options it cannot pass on, serve
     runs as it is, only bigger."""
+    if argv[:1] not in (["serve"], ["start"]) or not sys.executable or sys.flags.optimize:
+        return
+    import subprocess
     flags = getattr(subprocess, "_args_from_interpreter_flags", None)     # what multiprocessing uses
-    if argv[:1] not in (["serve"], ["start"]) or not sys.executable or flags is None or sys.flags.optimize:
+    if flags is None:
         return
     import importlib.util  # here: only this re-exec reads a cache header
     path = os.path.abspath(__file__)

@@ -769,11 +769,18 @@ def sec_concurrency(b):
 
 
 def write_fake_models(models_dir, n):
-    """n tiny models (a small blob as the 'model' layer plus a config) written with Store: listable,
-    not loadable."""
+    """n tiny models (a GGUF header without tensors as the 'model' layer plus a config) written with
+    Store: listable as a real store's are (list reads each GGUF's header), not loadable."""
     store = project.Store(models_dir)
+    Path(models_dir).mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        digest, size = store.write_blob_bytes(b"GGUF fake model %d\n" % i)
+        path = Path(models_dir) / ("fake-%d.gguf" % i)
+        project.write_gguf(path, [("general.architecture", 8, "llama"), ("general.name", 8, "fake %d" % i),
+                                  ("llama.context_length", 4, 2048), ("llama.embedding_length", 4, 64),
+                                  ("llama.block_count", 4, 1)], [])
+        with open(str(path), "rb") as f:
+            digest, size = store.write_blob(f)
+        path.unlink()
         cd, cs = store.write_blob_bytes(json.dumps({"model_format": "gguf", "model_family": "llama",
                                                     "model_type": "%dM" % (i + 1), "file_type": "Q4_0"}).encode())
         store.write_manifest(project.Name.parse("bench-model-%02d:latest" % i), {
