@@ -116,6 +116,7 @@ DEFAULT_MAX_LOADED = 3            # runners; Ollama's 3 x #GPUs with CPU counted
 DEFAULT_LOAD_TIMEOUT = 300.0      # seconds without load progress before giving up
 COPY_CHUNK = 1 << 20              # bytes per read when streaming blobs
 RELAY_READ = 1 << 16              # bytes per recv from llama-server's token stream (many events when it runs ahead)
+HANDLER_NICE = 5                  # niceness added to request threads: llama-server's compute threads come first
 MAX_JSON_BODY = 64 << 20          # bytes; a JSON request (images ride in it as base64: a dozen photos fit)
 IDLE_TIMEOUT = 120.0              # seconds a kept-alive connection may wait for its next request
 STALL_TIMEOUT = 30.0              # seconds a request's headers or body (or a client reading the answer) may stall
@@ -6244,6 +6245,15 @@ class OllamaHandler:
         super().setup()
         # one small write per token: without this, Nagle + delayed ACK can hold a chunk for 40 ms
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Linux's niceness is per thread: this connection's relay waits for the gaps between
+        # llama-server's token steps instead of preempting a compute thread both of its threads
+        # then wait for (runners are forked from the Spawner's thread, at serve's own niceness).
+        if HANDLER_NICE and hasattr(os, "setpriority") and sys.platform.startswith("linux"):
+            try:
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + HANDLER_NICE)
+            except OSError:
+                pass
 
     def handle_one_request(self):
         self.connection.settimeout(IDLE_TIMEOUT)     # waiting for the next request line
