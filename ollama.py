@@ -5169,7 +5169,9 @@ class _Wire:
         """A _Wire on a new connection to host:port (through the ssl context `tls` if given) that has
         sent the request. `body` is bytes or a file (read in COPY_CHUNK pieces: as they come with a
         Content-Length header, else chunked). OSError when it cannot connect or send."""
-        sock = socket.create_connection((host, port), timeout=timeout)
+        # An ASCII host as bytes: a str goes through the idna codec (its import, with unicodedata and
+        # stringprep, is ~3 ms of a CLI start); a non-ASCII one needs it.
+        sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
         try:
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=host)
@@ -9898,8 +9900,7 @@ def cmd_list(args):
 
 def _list_models(prefix):
     """The `list` table of the models whose name starts with `prefix` (any case)."""
-    client = _client()
-    client.heartbeat()
+    client = _client()                  # no heartbeat first: the GET fails the same way, a round trip sooner
     resp = client.call("GET", "/api/tags") or {}
     prefix = (prefix or "").lower()
     rows = []
@@ -10393,8 +10394,7 @@ def _chat(client, opts):
 @command("ps")
 def cmd_ps(args):
     """List running models."""
-    client = _client()
-    client.heartbeat()
+    client = _client()                  # no heartbeat first, as in list
     resp = client.call("GET", "/api/ps") or {}
     rows = []
     now = time.time()
@@ -11095,12 +11095,24 @@ def _doc(func):
     return (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else None
 
 
+def _help_formatter(base=argparse.HelpFormatter):
+    """argparse's formatter class `base`, as wide as the terminal less 2 as argparse makes it, without
+    shutil.get_terminal_size: argparse imports shutil (and so bz2, lzma, zlib) at the first
+    add_argument to learn the width, ~2 ms of every CLI start."""
+    try:
+        columns = int(os.environ.get("COLUMNS") or 0) or os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        columns = 0
+    width = (columns or 80) - 2
+    return lambda prog: base(prog, width=width)
+
+
 def build_parser(only=None):
     """The argparse parser with every command of COMMANDS (see @command), routed to its cmd_* function;
     with `only` (a set of command names), just those: a CLI start builds the one it runs (building
     them all, with argparse's gettext calls, takes ~8 ms)."""
     parser = argparse.ArgumentParser(
-        prog="ollama.py", description="Large language model runner",
+        prog="ollama.py", description="Large language model runner", formatter_class=_help_formatter(),
         epilog="Environment: OLLAMA_HOST (default 127.0.0.1:11434), OLLAMA_MODELS (default "
                "~/.ollama/models); see 'ollama.py serve --help' for the rest.")
     parser.add_argument("-v", "--version", action="store_true", help="show version information")
@@ -11108,7 +11120,7 @@ def build_parser(only=None):
     for name in sorted(COMMANDS if only is None else only):
         func, aliases, args = COMMANDS[name]
         p = sub.add_parser(name, aliases=list(aliases), help=_doc(func), description=(func.__doc__ or "").strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=_help_formatter(argparse.RawDescriptionHelpFormatter))
         p.set_defaults(func=func)
         for names, kw in args:
             p.add_argument(*names, **kw)
