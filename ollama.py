@@ -30,7 +30,8 @@ ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lin
     Registry       == keys (Ed25519, OpenSSH files, signed requests), == client (OCI pull and
                    push: RegistrySession, Transfers, pull_model, push_model)
     Runner         Runner: one llama-server child (argv, start, health, completion, tokenize,
-                   embeddings); Spawner: the thread that forks children tied to serve
+                   embeddings); Spawner: the thread that forks children tied to serve; _Wire: one
+                   raw HTTP/1.1 exchange (the token relay, runner calls, and the CLI's Client)
     Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
     HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream,
                    FileResponse), == Ollama's API (/api/*, an api_* each), == a read-only OCI
