@@ -106,6 +106,25 @@ def _tokenizer_kv(vocab_file):
     return out
 
 
+def _gguf_writer(path, arch):
+    """A gguf.GGUFWriter for `arch` on a temp file beside `path` (made with its folder); _gguf_done
+    writes it and renames it into place, so a reader never sees half a file."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return gguf.GGUFWriter(str(path.with_name("." + path.name + ".tmp")), arch)
+
+
+def _gguf_done(writer, path):
+    """Write out a writer from _gguf_writer and rename its file to `path`; returns `path`."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(str(path.with_name("." + path.name + ".tmp")), str(path))
+    return path
+
+
 def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_head_kv=None, n_ff=128,
                     n_ctx_train=2048, f16=True, seed=0, vocab=None, chat_template=None, embedding=False,
                     name="tiny-llama", cache=None):
@@ -130,9 +149,7 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
     n_vocab = len(tok["tokenizer.ggml.tokens"][0])
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = _gguf_writer(path, arch)
     writer.add_name(name)
     writer.add_context_length(n_ctx_train)
     writer.add_embedding_length(n_embd)
@@ -176,12 +193,7 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
         writer.add_tensor(blk + "ffn_gate.weight", matrix(n_ff, n_embd))
         writer.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))
         writer.add_tensor(blk + "ffn_down.weight", matrix(n_embd, n_ff))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(str(tmp), str(path))
-    return path
+    return _gguf_done(writer, path)
 
 
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),
@@ -212,9 +224,7 @@ def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_sta
     n_ff = 2 * n_embd
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    w = _gguf_writer(path, "llama")
     w.add_name(name)
     w.add_context_length(4096)
     w.add_embedding_length(n_embd)
@@ -257,12 +267,7 @@ def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_sta
     w.add_tensor("blk.0.ffn_gate.weight", zeros(n_ff, n_embd))
     w.add_tensor("blk.0.ffn_up.weight", zeros(n_ff, n_embd))
     w.add_tensor("blk.0.ffn_down.weight", zeros(n_embd, n_ff))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(str(tmp), str(path))
-    return path
+    return _gguf_done(w, path)
 
 
 def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_embd=32, n_layer=2, n_head=4,
@@ -284,9 +289,7 @@ def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_e
         raise ValueError("n_embd must divide by n_head, n_ff differ from n_embd, image_size divide by patch_size")
     n_pos = (image_size // patch_size) ** 2
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), "clip")
+    w = _gguf_writer(path, "clip")
     w.add_name(name)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_string("clip.projector_type", "mlp")
@@ -333,12 +336,7 @@ def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_e
     w.add_tensor("mm.0.bias", vector(n_mm_hidden))
     w.add_tensor("mm.2.weight", matrix(n_embd_text, n_mm_hidden))
     w.add_tensor("mm.2.bias", vector(n_embd_text))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(str(tmp), str(path))
-    return path
+    return _gguf_done(w, path)
 
 
 # ---------------------------------------------------------------------------------------------------
