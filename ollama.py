@@ -10347,9 +10347,67 @@ class _Streamer:
             self.display.write(content)
 
 
+#: Ollama's extractFileNames: a path (an optional drive, then ./ / or \\; spaces escaped or not) of an
+#: image; it may catch other text, so only files that exist count.
+_IMAGE_PATH_RE = r"(?:[a-zA-Z]:)?(?:\./|/|\\)[\S\\ ]+?\.(?i:jpg|jpeg|png|webp)\b"
+_IMAGE_MAX_BYTES = 100 << 20       # Ollama's getImageData limit
+_PATH_ESCAPES = [("\\" + c, c) for c in " ()[]{}$&;'*?~"] + [("\\\\", "\\")]
+
+
+def _image_type(head):
+    """The MIME type Go's http.DetectContentType gives the first bytes of an image file (the four
+    Ollama takes), else a plain description for the error."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+    return "application/octet-stream" if b"\0" in head else "text/plain; charset=utf-8"
+
+
+def extract_images(text):
+    """(text, images) as Ollama's `run` does it for a vision model: each image path in the prompt
+    (/abs, ./rel, with escaped spaces) that names a file is read, said on stderr ("Added image
+    'PATH'") and cut from the text; the images as base64. A file that is not a JPEG, PNG or WebP, or
+    over 100 MB, is an OllamaError."""
+    images = []
+    for found in re.findall(_IMAGE_PATH_RE, text):
+        path = found
+        for escaped, plain in _PATH_ESCAPES:
+            path = path.replace(escaped, plain)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(512)
+                kind = _image_type(head)
+                if not kind.startswith("image/"):
+                    raise OllamaError("invalid file type: %s" % kind)
+                if os.fstat(f.fileno()).st_size > _IMAGE_MAX_BYTES:
+                    raise OllamaError("file size exceeds maximum limit (100MB)")
+                data = head + f.read()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OllamaError("couldn't process file %r: %s" % (path, e.strerror or e)) from None
+        sys.stderr.write("Added image '%s'\n" % path)
+        for variant in ("'%s'" % path, "'%s'" % found, found):
+            text = text.replace(variant, "")
+        images.append(base64.b64encode(data).decode())
+    return text.strip(), images
+
+
 def _generate(client, opts, prompt):
     """One /api/generate, streamed to stdout; Ctrl+C stops it quietly."""
+    images = []
+    if "vision" in opts.capabilities:
+        prompt, images = extract_images(prompt)
     body = opts.request(prompt=prompt)
+    if images:
+        body["images"] = images
     if opts.system:
         body["system"] = opts.system
     out, final = _Streamer(opts), None
@@ -10871,7 +10929,12 @@ class _Repl:
 
     def send(self, text):
         opts = self.opts
-        opts.messages.append({"role": "user", "content": text})
+        message = {"role": "user", "content": text}
+        if "vision" in opts.capabilities:
+            message["content"], images = extract_images(text)
+            if images:
+                message["images"] = images
+        opts.messages.append(message)
         try:
             reply = _chat(self.client, opts)
         except OllamaError as e:
@@ -10901,6 +10964,8 @@ class _Repl:
         topic = args[1] if len(args) > 1 else None
         text = {None: _USAGE, "set": _USAGE_SET, "/set": _USAGE_SET, "show": _USAGE_SHOW, "/show": _USAGE_SHOW,
                 "shortcut": _USAGE_SHORTCUTS, "shortcuts": _USAGE_SHORTCUTS}.get(topic, "")
+        if topic is None and "vision" in self.opts.capabilities:     # Ollama says it under the usage
+            text = text[:-1] + "Use /path/to/file to include .jpg, .png, or .webp images.\n\n"
         sys.stderr.write(text)
         sys.stderr.flush()
 

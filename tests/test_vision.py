@@ -10,6 +10,7 @@ distribution follows the pixels (red and blue differ, red twice is the same), th
 the official ollama client."""
 import base64
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -425,3 +426,30 @@ def test_real_engine_through_the_official_ollama_client(looker):
     assert out["generate"] == [[n, [list(t) for t in top]] for n, top in ours]
     assert ours[1][0] - ours[0][0] == looker.per_image
     assert out["chat"][0] != out["chat"][1]
+
+
+# -- the CLI: `run` takes image paths from the prompt, as Ollama's does -------------------------------
+
+def test_extract_images_reads_named_files_and_cuts_their_paths(tmp_path, capsys):
+    (tmp_path / "a cat.png").write_bytes(RED)
+    (tmp_path / "dog.jpg").write_bytes(JPEG)
+    text, images = ollama.extract_images("compare %s/a\\ cat.png with '%s/dog.jpg' and /no/such.png" % (
+        tmp_path, tmp_path))
+    assert text == "compare  with  and /no/such.png"               # a path that names no file stays text
+    assert [base64.b64decode(i) for i in images] == [RED, JPEG]
+    assert capsys.readouterr().err == "Added image '%s/a cat.png'\nAdded image '%s/dog.jpg'\n" % (tmp_path, tmp_path)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ollama.OllamaError, match="^invalid file type: text/plain; charset=utf-8$"):
+        ollama.extract_images("see %s/notes.png" % tmp_path)
+
+
+def test_cli_run_sends_the_image_a_prompt_names(looker, tmp_path):
+    from test_cli_run import cli
+    (tmp_path / "red.png").write_bytes(RED)
+    r = cli("run", "looker", "describe this %s/red.png" % tmp_path, "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "Added image '%s/red.png'" % tmp_path in r.stderr
+    count = int(re.search(r"prompt eval count:\s+(\d+) token", r.stderr).group(1))
+    status, lines = post(looker, "/api/generate", {"model": "looker", "prompt": "describe this", "stream": False,
+                                                   "images": [b64(RED)], "options": {"num_predict": 1}})
+    assert status == 200 and lines[-1]["prompt_eval_count"] == count    # the path cut, the image sent
