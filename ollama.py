@@ -3009,7 +3009,8 @@ def webp_to_png(raw):
 def tag_images(messages):
     """(messages, images): each message's images tagged [img-N] in its content, as Ollama's
     imageTaggedMessages does (a "[img]" in the text is where the next one goes, else they lead), and
-    all the images in tag order, for Runner.media_prompt to match up after rendering."""
+    all the images in tag order, for Runner.media_prompt to match up after rendering. The images are
+    image_data's already (the handlers check them before a model loads)."""
     out, images = [], []
     for m in messages:
         if not m.get("images"):
@@ -3018,7 +3019,7 @@ def tag_images(messages):
         content, prefix = m.get("content") or "", ""
         for img in m["images"]:
             tag = "[img-%d]" % len(images)
-            images.append(image_data(img))
+            images.append(img)
             if "[img]" in content:
                 content = content.replace("[img]", tag, 1)
             else:
@@ -5160,8 +5161,15 @@ class _Wire:
             self._recv()
 
     def take(self, n):
-        while len(self.buf) - self.pos < n:
-            self._recv()
+        if len(self.buf) - self.pos < n:       # gather, then join once: a 1 MB chunk is ~16 recvs
+            parts, have = [self.buf[self.pos:]], len(self.buf) - self.pos
+            while have < n:
+                data = self.sock.recv(max(RELAY_READ, n - have))
+                if not data:
+                    raise EOFError("connection closed")
+                parts.append(data)
+                have += len(data)
+            self.buf, self.pos = b"".join(parts), 0
         self.pos += n
         return self.buf[self.pos - n:self.pos]
 
@@ -5260,14 +5268,19 @@ class _Wire:
             yield data
 
     def body_lines(self, chunked, length=None):
-        """The body's lines (with their b"\n"); the last one may lack its newline."""
-        pending = b""
-        for data in self.chunks(chunked, length):
-            *lines, pending = (pending + data).split(b"\n")
-            for line in lines:
-                yield line + b"\n"
-        if pending:
-            yield pending
+        """The body's lines (see _lines)."""
+        return _lines(self.chunks(chunked, length))
+
+
+def _lines(chunks):
+    """The lines (each with its b"\n") of a stream of byte chunks; the last may lack its newline."""
+    pending = b""
+    for data in chunks:
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
 
 
 class Runner:
@@ -6924,7 +6937,7 @@ def _model_details(config, parent=""):
             "parameter_size": config.get("model_type", ""), "quantization_level": config.get("file_type", "")}
 
 
-def _list_gguf_details(store, model, entry):
+def _list_gguf_details(model, entry):
     """What Ollama's model list adds from the GGUF (headers are cached per blob): capabilities,
     details.context_length and details.embedding_length. A model whose GGUF cannot be read is listed
     without them."""
@@ -6956,16 +6969,16 @@ def _read_config(store, manifest):
 @route("GET", "/api/tags")
 def api_tags(req):
     """GET /api/tags: every stored model, newest first."""
-    import hashlib
     store = req.server.store
     models = []
     for name, raw, manifest, mtime in store.list():
         config = _read_config(store, manifest)
+        model = Model(name, raw, manifest, config, store)
         size = sum(int(layer.get("size") or 0) for layer in manifest.get("layers") or [])
         size += int((manifest.get("config") or {}).get("size") or 0)
         entry = {"name": name.display(), "model": name.display(), "modified_at": rfc3339_local(mtime),
-                 "size": size, "digest": hashlib.sha256(raw).hexdigest(), "details": _model_details(config)}
-        _list_gguf_details(store, Model(name, raw, manifest, config, store), entry)
+                 "size": size, "digest": model.digest, "details": _model_details(config)}
+        _list_gguf_details(model, entry)
         models.append((mtime, entry))
     models.sort(key=lambda m: m[0], reverse=True)
     return {"models": [m for _, m in models]}
@@ -9432,7 +9445,7 @@ class Client:
                 yield obj
 
     def heartbeat(self):
-        """HEAD /, as every Ollama command does before its real work."""
+        """HEAD /, as Ollama's commands do before their real work (list and ps go straight to theirs)."""
         self._open("HEAD", "/").close()
 
 
@@ -9452,29 +9465,21 @@ class _Reply:
             raise ConnectionError("unexpected EOF: the server closed the connection mid-answer") from None
 
     def read(self, n=-1):
-        while n < 0 or len(self._buf) < n:
+        parts, have = [self._buf], len(self._buf)
+        while n < 0 or have < n:
             data = self._more()
             if not data:
                 break
-            self._buf += data
-        cut = len(self._buf) if n < 0 else n
-        out, self._buf = self._buf[:cut], self._buf[cut:]
+            parts.append(data)
+            have += len(data)
+        buf = b"".join(parts)
+        cut = len(buf) if n < 0 else n
+        out, self._buf = buf[:cut], buf[cut:]
         return out
 
     def __iter__(self):
-        while True:
-            end = self._buf.find(b"\n") + 1
-            while not end:
-                data = self._more()
-                if not data:
-                    if self._buf:
-                        yield self._buf
-                        self._buf = b""
-                    return
-                self._buf += data
-                end = self._buf.find(b"\n") + 1
-            line, self._buf = self._buf[:end], self._buf[end:]
-            yield line
+        buf, self._buf = self._buf, b""
+        return _lines(itertools.chain([buf], iter(self._more, b"")))
 
     def close(self):
         self.wire.close()
