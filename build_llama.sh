@@ -331,9 +331,130 @@ setup_conf() {
     [ "$rpc" = 0 ] && flavor="$flavor-norpc"
     build_dir="$CACHE/build/$version-$flavor"
     identity="$(sha256_text "source=$version:$src_sha
+gguf_edits=$gguf_edits
 flags=${flags[*]}
 targets=${targets[*]}")"
 }
+
+# The GGUF edits hook: how ollama.py runs a GGUF written by Ollama's converter without rewriting it.
+# ollama.py writes a sidecar "<file>.edits" (keys to set, arrays to truncate, tensors to rename or
+# hide) beside a link to the stored blob; this hook, added to ggml's gguf.cpp, applies it as the header
+# is read, for the model (llama.cpp's loader) and the projector (mtmd's) alike. The family knowledge
+# stays in ollama.py. Builds of the pinned sdist get it; --source builds the checkout as it is.
+gguf_edits_source() {
+    cat <<'HOOK'
+
+// ---- ollama.py: GGUF edits (added by build_llama.sh) -------------------------------------------
+// A GGUF file F that has a sidecar "F.edits" (itself a GGUF, written by ollama.py) is read as the
+// sidecar says, without rewriting F. In this order, from its string arrays: edits.truncate (key,
+// count pairs), edits.remove (keys), edits.rename_keys (old, new key-prefix pairs); then every other
+// key of the sidecar is set; then edits.rename (old, new tensor-name pairs) and edits.hide (tensor
+// names). Tensor data offsets never change, so mmap and the loaders' own reads work as before.
+// Only no_alloc reads (all that llama.cpp's loaders do) take edits.
+static const char * const GGUF_EDITS_MARKER = "ollama.py gguf edits v1";
+
+static std::vector<std::string> gguf_edits_strings(const struct gguf_context * e, const char * key) {
+    std::vector<std::string> out;
+    const int64_t k = gguf_find_key(e, key);
+    if (k >= 0 && gguf_get_kv_type(e, k) == GGUF_TYPE_ARRAY && gguf_get_arr_type(e, k) == GGUF_TYPE_STRING) {
+        for (size_t i = 0; i < gguf_get_arr_n(e, k); i++) {
+            out.push_back(gguf_get_arr_str(e, k, i));
+        }
+    }
+    return out;
+}
+
+static bool gguf_edits_apply(struct gguf_context * ctx, const struct gguf_context * e, const char * fname) {
+    const std::vector<std::string> truncate = gguf_edits_strings(e, "edits.truncate");
+    for (size_t i = 0; i + 1 < truncate.size(); i += 2) {
+        const int64_t k = gguf_find_key(ctx, truncate[i].c_str());
+        const size_t n = (size_t) strtoull(truncate[i + 1].c_str(), nullptr, 10);
+        if (k < 0 || !ctx->kv[k].is_array || ctx->kv[k].get_ne() < n) {
+            GGML_LOG_ERROR("%s: %s.edits: cannot truncate %s to %zu\n", __func__, fname, truncate[i].c_str(), n);
+            return false;
+        }
+        gguf_kv & kv = ctx->kv[k];
+        if (kv.type == GGUF_TYPE_STRING) {
+            kv.data_string.resize(n);
+        } else {
+            kv.data.resize(n * gguf_type_size(kv.type));
+        }
+    }
+    for (const std::string & key : gguf_edits_strings(e, "edits.remove")) {
+        gguf_remove_key(ctx, key.c_str());
+    }
+    const std::vector<std::string> rename_keys = gguf_edits_strings(e, "edits.rename_keys");
+    for (size_t i = 0; i + 1 < rename_keys.size(); i += 2) {
+        for (gguf_kv & kv : ctx->kv) {
+            if (kv.key.compare(0, rename_keys[i].size(), rename_keys[i]) == 0) {
+                kv.key = rename_keys[i + 1] + kv.key.substr(rename_keys[i].size());
+            }
+        }
+    }
+    for (int64_t k = 0; k < gguf_get_n_kv(e); k++) {
+        const char * key = gguf_get_key(e, k);
+        if (strncmp(key, "edits.", 6) == 0) {
+            continue;
+        }
+        gguf_remove_key(ctx, key);
+        ctx->kv.push_back(e->kv[k]);
+    }
+    const std::vector<std::string> rename = gguf_edits_strings(e, "edits.rename");
+    for (size_t i = 0; i + 1 < rename.size(); i += 2) {
+        const int64_t t = gguf_find_tensor(ctx, rename[i].c_str());
+        if (t < 0 || rename[i + 1].size() >= GGML_MAX_NAME || gguf_find_tensor(ctx, rename[i + 1].c_str()) >= 0) {
+            GGML_LOG_ERROR("%s: %s.edits: cannot rename tensor %s to %s\n", __func__, fname, rename[i].c_str(), rename[i + 1].c_str());
+            return false;
+        }
+        ggml_set_name(&ctx->info[t].t, rename[i + 1].c_str());
+    }
+    for (const std::string & name : gguf_edits_strings(e, "edits.hide")) {
+        const int64_t t = gguf_find_tensor(ctx, name.c_str());
+        if (t >= 0) {
+            ctx->info.erase(ctx->info.begin() + t);
+        }
+    }
+    return true;
+}
+
+struct gguf_context * gguf_init_from_file(const char * fname, struct gguf_init_params params) {
+    const std::string edits_path = std::string(fname) + ".edits";
+    FILE * probe = params.no_alloc ? ggml_fopen(edits_path.c_str(), "rb") : nullptr;
+    if (!probe) {
+        return gguf_init_from_file_unedited(fname, params);
+    }
+    fclose(probe);
+    const struct gguf_init_params meta_only = { /*.no_alloc =*/ true, /*.ctx =*/ nullptr };
+    struct gguf_context * edits = gguf_init_from_file_unedited(edits_path.c_str(), meta_only);
+    struct gguf_context * ctx = edits ? gguf_init_from_file_unedited(fname, meta_only) : nullptr;
+    const bool ok = ctx && gguf_edits_apply(ctx, edits, fname);
+    gguf_free(edits);
+    if (!ok) {
+        GGML_LOG_ERROR("%s: failed to apply %s (%s)\n", __func__, edits_path.c_str(), GGUF_EDITS_MARKER);
+        gguf_free(ctx);
+        return nullptr;
+    }
+    if (params.ctx != nullptr) {
+        const struct ggml_init_params pdata = {
+            /*mem_size   =*/ (ctx->info.size() + 1) * ggml_tensor_overhead(),
+            /*mem_buffer =*/ nullptr,
+            /*no_alloc   =*/ true,
+        };
+        *params.ctx = ggml_init(pdata);
+        if (*params.ctx == nullptr) {
+            gguf_free(ctx);
+            return nullptr;
+        }
+        for (const gguf_tensor_info & info : ctx->info) {
+            ggml_tensor * cur = ggml_new_tensor(*params.ctx, info.t.type, GGML_MAX_DIMS, info.t.ne);
+            ggml_set_name(cur, info.t.name);
+        }
+    }
+    return ctx;
+}
+HOOK
+}
+gguf_edits="v1:$(sha256_text "$(gguf_edits_source)" | cut -c1-16)"
 
 targets=(llama-server llama-quantize)      # llama-quantize: create --quantize
 [ "$rpc" = 1 ] && targets+=(ggml-rpc-server)    # installed as rpc-server: ollama.py worker
@@ -355,6 +476,7 @@ if [ -n "$source_dir" ]; then
         [ -n "$dirty" ] && src_sha="$src_sha+dirty:$(sha256_text "$(git -C "$source_dir" diff HEAD 2>/dev/null)" | cut -c1-16)"
     fi
     src_desc="llama.cpp checkout $source_dir"
+    gguf_edits="none (--source builds the checkout as it is)"
 elif [ -n "$sdist" ]; then
     [ -f "$sdist" ] || die "--sdist $sdist: no such file"
     sdist="$(cd "$(dirname "$sdist")" && pwd)/$(basename "$sdist")"
@@ -512,6 +634,22 @@ case "$src_kind" in
         extract_sdist "$file" "$src_sha" ;;
 esac
 
+add_gguf_edits() {
+    # Adds the hook to $src_tree's gguf.cpp (kept pristine as gguf.cpp.ollama-py-orig; rewritten only
+    # when the result differs, so cmake and ccache see an unchanged file as unchanged).
+    local f="$src_tree/ggml/src/gguf.cpp" orig new
+    orig="$f.ollama-py-orig"
+    [ -f "$orig" ] || cp "$f" "$orig"
+    new="$f.tmp.$$"
+    sed 's/^struct gguf_context \* gguf_init_from_file(const char \* fname, struct gguf_init_params params) {$/static struct gguf_context * gguf_init_from_file_unedited(const char * fname, struct gguf_init_params params) {/' \
+        "$orig" > "$new"
+    grep -q '^static struct gguf_context \* gguf_init_from_file_unedited' "$new" \
+        || { rm -f "$new"; die "$f: gguf_init_from_file not found where the GGUF edits hook expects it"; }
+    gguf_edits_source >> "$new"
+    if cmp -s "$new" "$f"; then rm -f "$new"; else mv -f "$new" "$f"; fi
+}
+[ "$src_kind" = dir ] || add_gguf_edits
+
 # ---------------------------------------------------------------------------------------------------
 # Configure, build, check, install
 # ---------------------------------------------------------------------------------------------------
@@ -599,6 +737,7 @@ compiler="$("${cxx_used:-c++}" --version 2>/dev/null | head -1 || true)"
     [ "$src_kind" = dir ] || echo "source_sha256: $src_sha"
     [ "$src_kind" = dir ] && echo "source_revision: ${src_sha:-unknown (not a git checkout)}"
     echo "source_tree: $src_tree"
+    echo "gguf_edits: $gguf_edits"
     echo "target: $target$([ "$cross" = 1 ] && echo " (cross-built on $host_arch)")"
     echo "flavor: $flavor"
     echo "cpu_config: $conf"
