@@ -497,6 +497,12 @@ def _unlink(path):
         pass
 
 
+def _rmtree(path):
+    """Remove a folder and what it holds, if it is there."""
+    import shutil
+    shutil.rmtree(str(path), ignore_errors=True)
+
+
 ###############################################################################
 # Names #######################################################################
 ###############################################################################
@@ -627,6 +633,11 @@ class Store:
 
     def has_blob(self, digest):
         return self.blob_path(digest).is_file()
+
+    def view_dir(self, digest):
+        """Where the engine's view of a blob lives: .ollama-py/views/<hex> (a link to the blob and
+        its GGUF edits; see engine_files). Derived, so rebuilt at each load and removed with the blob."""
+        return self.root / ".ollama-py" / "views" / parse_digest(digest).split(":")[1]
 
     def blob_size(self, digest):
         return self.blob_path(digest).stat().st_size
@@ -869,6 +880,7 @@ class Store:
             refs = self.referenced()
             for d in set(digests) - refs:
                 _unlink(self.blob_path(d))
+                _rmtree(self.view_dir(d))
 
     def _prune_dirs(self, d):
         while d != self.manifests and self.manifests in d.parents:
@@ -1269,6 +1281,259 @@ def engine_check_model(path, seed=0, f16=False):
           ("tokenizer.ggml.add_bos_token", 7, True)] + ([("general.file_type", 4, 1)] if f16 else [])
     write_gguf(path, kv, tensors)
     return path
+
+
+# == GGUF: Ollama's converter layout ==========================================
+# Ollama's library serves GGUFs written by Ollama's own converter, and stock llama.cpp refuses many
+# (other key names, extra tokenizer entries, vision tensors inside the model file). Ollama patches
+# llama.cpp to translate them as they load; ollama.py keeps the knowledge here, as data: GGUFEdits
+# say what the engine must read differently, and the engine applies them while it reads the header
+# (build_llama.sh's GGUF edits hook), or through --override-kv when only scalar keys change. The
+# stored blob is never touched: digests, push, export, /v2 and Ollama itself see the original.
+
+GGUF_EDITS_MARKER = b"ollama.py gguf edits v1"   # the hook's string: an engine that has it reads edits
+
+
+class GGUFEdits:
+    """What the engine must read differently in one GGUF: keys to set (with their GGUF types), arrays
+    to truncate, keys to remove, key prefixes to rename, tensors to rename and to hide. `family` and
+    `quirks` say why, for the log and `show`. Falsy when there is nothing to change."""
+
+    def __init__(self, family):
+        self.family, self.quirks = family, []
+        self.set, self.truncate, self.remove, self.rename_keys, self.rename, self.hide = {}, {}, [], [], [], []
+
+    def __bool__(self):
+        return bool(self.set or self.truncate or self.remove or self.rename_keys or self.rename or self.hide)
+
+    def set_missing(self, g, key, vtype, value):
+        """Set `key` unless the file has it."""
+        if key not in g.kv:
+            self.set[key] = (vtype, value)
+
+    def hide_prefixes(self, g, *prefixes):
+        """Hide the tensors whose names start with one of `prefixes` (another loader's part of the file)."""
+        self.hide += [t.name for t in g.tensors if t.name.startswith(prefixes)]
+
+    def rename_containing(self, g, pairs):
+        """Rename tensors by substring, the first matching pair each (Ollama's name -> llama.cpp's)."""
+        for t in g.tensors:
+            for old, new in pairs:
+                if old in t.name:
+                    self.rename.append((t.name, t.name.replace(old, new, 1)))
+                    break
+
+    def override_args(self):
+        """--override-kv arguments doing the same, or None when these edits need the hook (arrays,
+        tensors, removals, or a string longer than llama.cpp's 127-byte override)."""
+        if self.truncate or self.remove or self.rename_keys or self.rename or self.hide:
+            return None
+        kinds = {4: "int", 5: "int", 6: "float", 7: "bool", 8: "str"}
+        args = []
+        for key, (vtype, value) in sorted(self.set.items()):
+            if vtype not in kinds or (vtype == 8 and (len(value.encode()) > 127 or "," in value)):
+                return None
+            text = ("true" if value else "false") if vtype == 7 else str(value)
+            args += ["--override-kv", "%s=%s:%s" % (key, kinds[vtype], text)]
+        return args
+
+    def write(self, path):
+        """The sidecar the hook reads: a GGUF of the keys to set and the edits.* string arrays."""
+        def pairs(items):
+            return (8, [s for pair in items for s in pair])
+        kv = [(k, vtype, value) for k, (vtype, value) in sorted(self.set.items())]
+        kv += [("edits.truncate", 9, pairs((k, str(n)) for k, n in sorted(self.truncate.items()))),
+               ("edits.remove", 9, (8, list(self.remove))), ("edits.rename_keys", 9, pairs(self.rename_keys)),
+               ("edits.rename", 9, pairs(self.rename)), ("edits.hide", 9, (8, list(self.hide)))]
+        write_gguf(path, kv, [])
+
+
+def _array_length(g, key):
+    """The item count of an array key, read or (when skipped by read_gguf's max_array) recorded."""
+    value = g.kv.get(key)
+    return len(value) if value else g.array_lengths.get(key, 0)
+
+
+def _tensor(g, name):
+    return next((t for t in g.tensors if t.name == name), None)
+
+
+def _gemma3_edits(g, path):
+    """gemma3 (text): rope keys under rope.global/rope.local, no RMS epsilon, the tokenizer longer
+    than token_embd (image tokens), and the vision tower inside the file. (Ollama's models carry a
+    TEMPLATE layer, so a missing chat template is left missing.)"""
+    has_vision = any(t.name.startswith(("v.", "mm.")) for t in g.tensors)
+    markers = [has_vision, "gemma3.mm.tokens_per_image" in g.kv, "gemma3.rope.global.freq_base" in g.kv,
+               "gemma3.rope.local.freq_base" in g.kv, "gemma3.attention.layer_norm_rms_epsilon" not in g.kv]
+    if not any(markers):
+        return None
+    e = GGUFEdits("gemma3")
+    for old, new in (("gemma3.rope.global.freq_base", "gemma3.rope.freq_base"),
+                     ("gemma3.rope.local.freq_base", "gemma3.rope.freq_base_swa")):
+        if old in g.kv:
+            e.set[new] = (6, g.kv[old])
+            e.quirks.append("%s read as %s" % (old, new))
+    for key, value in (("gemma3.attention.layer_norm_rms_epsilon", 1e-6), ("gemma3.rope.freq_base", 1e6),
+                       ("gemma3.rope.freq_base_swa", 1e4)):
+        if key not in g.kv and key not in e.set:
+            e.set[key] = (6, value)
+            e.quirks.append("%s missing: %g" % (key, value))
+    if g.context_length >= 131072 and "gemma3.rope.scaling.type" not in g.kv:
+        e.set["gemma3.rope.scaling.type"] = (8, "linear")       # 4B and up: 16k trained, 8x linear
+        e.set_missing(g, "gemma3.rope.scaling.factor", 6, 8.0)
+        e.quirks.append("rope scaling missing: linear x8")
+    embd = _tensor(g, "token_embd.weight")
+    rows = embd.shape[1] if embd and len(embd.shape) > 1 else 0
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if rows and _array_length(g, key) > rows:
+            e.truncate[key] = rows
+    if e.truncate:
+        e.quirks.append("tokenizer cut to token_embd's %d rows" % rows)
+    if has_vision:
+        e.hide_prefixes(g, "v.", "mm.")
+        e.quirks.append("vision tower in the model file: the projector is the same file")
+    return e
+
+
+#: Ollama's gemma3 vision tensor names -> llama.cpp's mmproj names.
+_GEMMA3_CLIP_RENAMES = (("v.patch_embedding", "v.patch_embd"), ("v.position_embedding", "v.position_embd"),
+                        ("v.post_layernorm", "v.post_ln"), (".layer_norm1", ".ln1"), (".layer_norm2", ".ln2"),
+                        (".attn_output", ".attn_out"), (".mlp.fc1", ".ffn_down"), (".mlp.fc2", ".ffn_up"),
+                        ("mm.mm_input_projection", "mm.input_projection"),
+                        ("mm.mm_soft_emb_norm", "mm.soft_emb_norm"))
+
+
+def _gemma3_clip_edits(g, path):
+    """gemma3 with its vision tower inside: the same file read as llama.cpp's Gemma 3 mmproj."""
+    if not any(t.name.startswith("v.") for t in g.tensors):
+        return None
+    e = GGUFEdits("gemma3 vision")
+    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+                       ("image_size", 4), ("patch_size", 4), ("attention.head_count", 4),
+                       ("attention.layer_norm_epsilon", 6)):
+        if "gemma3.vision." + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv["gemma3.vision." + key])
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.5, 0.5, 0.5]))
+    e.set_missing(g, "clip.vision.image_std", 9, (6, [0.5, 0.5, 0.5]))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_gelu", 7, True)
+    e.set["clip.projector_type"] = (8, "gemma3")
+    e.set["general.architecture"] = (8, "clip")
+    e.rename_containing(g, _GEMMA3_CLIP_RENAMES)
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm."))]
+    e.quirks.append("vision tower read as a gemma3 projector")
+    return e
+
+
+def _llama3_edits(g, path):
+    """Llama 3.x: no pre-tokenizer (tokenization silently differs) and EOS on <|end_of_text|> (an
+    instruct model may not stop). Found by the vocabulary, never the name."""
+    if _array_length(g, "tokenizer.ggml.tokens") <= 128009:
+        return None
+    tokens = read_gguf(path).kv.get("tokenizer.ggml.tokens") or []
+    if tokens[128009] != "<|eot_id|>":
+        return None
+    if tokens[128006] != "<|start_header_id|>" and "<|eot_id|>" not in g.chat_template:
+        return None
+    e = GGUFEdits("llama3")
+    if g.kv.get("tokenizer.ggml.pre", "default") in ("", "default"):
+        e.set["tokenizer.ggml.pre"] = (8, "llama-bpe")
+        e.quirks.append("no pre-tokenizer: llama-bpe")
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        if g.kv.get(key, 128001) == 128001:
+            e.set[key] = (4, 128009)
+    if "tokenizer.ggml.eos_token_id" in e.set:
+        e.quirks.append("EOS <|end_of_text|>: <|eot_id|>")
+    return e or None
+
+
+def _gptoss_edits(g, path):
+    """gpt-oss: architecture "gptoss" (llama.cpp's is "gpt-oss"), three tensor names, the expert
+    FFN size and the gpt-4o pre-tokenizer missing."""
+    e = GGUFEdits("gpt-oss")
+    e.set["general.architecture"] = (8, "gpt-oss")
+    e.rename_keys.append(("gptoss.", "gpt-oss."))
+    gate = _tensor(g, "blk.0.ffn_gate_exps.weight")
+    if "gptoss.expert_feed_forward_length" not in g.kv and gate and len(gate.shape) > 1:
+        e.set["gpt-oss.expert_feed_forward_length"] = (4, gate.shape[1])
+    if "gptoss.rope.scaling.type" not in g.kv:
+        e.set["gpt-oss.rope.scaling.type"] = (8, "yarn")
+    e.set["tokenizer.ggml.pre"] = (8, "gpt-4o")
+    e.rename_containing(g, ((".attn_out", ".attn_output"), (".attn_sinks", ".attn_sinks.weight"),
+                            (".ffn_norm", ".post_attention_norm")))
+    e.rename = [(old, new) for old, new in e.rename if not old.endswith((".attn_output.weight", ".attn_sinks.weight"))]
+    e.quirks += ["architecture gptoss: gpt-oss", "tensor names", "pre-tokenizer gpt-4o"]
+    return e
+
+
+def _olmo3_edits(g, path):
+    """olmo3: llama.cpp runs it as olmo2 (same tensors; its olmo2 loader has OLMo 3's sliding window)."""
+    e = GGUFEdits("olmo3")
+    e.set["general.architecture"] = (8, "olmo2")
+    e.rename_keys.append(("olmo3.", "olmo2."))
+    e.quirks.append("architecture olmo3: olmo2")
+    return e
+
+
+def _lfm2_edits(g, path):
+    """lfm2: the last norm is output_norm (llama.cpp: token_embd_norm), and feed_forward_length may
+    disagree with ffn_gate's shape."""
+    if not _tensor(g, "output_norm.weight") or _tensor(g, "token_embd_norm.weight"):
+        return None
+    e = GGUFEdits("lfm2")
+    e.rename.append(("output_norm.weight", "token_embd_norm.weight"))
+    e.set["tokenizer.ggml.pre"] = (8, "lfm2")
+    gate = _tensor(g, "blk.0.ffn_gate.weight")
+    if gate and len(gate.shape) > 1 and g.get("feed_forward_length") != gate.shape[1]:
+        e.set["lfm2.feed_forward_length"] = (4, gate.shape[1])
+    e.quirks += ["output_norm: token_embd_norm", "pre-tokenizer lfm2"]
+    return e
+
+
+def _vision_inside_edits(family):
+    """A family whose text side only needs the embedded vision tensors hidden (llama4)."""
+    def edits(g, path):
+        if not any(t.name.startswith(("v.", "mm.")) for t in g.tensors):
+            return None
+        e = GGUFEdits(family)
+        e.hide_prefixes(g, "v.", "mm.")
+        e.quirks.append("vision tower in the model file: hidden from the text loader")
+        return e
+    return edits
+
+
+def _llava_projector_edits(g, path):
+    """A LLaVA/BakLLaVA projector without clip.projector_type: llama.cpp's default was mlp."""
+    if g.architecture != "clip" or not g.kv.get("clip.has_vision_encoder") or \
+            "clip.projector_type" in g.kv or "clip.vision.projector_type" in g.kv:
+        return None
+    e = GGUFEdits("llava projector")
+    e.set["clip.projector_type"] = (8, "mlp")
+    e.quirks.append("no projector type: mlp")
+    return e
+
+
+#: architecture -> (text edits, projector edits): each takes (GGUF header, path) and returns GGUFEdits
+#: or None when the file is already in llama.cpp's layout. README.md's family table says what is tested.
+OLLAMA_LAYOUTS = {
+    "gemma3": (_gemma3_edits, _gemma3_clip_edits),
+    "llama": (_llama3_edits, None),
+    "gptoss": (_gptoss_edits, None),
+    "olmo3": (_olmo3_edits, None),
+    "lfm2": (_lfm2_edits, None),
+    "llama4": (_vision_inside_edits("llama4"), None),
+    "clip": (None, _llava_projector_edits),
+}
+
+
+def ollama_layout(g, path):
+    """(text edits, projector edits) for a GGUF header `g` read from `path`: each GGUFEdits, or None
+    where the engine reads the file as it is."""
+    text, clip = OLLAMA_LAYOUTS.get(g.architecture, (None, None))
+    if g.is_projector:
+        return None, clip(g, path) if clip else None
+    return (text(g, path) if text else None), (clip(g, path) if clip else None)
 
 
 ###############################################################################
@@ -3442,7 +3707,7 @@ class Model:
                 self.messages = json.loads(path.read_bytes() or b"[]") or []
             elif kind == "license":
                 self.license.append(path.read_text(encoding="utf-8", errors="replace"))
-        self._parsed = store.parsed
+        self.store, self._parsed = store, store.parsed
         self._capabilities = None
 
     @property
@@ -5584,6 +5849,94 @@ def find_engine_tool(config, name):
     return found
 
 
+def engine_reads_edits(exe):
+    """Whether a llama-server applies GGUF edits (build_llama.sh's hook): its build-info says so or,
+    for one built some other way, its binary or ggml library beside it carries the hook's marker."""
+    import glob
+    import mmap
+    try:
+        for line in Path(exe + ".build-info").read_text().splitlines():
+            if line.startswith("gguf_edits:"):
+                return line.split(":", 1)[1].strip().startswith("v1")
+    except OSError:
+        pass
+    real = os.path.realpath(exe)
+    here = os.path.dirname(real)
+    for path in [real] + glob.glob(os.path.join(here, "libggml-base*")) + \
+            glob.glob(os.path.join(here, "..", "lib", "libggml-base*")):
+        try:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if m.find(GGUF_EDITS_MARKER) >= 0:
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+class EngineFiles:
+    """What a runner hands llama-server for a model: the model file, the projector (the model file
+    itself for a vision model stored whole, Ollama's way), extra flags (--override-kv), and the
+    Ollama-layout families it translates, for the log."""
+
+    def __init__(self, model_path, projector, args, families):
+        self.model_path, self.projector, self.args, self.families = model_path, projector, args, families
+
+
+def engine_files(store, model, exe):
+    """The EngineFiles for `model`: each GGUF in Ollama's converter layout (ollama_layout) is read
+    through --override-kv when only scalar keys differ, else through a view under the store
+    (Store.view_dir: a link to the blob named for the engine, and its .edits sidecar), which the
+    engine's GGUF edits hook applies. OllamaError, in words, when `exe` has no hook for a model
+    that needs it. The blobs are never written."""
+    projector = (model.projector_paths or [None])[0]
+    try:
+        g = model.gguf()
+        text, clip = ollama_layout(g, model.model_path) if g else (None, None)
+    except (OSError, OllamaError):          # an unreadable header is the engine's to report
+        return EngineFiles(model.model_path, projector, [], [])
+    families, args = [], []
+
+    def view(blob, edits, name):
+        if not engine_reads_edits(exe):
+            raise OllamaError(
+                "%s is in Ollama's %s layout (%s), which %s cannot read as it is: it lacks the GGUF edits "
+                "hook that ./build_llama.sh builds in (a llama-server built another way needs ggml/src/gguf.cpp "
+                "changed as build_llama.sh does)" % (model.short_name, edits.family, "; ".join(edits.quirks), exe))
+        d = store.view_dir(Path(blob).name.replace("-", ":", 1))
+        d.mkdir(parents=True, exist_ok=True)
+        link = d / name
+        edits.write(str(link) + ".edits")
+        target = os.path.relpath(blob, str(d))
+        if not link.is_symlink() or os.readlink(str(link)) != target:
+            tmp = d / (".%s.%d" % (name, os.getpid()))
+            _unlink(tmp)
+            os.symlink(target, str(tmp))
+            os.replace(str(tmp), str(link))
+        families.append(edits.family)
+        return str(link)
+
+    model_path = model.model_path
+    if text:
+        overrides = text.override_args()
+        if overrides is not None:
+            args, model_path = overrides, model.model_path
+            families.append(text.family)
+        else:
+            model_path = view(model.model_path, text, "model.gguf")
+    if clip and projector is None:
+        projector = view(model.model_path, clip, "mmproj.gguf")
+    elif projector:
+        try:
+            _text, pclip = ollama_layout(read_gguf(projector, 0), projector)
+        except (OSError, OllamaError):
+            pclip = None
+        if pclip:
+            projector = view(projector, pclip, "mmproj.gguf")
+    if families:
+        log.info("model %s: Ollama's %s layout, translated as it loads", model.short_name, ", ".join(families))
+    return EngineFiles(model_path, projector, args, families)
+
+
 #: Quantization levels for create -> (general.file_type, about how many bits per weight it takes):
 #: Ollama's (F32, F16, BF16, Q8_0, Q4_K_S, Q4_K_M, with Q4_K meaning Q4_K_M) and, beyond Ollama, the
 #: other llama-quantize levels a small machine may want.
@@ -5783,15 +6136,17 @@ class Scheduler:
         if trained:
             num_ctx = min(num_ctx, trained)
         num_gpu = int(opts["num_gpu"]) if opts.get("num_gpu") is not None else -1
-        return Runner(exe, model.model_path, num_ctx=num_ctx, rpc=self._rpc_workers(num_gpu),
+        files = engine_files(model.store, model, exe)
+        return Runner(exe, files.model_path, num_ctx=num_ctx, rpc=self._rpc_workers(num_gpu),
                       parallel=1 if embedding else self.config.num_parallel,
                       num_thread=int(opts.get("num_thread") or 0), num_batch=int(opts.get("num_batch") or 0),
                       num_gpu=num_gpu, use_mmap=opts.get("use_mmap"), embedding=embedding,
-                      projector=(model.projector_paths or [None])[0], adapters=model.adapter_paths,
+                      projector=files.projector, adapters=model.adapter_paths,
                       flash_attention=self.config.flash_attention,
                       kv_cache_type=self.config.kv_cache_type,
                       log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
-                      extra_args=_embedding_args(model, num_ctx) if embedding else (), spawn=self.spawner.popen)
+                      extra_args=files.args + (_embedding_args(model, num_ctx) if embedding else []),
+                      spawn=self.spawner.popen)
 
     def _rpc_workers(self, num_gpu):
         """The OLLAMA_RPC_SERVERS workers a new runner uses: those that answer now (one that is down is

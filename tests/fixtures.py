@@ -339,6 +339,56 @@ def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_e
     return _gguf_done(w, path)
 
 
+def rewrite_gguf(src, dst, edit_kv=None, edit_tensors=None):
+    """Copy the GGUF `src` to `dst` with its metadata passed through `edit_kv` (a dict key -> (value,
+    type, sub type) in, the same out) and its tensor list through `edit_tensors` ([(name, reader
+    tensor)] in, the same out): the tensor data is copied byte for byte. How the tests write a model
+    in another converter's layout from the same tensors. Returns the Path."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    kv = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        main = field.types[0]
+        kv[key] = (field.contents(), main, field.types[1] if main == gguf.GGUFValueType.ARRAY else None)
+    kv = edit_kv(kv) if edit_kv else kv
+    tensors = [(t.name, t) for t in reader.tensors]
+    tensors = edit_tensors(tensors) if edit_tensors else tensors
+    dst = Path(dst)
+    writer = _gguf_writer(dst, kv.pop("general.architecture")[0])
+    for key, (value, vtype, sub) in kv.items():
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for name, t in tensors:
+        writer.add_tensor(name, t.data, raw_dtype=t.tensor_type)
+    return _gguf_done(writer, dst)
+
+
+def write_ollama_gemma3(src, dst):
+    """Gemma 3 `src` (llama.cpp's layout) rewritten with the metadata of the gemma3 files Ollama's
+    library serves: rope bases under gemma3.rope.global/local, no RMS epsilon, and one token more in the
+    tokenizer arrays than token_embd has rows. Same tensors, same bytes. Returns the Path."""
+    import gguf
+
+    def edit(kv):
+        out = {}
+        for key, (value, vtype, sub) in kv.items():
+            if key == "gemma3.attention.layer_norm_rms_epsilon":
+                continue
+            key = {"gemma3.rope.freq_base": "gemma3.rope.global.freq_base",
+                   "gemma3.rope.freq_base_swa": "gemma3.rope.local.freq_base"}.get(key, key)
+            extra = {"tokenizer.ggml.tokens": "<image_soft_token>", "tokenizer.ggml.scores": 0.0,
+                     "tokenizer.ggml.token_type": int(gguf.TokenType.CONTROL)}
+            if key in extra:
+                value = list(value) + [extra[key]]
+            out[key] = (value, vtype, sub)
+        out.setdefault("gemma3.rope.global.freq_base", (1e6, gguf.GGUFValueType.FLOAT32, None))
+        out.setdefault("gemma3.rope.local.freq_base", (1e4, gguf.GGUFValueType.FLOAT32, None))
+        return out
+    return rewrite_gguf(src, dst, edit)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------
