@@ -127,6 +127,7 @@ BLOB_GRACE = 3600.0               # seconds an unreferenced blob is kept at star
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
 MEDIA_PREFIX = "application/vnd.ollama.image."
+MEDIA_TENSOR = MEDIA_PREFIX + "tensor"   # Ollama's safetensors layout (its MLX engine): not for llama.cpp
 
 log = logging.getLogger("ollama")
 
@@ -1315,10 +1316,11 @@ class GGUFEdits:
         """Hide the tensors whose names start with one of `prefixes` (another loader's part of the file)."""
         self.hide += [t.name for t in g.tensors if t.name.startswith(prefixes)]
 
-    def rename_containing(self, g, pairs):
-        """Rename tensors by substring, the first matching pair each (Ollama's name -> llama.cpp's)."""
+    def rename_containing(self, g, pairs, prefixes=("",)):
+        """Rename tensors (those whose names start with one of `prefixes`) by substring, the first
+        matching pair each (Ollama's name -> llama.cpp's)."""
         for t in g.tensors:
-            for old, new in pairs:
+            for old, new in pairs if t.name.startswith(prefixes) else ():
                 if old in t.name:
                     self.rename.append((t.name, t.name.replace(old, new, 1)))
                     break
@@ -1420,7 +1422,7 @@ def _gemma3_clip_edits(g, path):
     e.set_missing(g, "clip.use_gelu", 7, True)
     e.set["clip.projector_type"] = (8, "gemma3")
     e.set["general.architecture"] = (8, "clip")
-    e.rename_containing(g, _GEMMA3_CLIP_RENAMES)
+    e.rename_containing(g, _GEMMA3_CLIP_RENAMES, ("v.", "mm."))
     e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm."))]
     e.quirks.append("vision tower read as a gemma3 projector")
     return e
@@ -1991,7 +1993,10 @@ def modelfile_request(commands, relative_dir, digest=file_digest):
                 raise BadRequest("requires must be a valid semver (e.g. 0.14.0)")
             req["requires"] = args.lstrip("v")
         elif name == "draft":
-            raise BadRequest("DRAFT models are not supported by ollama.py")
+            files = local_files(args)
+            if files is None:
+                raise BadRequest("draft model file not found: %s" % args)
+            req.setdefault("draft_files", {}).update(files)
         elif name == "message":
             role, _, content = args.partition(": ")
             messages.append({"role": role, "content": content})
@@ -3683,6 +3688,7 @@ class Model:
         self.model_path = None
         self.parent_model = ""
         self.projector_paths, self.adapter_paths, self.license = [], [], []
+        self.draft_path = None                 # a speculative-decoding draft model (DRAFT)
         self.template, self.system, self.params, self.messages = DEFAULT_TEMPLATE, "", {}, []
         self.has_template = False              # else the GGUF's own chat template is used for chat
         self.size = sum(layer.get("size", 0) for layer in manifest.get("layers") or [])
@@ -3696,6 +3702,8 @@ class Model:
                 self.projector_paths.append(str(path))
             elif kind == "adapter":
                 self.adapter_paths.append(str(path))
+            elif kind == "draft":
+                self.draft_path = str(path)
             elif kind in ("template", "prompt"):
                 self.template = path.read_text(encoding="utf-8", errors="replace")
                 self.has_template = True
@@ -3764,6 +3772,7 @@ class Model:
             cmds.append(("model", self.model_path))
         cmds += [("adapter", p) for p in self.adapter_paths]
         cmds += [("model", p) for p in self.projector_paths]
+        cmds += [("draft", self.draft_path)] if self.draft_path else []
         jinja = self.jinja_template()
         if not jinja or self.has_template:             # else a TEMPLATE {{ .Prompt }} would replace the GGUF's
             cmds.append(("template", self.template))
@@ -3792,6 +3801,17 @@ class Model:
             for item in (v if isinstance(v, list) else [v]):
                 lines.append("%-30s %s" % (k, go_sprint(item, sharp=True)))
         return "\n".join(lines)
+
+
+def refuse_unrunnable(manifest, name):
+    """BadRequest, before any blob is fetched, for the manifest of `name` (a Name) whose weights are in
+    Ollama's safetensors layout (application/vnd.ollama.image.tensor layers: Ollama's MLX engine, on
+    Apple silicon), which llama.cpp cannot run. Such a model already in the store still lists, shows
+    and removes."""
+    if any(layer.get("mediaType") == MEDIA_TENSOR for layer in manifest.get("layers") or []):
+        raise BadRequest("%s is stored as safetensors tensors (%s layers), which Ollama runs with its MLX "
+                         "engine on Apple silicon; llama.cpp cannot run it, so ollama.py does not pull it: "
+                         "pull a GGUF tag of the model instead" % (name.display(), MEDIA_TENSOR))
 
 
 def load_model(store, name):
@@ -4832,6 +4852,7 @@ def _pull_blobs(store, transfers, config, name, insecure, progress, cancel):
         raise cls("pull model manifest: %s" % e) from None
     except (OSError, http.client.HTTPException) as e:
         raise OllamaError("pull model manifest: %s" % e) from None
+    refuse_unrunnable(manifest, name)
 
     jobs = []
     try:
@@ -5199,7 +5220,7 @@ def _archive_models(staged, name):
 # One llama-server child per loaded model: its argv, its life, and the HTTP calls to it.
 
 #: Request options that decide how llama-server is started; a change in any of them reloads.
-LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
+LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread", "draft_num_predict")
 
 #: Ollama sampling option -> llama-server /completion field.
 SAMPLING_FIELDS = {
@@ -6145,7 +6166,8 @@ class Scheduler:
                       flash_attention=self.config.flash_attention,
                       kv_cache_type=self.config.kv_cache_type,
                       log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
-                      extra_args=files.args + (_embedding_args(model, num_ctx) if embedding else []),
+                      extra_args=files.args + (_embedding_args(model, num_ctx) if embedding else
+                                               draft_args(model, opts)),
                       spawn=self.spawner.popen)
 
     def _rpc_workers(self, num_gpu):
@@ -6342,6 +6364,26 @@ def _embedding_args(model, num_ctx):
     if embedding_pooling(model) in (None, 0):
         args += ["--pooling", "last"]
     return args
+
+
+def draft_args(model, opts):
+    """llama-server flags for a model's DRAFT layer (speculative decoding; greedy output is unchanged):
+    Ollama's MTP and DFlash drafts as Ollama runs them, and beyond Ollama any smaller model that shares
+    the vocabulary (llama.cpp's draft-simple). draft_num_predict tokens are drafted at a time; 0 turns
+    it off."""
+    n = int(opts.get("draft_num_predict") if opts.get("draft_num_predict") is not None else 4)
+    if not model.draft_path or n <= 0:
+        return []
+    try:
+        g = read_gguf(model.draft_path, 0)
+    except (OSError, OllamaError):                # the engine says what is wrong with it
+        g = None
+    kind = "draft-simple"
+    if g is not None and g.architecture == "dflash":
+        kind = "draft-dflash"
+    elif g is not None and (g.get("nextn_predict_layers") or 0) > 0:
+        kind = "draft-mtp"
+    return ["--spec-draft-model", model.draft_path, "--spec-type", kind, "--spec-draft-n-max", str(n)]
 
 
 def _safe_filename(text):
@@ -7483,6 +7525,7 @@ def api_create(req):
     text = _model_field(body) or ""
     files = _validate_create_files(body.get("files"))
     adapters = _validate_create_files(body.get("adapters"), "adapters")
+    adapters = {"adapter": adapters, "draft": _validate_create_files(body.get("draft_files"), "draft_files")}
     quantize = body.get("quantize") or body.get("quantization")
     level = quantize_level(quantize) if quantize else None
     if isinstance(body.get("template"), str) and body["template"]:
@@ -7516,7 +7559,9 @@ def api_create(req):
     return last
 
 
-def _create_stream(req, name, from_name, files, adapters, body, parameters, messages, level=None):
+def _create_stream(req, name, from_name, files, extras, body, parameters, messages, level=None):
+    """The statuses of a create, the last "success"; `files` are the model's GGUF blobs (a projector or
+    an adapter among them is laid as one), `extras` maps "adapter" and "draft" to theirs."""
     store = req.server.store
     if from_name is not None and store.resolve(from_name) is None:
         for progress in _pull_for_create(req, from_name):
@@ -7536,7 +7581,7 @@ def _create_stream(req, name, from_name, files, adapters, body, parameters, mess
                     raise NotFound('model "%s" not found, try pulling it first' % source)
                 layers.append(_layer(layer["mediaType"], layer["digest"], store.blob_size(layer["digest"]), source))
         ggufs = []
-        for kind, table in (("model", files), ("adapter", adapters)):
+        for kind, table in (("model", files), ("adapter", extras["adapter"]), ("draft", extras["draft"])):
             for path in sorted(table):
                 digest = parse_digest(table[path])
                 statuses.append("parsing GGUF")
@@ -7928,7 +7973,7 @@ def api_generate(req):
         _check_capability(body, model, "insert", "insert")
     think = None if body.get("raw") else _check_think(body, model)
     top_logprobs = _top_logprobs(body)
-    if body.get("images") and not model.projector_paths:
+    if body.get("images") and "vision" not in model.capabilities():
         raise BadRequest("this model is missing data required for image input")
     images = [image_data(i) for i in body.get("images") or []]
     fmt = body.get("format")
@@ -8069,7 +8114,7 @@ def api_chat(req):
     tools = body.get("tools") or None
     if tools and "tools" not in model.capabilities():
         raise BadRequest("%s does not support tools" % model.name)
-    if any(m.get("images") for m in messages) and not model.projector_paths:
+    if any(m.get("images") for m in messages) and "vision" not in model.capabilities():
         raise BadRequest("this model is missing data required for image input")
     messages = [dict(m, images=[image_data(i) for i in m["images"]]) if m.get("images") else m
                 for m in messages]                      # bad base64 or WebP is a 400 before any model loads

@@ -365,11 +365,88 @@ def rewrite_gguf(src, dst, edit_kv=None, edit_tensors=None):
     return _gguf_done(writer, dst)
 
 
-def write_ollama_gemma3(src, dst):
+def write_tiny_gemma3_mmproj(path, *, n_embd_text=640, image_size=56, patch_size=14, n_embd=32, n_layer=2,
+                             n_head=4, n_ff=64, seed=0):
+    """A tiny random-weight Gemma 3 vision projector in llama.cpp's mmproj layout (SigLIP blocks, then
+    the 4x4 average pool, the soft embedding norm and the input projection into `n_embd_text`): with
+    the defaults an image is 4x4 patches, pooled to one position. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-gemma3-mmproj")
+    w.add_string("clip.projector_type", "gemma3")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_gelu", True)
+    for key, value in (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float16)
+
+    def vector(n, value=0.0):
+        return np.full(n, value, dtype=np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size))
+    w.add_tensor("v.patch_embd.bias", vector(n_embd))
+    n_pos = (image_size // patch_size) ** 2
+    w.add_tensor("v.position_embd.weight", (rng.standard_normal((n_pos, n_embd)) * 0.05).astype(np.float32))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(blk + part + ".weight", matrix(n_embd, n_embd))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+        for part in ("ln1", "ln2"):
+            w.add_tensor(blk + part + ".weight", vector(n_embd, 1.0))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+        w.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))
+        w.add_tensor(blk + "ffn_up.bias", vector(n_ff))
+        w.add_tensor(blk + "ffn_down.weight", matrix(n_embd, n_ff))
+        w.add_tensor(blk + "ffn_down.bias", vector(n_embd))
+    w.add_tensor("v.post_ln.weight", vector(n_embd, 1.0))
+    w.add_tensor("v.post_ln.bias", vector(n_embd))
+    w.add_tensor("mm.input_projection.weight", matrix(n_embd, n_embd_text))
+    w.add_tensor("mm.soft_emb_norm.weight", vector(n_embd, 1.0))
+    return _gguf_done(w, path)
+
+
+#: llama.cpp's Gemma 3 mmproj tensor names -> the names Ollama's converter gives the same tensors inside
+#: its monolithic gemma3 files (SigLIP's mlp.fc1 is the up projection; llama.cpp's loader mends the swap).
+OLLAMA_GEMMA3_VISION_NAMES = (("v.patch_embd", "v.patch_embedding"), ("v.position_embd", "v.position_embedding"),
+                              ("v.post_ln", "v.post_layernorm"), (".ln1", ".layer_norm1"), (".ln2", ".layer_norm2"),
+                              (".attn_out", ".attn_output"), (".ffn_up", ".mlp.fc1"), (".ffn_down", ".mlp.fc2"),
+                              ("mm.input_projection", "mm.mm_input_projection"),
+                              ("mm.soft_emb_norm", "mm.mm_soft_emb_norm"))
+
+
+def write_ollama_gemma3(src, dst, mmproj=None):
     """Gemma 3 `src` (llama.cpp's layout) rewritten with the metadata of the gemma3 files Ollama's
     library serves: rope bases under gemma3.rope.global/local, no RMS epsilon, and one token more in the
-    tokenizer arrays than token_embd has rows. Same tensors, same bytes. Returns the Path."""
+    tokenizer arrays than token_embd has rows. With `mmproj` (a Gemma 3 projector in llama.cpp's
+    layout), its tensors go inside under Ollama's names with gemma3.vision.* keys, as Ollama's
+    converter writes gemma3 4B and up. Same tensors, same bytes. Returns the Path."""
     import gguf
+
+    vision_kv, vision = {}, []
+    if mmproj is not None:
+        reader = gguf.GGUFReader(str(mmproj))
+        for key, field in reader.fields.items():
+            if key.startswith("clip.vision.") and not key.endswith(("projection_dim", "image_mean", "image_std")):
+                vision_kv["gemma3.vision." + key[len("clip.vision."):]] = (
+                    field.contents(), field.types[0], None)
+        for t in reader.tensors:
+            name = t.name
+            for old, new in OLLAMA_GEMMA3_VISION_NAMES:
+                if old in name:
+                    name = name.replace(old, new, 1)
+                    break
+            vision.append((name, t))
 
     def edit(kv):
         out = {}
@@ -385,8 +462,11 @@ def write_ollama_gemma3(src, dst):
             out[key] = (value, vtype, sub)
         out.setdefault("gemma3.rope.global.freq_base", (1e6, gguf.GGUFValueType.FLOAT32, None))
         out.setdefault("gemma3.rope.local.freq_base", (1e4, gguf.GGUFValueType.FLOAT32, None))
+        if vision:
+            out["gemma3.mm.tokens_per_image"] = (1, gguf.GGUFValueType.UINT32, None)
+        out.update(vision_kv)
         return out
-    return rewrite_gguf(src, dst, edit)
+    return rewrite_gguf(src, dst, edit, lambda tensors: tensors + vision)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,304 @@
+"""Models as Ollama publishes them: GGUFs written by Ollama's converter run on stock llama.cpp through
+GGUF edits (ollama_layout, engine_files and build_llama.sh's hook), their blobs untouched; manifests
+llama.cpp cannot run are refused before a byte is fetched; DRAFT layers drive speculative decoding.
+
+Each family is proven the same way: one set of tensors written twice, once in llama.cpp's layout (as
+convert_hf_to_gguf.py writes it) and once in the layout Ollama's converter writes, and the real
+llama-server must give the same greedy answer and the same top logprobs for both. Gemma 3 uses the real
+270M weights; its vision tower (inside the file, Ollama's way) is a tiny random-weight one."""
+import base64
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import fixtures
+import ollama
+from test_inference import import_gguf, post
+from test_registry import _serve, registry  # noqa: F401 -- registry: the real docker-registry fixture
+from test_vision import import_model, png
+
+GREEDY = {"temperature": 0, "seed": 1, "num_predict": 12}
+
+
+def answer(server, model, prompt="Question: Why is the sky blue? Answer:", **extra):
+    """(text, prompt tokens, top-5 logprobs of the first tokens) of a greedy raw generate."""
+    status, lines = post(server, "/api/generate", dict({"model": model, "prompt": prompt, "raw": True,
+                                                        "stream": False, "options": GREEDY, "logprobs": True,
+                                                        "top_logprobs": 5}, **extra))
+    assert status == 200, lines
+    out = lines[-1]
+    tops = [[(t["token"], round(t["logprob"], 5)) for t in step["top_logprobs"]] for step in out["logprobs"][:3]]
+    return out["response"], out["prompt_eval_count"], tops
+
+
+def delete(server, model):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=60)
+    conn.request("DELETE", "/api/delete", body=json.dumps({"model": model}))
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def view_files(store):
+    root = store.root / ".ollama-py" / "views"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.is_dir() else []
+
+
+# -- gemma3 (real weights) ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ollama_gemma3(gemma_gguf, tmp_path_factory):
+    return fixtures.write_ollama_gemma3(gemma_gguf, tmp_path_factory.mktemp("layout") / "gemma3-ollama.gguf")
+
+
+def test_stock_llama_cpp_refuses_ollamas_gemma3(ollama_gemma3, llama_server_bin, tmp_path):
+    """What users of other llama.cpp front ends meet: the reason this layer exists."""
+    runner = ollama.Runner(str(llama_server_bin), ollama_gemma3, num_ctx=256, log_path=tmp_path / "r.log")
+    with pytest.raises(ollama.OllamaError, match="layer_norm_rms_epsilon"):
+        runner.start(timeout=60)
+
+
+def test_gemma3_in_ollamas_layout_answers_as_llama_cpps_does(server, engine, gemma_gguf, ollama_gemma3):
+    import_gguf(server.store, "orig", gemma_gguf)
+    import_gguf(server.store, "ollama", ollama_gemma3)
+    want = answer(server, "orig")
+    assert want[0] and answer(server, "ollama") == want
+    blob = ollama.file_digest(ollama_gemma3)
+    assert ollama.file_digest(server.store.blob_path(blob)) == blob     # the blob is as it came
+    assert view_files(server.store) == [blob[7:], blob[7:] + "/model.gguf", blob[7:] + "/model.gguf.edits"]
+
+
+def test_gemma3_pulled_from_docker_registry_runs_and_keeps_its_bytes(server, engine, registry, tmp_path,  # noqa: F811
+                                                                     gemma_gguf, ollama_gemma3, capsys):
+    """Pushed as Ollama's library serves a model, pulled by a second serve, answered with llama.cpp's
+    greedy text; afterwards the pulled blob still hashes to its name, and push and /v2 serve it as is."""
+    import_gguf(server.store, "orig", gemma_gguf)
+    name = "%s/library/gemma3:270m" % registry
+    import_gguf(server.store, name, ollama_gemma3)
+    assert ollama.main(["push", "--insecure", name]) == 0
+    other = ollama.make_server(ollama.Config({"HOME": str(tmp_path), "OLLAMA_MODELS": str(tmp_path / "m2"),
+                                              "OLLAMA_LLAMA_SERVER": str(engine)}), "127.0.0.1", 0)
+    with fixtures.serving(other):
+        status, lines = post(other, "/api/pull", {"model": name, "insecure": True, "stream": False})
+        assert status == 200 and lines[-1] == {"status": "success"}
+        assert answer(other, name) == answer(server, "orig")
+        for d in ollama.manifest_digests(other.store.get(name)[2]):
+            assert ollama.file_digest(other.store.blob_path(d)) == d
+        assert delete(other, name) == 200
+        assert view_files(other.store) == []                  # the view went with the blob
+
+
+def test_gemma3_from_an_ollama_store_copied_in_as_files_runs_from_the_cli(tmp_path, engine, gemma_gguf,
+                                                                         ollama_gemma3):
+    """An existing ~/.ollama (blobs and manifests as Ollama wrote them) copied to a new machine: `run`
+    answers as llama.cpp's file does, and the store afterwards holds only what Ollama's would, plus
+    the derived views under .ollama-py."""
+    models = tmp_path / "ollama" / "models"
+    store = ollama.Store(models)
+    import_gguf(store, "gemma3:270m", ollama_gemma3, template="{{ .Prompt }}", params={"temperature": 0})
+    import_gguf(store, "orig", gemma_gguf, template="{{ .Prompt }}", params={"temperature": 0})
+    copied = tmp_path / "copied"
+    shutil.copytree(str(models), str(copied))
+    env = dict(os.environ, HOME=str(tmp_path), OLLAMA_MODELS=str(copied), OLLAMA_LLAMA_SERVER=str(engine),
+               OLLAMA_HOST="127.0.0.1:%d" % ollama.free_port())
+    serve = _serve(env)
+    try:
+        def run(model):
+            out = subprocess.run([sys.executable, str(fixtures.ROOT / "ollama.py"), "run", model,
+                                  "Why is the sky blue?"], env=env, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr
+            return out.stdout
+        assert run("gemma3:270m") == run("orig")
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    assert sorted(p.name for p in copied.iterdir()) == [".ollama-py", "blobs", "manifests"]
+
+
+def test_monolithic_gemma3_sees_images_through_its_own_file(server, engine, gemma_gguf, tmp_path):
+    """gemma3 4B and up: Ollama stores the vision tower inside the model file. The same file serves as
+    the projector; image answers match llama.cpp's model + mmproj pair, and follow the pixels."""
+    mmproj = fixtures.write_tiny_gemma3_mmproj(tmp_path / "mmproj.gguf")
+    mono = fixtures.write_ollama_gemma3(gemma_gguf, tmp_path / "gemma3-vision-ollama.gguf", mmproj=mmproj)
+    import_model(server.store, "pair", gemma_gguf, mmproj)
+    import_model(server.store, "mono", mono)
+    assert "vision" in ollama.load_model(server.store, "mono").capabilities()
+
+    def tops(model, rgb):
+        status, lines = post(server, "/api/chat", {
+            "model": model, "stream": False, "options": dict(GREEDY, num_predict=2), "logprobs": True,
+            "top_logprobs": 5, "messages": [{"role": "user", "content": "What is this?",
+                                             "images": [base64.b64encode(png(rgb)).decode()]}]})
+        assert status == 200, lines
+        return [[(t["token"], round(t["logprob"], 5)) for t in s["top_logprobs"]] for s in lines[-1]["logprobs"]]
+    red, blue = tops("pair", (200, 30, 30)), tops("pair", (30, 30, 200))
+    assert red != blue
+    assert tops("mono", (200, 30, 30)) == red and tops("mono", (30, 30, 200)) == blue
+    digest = ollama.file_digest(mono)[7:]
+    assert {digest + "/mmproj.gguf", digest + "/mmproj.gguf.edits"} <= set(view_files(server.store))
+
+
+# -- Llama 3: the tokenizer gap, through --override-kv ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama3_pair(tmp_path_factory):
+    """A tiny random-weight Llama 3 (llama.cpp's llama-bpe vocabulary, EOS <|eot_id|>), and the same
+    tensors as Ollama's older converter wrote Llama 3: no pre-tokenizer, EOS <|end_of_text|>."""
+    import gguf
+    d = tmp_path_factory.mktemp("llama3")
+    src = fixtures.write_tiny_gguf(d / "llama3.gguf", vocab="ggml-vocab-llama-bpe.gguf")
+    cpp = fixtures.rewrite_gguf(src, d / "llama3-cpp.gguf", lambda kv: dict(
+        kv, **{"tokenizer.ggml.eos_token_id": (128009, gguf.GGUFValueType.UINT32, None)}))
+
+    def ollama_kv(kv):
+        kv = {k: v for k, v in kv.items() if k != "tokenizer.ggml.pre"}
+        kv["tokenizer.ggml.eos_token_id"] = (128001, gguf.GGUFValueType.UINT32, None)
+        return kv
+    return cpp, fixtures.rewrite_gguf(src, d / "llama3-ollama.gguf", ollama_kv)
+
+
+def test_llama3_without_a_pre_tokenizer_tokenizes_as_llama_cpps(server, engine, llama3_pair, tmp_path):
+    cpp, theirs = llama3_pair
+    header = ollama.read_gguf(theirs, 0)
+    text, clip = ollama.ollama_layout(header, theirs)
+    assert clip is None and text.override_args() == [
+        "--override-kv", "tokenizer.ggml.eos_token_id=int:128009",
+        "--override-kv", "tokenizer.ggml.eot_token_id=int:128009",
+        "--override-kv", "tokenizer.ggml.pre=str:llama-bpe"]
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    prompt = "In 2024, 1234567 people didn't say: 'hello world'!"
+    want = answer(server, "cpp", prompt)
+    assert answer(server, "ollama", prompt) == want
+    # the gap is real: read as it is, the same text is cut into other tokens
+    runner = ollama.Runner(str(engine), theirs, num_ctx=256, log_path=tmp_path / "r.log").start(60)
+    try:
+        assert len(runner.tokenize(prompt)) != want[1] - 1          # -1: the BOS the prompt count has
+    finally:
+        runner.stop()
+
+
+# -- LLaVA projectors without a projector type ------------------------------------------------------------
+
+def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
+    import gguf
+    text = fixtures.write_tiny_gguf(tmp_path / "text.gguf")
+    mmproj = fixtures.write_tiny_mmproj(tmp_path / "mmproj.gguf")
+    untyped = fixtures.rewrite_gguf(mmproj, tmp_path / "mmproj-untyped.gguf",
+                                    lambda kv: {k: v for k, v in kv.items() if k != "clip.projector_type"})
+    assert ollama.ollama_layout(ollama.read_gguf(untyped, 0), untyped)[1].set == {
+        "clip.projector_type": (8, "mlp")}
+    assert gguf.GGUFReader(str(untyped)).fields.get("clip.projector_type") is None
+    import_model(server.store, "typed", text, mmproj)
+    import_model(server.store, "untyped", text, untyped)
+    image = base64.b64encode(png((200, 30, 30))).decode()
+
+    def tops(model):
+        return answer(server, model, "look:", images=[image])[2]
+    assert tops("untyped") == tops("typed")
+
+
+# -- the other families: what the edits say, on headers written in Ollama's layout ---------------------
+
+def header(tmp_path, arch, kv=(), tensors=()):
+    """A GGUF header of `arch` with `kv` [(key, type, value)] and F32 tensors {name: shape}."""
+    path = tmp_path / ("%s.gguf" % arch)
+    ollama.write_gguf(path, [("general.architecture", 8, arch)] + list(kv),
+                      [(name, 0, shape, b"\0" * 4 * shape[0] * (shape[1] if len(shape) > 1 else 1))
+                       for name, shape in tensors])
+    return ollama.read_gguf(path, 0), path
+
+
+def test_gptoss_is_renamed_to_llama_cpps_gpt_oss(tmp_path):
+    g, path = header(tmp_path, "gptoss", [("gptoss.block_count", 4, 1)], [
+        ("blk.0.attn_out.weight", [4, 4]), ("blk.0.attn_sinks", [4]), ("blk.0.ffn_norm.weight", [4]),
+        ("blk.0.ffn_gate_exps.weight", [4, 8])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set["general.architecture"] == (8, "gpt-oss") and e.rename_keys == [("gptoss.", "gpt-oss.")]
+    assert e.set["gpt-oss.expert_feed_forward_length"] == (4, 8)
+    assert e.set["tokenizer.ggml.pre"] == (8, "gpt-4o")
+    assert sorted(e.rename) == [("blk.0.attn_out.weight", "blk.0.attn_output.weight"),
+                                ("blk.0.attn_sinks", "blk.0.attn_sinks.weight"),
+                                ("blk.0.ffn_norm.weight", "blk.0.post_attention_norm.weight")]
+
+
+def test_olmo3_runs_as_olmo2_and_lfm2_gets_its_norm_back(tmp_path):
+    g, path = header(tmp_path, "olmo3", [("olmo3.block_count", 4, 1)])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set == {"general.architecture": (8, "olmo2")} and e.rename_keys == [("olmo3.", "olmo2.")]
+    g, path = header(tmp_path, "lfm2", [("lfm2.feed_forward_length", 4, 12)],
+                     [("output_norm.weight", [4]), ("blk.0.ffn_gate.weight", [4, 8])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.rename == [("output_norm.weight", "token_embd_norm.weight")]
+    assert e.set["lfm2.feed_forward_length"] == (4, 8)
+
+
+def test_llama_cpp_layouts_are_left_as_they_are(tmp_path, gemma_gguf):
+    assert ollama.ollama_layout(ollama.read_gguf(gemma_gguf, 0), gemma_gguf) == (None, None)
+    g, path = header(tmp_path, "lfm2", tensors=[("token_embd_norm.weight", [4])])
+    assert ollama.ollama_layout(g, path) == (None, None)
+
+
+def test_an_engine_without_the_hook_is_named_with_what_to_do(server, tmp_path, ollama_gemma3):
+    """A llama-server built some other way (fault injection: a stand-in without the hook's marker)."""
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    import_gguf(server.store, "gemma3", ollama_gemma3)
+    model = ollama.load_model(server.store, "gemma3")
+    with pytest.raises(ollama.OllamaError, match=r"Ollama's gemma3 layout .*lacks the GGUF edits hook that "
+                                                 r"\./build_llama\.sh builds in"):
+        ollama.engine_files(server.store, model, str(fake))
+    assert view_files(server.store) == []
+
+
+# -- what llama.cpp cannot run is refused before the download --------------------------------------------
+
+def test_a_safetensors_manifest_is_refused_at_pull_before_any_blob(server, registry, tmp_path):  # noqa: F811
+    """Ollama's MLX models (application/vnd.ollama.image.tensor layers): a 400 in words, 0 bytes
+    fetched; one already in the store still lists, shows and is removed."""
+    from test_registry import put_model
+    name = "%s/library/mlxmodel:latest" % registry
+    put_model(server.store, name, [(os.urandom(300_000), ollama.MEDIA_TENSOR)])
+    assert ollama.main(["push", "--insecure", name]) == 0
+    other = ollama.make_server(ollama.Config({"HOME": str(tmp_path), "OLLAMA_MODELS": str(tmp_path / "m2")}),
+                               "127.0.0.1", 0)
+    with fixtures.serving(other):
+        status, lines = post(other, "/api/pull", {"model": name, "insecure": True, "stream": False})
+        assert status == 400 and "llama.cpp cannot run it" in lines[-1]["error"]
+        assert "MLX" in lines[-1]["error"]
+        blobs = other.store.blobs
+        assert not blobs.exists() or [p for p in blobs.iterdir()] == []
+    assert name in [n.display() for n, *_ in server.store.list()]
+    status, lines = post(server, "/api/show", {"model": name})
+    assert status == 200
+    assert delete(server, name) == 200
+
+
+# -- DRAFT: speculative decoding with a draft model -----------------------------------------------------------
+
+def test_a_draft_layer_speculates_and_the_greedy_text_is_unchanged(server, engine, tmp_path):
+    """A DRAFT model (Modelfile DRAFT, a draft layer) starts llama-server with it as the draft; the
+    greedy text equals the target's alone, and `show --modelfile` names it."""
+    target = fixtures.write_tiny_gguf(tmp_path / "target.gguf", n_embd=128, n_layer=4, seed=3)
+    draft = fixtures.write_tiny_gguf(tmp_path / "draft.gguf", seed=4)
+    modelfile = tmp_path / "Modelfile"
+    modelfile.write_text("FROM %s\nDRAFT %s\n" % (target, draft))
+    assert ollama.main(["create", "fast", "-f", str(modelfile)]) == 0
+    modelfile.write_text("FROM %s\n" % target)
+    assert ollama.main(["create", "plain", "-f", str(modelfile)]) == 0
+    model = ollama.load_model(server.store, "fast")
+    assert model.draft_path and "DRAFT " + model.draft_path in model.modelfile()
+    prompt = "once upon a time"
+    plain = answer(server, "plain", prompt, options=dict(GREEDY, num_predict=48))
+    assert answer(server, "fast", prompt, options=dict(GREEDY, num_predict=48))[0] == plain[0]
+    args = server.scheduler.loaded[ollama.Name.parse("fast").key()].runner.args
+    assert args[args.index("--spec-draft-model") + 1] == model.draft_path
+    assert args[args.index("--spec-type") + 1] == "draft-simple"
+    log = (server.config.home / "logs" / "runner-fast_latest.log").read_text(errors="replace")
+    assert "draft" in log.lower()
