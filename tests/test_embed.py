@@ -172,7 +172,17 @@ def test_pooling_type_in_the_gguf_marks_an_embedding_model(tmp_path):
     import_gguf(store, "bert-embed", path)
     model = ollama.load_model(store, "bert-embed")
     assert ollama.embedding_pooling(model) == 1 and ollama.is_embedding_model(model)
-    assert "--pooling" not in ollama._embedding_args(model, 512)
+    assert "--pooling" not in ollama._embedding_args(model)
+
+
+def test_an_embedding_runner_names_each_flag_once():
+    """One source for each flag: the context and batch sizes were given twice before (512, then 513)."""
+    runner = ollama.Runner("llama-server", "m.gguf", num_ctx=512, num_batch=64, embedding=True,
+                           extra_args=["--pooling", "last"])
+    flags = [a for a in runner.args if a.startswith("--")]
+    assert len(flags) == len(set(flags)), flags
+    for flag in ("--ctx-size", "--batch-size", "--ubatch-size"):
+        assert runner.args[runner.args.index(flag) + 1] == "513"
 
 
 def test_an_embedding_only_model_refuses_generate_and_chat(server, tmp_path):

@@ -295,6 +295,22 @@ def test_negative_keep_alive_keeps_the_model_forever(server, gemma):
     assert int(model["expires_at"][:4]) > time.gmtime().tm_year + 100
 
 
+def test_ps_while_a_request_runs_says_when_its_keep_alive_would_end(server, gemma):
+    """Not Go's far-off time (the year 2318) as ollama.py said before: now plus the keep-alive, as Ollama."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=120)
+    conn.request("POST", "/api/generate", body=json.dumps({"model": gemma, "prompt": "Count to a hundred:",
+                                                           "keep_alive": "10m", "options": {"num_predict": 400}}))
+    resp = conn.getresponse()
+    resp.readline()                                         # the first token: the request is running
+    try:
+        _status, data = _get(server, "/api/ps")
+        (m,) = json.loads(data)["models"]
+        when = ollama._parse_rfc3339(m["expires_at"])
+        assert abs(when - (time.time() + 600)) < 60
+    finally:
+        conn.close()
+
+
 def _get(server, path):
     conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
     conn.request("GET", path)

@@ -100,7 +100,8 @@ def vision(server, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_ENGINE_RECORD", str(record))
     server.scheduler.exe = str(exe)
     write_tiny_gguf(tmp_path / "m.gguf")
-    write_tiny_gguf(tmp_path / "p.gguf", arch="clip", extra={"clip.has_vision_encoder": True})
+    write_tiny_gguf(tmp_path / "p.gguf", arch="clip",
+                    extra={"clip.has_vision_encoder": True, "clip.projector_type": "mlp"})
     import_model(server.store, "seer", tmp_path / "m.gguf", tmp_path / "p.gguf")
     import_model(server.store, "blind", tmp_path / "m.gguf")
 
