@@ -18,6 +18,9 @@ best run of each side, which other load on the machine cannot fake):
   lan          MB/s of a LAN pull: serve B pulls Gemma from serve A's /v2 vs curl of the same blob from A
   create       `ollama.py create` of the 253 MB GGUF vs `sha256sum` + `cp`
   rpc          tokens/s with Gemma split over two `ollama.py worker`s on loopback vs all layers local
+  layout       load to first token of Gemma in Ollama's converter layout (translated) vs llama.cpp's file;
+               the view's extra disk
+  draft        tokens/s with a DRAFT layer vs without (greedy text compared)
 
     python3 bench/bench.py [--json out.json] [--runs N] [--quick] [--only SECTION[,SECTION...]]
                            [--ollama-py PATH] [--keep]
@@ -55,7 +58,8 @@ sys.path.insert(1, str(ROOT / "tests"))
 
 import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
 
-SECTIONS = ("generation", "ttft", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc")
+SECTIONS = ("generation", "ttft", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc", "layout",
+            "draft")
 MODEL = "gemma3:270m"
 N_PREDICT = 128                 # tokens per generation run
 N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
@@ -1043,6 +1047,63 @@ def sec_create(b):
                 note="`ollama.py create NAME -f Modelfile` (FROM /path.gguf) vs sha256sum + cp of the file")]
 
 
+def sec_layout(b):
+    """Gemma in Ollama's converter layout (fixtures.write_ollama_gemma3: the same tensors) vs the llama.cpp
+    file, both loaded by one serve, alternating, files in the page cache: what translating it costs at load."""
+    import fixtures
+    theirs_path = b.workdir / "gemma3-ollama.gguf"
+    fixtures.write_ollama_gemma3(b.gemma, theirs_path)
+    serve = Serve(b, "serve-layout")
+    import_model(serve.models, "cpp", b.gemma)
+    import_model(serve.models, "ollama", theirs_path)
+    serve.start()
+    try:
+        body = {"prompt": PROMPT, "options": options(1), "keep_alive": 0}
+        for name in ("cpp", "ollama"):               # first loads: page cache, bytecode, edits written once
+            stream(serve.port, "/api/generate", dict(body, model=name))
+            serve.wait_unloaded()
+        ours, theirs = [], []
+        for _i in range(max(b.runs, 5)):
+            for name, out in (("ollama", ours), ("cpp", theirs)):
+                out.append(stream(serve.port, "/api/generate", dict(body, model=name)).ttft * 1e3)
+                serve.wait_unloaded()
+        views = serve.models / ".ollama-py" / "views"
+        extra = sum(p.stat().st_size for p in views.rglob("*") if p.is_file() and not p.is_symlink())
+    finally:
+        serve.stop()
+    size = theirs_path.stat().st_size
+    return [Row("warm load, Ollama's gemma3 layout", "ms", ours, theirs, "slower", 1.05,
+                "load to first token, keep_alive 0 each run: Ollama's layout (translated) vs llama.cpp's file"),
+            Row("extra disk for the translation", "bytes", extra, None, "max", size // 100,
+                "the view (a link and its .edits sidecar); the limit is 1%% of the %d MB blob" % (size >> 20))]
+
+
+def sec_draft(b):
+    """Gemma with a DRAFT layer (itself: the only model here sharing its vocabulary, so every draft is
+    accepted: the mechanism's ceiling) vs without, one serve, alternating; the greedy texts must match."""
+    serve = Serve(b, "serve-draft")
+    import_model(serve.models, "plain", b.gemma)
+    serve.start()
+    try:
+        modelfile = b.workdir / "Modelfile.draft"
+        modelfile.write_text("FROM plain\nDRAFT %s\n" % b.gemma)
+        check_cli(serve.cli("create", "drafted", "-f", modelfile)[1], "ollama.py create with DRAFT")
+        body = {"prompt": PROMPT, "options": options(N_PREDICT)}
+        texts = {}
+        for name in ("plain", "drafted"):
+            out = http_json(serve.port, "POST", "/api/generate", dict(body, model=name, stream=False))
+            texts[name] = out["response"]
+        ours, theirs = [], []
+        for _i in range(b.runs):
+            ours.append(stream(serve.port, "/api/generate", dict(body, model="drafted")).client_rate)
+            theirs.append(stream(serve.port, "/api/generate", dict(body, model="plain")).client_rate)
+    finally:
+        serve.stop()
+    same = "greedy text identical" if texts["plain"] == texts["drafted"] else "GREEDY TEXT DIFFERS"
+    return [Row("generation with a DRAFT layer", "tok/s", ours, theirs, "info",
+                note="%s; draft = the model itself (100%% accepted), plain = no draft, both through serve" % same)]
+
+
 def sec_rpc(b):
     """Gemma split over two `ollama.py worker`s on loopback vs kept local (num_gpu 0), one serve, alternating.
     A loss is expected: every token's activations cross to each worker and back."""
@@ -1084,12 +1145,13 @@ def sec_rpc(b):
 NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "cold": ("engine", "gemma"),
          "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
          "create": ("gemma",),
-         "rpc": ("engine", "gemma")}
+         "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma")}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "cold": sec_cold, "concurrency": sec_concurrency,
-         "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc}
+         "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc,
+         "layout": sec_layout, "draft": sec_draft}
 TITLES = {"generation": "generation throughput", "ttft": "time to first token", "cold": "cold start",
           "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull", "lan": "LAN pull",
-          "create": "create", "rpc": "RPC split"}
+          "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer"}
 
 
 class Bench:
