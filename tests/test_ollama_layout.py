@@ -71,6 +71,9 @@ def test_gemma3_in_ollamas_layout_answers_as_llama_cpps_does(server, engine, gem
     blob = ollama.file_digest(ollama_gemma3)
     assert ollama.file_digest(server.store.blob_path(blob)) == blob     # the blob is as it came
     assert view_files(server.store) == [blob[7:], blob[7:] + "/model.gguf", blob[7:] + "/model.gguf.edits"]
+    shown = post(server, "/api/show", {"model": "ollama"})[1][-1]
+    assert shown["engine"] == {"layout": "Ollama's gemma3, translated as it loads"}
+    assert "engine" not in post(server, "/api/show", {"model": "orig"})[1][-1]
 
 
 def test_gemma3_pulled_from_docker_registry_runs_and_keeps_its_bytes(server, engine, registry, tmp_path,  # noqa: F811
@@ -100,8 +103,9 @@ def test_gemma3_from_an_ollama_store_copied_in_as_files_runs_from_the_cli(tmp_pa
     the derived views under .ollama-py."""
     models = tmp_path / "ollama" / "models"
     store = ollama.Store(models)
-    import_gguf(store, "gemma3:270m", ollama_gemma3, template="{{ .Prompt }}", params={"temperature": 0})
-    import_gguf(store, "orig", gemma_gguf, template="{{ .Prompt }}", params={"temperature": 0})
+    params = {"temperature": 0, "num_predict": 16}
+    import_gguf(store, "gemma3:270m", ollama_gemma3, template="{{ .Prompt }}", params=params)
+    import_gguf(store, "orig", gemma_gguf, template="{{ .Prompt }}", params=params)
     copied = tmp_path / "copied"
     shutil.copytree(str(models), str(copied))
     env = dict(os.environ, HOME=str(tmp_path), OLLAMA_MODELS=str(copied), OLLAMA_LLAMA_SERVER=str(engine),
