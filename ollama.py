@@ -105,6 +105,7 @@ from pathlib import Path
 ###############################################################################
 # Defaults, and the environment read once into Config.
 
+API_VERSION = "0.14.0"            # the Ollama release whose API we implement (/api/version; README "Versions")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
 DEFAULT_REGISTRY = "registry.ollama.ai"
@@ -6774,8 +6775,9 @@ def api_root(req):
 
 @route("GET", "/api/version")
 def api_version(req):
-    """GET /api/version."""
-    return {"version": __version__}
+    """GET /api/version: the Ollama version whose API we implement (clients gate features on it:
+    Codex wants 0.13.4 or newer), and ours in a field of its own."""
+    return {"version": API_VERSION, "ollama_py": __version__}
 
 
 # -- models ------------------------------------------------------------------
@@ -9572,7 +9574,7 @@ def cmd_serve(args):
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    log.info("Listening on %s (version %s)", server.url.split("://", 1)[1], __version__)
+    log.info("Listening on %s (version %s, Ollama API %s)", server.url.split("://", 1)[1], __version__, API_VERSION)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -11221,6 +11223,7 @@ def main(argv=None):
         parser.error("unrecognized arguments: %s" % " ".join(extra))
     if args.version:
         print("ollama version is %s" % __version__)
+        print("Ollama API version is %s" % API_VERSION)
         return 0
     if not getattr(args, "func", None):
         parser.print_help()
