@@ -5547,10 +5547,11 @@ class Runner:
         text = IMAGE_TAG_RE.sub(swap, prompt)
         return {"prompt_string": text, "multimodal_data": data} if data else prompt
 
-    def apply_template(self, messages, kwargs=None):
+    def apply_template(self, messages, kwargs=None, body=None):
         """Render messages with the GGUF's own chat template (llama-server's jinja), generation prompt
-        added; `kwargs` are variables for the template (chat_template_kwargs: enable_thinking, ...)."""
-        body = {"messages": messages}
+        added; `kwargs` are variables for the template (chat_template_kwargs: enable_thinking, ...).
+        `body`, a /v1/chat/completions payload, is rendered as that request's prompt (tools and all)."""
+        body = dict(body) if body else {"messages": messages}
         if kwargs:
             body["chat_template_kwargs"] = kwargs
         return self.call("/apply-template", body)["prompt"]
@@ -7729,11 +7730,18 @@ def api_chat(req):
         full = list(model.messages) + messages
         if full[0].get("role") != "system" and model.system:
             full.insert(0, {"role": "system", "content": model.system})
+        count = getattr(req, "count_only", False)         # /v1/messages/count_tokens
         if model.jinja_template() and (tools or think is not None) and not any(m.get("images") for m in full):
+            if count:
+                text = lease.runner.apply_template(None, body=_jinja_chat(full, tools, think))
+                return dict(base, prompt_eval_count=len(lease.runner.tokenize(text, add_special=True)))
             chunks = _jinja_chat_chunks(lease, base, full, tools, think, fmt, started, top_logprobs)
             return _respond(body, lease.stream(chunks), "message")
         full, images = tag_images(full)
         text = _fit_chat(model, lease.runner, full, tools, think, body.get("truncate") is True)
+        if count:                      # llama-server tokenizes a prompt as this does (BOS and specials)
+            return dict(base, prompt_eval_count=len(lease.runner.tokenize(text, add_special=True))
+                        + IMAGE_TOKENS * len(images))
         if body.get("_debug_render_only"):
             return dict(base, created_at=rfc3339(), _debug_info={
                 "rendered_template": text, "image_count": len(set(IMAGE_TAG_RE.findall(text)))})
@@ -7767,11 +7775,7 @@ def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started, top_lo
     """/api/chat's answer objects for a model with only its GGUF template: llama-server renders it with
     Jinja and parses tool calls and reasoning itself; content and thinking stream as they come, the
     tool calls (whole only once their arguments are) come with the final object."""
-    payload = dict(_sampling(lease.opts, fmt), messages=_openai_messages(messages),
-                   reasoning_format="deepseek",            # "none" would leave a prefilled <think></think> in content
-                   chat_template_kwargs=_jinja_think_kwargs(think))
-    if tools:
-        payload["tools"] = tools
+    payload = dict(_sampling(lease.opts, fmt), **_jinja_chat(messages, tools, think))
     if top_logprobs is not None:
         payload.update(logprobs=True, top_logprobs=max(1, top_logprobs))
     calls = {}
@@ -7806,6 +7810,16 @@ def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started, top_lo
             return
     finally:
         events.close()
+
+
+def _jinja_chat(messages, tools, think):
+    """The chat part of a /v1/chat/completions payload for llama-server (what its template renders)."""
+    payload = dict(messages=_openai_messages(messages),
+                   reasoning_format="deepseek",            # "none" would leave a prefilled <think></think> in content
+                   chat_template_kwargs=_jinja_think_kwargs(think))
+    if tools:
+        payload["tools"] = tools
+    return payload
 
 
 def _jinja_think_kwargs(think):
@@ -9368,6 +9382,18 @@ def v1_messages(req):
     return Stream(_fed_events(events, first, items), content_type="text/event-stream", encode=_sse_event,
                   error_item=lambda msg: {"type": "error", "error": {"type": "api_error", "message": msg}},
                   headers={"Cache-Control": "no-cache"})
+
+
+@route("POST", "/v1/messages/count_tokens")
+@_anthropic
+def v1_messages_count_tokens(req):
+    """POST /v1/messages/count_tokens: {"input_tokens": N} for a Messages request (no max_tokens
+    needed), counted by the model's own tokenizer on the prompt its chat would run: the
+    prompt_eval_count that request reports. Loads the model, as the chat would. (Not in Ollama.)"""
+    body = req.json()
+    chat = _anthropic_chat(dict(body, max_tokens=body.get("max_tokens") or 1, stream=False))
+    out = api_chat(_forward(req, chat, relax_thinking=True, count_only=True))
+    return {"input_tokens": out["prompt_eval_count"]}
 
 
 ###############################################################################

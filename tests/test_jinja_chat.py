@@ -189,3 +189,24 @@ def test_cli_run_shows_the_thinking_framed_hidden_or_off(qwen):
     for flags in (["--hidethinking"], ["--think=false"]):
         r = cli("run", "qwen3-answer", "What is the weather in Paris?", *flags)
         assert (r.returncode, r.stdout) == (0, ANSWER + "\n\n"), (flags, r.stderr)
+
+
+def test_count_tokens_is_the_prompt_the_chat_runs(qwen):
+    # /v1/messages/count_tokens through the official SDK, against the usage of the same request: the
+    # template path with tools, the plain render path, and thinking on and off (each a different prompt).
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=qwen.url, api_key="ollama", max_retries=0, timeout=120)
+    weather = {"name": "get_weather", "description": "Current weather in a city",
+               "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    counts = []
+    for model, extra in (("qwen3-tools", {"tools": [weather]}),
+                         ("qwen3-answer", {}),
+                         ("qwen3-answer", {"thinking": {"type": "disabled"}}),
+                         ("qwen3-answer", {"system": "Be brief.", "thinking": {"type": "enabled", "budget_tokens": 1024}})):
+        counted = client.messages.count_tokens(model=model, messages=QUESTION, **extra).input_tokens
+        used = client.messages.create(model=model, max_tokens=64, messages=QUESTION, **extra).usage.input_tokens
+        assert counted == used > 0, (model, extra)
+        counts.append(counted)
+    assert counts[0] > counts[1] + 20 and counts[3] > counts[1]       # the tool schema and the system prompt count
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="nope", messages=QUESTION)
