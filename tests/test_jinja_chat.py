@@ -202,7 +202,8 @@ def test_count_tokens_is_the_prompt_the_chat_runs(qwen):
     for model, extra in (("qwen3-tools", {"tools": [weather]}),
                          ("qwen3-answer", {}),
                          ("qwen3-answer", {"thinking": {"type": "disabled"}}),
-                         ("qwen3-answer", {"system": "Be brief.", "thinking": {"type": "enabled", "budget_tokens": 1024}})):
+                         ("qwen3-answer", {"system": "Be brief.",
+                                           "thinking": {"type": "enabled", "budget_tokens": 1024}})):
         counted = client.messages.count_tokens(model=model, messages=QUESTION, **extra).input_tokens
         used = client.messages.create(model=model, max_tokens=64, messages=QUESTION, **extra).usage.input_tokens
         assert counted == used > 0, (model, extra)
