@@ -237,6 +237,18 @@ class BadRequest(OllamaError):
     status = 400
 
 
+class ContextTooLong(BadRequest):
+    """A prompt longer than the context: says what to set on the server, since a client such as
+    Claude Code or Codex has no num_ctx to send (the suggestion is a power of two with room to answer)."""
+
+    def __init__(self, n_prompt, n_ctx):
+        need = 1 << max(12, (int(n_prompt) + 1024 - 1).bit_length()) if str(n_prompt).isdigit() else None
+        super().__init__("the prompt is %s tokens but the context window is %s tokens: shorten the prompt, or "
+                         "raise the context: set %s where the server runs and restart it (or num_ctx in the "
+                         "request's options)" % (n_prompt, n_ctx, "OLLAMA_CONTEXT_LENGTH=%d" % need if need
+                                                 else "OLLAMA_CONTEXT_LENGTH"))
+
+
 class Unauthorized(OllamaError):
     """A registry refused our credentials."""
     status = 401
@@ -3060,8 +3072,7 @@ def chat_prompt(template, messages, count_tokens, num_ctx, tools=None, think=Non
     if not truncate:
         prompt, n = attempt(0)
         if n > num_ctx:
-            raise BadRequest("the input length exceeds the context length: the prompt is %d tokens but the context "
-                             "is %d tokens (raise num_ctx, or allow truncation)" % (n, num_ctx))
+            raise ContextTooLong(n, num_ctx)
         return prompt, 0
     for i in range(len(messages)):
         start = _tool_block_start(messages, i)
@@ -5640,8 +5651,7 @@ def _engine_error(status, body):
         message = err.get("message") or json_dumps(err)
         kind = err.get("type", "")
         if kind == "exceed_context_size_error":
-            return BadRequest("the prompt is %s tokens but the context window is %s tokens: shorten the "
-                              "prompt or raise num_ctx" % (err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?")))
+            return ContextTooLong(err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?"))
         if "JSON schema conversion failed" in message:         # llama.cpp's json_schema_to_grammar
             return BadRequest("invalid JSON schema in format: %s" % message.split("failed:", 1)[-1].strip())
         if status == 400 or kind == "invalid_request_error":
