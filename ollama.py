@@ -10548,6 +10548,230 @@ def cmd_stop(args):
         raise
     return 0
 
+
+# -- launch ------------------------------------------------------------------
+# Coding agents on a model of this server. What each tool needs (facts from Ollama's cmd/launch):
+# Claude Code reads ANTHROPIC_BASE_URL/ANTHROPIC_AUTH_TOKEN and a model per tier; Codex's --oss
+# provider reads CODEX_OSS_BASE_URL and asks /api/version (>= 0.13.4) and /api/tags; opencode takes
+# an OpenAI-compatible provider as JSON in OPENCODE_CONFIG_CONTENT.
+
+AGENT_CONTEXT = 32768             # tokens; an agent's first request is 15-30k (system prompt and tool schemas)
+LAUNCH_MARK = "ollama.py launch"  # what --config writes carries it, so --restore finds only its own
+
+
+class _Integration:
+    """One tool `launch` starts: its program, where it may be installed, the npm package."""
+
+    def __init__(self, name, title, program, package, fallbacks=()):
+        self.name, self.title, self.program, self.package, self.fallbacks = name, title, program, package, fallbacks
+
+    def find(self):
+        """The tool's executable, or OllamaError with the command that installs it."""
+        import shutil
+        found = shutil.which(self.program)
+        for path in [found] if found else [Path.home() / p for p in self.fallbacks]:
+            if path and os.access(str(path), os.X_OK):
+                return str(path)
+        raise OllamaError("%s is not installed (no %r on PATH); install it with:\n  npm install -g %s"
+                          % (self.title, self.program, self.package))
+
+
+INTEGRATIONS = {i.name: i for i in (
+    _Integration("claude", "Claude Code", "claude", "@anthropic-ai/claude-code",
+                 (".local/bin/claude", ".claude/local/claude")),
+    _Integration("codex", "Codex", "codex", "@openai/codex"),
+    _Integration("opencode", "OpenCode", "opencode", "opencode-ai", (".opencode/bin/opencode",)))}
+CODEX_SUBCOMMANDS = ("exec", "e", "review", "resume", "fork")    # take the model flags after them
+
+
+def _launch_model(client, wanted):
+    """The model as the server lists it (Codex asks /api/tags for that exact name, and pulls one it
+    does not see there): `wanted` completed with :latest, or the newest model when none is named."""
+    models = [m.get("name") or m.get("model") for m in (client.call("GET", "/api/tags") or {}).get("models") or []]
+    if not wanted:
+        if not models:
+            raise OllamaError("no models on the server: pull or create one, then launch with --model NAME")
+        return models[0]
+    name = Name.parse_bare(wanted)
+    for listed in models:
+        if Name.parse_bare(listed) == name:
+            return listed
+    raise NotFound("model %r not found on the server; pull it first: ollama.py pull %s" % (wanted, wanted))
+
+
+def _launch_context(client, model):
+    """Load `model` as an agent's request will (no options: the server's context, or the model's
+    num_ctx) and return the context it runs with, from /api/ps; OllamaError when it cannot hold an
+    agent's first request, with what to set."""
+    for _ in client.stream("POST", "/api/generate", {"model": model}):
+        pass
+    running = (client.call("GET", "/api/ps") or {}).get("models") or []
+    ctx = next((int(m.get("context_length") or 0) for m in running
+                if Name.parse_bare(m.get("name") or "") == Name.parse_bare(model)), 0)
+    trained = 0
+    info = (client.call("POST", "/api/show", {"model": model}) or {}).get("model_info") or {}
+    for key, value in info.items():
+        if key.endswith(".context_length") and isinstance(value, int):
+            trained = value
+    if ctx and ctx < AGENT_CONTEXT and ctx < trained:
+        need = min(AGENT_CONTEXT, trained)
+        raise OllamaError(
+            "%s runs with a %d-token context here, and an agent's first request is 15-30k tokens (its system "
+            "prompt and tool schemas). Give it more, then launch again:\n"
+            "  restart the server with OLLAMA_CONTEXT_LENGTH=%d (every model), or\n"
+            "  make a model that has it: printf 'FROM %s\\nPARAMETER num_ctx %d\\n' > Modelfile && "
+            "ollama.py create %s-agent -f Modelfile" % (model, ctx, need, model, need, Name.parse_bare(model).model))
+    if ctx and ctx < AGENT_CONTEXT:
+        log.warning("%s was trained on %d tokens of context, less than an agent's first request may take",
+                    model, ctx)
+    return ctx
+
+
+def _launch_env(tool, base_url, model, ctx):
+    """The environment variables `tool` reads to use `model` on this server."""
+    if tool == "claude":
+        env = {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_AUTH_TOKEN": "ollama", "ANTHROPIC_API_KEY": "",
+               "ANTHROPIC_MODEL": model, "ANTHROPIC_DEFAULT_OPUS_MODEL": model,
+               "ANTHROPIC_DEFAULT_SONNET_MODEL": model, "ANTHROPIC_DEFAULT_HAIKU_MODEL": model,
+               "ANTHROPIC_SMALL_FAST_MODEL": model, "CLAUDE_CODE_SUBAGENT_MODEL": model,
+               "CLAUDE_CODE_ATTRIBUTION_HEADER": "0", "DISABLE_ERROR_REPORTING": "1",
+               "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+        if ctx:
+            env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(ctx)
+        return env
+    if tool == "codex":
+        return {"CODEX_OSS_BASE_URL": base_url + "/v1", "OPENAI_API_KEY": "ollama"}
+    return {"OPENCODE_CONFIG_CONTENT": json_dumps(_opencode_config(base_url, model, ctx))}
+
+
+def _codex_args(model, ctx, extra):
+    """Codex's command line: its built-in --oss provider on `model`, before the user's arguments
+    (after a subcommand such as `exec`, which takes the flags itself)."""
+    ours = ["--oss", "--local-provider", "ollama", "-m", model] + (["-c", "model_context_window=%d" % ctx] if ctx else [])
+    if extra and extra[0] in CODEX_SUBCOMMANDS:
+        return extra[:1] + ours + extra[1:]
+    return ours + extra
+
+
+def _opencode_config(base_url, model, ctx):
+    entry = {"name": model}
+    if ctx:
+        entry["limit"] = {"context": ctx, "output": min(ctx // 4, 32768)}
+    return {"$schema": "https://opencode.ai/config.json", "model": "ollama-py/" + model,
+            "provider": {"ollama-py": {"npm": "@ai-sdk/openai-compatible", "name": "ollama.py (%s)" % LAUNCH_MARK,
+                                       "options": {"baseURL": base_url + "/v1"}, "models": {model: entry}}}}
+
+
+def _read_json_file(path):
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise OllamaError("%s is not valid JSON (%s): fix or move it first" % (path, e)) from None
+    if not isinstance(data, dict):
+        raise OllamaError("%s does not hold a JSON object: fix or move it first" % path)
+    return data
+
+
+def _codex_block(base_url, model, ctx):
+    lines = ["# begin %s (ollama.py launch codex --restore removes this block)" % LAUNCH_MARK,
+             "[model_providers.ollama-py]", 'name = "ollama.py"', 'base_url = %s' % json_dumps(base_url + "/v1"),
+             'wire_api = "responses"', "", "[profiles.ollama-py]", 'model_provider = "ollama-py"',
+             "model = %s" % json_dumps(model)]
+    if ctx:
+        lines.append("model_context_window = %d" % ctx)
+    return "\n".join(lines + ["# end %s" % LAUNCH_MARK, ""])
+
+
+def _without_codex_block(text):
+    return re.sub(r"(?ms)^# begin %s .*?^# end %s\n?" % (re.escape(LAUNCH_MARK), re.escape(LAUNCH_MARK)), "", text)
+
+
+def _launch_config(tool, base_url, model, ctx, restore):
+    """Write (or with `restore`, take out) the tool's own config for this server, leaving the rest
+    of the file as it was; returns (path, how to start the tool now)."""
+    home = Path.home()
+    if tool == "claude":
+        path = home / ".claude" / "settings.json"
+        settings = _read_json_file(path)
+        ours = _launch_env(tool, base_url, model, ctx)
+        env = {k: v for k, v in (settings.get("env") or {}).items() if k not in ours}
+        if not restore:
+            env.update(ours)
+        settings["env"] = env
+        if not env:
+            del settings["env"]
+        start = "claude"
+    elif tool == "codex":
+        path = home / ".codex" / "config.toml"
+        text = _without_codex_block(path.read_text() if path.exists() else "")
+        if not restore:
+            text = text + ("\n" if text and not text.endswith("\n") else "") + _codex_block(base_url, model, ctx)
+        atomic_write(path, text.encode())
+        return path, "codex --profile ollama-py"
+    else:
+        path = home / ".config" / "opencode" / "opencode.json"
+        settings = _read_json_file(path)
+        providers = settings.get("provider") or {}
+        providers.pop("ollama-py", None)
+        if str(settings.get("model", "")).startswith("ollama-py/"):
+            del settings["model"]
+        if not restore:
+            new = _opencode_config(base_url, model, ctx)
+            providers.update(new["provider"])
+            settings.setdefault("$schema", new["$schema"])
+            settings["model"] = new["model"]
+        settings["provider"] = providers
+        if not providers:
+            del settings["provider"]
+        start = "opencode"
+    atomic_write(path, (json.dumps(settings, indent=2) + "\n").encode())
+    return path, start
+
+
+@command("launch", argument("integration", choices=sorted(INTEGRATIONS), metavar="INTEGRATION",
+                            help="claude, codex or opencode"),
+         argument("--model", help="the model to use (default: the newest on the server)"),
+         argument("--config", action="store_true", help="write the tool's own config instead of starting it"),
+         argument("--restore", action="store_true", help="take out what --config wrote"))
+def cmd_launch(args):
+    """Start a coding agent (Claude Code, Codex, OpenCode) on a model of this server.
+
+    ollama.py launch claude [--model M] [-- ARGS...]   e.g. -- -p "fix the tests"
+    ollama.py launch codex [--model M] [-- ARGS...]    e.g. -- exec "fix the tests"
+    ollama.py launch opencode [--model M] [-- ARGS...]
+
+    Checks the server and the model (named as the server lists it, with its tag), loads it and
+    makes sure its context holds an agent's first request (15-30k tokens: it says what to set when
+    it does not), then runs the tool with what it needs to use this server, ARGS passed on.
+    --config writes that into the tool's own config file instead (~/.claude/settings.json,
+    ~/.codex/config.toml as the profile ollama-py, ~/.config/opencode/opencode.json), keeping the
+    rest of the file; --restore takes it out again. Missing tools get their npm install command."""
+    tool = INTEGRATIONS[args.integration]
+    client = _client()
+    base_url = client.scheme + "://" + ("[%s]" % client.host if ":" in client.host else client.host) + \
+        ":%d" % client.port + client.prefix
+    if args.restore:
+        path, _ = _launch_config(tool.name, base_url, "", 0, restore=True)
+        print("Took %s's settings for ollama.py out of %s" % (tool.title, path), file=sys.stderr)
+        return 0
+    program = None if args.config else tool.find()
+    client.heartbeat()
+    model = _launch_model(client, args.model)
+    ctx = _launch_context(client, model)
+    where = "%s on %s (context %s tokens) at %s" % (tool.title, model, ctx or "?", base_url)
+    if args.config:
+        path, start = _launch_config(tool.name, base_url, model, ctx, restore=False)
+        print("Wrote %s for %s; start it with: %s" % (path, where, start), file=sys.stderr)
+        return 0
+    extra = list(getattr(args, "args", None) or [])
+    argv = {"claude": ["--model", model] + extra, "codex": _codex_args(model, ctx, extra)}.get(tool.name, extra)
+    print("Launching %s" % where, file=sys.stderr)
+    sys.stderr.flush()
+    os.execve(program, [program] + argv, dict(os.environ, **_launch_env(tool.name, base_url, model, ctx)))
+
+
 # -- registry ----------------------------------------------------------------
 
 class _TransferProgress:
@@ -11244,6 +11468,9 @@ def build_parser(only=None):
 def main(argv=None):
     """Entry point: parse the command line and run the command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    passed_on = []                            # launch's `-- ARGS...`, for the tool it starts
+    if argv[:1] == ["launch"] and "--" in argv:
+        argv, passed_on = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     names = {alias: name for name, (_f, aliases, _a) in COMMANDS.items() for alias in (name,) + aliases}
     if argv and argv[0] in names:
         only = {names[argv[0]]}
@@ -11264,6 +11491,7 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    args.args = passed_on
     try:
         return args.func(args) or 0
     except OllamaError as e:
