@@ -10647,7 +10647,9 @@ def _launch_env(tool, base_url, model, ctx):
 def _codex_args(model, ctx, extra):
     """Codex's command line: its built-in --oss provider on `model`, before the user's arguments
     (after a subcommand such as `exec`, which takes the flags itself)."""
-    ours = ["--oss", "--local-provider", "ollama", "-m", model] + (["-c", "model_context_window=%d" % ctx] if ctx else [])
+    ours = ["--oss", "--local-provider", "ollama", "-m", model]
+    if ctx:
+        ours += ["-c", "model_context_window=%d" % ctx]
     if extra and extra[0] in CODEX_SUBCOMMANDS:
         return extra[:1] + ours + extra[1:]
     return ours + extra
