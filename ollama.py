@@ -10755,7 +10755,7 @@ def cmd_launch(args):
     base_url = client.scheme + "://" + ("[%s]" % client.host if ":" in client.host else client.host) + \
         ":%d" % client.port + client.prefix
     if args.restore:
-        path, _ = _launch_config(tool.name, base_url, "", 0, restore=True)
+        path, _ = _launch_config(tool.name, base_url, "", AGENT_CONTEXT, restore=True)   # a context: every key
         print("Took %s's settings for ollama.py out of %s" % (tool.title, path), file=sys.stderr)
         return 0
     program = None if args.config else tool.find()
