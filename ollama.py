@@ -9,6 +9,7 @@ Standard library only, Python 3.9 or newer. MIT licensed.
     ollama.py create NAME -f Modelfile
     ollama.py run NAME [PROMPT]       chat, or answer one prompt
     ollama.py pull|push|list|ps|show|cp|rm|stop|export|import ...
+    ollama.py launch claude|codex|opencode [--model NAME] [-- ARGS]   a coding agent on a model here
 
 The map
 -------
