@@ -10623,8 +10623,8 @@ def _launch_context(client, model):
             "  make a model that has it: printf 'FROM %s\\nPARAMETER num_ctx %d\\n' > Modelfile && "
             "ollama.py create %s-agent -f Modelfile" % (model, ctx, need, model, need, Name.parse_bare(model).model))
     if ctx and ctx < AGENT_CONTEXT:
-        log.warning("%s was trained on %d tokens of context, less than an agent's first request may take",
-                    model, ctx)
+        print("Warning: %s runs with a %d-token context, its most: less than an agent's first request may "
+              "take" % (model, ctx), file=sys.stderr)
     return ctx
 
 
@@ -10677,26 +10677,26 @@ def _read_json_file(path):
     return data
 
 
-def _codex_block(base_url, model, ctx):
-    lines = ["# begin %s (ollama.py launch codex --restore removes this block)" % LAUNCH_MARK,
-             "[model_providers.ollama-py]", 'name = "ollama.py"', 'base_url = %s' % json_dumps(base_url + "/v1"),
-             'wire_api = "responses"', "", "[profiles.ollama-py]", 'model_provider = "ollama-py"',
-             "model = %s" % json_dumps(model)]
+def _codex_profile(base_url, model, ctx):
+    """Codex's profile file (~/.codex/NAME.config.toml, which `codex --profile NAME` reads; Codex 0.171
+    refuses a [profiles.NAME] table in config.toml): the model on a provider at this server."""
+    lines = ["# written by %s codex --config; --restore deletes it" % LAUNCH_MARK,
+             "model = %s" % json_dumps(model), 'model_provider = "ollama-py"']
     if ctx:
         lines.append("model_context_window = %d" % ctx)
-    return "\n".join(lines + ["# end %s" % LAUNCH_MARK, ""])
-
-
-def _without_codex_block(text):
-    return re.sub(r"(?ms)^# begin %s .*?^# end %s\n?" % (re.escape(LAUNCH_MARK), re.escape(LAUNCH_MARK)), "", text)
+    return "\n".join(lines + ["", "[model_providers.ollama-py]", 'name = "ollama.py"',
+                              "base_url = %s" % json_dumps(base_url + "/v1"), 'wire_api = "responses"', ""])
 
 
 def _launch_config(tool, base_url, model, ctx, restore):
     """Write (or with `restore`, take out) the tool's own config for this server, leaving the rest
     of the file as it was; returns (path, how to start the tool now)."""
     home = Path.home()
+    path = home / {"claude": ".claude/settings.json", "codex": ".codex/ollama-py.config.toml"}.get(
+        tool, ".config/opencode/opencode.json")
+    if restore and not path.exists():
+        return path, ""
     if tool == "claude":
-        path = home / ".claude" / "settings.json"
         settings = _read_json_file(path)
         ours = _launch_env(tool, base_url, model, ctx)
         env = {k: v for k, v in (settings.get("env") or {}).items() if k not in ours}
@@ -10707,14 +10707,14 @@ def _launch_config(tool, base_url, model, ctx, restore):
             del settings["env"]
         start = "claude"
     elif tool == "codex":
-        path = home / ".codex" / "config.toml"
-        text = _without_codex_block(path.read_text() if path.exists() else "")
-        if not restore:
-            text = text + ("\n" if text and not text.endswith("\n") else "") + _codex_block(base_url, model, ctx)
-        atomic_write(path, text.encode())
+        if path.exists() and LAUNCH_MARK not in path.read_text().split("\n", 1)[0]:
+            raise OllamaError("%s was not written by %s: move it first" % (path, LAUNCH_MARK))
+        if restore:
+            path.unlink()
+        else:
+            atomic_write(path, _codex_profile(base_url, model, ctx).encode())
         return path, "codex --profile ollama-py"
     else:
-        path = home / ".config" / "opencode" / "opencode.json"
         settings = _read_json_file(path)
         providers = settings.get("provider") or {}
         providers.pop("ollama-py", None)
@@ -10749,8 +10749,8 @@ def cmd_launch(args):
     makes sure its context holds an agent's first request (15-30k tokens: it says what to set when
     it does not), then runs the tool with what it needs to use this server, ARGS passed on.
     --config writes that into the tool's own config file instead (~/.claude/settings.json,
-    ~/.codex/config.toml as the profile ollama-py, ~/.config/opencode/opencode.json), keeping the
-    rest of the file; --restore takes it out again. Missing tools get their npm install command."""
+    ~/.codex/ollama-py.config.toml for `codex --profile ollama-py`, ~/.config/opencode/opencode.json),
+    keeping the rest of the file; --restore takes it out again. Missing tools get their npm install command."""
     tool = INTEGRATIONS[args.integration]
     client = _client()
     base_url = client.scheme + "://" + ("[%s]" % client.host if ":" in client.host else client.host) + \
