@@ -1,5 +1,5 @@
-"""Coding agents on a local model: `ollama.py launch` starts the real Claude Code and Codex (their npm
-packages, installed once into the cache) against a real serve, on scripted models with Qwen3's chat
+"""Coding agents on a local model: `ollama.py launch` starts the real Claude Code, Codex and OpenCode
+(their npm packages, installed once into the cache) against a real serve, on scripted models with Qwen3's chat
 template (fixtures.write_scripted_gguf): a plain answer is printed, and a tool call (Claude Code's
 Write, Codex's exec_command) leaves its file on disk. Skipped, saying why, when npm cannot install
 them. The agents' prompts are ~100k of these byte tokens, so the server runs with a 128k context.
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = fixtures.cache_dir()                  # read before a test swaps HOME
 #: The versions tried (a newer Codex or Claude Code may ask the server for more); bump them together.
 pytestmark = pytest.mark.timeout(420)         # a cold npm install (at most 120 s) and Claude Code's first prompt
-PACKAGES = ("@anthropic-ai/claude-code@2.1.197", "@openai/codex@0.171.0")
+PACKAGES = ("@anthropic-ai/claude-code@2.1.197", "@openai/codex@0.171.0", "opencode-ai@1.18.33")
 ANSWER = "The scripted answer: 42."
 THINK = ["<think>", "\nLet me see.\n", "</think>", "\n\n"]
 
@@ -39,7 +39,7 @@ def agents():
     """The bin folder of the npm packages, installed once under the cache; a skip when npm cannot."""
     prefix = CACHE / "agents" / "-".join(p.rsplit("@", 1)[1] for p in PACKAGES)
     bin_dir = prefix / "node_modules" / ".bin"
-    if not all((bin_dir / tool).exists() for tool in ("claude", "codex")):
+    if not all((bin_dir / tool).exists() for tool in ("claude", "codex", "opencode")):
         if not shutil.which("npm"):
             pytest.skip("npm is not installed: the coding agents come from npm")
         try:
@@ -47,7 +47,7 @@ def agents():
                                  + list(PACKAGES), capture_output=True, text=True, timeout=120)
         except subprocess.TimeoutExpired:
             pytest.skip("npm install of %s took over 120 s (registry unreachable?)" % " ".join(PACKAGES))
-        if out.returncode or not (bin_dir / "codex").exists():
+        if out.returncode or not all((bin_dir / tool).exists() for tool in ("claude", "codex", "opencode")):
             pytest.skip("npm could not install %s (registry unreachable?): %s"
                         % (" ".join(PACKAGES), out.stderr.strip()[-300:]))
     return bin_dir
@@ -123,6 +123,12 @@ def test_codexs_exec_command_tool_call_leaves_the_file(lab, agents):
     launch(lab, agents, "codex", "--model", "runner", "--", "exec", "--skip-git-repo-check",
            "--dangerously-bypass-approvals-and-sandbox", "Make the file.", wait_for=target)
     assert target.read_text() == "made by codex\n"
+
+
+def test_opencode_prints_the_models_answer(lab, agents):
+    status, out = launch(lab, agents, "opencode", "--model", "answer", "--", "run", "Say something.")
+    assert status == 0, out
+    assert ANSWER in out and "answer:latest" in out
 
 
 def test_config_writes_the_tools_settings_that_the_tools_then_use_and_restore_takes_only_them_out(lab, agents):
