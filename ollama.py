@@ -10753,8 +10753,10 @@ def cmd_launch(args):
     keeping the rest of the file; --restore takes it out again. Missing tools get their npm install command."""
     tool = INTEGRATIONS[args.integration]
     client = _client()
-    base_url = client.scheme + "://" + ("[%s]" % client.host if ":" in client.host else client.host) + \
-        ":%d" % client.port + client.prefix
+    config = Config()
+    if config.host in ("0.0.0.0", "::"):          # serve's bind-all address: the tool connects to loopback
+        config.host = "127.0.0.1" if config.host == "0.0.0.0" else "::1"
+    base_url = config.base_url
     if args.restore:
         path, _ = _launch_config(tool.name, base_url, "", AGENT_CONTEXT, restore=True)   # a context: every key
         print("Took %s's settings for ollama.py out of %s" % (tool.title, path), file=sys.stderr)
