@@ -9,6 +9,7 @@ Standard library only, Python 3.9 or newer. MIT licensed.
     ollama.py create NAME -f Modelfile
     ollama.py run NAME [PROMPT]       chat, or answer one prompt
     ollama.py pull|push|list|ps|show|cp|rm|stop|export|import ...
+    ollama.py launch claude|codex|opencode [--model NAME] [-- ARGS]   a coding agent on a model here
 
 The map
 -------
@@ -105,6 +106,7 @@ from pathlib import Path
 ###############################################################################
 # Defaults, and the environment read once into Config.
 
+API_VERSION = "0.14.0"            # the Ollama release whose API we implement (/api/version; README "Versions")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
 DEFAULT_REGISTRY = "registry.ollama.ai"
@@ -235,6 +237,18 @@ class OllamaError(Exception):
 class BadRequest(OllamaError):
     """The request is malformed or asks for something the model cannot do."""
     status = 400
+
+
+class ContextTooLong(BadRequest):
+    """A prompt longer than the context: says what to set on the server, since a client such as
+    Claude Code or Codex has no num_ctx to send (the suggestion is a power of two with room to answer)."""
+
+    def __init__(self, n_prompt, n_ctx):
+        need = 1 << max(12, (int(n_prompt) + 1024 - 1).bit_length()) if str(n_prompt).isdigit() else None
+        super().__init__("the prompt is %s tokens but the context window is %s tokens: shorten the prompt, or "
+                         "raise the context: set %s where the server runs and restart it (or num_ctx in the "
+                         "request's options)" % (n_prompt, n_ctx, "OLLAMA_CONTEXT_LENGTH=%d" % need if need
+                                                 else "OLLAMA_CONTEXT_LENGTH"))
 
 
 class Unauthorized(OllamaError):
@@ -3329,8 +3343,7 @@ def chat_prompt(template, messages, count_tokens, num_ctx, tools=None, think=Non
     if not truncate:
         prompt, n = attempt(0)
         if n > num_ctx:
-            raise BadRequest("the input length exceeds the context length: the prompt is %d tokens but the context "
-                             "is %d tokens (raise num_ctx, or allow truncation)" % (n, num_ctx))
+            raise ContextTooLong(n, num_ctx)
         return prompt, 0
     for i in range(len(messages)):
         start = _tool_block_start(messages, i)
@@ -5851,10 +5864,11 @@ class Runner:
         text = IMAGE_TAG_RE.sub(swap, prompt)
         return {"prompt_string": text, "multimodal_data": data} if data else prompt
 
-    def apply_template(self, messages, kwargs=None):
+    def apply_template(self, messages, kwargs=None, body=None):
         """Render messages with the GGUF's own chat template (llama-server's jinja), generation prompt
-        added; `kwargs` are variables for the template (chat_template_kwargs: enable_thinking, ...)."""
-        body = {"messages": messages}
+        added; `kwargs` are variables for the template (chat_template_kwargs: enable_thinking, ...).
+        `body`, a /v1/chat/completions payload, is rendered as that request's prompt (tools and all)."""
+        body = dict(body) if body else {"messages": messages}
         if kwargs:
             body["chat_template_kwargs"] = kwargs
         return self.call("/apply-template", body)["prompt"]
@@ -6031,8 +6045,7 @@ def _engine_error(status, body):
         message = err.get("message") or json_dumps(err)
         kind = err.get("type", "")
         if kind == "exceed_context_size_error":
-            return BadRequest("the prompt is %s tokens but the context window is %s tokens: shorten the "
-                              "prompt or raise num_ctx" % (err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?")))
+            return ContextTooLong(err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?"))
         if "JSON schema conversion failed" in message:         # llama.cpp's json_schema_to_grammar
             return BadRequest("invalid JSON schema in format: %s" % message.split("failed:", 1)[-1].strip())
         if status == 400 or kind == "invalid_request_error":
@@ -7182,8 +7195,9 @@ def api_root(req):
 
 @route("GET", "/api/version")
 def api_version(req):
-    """GET /api/version."""
-    return {"version": __version__}
+    """GET /api/version: the Ollama version whose API we implement (clients gate features on it:
+    Codex wants 0.13.4 or newer), and ours in a field of its own."""
+    return {"version": API_VERSION, "ollama_py": __version__}
 
 
 # -- models ------------------------------------------------------------------
@@ -8142,11 +8156,18 @@ def api_chat(req):
         full = list(model.messages) + messages
         if full[0].get("role") != "system" and model.system:
             full.insert(0, {"role": "system", "content": model.system})
+        count = getattr(req, "count_only", False)         # /v1/messages/count_tokens
         if model.jinja_template() and (tools or think is not None) and not any(m.get("images") for m in full):
+            if count:
+                text = lease.runner.apply_template(None, body=_jinja_chat(full, tools, think))
+                return dict(base, prompt_eval_count=len(lease.runner.tokenize(text, add_special=True)))
             chunks = _jinja_chat_chunks(lease, base, full, tools, think, fmt, started, top_logprobs)
             return _respond(body, lease.stream(chunks), "message")
         full, images = tag_images(full)
         text = _fit_chat(model, lease.runner, full, tools, think, body.get("truncate") is True)
+        if count:                      # llama-server tokenizes a prompt as this does (BOS and specials)
+            return dict(base, prompt_eval_count=len(lease.runner.tokenize(text, add_special=True))
+                        + IMAGE_TOKENS * len(images))
         if body.get("_debug_render_only"):
             return dict(base, created_at=rfc3339(), _debug_info={
                 "rendered_template": text, "image_count": len(set(IMAGE_TAG_RE.findall(text)))})
@@ -8180,11 +8201,7 @@ def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started, top_lo
     """/api/chat's answer objects for a model with only its GGUF template: llama-server renders it with
     Jinja and parses tool calls and reasoning itself; content and thinking stream as they come, the
     tool calls (whole only once their arguments are) come with the final object."""
-    payload = dict(_sampling(lease.opts, fmt), messages=_openai_messages(messages),
-                   reasoning_format="deepseek",            # "none" would leave a prefilled <think></think> in content
-                   chat_template_kwargs=_jinja_think_kwargs(think))
-    if tools:
-        payload["tools"] = tools
+    payload = dict(_sampling(lease.opts, fmt), **_jinja_chat(messages, tools, think))
     if top_logprobs is not None:
         payload.update(logprobs=True, top_logprobs=max(1, top_logprobs))
     calls = {}
@@ -8219,6 +8236,16 @@ def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started, top_lo
             return
     finally:
         events.close()
+
+
+def _jinja_chat(messages, tools, think):
+    """The chat part of a /v1/chat/completions payload for llama-server (what its template renders)."""
+    payload = dict(messages=_openai_messages(messages),
+                   reasoning_format="deepseek",            # "none" would leave a prefilled <think></think> in content
+                   chat_template_kwargs=_jinja_think_kwargs(think))
+    if tools:
+        payload["tools"] = tools
+    return payload
 
 
 def _jinja_think_kwargs(think):
@@ -9787,6 +9814,18 @@ def v1_messages(req):
                   headers={"Cache-Control": "no-cache"})
 
 
+@route("POST", "/v1/messages/count_tokens")
+@_anthropic
+def v1_messages_count_tokens(req):
+    """POST /v1/messages/count_tokens: {"input_tokens": N} for a Messages request (no max_tokens
+    needed), counted by the model's own tokenizer on the prompt its chat would run: the
+    prompt_eval_count that request reports. Loads the model, as the chat would. (Not in Ollama.)"""
+    body = req.json()
+    chat = _anthropic_chat(dict(body, max_tokens=body.get("max_tokens") or 1, stream=False))
+    out = api_chat(_forward(req, chat, relax_thinking=True, count_only=True))
+    return {"input_tokens": out["prompt_eval_count"]}
+
+
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
@@ -9991,7 +10030,7 @@ def cmd_serve(args):
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    log.info("Listening on %s (version %s)", server.url.split("://", 1)[1], __version__)
+    log.info("Listening on %s (version %s, Ollama API %s)", server.url.split("://", 1)[1], __version__, API_VERSION)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -10932,6 +10971,234 @@ def cmd_stop(args):
         raise
     return 0
 
+
+# -- launch ------------------------------------------------------------------
+# Coding agents on a model of this server. What each tool needs (facts from Ollama's cmd/launch):
+# Claude Code reads ANTHROPIC_BASE_URL/ANTHROPIC_AUTH_TOKEN and a model per tier; Codex's --oss
+# provider reads CODEX_OSS_BASE_URL and asks /api/version (>= 0.13.4) and /api/tags; opencode takes
+# an OpenAI-compatible provider as JSON in OPENCODE_CONFIG_CONTENT.
+
+AGENT_CONTEXT = 32768             # tokens; an agent's first request is 15-30k (system prompt and tool schemas)
+LAUNCH_MARK = "ollama.py launch"  # what --config writes carries it, so --restore finds only its own
+
+
+class _Integration:
+    """One tool `launch` starts: its program, where it may be installed, the npm package."""
+
+    def __init__(self, name, title, program, package, fallbacks=()):
+        self.name, self.title, self.program, self.package, self.fallbacks = name, title, program, package, fallbacks
+
+    def find(self):
+        """The tool's executable, or OllamaError with the command that installs it."""
+        import shutil
+        found = shutil.which(self.program)
+        for path in [found] if found else [Path.home() / p for p in self.fallbacks]:
+            if path and os.access(str(path), os.X_OK):
+                return str(path)
+        raise OllamaError("%s is not installed (no %r on PATH); install it with:\n  npm install -g %s"
+                          % (self.title, self.program, self.package))
+
+
+INTEGRATIONS = {i.name: i for i in (
+    _Integration("claude", "Claude Code", "claude", "@anthropic-ai/claude-code",
+                 (".local/bin/claude", ".claude/local/claude")),
+    _Integration("codex", "Codex", "codex", "@openai/codex"),
+    _Integration("opencode", "OpenCode", "opencode", "opencode-ai", (".opencode/bin/opencode",)))}
+CODEX_SUBCOMMANDS = ("exec", "e", "review", "resume", "fork")    # take the model flags after them
+
+
+def _launch_model(client, wanted):
+    """The model as the server lists it (Codex asks /api/tags for that exact name, and pulls one it
+    does not see there): `wanted` completed with :latest, or the newest model when none is named."""
+    models = [m.get("name") or m.get("model") for m in (client.call("GET", "/api/tags") or {}).get("models") or []]
+    if not wanted:
+        if not models:
+            raise OllamaError("no models on the server: pull or create one, then launch with --model NAME")
+        return models[0]
+    name = Name.parse_bare(wanted)
+    for listed in models:
+        if Name.parse_bare(listed) == name:
+            return listed
+    raise NotFound("model %r not found on the server; pull it first: ollama.py pull %s" % (wanted, wanted))
+
+
+def _launch_context(client, model):
+    """Load `model` as an agent's request will (no options: the server's context, or the model's
+    num_ctx) and return the context it runs with, from /api/ps; OllamaError when it cannot hold an
+    agent's first request, with what to set."""
+    for _ in client.stream("POST", "/api/generate", {"model": model}):
+        pass
+    running = (client.call("GET", "/api/ps") or {}).get("models") or []
+    ctx = next((int(m.get("context_length") or 0) for m in running
+                if Name.parse_bare(m.get("name") or "") == Name.parse_bare(model)), 0)
+    trained = 0
+    info = (client.call("POST", "/api/show", {"model": model}) or {}).get("model_info") or {}
+    for key, value in info.items():
+        if key.endswith(".context_length") and isinstance(value, int):
+            trained = value
+    if ctx and ctx < AGENT_CONTEXT and ctx < trained:
+        need = min(AGENT_CONTEXT, trained)
+        raise OllamaError(
+            "%s runs with a %d-token context here, and an agent's first request is 15-30k tokens (its system "
+            "prompt and tool schemas). Give it more, then launch again:\n"
+            "  restart the server with OLLAMA_CONTEXT_LENGTH=%d (every model), or\n"
+            "  make a model that has it: printf 'FROM %s\\nPARAMETER num_ctx %d\\n' > Modelfile && "
+            "ollama.py create %s-agent -f Modelfile" % (model, ctx, need, model, need, Name.parse_bare(model).model))
+    if ctx and ctx < AGENT_CONTEXT:
+        print("Warning: %s runs with a %d-token context, its most: less than an agent's first request may "
+              "take" % (model, ctx), file=sys.stderr)
+    return ctx
+
+
+def _launch_env(tool, base_url, model, ctx):
+    """The environment variables `tool` reads to use `model` on this server."""
+    if tool == "claude":
+        env = {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_AUTH_TOKEN": "ollama", "ANTHROPIC_API_KEY": "",
+               "ANTHROPIC_MODEL": model, "ANTHROPIC_DEFAULT_OPUS_MODEL": model,
+               "ANTHROPIC_DEFAULT_SONNET_MODEL": model, "ANTHROPIC_DEFAULT_HAIKU_MODEL": model,
+               "ANTHROPIC_SMALL_FAST_MODEL": model, "CLAUDE_CODE_SUBAGENT_MODEL": model,
+               "CLAUDE_CODE_ATTRIBUTION_HEADER": "0", "DISABLE_ERROR_REPORTING": "1",
+               "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+        if ctx:
+            env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(ctx)
+        return env
+    if tool == "codex":
+        return {"CODEX_OSS_BASE_URL": base_url + "/v1", "OPENAI_API_KEY": "ollama"}
+    return {"OPENCODE_CONFIG_CONTENT": json_dumps(_opencode_config(base_url, model, ctx))}
+
+
+def _codex_args(model, ctx, extra):
+    """Codex's command line: its built-in --oss provider on `model`, before the user's arguments
+    (after a subcommand such as `exec`, which takes the flags itself)."""
+    ours = ["--oss", "--local-provider", "ollama", "-m", model]
+    if ctx:
+        ours += ["-c", "model_context_window=%d" % ctx]
+    if extra and extra[0] in CODEX_SUBCOMMANDS:
+        return extra[:1] + ours + extra[1:]
+    return ours + extra
+
+
+def _opencode_config(base_url, model, ctx):
+    entry = {"name": model}
+    if ctx:
+        entry["limit"] = {"context": ctx, "output": min(ctx // 4, 32768)}
+    return {"$schema": "https://opencode.ai/config.json", "model": "ollama-py/" + model,
+            "provider": {"ollama-py": {"npm": "@ai-sdk/openai-compatible", "name": "ollama.py (%s)" % LAUNCH_MARK,
+                                       "options": {"baseURL": base_url + "/v1"}, "models": {model: entry}}}}
+
+
+def _read_json_file(path):
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise OllamaError("%s is not valid JSON (%s): fix or move it first" % (path, e)) from None
+    if not isinstance(data, dict):
+        raise OllamaError("%s does not hold a JSON object: fix or move it first" % path)
+    return data
+
+
+def _codex_profile(base_url, model, ctx):
+    """Codex's profile file (~/.codex/NAME.config.toml, which `codex --profile NAME` reads; Codex 0.171
+    refuses a [profiles.NAME] table in config.toml): the model on a provider at this server."""
+    lines = ["# written by %s codex --config; --restore deletes it" % LAUNCH_MARK,
+             "model = %s" % json_dumps(model), 'model_provider = "ollama-py"']
+    if ctx:
+        lines.append("model_context_window = %d" % ctx)
+    return "\n".join(lines + ["", "[model_providers.ollama-py]", 'name = "ollama.py"',
+                              "base_url = %s" % json_dumps(base_url + "/v1"), 'wire_api = "responses"', ""])
+
+
+def _launch_config(tool, base_url, model, ctx, restore):
+    """Write (or with `restore`, take out) the tool's own config for this server, leaving the rest
+    of the file as it was; returns (path, how to start the tool now)."""
+    home = Path.home()
+    path = home / {"claude": ".claude/settings.json", "codex": ".codex/ollama-py.config.toml"}.get(
+        tool, ".config/opencode/opencode.json")
+    if restore and not path.exists():
+        return path, ""
+    if tool == "claude":
+        settings = _read_json_file(path)
+        ours = _launch_env(tool, base_url, model, ctx)
+        env = {k: v for k, v in (settings.get("env") or {}).items() if k not in ours}
+        if not restore:
+            env.update(ours)
+        settings["env"] = env
+        if not env:
+            del settings["env"]
+        start = "claude"
+    elif tool == "codex":
+        if path.exists() and LAUNCH_MARK not in path.read_text().split("\n", 1)[0]:
+            raise OllamaError("%s was not written by %s: move it first" % (path, LAUNCH_MARK))
+        if restore:
+            path.unlink()
+        else:
+            atomic_write(path, _codex_profile(base_url, model, ctx).encode())
+        return path, "codex --profile ollama-py"
+    else:
+        settings = _read_json_file(path)
+        providers = settings.get("provider") or {}
+        providers.pop("ollama-py", None)
+        if str(settings.get("model", "")).startswith("ollama-py/"):
+            del settings["model"]
+        if not restore:
+            new = _opencode_config(base_url, model, ctx)
+            providers.update(new["provider"])
+            settings.setdefault("$schema", new["$schema"])
+            settings["model"] = new["model"]
+        settings["provider"] = providers
+        if not providers:
+            del settings["provider"]
+        start = "opencode"
+    atomic_write(path, (json.dumps(settings, indent=2) + "\n").encode())
+    return path, start
+
+
+@command("launch", argument("integration", choices=sorted(INTEGRATIONS), metavar="INTEGRATION",
+                            help="claude, codex or opencode"),
+         argument("--model", help="the model to use (default: the newest on the server)"),
+         argument("--config", action="store_true", help="write the tool's own config instead of starting it"),
+         argument("--restore", action="store_true", help="take out what --config wrote"))
+def cmd_launch(args):
+    """Start a coding agent (Claude Code, Codex, OpenCode) on a model of this server.
+
+    ollama.py launch claude [--model M] [-- ARGS...]   e.g. -- -p "fix the tests"
+    ollama.py launch codex [--model M] [-- ARGS...]    e.g. -- exec "fix the tests"
+    ollama.py launch opencode [--model M] [-- ARGS...]
+
+    Checks the server and the model (named as the server lists it, with its tag), loads it and
+    makes sure its context holds an agent's first request (15-30k tokens: it says what to set when
+    it does not), then runs the tool with what it needs to use this server, ARGS passed on.
+    --config writes that into the tool's own config file instead (~/.claude/settings.json,
+    ~/.codex/ollama-py.config.toml for `codex --profile ollama-py`, ~/.config/opencode/opencode.json),
+    keeping the rest of the file; --restore takes it out again. Missing tools get their npm install command."""
+    tool = INTEGRATIONS[args.integration]
+    client = _client()
+    config = Config()
+    if config.host in ("0.0.0.0", "::"):          # serve's bind-all address: the tool connects to loopback
+        config.host = "127.0.0.1" if config.host == "0.0.0.0" else "::1"
+    base_url = config.base_url
+    if args.restore:
+        path, _ = _launch_config(tool.name, base_url, "", AGENT_CONTEXT, restore=True)   # a context: every key
+        print("Took %s's settings for ollama.py out of %s" % (tool.title, path), file=sys.stderr)
+        return 0
+    program = None if args.config else tool.find()
+    client.heartbeat()
+    model = _launch_model(client, args.model)
+    ctx = _launch_context(client, model)
+    where = "%s on %s (context %s tokens) at %s" % (tool.title, model, ctx or "?", base_url)
+    if args.config:
+        path, start = _launch_config(tool.name, base_url, model, ctx, restore=False)
+        print("Wrote %s for %s; start it with: %s" % (path, where, start), file=sys.stderr)
+        return 0
+    extra = list(getattr(args, "args", None) or [])
+    argv = {"claude": ["--model", model] + extra, "codex": _codex_args(model, ctx, extra)}.get(tool.name, extra)
+    print("Launching %s" % where, file=sys.stderr)
+    sys.stderr.flush()
+    os.execve(program, [program] + argv, dict(os.environ, **_launch_env(tool.name, base_url, model, ctx)))
+
+
 # -- registry ----------------------------------------------------------------
 
 class _TransferProgress:
@@ -11628,6 +11895,9 @@ def build_parser(only=None):
 def main(argv=None):
     """Entry point: parse the command line and run the command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    passed_on = []                            # launch's `-- ARGS...`, for the tool it starts
+    if argv[:1] == ["launch"] and "--" in argv:
+        argv, passed_on = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     names = {alias: name for name, (_f, aliases, _a) in COMMANDS.items() for alias in (name,) + aliases}
     if argv and argv[0] in names:
         only = {names[argv[0]]}
@@ -11643,10 +11913,12 @@ def main(argv=None):
         parser.error("unrecognized arguments: %s" % " ".join(extra))
     if args.version:
         print("ollama version is %s" % __version__)
+        print("Ollama API version is %s" % API_VERSION)
         return 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    args.args = passed_on
     try:
         return args.func(args) or 0
     except OllamaError as e:

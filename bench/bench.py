@@ -9,6 +9,7 @@ best run of each side, which other load on the machine cannot fake):
   generation   tokens/s of a streamed /api/generate vs the same llama-server binary, started with the
                same flags (read from ollama.py's own "starting llama server:" log line), on /completion
   ttft         time to first token with the model loaded (templated as `run` sends it, and raw)
+  agent        a coding agent's turn 2 time to first token against turn 1's, on a ~20k-token prefix (2 runs)
   cold         request -> first token on an unloaded model vs start llama-server, poll /health, request
   concurrency  4 simultaneous chats (OLLAMA_NUM_PARALLEL=4) vs llama-server -np 4, aggregate tokens/s
   footprint    idle RSS of `serve` (as a script, and next to a fresh bytecode cache) vs bare python3; wall
@@ -58,8 +59,8 @@ sys.path.insert(1, str(ROOT / "tests"))
 
 import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
 
-SECTIONS = ("generation", "ttft", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc", "layout",
-            "draft")
+SECTIONS = ("generation", "ttft", "agent", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc",
+            "layout", "draft")
 MODEL = "gemma3:270m"
 N_PREDICT = 128                 # tokens per generation run
 N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
@@ -461,7 +462,7 @@ def find_gemma():
     return p
 
 
-def import_model(models_dir, name, gguf):
+def import_model(models_dir, name, gguf, template=None, params=None):
     """Put a GGUF into a store as a model without the create API (the tests' import_gguf)."""
     try:
         from test_inference import import_gguf
@@ -469,8 +470,10 @@ def import_model(models_dir, name, gguf):
         import_gguf = None
     store = project.Store(models_dir)
     if import_gguf is not None:
-        import_gguf(store, name, gguf)
+        import_gguf(store, name, gguf, template=template, params=params)
         return
+    if template is not None:
+        raise NotAvailable("needs tests/test_inference.py to import a model with a TEMPLATE")
     with open(gguf, "rb") as f:
         digest, size = store.write_blob(f)
     cd, cs = store.write_blob_bytes(json.dumps({"model_format": "gguf", "model_family": "gemma3"}).encode())
@@ -692,6 +695,54 @@ def sec_ttft(b):
                 "templated /api/generate (prompt rendered by ollama.py) vs /completion of the rendered text"),
             Row("TTFT loaded, raw prompt", "ms", rawt, theirs, "latency", 5.0,
                 "/api/generate raw:true with the same rendered text")]
+
+
+AGENT_PREFIX = 20000            # tokens: a coding agent's system prompt and tool schemas
+
+
+def _agent_system(port, nonce):
+    """A system prompt of about AGENT_PREFIX Gemma tokens shaped like an agent's (rules, then tool
+    schemas), opened by `nonce` so that each run's turn 1 finds nothing cached."""
+    def tool(i):
+        return json.dumps({"name": "tool_%d" % i, "description": "Run step %d of the build and report what failed." % i,
+                           "parameters": {"type": "object", "properties": {"path": {"type": "string"},
+                                                                           "line": {"type": "integer"}}}})
+    lines = ["Session %s. You are a coding agent working in a repository." % nonce]
+    per = len(http_json(port, "POST", "/api/tokenize", {"model": MODEL, "text": tool(123)})["tokens"])
+    lines += [tool(i) for i in range(AGENT_PREFIX // per)]
+    return "\n".join(lines)
+
+
+def sec_agent(b):
+    b.drop_rig()
+    serve = Serve(b, "serve-agent", env={"OLLAMA_CONTEXT_LENGTH": "32768"})
+    # Gemma's chat template (Ollama's): the system prompt leads the first user turn, every turn is kept.
+    template = (ROOT / "tests" / "data" / "templates" / "gemma3-instruct.gotmpl").read_text()
+    import_model(serve.models, MODEL, b.gemma, template=template, params={"stop": ["<end_of_turn>"]})
+    serve.start()
+    try:
+        http_json(serve.port, "POST", "/api/generate", {"model": MODEL, "stream": False})
+        first, second, prompt = [], [], 0
+        for i in range(min(b.runs, 2)):               # turn 1 is a minute or more on 2 cores
+            system = _agent_system(serve.port, "%d-%d" % (os.getpid(), i))
+            chat = [{"role": "system", "content": system}, {"role": "user", "content": "Which tool runs step 7?"}]
+            t1 = stream(serve.port, "/api/chat", {"model": MODEL, "messages": chat, "options": options(8)})
+            answer = t1.final.get("message", {}).get("content", "") or "tool_7"
+            chat += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And step 9?"}]
+            t2 = stream(serve.port, "/api/chat", {"model": MODEL, "messages": chat, "options": options(8)})
+            first.append(t1.ttft * 1e3)
+            second.append(t2.ttft * 1e3)
+            prompt = t2.final.get("prompt_eval_count", 0)
+            log("  run %d: turn 1 %.0f ms, turn 2 %.0f ms (%d prompt tokens; engine prompt_eval %s / %s ms)"
+                % (i + 1, first[-1], second[-1], prompt, t1.final.get("prompt_eval_duration", 0) // 10**6,
+                   t2.final.get("prompt_eval_duration", 0) // 10**6))
+    finally:
+        serve.stop()
+    return [Row("agent turn 1 TTFT, ~%dk-token prefix" % (AGENT_PREFIX // 1000), "ms", first, None, "info",
+                note="/api/chat, model loaded, the prefix new to the runner; %d prompt tokens at turn 2" % prompt),
+            Row("agent turn 2 TTFT vs turn 1", "ms", second, first, "slower", 0.2,
+                note="the same prefix plus turn 1: the runner keeps the shared prefix, so only the new "
+                     "tokens are evaluated (the `direct` column is turn 1 here, not llama-server)")]
 
 
 def sec_cold(b):
@@ -1142,14 +1193,17 @@ def sec_rpc(b):
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
 
-NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "cold": ("engine", "gemma"),
+NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "agent": ("engine", "gemma"),
+         "cold": ("engine", "gemma"),
          "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
          "create": ("gemma",),
          "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma")}
-FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "cold": sec_cold, "concurrency": sec_concurrency,
+FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "agent": sec_agent, "cold": sec_cold,
+         "concurrency": sec_concurrency,
          "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc,
          "layout": sec_layout, "draft": sec_draft}
-TITLES = {"generation": "generation throughput", "ttft": "time to first token", "cold": "cold start",
+TITLES = {"generation": "generation throughput", "ttft": "time to first token", "agent": "agent prefix reuse",
+          "cold": "cold start",
           "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull", "lan": "LAN pull",
           "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer"}
 

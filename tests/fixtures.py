@@ -197,7 +197,7 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
 
 
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),
-                        eos="<|im_end|>", name="scripted"):
+                        eos="<|im_end|>", name="scripted", context_length=4096):
     """Write a tiny llama GGUF whose greedy (and, at any sane temperature, sampled) output is `script`.
 
     A real model for the paths random weights never reach (a parsed tool call, a thinking block): the
@@ -208,6 +208,7 @@ def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_sta
     script[0]; script[i] embeds on axis i+1, which it maps to script[i+1], and the last piece to `eos`.
     So whatever the prompt ends with, the answer is the script, then end of generation; a prompt that
     ends with a piece of the script (a template's prefill) continues from there. Pieces must differ.
+    `context_length` is the trained context (a coding agent's prompt is ~100k of these byte tokens).
     """
     import numpy as np
     import gguf
@@ -226,7 +227,7 @@ def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_sta
     path = Path(path)
     w = _gguf_writer(path, "llama")
     w.add_name(name)
-    w.add_context_length(4096)
+    w.add_context_length(context_length)
     w.add_embedding_length(n_embd)
     w.add_block_count(1)
     w.add_feed_forward_length(n_ff)

@@ -28,11 +28,24 @@ def test_root_says_ollama_is_running(server):
     assert resp.status == 200 and data == b""
 
 
-def test_version_is_reported(server):
+def test_version_is_the_ollama_api_we_implement_with_ours_beside_it(server):
     import ollama
     resp, data = _request(server, "GET", "/api/version")
     assert resp.status == 200
-    assert json.loads(data) == {"version": ollama.__version__}
+    assert json.loads(data) == {"version": ollama.API_VERSION, "ollama_py": ollama.__version__}
+    major, minor, patch = (int(x) for x in ollama.API_VERSION.split("."))
+    assert (major, minor, patch) >= (0, 14, 0)         # /v1/messages came with 0.14.0; Codex wants >= 0.13.4
+
+
+def test_version_through_the_official_client(server):
+    import subprocess
+    import sys
+    from test_embed import official_ollama
+    if subprocess.run([sys.executable, "-I", "-c", "import ollama"], cwd="/").returncode:
+        pytest.skip("needs the official ollama package")
+    # The client has no version(); its own request path (host parsing, headers, errors) is what a tool uses.
+    out = official_ollama(server, "print(json.dumps(client._request_raw('GET', '/api/version').json()))")
+    assert out["version"] == ollama.API_VERSION and out["ollama_py"] == ollama.__version__
 
 
 def test_unknown_route_is_gin_404(server):
@@ -47,7 +60,7 @@ def test_every_api_handler_is_routed_once_by_its_decorator():
     assert sorted(set(routed)) == sorted(handlers)
     # only the /v2 registry answers several methods (writes: UNSUPPORTED) or spellings with one handler
     assert sorted(n for n in routed if not n.startswith("v2_")) == sorted(h for h in handlers if h[:3] != "v2_")
-    assert len({(m, p) for m, p, _h in ollama.ROUTES}) == len(ollama.ROUTES) == 35   # + messages, responses
+    assert len({(m, p) for m, p, _h in ollama.ROUTES}) == len(ollama.ROUTES) == 36   # with the /v1 extras
 
 
 def test_wrong_method_is_405(server):
@@ -319,7 +332,7 @@ def test_tls_serves_https_to_the_cli_and_refuses_plain_http(ollama_home, certifi
         context = ssl.create_default_context(cafile=str(cert))
         conn = http.client.HTTPSConnection("127.0.0.1", srv.server_port, timeout=10, context=context)
         conn.request("GET", "/api/version")
-        assert json.loads(conn.getresponse().read()) == {"version": ollama.__version__}
+        assert json.loads(conn.getresponse().read())["version"] == ollama.API_VERSION
         conn.close()
         env = dict(os.environ, OLLAMA_HOST=srv.url, HOME=str(ollama_home), SSL_CERT_FILE=str(cert))
         out = subprocess.run([sys.executable, os.path.join(os.path.dirname(ollama.__file__), "ollama.py"), "list"],

@@ -405,7 +405,8 @@ def test_launcher_runs_ollama_py_from_its_cached_bytecode(llama_server_bin, tmp_
     import ollama
     out = subprocess.run([str(launcher), "--version"], stdout=subprocess.PIPE, universal_newlines=True, timeout=60,
                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), cwd=str(tmp_path))
-    assert out.stdout.strip() == "ollama version is %s" % ollama.__version__
+    assert out.stdout.splitlines() == ["ollama version is %s" % ollama.__version__,
+                                       "Ollama API version is %s" % ollama.API_VERSION]
     # Fresh for this ollama.py (the header's source mtime and size match), so import runs it uncompiled.
     flags, mtime, size = struct.unpack("<III", cache.read_bytes()[4:16])
     st = (ROOT / "ollama.py").stat()

@@ -4,6 +4,7 @@ and chat with tools or thinking goes through llama-server's /v1/chat/completions
 The model is fixtures.write_scripted_gguf: real weights llama-server runs, which always answer with
 the same pieces, so a tool call and a thinking block really come out of the engine and its parsers."""
 import json
+import re
 
 import pytest
 
@@ -208,3 +209,51 @@ def test_cli_run_shows_the_thinking_framed_hidden_or_off(qwen):
     for flags in (["--hidethinking"], ["--think=false"]):
         r = cli("run", "qwen3-answer", "What is the weather in Paris?", *flags)
         assert (r.returncode, r.stdout) == (0, ANSWER + "\n\n"), (flags, r.stderr)
+
+
+def test_count_tokens_is_the_prompt_the_chat_runs(qwen):
+    # /v1/messages/count_tokens through the official SDK, against the usage of the same request: the
+    # template path with tools, the plain render path, and thinking on and off (each a different prompt).
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=qwen.url, api_key="ollama", max_retries=0, timeout=120)
+    weather = {"name": "get_weather", "description": "Current weather in a city",
+               "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    counts = []
+    for model, extra in (("qwen3-tools", {"tools": [weather]}),
+                         ("qwen3-answer", {}),
+                         ("qwen3-answer", {"thinking": {"type": "disabled"}}),
+                         ("qwen3-answer", {"system": "Be brief.",
+                                           "thinking": {"type": "enabled", "budget_tokens": 1024}})):
+        counted = client.messages.count_tokens(model=model, messages=QUESTION, **extra).input_tokens
+        used = client.messages.create(model=model, max_tokens=64, messages=QUESTION, **extra).usage.input_tokens
+        assert counted == used > 0, (model, extra)
+        counts.append(counted)
+    assert counts[0] > counts[1] + 20 and counts[3] > counts[1]       # the tool schema and the system prompt count
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="nope", messages=QUESTION)
+
+
+def test_a_prompt_longer_than_the_context_says_what_to_set_in_each_api_shape(qwen):
+    # An agent cannot send num_ctx: the error names the server setting, in each API's own error shape,
+    # with a status (not a broken stream) whether streamed or not, and with tools (the template path).
+    qwen.config.context_length = 512
+    long = [{"role": "user", "content": "word " * 300}]          # byte tokens: ~1500
+    weather = {"name": "get_weather", "input_schema": {"type": "object", "properties": {}}}
+    asks = [("/api/chat", {"messages": long, "tools": TOOLS}, lambda o: o["error"]),
+            ("/api/chat", {"messages": long, "stream": False}, lambda o: o["error"]),
+            ("/api/generate", {"prompt": long[0]["content"]}, lambda o: o["error"]),
+            ("/v1/chat/completions", {"messages": long, "stream": True}, lambda o: o["error"]["message"]),
+            ("/v1/responses", {"input": long[0]["content"], "tools": [dict(TOOLS[0]["function"], type="function")]},
+             lambda o: o["error"]["message"]),
+            ("/v1/messages", {"messages": long, "max_tokens": 8, "stream": True, "tools": [weather]},
+             lambda o: o["type"] == "error" and o["error"]["type"] == "invalid_request_error"
+             and o["error"]["message"])]
+    for path, body, message in asks:
+        status, data = post(qwen, path, dict(body, model="qwen3-tools"), raw=True)
+        assert status == 400, (path, data)
+        text = message(json.loads(data))
+        found = re.search(r"the prompt is (\d+) tokens but the context window is 512 tokens: .* set "
+                          r"OLLAMA_CONTEXT_LENGTH=(\d+) where the server runs", text)
+        assert found, (path, text)
+        n, suggested = int(found.group(1)), int(found.group(2))
+        assert n > 1000 and suggested >= n + 1024 and suggested & (suggested - 1) == 0, (path, text)
