@@ -1519,6 +1519,175 @@ def _vision_inside_edits(family):
     return edits
 
 
+def _mistral3_edits(g, path):
+    """mistral3 (text): YaRN keys under other names, the tekken pre-tokenizer missing, and the vision
+    tower inside the file (hidden: its projector is not translated yet)."""
+    has_vision = any(t.name.startswith(("v.", "mm.")) for t in g.tensors)
+    renamed = (("rope.scaling.beta_fast", "rope.scaling.yarn_beta_fast"),
+               ("rope.scaling.beta_slow", "rope.scaling.yarn_beta_slow"),
+               ("rope.scaling.mscale_all_dim", "rope.scaling.yarn_log_multiplier"),
+               ("rope.scaling_beta", "attention.temperature_scale"))
+    if not has_vision and not any("mistral3." + old in g.kv for old, _new in renamed):
+        return None
+    e = GGUFEdits("mistral3")
+    for old, new in renamed:
+        if "mistral3." + old in g.kv:
+            e.set["mistral3." + new] = (6, g.kv["mistral3." + old])
+            e.quirks.append("mistral3.%s read as mistral3.%s" % (old, new))
+    if g.kv.get("tokenizer.ggml.pre", "default") in ("", "default"):
+        e.set["tokenizer.ggml.pre"] = (8, "tekken")
+        e.quirks.append("pre-tokenizer tekken")
+    e.hide_prefixes(g, "v.", "mm.")
+    return e
+
+
+def _qwen25vl_edits(g, path):
+    """qwen2.5-vl: llama.cpp runs it as qwen2vl, with mrope_section's three sizes as four
+    dimension_sections; the vision tower inside is hidden (its projector is not translated yet)."""
+    e = GGUFEdits("qwen2.5-vl")
+    e.set["general.architecture"] = (8, "qwen2vl")
+    e.rename_keys.append(("qwen25vl.", "qwen2vl."))
+    sections = read_gguf(path, 16).kv.get("qwen25vl.rope.mrope_section") or []     # `g` skips arrays
+    if len(sections) >= 3:
+        e.set["qwen2vl.rope.dimension_sections"] = (9, (5, list(sections[:3]) + [0]))
+    e.hide_prefixes(g, "v.", "mm.")
+    e.quirks += ["architecture qwen25vl: qwen2vl", "M-RoPE sections"]
+    return e
+
+
+def _qwen3vl_edits(g, path):
+    """qwen3-vl and qwen3-vl-moe: M-RoPE sections and the deepstack layer count missing (Ollama's
+    compat layer uses Qwen3-VL's [24, 20, 20, 0]); the vision tower inside is hidden."""
+    arch = g.architecture
+    if arch + ".rope.dimension_sections" in g.kv:
+        return None
+    e = GGUFEdits(arch)
+    e.set[arch + ".rope.dimension_sections"] = (9, (5, [24, 20, 20, 0]))
+    e.set_missing(g, arch + ".n_deepstack_layers", 4, _array_length(g, arch + ".vision.deepstack_visual_indexes"))
+    e.hide_prefixes(g, "v.", "mm.")
+    e.quirks += ["M-RoPE sections missing: [24, 20, 20, 0]", "deepstack layer count missing"]
+    return e
+
+
+def _qwen3next_edits(g, path):
+    """qwen3-next: per-layer KV head counts (llama.cpp takes one: the largest) and the SSM dt tensors
+    without their .bias suffix."""
+    dt = [t.name for t in g.tensors if t.name.endswith(".ssm_dt")]
+    if not dt:
+        return None
+    e = GGUFEdits("qwen3-next")
+    counts = read_gguf(path).kv.get("qwen3next.attention.head_count_kv")
+    if isinstance(counts, list) and max(counts or [0]) > 0:
+        e.remove.append("qwen3next.attention.head_count_kv")
+        e.set["qwen3next.attention.head_count_kv"] = (4, max(counts))
+    e.rename += [(name, name + ".bias") for name in dt]
+    e.quirks += ["per-layer KV heads: the largest", "ssm_dt: ssm_dt.bias"]
+    return e
+
+
+def _laguna_edits(g, path):
+    """laguna: sliding-window RoPE keys under rope.swa.*, and the attention gate named attn_g."""
+    gates = [t.name for t in g.tensors if t.name.endswith(".attn_g.weight")]
+    if not gates and "laguna.rope.swa.dimension_count" not in g.kv and "laguna.rope.swa.freq_base" not in g.kv:
+        return None
+    e = GGUFEdits("laguna")
+    for old, new, vtype in (("rope.swa.dimension_count", "rope.dimension_count_swa", 4),
+                            ("rope.swa.freq_base", "rope.freq_base_swa", 6)):
+        if "laguna." + old in g.kv:
+            e.set["laguna." + new] = (vtype, g.kv["laguna." + old])
+    e.rename += [(name, name[:-len(".attn_g.weight")] + ".attn_gate.weight") for name in gates]
+    e.quirks += ["rope.swa.* keys", "attn_g: attn_gate"]
+    return e
+
+
+def _embeddinggemma_edits(g, path):
+    """embeddinggemma (a gemma3 file with dense.* tensors): llama.cpp's gemma-embedding, its dense
+    sizes from the tensors, three tensor names."""
+    d0, d1 = _tensor(g, "dense.0.weight"), _tensor(g, "dense.1.weight")
+    e = GGUFEdits("embeddinggemma")
+    e.set["general.architecture"] = (8, "gemma-embedding")
+    e.remove += ["gemma3.attention.causal", "gemma3.attention.sliding_window_pattern"]
+    e.rename_keys.append(("gemma3.", "gemma-embedding."))
+    if "gemma3.rope.freq_base_swa" not in g.kv:
+        e.set["gemma-embedding.rope.freq_base_swa"] = (6, 10000.0)
+    if d0 and d1 and len(d0.shape) > 1 and len(d1.shape) > 1:
+        for key, value in (("dense_2_feat_in", d0.shape[0]), ("dense_2_feat_out", d0.shape[1]),
+                           ("dense_3_feat_in", d1.shape[0]), ("dense_3_feat_out", d1.shape[1])):
+            e.set["gemma-embedding." + key] = (4, value)
+    e.rename += [(old, new) for old, new in (("dense.0.weight", "dense_2.weight"), ("dense.1.weight", "dense_3.weight"),
+                                             ("norm.weight", "output_norm.weight")) if _tensor(g, old)]
+    e.quirks += ["architecture gemma3: gemma-embedding", "dense and norm tensor names"]
+    return e
+
+
+def _gemma3_family_edits(g, path):
+    """gemma3 files: embeddinggemma when they carry its dense.* tensors, else gemma3's own."""
+    return (_embeddinggemma_edits if _tensor(g, "dense.0.weight") else _gemma3_edits)(g, path)
+
+
+def _snowflake_edits(g, path):
+    """snowflake-arctic-embed2 (bert with a t5 tokenizer): its precompiled charsmap as one base64
+    character per string, where llama.cpp reads the decoded bytes."""
+    if g.kv.get("tokenizer.ggml.model") != "t5" or "tokenizer.ggml.precompiled_charsmap" not in g.array_lengths \
+            and not isinstance(g.kv.get("tokenizer.ggml.precompiled_charsmap"), list):
+        return None
+    chars = read_gguf(path).kv.get("tokenizer.ggml.precompiled_charsmap") or []
+    if not chars or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+        return None
+    try:
+        data = base64.b64decode("".join(chars), validate=True)
+    except ValueError:
+        return None
+    e = GGUFEdits("snowflake-arctic-embed2")
+    e.set["tokenizer.ggml.precompiled_charsmap"] = (9, (0, list(data)))
+    e.quirks.append("precompiled charsmap decoded from base64")
+    return e
+
+
+def _glm4moelite_edits(g, path):
+    """glm-4.7-flash (glm4moelite): llama.cpp runs it as deepseek2 with MLA's absorbed key/value sizes,
+    per-head sizes in the *_mla keys, expert groups of one, the glm4 pre-tokenizer, and EOT/EOM taken
+    from eos_token_ids."""
+    e = GGUFEdits("glm-4.7-flash")
+    e.set["general.architecture"] = (8, "deepseek2")
+    e.rename_keys.append(("glm4moelite.", "deepseek2."))
+    e.set["deepseek2.attention.head_count_kv"] = (4, 1)
+    kv_lora, rope = g.kv.get("glm4moelite.attention.kv_lora_rank"), g.kv.get("glm4moelite.rope.dimension_count")
+    if kv_lora is not None and rope is not None:
+        e.set["deepseek2.attention.key_length"] = (4, kv_lora + rope)
+        e.set["deepseek2.attention.value_length"] = (4, kv_lora)
+    head_dim = g.kv.get("glm4moelite.attention.key_length")
+    if head_dim is not None:
+        e.set["deepseek2.attention.key_length_mla"] = (4, head_dim)
+        e.set["deepseek2.attention.value_length_mla"] = (4, head_dim)
+    for key in ("expert_group_count", "expert_group_used_count"):
+        if "glm4moelite." + key not in g.kv:
+            e.set["deepseek2." + key] = (4, 1)
+    e.set["tokenizer.ggml.pre"] = (8, "glm4")
+    ids = [i for i in read_gguf(path, 64).kv.get("tokenizer.ggml.eos_token_ids") or [] if i >= 0]
+    for key, index in (("tokenizer.ggml.eot_token_id", 1), ("tokenizer.ggml.eom_token_id", 2)):
+        if key not in g.kv and len(ids) > index:
+            e.set[key] = (4, ids[index])
+    e.quirks += ["architecture glm4moelite: deepseek2 (MLA sizes)", "pre-tokenizer glm4"]
+    return e
+
+
+def _nemotron_h_moe_edits(g, path):
+    """nemotron (nemotron_h_moe): the latent FFN size missing and its tensors under other names, and
+    multi-token-prediction tensors the loader does not claim (hidden)."""
+    latent = [t for t in g.tensors if ".ffn_latent_in" in t.name]
+    mtp = [t.name for t in g.tensors if t.name.startswith("mtp.")]
+    if not latent and not mtp:
+        return None
+    e = GGUFEdits("nemotron")
+    if latent and "nemotron_h_moe.moe_latent_size" not in g.kv and len(latent[0].shape) > 1:
+        e.set["nemotron_h_moe.moe_latent_size"] = (4, latent[0].shape[1])
+    e.rename_containing(g, ((".ffn_latent_in", ".ffn_latent_down"), (".ffn_latent_out", ".ffn_latent_up")))
+    e.hide += mtp
+    e.quirks += ["latent FFN names and size", "MTP tensors hidden"]
+    return e
+
+
 def _llava_projector_edits(g, path):
     """A LLaVA/BakLLaVA projector without clip.projector_type: llama.cpp's default was mlp."""
     if g.architecture != "clip" or not g.kv.get("clip.has_vision_encoder") or \
@@ -1533,12 +1702,21 @@ def _llava_projector_edits(g, path):
 #: architecture -> (text edits, projector edits): each takes (GGUF header, path) and returns GGUFEdits
 #: or None when the file is already in llama.cpp's layout. README.md's family table says what is tested.
 OLLAMA_LAYOUTS = {
-    "gemma3": (_gemma3_edits, _gemma3_clip_edits),
+    "gemma3": (_gemma3_family_edits, _gemma3_clip_edits),
     "llama": (_llama3_edits, None),
     "gptoss": (_gptoss_edits, None),
     "olmo3": (_olmo3_edits, None),
     "lfm2": (_lfm2_edits, None),
     "llama4": (_vision_inside_edits("llama4"), None),
+    "mistral3": (_mistral3_edits, None),
+    "qwen25vl": (_qwen25vl_edits, None),
+    "qwen3vl": (_qwen3vl_edits, None),
+    "qwen3vlmoe": (_qwen3vl_edits, None),
+    "qwen3next": (_qwen3next_edits, None),
+    "laguna": (_laguna_edits, None),
+    "glm4moelite": (_glm4moelite_edits, None),
+    "nemotron_h_moe": (_nemotron_h_moe_edits, None),
+    "bert": (_snowflake_edits, None),
     "clip": (None, _llava_projector_edits),
 }
 

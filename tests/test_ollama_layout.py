@@ -242,6 +242,66 @@ def test_olmo3_runs_as_olmo2_and_lfm2_gets_its_norm_back(tmp_path):
     assert e.set["lfm2.feed_forward_length"] == (4, 8)
 
 
+def test_vision_models_stored_whole_get_their_text_side_and_keys(tmp_path):
+    g, path = header(tmp_path, "mistral3", [("mistral3.rope.scaling.beta_fast", 6, 32.0),
+                                             ("mistral3.rope.scaling_beta", 6, 0.1)],
+                     [("blk.0.attn_q.weight", [4, 4]), ("v.blk.0.attn_q.weight", [4, 4]), ("mm.1.weight", [4])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set == {"mistral3.rope.scaling.yarn_beta_fast": (6, 32.0),
+                     "mistral3.attention.temperature_scale": (6, 0.1), "tokenizer.ggml.pre": (8, "tekken")}
+    assert e.hide == ["v.blk.0.attn_q.weight", "mm.1.weight"]
+    g, path = header(tmp_path, "qwen25vl", [("qwen25vl.rope.mrope_section", 9, (5, [16, 24, 24]))])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set["qwen2vl.rope.dimension_sections"] == (9, (5, [16, 24, 24, 0]))
+    assert e.rename_keys == [("qwen25vl.", "qwen2vl.")]
+    g, path = header(tmp_path, "qwen3vl", [("qwen3vl.vision.deepstack_visual_indexes", 9, (4, [5, 11, 17]))])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set == {"qwen3vl.rope.dimension_sections": (9, (5, [24, 20, 20, 0])),
+                     "qwen3vl.n_deepstack_layers": (4, 3)}
+
+
+def test_qwen3next_laguna_embeddinggemma_and_snowflake_edits(tmp_path):
+    g, path = header(tmp_path, "qwen3next", [("qwen3next.attention.head_count_kv", 9, (4, [0, 2, 0, 2]))],
+                     [("blk.1.ssm_dt", [4])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set == {"qwen3next.attention.head_count_kv": (4, 2)}
+    assert e.rename == [("blk.1.ssm_dt", "blk.1.ssm_dt.bias")]
+    g, path = header(tmp_path, "laguna", [("laguna.rope.swa.freq_base", 6, 10000.0)], [("blk.0.attn_g.weight", [4])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set == {"laguna.rope.freq_base_swa": (6, 10000.0)}
+    assert e.rename == [("blk.0.attn_g.weight", "blk.0.attn_gate.weight")]
+    g, path = header(tmp_path, "gemma3", [("gemma3.attention.causal", 7, False)],
+                     [("dense.0.weight", [4, 8]), ("dense.1.weight", [8, 4]), ("norm.weight", [4])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set["general.architecture"] == (8, "gemma-embedding") and "gemma3.attention.causal" in e.remove
+    assert e.set["gemma-embedding.dense_2_feat_out"] == (4, 8) and ("norm.weight", "output_norm.weight") in e.rename
+    charsmap = base64.b64encode(bytes(range(5))).decode()
+    g, path = header(tmp_path, "bert", [("tokenizer.ggml.model", 8, "t5"),
+                                        ("tokenizer.ggml.precompiled_charsmap", 9, (8, list(charsmap)))])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set == {"tokenizer.ggml.precompiled_charsmap": (9, (0, [0, 1, 2, 3, 4]))}
+    e.write(str(tmp_path / "sidecar.edits"))                     # a byte array survives the sidecar
+    assert ollama.read_gguf(tmp_path / "sidecar.edits").kv["tokenizer.ggml.precompiled_charsmap"] == [0, 1, 2, 3, 4]
+
+
+def test_glm_flash_runs_as_deepseek2_and_nemotron_hides_its_mtp(tmp_path):
+    g, path = header(tmp_path, "glm4moelite", [
+        ("glm4moelite.attention.kv_lora_rank", 4, 512), ("glm4moelite.rope.dimension_count", 4, 64),
+        ("glm4moelite.attention.key_length", 4, 256), ("tokenizer.ggml.eos_token_ids", 9, (5, [7, 8, 9]))])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.rename_keys == [("glm4moelite.", "deepseek2.")]
+    assert {k: e.set[k][1] for k in ("deepseek2.attention.key_length", "deepseek2.attention.value_length",
+                                     "deepseek2.attention.key_length_mla", "tokenizer.ggml.eot_token_id",
+                                     "tokenizer.ggml.eom_token_id")} == {
+        "deepseek2.attention.key_length": 576, "deepseek2.attention.value_length": 512,
+        "deepseek2.attention.key_length_mla": 256, "tokenizer.ggml.eot_token_id": 8, "tokenizer.ggml.eom_token_id": 9}
+    g, path = header(tmp_path, "nemotron_h_moe", tensors=[("blk.1.ffn_latent_in.weight", [8, 4]),
+                                                          ("mtp.layers.0.x.weight", [4])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set == {"nemotron_h_moe.moe_latent_size": (4, 4)} and e.hide == ["mtp.layers.0.x.weight"]
+    assert e.rename == [("blk.1.ffn_latent_in.weight", "blk.1.ffn_latent_down.weight")]
+
+
 def test_llama_cpp_layouts_are_left_as_they_are(tmp_path, gemma_gguf):
     assert ollama.ollama_layout(ollama.read_gguf(gemma_gguf, 0), gemma_gguf) == (None, None)
     g, path = header(tmp_path, "lfm2", tensors=[("token_embd_norm.weight", [4])])
