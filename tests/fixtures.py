@@ -128,7 +128,7 @@ def _gguf_done(writer, path):
 def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_head_kv=None, n_ff=128,
                     n_ctx_train=2048, f16=True, seed=0, vocab=None, chat_template=None, embedding=False,
                     name="tiny-llama", cache=None):
-    """Write a tiny random-weight llama-architecture GGUF that real llama-server loads in milliseconds.
+    """Write a tiny random-weight llama (or olmo2) GGUF that real llama-server loads in milliseconds.
 
     Weights come from a seeded RNG, so the same arguments give the same bytes. The tokenizer is copied
     from llama.cpp's models/ggml-vocab-<vocab>.gguf (default llama-spm, 32000 tokens; a path works too).
@@ -139,8 +139,8 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
     import numpy as np
     import gguf
 
-    if arch != "llama":
-        raise ValueError("only arch='llama' is supported")
+    if arch not in ("llama", "olmo2"):
+        raise ValueError("only arch='llama' and 'olmo2' are supported")
     n_head_kv = n_head_kv or n_head
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
@@ -180,8 +180,20 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
     def norm(n):
         return np.ones(n, dtype=np.float32)  # norms stay F32, as llama.cpp expects
 
-    writer.add_tensor("token_embd.weight", matrix(n_vocab, n_embd))  # also the output head (tied)
+    writer.add_tensor("token_embd.weight", matrix(n_vocab, n_embd))  # llama: also the output head (tied)
     writer.add_tensor("output_norm.weight", norm(n_embd))
+    if arch == "olmo2":                                   # OLMo 2: q/k norms, norms after attention and FFN
+        writer.add_tensor("output.weight", matrix(n_vocab, n_embd))
+        for i in range(n_layer):
+            blk = "blk.%d." % i
+            for part, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", head_dim * n_head_kv, n_embd),
+                                     ("attn_v", head_dim * n_head_kv, n_embd), ("attn_output", n_embd, n_embd),
+                                     ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
+                writer.add_tensor(blk + part + ".weight", matrix(rows, cols))
+            for part, n in (("attn_q_norm", n_embd), ("attn_k_norm", head_dim * n_head_kv),
+                            ("post_attention_norm", n_embd), ("post_ffw_norm", n_embd)):
+                writer.add_tensor(blk + part + ".weight", norm(n))
+        return _gguf_done(writer, path)
     for i in range(n_layer):
         blk = "blk.%d." % i
         writer.add_tensor(blk + "attn_norm.weight", norm(n_embd))

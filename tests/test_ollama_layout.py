@@ -187,6 +187,23 @@ def test_llama3_without_a_pre_tokenizer_tokenizes_as_llama_cpps(server, engine, 
         runner.stop()
 
 
+# -- olmo3: another architecture name and key prefix (the hook's key renames) ---------------------------
+
+def test_olmo3_runs_as_llama_cpps_olmo2(server, engine, tmp_path):
+    import gguf
+    cpp = fixtures.write_tiny_gguf(tmp_path / "olmo2.gguf", arch="olmo2", seed=5)
+
+    def olmo3(kv):
+        out = {k.replace("olmo2.", "olmo3.", 1) if k.startswith("olmo2.") else k: v for k, v in kv.items()}
+        out["general.architecture"] = ("olmo3", gguf.GGUFValueType.STRING, None)
+        return out
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "olmo3-ollama.gguf", olmo3)
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    want = answer(server, "cpp", "once upon a time")
+    assert answer(server, "ollama", "once upon a time") == want
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
