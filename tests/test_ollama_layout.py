@@ -124,27 +124,39 @@ def test_gemma3_from_an_ollama_store_copied_in_as_files_runs_from_the_cli(tmp_pa
     assert sorted(p.name for p in copied.iterdir()) == [".ollama-py", "blobs", "manifests"]
 
 
-def test_monolithic_gemma3_sees_images_through_its_own_file(server, engine, gemma_gguf, tmp_path):
-    """gemma3 4B and up: Ollama stores the vision tower inside the model file. The same file serves as
-    the projector; image answers match llama.cpp's model + mmproj pair, and follow the pixels."""
+def test_monolithic_gemma3_sees_images_through_its_own_file(server, engine, registry, gemma_gguf,  # noqa: F811
+                                                             tmp_path, capsys):
+    """gemma3 4B and up: Ollama stores the vision tower inside the model file. Pulled from
+    docker-registry, the same file serves as the projector; image answers match llama.cpp's model +
+    mmproj pair, and follow the pixels."""
     mmproj = fixtures.write_tiny_gemma3_mmproj(tmp_path / "mmproj.gguf")
     mono = fixtures.write_ollama_gemma3(gemma_gguf, tmp_path / "gemma3-vision-ollama.gguf", mmproj=mmproj)
     import_model(server.store, "pair", gemma_gguf, mmproj)
-    import_model(server.store, "mono", mono)
-    assert "vision" in ollama.load_model(server.store, "mono").capabilities()
+    name = "%s/library/gemma3:4b-like" % registry
+    import_model(server.store, name, mono)
+    assert ollama.main(["push", "--insecure", name]) == 0
+    other = ollama.make_server(ollama.Config({"HOME": str(tmp_path), "OLLAMA_MODELS": str(tmp_path / "m2"),
+                                              "OLLAMA_LLAMA_SERVER": str(engine)}), "127.0.0.1", 0)
+    with fixtures.serving(other):
+        status, lines = post(other, "/api/pull", {"model": name, "insecure": True, "stream": False})
+        assert status == 200 and lines[-1] == {"status": "success"}
+        assert "vision" in ollama.load_model(other.store, name).capabilities()
+        red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+        assert red != blue
+        assert tops(other, name, (200, 30, 30)) == red and tops(other, name, (30, 30, 200)) == blue
+        digest = ollama.file_digest(mono)
+        assert ollama.file_digest(other.store.blob_path(digest)) == digest
+        assert {digest[7:] + "/mmproj.gguf", digest[7:] + "/mmproj.gguf.edits"} <= set(view_files(other.store))
 
-    def tops(model, rgb):
-        status, lines = post(server, "/api/chat", {
-            "model": model, "stream": False, "options": dict(GREEDY, num_predict=2), "logprobs": True,
-            "top_logprobs": 5, "messages": [{"role": "user", "content": "What is this?",
-                                             "images": [base64.b64encode(png(rgb)).decode()]}]})
-        assert status == 200, lines
-        return [[(t["token"], round(t["logprob"], 5)) for t in s["top_logprobs"]] for s in lines[-1]["logprobs"]]
-    red, blue = tops("pair", (200, 30, 30)), tops("pair", (30, 30, 200))
-    assert red != blue
-    assert tops("mono", (200, 30, 30)) == red and tops("mono", (30, 30, 200)) == blue
-    digest = ollama.file_digest(mono)[7:]
-    assert {digest + "/mmproj.gguf", digest + "/mmproj.gguf.edits"} <= set(view_files(server.store))
+
+def tops(server, model, rgb):
+    """Top-5 logprobs of the first two greedy tokens of a chat about one image of colour `rgb`."""
+    status, lines = post(server, "/api/chat", {
+        "model": model, "stream": False, "options": dict(GREEDY, num_predict=2), "logprobs": True,
+        "top_logprobs": 5, "messages": [{"role": "user", "content": "What is this?",
+                                         "images": [base64.b64encode(png(rgb)).decode()]}]})
+    assert status == 200, lines
+    return [[(t["token"], round(t["logprob"], 5)) for t in s["top_logprobs"]] for s in lines[-1]["logprobs"]]
 
 
 # -- Llama 3: the tokenizer gap, through --override-kv ------------------------------------------------
@@ -219,9 +231,7 @@ def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path)
     import_model(server.store, "untyped", text, untyped)
     image = base64.b64encode(png((200, 30, 30))).decode()
 
-    def tops(model):
-        return answer(server, model, "look:", images=[image])[2]
-    assert tops("untyped") == tops("typed")
+    assert answer(server, "untyped", "look:", images=[image]) == answer(server, "typed", "look:", images=[image])
 
 
 # -- the other families: what the edits say, on headers written in Ollama's layout ---------------------
