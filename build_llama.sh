@@ -348,8 +348,9 @@ gguf_edits_source() {
 // A GGUF file F that has a sidecar "F.edits" (itself a GGUF, written by ollama.py) is read as the
 // sidecar says, without rewriting F. In this order, from its string arrays: edits.truncate (key,
 // count pairs), edits.remove (keys), edits.rename_keys (old, new key-prefix pairs); then every other
-// key of the sidecar is set; then edits.rename (old, new tensor-name pairs) and edits.hide (tensor
-// names). Tensor data offsets never change, so mmap and the loaders' own reads work as before.
+// key of the sidecar is set; then edits.rename (old, new tensor-name pairs), edits.shape (name,
+// "ne0,ne1,..." pairs: a tensor read as its first rows) and edits.hide (tensor names). Tensor data
+// offsets never change, so mmap and the loaders' own reads work as before.
 // Only no_alloc reads (all that llama.cpp's loaders do) take edits.
 static const char * const GGUF_EDITS_MARKER = "ollama.py gguf edits v1";
 
@@ -407,6 +408,33 @@ static bool gguf_edits_apply(struct gguf_context * ctx, const struct gguf_contex
             return false;
         }
         ggml_set_name(&ctx->info[t].t, rename[i + 1].c_str());
+    }
+    const std::vector<std::string> shape = gguf_edits_strings(e, "edits.shape");
+    for (size_t i = 0; i + 1 < shape.size(); i += 2) {
+        // a tensor read as a prefix of itself (fewer rows): same type, no more bytes than it has
+        const int64_t t = gguf_find_tensor(ctx, shape[i].c_str());
+        if (t < 0) {
+            GGML_LOG_ERROR("%s: %s.edits: no tensor %s to reshape\n", __func__, fname, shape[i].c_str());
+            return false;
+        }
+        ggml_tensor view = ctx->info[t].t;
+        const std::string & dims = shape[i + 1];
+        size_t start = 0;
+        for (int d = 0; d < GGML_MAX_DIMS; d++) {
+            const size_t comma = start <= dims.size() ? dims.find(',', start) : std::string::npos;
+            view.ne[d] = start <= dims.size() ? (int64_t) strtoll(dims.c_str() + start, nullptr, 10) : 1;
+            start = comma == std::string::npos ? dims.size() + 1 : comma + 1;
+        }
+        view.nb[1] = view.nb[0] * (view.ne[0] / ggml_blck_size(view.type));
+        for (int d = 2; d < GGML_MAX_DIMS; d++) {
+            view.nb[d] = view.nb[d - 1] * view.ne[d - 1];
+        }
+        if (view.ne[0] != ctx->info[t].t.ne[0] || view.ne[1] < 1 || view.ne[2] < 1 || view.ne[3] < 1 ||
+                ggml_nbytes(&view) > ggml_nbytes(&ctx->info[t].t)) {
+            GGML_LOG_ERROR("%s: %s.edits: cannot read tensor %s as %s\n", __func__, fname, shape[i].c_str(), shape[i + 1].c_str());
+            return false;
+        }
+        ctx->info[t].t = view;
     }
     for (const std::string & name : gguf_edits_strings(e, "edits.hide")) {
         const int64_t t = gguf_find_tensor(ctx, name.c_str());

@@ -1311,15 +1311,18 @@ GGUF_EDITS_MARKER = b"ollama.py gguf edits v1"   # the hook's string: an engine 
 
 class GGUFEdits:
     """What the engine must read differently in one GGUF: keys to set (with their GGUF types), arrays
-    to truncate, keys to remove, key prefixes to rename, tensors to rename and to hide. `family` and
+    to truncate, keys to remove, key prefixes to rename, tensors to rename, to cut to their first rows
+    and to hide. `family` and
     `quirks` say why, for the log and `show`. Falsy when there is nothing to change."""
 
     def __init__(self, family):
         self.family, self.quirks = family, []
         self.set, self.truncate, self.remove, self.rename_keys, self.rename, self.hide = {}, {}, [], [], [], []
+        self.shape = []                    # (tensor name, shape): read as its first rows
 
     def __bool__(self):
-        return bool(self.set or self.truncate or self.remove or self.rename_keys or self.rename or self.hide)
+        return bool(self.set or self.truncate or self.remove or self.rename_keys or self.rename or self.hide
+                    or self.shape)
 
     def set_missing(self, g, key, vtype, value):
         """Set `key` unless the file has it."""
@@ -1342,7 +1345,7 @@ class GGUFEdits:
     def override_args(self):
         """--override-kv arguments doing the same, or None when these edits need the hook (arrays,
         tensors, removals, or a string longer than llama.cpp's 127-byte override)."""
-        if self.truncate or self.remove or self.rename_keys or self.rename or self.hide:
+        if self.truncate or self.remove or self.rename_keys or self.rename or self.hide or self.shape:
             return None
         kinds = {4: "int", 5: "int", 6: "float", 7: "bool", 8: "str"}
         args = []
@@ -1360,7 +1363,8 @@ class GGUFEdits:
         kv = [(k, vtype, value) for k, (vtype, value) in sorted(self.set.items())]
         kv += [("edits.truncate", 9, pairs((k, str(n)) for k, n in sorted(self.truncate.items()))),
                ("edits.remove", 9, (8, list(self.remove))), ("edits.rename_keys", 9, pairs(self.rename_keys)),
-               ("edits.rename", 9, pairs(self.rename)), ("edits.hide", 9, (8, list(self.hide)))]
+               ("edits.rename", 9, pairs(self.rename)), ("edits.hide", 9, (8, list(self.hide))),
+               ("edits.shape", 9, pairs((name, ",".join(map(str, dims))) for name, dims in self.shape))]
         write_gguf(path, kv, [])
 
 
@@ -1517,6 +1521,31 @@ def _vision_inside_edits(family):
         e.quirks.append("vision tower in the model file: hidden from the text loader")
         return e
     return edits
+
+
+def _gemma3n_edits(g, path):
+    """gemma3n: token_embd and the tokenizer hold the multimodal vocabulary, per_layer_token_embd only
+    the text one (llama.cpp wants both alike: both read as the text vocabulary, a prefix of rows), the
+    tokenizer model, byte and unused token types, and <end_of_turn> among the EOS ids."""
+    embd, per_layer = _tensor(g, "token_embd.weight"), _tensor(g, "per_layer_token_embd.weight")
+    if not embd or not per_layer or len(embd.shape) < 2 or len(per_layer.shape) < 2 \
+            or embd.shape[1] == per_layer.shape[1]:
+        return None
+    rows = per_layer.shape[1]
+    e = GGUFEdits("gemma3n")
+    e.set["tokenizer.ggml.model"] = (8, "llama")
+    e.shape.append(("token_embd.weight", [embd.shape[0], rows]))
+    full = read_gguf(path)
+    tokens, types = full.kv.get("tokenizer.ggml.tokens") or [], full.kv.get("tokenizer.ggml.token_type") or []
+    e.truncate["tokenizer.ggml.tokens"] = e.truncate["tokenizer.ggml.scores"] = rows
+    fixed = [6 if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else 1 if t.startswith("<unused") else k
+             for t, k in zip(tokens[:rows], types[:rows])]
+    e.set["tokenizer.ggml.token_type"] = (9, (5, fixed))
+    eos = full.kv.get("tokenizer.ggml.eos_token_ids")
+    e.set["tokenizer.ggml.eos_token_ids"] = (9, (5, list(eos) + ([106] if 106 not in eos else []) if eos else [1, 106]))
+    e.hide_prefixes(g, "v.", "mm.", "a.")
+    e.quirks += ["vocabulary cut to per_layer_token_embd's %d rows" % rows, "token types", "EOS ids"]
+    return e
 
 
 def _mistral3_edits(g, path):
@@ -1708,6 +1737,7 @@ OLLAMA_LAYOUTS = {
     "olmo3": (_olmo3_edits, None),
     "lfm2": (_lfm2_edits, None),
     "llama4": (_vision_inside_edits("llama4"), None),
+    "gemma3n": (_gemma3n_edits, None),
     "mistral3": (_mistral3_edits, None),
     "qwen25vl": (_qwen25vl_edits, None),
     "qwen3vl": (_qwen3vl_edits, None),

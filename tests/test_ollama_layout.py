@@ -234,6 +234,45 @@ def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path)
     assert answer(server, "untyped", "look:", images=[image]) == answer(server, "typed", "look:", images=[image])
 
 
+# -- the hook itself: a tensor read as its first rows (gemma3n's vocabulary cut) ---------------------------
+
+def test_the_hook_reads_a_tensor_as_its_first_rows(engine, tmp_path):
+    """token_embd with rows the tokenizer lacks (as Ollama's gemma3n files have): read through
+    edits.shape and edits.truncate it answers as the file without them, and a cut that would read
+    more than the tensor holds is refused."""
+    import numpy as np
+    src = fixtures.write_tiny_gguf(tmp_path / "tiny.gguf", seed=7)
+
+    def more_rows(tensors):
+        class Extra:                                     # the same rows, then 16 more
+            def __init__(self, t):
+                self.data = np.concatenate([t.data, np.ones((16, t.data.shape[1]), dtype=t.data.dtype)])
+                self.tensor_type = t.tensor_type
+        return [(n, Extra(t) if n == "token_embd.weight" else t) for n, t in tensors]
+    padded = fixtures.rewrite_gguf(src, tmp_path / "padded.gguf", edit_tensors=more_rows)
+    rows = ollama.read_gguf(src, 0).array_lengths["tokenizer.ggml.tokens"]
+    n_embd = ollama._tensor(ollama.read_gguf(padded, 0), "token_embd.weight").shape[0]
+
+    def logits(path, rows_read):
+        view = tmp_path / ("view-%d" % rows_read) / "model.gguf"
+        view.parent.mkdir()
+        view.symlink_to(path)
+        if rows_read:
+            e = ollama.GGUFEdits("test")
+            e.shape.append(("token_embd.weight", [n_embd, rows_read]))
+            e.write(str(view) + ".edits")
+        runner = ollama.Runner(str(engine), view, num_ctx=128, log_path=view.parent / "r.log")
+        runner.start(60)
+        try:
+            return runner.call("/completion", {"prompt": "once upon", "n_predict": 1, "n_probs": 5,
+                                               "temperature": 0})["completion_probabilities"]
+        finally:
+            runner.stop()
+    assert logits(padded, rows) == logits(src, 0)
+    with pytest.raises(ollama.OllamaError):
+        logits(padded, rows + 17)                        # more rows than the tensor has
+
+
 # -- the other families: what the edits say, on headers written in Ollama's layout ---------------------
 
 def header(tmp_path, arch, kv=(), tensors=()):
@@ -327,6 +366,21 @@ def test_glm_flash_runs_as_deepseek2_and_nemotron_hides_its_mtp(tmp_path):
     e, _ = ollama.ollama_layout(g, path)
     assert e.set == {"nemotron_h_moe.moe_latent_size": (4, 4)} and e.hide == ["mtp.layers.0.x.weight"]
     assert e.rename == [("blk.1.ffn_latent_in.weight", "blk.1.ffn_latent_down.weight")]
+
+
+def test_gemma3n_reads_its_vocabulary_as_the_per_layer_embeddings_have_it(tmp_path):
+    tokens = ["<pad>", "<eos>", "<0x0A>", "<unused1>", "a", "b", "<image>", "<audio>"]
+    g, path = header(tmp_path, "gemma3n", [
+        ("tokenizer.ggml.tokens", 9, (8, tokens)), ("tokenizer.ggml.scores", 9, (6, [0.0] * 8)),
+        ("tokenizer.ggml.token_type", 9, (5, [3, 3, 3, 3, 1, 1, 3, 3])),
+        ("tokenizer.ggml.eos_token_ids", 9, (5, [1]))],
+        [("token_embd.weight", [4, 8]), ("per_layer_token_embd.weight", [6, 6])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.shape == [("token_embd.weight", [4, 6])]
+    assert e.truncate == {"tokenizer.ggml.tokens": 6, "tokenizer.ggml.scores": 6}
+    assert e.set["tokenizer.ggml.token_type"] == (9, (5, [3, 3, 6, 1, 1, 1]))
+    assert e.set["tokenizer.ggml.eos_token_ids"] == (9, (5, [1, 106]))
+    assert e.override_args() is None
 
 
 def test_llama_cpp_layouts_are_left_as_they_are(tmp_path, gemma_gguf):
