@@ -211,7 +211,8 @@ def test_script_serve_carries_on_from_fresh_bytecode_else_as_it_is(ollama_home, 
 def test_version_runs_without_site_packages():
     out = subprocess.run([sys.executable, "-S", "-I", str(ROOT / "ollama.py"), "--version"],
                          capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and out.stdout.strip() == "ollama version is %s" % ollama.__version__
+    assert out.returncode == 0 and out.stdout.splitlines() == [
+        "ollama version is %s" % ollama.__version__, "Ollama API version is %s" % ollama.API_VERSION]
 
 
 def test_cli_without_a_server_says_how_to_start_one(ollama_home):
