@@ -1548,6 +1548,42 @@ def _gemma3n_edits(g, path):
     return e
 
 
+def _gemma4_edits(g, path):
+    """gemma4: the tokenizer named llama where llama.cpp wants gemma4 (its BPE; else the control
+    tokens come out as text), the per-expert scale under another name, and the audio and vision towers
+    inside (hidden: text only). Split expert gate/up tensors are left split, which llama.cpp reads."""
+    inside = ("a.", "v.", "mm.", "model.vision_tower.")
+    if not any(t.name.startswith(inside) for t in g.tensors) and g.kv.get("tokenizer.ggml.model") != "llama":
+        return None
+    e = GGUFEdits("gemma4")
+    if g.kv.get("tokenizer.ggml.model") == "llama":
+        e.set["tokenizer.ggml.model"] = (8, "gemma4")
+        e.quirks.append("tokenizer llama: gemma4")
+    e.rename_containing(g, ((".ffn_gate_inp.per_expert_scale", ".ffn_down_exps.scale"),))
+    e.hide_prefixes(g, *inside)
+    e.quirks.append("audio and vision towers hidden")
+    return e
+
+
+def _deepseekocr_edits(g, path):
+    """deepseek-ocr: architecture deepseekocr (llama.cpp: deepseek2-ocr), the RMS epsilon and expert
+    sizes missing, and the SAM, vision and projector towers inside (hidden: text only)."""
+    e = GGUFEdits("deepseek-ocr")
+    e.set["general.architecture"] = (8, "deepseek2-ocr")
+    e.rename_keys.append(("deepseekocr.", "deepseek2-ocr."))
+    if "deepseekocr.attention.layer_norm_rms_epsilon" not in g.kv:
+        e.set["deepseek2-ocr.attention.layer_norm_rms_epsilon"] = (6, 1e-6)
+    down, shared = _tensor(g, "blk.1.ffn_down_exps.weight"), _tensor(g, "blk.1.ffn_down_shexp.weight")
+    per_expert = g.kv.get("deepseekocr.expert_feed_forward_length") or (down.shape[0] if down else 0)
+    if "deepseekocr.expert_feed_forward_length" not in g.kv and per_expert:
+        e.set["deepseek2-ocr.expert_feed_forward_length"] = (4, per_expert)
+    if "deepseekocr.expert_shared_count" not in g.kv and shared and per_expert:
+        e.set["deepseek2-ocr.expert_shared_count"] = (4, shared.shape[0] // per_expert)
+    e.hide_prefixes(g, "s.", "v.", "mm.")
+    e.quirks += ["architecture deepseekocr: deepseek2-ocr", "expert sizes", "SAM and vision hidden"]
+    return e
+
+
 def _mistral3_edits(g, path):
     """mistral3 (text): YaRN keys under other names, the tekken pre-tokenizer missing, and the vision
     tower inside the file (hidden: its projector is not translated yet)."""
@@ -1738,6 +1774,8 @@ OLLAMA_LAYOUTS = {
     "lfm2": (_lfm2_edits, None),
     "llama4": (_vision_inside_edits("llama4"), None),
     "gemma3n": (_gemma3n_edits, None),
+    "gemma4": (_gemma4_edits, None),
+    "deepseekocr": (_deepseekocr_edits, None),
     "mistral3": (_mistral3_edits, None),
     "qwen25vl": (_qwen25vl_edits, None),
     "qwen3vl": (_qwen3vl_edits, None),

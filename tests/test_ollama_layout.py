@@ -383,6 +383,20 @@ def test_gemma3n_reads_its_vocabulary_as_the_per_layer_embeddings_have_it(tmp_pa
     assert e.override_args() is None
 
 
+def test_gemma4_and_deepseek_ocr_keep_their_text_side(tmp_path):
+    g, path = header(tmp_path, "gemma4", [("tokenizer.ggml.model", 8, "llama")], [
+        ("blk.0.ffn_gate_inp.per_expert_scale", [4]), ("a.blk.0.w", [4]), ("v.blk.0.w", [4]),
+        ("token_embd.weight", [4])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set == {"tokenizer.ggml.model": (8, "gemma4")} and e.hide == ["a.blk.0.w", "v.blk.0.w"]
+    assert e.rename == [("blk.0.ffn_gate_inp.per_expert_scale", "blk.0.ffn_down_exps.scale")]
+    g, path = header(tmp_path, "deepseekocr", tensors=[("blk.1.ffn_down_exps.weight", [896, 4]),
+                                                       ("blk.1.ffn_down_shexp.weight", [1792, 4]), ("s.x", [4])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set["deepseek2-ocr.expert_feed_forward_length"] == (4, 896)
+    assert e.set["deepseek2-ocr.expert_shared_count"] == (4, 2) and e.hide == ["s.x"]
+
+
 def test_llama_cpp_layouts_are_left_as_they_are(tmp_path, gemma_gguf):
     assert ollama.ollama_layout(ollama.read_gguf(gemma_gguf, 0), gemma_gguf) == (None, None)
     g, path = header(tmp_path, "lfm2", tensors=[("token_embd_norm.weight", [4])])
