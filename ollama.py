@@ -1650,6 +1650,29 @@ def _qwen3next_edits(g, path):
     return e
 
 
+def _qwen35_edits(g, path):
+    """qwen3.5 and qwen3.5-moe (text): per-layer KV head counts (the largest), M-RoPE sections as three
+    not four, the SSM dt tensors without .bias, and the vision tower and multi-token-prediction layers
+    inside (hidden: the model runs without its MTP draft, and text only)."""
+    arch = g.architecture
+    markers = [k for k in ("vision.block_count", "image_token_id", "ssm.v_head_reordered", "rope.mrope_interleaved")
+               + (("feed_forward_length",) if arch == "qwen35moe" else ()) if "%s.%s" % (arch, k) in g.kv]
+    if not markers and not any(t.name.startswith(("mtp.", "v.")) for t in g.tensors):
+        return None
+    e = GGUFEdits(arch)
+    full = read_gguf(path, 4096)                           # the small arrays: head counts, sections
+    counts = full.kv.get(arch + ".attention.head_count_kv")
+    if isinstance(counts, list):
+        e.set[arch + ".attention.head_count_kv"] = (4, max(counts or [0]) or 2)
+    sections = full.kv.get(arch + ".rope.dimension_sections")
+    if isinstance(sections, list) and len(sections) == 3:
+        e.set[arch + ".rope.dimension_sections"] = (9, (5, list(sections) + [0]))
+    e.rename += [(t.name, t.name + ".bias") for t in g.tensors if t.name.endswith(".ssm_dt")]
+    e.hide_prefixes(g, "v.", "mm.", "mtp.")
+    e.quirks += ["per-layer KV heads", "M-RoPE sections", "ssm_dt: ssm_dt.bias", "vision and MTP hidden"]
+    return e
+
+
 def _laguna_edits(g, path):
     """laguna: sliding-window RoPE keys under rope.swa.*, and the attention gate named attn_g."""
     gates = [t.name for t in g.tensors if t.name.endswith(".attn_g.weight")]
@@ -1781,6 +1804,8 @@ OLLAMA_LAYOUTS = {
     "qwen3vl": (_qwen3vl_edits, None),
     "qwen3vlmoe": (_qwen3vl_edits, None),
     "qwen3next": (_qwen3next_edits, None),
+    "qwen35": (_qwen35_edits, None),
+    "qwen35moe": (_qwen35_edits, None),
     "laguna": (_laguna_edits, None),
     "glm4moelite": (_glm4moelite_edits, None),
     "nemotron_h_moe": (_nemotron_h_moe_edits, None),

@@ -397,6 +397,18 @@ def test_gemma4_and_deepseek_ocr_keep_their_text_side(tmp_path):
     assert e.set["deepseek2-ocr.expert_shared_count"] == (4, 2) and e.hide == ["s.x"]
 
 
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_qwen35_runs_its_text_side_without_the_mtp_layers(tmp_path, arch):
+    g, path = header(tmp_path, arch, [("%s.attention.head_count_kv" % arch, 9, (4, [0, 0, 0, 4])),
+                                      ("%s.rope.dimension_sections" % arch, 9, (5, [11, 11, 10])),
+                                      ("%s.image_token_id" % arch, 4, 9)],
+                     [("blk.0.ssm_dt", [4]), ("mtp.layers.0.x.weight", [4]), ("v.x", [4])])
+    e, _ = ollama.ollama_layout(g, path)
+    assert e.set == {"%s.attention.head_count_kv" % arch: (4, 4),
+                     "%s.rope.dimension_sections" % arch: (9, (5, [11, 11, 10, 0]))}
+    assert e.rename == [("blk.0.ssm_dt", "blk.0.ssm_dt.bias")] and e.hide == ["mtp.layers.0.x.weight", "v.x"]
+
+
 def test_llama_cpp_layouts_are_left_as_they_are(tmp_path, gemma_gguf):
     assert ollama.ollama_layout(ollama.read_gguf(gemma_gguf, 0), gemma_gguf) == (None, None)
     g, path = header(tmp_path, "lfm2", tensors=[("token_embd_norm.weight", [4])])
