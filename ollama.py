@@ -22,7 +22,8 @@ ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lin
     Utilities      Go durations, human sizes and times, RFC 3339, JSON as Go writes it, files
     Names          Name: host/namespace/model:tag as Ollama parses, displays and compares them
     Store          Store: ~/.ollama/models (blobs/sha256-*, manifests/...), its lock, atomic writes
-    GGUF           GGUF headers (architecture, context, chat template, vocabulary); tiny writers
+    GGUF           GGUF headers (architecture, context, chat template, vocabulary); tiny writers;
+                   == Ollama's converter layout (GGUFEdits per family: what the engine reads differently)
     Go formatting  Go's %v, strconv quoting and json.Marshal: texts and blobs byte for byte Ollama's
     Modelfile      parse_modelfile, PARAMETER types and ranges, the /api/create body it becomes
     Templates      == Go's text/template engine, == Ollama's templates (values, vars, a chat
@@ -31,8 +32,10 @@ ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lin
     Registry       == keys (Ed25519, OpenSSH files, signed requests), == client (OCI pull and
                    push: RegistrySession, Transfers, pull_model, push_model)
     Runner         Runner: one llama-server child (argv, start, health, completion, tokenize,
-                   embeddings); Spawner: the thread that forks children tied to serve; _Wire: one
-                   raw HTTP/1.1 exchange (the token relay, runner calls, and the CLI's Client)
+                   embeddings); engine_files and draft_args: the files and flags a model runs with
+                   (views of Ollama-layout GGUFs, a DRAFT); Spawner: the thread that forks children
+                   tied to serve; _Wire: one raw HTTP/1.1 exchange (the token relay, runner calls,
+                   and the CLI's Client)
     Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
     HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream,
                    FileResponse), == Ollama's API (/api/*, an api_* each), == a read-only OCI
@@ -6262,6 +6265,26 @@ def engine_files(store, model, exe):
     return EngineFiles(model_path, projector, args, families)
 
 
+def draft_args(model, opts):
+    """llama-server flags for a model's DRAFT layer (speculative decoding; greedy output is unchanged):
+    Ollama's MTP and DFlash drafts as Ollama runs them, and beyond Ollama any smaller model that shares
+    the vocabulary (llama.cpp's draft-simple). draft_num_predict tokens are drafted at a time; 0 turns
+    it off."""
+    n = int(opts.get("draft_num_predict") if opts.get("draft_num_predict") is not None else 4)
+    if not model.draft_path or n <= 0:
+        return []
+    try:
+        g = read_gguf(model.draft_path, 0)
+    except (OSError, OllamaError):                # the engine says what is wrong with it
+        g = None
+    kind = "draft-simple"
+    if g is not None and g.architecture == "dflash":
+        kind = "draft-dflash"
+    elif g is not None and (g.get("nextn_predict_layers") or 0) > 0:
+        kind = "draft-mtp"
+    return ["--spec-draft-model", model.draft_path, "--spec-type", kind, "--spec-draft-n-max", str(n)]
+
+
 #: Quantization levels for create -> (general.file_type, about how many bits per weight it takes):
 #: Ollama's (F32, F16, BF16, Q8_0, Q4_K_S, Q4_K_M, with Q4_K meaning Q4_K_M) and, beyond Ollama, the
 #: other llama-quantize levels a small machine may want.
@@ -6659,26 +6682,6 @@ def _embedding_args(model):
     model without pooling of its own is pooled on its last token, the hidden state Ollama's runner
     takes (llama_get_embeddings_ith of the last prompt token)."""
     return ["--pooling", "last"] if embedding_pooling(model) in (None, 0) else []
-
-
-def draft_args(model, opts):
-    """llama-server flags for a model's DRAFT layer (speculative decoding; greedy output is unchanged):
-    Ollama's MTP and DFlash drafts as Ollama runs them, and beyond Ollama any smaller model that shares
-    the vocabulary (llama.cpp's draft-simple). draft_num_predict tokens are drafted at a time; 0 turns
-    it off."""
-    n = int(opts.get("draft_num_predict") if opts.get("draft_num_predict") is not None else 4)
-    if not model.draft_path or n <= 0:
-        return []
-    try:
-        g = read_gguf(model.draft_path, 0)
-    except (OSError, OllamaError):                # the engine says what is wrong with it
-        g = None
-    kind = "draft-simple"
-    if g is not None and g.architecture == "dflash":
-        kind = "draft-dflash"
-    elif g is not None and (g.get("nextn_predict_layers") or 0) > 0:
-        kind = "draft-mtp"
-    return ["--spec-draft-model", model.draft_path, "--spec-type", kind, "--spec-draft-n-max", str(n)]
 
 
 def _safe_filename(text):
