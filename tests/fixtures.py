@@ -283,6 +283,22 @@ def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_sta
     return _gguf_done(w, path)
 
 
+def _vit_blocks(w, matrix, vector, n_layer, n_embd, n_ff):
+    """The pre-norm ViT blocks both tiny projectors share (v.blk.N: attention, two norms, the MLP)."""
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(blk + part + ".weight", matrix(n_embd, n_embd))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+        for part in ("ln1", "ln2"):
+            w.add_tensor(blk + part + ".weight", vector(n_embd, 1.0))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+        w.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))
+        w.add_tensor(blk + "ffn_up.bias", vector(n_ff))
+        w.add_tensor(blk + "ffn_down.weight", matrix(n_embd, n_ff))
+        w.add_tensor(blk + "ffn_down.bias", vector(n_embd))
+
+
 def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_embd=32, n_layer=2, n_head=4,
                       n_ff=64, n_mm_hidden=64, seed=0, name="tiny-mmproj"):
     """Write a tiny random-weight vision projector (an "mmproj" GGUF) that real llama-server takes
@@ -333,18 +349,7 @@ def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_e
     w.add_tensor("v.position_embd.weight", (rng.standard_normal((n_pos, n_embd)) * 0.02).astype(np.float32))
     w.add_tensor("v.pre_ln.weight", vector(n_embd, 1.0))
     w.add_tensor("v.pre_ln.bias", vector(n_embd))
-    for i in range(n_layer):
-        blk = "v.blk.%d." % i
-        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            w.add_tensor(blk + part + ".weight", matrix(n_embd, n_embd))
-            w.add_tensor(blk + part + ".bias", vector(n_embd))
-        for part in ("ln1", "ln2"):
-            w.add_tensor(blk + part + ".weight", vector(n_embd, 1.0))
-            w.add_tensor(blk + part + ".bias", vector(n_embd))
-        w.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))
-        w.add_tensor(blk + "ffn_up.bias", vector(n_ff))
-        w.add_tensor(blk + "ffn_down.weight", matrix(n_embd, n_ff))
-        w.add_tensor(blk + "ffn_down.bias", vector(n_embd))
+    _vit_blocks(w, matrix, vector, n_layer, n_embd, n_ff)
     w.add_tensor("mm.0.weight", matrix(n_mm_hidden, n_embd))
     w.add_tensor("mm.0.bias", vector(n_mm_hidden))
     w.add_tensor("mm.2.weight", matrix(n_embd_text, n_mm_hidden))
@@ -410,18 +415,7 @@ def write_tiny_gemma3_mmproj(path, *, n_embd_text=640, image_size=56, patch_size
     w.add_tensor("v.patch_embd.bias", vector(n_embd))
     n_pos = (image_size // patch_size) ** 2
     w.add_tensor("v.position_embd.weight", (rng.standard_normal((n_pos, n_embd)) * 0.05).astype(np.float32))
-    for i in range(n_layer):
-        blk = "v.blk.%d." % i
-        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            w.add_tensor(blk + part + ".weight", matrix(n_embd, n_embd))
-            w.add_tensor(blk + part + ".bias", vector(n_embd))
-        for part in ("ln1", "ln2"):
-            w.add_tensor(blk + part + ".weight", vector(n_embd, 1.0))
-            w.add_tensor(blk + part + ".bias", vector(n_embd))
-        w.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))
-        w.add_tensor(blk + "ffn_up.bias", vector(n_ff))
-        w.add_tensor(blk + "ffn_down.weight", matrix(n_embd, n_ff))
-        w.add_tensor(blk + "ffn_down.bias", vector(n_embd))
+    _vit_blocks(w, matrix, vector, n_layer, n_embd, n_ff)
     w.add_tensor("v.post_ln.weight", vector(n_embd, 1.0))
     w.add_tensor("v.post_ln.bias", vector(n_embd))
     w.add_tensor("mm.input_projection.weight", matrix(n_embd, n_embd_text))

@@ -7,6 +7,7 @@ convert_hf_to_gguf.py writes it) and once in the layout Ollama's converter write
 llama-server must give the same greedy answer and the same top logprobs for both. Gemma 3 uses the real
 270M weights; its vision tower (inside the file, Ollama's way) is a tiny random-weight one."""
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -42,6 +43,19 @@ def delete(server, model):
     status = conn.getresponse().status
     conn.close()
     return status
+
+
+@contextlib.contextmanager
+def pulled_by_another_serve(name, engine, tmp_path):
+    """Push `name` from the `server` fixture's store (OLLAMA_HOST) to its registry, and yield a second
+    serve, with a store of its own, that has pulled it."""
+    assert ollama.main(["push", "--insecure", name]) == 0
+    other = ollama.make_server(ollama.Config({"HOME": str(tmp_path), "OLLAMA_MODELS": str(tmp_path / "m2"),
+                                              "OLLAMA_LLAMA_SERVER": str(engine)}), "127.0.0.1", 0)
+    with fixtures.serving(other):
+        status, lines = post(other, "/api/pull", {"model": name, "insecure": True, "stream": False})
+        assert status == 200 and lines[-1] == {"status": "success"}
+        yield other
 
 
 def view_files(store):
@@ -83,12 +97,7 @@ def test_gemma3_pulled_from_docker_registry_runs_and_keeps_its_bytes(server, eng
     import_gguf(server.store, "orig", gemma_gguf)
     name = "%s/library/gemma3:270m" % registry
     import_gguf(server.store, name, ollama_gemma3)
-    assert ollama.main(["push", "--insecure", name]) == 0
-    other = ollama.make_server(ollama.Config({"HOME": str(tmp_path), "OLLAMA_MODELS": str(tmp_path / "m2"),
-                                              "OLLAMA_LLAMA_SERVER": str(engine)}), "127.0.0.1", 0)
-    with fixtures.serving(other):
-        status, lines = post(other, "/api/pull", {"model": name, "insecure": True, "stream": False})
-        assert status == 200 and lines[-1] == {"status": "success"}
+    with pulled_by_another_serve(name, engine, tmp_path) as other:
         assert answer(other, name) == answer(server, "orig")
         for d in ollama.manifest_digests(other.store.get(name)[2]):
             assert ollama.file_digest(other.store.blob_path(d)) == d
@@ -134,12 +143,7 @@ def test_monolithic_gemma3_sees_images_through_its_own_file(server, engine, regi
     import_model(server.store, "pair", gemma_gguf, mmproj)
     name = "%s/library/gemma3:4b-like" % registry
     import_model(server.store, name, mono)
-    assert ollama.main(["push", "--insecure", name]) == 0
-    other = ollama.make_server(ollama.Config({"HOME": str(tmp_path), "OLLAMA_MODELS": str(tmp_path / "m2"),
-                                              "OLLAMA_LLAMA_SERVER": str(engine)}), "127.0.0.1", 0)
-    with fixtures.serving(other):
-        status, lines = post(other, "/api/pull", {"model": name, "insecure": True, "stream": False})
-        assert status == 200 and lines[-1] == {"status": "success"}
+    with pulled_by_another_serve(name, engine, tmp_path) as other:
         assert "vision" in ollama.load_model(other.store, name).capabilities()
         red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
         assert red != blue
