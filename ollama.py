@@ -4701,6 +4701,7 @@ OCI_REF_NAME = "org.opencontainers.image.ref.name"
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 TAR_BLOCK = 512                      # bytes; tar pads every member to a whole block
 ARCHIVE_META_MAX = 4 << 20           # bytes; the most index.json, oci-layout or a manifest may be
+ARCHIVE_HEADER_MAX = 1 << 20         # bytes; the most a PAX or GNU long-name header may be (tarfile reads it whole)
 _ARCHIVE_BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 
 
@@ -4767,6 +4768,31 @@ def archive_chunks(members, progress=None):
     yield b"\0" * (2 * TAR_BLOCK)
 
 
+def _archive_tarinfo():
+    """A tarfile.TarInfo class for reading archives we did not write: it refuses, as BadRequest and
+    before tarfile acts on them, extension headers over ARCHIVE_HEADER_MAX (tarfile reads them into
+    memory whole) and sparse members (tarfile expands their holes: a few KB sent would write GBs;
+    an OCI layout never holds one). The hooks are tarfile's own dispatch methods, the same 3.9-3.13."""
+    import tarfile
+
+    def sparse(*_args):
+        raise BadRequest("refusing archive: it holds a sparse member, which an OCI image layout never does")
+
+    class ArchiveTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tar):
+            if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > ARCHIVE_HEADER_MAX:
+                raise BadRequest("refusing archive: a %d-byte extension header (the most is %d)"
+                                 % (self.size, ARCHIVE_HEADER_MAX))
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                sparse()
+            return super()._proc_member(tar)
+
+        _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = sparse   # PAX sparse 0.0, 0.1, 1.0
+
+    return ArchiveTarInfo
+
+
 def _archive_member_name(member):
     """The member's path, or BadRequest for anything an OCI layout must not hold: absolute paths,
     "..", links, devices, fifos."""
@@ -4775,6 +4801,8 @@ def _archive_member_name(member):
         name = name[2:]
     if name.startswith("/") or ".." in name.split("/") or "\\" in name:
         raise BadRequest("refusing archive member %s: it points outside the archive" % json.dumps(member.name))
+    if member.issparse() or any(k.startswith("GNU.sparse.") for k in member.pax_headers):
+        raise BadRequest("refusing archive member %s: it is sparse" % json.dumps(member.name))
     if not (member.isreg() or member.isdir()):
         kind = "a link" if member.issym() or member.islnk() else "a device or fifo"
         raise BadRequest("refusing archive member %s: it is %s" % (json.dumps(member.name), kind))
@@ -4791,21 +4819,23 @@ class _Staged:
     def add_blob(self, digest, reader, size, progress):
         import hashlib
         f, tmp = self.store.temp_blob()
-        self.files.setdefault(digest, (f, tmp, size))
-        h, left = hashlib.sha256(), size
-        while left:
-            chunk = reader.read(min(COPY_CHUNK, left))
-            if not chunk:
-                raise BadRequest("archive is truncated: blob %s ends early" % digest[7:19])
-            h.update(chunk)
-            f.write(chunk)
-            left -= len(chunk)
-            progress(len(chunk))
-        if "sha256:" + h.hexdigest() != digest:
-            raise BadRequest("archive blob %s does not match its digest" % digest[7:19])
-        if self.files[digest][1] != tmp:                       # a duplicate member: keep the first
-            f.close()
-            _unlink(tmp)
+        first = self.files.setdefault(digest, (f, tmp, size))[1] == tmp
+        try:
+            h, left = hashlib.sha256(), size
+            while left:
+                chunk = reader.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise BadRequest("archive is truncated: blob %s ends early" % digest[7:19])
+                h.update(chunk)
+                f.write(chunk)
+                left -= len(chunk)
+                progress(len(chunk))
+            if "sha256:" + h.hexdigest() != digest:
+                raise BadRequest("archive blob %s does not match its digest" % digest[7:19])
+        finally:
+            if not first:                                      # a duplicate member: keep the first; discard
+                f.close()                                      # only knows the first, so this one goes now
+                _unlink(tmp)
 
     def read(self, digest):
         f, _tmp, size = self.files[digest]
@@ -4838,7 +4868,6 @@ def import_archive(store, stream, name=None, progress=None):
     manifest enters the store: a truncated, hostile or inconsistent archive raises BadRequest and
     leaves the store as it was. `name` names the model of a one-model archive (else its ref.name).
     progress(bytes) reports the blob bytes read so far."""
-    import hashlib
     import tarfile  # see _tar_header
     progress = progress or (lambda n: None)
     staged, state = _Staged(store), {"read": 0}
@@ -4849,7 +4878,7 @@ def import_archive(store, stream, name=None, progress=None):
 
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_archive_tarinfo()) as tar:
                 for member in tar:
                     path = _archive_member_name(member)
                     if member.isdir():
@@ -4869,9 +4898,8 @@ def import_archive(store, stream, name=None, progress=None):
             raise BadRequest("archive is not a complete tar: %s" % e) from None
         models = _archive_models(staged, name)
         with store.lock:
-            needed = set()
-            for _n, raw, manifest in models:
-                needed.add("sha256:" + hashlib.sha256(raw).hexdigest())
+            needed = set()                   # the layers and configs: manifests live under manifests/ only
+            for _n, _raw, manifest in models:
                 needed.update(d for d in manifest_digests(manifest) if d in staged.files)
             staged.commit(sorted(needed))
             for n, raw, _manifest in models:

@@ -457,6 +457,83 @@ def test_hostile_archives_are_refused_clearly_and_the_store_is_unchanged(server,
     assert not (tmp_path.parent / "evil").exists()
 
 
+def layout_dir(tmp_path, blob):
+    """An OCI layout folder (what export writes, unpacked) of one model whose layer is `blob`."""
+    src = ollama.Store(tmp_path / "src")
+    put_model(src, "sparse:1", [(blob, MODEL_MEDIA)])
+    members, _total = ollama.archive_plan(src, ["sparse:1"])
+    root = tmp_path / "layout"
+    for name, _size, source in members:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(source if isinstance(source, bytes) else source.read_bytes())
+    return root, [name for name, _s, _src in members]
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write sparse members")
+@pytest.mark.parametrize("fmt", [["--format=gnu"], ["--format=posix", "--sparse-version=0.0"],
+                                 ["--format=posix", "--sparse-version=0.1"],
+                                 ["--format=posix", "--sparse-version=1.0"]])
+def test_import_refuses_sparse_members_and_writes_nothing(server, tmp_path, fmt):
+    """A few KB declaring a 4 MiB blob of holes: tarfile would expand it (disk filled at will)."""
+    blob = b"\0" * (4 << 20)
+    root, names = layout_dir(tmp_path, blob)
+    layer = root / ("blobs/sha256/" + sha(blob)[7:])
+    layer.write_bytes(b"")
+    os.truncate(str(layer), len(blob))                        # a file of holes: tar -S stores no data for it
+    archive = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "-S", "-cf", str(archive), "-C", str(root)] + fmt + names, check=True)
+    assert archive.stat().st_size < 64 << 10
+    before = store_snapshot(server.store)
+    status, body = http_import(server, archive.read_bytes())
+    assert status == 400, body
+    assert "sparse" in json.loads(body)["error"]
+    assert store_snapshot(server.store) == before
+
+
+def test_import_refuses_huge_extension_headers_before_reading_them(server, tmp_path):
+    import io
+    import tarfile
+    for fmt, info in ((tarfile.GNU_FORMAT, tarfile.TarInfo("n" * (2 << 20))),
+                      (tarfile.PAX_FORMAT, tarfile.TarInfo("oci-layout"))):
+        if fmt == tarfile.PAX_FORMAT:
+            info.pax_headers = {"comment": "c" * (2 << 20)}
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            tar.addfile(info, io.BytesIO(b""))
+        status, body = http_import(server, buf.getvalue())
+        assert status == 400, body
+        assert "extension header" in json.loads(body)["error"]
+
+
+def test_import_of_a_duplicate_member_that_fails_its_hash_leaves_no_temp_file(server, tmp_path):
+    import io
+    import tarfile
+    blob = os.urandom(50_000)
+    root, names = layout_dir(tmp_path, blob)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in names:
+            tar.add(str(root / name), arcname=name)
+        info = tarfile.TarInfo("blobs/sha256/" + sha(blob)[7:])    # the same blob again, other bytes
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(os.urandom(len(blob))))
+    before = store_snapshot(server.store)
+    status, body = http_import(server, buf.getvalue())
+    assert status == 400 and "does not match its digest" in json.loads(body)["error"]
+    assert store_snapshot(server.store) == before
+
+
+def test_import_adds_only_the_models_blobs_and_manifests_never_a_manifest_blob(server, two_models, tmp_path):
+    archive = tmp_path / "m.tar"
+    assert ollama.main(["export", "tiny:1", "alice/tiny:2", str(archive)]) == 0
+    with serving(other_server(tmp_path)) as b:
+        assert http_import(b, archive.read_bytes())[0] == 200
+        blobs = set()
+        for raw in two_models:
+            blobs.update("blobs/sha256-" + d[7:] for d in ollama.manifest_digests(json.loads(raw)))
+        assert {k for k in store_snapshot(b.store) if k.startswith("blobs/")} == blobs
+
+
 def test_an_import_killed_half_way_leaves_the_store_untouched(tmp_path):
     """A client that dies mid-upload, then a serve SIGKILLed mid-import: no blob or manifest enters."""
     models = tmp_path / "src"
