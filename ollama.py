@@ -8189,9 +8189,12 @@ def _paginate(req, items, path, field, extra=None):
         items = [i for i in items if i > last]
     headers = {}
     if n is not None:
-        if not n.isdigit():
+        # ASCII digits that fit an int64, as Go's strconv.Atoi takes them (int() would take "²"-free
+        # Unicode digits too, and fail with a ValueError past 4,300 digits)
+        digits = n.lstrip("0") or "0"
+        if not (n.isascii() and n.isdigit()) or len(digits) > 19 or int(digits) >= 1 << 63:
             raise RegistryError("PAGINATION_NUMBER_INVALID", "invalid number of results requested", 400)
-        n = int(n)
+        n = int(digits)
         if len(items) > n:
             items = items[:n]
             if items:
@@ -8205,18 +8208,20 @@ def parse_range(header, size):
     """(start, stop) of a single "bytes=a-b", "bytes=a-" or "bytes=-n" Range over `size` bytes; None
     to send the whole body (no header, several ranges, or one RFC 9110 says to ignore).
     RegistryError 416 when it cannot be satisfied."""
-    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", header or "")
+    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", header or "", re.ASCII)
     if not m or not (m.group(1) or m.group(2)):
         return None
-    first, last = m.group(1), m.group(2)
-    if not first:                                   # the last n bytes
-        start, stop = max(0, size - int(last)), size
-        if int(last) == 0:
+    # a number of over 19 digits is past any file's end (and int() of 4,300 digits is a ValueError)
+    first, last = [None if not x else int(x.lstrip("0") or "0") if len(x.lstrip("0")) <= 19 else 1 << 64
+                   for x in m.groups()]
+    if first is None:                               # the last n bytes
+        start, stop = max(0, size - last), size
+        if last == 0:
             start = size
     else:
-        start = int(first)
-        stop = size if not last else min(size, int(last) + 1)
-        if last and int(last) < start:
+        start = first
+        stop = size if last is None else min(size, last + 1)
+        if last is not None and last < start:
             return None                             # syntactically invalid: ignored
     if start >= size or stop <= start:
         raise RegistryError("RANGE_INVALID", "requested range not satisfiable", 416)

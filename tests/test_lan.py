@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,27 @@ def test_catalog_and_tags_list_paginate_as_the_spec_says(server, tiny):
     assert json.loads(body)["tags"] == ["3"]
     status, _h, body = get(server, "/v2/_catalog?n=x")
     assert (status, error_code(body)) == (400, "PAGINATION_NUMBER_INVALID")
+
+
+def test_over_long_or_unicode_page_sizes_are_pagination_number_invalid(server, tiny):
+    for n in ("\u00b2", "\u0663", "9" * 5000, "9223372036854775808"):
+        status, _h, body = get(server, "/v2/_catalog?n=" + urllib.parse.quote(n))
+        assert (status, error_code(body)) == (400, "PAGINATION_NUMBER_INVALID"), n[:20]
+    status, _h, body = get(server, "/v2/_catalog?n=" + "0" * 5000 + "1")          # leading zeros: 1
+    assert (status, json.loads(body)) == (200, {"repositories": ["library/tiny"]})
+
+
+def test_over_long_range_numbers_are_416_or_the_whole_blob_never_a_500(server, tiny):
+    desc = tiny[1]["layers"][0]
+    data = server.store.blob_path(desc["digest"]).read_bytes()
+    path = "/v2/library/tiny/blobs/%s" % desc["digest"]
+    for value in ("bytes=%s-" % ("9" * 5000), "bytes=%s-%s" % ("9" * 5000, "9" * 5001)):
+        status, headers, body = get(server, path, {"Range": value})
+        assert status == 416 and headers["content-range"] == "bytes */%d" % len(data)
+    for value in ("bytes=0-%s" % ("9" * 5000), "bytes=-%s" % ("9" * 5000)):
+        status, headers, body = get(server, path, {"Range": value})
+        assert (status, body) == (206, data)
+    assert ollama.parse_range("bytes=\u0661-", 10) is None                       # not an ASCII digit: ignored
 
 
 def test_manifest_by_tag_or_digest_is_the_stored_bytes_with_digest_and_type(server, tiny):
