@@ -462,6 +462,21 @@ def atomic_write(path, data, mode=0o644):
         raise
 
 
+def current_umask():
+    """The process's umask: from /proc/self/status where Linux shows it (4.7+), else set and put back
+    at once (a race only with another thread creating a file in that instant)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def flock(fd, wait=True):
     """Take an exclusive advisory lock on an open file (released when it is closed, or when its
     process dies). With wait=False, False when another open file holds it. A no-op where there
@@ -10713,7 +10728,7 @@ def _export_target(path):
     import tempfile
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".%s.tmp-" % os.path.basename(path))
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, 0o666 & ~current_umask())         # as a file created with open(2) would be (mkstemp makes 0600)
     return os.fdopen(fd, "wb"), tmp
 
 

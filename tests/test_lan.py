@@ -399,6 +399,17 @@ def test_export_writes_an_oci_layout_with_each_blob_once(server, two_models, tmp
     assert not (tmp_path / "g.tar").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_export_writes_the_archive_with_the_umask_applied(server, tiny, tmp_path, umask):
+    archive = tmp_path / "m.tar"
+    old = os.umask(umask)
+    try:
+        assert ollama.main(["export", "tiny:1", str(archive)]) == 0
+    finally:
+        os.umask(old)
+    assert archive.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_export_import_round_trip_into_a_fresh_store_is_byte_identical(server, two_models, tmp_path, monkeypatch):
     archive = tmp_path / "m.tar"
     assert ollama.main(["export", "tiny:1", "alice/tiny:2", str(archive)]) == 0
