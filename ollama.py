@@ -6290,6 +6290,8 @@ _CORS_HEADERS = ",".join(["Authorization", "Content-Type", "User-Agent", "Accept
                              "Package-Version", "Poll-Helper", "Retry-Count", "Runtime", "Runtime-Version",
                              "Timeout")])
 _CORS_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
+#: An origin as a browser sends it (RFC 6454): scheme "://" host [":" port], printable ASCII, no path.
+_ORIGIN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[!-.0-~]+\Z")
 
 
 class OllamaHandler:
@@ -6676,7 +6678,11 @@ class OllamaServer:
 
     def origin_allowed(self, origin):
         """CORS: `origin` matches OLLAMA_ORIGINS or a default; "*" allows all, and each other
-        pattern may hold one "*" (gin-contrib/cors AllowWildcard)."""
+        pattern may hold one "*" (gin-contrib/cors AllowWildcard). Only a well-formed origin
+        (scheme://host[:port], or "null") is allowed: it is echoed in a header, and a folded one
+        would carry its line break there (a forged header)."""
+        if origin != "null" and not _ORIGIN_RE.match(origin):
+            return False
         for pattern in self.origins:
             if pattern == "*" or pattern == origin:
                 return True
