@@ -6400,7 +6400,11 @@ class OllamaHandler:
         except Exception as e:                                  # a bug: report it, keep serving
             log.exception("internal error on %s %s", self.command, self.path)
             result = Response.error(500, str(e))
-        return self._send(result)
+        try:
+            return self._send(result)
+        except ConnectionError:                                 # the client hung up before its answer
+            self.close_connection = True
+            return 499
 
     def _api_key_ok(self):
         """OLLAMA_API_KEYS: the request carries one of the keys, as `Authorization: Bearer KEY` (Ollama's
@@ -6626,6 +6630,16 @@ class OllamaServer:
         finally:
             with self.connections_lock:
                 self.connections -= 1
+
+    def handle_error(self, request, client_address):
+        """An exception out of a connection's handler (socketserver prints its traceback to stderr).
+        A client that hung up or stalled is normal: one debug line, as Go's net/http logs it; any
+        other exception is our bug and keeps its traceback."""
+        e = sys.exc_info()[1]
+        if isinstance(e, (ConnectionError, socket.timeout)):
+            log.debug("connection from %s ended: %s", client_address[0], e.strerror or type(e).__name__)
+        else:
+            log.exception("internal error serving %s", client_address[0])
 
     def _refuse(self, request):
         """Answer a connection over the cap with a 503 and close it, without a thread: what the
