@@ -1396,6 +1396,16 @@ def _go_quote(s):
     return '"' + "".join(out) + '"'
 
 
+def log_value(s):
+    """A value a client chose (a path, an option key, a model or tool name) as Go's slog writes it
+    in a log line: as it is, or strconv.Quote'd when it is empty or holds a space, "=", '"' or
+    anything unprintable, so a newline cannot forge a line nor an escape sequence reach a terminal."""
+    s = str(s)
+    if s and not any(ch in ' ="' or not _is_print(ch) for ch in s):
+        return s
+    return _go_quote(s)
+
+
 def go_sprint(v, sharp=False):
     """Go's %v (or %#v with sharp=True) for JSON-decoded values: numbers, strings, bools, lists."""
     if isinstance(v, bool):
@@ -1616,7 +1626,7 @@ def parse_options(opts):
     for key, val in opts.items():
         kind = PARAMETER_TYPES.get(key)
         if kind is None:
-            log.warning("invalid option provided option=%s", key)
+            log.warning("invalid option provided option=%s", log_value(key))
             continue
         if val is None:
             continue
@@ -6349,7 +6359,7 @@ class OllamaHandler:
             self.close_connection = True
 
     def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), fmt % args)
+        log.debug("%s %s", self.address_string(), log_value(fmt % args))
 
     def _dispatch(self):
         started = time.monotonic()
@@ -6360,7 +6370,7 @@ class OllamaHandler:
                 self._finish_body()
         finally:
             log.info("| %3d | %10s | %15s | %-7s %s", status, format_duration(time.monotonic() - started),
-                     self.client_address[0], self.command, urllib.parse.urlsplit(self.path).path)
+                     self.client_address[0], self.command, log_value(urllib.parse.urlsplit(self.path).path))
 
     def _route(self):
         # Ollama's order: CORS (gin-contrib/cors) first, then the DNS-rebinding host guard.
@@ -6398,7 +6408,7 @@ class OllamaHandler:
             self.close_connection = True
             return 408
         except Exception as e:                                  # a bug: report it, keep serving
-            log.exception("internal error on %s %s", self.command, self.path)
+            log.exception("internal error on %s %s", self.command, log_value(self.path))
             result = Response.error(500, str(e))
         try:
             return self._send(result)
@@ -6503,9 +6513,9 @@ class OllamaHandler:
                     break
                 except Exception as e:
                     if not isinstance(e, OllamaError):
-                        log.exception("internal error while streaming %s", self.path)
+                        log.exception("internal error while streaming %s", log_value(self.path))
                     if sized:
-                        log.error("%s stopped short of its Content-Length: %s", self.path, e)
+                        log.error("%s stopped short of its Content-Length: %s", log_value(self.path), e)
                         self.close_connection = True
                         return 500
                     self._chunk(stream.encode(stream.error_item(str(e))))
@@ -7526,7 +7536,7 @@ def _check_think(body, model, relax=False):
         return True if think is None else think
     if think not in (None, False):
         if relax:
-            log.warning("%s does not support thinking: relaxing think to unset", body.get("model"))
+            log.warning("%s does not support thinking: relaxing think to unset", log_value(body.get("model")))
             return None
         raise BadRequest('"%s" does not support thinking' % body.get("model"))
     return think
@@ -7884,7 +7894,7 @@ def _jinja_tool_call(index, call):
         args = json.loads(call["arguments"] or "{}")
     except ValueError:
         args = {}
-        log.warning("tool call %s: arguments are not JSON: %r", call["name"], call["arguments"])
+        log.warning("tool call %s: arguments are not JSON: %s", log_value(call["name"]), log_value(call["arguments"]))
     out = {"function": {"index": index, "name": call["name"], "arguments": args}}
     if call["id"]:
         out["id"] = call["id"]
@@ -9269,7 +9279,7 @@ def _from_anthropic_tools(tools):
     out = []
     for tool in tools or []:
         if str(tool.get("type") or "").startswith("web_search"):
-            log.warning("/v1/messages: the %s server tool is not supported; left out", tool.get("type"))
+            log.warning("/v1/messages: the %s server tool is not supported; left out", log_value(tool.get("type")))
             continue
         schema = tool.get("input_schema")
         if schema is not None and not isinstance(schema, dict):
