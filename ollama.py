@@ -6591,7 +6591,8 @@ class OllamaServer:
         self.scheduler = Scheduler(config)
         self.transfers = Transfers()      # registry downloads in flight, shared per digest
         self.served_blobs = {}            # digest -> stat identity of the file whose bytes /v2 hashed and matched
-        self.verify_lock = threading.Lock()     # one blob hashed at a time for /v2 (parallel parts wait)
+        self.verify_lock = threading.Lock()     # guards served_blobs and verify_locks
+        self.verify_locks = {}            # digest -> Lock: one hash of a blob at a time (its parallel parts wait)
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -8282,13 +8283,19 @@ def _verified_blob(server, digest, f):
     with server.verify_lock:
         if server.served_blobs.get(digest) == key:
             return True
+        lock = server.verify_locks.setdefault(digest, threading.Lock())
+    with lock:                            # per digest: a big blob's first hash holds up no other blob
+        with server.verify_lock:
+            if server.served_blobs.get(digest) == key:
+                return True               # hashed by the request we waited for
         h = hashlib.sha256()
         for chunk in iter(lambda: os.read(f.fileno(), COPY_CHUNK), b""):
             h.update(chunk)
         if "sha256:" + h.hexdigest() != digest:
             log.error("blob %s does not match its digest; not serving it", digest)
             return False
-        server.served_blobs[digest] = key
+        with server.verify_lock:
+            server.served_blobs[digest] = key
         return True
 
 

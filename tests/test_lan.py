@@ -193,6 +193,39 @@ def test_blobs_outside_the_repository_partial_or_corrupt_are_never_served(server
         assert status in (400, 404) and error_code(body) in ("NAME_INVALID", "DIGEST_INVALID", "NAME_UNKNOWN")
 
 
+def test_a_big_blobs_first_hash_holds_up_no_other_blob(server, tiny, monkeypatch):
+    """A hash that takes long (a big blob's first serve) is stood in for by a read that waits."""
+    import threading
+    slow, fast = [d["digest"] for d in tiny[1]["layers"][:2]]
+    slow_path = os.path.realpath(str(server.store.blob_path(slow)))
+    hashing, release, real_read = threading.Event(), threading.Event(), os.read
+
+    def read(fd, n):
+        try:
+            target = os.readlink("/proc/self/fd/%d" % fd)
+        except OSError:
+            target = ""
+        if target == slow_path and not release.is_set():
+            hashing.set()
+            release.wait(30)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", read)
+    statuses = []
+    t = threading.Thread(target=lambda: statuses.append(get(server, "/v2/library/tiny/blobs/" + slow, method="HEAD")[0]))
+    t.start()
+    try:
+        assert hashing.wait(10)
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=5)
+        conn.request("HEAD", "/v2/library/tiny/blobs/" + fast)
+        assert conn.getresponse().status == 200                 # not held up by the other blob's hash
+        conn.close()
+    finally:
+        release.set()
+        t.join(30)
+    assert statuses == [200]
+
+
 def test_writes_are_unsupported_on_a_read_only_registry(server, tiny):
     for method, path in (("POST", "/v2/library/tiny/blobs/uploads/"), ("PUT", "/v2/library/tiny/manifests/1"),
                          ("DELETE", "/v2/library/tiny/manifests/1"), ("PATCH", "/v2/library/tiny/blobs/uploads/x")):
