@@ -212,7 +212,8 @@ def test_a_big_blobs_first_hash_holds_up_no_other_blob(server, tiny, monkeypatch
 
     monkeypatch.setattr(os, "read", read)
     statuses = []
-    t = threading.Thread(target=lambda: statuses.append(get(server, "/v2/library/tiny/blobs/" + slow, method="HEAD")[0]))
+    t = threading.Thread(target=lambda: statuses.append(
+        get(server, "/v2/library/tiny/blobs/" + slow, method="HEAD")[0]))
     t.start()
     try:
         assert hashing.wait(10)
