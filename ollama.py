@@ -512,6 +512,27 @@ def _unlink(path):
         pass
 
 
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def _parse_ip(text):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_loopback(host):
+    """True for a host that is this machine's loopback: "localhost", "" or None (the default
+    address) or a loopback IP. The one check serve (bind), the CLI (the server's host) and
+    the registry client (where OLLAMA_API_KEY may go) use."""
+    if not host or host in _LOOPBACK_NAMES:
+        return True
+    ip = _parse_ip(host)
+    return ip is not None and ip.is_loopback
+
+
 ###############################################################################
 # Names #######################################################################
 ###############################################################################
@@ -4144,7 +4165,7 @@ class RegistrySession:
                 self.auth = "Basic " + base64.b64encode(("%s:%s" % creds).encode()).decode()
                 return True
             if scheme == "bearer" and params.get("realm") == "ollama.py":    # another serve's OLLAMA_API_KEYS
-                if not self.config.api_key or self.auth:
+                if not self.config.api_key or self.auth or not self._may_send_api_key():
                     return False
                 self.auth = "Bearer " + self.config.api_key
                 return True
@@ -4152,6 +4173,15 @@ class RegistrySession:
                 return False
             self.auth = "Bearer " + self._token(params, creds)
             return True
+
+    def _may_send_api_key(self):
+        """OLLAMA_API_KEY goes only where the user sent it: a registry named in OLLAMA_REGISTRY_MIRRORS
+        (over plain HTTP if that is how it was named) or one on this machine. Any API client can name
+        a registry to pull from, and any registry can ask for the key with an "ollama.py" challenge."""
+        host = self.name.host.lower()
+        if _is_loopback(urllib.parse.urlsplit("//" + host).hostname):
+            return True
+        return host in {m.rpartition("://")[2].rstrip("/").lower() for m in self.config.mirrors}
 
     def _token(self, params, creds):
         import secrets
@@ -6285,7 +6315,6 @@ def content_length(headers):
     return int(values[0])
 
 
-_LOOPBACK_NAMES = ("localhost",)
 _DEFAULT_ORIGINS = ["http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
                     "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
                     "http://0.0.0.0", "https://0.0.0.0", "http://0.0.0.0:*", "https://0.0.0.0:*",
@@ -6766,14 +6795,6 @@ def _split_host(host_header):
     return host_header
 
 
-def _parse_ip(text):
-    import ipaddress
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
 def _go_private(ip):
     """Go's netip.Addr.IsPrivate: RFC 1918 and RFC 4193 only (Python's is_private is much wider)."""
     import ipaddress
@@ -6787,15 +6808,6 @@ def _local_addresses():
         return {info[4][0].lower() for info in socket.getaddrinfo(socket.gethostname(), None)}
     except OSError:
         return set()
-
-
-def _is_loopback(host):
-    """True for a host that is this machine's loopback: "localhost", "" or None (the default
-    address) or a loopback IP. The one check serve (bind) and the CLI (the server's host) use."""
-    if not host or host in _LOOPBACK_NAMES:
-        return True
-    ip = _parse_ip(host)
-    return ip is not None and ip.is_loopback
 
 
 def listen_backlog():

@@ -275,6 +275,35 @@ def test_lan_pull_from_a_keyed_serve_sends_the_pulling_serves_key(tmp_path):
             assert b.store.get(name)[1] == raw
 
 
+def this_machines_lan_address():
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.123", 9))                 # no packet is sent: it picks the outgoing address
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
+def test_the_api_key_goes_only_to_mirrors_and_loopback_registries_never_to_any_that_asks(tmp_path):
+    lan = this_machines_lan_address()
+    if lan is None or ollama._is_loopback(lan):
+        pytest.skip("this machine has no non-loopback address to serve a registry on")
+    environ = {"HOME": str(tmp_path / "a"), "OLLAMA_MODELS": str(tmp_path / "a" / "models"),
+               "OLLAMA_API_KEYS": "lan-key"}
+    a = ollama.make_server(ollama.Config(environ), "0.0.0.0", 0)
+    raw = put_model(a.store, "tiny:1", [(tiny_gguf(), MODEL_MEDIA)])
+    with serving(a):
+        host = "%s:%d" % (lan, a.server_port)
+        with serving(other_server(tmp_path, "b", OLLAMA_API_KEY="lan-key")) as b:     # a registry a client named
+            with pytest.raises(ollama.Unauthorized):
+                ollama.pull_model(b.store, b.transfers, b.config, host + "/library/tiny:1", insecure=True)
+            assert b.store.resolve(ollama.Name.parse(host + "/library/tiny:1")) is None
+        with serving(other_server(tmp_path, "c", OLLAMA_API_KEY="lan-key", OLLAMA_REGISTRY_MIRRORS=host)) as c:
+            ollama.pull_model(c.store, c.transfers, c.config, "tiny:1")             # the mirror the user named
+            assert c.store.get("tiny:1")[1] == raw
+
+
 @pytest.fixture
 def serve_a(tmp_path, gemma_gguf):
     """`ollama.py serve` A (a subprocess) whose store holds Gemma 3 270M as gemma3:270m: (env, store)."""
