@@ -6973,7 +6973,8 @@ def socket_owner(peer, local):
 
 
 def _import_local_blob(store, src, digest):
-    """Link (or copy) a local file into blobs/ under `digest`, re-hashed; BadRequest on mismatch."""
+    """Link (or copy) a local file into blobs/ under `digest`, re-hashed; BadRequest on mismatch.
+    Only a file the server's user owns and no group or other may write is linked."""
     import secrets
     if not os.path.isabs(src):
         raise BadRequest("X-Ollama-Path must be an absolute path")
@@ -6994,7 +6995,12 @@ def _import_local_blob(store, src, digest):
         if linked:
             owner = open(str(tmp), "rb")          # locked while hashed: Store.clean leaves it
             flock(owner.fileno())
-        else:
+            st = os.fstat(owner.fileno())         # the inode linked, not what src names by now
+            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                owner.close()                     # another user could rewrite it under its digest's name
+                owner, linked = None, False       # later: copied, as Ollama always does
+                _unlink(tmp)
+        if not linked:
             with open(src, "rb") as f:
                 try:
                     store.write_blob(f, expected=digest)       # streamed copy, verified
