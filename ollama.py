@@ -5292,10 +5292,10 @@ class _Wire:
         return cls(sock)
 
     @classmethod
-    def post(cls, port, path, body):
-        """request() of POST `path` with the JSON `body` to 127.0.0.1:`port` (a runner)."""
+    def post(cls, port, path, body, key):
+        """request() of POST `path` with the JSON `body` to 127.0.0.1:`port` (a runner whose API key is `key`)."""
         return cls.request("127.0.0.1", port, "POST", path, json_dumps(body).encode(),
-                           {"Content-Type": "application/json"})
+                           {"Content-Type": "application/json", "Authorization": "Bearer " + key})
 
     def close(self):
         self.sock.close()
@@ -5384,6 +5384,9 @@ class Runner:
         self.spawn = spawn or popen_tied      # Spawner.popen in serve: see its docstring
         self.num_ctx, self.parallel = num_ctx, max(1, parallel)
         self.port = free_port()
+        # anyone on this machine can reach 127.0.0.1: the child answers only this key (OLLAMA_API_KEYS
+        # is not bypassed), given in its environment, which ps does not show, unlike its argv
+        self.api_key = secrets.token_urlsafe(32)
         self.log_path = log_path
         args = [exe, "--model", self.model_path, "--host", "127.0.0.1", "--port", str(self.port),
                 "--no-webui", "--offline", "--ctx-size", str(num_ctx * self.parallel),
@@ -5428,7 +5431,9 @@ class Runner:
             if self._stopped_early:           # stop() came first (serve is shutting down)
                 self._close_log()
                 raise OllamaError("server is shutting down")
-            env = dict(os.environ, LLAMA_MEDIA_MARKER=self.media_marker) if self.media_marker else None
+            env = dict(os.environ, LLAMA_API_KEY=self.api_key)      # --api-key's variable (llama.cpp arg.cpp)
+            if self.media_marker:
+                env["LLAMA_MEDIA_MARKER"] = self.media_marker
             self.proc = self.spawn(self.args, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
                                    stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
@@ -5525,8 +5530,8 @@ class Runner:
         """(status, JSON answer) of one request to the runner; OSError, EOFError or IndexError when
         there is no HTTP answer, ValueError when it is not JSON."""
         data = json_dumps(body).encode() if body is not None else None
-        wire = _Wire.request("127.0.0.1", self.port, method, path, data, {"Content-Type": "application/json"},
-                             timeout)
+        wire = _Wire.request("127.0.0.1", self.port, method, path, data, {
+            "Content-Type": "application/json", "Authorization": "Bearer " + self.api_key}, timeout)
         try:
             return wire.json()
         finally:
@@ -5550,7 +5555,7 @@ class Runner:
         Read from the raw socket (_Wire), not http.client: its chunked readline costs a dozen Python
         calls per token on a path that runs once per token, on the cores llama-server computes on."""
         try:
-            wire = _Wire.post(self.port, path, dict(payload, stream=True))
+            wire = _Wire.post(self.port, path, dict(payload, stream=True), self.api_key)
         except OSError:
             raise self._stopped() from None
         try:
@@ -5601,7 +5606,7 @@ class Runner:
         be sent. llama-server tokenizes on its HTTP threads, not in the generating slot, so asked as a
         stream starts, the answer is waiting in the socket when the stream ends."""
         try:
-            return _Wire.post(self.port, "/tokenize", {"content": text, "add_special": False})
+            return _Wire.post(self.port, "/tokenize", {"content": text, "add_special": False}, self.api_key)
         except OSError:
             return None
 
