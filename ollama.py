@@ -11365,9 +11365,11 @@ def _serve_from_bytecode(argv):
     if head[:4] != importlib.util.MAGIC_NUMBER or head[4:16] != struct.pack(
             "<III", 0, int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF):
         return                                              # stale, or hash-based: not worth checking here
-    code = "import sys; sys.path.insert(0, sys.argv.pop(1)); import ollama; sys.exit(ollama.main())"
+    # the script's own path stays in argv, so ps shows ".../ollama.py serve" (pgrep -f "ollama.py serve")
+    code = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); import ollama; "
+            "sys.exit(ollama.main())")
     try:
-        os.execv(sys.executable, [sys.executable] + flags() + ["-c", code, os.path.dirname(path)] + argv)
+        os.execv(sys.executable, [sys.executable] + flags() + ["-c", code, path] + argv)
     except OSError:
         return
 
