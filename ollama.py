@@ -6393,7 +6393,8 @@ class OllamaHandler:
             self.close_connection = True
 
     def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), log_value(fmt % args))
+        text = fmt % args                            # http.server's lines hold the raw request line
+        log.debug("%s %s", self.address_string(), text if text.isprintable() else log_value(text))
 
     def _dispatch(self):
         started = time.monotonic()
