@@ -19,6 +19,7 @@ ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lin
     Config         defaults (one per line, with units); Config: the OLLAMA_* environment, read once
     Errors         OllamaError and its subclasses, each with the HTTP `status` it is answered with
     Utilities      Go durations, human sizes and times, RFC 3339, JSON as Go writes it, files
+                   (atomic writes, locks, the umask), loopback hosts
     Names          Name: host/namespace/model:tag as Ollama parses, displays and compares them
     Store          Store: ~/.ollama/models (blobs/sha256-*, manifests/...), its lock, atomic writes
     GGUF           GGUF headers (architecture, context, chat template, vocabulary); tiny writers
