@@ -478,6 +478,27 @@ def current_umask():
     return mask
 
 
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def _parse_ip(text):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_loopback(host):
+    """True for a host that is this machine's loopback: "localhost", "" or None (the default
+    address) or a loopback IP. The one check serve (bind), the CLI (the server's host) and
+    the registry client (where OLLAMA_API_KEY may go) use."""
+    if not host or host in _LOOPBACK_NAMES:
+        return True
+    ip = _parse_ip(host)
+    return ip is not None and ip.is_loopback
+
+
 def flock(fd, wait=True):
     """Take an exclusive advisory lock on an open file (released when it is closed, or when its
     process dies). With wait=False, False when another open file holds it. A no-op where there
@@ -511,27 +532,6 @@ def _unlink(path):
         os.unlink(str(path))
     except FileNotFoundError:
         pass
-
-
-_LOOPBACK_NAMES = ("localhost",)
-
-
-def _parse_ip(text):
-    import ipaddress
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _is_loopback(host):
-    """True for a host that is this machine's loopback: "localhost", "" or None (the default
-    address) or a loopback IP. The one check serve (bind), the CLI (the server's host) and
-    the registry client (where OLLAMA_API_KEY may go) use."""
-    if not host or host in _LOOPBACK_NAMES:
-        return True
-    ip = _parse_ip(host)
-    return ip is not None and ip.is_loopback
 
 
 ###############################################################################
