@@ -20,6 +20,7 @@ ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lin
     Config         defaults (one per line, with units); Config: the OLLAMA_* environment, read once
     Errors         OllamaError and its subclasses, each with the HTTP `status` it is answered with
     Utilities      Go durations, human sizes and times, RFC 3339, JSON as Go writes it, files
+                   (atomic writes, locks, the umask), loopback hosts
     Names          Name: host/namespace/model:tag as Ollama parses, displays and compares them
     Store          Store: ~/.ollama/models (blobs/sha256-*, manifests/...), its lock, atomic writes
     GGUF           GGUF headers (architecture, context, chat template, vocabulary); tiny writers;
@@ -478,6 +479,42 @@ def atomic_write(path, data, mode=0o644):
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def current_umask():
+    """The process's umask: from /proc/self/status where Linux shows it (4.7+), else set and put back
+    at once (a race only with another thread creating a file in that instant)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def _parse_ip(text):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_loopback(host):
+    """True for a host that is this machine's loopback: "localhost", "" or None (the default
+    address) or a loopback IP. The one check serve (bind), the CLI (the server's host) and
+    the registry client (where OLLAMA_API_KEY may go) use."""
+    if not host or host in _LOOPBACK_NAMES:
+        return True
+    ip = _parse_ip(host)
+    return ip is not None and ip.is_loopback
 
 
 def flock(fd, wait=True):
@@ -1936,6 +1973,16 @@ def _go_quote(s):
     return '"' + "".join(out) + '"'
 
 
+def log_value(s):
+    """A value a client chose (a path, an option key, a model or tool name) as Go's slog writes it
+    in a log line: as it is, or strconv.Quote'd when it is empty or holds a space, "=", '"' or
+    anything unprintable, so a newline cannot forge a line nor an escape sequence reach a terminal."""
+    s = str(s)
+    if s and not any(ch in ' ="' or not _is_print(ch) for ch in s):
+        return s
+    return _go_quote(s)
+
+
 def go_sprint(v, sharp=False):
     """Go's %v (or %#v with sharp=True) for JSON-decoded values: numbers, strings, bools, lists."""
     if isinstance(v, bool):
@@ -2156,7 +2203,7 @@ def parse_options(opts):
     for key, val in opts.items():
         kind = PARAMETER_TYPES.get(key)
         if kind is None:
-            log.warning("invalid option provided option=%s", key)
+            log.warning("invalid option provided option=%s", log_value(key))
             continue
         if val is None:
             continue
@@ -4704,7 +4751,7 @@ class RegistrySession:
                 self.auth = "Basic " + base64.b64encode(("%s:%s" % creds).encode()).decode()
                 return True
             if scheme == "bearer" and params.get("realm") == "ollama.py":    # another serve's OLLAMA_API_KEYS
-                if not self.config.api_key or self.auth:
+                if not self.config.api_key or self.auth or not self._may_send_api_key():
                     return False
                 self.auth = "Bearer " + self.config.api_key
                 return True
@@ -4712,6 +4759,15 @@ class RegistrySession:
                 return False
             self.auth = "Bearer " + self._token(params, creds)
             return True
+
+    def _may_send_api_key(self):
+        """OLLAMA_API_KEY goes only where the user sent it: a registry named in OLLAMA_REGISTRY_MIRRORS
+        (over plain HTTP if that is how it was named) or one on this machine. Any API client can name
+        a registry to pull from, and any registry can ask for the key with an "ollama.py" challenge."""
+        host = self.name.host.lower()
+        if _is_loopback(urllib.parse.urlsplit("//" + host).hostname):
+            return True
+        return host in {m.rpartition("://")[2].rstrip("/").lower() for m in self.config.mirrors}
 
     def _token(self, params, creds):
         import secrets
@@ -5287,6 +5343,7 @@ OCI_REF_NAME = "org.opencontainers.image.ref.name"
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 TAR_BLOCK = 512                      # bytes; tar pads every member to a whole block
 ARCHIVE_META_MAX = 4 << 20           # bytes; the most index.json, oci-layout or a manifest may be
+ARCHIVE_HEADER_MAX = 1 << 20         # bytes; the most a PAX or GNU long-name header may be (tarfile reads it whole)
 _ARCHIVE_BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 
 
@@ -5353,6 +5410,31 @@ def archive_chunks(members, progress=None):
     yield b"\0" * (2 * TAR_BLOCK)
 
 
+def _archive_tarinfo():
+    """A tarfile.TarInfo class for reading archives we did not write: it refuses, as BadRequest and
+    before tarfile acts on them, extension headers over ARCHIVE_HEADER_MAX (tarfile reads them into
+    memory whole) and sparse members (tarfile expands their holes: a few KB sent would write GBs;
+    an OCI layout never holds one). The hooks are tarfile's own dispatch methods, the same 3.9-3.13."""
+    import tarfile
+
+    def sparse(*_args):
+        raise BadRequest("refusing archive: it holds a sparse member, which an OCI image layout never does")
+
+    class ArchiveTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tar):
+            if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > ARCHIVE_HEADER_MAX:
+                raise BadRequest("refusing archive: a %d-byte extension header (the most is %d)"
+                                 % (self.size, ARCHIVE_HEADER_MAX))
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                sparse()
+            return super()._proc_member(tar)
+
+        _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = sparse   # PAX sparse 0.0, 0.1, 1.0
+
+    return ArchiveTarInfo
+
+
 def _archive_member_name(member):
     """The member's path, or BadRequest for anything an OCI layout must not hold: absolute paths,
     "..", links, devices, fifos."""
@@ -5361,6 +5443,8 @@ def _archive_member_name(member):
         name = name[2:]
     if name.startswith("/") or ".." in name.split("/") or "\\" in name:
         raise BadRequest("refusing archive member %s: it points outside the archive" % json.dumps(member.name))
+    if member.issparse() or any(k.startswith("GNU.sparse.") for k in member.pax_headers):
+        raise BadRequest("refusing archive member %s: it is sparse" % json.dumps(member.name))
     if not (member.isreg() or member.isdir()):
         kind = "a link" if member.issym() or member.islnk() else "a device or fifo"
         raise BadRequest("refusing archive member %s: it is %s" % (json.dumps(member.name), kind))
@@ -5377,21 +5461,23 @@ class _Staged:
     def add_blob(self, digest, reader, size, progress):
         import hashlib
         f, tmp = self.store.temp_blob()
-        self.files.setdefault(digest, (f, tmp, size))
-        h, left = hashlib.sha256(), size
-        while left:
-            chunk = reader.read(min(COPY_CHUNK, left))
-            if not chunk:
-                raise BadRequest("archive is truncated: blob %s ends early" % digest[7:19])
-            h.update(chunk)
-            f.write(chunk)
-            left -= len(chunk)
-            progress(len(chunk))
-        if "sha256:" + h.hexdigest() != digest:
-            raise BadRequest("archive blob %s does not match its digest" % digest[7:19])
-        if self.files[digest][1] != tmp:                       # a duplicate member: keep the first
-            f.close()
-            _unlink(tmp)
+        first = self.files.setdefault(digest, (f, tmp, size))[1] == tmp
+        try:
+            h, left = hashlib.sha256(), size
+            while left:
+                chunk = reader.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise BadRequest("archive is truncated: blob %s ends early" % digest[7:19])
+                h.update(chunk)
+                f.write(chunk)
+                left -= len(chunk)
+                progress(len(chunk))
+            if "sha256:" + h.hexdigest() != digest:
+                raise BadRequest("archive blob %s does not match its digest" % digest[7:19])
+        finally:
+            if not first:                                      # a duplicate member: keep the first; discard
+                f.close()                                      # only knows the first, so this one goes now
+                _unlink(tmp)
 
     def read(self, digest):
         f, _tmp, size = self.files[digest]
@@ -5424,7 +5510,6 @@ def import_archive(store, stream, name=None, progress=None):
     manifest enters the store: a truncated, hostile or inconsistent archive raises BadRequest and
     leaves the store as it was. `name` names the model of a one-model archive (else its ref.name).
     progress(bytes) reports the blob bytes read so far."""
-    import hashlib
     import tarfile  # see _tar_header
     progress = progress or (lambda n: None)
     staged, state = _Staged(store), {"read": 0}
@@ -5435,7 +5520,7 @@ def import_archive(store, stream, name=None, progress=None):
 
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_archive_tarinfo()) as tar:
                 for member in tar:
                     path = _archive_member_name(member)
                     if member.isdir():
@@ -5455,9 +5540,8 @@ def import_archive(store, stream, name=None, progress=None):
             raise BadRequest("archive is not a complete tar: %s" % e) from None
         models = _archive_models(staged, name)
         with store.lock:
-            needed = set()
-            for _n, raw, manifest in models:
-                needed.add("sha256:" + hashlib.sha256(raw).hexdigest())
+            needed = set()                   # the layers and configs: manifests live under manifests/ only
+            for _n, _raw, manifest in models:
                 needed.update(d for d in manifest_digests(manifest) if d in staged.files)
             staged.commit(sorted(needed))
             for n, raw, _manifest in models:
@@ -5795,10 +5879,10 @@ class _Wire:
         return cls(sock)
 
     @classmethod
-    def post(cls, port, path, body):
-        """request() of POST `path` with the JSON `body` to 127.0.0.1:`port` (a runner)."""
+    def post(cls, port, path, body, key):
+        """request() of POST `path` with the JSON `body` to 127.0.0.1:`port` (a runner whose API key is `key`)."""
         return cls.request("127.0.0.1", port, "POST", path, json_dumps(body).encode(),
-                           {"Content-Type": "application/json"})
+                           {"Content-Type": "application/json", "Authorization": "Bearer " + key})
 
     def close(self):
         self.sock.close()
@@ -5887,6 +5971,9 @@ class Runner:
         self.spawn = spawn or popen_tied      # Spawner.popen in serve: see its docstring
         self.num_ctx, self.parallel = num_ctx, max(1, parallel)
         self.port = free_port()
+        # anyone on this machine can reach 127.0.0.1: the child answers only this key (OLLAMA_API_KEYS
+        # is not bypassed), given in its environment, which ps does not show, unlike its argv
+        self.api_key = secrets.token_urlsafe(32)
         self.log_path = log_path
         # An embedding input must fit one physical batch, and llama-server refuses a prompt that fills
         # its context exactly (it keeps a cell for a generated token): one spare cell, so an input cut
@@ -5937,7 +6024,9 @@ class Runner:
             if self._stopped_early:           # stop() came first (serve is shutting down)
                 self._close_log()
                 raise OllamaError("server is shutting down")
-            env = dict(os.environ, LLAMA_MEDIA_MARKER=self.media_marker) if self.media_marker else None
+            env = dict(os.environ, LLAMA_API_KEY=self.api_key)      # --api-key's variable (llama.cpp arg.cpp)
+            if self.media_marker:
+                env["LLAMA_MEDIA_MARKER"] = self.media_marker
             self.proc = self.spawn(self.args, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
                                    stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
@@ -6034,8 +6123,8 @@ class Runner:
         """(status, JSON answer) of one request to the runner; OSError, EOFError or IndexError when
         there is no HTTP answer, ValueError when it is not JSON."""
         data = json_dumps(body).encode() if body is not None else None
-        wire = _Wire.request("127.0.0.1", self.port, method, path, data, {"Content-Type": "application/json"},
-                             timeout)
+        wire = _Wire.request("127.0.0.1", self.port, method, path, data, {
+            "Content-Type": "application/json", "Authorization": "Bearer " + self.api_key}, timeout)
         try:
             return wire.json()
         finally:
@@ -6059,7 +6148,7 @@ class Runner:
         Read from the raw socket (_Wire), not http.client: its chunked readline costs a dozen Python
         calls per token on a path that runs once per token, on the cores llama-server computes on."""
         try:
-            wire = _Wire.post(self.port, path, dict(payload, stream=True))
+            wire = _Wire.post(self.port, path, dict(payload, stream=True), self.api_key)
         except OSError:
             raise self._stopped() from None
         try:
@@ -6110,7 +6199,7 @@ class Runner:
         be sent. llama-server tokenizes on its HTTP threads, not in the generating slot, so asked as a
         stream starts, the answer is waiting in the socket when the stream ends."""
         try:
-            return _Wire.post(self.port, "/tokenize", {"content": text, "add_special": False})
+            return _Wire.post(self.port, "/tokenize", {"content": text, "add_special": False}, self.api_key)
         except OSError:
             return None
 
@@ -6927,7 +7016,6 @@ def content_length(headers):
     return int(values[0])
 
 
-_LOOPBACK_NAMES = ("localhost",)
 _DEFAULT_ORIGINS = ["http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
                     "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
                     "http://0.0.0.0", "https://0.0.0.0", "http://0.0.0.0:*", "https://0.0.0.0:*",
@@ -6942,6 +7030,8 @@ _CORS_HEADERS = ",".join(["Authorization", "Content-Type", "User-Agent", "Accept
                              "Package-Version", "Poll-Helper", "Retry-Count", "Runtime", "Runtime-Version",
                              "Timeout")])
 _CORS_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
+#: An origin as a browser sends it (RFC 6454): scheme "://" host [":" port], printable ASCII, no path.
+_ORIGIN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[!-.0-~]+\Z")
 
 
 class OllamaHandler:
@@ -6999,7 +7089,8 @@ class OllamaHandler:
             self.close_connection = True
 
     def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), fmt % args)
+        text = fmt % args                            # http.server's lines hold the raw request line
+        log.debug("%s %s", self.address_string(), text if text.isprintable() else log_value(text))
 
     def _dispatch(self):
         started = time.monotonic()
@@ -7010,7 +7101,7 @@ class OllamaHandler:
                 self._finish_body()
         finally:
             log.info("| %3d | %10s | %15s | %-7s %s", status, format_duration(time.monotonic() - started),
-                     self.client_address[0], self.command, urllib.parse.urlsplit(self.path).path)
+                     self.client_address[0], self.command, log_value(urllib.parse.urlsplit(self.path).path))
 
     def _route(self):
         # Ollama's order: CORS (gin-contrib/cors) first, then the DNS-rebinding host guard.
@@ -7048,9 +7139,13 @@ class OllamaHandler:
             self.close_connection = True
             return 408
         except Exception as e:                                  # a bug: report it, keep serving
-            log.exception("internal error on %s %s", self.command, self.path)
+            log.exception("internal error on %s %s", self.command, log_value(self.path))
             result = Response.error(500, str(e))
-        return self._send(result)
+        try:
+            return self._send(result)
+        except ConnectionError:                                 # the client hung up before its answer
+            self.close_connection = True
+            return 499
 
     def _api_key_ok(self):
         """OLLAMA_API_KEYS: the request carries one of the keys, as `Authorization: Bearer KEY` (Ollama's
@@ -7149,9 +7244,9 @@ class OllamaHandler:
                     break
                 except Exception as e:
                     if not isinstance(e, OllamaError):
-                        log.exception("internal error while streaming %s", self.path)
+                        log.exception("internal error while streaming %s", log_value(self.path))
                     if sized:
-                        log.error("%s stopped short of its Content-Length: %s", self.path, e)
+                        log.error("%s stopped short of its Content-Length: %s", log_value(self.path), e)
                         self.close_connection = True
                         return 500
                     self._chunk(stream.encode(stream.error_item(str(e))))
@@ -7227,7 +7322,8 @@ class OllamaServer:
         self.scheduler = Scheduler(config)
         self.transfers = Transfers()      # registry downloads in flight, shared per digest
         self.served_blobs = {}            # digest -> stat identity of the file whose bytes /v2 hashed and matched
-        self.verify_lock = threading.Lock()     # one blob hashed at a time for /v2 (parallel parts wait)
+        self.verify_lock = threading.Lock()     # guards served_blobs and verify_locks
+        self.verify_locks = {}            # digest -> Lock: one hash of a blob at a time (its parallel parts wait)
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -7276,6 +7372,16 @@ class OllamaServer:
         finally:
             with self.connections_lock:
                 self.connections -= 1
+
+    def handle_error(self, request, client_address):
+        """An exception out of a connection's handler (socketserver prints its traceback to stderr).
+        A client that hung up or stalled is normal: one debug line, as Go's net/http logs it; any
+        other exception is our bug and keeps its traceback."""
+        e = sys.exc_info()[1]
+        if isinstance(e, (ConnectionError, socket.timeout)):
+            log.debug("connection from %s ended: %s", client_address[0], e.strerror or type(e).__name__)
+        else:
+            log.exception("internal error serving %s", client_address[0])
 
     def _refuse(self, request):
         """Answer a connection over the cap with a 503 and close it, without a thread: what the
@@ -7328,7 +7434,11 @@ class OllamaServer:
 
     def origin_allowed(self, origin):
         """CORS: `origin` matches OLLAMA_ORIGINS or a default; "*" allows all, and each other
-        pattern may hold one "*" (gin-contrib/cors AllowWildcard)."""
+        pattern may hold one "*" (gin-contrib/cors AllowWildcard). Only a well-formed origin
+        (scheme://host[:port], or "null") is allowed: it is echoed in a header, and a folded one
+        would carry its line break there (a forged header)."""
+        if origin != "null" and not _ORIGIN_RE.match(origin):
+            return False
         for pattern in self.origins:
             if pattern == "*" or pattern == origin:
                 return True
@@ -7387,14 +7497,6 @@ def _split_host(host_header):
     return host_header
 
 
-def _parse_ip(text):
-    import ipaddress
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
 def _go_private(ip):
     """Go's netip.Addr.IsPrivate: RFC 1918 and RFC 4193 only (Python's is_private is much wider)."""
     import ipaddress
@@ -7408,15 +7510,6 @@ def _local_addresses():
         return {info[4][0].lower() for info in socket.getaddrinfo(socket.gethostname(), None)}
     except OSError:
         return set()
-
-
-def _is_loopback(host):
-    """True for a host that is this machine's loopback: "localhost", "" or None (the default
-    address) or a loopback IP. The one check serve (bind) and the CLI (the server's host) use."""
-    if not host or host in _LOOPBACK_NAMES:
-        return True
-    ip = _parse_ip(host)
-    return ip is not None and ip.is_loopback
 
 
 def listen_backlog():
@@ -7583,7 +7676,8 @@ def socket_owner(peer, local):
 
 
 def _import_local_blob(store, src, digest):
-    """Link (or copy) a local file into blobs/ under `digest`, re-hashed; BadRequest on mismatch."""
+    """Link (or copy) a local file into blobs/ under `digest`, re-hashed; BadRequest on mismatch.
+    Only a file the server's user owns and no group or other may write is linked."""
     import secrets
     if not os.path.isabs(src):
         raise BadRequest("X-Ollama-Path must be an absolute path")
@@ -7604,7 +7698,12 @@ def _import_local_blob(store, src, digest):
         if linked:
             owner = open(str(tmp), "rb")          # locked while hashed: Store.clean leaves it
             flock(owner.fileno())
-        else:
+            st = os.fstat(owner.fileno())         # the inode linked, not what src names by now
+            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                owner.close()                     # another user could rewrite it under its digest's name
+                owner, linked = None, False       # later: copied, as Ollama always does
+                _unlink(tmp)
+        if not linked:
             with open(src, "rb") as f:
                 try:
                     store.write_blob(f, expected=digest)       # streamed copy, verified
@@ -8165,7 +8264,7 @@ def _check_think(body, model, relax=False):
         return True if think is None else think
     if think not in (None, False):
         if relax:
-            log.warning("%s does not support thinking: relaxing think to unset", body.get("model"))
+            log.warning("%s does not support thinking: relaxing think to unset", log_value(body.get("model")))
             return None
         raise BadRequest('"%s" does not support thinking' % body.get("model"))
     return think
@@ -8537,7 +8636,7 @@ def _jinja_tool_call(index, call):
         args = json.loads(call["arguments"] or "{}")
     except ValueError:
         args = {}
-        log.warning("tool call %s: arguments are not JSON: %r", call["name"], call["arguments"])
+        log.warning("tool call %s: arguments are not JSON: %s", log_value(call["name"]), log_value(call["arguments"]))
     out = {"function": {"index": index, "name": call["name"], "arguments": args}}
     if call["id"]:
         out["id"] = call["id"]
@@ -8881,9 +8980,12 @@ def _paginate(req, items, path, field, extra=None):
         items = [i for i in items if i > last]
     headers = {}
     if n is not None:
-        if not n.isdigit():
+        # ASCII digits that fit an int64, as Go's strconv.Atoi takes them (int() would take "²"-free
+        # Unicode digits too, and fail with a ValueError past 4,300 digits)
+        digits = n.lstrip("0") or "0"
+        if not (n.isascii() and n.isdigit()) or len(digits) > 19 or int(digits) >= 1 << 63:
             raise RegistryError("PAGINATION_NUMBER_INVALID", "invalid number of results requested", 400)
-        n = int(n)
+        n = int(digits)
         if len(items) > n:
             items = items[:n]
             if items:
@@ -8897,18 +8999,20 @@ def parse_range(header, size):
     """(start, stop) of a single "bytes=a-b", "bytes=a-" or "bytes=-n" Range over `size` bytes; None
     to send the whole body (no header, several ranges, or one RFC 9110 says to ignore).
     RegistryError 416 when it cannot be satisfied."""
-    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", header or "")
+    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", header or "", re.ASCII)
     if not m or not (m.group(1) or m.group(2)):
         return None
-    first, last = m.group(1), m.group(2)
-    if not first:                                   # the last n bytes
-        start, stop = max(0, size - int(last)), size
-        if int(last) == 0:
+    # a number of over 19 digits is past any file's end (and int() of 4,300 digits is a ValueError)
+    first, last = [None if not x else int(x.lstrip("0") or "0") if len(x.lstrip("0")) <= 19 else 1 << 64
+                   for x in m.groups()]
+    if first is None:                               # the last n bytes
+        start, stop = max(0, size - last), size
+        if last == 0:
             start = size
     else:
-        start = int(first)
-        stop = size if not last else min(size, int(last) + 1)
-        if last and int(last) < start:
+        start = first
+        stop = size if last is None else min(size, last + 1)
+        if last is not None and last < start:
             return None                             # syntactically invalid: ignored
     if start >= size or stop <= start:
         raise RegistryError("RANGE_INVALID", "requested range not satisfiable", 416)
@@ -8924,13 +9028,19 @@ def _verified_blob(server, digest, f):
     with server.verify_lock:
         if server.served_blobs.get(digest) == key:
             return True
+        lock = server.verify_locks.setdefault(digest, threading.Lock())
+    with lock:                            # per digest: a big blob's first hash holds up no other blob
+        with server.verify_lock:
+            if server.served_blobs.get(digest) == key:
+                return True               # hashed by the request we waited for
         h = hashlib.sha256()
         for chunk in iter(lambda: os.read(f.fileno(), COPY_CHUNK), b""):
             h.update(chunk)
         if "sha256:" + h.hexdigest() != digest:
             log.error("blob %s does not match its digest; not serving it", digest)
             return False
-        server.served_blobs[digest] = key
+        with server.verify_lock:
+            server.served_blobs[digest] = key
         return True
 
 
@@ -9921,7 +10031,7 @@ def _from_anthropic_tools(tools):
     out = []
     for tool in tools or []:
         if str(tool.get("type") or "").startswith("web_search"):
-            log.warning("/v1/messages: the %s server tool is not supported; left out", tool.get("type"))
+            log.warning("/v1/messages: the %s server tool is not supported; left out", log_value(tool.get("type")))
             continue
         schema = tool.get("input_schema")
         if schema is not None and not isinstance(schema, dict):
@@ -11643,7 +11753,7 @@ def _export_target(path):
     import tempfile
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".%s.tmp-" % os.path.basename(path))
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, 0o666 & ~current_umask())         # as a file created with open(2) would be (mkstemp makes 0600)
     return os.fdopen(fd, "wb"), tmp
 
 
@@ -12225,9 +12335,11 @@ def _serve_from_bytecode(argv):
     if head[:4] != importlib.util.MAGIC_NUMBER or head[4:16] != struct.pack(
             "<III", 0, int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF):
         return                                              # stale, or hash-based: not worth checking here
-    code = "import sys; sys.path.insert(0, sys.argv.pop(1)); import ollama; sys.exit(ollama.main())"
+    # the script's own path stays in argv, so ps shows ".../ollama.py serve" (pgrep -f "ollama.py serve")
+    code = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); import ollama; "
+            "sys.exit(ollama.main())")
     try:
-        os.execv(sys.executable, [sys.executable] + flags() + ["-c", code, os.path.dirname(path)] + argv)
+        os.execv(sys.executable, [sys.executable] + flags() + ["-c", code, path] + argv)
     except OSError:
         return
 

@@ -147,6 +147,40 @@ def test_500_idle_connections_do_not_starve_a_request(server):
             s.close()
 
 
+def test_clients_that_hang_up_are_a_debug_line_not_a_traceback(server, capfd, caplog):
+    import struct
+    caplog.set_level("DEBUG", logger="ollama")
+    socks = []
+    for i in range(40):
+        s = socket.create_connection(("127.0.0.1", server.server_port), timeout=10)
+        s.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        if i % 2:
+            s.recv(65536)                                # answered: the server waits for the next request
+        socks.append(s)
+    time.sleep(0.3)
+    for s in socks:                                      # hang up with a reset, as a killed client does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    deadline = time.monotonic() + 10
+    while server.connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.connections == 0
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 30]
+    assert any("connection from 127.0.0.1 ended" in r.getMessage() for r in caplog.records)
+
+
+def test_request_paths_are_quoted_in_the_access_log_so_escapes_never_reach_a_terminal(server, caplog):
+    caplog.set_level("DEBUG", logger="ollama")
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
+        s.sendall(b"GET /api/\x1b[2J\x07x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        while s.recv(65536):
+            pass
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert '"/api/\\x1b[2J\\ax"' in text
+    assert "\x1b" not in text and "\x07" not in text
+
+
 def test_a_connection_that_sends_nothing_is_closed_after_the_idle_timeout(server, monkeypatch):
     monkeypatch.setattr(ollama, "IDLE_TIMEOUT", 0.2)
     s = socket.create_connection(("127.0.0.1", server.server_port), timeout=30)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,27 @@ def test_catalog_and_tags_list_paginate_as_the_spec_says(server, tiny):
     assert json.loads(body)["tags"] == ["3"]
     status, _h, body = get(server, "/v2/_catalog?n=x")
     assert (status, error_code(body)) == (400, "PAGINATION_NUMBER_INVALID")
+
+
+def test_over_long_or_unicode_page_sizes_are_pagination_number_invalid(server, tiny):
+    for n in ("\u00b2", "\u0663", "9" * 5000, "9223372036854775808"):
+        status, _h, body = get(server, "/v2/_catalog?n=" + urllib.parse.quote(n))
+        assert (status, error_code(body)) == (400, "PAGINATION_NUMBER_INVALID"), n[:20]
+    status, _h, body = get(server, "/v2/_catalog?n=" + "0" * 5000 + "1")          # leading zeros: 1
+    assert (status, json.loads(body)) == (200, {"repositories": ["library/tiny"]})
+
+
+def test_over_long_range_numbers_are_416_or_the_whole_blob_never_a_500(server, tiny):
+    desc = tiny[1]["layers"][0]
+    data = server.store.blob_path(desc["digest"]).read_bytes()
+    path = "/v2/library/tiny/blobs/%s" % desc["digest"]
+    for value in ("bytes=%s-" % ("9" * 5000), "bytes=%s-%s" % ("9" * 5000, "9" * 5001)):
+        status, headers, body = get(server, path, {"Range": value})
+        assert status == 416 and headers["content-range"] == "bytes */%d" % len(data)
+    for value in ("bytes=0-%s" % ("9" * 5000), "bytes=-%s" % ("9" * 5000)):
+        status, headers, body = get(server, path, {"Range": value})
+        assert (status, body) == (206, data)
+    assert ollama.parse_range("bytes=\u0661-", 10) is None                       # not an ASCII digit: ignored
 
 
 def test_manifest_by_tag_or_digest_is_the_stored_bytes_with_digest_and_type(server, tiny):
@@ -171,6 +193,40 @@ def test_blobs_outside_the_repository_partial_or_corrupt_are_never_served(server
         assert status in (400, 404) and error_code(body) in ("NAME_INVALID", "DIGEST_INVALID", "NAME_UNKNOWN")
 
 
+def test_a_big_blobs_first_hash_holds_up_no_other_blob(server, tiny, monkeypatch):
+    """A hash that takes long (a big blob's first serve) is stood in for by a read that waits."""
+    import threading
+    slow, fast = [d["digest"] for d in tiny[1]["layers"][:2]]
+    slow_path = os.path.realpath(str(server.store.blob_path(slow)))
+    hashing, release, real_read = threading.Event(), threading.Event(), os.read
+
+    def read(fd, n):
+        try:
+            target = os.readlink("/proc/self/fd/%d" % fd)
+        except OSError:
+            target = ""
+        if target == slow_path and not release.is_set():
+            hashing.set()
+            release.wait(30)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", read)
+    statuses = []
+    t = threading.Thread(target=lambda: statuses.append(
+        get(server, "/v2/library/tiny/blobs/" + slow, method="HEAD")[0]))
+    t.start()
+    try:
+        assert hashing.wait(10)
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=5)
+        conn.request("HEAD", "/v2/library/tiny/blobs/" + fast)
+        assert conn.getresponse().status == 200                 # not held up by the other blob's hash
+        conn.close()
+    finally:
+        release.set()
+        t.join(30)
+    assert statuses == [200]
+
+
 def test_writes_are_unsupported_on_a_read_only_registry(server, tiny):
     for method, path in (("POST", "/v2/library/tiny/blobs/uploads/"), ("PUT", "/v2/library/tiny/manifests/1"),
                          ("DELETE", "/v2/library/tiny/manifests/1"), ("PATCH", "/v2/library/tiny/blobs/uploads/x")):
@@ -217,6 +273,35 @@ def test_lan_pull_from_a_keyed_serve_sends_the_pulling_serves_key(tmp_path):
         with serving(other_server(tmp_path, "b1", OLLAMA_API_KEY="lan-key")) as b:
             ollama.pull_model(b.store, b.transfers, b.config, name, insecure=True)
             assert b.store.get(name)[1] == raw
+
+
+def this_machines_lan_address():
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.123", 9))                 # no packet is sent: it picks the outgoing address
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
+def test_the_api_key_goes_only_to_mirrors_and_loopback_registries_never_to_any_that_asks(tmp_path):
+    lan = this_machines_lan_address()
+    if lan is None or ollama._is_loopback(lan):
+        pytest.skip("this machine has no non-loopback address to serve a registry on")
+    environ = {"HOME": str(tmp_path / "a"), "OLLAMA_MODELS": str(tmp_path / "a" / "models"),
+               "OLLAMA_API_KEYS": "lan-key"}
+    a = ollama.make_server(ollama.Config(environ), "0.0.0.0", 0)
+    raw = put_model(a.store, "tiny:1", [(tiny_gguf(), MODEL_MEDIA)])
+    with serving(a):
+        host = "%s:%d" % (lan, a.server_port)
+        with serving(other_server(tmp_path, "b", OLLAMA_API_KEY="lan-key")) as b:     # a registry a client named
+            with pytest.raises(ollama.Unauthorized):
+                ollama.pull_model(b.store, b.transfers, b.config, host + "/library/tiny:1", insecure=True)
+            assert b.store.resolve(ollama.Name.parse(host + "/library/tiny:1")) is None
+        with serving(other_server(tmp_path, "c", OLLAMA_API_KEY="lan-key", OLLAMA_REGISTRY_MIRRORS=host)) as c:
+            ollama.pull_model(c.store, c.transfers, c.config, "tiny:1")             # the mirror the user named
+            assert c.store.get("tiny:1")[1] == raw
 
 
 @pytest.fixture
@@ -377,6 +462,17 @@ def test_export_writes_an_oci_layout_with_each_blob_once(server, two_models, tmp
     assert not (tmp_path / "g.tar").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_export_writes_the_archive_with_the_umask_applied(server, tiny, tmp_path, umask):
+    archive = tmp_path / "m.tar"
+    old = os.umask(umask)
+    try:
+        assert ollama.main(["export", "tiny:1", str(archive)]) == 0
+    finally:
+        os.umask(old)
+    assert archive.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_export_import_round_trip_into_a_fresh_store_is_byte_identical(server, two_models, tmp_path, monkeypatch):
     archive = tmp_path / "m.tar"
     assert ollama.main(["export", "tiny:1", "alice/tiny:2", str(archive)]) == 0
@@ -455,6 +551,83 @@ def test_hostile_archives_are_refused_clearly_and_the_store_is_unchanged(server,
     assert expect in err
     assert store_snapshot(server.store) == before
     assert not (tmp_path.parent / "evil").exists()
+
+
+def layout_dir(tmp_path, blob):
+    """An OCI layout folder (what export writes, unpacked) of one model whose layer is `blob`."""
+    src = ollama.Store(tmp_path / "src")
+    put_model(src, "sparse:1", [(blob, MODEL_MEDIA)])
+    members, _total = ollama.archive_plan(src, ["sparse:1"])
+    root = tmp_path / "layout"
+    for name, _size, source in members:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(source if isinstance(source, bytes) else source.read_bytes())
+    return root, [name for name, _s, _src in members]
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write sparse members")
+@pytest.mark.parametrize("fmt", [["--format=gnu"], ["--format=posix", "--sparse-version=0.0"],
+                                 ["--format=posix", "--sparse-version=0.1"],
+                                 ["--format=posix", "--sparse-version=1.0"]])
+def test_import_refuses_sparse_members_and_writes_nothing(server, tmp_path, fmt):
+    """A few KB declaring a 4 MiB blob of holes: tarfile would expand it (disk filled at will)."""
+    blob = b"\0" * (4 << 20)
+    root, names = layout_dir(tmp_path, blob)
+    layer = root / ("blobs/sha256/" + sha(blob)[7:])
+    layer.write_bytes(b"")
+    os.truncate(str(layer), len(blob))                        # a file of holes: tar -S stores no data for it
+    archive = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "-S", "-cf", str(archive), "-C", str(root)] + fmt + names, check=True)
+    assert archive.stat().st_size < 64 << 10
+    before = store_snapshot(server.store)
+    status, body = http_import(server, archive.read_bytes())
+    assert status == 400, body
+    assert "sparse" in json.loads(body)["error"]
+    assert store_snapshot(server.store) == before
+
+
+def test_import_refuses_huge_extension_headers_before_reading_them(server, tmp_path):
+    import io
+    import tarfile
+    for fmt, info in ((tarfile.GNU_FORMAT, tarfile.TarInfo("n" * (2 << 20))),
+                      (tarfile.PAX_FORMAT, tarfile.TarInfo("oci-layout"))):
+        if fmt == tarfile.PAX_FORMAT:
+            info.pax_headers = {"comment": "c" * (2 << 20)}
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            tar.addfile(info, io.BytesIO(b""))
+        status, body = http_import(server, buf.getvalue())
+        assert status == 400, body
+        assert "extension header" in json.loads(body)["error"]
+
+
+def test_import_of_a_duplicate_member_that_fails_its_hash_leaves_no_temp_file(server, tmp_path):
+    import io
+    import tarfile
+    blob = os.urandom(50_000)
+    root, names = layout_dir(tmp_path, blob)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in names:
+            tar.add(str(root / name), arcname=name)
+        info = tarfile.TarInfo("blobs/sha256/" + sha(blob)[7:])    # the same blob again, other bytes
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(os.urandom(len(blob))))
+    before = store_snapshot(server.store)
+    status, body = http_import(server, buf.getvalue())
+    assert status == 400 and "does not match its digest" in json.loads(body)["error"]
+    assert store_snapshot(server.store) == before
+
+
+def test_import_adds_only_the_models_blobs_and_manifests_never_a_manifest_blob(server, two_models, tmp_path):
+    archive = tmp_path / "m.tar"
+    assert ollama.main(["export", "tiny:1", "alice/tiny:2", str(archive)]) == 0
+    with serving(other_server(tmp_path)) as b:
+        assert http_import(b, archive.read_bytes())[0] == 200
+        blobs = set()
+        for raw in two_models:
+            blobs.update("blobs/sha256-" + d[7:] for d in ollama.manifest_digests(json.loads(raw)))
+        assert {k for k in store_snapshot(b.store) if k.startswith("blobs/")} == blobs
 
 
 def test_an_import_killed_half_way_leaves_the_store_untouched(tmp_path):

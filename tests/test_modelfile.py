@@ -133,6 +133,14 @@ def test_unknown_options_are_logged(caplog):
     assert "invalid option provided" in caplog.text
 
 
+def test_an_unknown_option_key_is_quoted_in_the_log_as_slog_does(caplog):
+    with caplog.at_level("WARNING", logger="ollama"):
+        ollama.parse_options({"x\ntime=0 level=ERROR msg=forged \x1b[31m": 1, "plain_key": 2})
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ['invalid option provided option="x\\ntime=0 level=ERROR msg=forged \\x1b[31m"',
+                     "invalid option provided option=plain_key"]
+
+
 @pytest.mark.parametrize("value,text", [(0.7, "0.7"), (40.0, "40"), (1e6, "1e+06"), (123456.0, "123456"),
                                         (1.5e-05, "1.5e-05"), (0.0001, "0.0001"), (-2.5, "-2.5"), (3, "3"),
                                         ("<|x|>", '"<|x|>"'), (True, "true")])

@@ -144,6 +144,25 @@ def test_local_path_import_links_the_file_without_copying(server, tmp_path):
     assert [n for n in blobs(server) if "tmp" in n] == []
 
 
+@pytest.mark.parametrize("owner,mode", [("self", 0o664), ("self", 0o646), ("nobody", 0o644)])
+def test_local_path_import_copies_a_file_another_user_could_rewrite(server, tmp_path, owner, mode):
+    if owner == "nobody" and os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    path = tmp_path / "w.gguf"
+    write_tiny_gguf(path)
+    os.chmod(path, mode)
+    if owner == "nobody":
+        os.chown(path, NOBODY, NOBODY)
+    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    status, _ = call(server, "POST", "/api/blobs/" + digest, b"", {"X-Ollama-Path": str(path)})
+    assert status == 201
+    blob = server.store.blob_path(digest)
+    assert blob.read_bytes() == path.read_bytes()
+    assert not os.path.samestat(blob.stat(), path.stat())     # a copy: rewriting the file leaves the blob
+    assert blob.stat().st_uid == os.geteuid()
+    assert [n for n in blobs(server) if "tmp" in n] == []
+
+
 def test_local_path_import_refuses_a_file_with_other_bytes(server, tmp_path):
     path = tmp_path / "w.gguf"
     path.write_bytes(b"not what you said")

@@ -307,6 +307,24 @@ def test_disallowed_origin_is_403_without_cors_headers(server):
         assert status == 403 and resp.getheader("Access-Control-Allow-Origin") is None
 
 
+def test_a_folded_or_malformed_origin_is_403_and_never_echoed(server):
+    import socket
+    for origin in (b"http://localhost:3000\r\n X-Injected: 1", b"http://localhost:3000\r\n\tX-Injected: 1",
+                   b"http://localhost:3000/path", b"http://localhost:3000 x"):
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+            sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: " + origin
+                         + b"\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        head = answer.split(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 403 "), (origin, head)
+        assert b"X-Injected" not in head and b"Access-Control-Allow-Origin" not in head
+
+
 def test_ollama_origins_adds_allowed_origins(monkeypatch):
     import threading
     monkeypatch.setenv("OLLAMA_ORIGINS", "https://app.example.com,chrome-extension://*")

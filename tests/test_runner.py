@@ -52,6 +52,23 @@ def test_tokenize_round_trip(runner):
     assert runner.detokenize(tokens) == "Hello, world! Ünïcode too."
 
 
+def test_a_runner_answers_only_its_own_key_which_ps_does_not_show(llama_server_bin, tiny_gguf, tmp_path):
+    import http.client
+    r = ollama.Runner(str(llama_server_bin), tiny_gguf, num_ctx=256, log_path=tmp_path / "runner.log")
+    r.start(60)
+    try:
+        assert r.tokenize("hello")                          # our own calls carry the key
+        for auth in ({}, {"Authorization": "Bearer wrong"}):  # another local user's do not
+            conn = http.client.HTTPConnection("127.0.0.1", r.port, timeout=10)
+            conn.request("POST", "/completion", body=b'{"prompt": "hi", "n_predict": 1}', headers=auth)
+            assert conn.getresponse().status == 401, auth
+            conn.close()
+        with open("/proc/%d/cmdline" % r.pid, "rb") as f:
+            assert r.api_key.encode() not in f.read()
+    finally:
+        r.stop()
+
+
 def test_a_file_that_is_not_gguf_is_a_clear_error(llama_server_bin, tmp_path):
     bad = tmp_path / "notgguf.bin"
     bad.write_bytes(b"this is not a model\n" * 100)

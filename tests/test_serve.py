@@ -208,6 +208,25 @@ def test_script_serve_carries_on_from_fresh_bytecode_else_as_it_is(ollama_home, 
         assert proc.returncode == 0 and (here / "__pycache__").exists() == cached
 
 
+def test_serve_from_bytecode_still_shows_ollama_py_serve_in_ps(ollama_home, tmp_path):
+    import py_compile
+    shutil.copy(str(ROOT / "ollama.py"), str(tmp_path / "ollama.py"))
+    py_compile.compile(str(tmp_path / "ollama.py"), doraise=True)
+    proc, port = start_serve(ollama_home, {"PYTHONDONTWRITEBYTECODE": "1"}, script=tmp_path / "ollama.py")
+    try:
+        with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"-c" in argv                                     # it did carry on from the bytecode
+        assert (" ".join(a.decode() for a in argv)).rstrip().endswith(str(tmp_path / "ollama.py") + " serve")
+        if shutil.which("pgrep"):
+            found = subprocess.run(["pgrep", "-f", str(tmp_path / "ollama.py") + " serve"], capture_output=True,
+                                   text=True, timeout=30)
+            assert str(proc.pid) in found.stdout.split()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
 def test_version_runs_without_site_packages():
     out = subprocess.run([sys.executable, "-S", "-I", str(ROOT / "ollama.py"), "--version"],
                          capture_output=True, text=True, timeout=30)
