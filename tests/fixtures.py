@@ -208,6 +208,67 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
     return _gguf_done(writer, path)
 
 
+def write_tiny_gpt_oss(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, head_dim=16, n_expert=4,
+                       n_ff_exp=32, seed=0, cache=None):
+    """A tiny random-weight gpt-oss (llama.cpp's "gpt-oss": attention sinks, a 4-expert MoE with biases,
+    every second layer sliding-window) as convert_hf_to_gguf.py lays it out, with the llama-spm
+    vocabulary of write_tiny_gguf. Returns the Path."""
+    import numpy as np
+    import gguf
+
+    tok = _tokenizer_kv(str(_vocab_path(None, cache)))
+    n_vocab = len(tok["tokenizer.ggml.tokens"][0])
+    path = Path(path)
+    w = _gguf_writer(path, "gpt-oss")
+    w.add_name("tiny-gpt-oss")
+    w.add_context_length(2048)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff_exp)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(150000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(2)
+    w.add_expert_feed_forward_length(n_ff_exp)
+    w.add_sliding_window(8)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(1.0)
+    w.add_rope_scaling_orig_ctx_len(2048)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key, (value, vtype, sub) in sorted(tok.items()):
+        if key != "tokenizer.chat_template":
+            w.add_key_value(key, value, vtype, sub_type=sub)
+    rng = np.random.default_rng(seed)
+
+    def t(*shape, scale=0.05):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    ones = lambda n: np.ones(n, dtype=np.float32)        # noqa: E731
+    w.add_tensor("token_embd.weight", t(n_vocab, n_embd))
+    w.add_tensor("output_norm.weight", ones(n_embd))
+    w.add_tensor("output.weight", t(n_vocab, n_embd))
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        for name, value in (
+                ("attn_norm.weight", ones(n_embd)), ("post_attention_norm.weight", ones(n_embd)),
+                ("attn_q.weight", t(n_head * head_dim, n_embd)), ("attn_q.bias", t(n_head * head_dim)),
+                ("attn_k.weight", t(n_head_kv * head_dim, n_embd)), ("attn_k.bias", t(n_head_kv * head_dim)),
+                ("attn_v.weight", t(n_head_kv * head_dim, n_embd)), ("attn_v.bias", t(n_head_kv * head_dim)),
+                ("attn_output.weight", t(n_embd, n_head * head_dim)), ("attn_output.bias", t(n_embd)),
+                ("attn_sinks.weight", t(n_head)), ("ffn_gate_inp.weight", t(n_expert, n_embd, scale=0.5)),
+                ("ffn_gate_inp.bias", t(n_expert)), ("ffn_gate_exps.weight", t(n_expert, n_ff_exp, n_embd)),
+                ("ffn_gate_exps.bias", t(n_expert, n_ff_exp)), ("ffn_up_exps.weight", t(n_expert, n_ff_exp, n_embd)),
+                ("ffn_up_exps.bias", t(n_expert, n_ff_exp)), ("ffn_down_exps.weight", t(n_expert, n_embd, n_ff_exp)),
+                ("ffn_down_exps.bias", t(n_expert, n_embd))):
+            w.add_tensor(blk + name, value)
+    return _gguf_done(w, path)
+
+
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),
                         eos="<|im_end|>", name="scripted", context_length=4096):
     """Write a tiny llama GGUF whose greedy (and, at any sane temperature, sampled) output is `script`.

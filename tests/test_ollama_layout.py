@@ -220,6 +220,37 @@ def test_olmo3_runs_as_llama_cpps_olmo2(server, engine, tmp_path):
     assert answer(server, "ollama", "once upon a time") == want
 
 
+# -- gpt-oss: another architecture name, key prefix and tensor names -------------------------------------
+
+def test_gptoss_runs_as_llama_cpps_gpt_oss(server, engine, tmp_path):
+    """A tiny random-weight gpt-oss (attention sinks, MoE with biases) relabelled as Ollama's converter
+    writes gpt-oss: architecture gptoss, gptoss.* keys without the expert FFN size and the YaRN type,
+    attn_out, attn_sinks without .weight, ffn_norm for post_attention_norm."""
+    cpp = fixtures.write_tiny_gpt_oss(tmp_path / "gpt-oss.gguf", seed=9)
+
+    def kv(kv):
+        out = {k.replace("gpt-oss.", "gptoss.", 1): v for k, v in kv.items()
+               if k not in ("gpt-oss.expert_feed_forward_length", "gpt-oss.rope.scaling.type")}
+        out["general.architecture"] = ("gptoss",) + kv["general.architecture"][1:]
+        return out
+
+    def names(tensors):
+        renames = ((".attn_output.", ".attn_out."), (".attn_sinks.weight", ".attn_sinks"),
+                   (".post_attention_norm.", ".ffn_norm."))
+        out = []
+        for name, t in tensors:
+            for old, new in renames:
+                name = name.replace(old, new)
+            out.append((name, t))
+        return out
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "gptoss-ollama.gguf", kv, names)
+    g = ollama.read_gguf(theirs, 0)
+    assert g.architecture == "gptoss" and ollama._tensor(g, "blk.0.attn_sinks") is not None
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
