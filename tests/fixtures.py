@@ -139,8 +139,8 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
     import numpy as np
     import gguf
 
-    if arch not in ("llama", "olmo2"):
-        raise ValueError("only arch='llama' and 'olmo2' are supported")
+    if arch not in ("llama", "olmo2", "mistral3"):
+        raise ValueError("only arch='llama', 'olmo2' and 'mistral3' (llama's tensors) are supported")
     n_head_kv = n_head_kv or n_head
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")

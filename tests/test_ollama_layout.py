@@ -251,6 +251,36 @@ def test_gptoss_runs_as_llama_cpps_gpt_oss(server, engine, tmp_path):
     assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
 
 
+# -- mistral3: YaRN keys under Ollama's names, the vision tower inside -------------------------------------
+
+def test_mistral3_reads_ollamas_yarn_keys_and_leaves_the_vision_tower(server, engine, tmp_path):
+    import gguf
+    import numpy as np
+    f32 = gguf.GGUFValueType.FLOAT32
+    yarn = {"rope.scaling.yarn_beta_fast": 32.0, "rope.scaling.yarn_beta_slow": 1.0,
+            "rope.scaling.yarn_log_multiplier": 0.5, "attention.temperature_scale": 0.3}
+    src = fixtures.write_tiny_gguf(tmp_path / "m.gguf", arch="mistral3", seed=11)
+    cpp = fixtures.rewrite_gguf(src, tmp_path / "mistral3.gguf", lambda kv: dict(kv, **{
+        "mistral3." + k: (v, f32, None) for k, v in yarn.items()}, **{
+        "mistral3.rope.scaling.type": ("yarn", gguf.GGUFValueType.STRING, None),
+        "mistral3.rope.scaling.factor": (2.0, f32, None),
+        "mistral3.rope.scaling.original_context_length": (1024, gguf.GGUFValueType.UINT32, None)}))
+    theirs_names = {"rope.scaling.yarn_beta_fast": "rope.scaling.beta_fast",
+                    "rope.scaling.yarn_beta_slow": "rope.scaling.beta_slow",
+                    "rope.scaling.yarn_log_multiplier": "rope.scaling.mscale_all_dim",
+                    "attention.temperature_scale": "rope.scaling_beta"}
+
+    class Tower:                                          # what Ollama's file also holds: a vision tower
+        data, tensor_type = np.zeros((4, 8), dtype=np.float32), gguf.GGMLQuantizationType.F32
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "mistral3-ollama.gguf",
+        lambda kv: {("mistral3." + theirs_names[k[9:]] if k[9:] in theirs_names else k): v for k, v in kv.items()},
+        lambda tensors: tensors + [("v.blk.0.attn_q.weight", Tower), ("mm.linear_1.weight", Tower)])
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
