@@ -139,8 +139,9 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
     import numpy as np
     import gguf
 
-    if arch not in ("llama", "olmo2", "mistral3"):
-        raise ValueError("only arch='llama', 'olmo2' and 'mistral3' (llama's tensors) are supported")
+    if arch not in ("llama", "olmo2", "mistral3", "qwen3vl"):
+        raise ValueError("only arch='llama', 'olmo2', 'mistral3' (llama's tensors) and 'qwen3vl' (with q/k "
+                         "norms) are supported")
     n_head_kv = n_head_kv or n_head
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
@@ -201,6 +202,9 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
         writer.add_tensor(blk + "attn_k.weight", matrix(head_dim * n_head_kv, n_embd))
         writer.add_tensor(blk + "attn_v.weight", matrix(head_dim * n_head_kv, n_embd))
         writer.add_tensor(blk + "attn_output.weight", matrix(n_embd, n_embd))
+        if arch == "qwen3vl":
+            writer.add_tensor(blk + "attn_q_norm.weight", norm(head_dim))
+            writer.add_tensor(blk + "attn_k_norm.weight", norm(head_dim))
         writer.add_tensor(blk + "ffn_norm.weight", norm(n_embd))
         writer.add_tensor(blk + "ffn_gate.weight", matrix(n_ff, n_embd))
         writer.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))

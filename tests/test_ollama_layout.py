@@ -281,6 +281,28 @@ def test_mistral3_reads_ollamas_yarn_keys_and_leaves_the_vision_tower(server, en
     assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
 
 
+# -- qwen3-vl: M-RoPE metadata Ollama's files lack, the vision tower inside -----------------------------------
+
+def test_qwen3vl_gets_its_mrope_sections_and_leaves_the_vision_tower(server, engine, tmp_path):
+    import gguf
+    import numpy as np
+    src = fixtures.write_tiny_gguf(tmp_path / "q.gguf", arch="qwen3vl", n_embd=256, n_head=2, seed=13)
+    cpp = fixtures.rewrite_gguf(src, tmp_path / "qwen3vl.gguf", lambda kv: dict(kv, **{
+        "qwen3vl.rope.dimension_sections": ([24, 20, 20, 0], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
+        "qwen3vl.n_deepstack_layers": (0, gguf.GGUFValueType.UINT32, None)}))
+
+    class Tower:
+        data, tensor_type = np.zeros((4, 8), dtype=np.float32), gguf.GGMLQuantizationType.F32
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "qwen3vl-ollama.gguf",
+        lambda kv: {k: v for k, v in kv.items() if k not in ("qwen3vl.rope.dimension_sections",
+                                                              "qwen3vl.n_deepstack_layers")},
+        lambda tensors: tensors + [("v.blk.0.attn_qkv.weight", Tower), ("v.merger.linear_fc1.weight", Tower)])
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
