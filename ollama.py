@@ -5,16 +5,17 @@ Run large language models locally with Ollama's commands, HTTP API and model
 store, on top of llama.cpp's own ``llama-server`` (built by build_llama.sh).
 Standard library only, Python 3.9 or newer. MIT licensed.
 
-    ollama.py serve                   start the server (OLLAMA_HOST, default 127.0.0.1:11434)
+    ollama.py serve                   start the server (OLLAMA_HOST, default 127.0.0.1:11434, or unix:PATH)
     ollama.py create NAME -f Modelfile
     ollama.py run NAME [PROMPT]       chat, or answer one prompt
     ollama.py pull|push|list|ps|show|cp|rm|stop|export|import ...
 
 The map
 -------
-Sections run in dependency order: each uses only those above it (Config's keep_alive default
-and the Utilities' Go durations are the exceptions). Each has a three-line ``#`` banner; the big
-ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lines.
+Sections run in dependency order: each uses only those above it (Config's keep_alive default,
+its OllamaError for a unix: OLLAMA_HOST without a path, and the Utilities' Go durations are the
+exceptions). Each has a three-line ``#`` banner; the big ones are cut into parts by ``# ==`` lines,
+and parts into pieces by ``# --`` lines.
 
     Config         defaults (one per line, with units); Config: the OLLAMA_* environment, read once
     Errors         OllamaError and its subclasses, each with the HTTP `status` it is answered with
@@ -155,12 +156,28 @@ def parse_host(value, default_port=DEFAULT_PORT):
     return scheme, host or DEFAULT_HOST, port
 
 
+def parse_unix_host(value):
+    """The socket path of an OLLAMA_HOST that names a Unix socket, else None. Spellings:
+    unix:PATH and unix://PATH (PATH absolute, or relative to the current directory) and
+    unix:///abs/path (the URL form: the same as unix:/abs/path)."""
+    if not value or not value.startswith("unix:"):
+        return None
+    path = value[len("unix:"):]
+    if path.startswith("//"):
+        path = path[2:]
+    if not path:
+        raise OllamaError("OLLAMA_HOST=%s names no socket path" % value)
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class Config:
     """Everything the environment decides, read once (OLLAMA_* variables, see `serve --help`)."""
 
     def __init__(self, environ=None):
         env = os.environ if environ is None else environ
-        self.scheme, self.host, self.port = parse_host(_env(env, "OLLAMA_HOST"))
+        self.unix = parse_unix_host(_env(env, "OLLAMA_HOST"))   # a socket path: serve listens only there
+        self.socket_group = _env(env, "OLLAMA_SOCKET_GROUP")    # a group that may use it too (0660)
+        self.scheme, self.host, self.port = parse_host(None if self.unix else _env(env, "OLLAMA_HOST"))
         home = Path(env.get("HOME") or Path.home())
         self.home = home / ".ollama"
         self.models = Path(_env(env, "OLLAMA_MODELS") or self.home / "models").expanduser()
@@ -187,6 +204,8 @@ class Config:
 
     @property
     def base_url(self):
+        if self.unix:
+            return "unix:" + self.unix
         host = "[%s]" % self.host if ":" in self.host else self.host
         return "%s://%s:%d" % (self.scheme, host, self.port)
 
@@ -5174,25 +5193,36 @@ class _Wire:
         return self.buf[self.pos - n:self.pos]
 
     @classmethod
-    def request(cls, host, port, method, path, body=None, headers=None, timeout=None, tls=None):
-        """A _Wire on a new connection to host:port (through the ssl context `tls` if given) that has
-        sent the request. `body` is bytes or a file (read in COPY_CHUNK pieces: as they come with a
-        Content-Length header, else chunked). OSError when it cannot connect or send."""
-        # An ASCII host as bytes: a str goes through the idna codec (its import, with unicodedata and
-        # stringprep, is ~3 ms of a CLI start); a non-ASCII one needs it.
-        sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
+    def request(cls, host, port, method, path, body=None, headers=None, timeout=None, tls=None, unix=None):
+        """A _Wire on a new connection to host:port (through the ssl context `tls` if given), or to
+        the Unix socket at path `unix` (then Host: is `host`), that has sent the request. `body` is
+        bytes or a file (read in COPY_CHUNK pieces: as they come with a Content-Length header, else
+        chunked). OSError when it cannot connect or send."""
+        if unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(unix)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            # An ASCII host as bytes: a str goes through the idna codec (its import, with unicodedata
+            # and stringprep, is ~3 ms of a CLI start); a non-ASCII one needs it.
+            sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
         try:
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=host)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not unix:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hdrs = dict(headers or {})
             stream = body is not None and not isinstance(body, (bytes, bytearray))
             if isinstance(body, (bytes, bytearray)) or (body is None and method not in ("GET", "HEAD")):
                 hdrs["Content-Length"] = str(len(body or b""))
             elif stream and "Content-Length" not in hdrs:
                 hdrs["Transfer-Encoding"] = "chunked"
-            head = "%s %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n%s\r\n" % (
-                method, path, "[%s]" % host if ":" in host else host, port,
+            head = "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n%s\r\n" % (
+                method, path, host if unix else "%s:%d" % ("[%s]" % host if ":" in host else host, port),
                 "".join("%s: %s\r\n" % kv for kv in hdrs.items()))
             if not stream:
                 sock.sendall(head.encode("latin-1") + (body or b""))
@@ -6260,7 +6290,8 @@ class OllamaHandler:
     def setup(self):
         super().setup()
         # one small write per token: without this, Nagle + delayed ACK can hold a chunk for 40 ms
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.connection.family != socket.AF_UNIX:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Linux's niceness is per thread: this connection's relay waits for the gaps between
         # llama-server's token steps instead of preempting a compute thread both of its threads
         # then wait for (runners are forked from the Spawner's thread, at serve's own niceness).
@@ -6533,17 +6564,57 @@ class OllamaServer:
         self.transfers = Transfers()      # registry downloads in flight, shared per digest
         self.served_blobs = {}            # digest -> stat identity of the file whose bytes /v2 hashed and matched
         self.verify_lock = threading.Lock()     # one blob hashed at a time for /v2 (parallel parts wait)
+        self.unix = config.unix if address is None else None      # OLLAMA_HOST=unix:PATH: the only listener
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.address_family = socket.AF_UNIX if self.unix else socket.AF_INET6 if ":" in host else socket.AF_INET
         self.request_queue_size = listen_backlog()
         self.max_connections = min(MAX_CONNECTIONS, max(16, _fd_limit() - 128))   # fds kept for files, runners
         self.connections = 0
         self.connections_lock = threading.Lock()
         self.accept_backoff = 0.0                      # seconds; grows while accept() has no fd to give
-        super().__init__((host, port), self.handler)
+        self.socket_id = None                          # (st_dev, st_ino) of the socket file we bound
+        super().__init__(self.unix or (host, port), self.handler)
         self.origins = _DEFAULT_ORIGINS + config.origins
-        self.loopback = _is_loopback(host)
+        self.loopback = bool(self.unix) or _is_loopback(host)
+
+    def server_bind(self):
+        """TCP as http.server binds it; a Unix socket file made 0600 (0660 with OLLAMA_SOCKET_GROUP,
+        owned by that group), with its directory made if missing (0700). A socket file left by a
+        killed serve (nothing accepts on it) is replaced; one a live server answers on is an error."""
+        if not self.unix:
+            return super().server_bind()
+        gid = _socket_group(self.config.socket_group)
+        path = self.unix
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _take_over_socket(path)
+        old = os.umask(0o177)                  # created 0600: no moment when another user can connect
+        try:
+            self.socket.bind(path)
+        finally:
+            os.umask(old)
+        if gid is not None:
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+        st = os.stat(path)
+        self.socket_id = (st.st_dev, st.st_ino)
+        self.server_address = path
+        self.server_name, self.server_port = "localhost", 0
+
+    def get_request(self):
+        """accept(), backing off (5 ms doubling to 1 s, as Go's http.Server) while the process is out
+        of file descriptors: the listener stays readable then, and retrying at once would spin. A
+        Unix socket's peer has no address: it is ("unix", 0) in logs."""
+        try:
+            conn, addr = super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.accept_backoff = min(1.0, self.accept_backoff * 2 or 0.005)
+                log.warning("accept: %s; retrying in %s", e.strerror, format_duration(self.accept_backoff))
+                time.sleep(self.accept_backoff)
+            raise
+        self.accept_backoff = 0.0
+        return conn, ("unix", 0) if self.unix else addr
 
     def finish_request(self, request, client_address):
         """With OLLAMA_TLS_CERT/KEY, the TLS handshake happens here, on the connection's own thread
@@ -6597,30 +6668,19 @@ class OllamaServer:
             pass
         self.shutdown_request(request)
 
-    def get_request(self):
-        """accept(), backing off (5 ms doubling to 1 s, as Go's http.Server) while the process is out
-        of file descriptors: the listener stays readable then, and retrying at once would spin."""
-        try:
-            conn = super().get_request()
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self.accept_backoff = min(1.0, self.accept_backoff * 2 or 0.005)
-                log.warning("accept: %s; retrying in %s", e.strerror, format_duration(self.accept_backoff))
-                time.sleep(self.accept_backoff)
-            raise
-        self.accept_backoff = 0.0
-        return conn
-
     @property
     def url(self):
+        if self.unix:
+            return "unix:" + self.unix
         host, port = self.server_address[:2]
         return "%s://%s:%d" % ("https" if self.tls else "http", "[%s]" % host if ":" in host else host, port)
 
     def host_allowed(self, host_header):
         """The DNS-rebinding guard (Ollama's allowedHostsMiddleware). Falsy: refuse with 403. Bound
         off loopback, or a Host that is a loopback/private/unspecified/local address: True. A local
-        name (localhost, this machine's name, *.localhost, *.local, *.internal): "name"."""
-        if not self.loopback:
+        name (localhost, this machine's name, *.localhost, *.local, *.internal): "name". On a Unix
+        socket, anything (no browser page can reach one, so there is no rebinding to guard)."""
+        if not self.loopback or self.unix:
             return True
         host = _split_host(host_header).lower()
         ip = _parse_ip(host)
@@ -6648,6 +6708,49 @@ class OllamaServer:
         if self.scheduler is not None:
             self.scheduler.shutdown()
         super().server_close()
+        if self.socket_id is not None:         # our socket file, unless another serve has replaced it
+            with contextlib.suppress(OSError):
+                st = os.stat(self.unix)
+                if (st.st_dev, st.st_ino) == self.socket_id:
+                    os.unlink(self.unix)
+            self.socket_id = None
+
+
+def _socket_group(name):
+    """The gid OLLAMA_SOCKET_GROUP names (a group name or number), or None when unset."""
+    if not name:
+        return None
+    import grp
+    try:
+        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
+    except (KeyError, ValueError):
+        raise OllamaError("OLLAMA_SOCKET_GROUP=%s: no such group" % name) from None
+
+
+def _take_over_socket(path):
+    """Clear the way to bind a Unix socket at `path`: nothing there, or a socket file no process
+    accepts on (a killed serve's) is removed. A live server there, or a file that is not a
+    socket, is an OllamaError."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OllamaError("cannot listen on %s: it exists and is not a socket" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(path)
+    except ConnectionRefusedError:              # stale: the serve that bound it is gone
+        log.info("removing the stale socket %s left by a server that is gone", path)
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise OllamaError("cannot listen on %s: %s" % (path, e.strerror or e)) from None
+    finally:
+        probe.close()
+    raise OllamaError("cannot listen on %s: another server is already listening on it "
+                      "(stop it first, or choose another OLLAMA_HOST)" % path)
 
 
 def _tls_context(config):
@@ -6759,6 +6862,8 @@ def make_server(config=None, host=None, port=None):
     config = config or Config()
     handler = type("OllamaHandler", (OllamaHandler, http.server.BaseHTTPRequestHandler), {})
     server = type("OllamaServer", (OllamaServer, http.server.ThreadingHTTPServer), {"handler": handler})
+    if config.unix and host is None and port is None:
+        return server(config)                     # OLLAMA_HOST=unix:PATH
     return server(config, (host or config.host, config.port if port is None else port))
 
 
@@ -6842,10 +6947,18 @@ def _drain(req):
 
 
 def _peer_trusted(req):
-    """True when the client is a process of the server's own user on this machine: a loopback
-    peer whose socket /proc/net/tcp(6) says that uid owns. Unknown (no /proc, another network
-    namespace, the socket already gone) is untrusted."""
+    """True when the client is a process of the server's own user on this machine: on a Unix
+    socket, a peer whose uid SO_PEERCRED gives (exact: the kernel's record of who connected); on
+    TCP, a loopback peer whose socket /proc/net/tcp(6) says that uid owns. Unknown (no /proc,
+    another network namespace, the socket already gone) is untrusted."""
     sock = req.handler.connection
+    if sock.family == socket.AF_UNIX:
+        try:
+            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except (OSError, AttributeError):      # AttributeError: no SO_PEERCRED (not Linux)
+            return False
+        return uid == os.geteuid()
     try:
         peer, local = sock.getpeername(), sock.getsockname()
     except OSError:
@@ -9380,7 +9493,8 @@ class Client:
     over a _Wire (http.client would import the email parser at every CLI start)."""
 
     def __init__(self, base_url, timeout=None, api_key=""):
-        url = urllib.parse.urlsplit(base_url)
+        self.unix = parse_unix_host(base_url)          # "unix:PATH": serve's socket (Host: localhost)
+        url = urllib.parse.urlsplit("http://localhost" if self.unix else base_url)
         self.scheme, self.host = url.scheme or "http", url.hostname
         self.port = url.port or (443 if self.scheme == "https" else 80)
         self.prefix = url.path.rstrip("/")
@@ -9406,10 +9520,16 @@ class Client:
             tls = ssl.create_default_context()   # the system CAs; SSL_CERT_FILE honoured
         wire = None
         try:
-            wire = _Wire.request(self.host, self.port, method, self.prefix + path, body, hdrs, self.timeout, tls)
+            wire = _Wire.request(self.host, self.port, method, self.prefix + path, body, hdrs, self.timeout, tls,
+                                 unix=self.unix)
             status, chunked, length = wire.response_head()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, FileNotFoundError):     # FileNotFoundError: no socket file
             raise OllamaError("could not connect to ollama server, run 'ollama.py serve' to start it") from None
+        except PermissionError as e:
+            if self.unix:       # 0600 (or 0660 and another group): the socket is its owner's only
+                raise OllamaError("permission denied: the ollama.py server's socket %s is not this user's"
+                                  % self.unix, 403) from None
+            raise OllamaError("could not connect to ollama server: %s" % e) from None
         except (OSError, EOFError, ValueError, IndexError) as e:
             if wire is not None:
                 wire.close()
@@ -9530,7 +9650,9 @@ def cmd_serve(args):
     """Start ollama.py's server.
 
     Environment variables:
-      OLLAMA_HOST               IP address and port for the server (default 127.0.0.1:11434)
+      OLLAMA_HOST               IP address and port for the server (default 127.0.0.1:11434), or
+                                unix:PATH (unix:///abs/path too) to listen on that socket only (0600)
+      OLLAMA_SOCKET_GROUP       with a unix: OLLAMA_HOST, a group whose members may use it too (0660)
       OLLAMA_MODELS             the path to the models directory (default ~/.ollama/models)
       OLLAMA_KEEP_ALIVE         how long models stay loaded in memory (default "5m")
       OLLAMA_MAX_LOADED_MODELS  maximum number of loaded models (default 3)
@@ -9572,7 +9694,7 @@ def cmd_serve(args):
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    log.info("Listening on %s (version %s)", server.url.split("://", 1)[1], __version__)
+    log.info("Listening on %s (version %s)", server.url.split("://", 1)[-1], __version__)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
