@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import textwrap
 import uuid
 from pathlib import Path
@@ -243,3 +244,23 @@ def test_path_import_trusts_only_the_servers_uid_by_peer_credentials(other_user,
         status, body = _raw_request(sock, "POST", "/api/blobs/" + digest, {"X-Ollama-Path": str(blob)})
         assert status == 201, body
         assert srv.store.has_blob(digest)
+
+
+def test_the_socket_of_a_sigkilled_serve_is_taken_over_by_the_next(sock_path):
+    first = subprocess.Popen([sys.executable, OLLAMA_PY, "serve"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = ollama.Client("unix:" + str(sock_path))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.heartbeat()
+                break
+            except ollama.OllamaError:
+                assert time.monotonic() < deadline and first.poll() is None, "serve did not start"
+                time.sleep(0.05)
+    finally:
+        first.kill()
+        first.wait()
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)          # left behind: nothing removed it
+    with fixtures.serving(ollama.make_server(ollama.Config())):
+        assert client.call("GET", "/api/tags") == {"models": []}
