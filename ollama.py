@@ -54,7 +54,7 @@ chat and parses tool calls and thinking itself; images are checked (WebP made PN
 The /v1 handlers (OpenAI chat, completions and Responses; Anthropic Messages) call the /api
 ones through ``_forward`` and translate the answer; the CLI talks to serve over HTTP only.
 
-Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers,
+Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers, metrics,
 routes, connection count); the models are on disk in the ``Store``; the loaded runners in the
 ``Scheduler``; downloads in flight in ``Transfers``; the blobs /v2 has hashed in the server's
 ``served_blobs``. At module level there are only constants, the logger and the two tables the
@@ -201,6 +201,7 @@ class Config:
         self.tls_cert, self.tls_key = _env(env, "OLLAMA_TLS_CERT"), _env(env, "OLLAMA_TLS_KEY")
         self.registry = _env(env, "OLLAMA_NO_REGISTRY").lower() not in ("1", "true")   # serve /v2
         self.mirrors = [m.strip() for m in _env(env, "OLLAMA_REGISTRY_MIRRORS").split(",") if m.strip()]
+        self.metrics = _bool_env(env, "OLLAMA_METRICS", True)    # GET /metrics (Prometheus)
 
     @property
     def base_url(self):
@@ -514,6 +515,71 @@ def _unlink(path):
         os.unlink(str(path))
     except FileNotFoundError:
         pass
+
+
+#: The metrics GET /metrics exposes: name -> (Prometheus type, help). A summary is its _sum and _count.
+METRICS = {
+    "ollama_http_requests_total": ("counter", "HTTP requests answered, by route pattern, method and status."),
+    "ollama_http_request_duration_seconds": ("summary", "Time to answer a request (a stream to its end), by route."),
+    "ollama_queue_depth": ("gauge", "Requests waiting for a runner (a slot, or a load) now."),
+    "ollama_queue_wait_seconds": ("summary", "Time requests waited for their runner, loading it included."),
+    "ollama_runners_loaded": ("gauge", "llama-server runners loaded now."),
+    "ollama_runner_memory_bytes": ("gauge", "Resident memory of each loaded runner's llama-server, by model."),
+    "ollama_model_load_seconds": ("summary", "Time to start a runner and load its model, by model."),
+    "ollama_prompt_tokens_total": ("counter", "Prompt tokens evaluated (cached ones included), by model."),
+    "ollama_prompt_eval_seconds_total": ("counter", "Time spent evaluating prompts, by model."),
+    "ollama_generated_tokens_total": ("counter", "Tokens generated, by model."),
+    "ollama_generation_seconds_total": ("counter", "Time spent generating tokens, by model."),
+    "ollama_pull_bytes_total": ("counter", "Blob bytes downloaded from registries."),
+    "ollama_push_bytes_total": ("counter", "Blob bytes uploaded to registries."),
+}
+
+
+METRICS_UNLABELLED = ("ollama_queue_wait_seconds", "ollama_pull_bytes_total", "ollama_push_bytes_total")
+
+
+class Metrics:
+    """The server's Prometheus counters and summaries (gauges are read from the server's state when
+    scraped): add() and observe() from any thread, text() for the exposition format 0.0.4."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.values = {}                      # (name, ((label, value), ...)) -> number
+
+    def add(self, name, amount=1, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self.lock:
+            self.values[key] = self.values.get(key, 0) + amount
+
+    def observe(self, name, seconds, **labels):
+        """One observation of a summary: its _sum and _count."""
+        key = tuple(sorted(labels.items()))
+        with self.lock:
+            for part, amount in (("_sum", seconds), ("_count", 1)):
+                self.values[(name + part, key)] = self.values.get((name + part, key), 0) + amount
+
+    def text(self, gauges=()):
+        """The exposition: every METRICS entry with its HELP and TYPE, then its samples (those
+        recorded here, and `gauges`: (name, labels dict, value) read now); a METRICS_UNLABELLED
+        counter or summary that has not moved yet is shown as 0."""
+        with self.lock:
+            samples = dict(self.values)
+        for name, labels, value in gauges:
+            samples[(name, tuple(sorted(labels.items())))] = value
+        out = []
+        for name, (kind, text) in METRICS.items():
+            out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
+            parts = ("_sum", "_count") if kind == "summary" else ("",)
+            mine = sorted((k for k in samples if k[0] in [name + p for p in parts]), key=lambda k: (k[1], k[0]))
+            if not mine and kind != "gauge" and name in METRICS_UNLABELLED:
+                mine = [(name + p, ()) for p in parts]
+            for key in mine:
+                labels = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')
+                                               .replace("\n", "\\n")) for k, v in key[1])
+                value = samples.get(key, 0)
+                out.append("%s%s %s\n" % (key[0], "{%s}" % labels if labels else "",
+                                          repr(float(value)) if isinstance(value, float) else value))
+        return "".join(out)
 
 
 ###############################################################################
@@ -4191,8 +4257,9 @@ class Transfers:
     """The server's registry transfer state: one shared download per digest (two pulls of the same
     blob share it), plus the knobs below (tests shrink them)."""
 
-    def __init__(self):
+    def __init__(self, metrics=None):
         self.lock = threading.Lock()
+        self.metrics = metrics or Metrics()     # the server's: pulled and pushed bytes are counted there
         self.jobs = {}                      # digest -> _BlobDownload
         self.parts = DOWNLOAD_PARTS
         self.part_min = PART_SIZE_MIN       # bytes
@@ -4438,6 +4505,7 @@ class _BlobDownload:
                 if not chunk:
                     raise ConnectionError("unexpected EOF")
                 _pwrite(self.fd, chunk, pos)
+                self.t.metrics.add("ollama_pull_bytes_total", len(chunk))
                 pos += len(chunk)
                 with self.lock:
                     part.completed += len(chunk)
@@ -4658,6 +4726,7 @@ def _upload_blob(session, store, name, desc, transfers, progress, cancel):
 
     def on_read(n):
         state["done"] += n
+        transfers.metrics.add("ollama_push_bytes_total", n)
         now = time.monotonic()
         if now - state["sent"] >= transfers.progress_interval:
             state["sent"] = now
@@ -5790,8 +5859,9 @@ class Scheduler:
     leaves `reap()` to the caller.
     """
 
-    def __init__(self, config, exe=None, new_runner=None, clock=time.time, reaper=True):
+    def __init__(self, config, exe=None, new_runner=None, clock=time.time, reaper=True, metrics=None):
         self.config = config
+        self.metrics = metrics or Metrics()           # the server's: queue waits and load times
         self.exe = exe
         self.new_runner = new_runner or self._runner_for
         self.clock = clock
@@ -5840,7 +5910,9 @@ class Scheduler:
         Raises Busy when the queue is full."""
         started = time.monotonic()
         entry = self.acquire(model, opts, keep_alive, embedding=embedding)
-        return Lease(self, entry, keep_alive, opts, time.monotonic() - started)
+        waited = time.monotonic() - started
+        self.metrics.observe("ollama_queue_wait_seconds", waited)
+        return Lease(self, entry, keep_alive, opts, waited)
 
     def loaded_embedding(self, name):
         """Whether the runner loaded for `name` embeds (True) or completes (False); None if none is."""
@@ -5888,11 +5960,14 @@ class Scheduler:
                         if self.closed:
                             raise OllamaError("server is shutting down")
                         self.starting.add(runner)     # before it starts: a shutdown now stops it
+                    loading = time.monotonic()
                     try:
                         runner.start(self.config.load_timeout)
                     finally:
                         with self.cond:
                             self.starting.discard(runner)
+                    self.metrics.observe("ollama_model_load_seconds", time.monotonic() - loading,
+                                         model=model.short_name)
                     entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock())
                     with self.cond:
                         closed = self.closed          # shutdown() ran while it loaded
@@ -6340,11 +6415,17 @@ class OllamaHandler:
     def _dispatch(self):
         started = time.monotonic()
         status = 500
+        self._endpoint = None                  # the route pattern matched: the metrics' endpoint label
         try:
             status = self._route()
             if not self.close_connection:
                 self._finish_body()
         finally:
+            endpoint = self._endpoint or "other"      # never the raw path: one series per route, not per URL
+            self.server.metrics.add("ollama_http_requests_total", endpoint=endpoint, method=self.command,
+                                    status=status)
+            self.server.metrics.observe("ollama_http_request_duration_seconds", time.monotonic() - started,
+                                        endpoint=endpoint)
             log.info("| %3d | %10s | %15s | %-7s %s", status, format_duration(time.monotonic() - started),
                      self.client_address[0], self.command, urllib.parse.urlsplit(self.path).path)
 
@@ -6369,7 +6450,7 @@ class OllamaHandler:
             if self.server.config.api_keys and path != "/" and not self._api_key_ok():
                 return self._send(_unauthorized(path))
             self.body_reader()                                  # a bad Content-Length is a 400 here
-            func, params, allowed = self.server.routes.match(self.command, path)
+            func, params, allowed, self._endpoint = self.server.routes.match(self.command, path)
             if func is None:
                 if allowed:
                     return self._send(Response(405, b"405 method not allowed"))
@@ -6534,19 +6615,20 @@ class Routes:
         self.table = []
         for method, pattern, func in table:
             regex = "^" + re.sub(r"\*(\w+)$", r"(?P<\1>.+)", re.sub(r":(\w+)", r"(?P<\1>[^/]+)", pattern)) + "$"
-            self.table.append((method, re.compile(regex), func))
+            self.table.append((method, re.compile(regex), func, pattern))
 
     def match(self, method, path):
-        """(func, params, allowed): the handler or None, the captured params, and whether the path
-        exists under another method (for 405)."""
-        allowed = False
-        for m, regex, func in self.table:
+        """(func, params, allowed, pattern): the handler or None, the captured params, whether the
+        path exists under another method (for 405), and the route's pattern (None when no route
+        has the path: what metrics label it with)."""
+        allowed, found = False, None
+        for m, regex, func, pattern in self.table:
             hit = regex.match(path)
             if hit:
                 if m == method or (method == "HEAD" and m == "GET"):
-                    return func, hit.groupdict(), True
-                allowed = True
-        return None, {}, allowed
+                    return func, hit.groupdict(), True, pattern
+                allowed, found = True, pattern
+        return None, {}, allowed, found
 
 
 class OllamaServer:
@@ -6559,9 +6641,11 @@ class OllamaServer:
         self.config = config
         self.tls = _tls_context(config)                # first: a bad certificate starts nothing
         self.store = Store(config.models)
-        self.routes = routes or Routes([r for r in ROUTES if config.registry or not r[1].startswith("/v2")])
-        self.scheduler = Scheduler(config)
-        self.transfers = Transfers()      # registry downloads in flight, shared per digest
+        self.routes = routes or Routes([r for r in ROUTES if (config.registry or not r[1].startswith("/v2"))
+                                        and (config.metrics or r[1] != "/metrics")])
+        self.metrics = Metrics()          # Prometheus counters (GET /metrics), filled by the parts below too
+        self.scheduler = Scheduler(config, metrics=self.metrics)
+        self.transfers = Transfers(self.metrics)      # registry downloads in flight, shared per digest
         self.served_blobs = {}            # digest -> stat identity of the file whose bytes /v2 hashed and matched
         self.verify_lock = threading.Lock()     # one blob hashed at a time for /v2 (parallel parts wait)
         self.unix = config.unix if address is None else None      # OLLAMA_HOST=unix:PATH: the only listener
@@ -6881,6 +6965,30 @@ def api_root(req):
 def api_version(req):
     """GET /api/version."""
     return {"version": __version__}
+
+
+@route("GET", "/metrics")
+def api_metrics(req):
+    """GET /metrics: Prometheus' text exposition (0.0.4) of Metrics, with the gauges read now: the
+    queue, the loaded runners and their llama-servers' resident memory. Keys guard it as the rest
+    of the API; OLLAMA_METRICS=0 leaves the route out (404)."""
+    scheduler = req.server.scheduler
+    gauges = [("ollama_queue_depth", {}, scheduler.waiting)]
+    running = scheduler.running()
+    gauges.append(("ollama_runners_loaded", {}, len(running)))
+    for e in running:
+        gauges.append(("ollama_runner_memory_bytes", {"model": e.model.short_name}, _rss_bytes(e.runner)))
+    return Response(200, req.server.metrics.text(gauges).encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+def _rss_bytes(runner):
+    """A runner's llama-server resident memory (Linux /proc), else 0."""
+    proc = getattr(runner, "proc", None)
+    try:
+        with open("/proc/%d/statm" % proc.pid) as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError, IndexError):
+        return 0
 
 
 # -- models ------------------------------------------------------------------
@@ -7504,10 +7612,16 @@ def _format_schema(fmt):
     raise BadRequest('invalid format: %s; expected "json" or a valid JSON Schema object' % json_dumps(fmt))
 
 
-def _metrics(final, started, load_seconds):
-    """Ollama's timing fields from the final /completion event (zero values omitted)."""
+def _metrics(final, started, lease):
+    """Ollama's timing fields from the final /completion event (zero values omitted), counted for
+    the lease's model in the server's Prometheus metrics too."""
     t = final.get("timings") or {}
-    out = {"total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_seconds),
+    model, metrics = lease.entry.model.short_name, lease.scheduler.metrics
+    metrics.add("ollama_prompt_tokens_total", int(t.get("prompt_n", 0)) + int(t.get("cache_n", 0)), model=model)
+    metrics.add("ollama_prompt_eval_seconds_total", float(t.get("prompt_ms", 0)) / 1e3, model=model)
+    metrics.add("ollama_generated_tokens_total", int(t.get("predicted_n", 0)), model=model)
+    metrics.add("ollama_generation_seconds_total", float(t.get("predicted_ms", 0)) / 1e3, model=model)
+    out = {"total_duration": _ns(time.monotonic() - started), "load_duration": _ns(lease.load_s),
            "prompt_eval_count": int(t.get("prompt_n", 0)) + int(t.get("cache_n", 0)),
            "prompt_eval_duration": int(t.get("prompt_ms", 0) * 1e6),
            "eval_count": int(t.get("predicted_n", 0)),
@@ -7745,7 +7859,7 @@ def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, t
             done = dict(base, created_at=rfc3339(), response=piece, **extra, done=True, done_reason=stop_reason(final))
             if not body.get("raw"):
                 done["context"] = _context(lease.runner, text, "".join(pieces), asked, tokens, final)
-            done.update(_metrics(final, started, lease.load_s))
+            done.update(_metrics(final, started, lease))
             yield done
     finally:
         if asked is not None:
@@ -7912,7 +8026,7 @@ def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started, top_lo
                 msg["tool_calls"] = [_jinja_tool_call(i, calls[k]) for i, k in enumerate(sorted(calls))]
             done = dict(base, created_at=rfc3339(), message=msg, **extra, done=True,
                         done_reason="length" if finish == "length" else "stop")
-            done.update(_metrics(event, started, lease.load_s))
+            done.update(_metrics(event, started, lease))
             yield done
             return
     finally:
@@ -7983,7 +8097,7 @@ def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top
                 yield dict(base, created_at=rfc3339(), message=msg, **extra, done=False)
             continue
         done = dict(base, created_at=rfc3339(), message=msg, **extra, done=True, done_reason=stop_reason(final))
-        done.update(_metrics(final, started, lease.load_s))
+        done.update(_metrics(final, started, lease))
         yield done
 
 
@@ -9674,6 +9788,7 @@ def cmd_serve(args):
       OLLAMA_TLS_KEY            PEM private key for OLLAMA_TLS_CERT
       OLLAMA_NO_REGISTRY        do not answer /v2 (the read-only OCI registry other machines pull from)
       OLLAMA_REGISTRY_MIRRORS   host:port,... tried in order before registry.ollama.ai for its models
+      OLLAMA_METRICS            0 turns off GET /metrics (Prometheus; guarded by OLLAMA_API_KEYS when set)
     """
     config = Config()
     _setup_logging(config, to_file=True)
