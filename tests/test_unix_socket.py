@@ -1,6 +1,7 @@
 """OLLAMA_HOST=unix:PATH: serve on a private Unix socket only, the CLI and the official client over it,
 the socket's owner trusted by SO_PEERCRED, and another user on the box kept out."""
 import grp
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import pytest
 import fixtures
 import ollama
 from test_inference import import_gguf
+from tiny_gguf import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 OLLAMA_PY = str(ROOT / "ollama.py")
@@ -84,9 +86,18 @@ def test_serve_listens_only_on_a_0600_socket_and_the_cli_works_over_it(unix_serv
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
     assert stat.S_IMODE(os.stat(sock_path.parent).st_mode) == 0o700
     assert unix_server.socket.family == socket.AF_UNIX and unix_server.url == "unix:" + str(sock_path)
+    src = sock_path.parent.parent / "src"
+    src.mkdir()
+    write_tiny_gguf(src / "tiny.gguf")
+    (src / "Modelfile").write_text("FROM ./tiny.gguf\n")
+    result = cli("create", "sockmodel", "-f", str(src / "Modelfile"))
+    assert result.returncode == 0, result.stderr
+    digest = "sha256:" + hashlib.sha256((src / "tiny.gguf").read_bytes()).hexdigest()
+    # linked, not uploaded: X-Ollama-Path was trusted by the peer's uid (SO_PEERCRED)
+    assert os.path.samestat(unix_server.store.blob_path(digest).stat(), (src / "tiny.gguf").stat())
     result = cli("list")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("NAME")
+    assert result.stdout.startswith("NAME") and "sockmodel:latest" in result.stdout
     assert cli("ps").returncode == 0
     result = cli("show", "nosuch")
     assert result.returncode == 1 and "not found" in result.stderr
@@ -225,7 +236,6 @@ def test_path_import_trusts_only_the_servers_uid_by_peer_credentials(other_user,
     blob = public_dir / "weights.bin"
     blob.write_bytes(b"some weights")
     blob.chmod(0o644)
-    import hashlib
     digest = "sha256:" + hashlib.sha256(b"some weights").hexdigest()
     with fixtures.serving(ollama.make_server(ollama.Config())) as srv:
         sock.chmod(0o666)          # opened up by hand: the header must still trust the owner alone
