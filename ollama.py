@@ -3627,6 +3627,8 @@ def load_model(store, name):
     return Model(found, raw, manifest, config, store)
 
 
+RANK_POOLING = 4                  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker (bge-reranker, Qwen3-Reranker)
+
 #: What a GGUF's Jinja chat template must mention for a capability (llama.cpp's common_chat detects
 #: tool and reasoning formats from the same text).
 JINJA_CAPABILITIES = {"tools": ("tools",), "thinking": ("reasoning_content", "<think>", "enable_thinking")}
@@ -3635,7 +3637,8 @@ JINJA_CAPABILITIES = {"tools": ("tools",), "thinking": ("reasoning_content", "<t
 def model_capabilities(model):
     """The capabilities of a Model, as Ollama's server/images.go Capabilities decides them.
 
-    completion (or embedding when the GGUF has <arch>.pooling_type), vision (a vision block or a
+    completion (or embedding when the GGUF has <arch>.pooling_type, rerank when that is 4, a
+    reranker's), vision (a vision block or a
     projector), tools (the template's Vars() include .Tools), insert (.Suffix), thinking (.Thinking,
     or a gpt-oss family).
     """
@@ -3647,7 +3650,8 @@ def model_capabilities(model):
         except (OSError, OllamaError) as e:
             log.error("couldn't open model file: %s", e)
     if g is not None:
-        caps.append("embedding" if g.is_embedding else "completion")
+        rank = g.is_embedding and g.kv.get(g.key("pooling_type")) == RANK_POOLING
+        caps.append("rerank" if rank else "embedding" if g.is_embedding else "completion")
         if g.key("vision.block_count") in g.kv:
             caps.append("vision")
     elif model.config.get("capabilities"):
@@ -5653,6 +5657,15 @@ class Runner:
             body["chat_template_kwargs"] = kwargs
         return self.call("/apply-template", body)["prompt"]
 
+    def rerank(self, query, documents):
+        """(scores, prompt tokens): llama-server's relevance score of each document to `query` (a
+        --rerank runner), in the documents' order, and the tokens it evaluated."""
+        out = self.call("/rerank", {"query": query, "documents": documents, "top_n": len(documents)})
+        scores = [0.0] * len(documents)
+        for item in out.get("results", []):
+            scores[item["index"]] = item["relevance_score"]
+        return scores, int((out.get("usage") or {}).get("prompt_tokens", 0))
+
     def embeddings(self, inputs):
         """Raw (unnormalised) pooled embeddings for each input string, in order."""
         out = self.call("/embedding", {"content": inputs, "embd_normalize": -1})
@@ -6089,8 +6102,11 @@ def _embedding_args(model, num_ctx):
     as Ollama cuts it, still fits. These flags come last, so they win over Runner's."""
     size = str(num_ctx + 1)
     args = ["--ctx-size", size, "--batch-size", size, "--ubatch-size", size]
-    if embedding_pooling(model) in (None, 0):
+    pooling = embedding_pooling(model)
+    if pooling in (None, 0):
         args += ["--pooling", "last"]
+    elif pooling == RANK_POOLING:
+        args += ["--rerank"]                  # a reranker: llama-server's /rerank instead of /embedding
     return args
 
 
@@ -8178,6 +8194,49 @@ def api_embed(req):
             "prompt_eval_count": sum(len(b) for b in batches)}
 
 
+@route("POST", "/api/rerank")
+def api_rerank(req):
+    """POST /api/rerank (an ollama.py extension in Ollama's style): `query`, `documents` (strings)
+    and `top_n` -> `results` [{index, relevance_score, document}] best first, with the durations.
+    A model without the rerank capability is 400 `"NAME" does not support rerank`."""
+    body = req.json()
+    started = time.monotonic()
+    query, documents, top_n = _rerank_fields(body, "RerankRequest")
+    model = _find_model(req, body)
+    _check_capability(body, model, "rerank", "rerank")
+    with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
+        scores, count = lease.runner.rerank(query, documents) if documents else ([], 0)
+    results = _ranked(documents, scores, top_n)
+    return {"model": body.get("model"), "results": results, "total_duration": _ns(time.monotonic() - started),
+            "load_duration": _ns(lease.load_s), "prompt_eval_count": count}
+
+
+def _rerank_fields(body, struct_name):
+    """(query, documents, top_n) of a rerank request, Go's unmarshal errors for wrong types; a
+    document may be a string or {"text": ...} (Cohere's and Jina's clients send either)."""
+    query = _expect(body, "query", str, "string", struct_name) or ""
+    documents = body.get("documents") or []
+    if not isinstance(documents, list):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field %s.documents of type []string"
+                         % (_json_kind(documents), struct_name))
+    docs = []
+    for d in documents:
+        text = d.get("text") if isinstance(d, dict) else d
+        if not isinstance(text, str):
+            raise BadRequest("documents must be strings")
+        docs.append(text)
+    top_n = _expect(body, "top_n", int, "int", struct_name)
+    if not query and docs:
+        raise BadRequest("query is required")
+    return query, docs, len(docs) if top_n is None or top_n <= 0 else min(top_n, len(docs))
+
+
+def _ranked(documents, scores, top_n):
+    """The `top_n` best documents: [{index, relevance_score, document}], by score then index."""
+    order = sorted(range(len(documents)), key=lambda i: (-scores[i], i))[:top_n]
+    return [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in order]
+
+
 @route("POST", "/api/embeddings")
 def api_embeddings(req):
     """POST /api/embeddings (legacy): one raw, unnormalised embedding of `prompt`."""
@@ -9287,6 +9346,26 @@ def v1_embeddings(req):
         data.append({"object": "embedding", "embedding": vector, "index": i})
     count = result.get("prompt_eval_count", 0)
     return {"object": "list", "data": data, "model": body.get("model"),
+            "usage": {"prompt_tokens": count, "total_tokens": count}}
+
+
+@route("POST", "/v1/rerank")
+@_openai
+def v1_rerank(req):
+    """POST /v1/rerank: the Jina/Cohere rerank shape llama-server, LocalAI and vLLM share (`query`,
+    `documents`, `top_n`, `return_documents`) via /api/rerank: `results` [{index, relevance_score}]
+    best first (with `document: {text}` when asked), and `usage`."""
+    body = req.json()
+    forward = {k: body[k] for k in ("model", "query", "documents", "top_n", "keep_alive") if k in body}
+    result = api_rerank(_forward(req, forward))
+    results = []
+    for r in result["results"]:
+        item = {"index": r["index"], "relevance_score": r["relevance_score"]}
+        if body.get("return_documents"):
+            item["document"] = {"text": r["document"]}
+        results.append(item)
+    count = result.get("prompt_eval_count", 0)
+    return {"object": "list", "model": body.get("model"), "results": results,
             "usage": {"prompt_tokens": count, "total_tokens": count}}
 
 
