@@ -8178,6 +8178,7 @@ def api_embed(req):
     model = _find_model(req, body)
     truncate = body.get("truncate", True) is not False
     dimensions = _expect(body, "dimensions", int, "int", "EmbedRequest") or 0
+    _check_not_reranker(body, model)
     with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not inputs:
             return {"model": body.get("model"), "embeddings": []}
@@ -8237,12 +8238,20 @@ def _ranked(documents, scores, top_n):
     return [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in order]
 
 
+def _check_not_reranker(body, model):
+    """400 `"NAME" does not support embeddings` for a reranker: its llama-server (--rerank) scores
+    pairs and has no /embedding. Any other model embeds, as in Ollama."""
+    if "rerank" in model.capabilities():
+        raise BadRequest('"%s" does not support embeddings' % body.get("model"))
+
+
 @route("POST", "/api/embeddings")
 def api_embeddings(req):
     """POST /api/embeddings (legacy): one raw, unnormalised embedding of `prompt`."""
     body = req.json()
     model = _find_model(req, body)
     prompt = _expect(body, "prompt", str, "string", "EmbeddingRequest") or ""
+    _check_not_reranker(body, model)
     with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not prompt:
             return {"embedding": []}

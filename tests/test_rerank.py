@@ -79,3 +79,6 @@ def test_rerank_of_a_model_that_is_not_a_reranker_is_ollamas_400(rerank_server):
     assert status == 400 and out["error"]["message"] == '"tiny" does not support rerank'
     status, out = post(rerank_server, "/api/generate", {"model": "rr", "prompt": "hi"})
     assert status == 400 and out == {"error": '"rr" does not support generate'}
+    for path, body in (("/api/embed", {"input": "hi"}), ("/api/embeddings", {"prompt": "hi"})):
+        status, out = post(rerank_server, path, dict(body, model="rr"))
+        assert status == 400 and out == {"error": '"rr" does not support embeddings'}
