@@ -82,3 +82,14 @@ def test_rerank_of_a_model_that_is_not_a_reranker_is_ollamas_400(rerank_server):
     for path, body in (("/api/embed", {"input": "hi"}), ("/api/embeddings", {"prompt": "hi"})):
         status, out = post(rerank_server, path, dict(body, model="rr"))
         assert status == 400 and out == {"error": '"rr" does not support embeddings'}
+
+
+def test_cohere_sdk_reranks_against_our_base_url(rerank_server):
+    """A client people rerank with: Cohere's SDK, its base_url pointed at ollama.py (POST /v1/rerank)."""
+    cohere = pytest.importorskip("cohere")
+    client = cohere.Client(base_url="http://127.0.0.1:%d" % rerank_server.server_port, api_key="unused")
+    answer = client.rerank(model="rr", query="what do cats do", documents=DOCS, top_n=2)
+    api = post(rerank_server, "/api/rerank", {"model": "rr", "query": "what do cats do", "documents": DOCS})[1]
+    assert [r.index for r in answer.results] == [r["index"] for r in api["results"][:2]]
+    assert [r.relevance_score for r in answer.results] == \
+        pytest.approx([r["relevance_score"] for r in api["results"][:2]], abs=1e-5)
