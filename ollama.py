@@ -5,7 +5,7 @@ Run large language models locally with Ollama's commands, HTTP API and model
 store, on top of llama.cpp's own ``llama-server`` (built by build_llama.sh).
 Standard library only, Python 3.9 or newer. MIT licensed.
 
-    ollama.py serve                   start the server (OLLAMA_HOST, default 127.0.0.1:11434)
+    ollama.py serve                   start the server (OLLAMA_HOST, default 127.0.0.1:11434, or unix:PATH)
     ollama.py create NAME -f Modelfile
     ollama.py run NAME [PROMPT]       chat, or answer one prompt
     ollama.py pull|push|list|ps|show|cp|rm|stop|export|import ...
@@ -13,9 +13,10 @@ Standard library only, Python 3.9 or newer. MIT licensed.
 
 The map
 -------
-Sections run in dependency order: each uses only those above it (Config's keep_alive default
-and the Utilities' Go durations are the exceptions). Each has a three-line ``#`` banner; the big
-ones are cut into parts by ``# ==`` lines, and parts into pieces by ``# --`` lines.
+Sections run in dependency order: each uses only those above it (Config's keep_alive default,
+its OllamaError for a unix: OLLAMA_HOST without a path, and the Utilities' Go durations are the
+exceptions). Each has a three-line ``#`` banner; the big ones are cut into parts by ``# ==`` lines,
+and parts into pieces by ``# --`` lines.
 
     Config         defaults (one per line, with units); Config: the OLLAMA_* environment, read once
     Errors         OllamaError and its subclasses, each with the HTTP `status` it is answered with
@@ -58,7 +59,7 @@ chat and parses tool calls and thinking itself; images are checked (WebP made PN
 The /v1 handlers (OpenAI chat, completions and Responses; Anthropic Messages) call the /api
 ones through ``_forward`` and translate the answer; the CLI talks to serve over HTTP only.
 
-Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers,
+Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers, metrics,
 routes, connection count); the models are on disk in the ``Store``; the loaded runners in the
 ``Scheduler``; downloads in flight in ``Transfers``; the blobs /v2 has hashed in the server's
 ``served_blobs``. At module level there are only constants, the logger and the two tables the
@@ -162,12 +163,28 @@ def parse_host(value, default_port=DEFAULT_PORT):
     return scheme, host or DEFAULT_HOST, port
 
 
+def parse_unix_host(value):
+    """The socket path of an OLLAMA_HOST that names a Unix socket, else None. Spellings:
+    unix:PATH and unix://PATH (PATH absolute, or relative to the current directory) and
+    unix:///abs/path (the URL form: the same as unix:/abs/path)."""
+    if not value or not value.startswith("unix:"):
+        return None
+    path = value[len("unix:"):]
+    if path.startswith("//"):
+        path = path[2:]
+    if not path:
+        raise OllamaError("OLLAMA_HOST=%s names no socket path" % value)
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class Config:
     """Everything the environment decides, read once (OLLAMA_* variables, see `serve --help`)."""
 
     def __init__(self, environ=None):
         env = os.environ if environ is None else environ
-        self.scheme, self.host, self.port = parse_host(_env(env, "OLLAMA_HOST"))
+        self.unix = parse_unix_host(_env(env, "OLLAMA_HOST"))   # a socket path: serve listens only there
+        self.socket_group = _env(env, "OLLAMA_SOCKET_GROUP")    # a group that may use it too (0660)
+        self.scheme, self.host, self.port = parse_host(None if self.unix else _env(env, "OLLAMA_HOST"))
         home = Path(env.get("HOME") or Path.home())
         self.home = home / ".ollama"
         self.models = Path(_env(env, "OLLAMA_MODELS") or self.home / "models").expanduser()
@@ -191,9 +208,12 @@ class Config:
         self.tls_cert, self.tls_key = _env(env, "OLLAMA_TLS_CERT"), _env(env, "OLLAMA_TLS_KEY")
         self.registry = _env(env, "OLLAMA_NO_REGISTRY").lower() not in ("1", "true")   # serve /v2
         self.mirrors = [m.strip() for m in _env(env, "OLLAMA_REGISTRY_MIRRORS").split(",") if m.strip()]
+        self.metrics = _bool_env(env, "OLLAMA_METRICS", True)    # GET /metrics (Prometheus)
 
     @property
     def base_url(self):
+        if self.unix:
+            return "unix:" + self.unix
         host = "[%s]" % self.host if ":" in self.host else self.host
         return "%s://%s:%d" % (self.scheme, host, self.port)
 
@@ -556,6 +576,71 @@ def _rmtree(path):
     """Remove a folder and what it holds, if it is there."""
     import shutil
     shutil.rmtree(str(path), ignore_errors=True)
+
+
+#: The metrics GET /metrics exposes: name -> (Prometheus type, help). A summary is its _sum and _count.
+METRICS = {
+    "ollama_http_requests_total": ("counter", "HTTP requests answered, by route pattern, method and status."),
+    "ollama_http_request_duration_seconds": ("summary", "Time to answer a request (a stream to its end), by route."),
+    "ollama_queue_depth": ("gauge", "Requests waiting for a runner (a slot, or a load) now."),
+    "ollama_queue_wait_seconds": ("summary", "Time requests waited for their runner, loading it included."),
+    "ollama_runners_loaded": ("gauge", "llama-server runners loaded now."),
+    "ollama_runner_memory_bytes": ("gauge", "Resident memory of each loaded runner's llama-server, by model."),
+    "ollama_model_load_seconds": ("summary", "Time to start a runner and load its model, by model."),
+    "ollama_prompt_tokens_total": ("counter", "Prompt tokens evaluated (cached ones included), by model."),
+    "ollama_prompt_eval_seconds_total": ("counter", "Time spent evaluating prompts, by model."),
+    "ollama_generated_tokens_total": ("counter", "Tokens generated, by model."),
+    "ollama_generation_seconds_total": ("counter", "Time spent generating tokens, by model."),
+    "ollama_pull_bytes_total": ("counter", "Blob bytes downloaded from registries."),
+    "ollama_push_bytes_total": ("counter", "Blob bytes uploaded to registries."),
+}
+
+
+METRICS_UNLABELLED = ("ollama_queue_wait_seconds", "ollama_pull_bytes_total", "ollama_push_bytes_total")
+
+
+class Metrics:
+    """The server's Prometheus counters and summaries (gauges are read from the server's state when
+    scraped): add() and observe() from any thread, text() for the exposition format 0.0.4."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.values = {}                      # (name, ((label, value), ...)) -> number
+
+    def add(self, name, amount=1, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self.lock:
+            self.values[key] = self.values.get(key, 0) + amount
+
+    def observe(self, name, seconds, **labels):
+        """One observation of a summary: its _sum and _count."""
+        key = tuple(sorted(labels.items()))
+        with self.lock:
+            for part, amount in (("_sum", seconds), ("_count", 1)):
+                self.values[(name + part, key)] = self.values.get((name + part, key), 0) + amount
+
+    def text(self, gauges=()):
+        """The exposition: every METRICS entry with its HELP and TYPE, then its samples (those
+        recorded here, and `gauges`: (name, labels dict, value) read now); a METRICS_UNLABELLED
+        counter or summary that has not moved yet is shown as 0."""
+        with self.lock:
+            samples = dict(self.values)
+        for name, labels, value in gauges:
+            samples[(name, tuple(sorted(labels.items())))] = value
+        out = []
+        for name, (kind, text) in METRICS.items():
+            out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
+            parts = ("_sum", "_count") if kind == "summary" else ("",)
+            mine = sorted((k for k in samples if k[0] in [name + p for p in parts]), key=lambda k: (k[1], k[0]))
+            if not mine and kind != "gauge" and name in METRICS_UNLABELLED:
+                mine = [(name + p, ()) for p in parts]
+            for key in mine:
+                labels = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')
+                                               .replace("\n", "\\n")) for k, v in key[1])
+                value = samples.get(key, 0)
+                out.append("%s%s %s\n" % (key[0], "{%s}" % labels if labels else "",
+                                          repr(float(value)) if isinstance(value, float) else value))
+        return "".join(out)
 
 
 ###############################################################################
@@ -4174,6 +4259,8 @@ def load_model(store, name):
     return Model(found, raw, manifest, config, store)
 
 
+RANK_POOLING = 4                  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker (bge-reranker, Qwen3-Reranker)
+
 #: What a GGUF's Jinja chat template must mention for a capability (llama.cpp's common_chat detects
 #: tool and reasoning formats from the same text).
 JINJA_CAPABILITIES = {"tools": ("tools",), "thinking": ("reasoning_content", "<think>", "enable_thinking")}
@@ -4182,7 +4269,8 @@ JINJA_CAPABILITIES = {"tools": ("tools",), "thinking": ("reasoning_content", "<t
 def model_capabilities(model):
     """The capabilities of a Model, as Ollama's server/images.go Capabilities decides them.
 
-    completion (or embedding when the GGUF has <arch>.pooling_type), vision (a vision block or a
+    completion (or embedding when the GGUF has <arch>.pooling_type, rerank when that is 4, a
+    reranker's), vision (a vision block or a
     projector), tools (the template's Vars() include .Tools), insert (.Suffix), thinking (.Thinking,
     or a gpt-oss family).
     """
@@ -4194,7 +4282,8 @@ def model_capabilities(model):
         except (OSError, OllamaError) as e:
             log.error("couldn't open model file: %s", e)
     if g is not None:
-        caps.append("embedding" if g.is_embedding else "completion")
+        rank = g.is_embedding and g.kv.get(g.key("pooling_type")) == RANK_POOLING
+        caps.append("rerank" if rank else "embedding" if g.is_embedding else "completion")
         if g.key("vision.block_count") in g.kv:
             caps.append("vision")
     elif model.config.get("capabilities"):
@@ -4813,8 +4902,9 @@ class Transfers:
     """The server's registry transfer state: one shared download per digest (two pulls of the same
     blob share it), plus the knobs below (tests shrink them)."""
 
-    def __init__(self):
+    def __init__(self, metrics=None):
         self.lock = threading.Lock()
+        self.metrics = metrics or Metrics()     # the server's: pulled and pushed bytes are counted there
         self.jobs = {}                      # digest -> _BlobDownload
         self.parts = DOWNLOAD_PARTS
         self.part_min = PART_SIZE_MIN       # bytes
@@ -5060,6 +5150,7 @@ class _BlobDownload:
                 if not chunk:
                     raise ConnectionError("unexpected EOF")
                 _pwrite(self.fd, chunk, pos)
+                self.t.metrics.add("ollama_pull_bytes_total", len(chunk))
                 pos += len(chunk)
                 with self.lock:
                     part.completed += len(chunk)
@@ -5281,6 +5372,7 @@ def _upload_blob(session, store, name, desc, transfers, progress, cancel):
 
     def on_read(n):
         state["done"] += n
+        transfers.metrics.add("ollama_push_bytes_total", n)
         now = time.monotonic()
         if now - state["sent"] >= transfers.progress_interval:
             state["sent"] = now
@@ -5844,25 +5936,36 @@ class _Wire:
         return self.buf[self.pos - n:self.pos]
 
     @classmethod
-    def request(cls, host, port, method, path, body=None, headers=None, timeout=None, tls=None):
-        """A _Wire on a new connection to host:port (through the ssl context `tls` if given) that has
-        sent the request. `body` is bytes or a file (read in COPY_CHUNK pieces: as they come with a
-        Content-Length header, else chunked). OSError when it cannot connect or send."""
-        # An ASCII host as bytes: a str goes through the idna codec (its import, with unicodedata and
-        # stringprep, is ~3 ms of a CLI start); a non-ASCII one needs it.
-        sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
+    def request(cls, host, port, method, path, body=None, headers=None, timeout=None, tls=None, unix=None):
+        """A _Wire on a new connection to host:port (through the ssl context `tls` if given), or to
+        the Unix socket at path `unix` (then Host: is `host`), that has sent the request. `body` is
+        bytes or a file (read in COPY_CHUNK pieces: as they come with a Content-Length header, else
+        chunked). OSError when it cannot connect or send."""
+        if unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(unix)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            # An ASCII host as bytes: a str goes through the idna codec (its import, with unicodedata
+            # and stringprep, is ~3 ms of a CLI start); a non-ASCII one needs it.
+            sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
         try:
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=host)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not unix:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hdrs = dict(headers or {})
             stream = body is not None and not isinstance(body, (bytes, bytearray))
             if isinstance(body, (bytes, bytearray)) or (body is None and method not in ("GET", "HEAD")):
                 hdrs["Content-Length"] = str(len(body or b""))
             elif stream and "Content-Length" not in hdrs:
                 hdrs["Transfer-Encoding"] = "chunked"
-            head = "%s %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n%s\r\n" % (
-                method, path, "[%s]" % host if ":" in host else host, port,
+            head = "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n%s\r\n" % (
+                method, path, host if unix else "%s:%d" % ("[%s]" % host if ":" in host else host, port),
                 "".join("%s: %s\r\n" % kv for kv in hdrs.items()))
             if not stream:
                 sock.sendall(head.encode("latin-1") + (body or b""))
@@ -6236,6 +6339,15 @@ class Runner:
             body["chat_template_kwargs"] = kwargs
         return self.call("/apply-template", body)["prompt"]
 
+    def rerank(self, query, documents):
+        """(scores, prompt tokens): llama-server's relevance score of each document to `query` (a
+        --rerank runner), in the documents' order, and the tokens it evaluated."""
+        out = self.call("/rerank", {"query": query, "documents": documents, "top_n": len(documents)})
+        scores = [0.0] * len(documents)
+        for item in out.get("results", []):
+            scores[item["index"]] = item["relevance_score"]
+        return scores, int((out.get("usage") or {}).get("prompt_tokens", 0))
+
     def embeddings(self, inputs):
         """Raw (unnormalised) pooled embeddings for each input string, in order."""
         out = self.call("/embedding", {"content": inputs, "embd_normalize": -1})
@@ -6549,8 +6661,9 @@ class Scheduler:
     leaves `reap()` to the caller.
     """
 
-    def __init__(self, config, exe=None, new_runner=None, clock=time.time, reaper=True):
+    def __init__(self, config, exe=None, new_runner=None, clock=time.time, reaper=True, metrics=None):
         self.config = config
+        self.metrics = metrics or Metrics()           # the server's: queue waits and load times
         self.exe = exe
         self.new_runner = new_runner or self._runner_for
         self.clock = clock
@@ -6602,7 +6715,9 @@ class Scheduler:
         Raises Busy when the queue is full."""
         started = time.monotonic()
         entry = self.acquire(model, opts, keep_alive, embedding=embedding)
-        return Lease(self, entry, keep_alive, opts, time.monotonic() - started)
+        waited = time.monotonic() - started
+        self.metrics.observe("ollama_queue_wait_seconds", waited)
+        return Lease(self, entry, keep_alive, opts, waited)
 
     def loaded_embedding(self, name):
         """Whether the runner loaded for `name` embeds (True) or completes (False); None if none is."""
@@ -6650,11 +6765,14 @@ class Scheduler:
                         if self.closed:
                             raise OllamaError("server is shutting down")
                         self.starting.add(runner)     # before it starts: a shutdown now stops it
+                    loading = time.monotonic()
                     try:
                         runner.start(self.config.load_timeout)
                     finally:
                         with self.cond:
                             self.starting.discard(runner)
+                    self.metrics.observe("ollama_model_load_seconds", time.monotonic() - loading,
+                                         model=model.short_name)
                     entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock())
                     with self.cond:
                         closed = self.closed          # shutdown() ran while it loaded
@@ -6769,8 +6887,12 @@ def is_embedding_model(model):
 def _embedding_args(model):
     """llama-server flags for an embedding runner beyond Runner's own (context and batch sizes): a
     model without pooling of its own is pooled on its last token, the hidden state Ollama's runner
-    takes (llama_get_embeddings_ith of the last prompt token)."""
-    return ["--pooling", "last"] if embedding_pooling(model) in (None, 0) else []
+    takes (llama_get_embeddings_ith of the last prompt token); a reranker gets --rerank (llama-server's
+    /rerank instead of /embedding)."""
+    pooling = embedding_pooling(model)
+    if pooling in (None, 0):
+        return ["--pooling", "last"]
+    return ["--rerank"] if pooling == RANK_POOLING else []
 
 
 def _safe_filename(text):
@@ -7045,7 +7167,8 @@ class OllamaHandler:
     def setup(self):
         super().setup()
         # one small write per token: without this, Nagle + delayed ACK can hold a chunk for 40 ms
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.connection.family != socket.AF_UNIX:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Linux's niceness is per thread: this connection's relay waits for the gaps between
         # llama-server's token steps instead of preempting a compute thread both of its threads
         # then wait for (runners are forked from the Spawner's thread, at serve's own niceness).
@@ -7095,11 +7218,17 @@ class OllamaHandler:
     def _dispatch(self):
         started = time.monotonic()
         status = 500
+        self._endpoint = None                  # the route pattern matched: the metrics' endpoint label
         try:
             status = self._route()
             if not self.close_connection:
                 self._finish_body()
         finally:
+            endpoint = self._endpoint or "other"      # never the raw path: one series per route, not per URL
+            self.server.metrics.add("ollama_http_requests_total", endpoint=endpoint, method=self.command,
+                                    status=status)
+            self.server.metrics.observe("ollama_http_request_duration_seconds", time.monotonic() - started,
+                                        endpoint=endpoint)
             log.info("| %3d | %10s | %15s | %-7s %s", status, format_duration(time.monotonic() - started),
                      self.client_address[0], self.command, log_value(urllib.parse.urlsplit(self.path).path))
 
@@ -7124,7 +7253,7 @@ class OllamaHandler:
             if self.server.config.api_keys and path != "/" and not self._api_key_ok():
                 return self._send(_unauthorized(path))
             self.body_reader()                                  # a bad Content-Length is a 400 here
-            func, params, allowed = self.server.routes.match(self.command, path)
+            func, params, allowed, self._endpoint = self.server.routes.match(self.command, path)
             if func is None:
                 if allowed:
                     return self._send(Response(405, b"405 method not allowed"))
@@ -7293,19 +7422,20 @@ class Routes:
         self.table = []
         for method, pattern, func in table:
             regex = "^" + re.sub(r"\*(\w+)$", r"(?P<\1>.+)", re.sub(r":(\w+)", r"(?P<\1>[^/]+)", pattern)) + "$"
-            self.table.append((method, re.compile(regex), func))
+            self.table.append((method, re.compile(regex), func, pattern))
 
     def match(self, method, path):
-        """(func, params, allowed): the handler or None, the captured params, and whether the path
-        exists under another method (for 405)."""
-        allowed = False
-        for m, regex, func in self.table:
+        """(func, params, allowed, pattern): the handler or None, the captured params, whether the
+        path exists under another method (for 405), and the route's pattern (None when no route
+        has the path: what metrics label it with)."""
+        allowed, found = False, None
+        for m, regex, func, pattern in self.table:
             hit = regex.match(path)
             if hit:
                 if m == method or (method == "HEAD" and m == "GET"):
-                    return func, hit.groupdict(), True
-                allowed = True
-        return None, {}, allowed
+                    return func, hit.groupdict(), True, pattern
+                allowed, found = True, pattern
+        return None, {}, allowed, found
 
 
 class OllamaServer:
@@ -7318,23 +7448,65 @@ class OllamaServer:
         self.config = config
         self.tls = _tls_context(config)                # first: a bad certificate starts nothing
         self.store = Store(config.models)
-        self.routes = routes or Routes([r for r in ROUTES if config.registry or not r[1].startswith("/v2")])
-        self.scheduler = Scheduler(config)
-        self.transfers = Transfers()      # registry downloads in flight, shared per digest
+        self.routes = routes or Routes([r for r in ROUTES if (config.registry or not r[1].startswith("/v2"))
+                                        and (config.metrics or r[1] != "/metrics")])
+        self.metrics = Metrics()          # Prometheus counters (GET /metrics), filled by the parts below too
+        self.scheduler = Scheduler(config, metrics=self.metrics)
+        self.transfers = Transfers(self.metrics)      # registry downloads in flight, shared per digest
         self.served_blobs = {}            # digest -> stat identity of the file whose bytes /v2 hashed and matched
         self.verify_lock = threading.Lock()     # guards served_blobs and verify_locks
         self.verify_locks = {}            # digest -> Lock: one hash of a blob at a time (its parallel parts wait)
+        self.unix = config.unix if address is None else None      # OLLAMA_HOST=unix:PATH: the only listener
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.address_family = socket.AF_UNIX if self.unix else socket.AF_INET6 if ":" in host else socket.AF_INET
         self.request_queue_size = listen_backlog()
         self.max_connections = min(MAX_CONNECTIONS, max(16, _fd_limit() - 128))   # fds kept for files, runners
         self.connections = 0
         self.connections_lock = threading.Lock()
         self.accept_backoff = 0.0                      # seconds; grows while accept() has no fd to give
-        super().__init__((host, port), self.handler)
+        self.socket_id = None                          # (st_dev, st_ino) of the socket file we bound
+        super().__init__(self.unix or (host, port), self.handler)
         self.origins = _DEFAULT_ORIGINS + config.origins
-        self.loopback = _is_loopback(host)
+        self.loopback = bool(self.unix) or _is_loopback(host)
+
+    def server_bind(self):
+        """TCP as http.server binds it; a Unix socket file made 0600 (0660 with OLLAMA_SOCKET_GROUP,
+        owned by that group), with its directory made if missing (0700). A socket file left by a
+        killed serve (nothing accepts on it) is replaced; one a live server answers on is an error."""
+        if not self.unix:
+            return super().server_bind()
+        gid = _socket_group(self.config.socket_group)
+        path = self.unix
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _take_over_socket(path)
+        old = os.umask(0o177)                  # created 0600: no moment when another user can connect
+        try:
+            self.socket.bind(path)
+        finally:
+            os.umask(old)
+        if gid is not None:
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+        st = os.stat(path)
+        self.socket_id = (st.st_dev, st.st_ino)
+        self.server_address = path
+        self.server_name, self.server_port = "localhost", 0
+
+    def get_request(self):
+        """accept(), backing off (5 ms doubling to 1 s, as Go's http.Server) while the process is out
+        of file descriptors: the listener stays readable then, and retrying at once would spin. A
+        Unix socket's peer has no address: it is ("unix", 0) in logs."""
+        try:
+            conn, addr = super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.accept_backoff = min(1.0, self.accept_backoff * 2 or 0.005)
+                log.warning("accept: %s; retrying in %s", e.strerror, format_duration(self.accept_backoff))
+                time.sleep(self.accept_backoff)
+            raise
+        self.accept_backoff = 0.0
+        return conn, ("unix", 0) if self.unix else addr
 
     def finish_request(self, request, client_address):
         """With OLLAMA_TLS_CERT/KEY, the TLS handshake happens here, on the connection's own thread
@@ -7398,30 +7570,19 @@ class OllamaServer:
             pass
         self.shutdown_request(request)
 
-    def get_request(self):
-        """accept(), backing off (5 ms doubling to 1 s, as Go's http.Server) while the process is out
-        of file descriptors: the listener stays readable then, and retrying at once would spin."""
-        try:
-            conn = super().get_request()
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self.accept_backoff = min(1.0, self.accept_backoff * 2 or 0.005)
-                log.warning("accept: %s; retrying in %s", e.strerror, format_duration(self.accept_backoff))
-                time.sleep(self.accept_backoff)
-            raise
-        self.accept_backoff = 0.0
-        return conn
-
     @property
     def url(self):
+        if self.unix:
+            return "unix:" + self.unix
         host, port = self.server_address[:2]
         return "%s://%s:%d" % ("https" if self.tls else "http", "[%s]" % host if ":" in host else host, port)
 
     def host_allowed(self, host_header):
         """The DNS-rebinding guard (Ollama's allowedHostsMiddleware). Falsy: refuse with 403. Bound
         off loopback, or a Host that is a loopback/private/unspecified/local address: True. A local
-        name (localhost, this machine's name, *.localhost, *.local, *.internal): "name"."""
-        if not self.loopback:
+        name (localhost, this machine's name, *.localhost, *.local, *.internal): "name". On a Unix
+        socket, anything (no browser page can reach one, so there is no rebinding to guard)."""
+        if not self.loopback or self.unix:
             return True
         host = _split_host(host_header).lower()
         ip = _parse_ip(host)
@@ -7453,6 +7614,49 @@ class OllamaServer:
         if self.scheduler is not None:
             self.scheduler.shutdown()
         super().server_close()
+        if self.socket_id is not None:         # our socket file, unless another serve has replaced it
+            with contextlib.suppress(OSError):
+                st = os.stat(self.unix)
+                if (st.st_dev, st.st_ino) == self.socket_id:
+                    os.unlink(self.unix)
+            self.socket_id = None
+
+
+def _socket_group(name):
+    """The gid OLLAMA_SOCKET_GROUP names (a group name or number), or None when unset."""
+    if not name:
+        return None
+    import grp
+    try:
+        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
+    except (KeyError, ValueError):
+        raise OllamaError("OLLAMA_SOCKET_GROUP=%s: no such group" % name) from None
+
+
+def _take_over_socket(path):
+    """Clear the way to bind a Unix socket at `path`: nothing there, or a socket file no process
+    accepts on (a killed serve's) is removed. A live server there, or a file that is not a
+    socket, is an OllamaError."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OllamaError("cannot listen on %s: it exists and is not a socket" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(path)
+    except ConnectionRefusedError:              # stale: the serve that bound it is gone
+        log.info("removing the stale socket %s left by a server that is gone", path)
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise OllamaError("cannot listen on %s: %s" % (path, e.strerror or e)) from None
+    finally:
+        probe.close()
+    raise OllamaError("cannot listen on %s: another server is already listening on it "
+                      "(stop it first, or choose another OLLAMA_HOST)" % path)
 
 
 def _tls_context(config):
@@ -7547,6 +7751,8 @@ def make_server(config=None, host=None, port=None):
     config = config or Config()
     handler = type("OllamaHandler", (OllamaHandler, http.server.BaseHTTPRequestHandler), {})
     server = type("OllamaServer", (OllamaServer, http.server.ThreadingHTTPServer), {"handler": handler})
+    if config.unix and host is None and port is None:
+        return server(config)                     # OLLAMA_HOST=unix:PATH
     return server(config, (host or config.host, config.port if port is None else port))
 
 
@@ -7565,6 +7771,30 @@ def api_version(req):
     """GET /api/version: the Ollama version whose API we implement (clients gate features on it:
     Codex wants 0.13.4 or newer), and ours in a field of its own."""
     return {"version": API_VERSION, "ollama_py": __version__}
+
+
+@route("GET", "/metrics")
+def api_metrics(req):
+    """GET /metrics: Prometheus' text exposition (0.0.4) of Metrics, with the gauges read now: the
+    queue, the loaded runners and their llama-servers' resident memory. Keys guard it as the rest
+    of the API; OLLAMA_METRICS=0 leaves the route out (404)."""
+    scheduler = req.server.scheduler
+    gauges = [("ollama_queue_depth", {}, scheduler.waiting)]
+    running = scheduler.running()
+    gauges.append(("ollama_runners_loaded", {}, len(running)))
+    for e in running:
+        gauges.append(("ollama_runner_memory_bytes", {"model": e.model.short_name}, _rss_bytes(e.runner)))
+    return Response(200, req.server.metrics.text(gauges).encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+def _rss_bytes(runner):
+    """A runner's llama-server resident memory (Linux /proc), else 0."""
+    proc = getattr(runner, "proc", None)
+    try:
+        with open("/proc/%d/statm" % proc.pid) as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError, IndexError):
+        return 0
 
 
 # -- models ------------------------------------------------------------------
@@ -7631,10 +7861,18 @@ def _drain(req):
 
 
 def _peer_trusted(req):
-    """True when the client is a process of the server's own user on this machine: a loopback
-    peer whose socket /proc/net/tcp(6) says that uid owns. Unknown (no /proc, another network
-    namespace, the socket already gone) is untrusted."""
+    """True when the client is a process of the server's own user on this machine: on a Unix
+    socket, a peer whose uid SO_PEERCRED gives (exact: the kernel's record of who connected); on
+    TCP, a loopback peer whose socket /proc/net/tcp(6) says that uid owns. Unknown (no /proc,
+    another network namespace, the socket already gone) is untrusted."""
     sock = req.handler.connection
+    if sock.family == socket.AF_UNIX:
+        try:
+            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except (OSError, AttributeError):      # AttributeError: no SO_PEERCRED (not Linux)
+            return False
+        return uid == os.geteuid()
     try:
         peer, local = sock.getpeername(), sock.getsockname()
     except OSError:
@@ -8192,10 +8430,16 @@ def _format_schema(fmt):
     raise BadRequest('invalid format: %s; expected "json" or a valid JSON Schema object' % json_dumps(fmt))
 
 
-def _metrics(final, started, load_seconds):
-    """Ollama's timing fields from the final /completion event (zero values omitted)."""
+def _metrics(final, started, lease):
+    """Ollama's timing fields from the final /completion event (zero values omitted), counted for
+    the lease's model in the server's Prometheus metrics too."""
     t = final.get("timings") or {}
-    out = {"total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_seconds),
+    model, metrics = lease.entry.model.short_name, lease.scheduler.metrics
+    metrics.add("ollama_prompt_tokens_total", int(t.get("prompt_n", 0)) + int(t.get("cache_n", 0)), model=model)
+    metrics.add("ollama_prompt_eval_seconds_total", float(t.get("prompt_ms", 0)) / 1e3, model=model)
+    metrics.add("ollama_generated_tokens_total", int(t.get("predicted_n", 0)), model=model)
+    metrics.add("ollama_generation_seconds_total", float(t.get("predicted_ms", 0)) / 1e3, model=model)
+    out = {"total_duration": _ns(time.monotonic() - started), "load_duration": _ns(lease.load_s),
            "prompt_eval_count": int(t.get("prompt_n", 0)) + int(t.get("cache_n", 0)),
            "prompt_eval_duration": int(t.get("prompt_ms", 0) * 1e6),
            "eval_count": int(t.get("predicted_n", 0)),
@@ -8434,7 +8678,7 @@ def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, t
             done = dict(base, created_at=rfc3339(), response=piece, **extra, done=True, done_reason=stop_reason(final))
             if not body.get("raw"):
                 done["context"] = _context(lease.runner, text, "".join(pieces), asked, tokens, final)
-            done.update(_metrics(final, started, lease.load_s))
+            done.update(_metrics(final, started, lease))
             yield done
     finally:
         if asked is not None:
@@ -8604,7 +8848,7 @@ def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started, top_lo
                 msg["tool_calls"] = [_jinja_tool_call(i, calls[k]) for i, k in enumerate(sorted(calls))]
             done = dict(base, created_at=rfc3339(), message=msg, **extra, done=True,
                         done_reason="length" if finish == "length" else "stop")
-            done.update(_metrics(event, started, lease.load_s))
+            done.update(_metrics(event, started, lease))
             yield done
             return
     finally:
@@ -8685,7 +8929,7 @@ def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top
                 yield dict(base, created_at=rfc3339(), message=msg, **extra, done=False)
             continue
         done = dict(base, created_at=rfc3339(), message=msg, **extra, done=True, done_reason=stop_reason(final))
-        done.update(_metrics(final, started, lease.load_s))
+        done.update(_metrics(final, started, lease))
         yield done
 
 
@@ -8754,6 +8998,7 @@ def api_embed(req):
     model = _find_model(req, body)
     truncate = body.get("truncate", True) is not False
     dimensions = _expect(body, "dimensions", int, "int", "EmbedRequest") or 0
+    _check_not_reranker(body, model)
     with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not inputs:
             return {"model": body.get("model"), "embeddings": []}
@@ -8770,12 +9015,63 @@ def api_embed(req):
             "prompt_eval_count": sum(len(b) for b in batches)}
 
 
+@route("POST", "/api/rerank")
+def api_rerank(req):
+    """POST /api/rerank (an ollama.py extension in Ollama's style): `query`, `documents` (strings)
+    and `top_n` -> `results` [{index, relevance_score, document}] best first, with the durations.
+    A model without the rerank capability is 400 `"NAME" does not support rerank`."""
+    body = req.json()
+    started = time.monotonic()
+    query, documents, top_n = _rerank_fields(body, "RerankRequest")
+    model = _find_model(req, body)
+    _check_capability(body, model, "rerank", "rerank")
+    with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
+        scores, count = lease.runner.rerank(query, documents) if documents else ([], 0)
+    results = _ranked(documents, scores, top_n)
+    return {"model": body.get("model"), "results": results, "total_duration": _ns(time.monotonic() - started),
+            "load_duration": _ns(lease.load_s), "prompt_eval_count": count}
+
+
+def _rerank_fields(body, struct_name):
+    """(query, documents, top_n) of a rerank request, Go's unmarshal errors for wrong types; a
+    document may be a string or {"text": ...} (Cohere's and Jina's clients send either)."""
+    query = _expect(body, "query", str, "string", struct_name) or ""
+    documents = body.get("documents") or []
+    if not isinstance(documents, list):
+        raise BadRequest("json: cannot unmarshal %s into Go struct field %s.documents of type []string"
+                         % (_json_kind(documents), struct_name))
+    docs = []
+    for d in documents:
+        text = d.get("text") if isinstance(d, dict) else d
+        if not isinstance(text, str):
+            raise BadRequest("documents must be strings")
+        docs.append(text)
+    top_n = _expect(body, "top_n", int, "int", struct_name)
+    if not query and docs:
+        raise BadRequest("query is required")
+    return query, docs, len(docs) if top_n is None or top_n <= 0 else min(top_n, len(docs))
+
+
+def _ranked(documents, scores, top_n):
+    """The `top_n` best documents: [{index, relevance_score, document}], by score then index."""
+    order = sorted(range(len(documents)), key=lambda i: (-scores[i], i))[:top_n]
+    return [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in order]
+
+
+def _check_not_reranker(body, model):
+    """400 `"NAME" does not support embeddings` for a reranker: its llama-server (--rerank) scores
+    pairs and has no /embedding. Any other model embeds, as in Ollama."""
+    if "rerank" in model.capabilities():
+        raise BadRequest('"%s" does not support embeddings' % body.get("model"))
+
+
 @route("POST", "/api/embeddings")
 def api_embeddings(req):
     """POST /api/embeddings (legacy): one raw, unnormalised embedding of `prompt`."""
     body = req.json()
     model = _find_model(req, body)
     prompt = _expect(body, "prompt", str, "string", "EmbeddingRequest") or ""
+    _check_not_reranker(body, model)
     with _schedule(req, model, body, _keep_alive(req, body), embedding=True) as lease:
         if not prompt:
             return {"embedding": []}
@@ -9893,6 +10189,26 @@ def v1_embeddings(req):
             "usage": {"prompt_tokens": count, "total_tokens": count}}
 
 
+@route("POST", "/v1/rerank")
+@_openai
+def v1_rerank(req):
+    """POST /v1/rerank: the Jina/Cohere rerank shape llama-server, LocalAI and vLLM share (`query`,
+    `documents`, `top_n`, `return_documents`) via /api/rerank: `results` [{index, relevance_score}]
+    best first (with `document: {text}` when asked), and `usage`."""
+    body = req.json()
+    forward = {k: body[k] for k in ("model", "query", "documents", "top_n", "keep_alive") if k in body}
+    result = api_rerank(_forward(req, forward))
+    results = []
+    for r in result["results"]:
+        item = {"index": r["index"], "relevance_score": r["relevance_score"]}
+        if body.get("return_documents"):
+            item["document"] = {"text": r["document"]}
+        results.append(item)
+    count = result.get("prompt_eval_count", 0)
+    return {"object": "list", "model": body.get("model"), "results": results,
+            "usage": {"prompt_tokens": count, "total_tokens": count}}
+
+
 @route("GET", "/v1/models")
 @_openai
 def v1_models(req):
@@ -10222,7 +10538,8 @@ class Client:
     over a _Wire (http.client would import the email parser at every CLI start)."""
 
     def __init__(self, base_url, timeout=None, api_key=""):
-        url = urllib.parse.urlsplit(base_url)
+        self.unix = parse_unix_host(base_url)          # "unix:PATH": serve's socket (Host: localhost)
+        url = urllib.parse.urlsplit("http://localhost" if self.unix else base_url)
         self.scheme, self.host = url.scheme or "http", url.hostname
         self.port = url.port or (443 if self.scheme == "https" else 80)
         self.prefix = url.path.rstrip("/")
@@ -10248,10 +10565,16 @@ class Client:
             tls = ssl.create_default_context()   # the system CAs; SSL_CERT_FILE honoured
         wire = None
         try:
-            wire = _Wire.request(self.host, self.port, method, self.prefix + path, body, hdrs, self.timeout, tls)
+            wire = _Wire.request(self.host, self.port, method, self.prefix + path, body, hdrs, self.timeout, tls,
+                                 unix=self.unix)
             status, chunked, length = wire.response_head()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, FileNotFoundError):     # FileNotFoundError: no socket file
             raise OllamaError("could not connect to ollama server, run 'ollama.py serve' to start it") from None
+        except PermissionError as e:
+            if self.unix:       # 0600 (or 0660 and another group): the socket is its owner's only
+                raise OllamaError("permission denied: the ollama.py server's socket %s is not this user's"
+                                  % self.unix, 403) from None
+            raise OllamaError("could not connect to ollama server: %s" % e) from None
         except (OSError, EOFError, ValueError, IndexError) as e:
             if wire is not None:
                 wire.close()
@@ -10372,7 +10695,9 @@ def cmd_serve(args):
     """Start ollama.py's server.
 
     Environment variables:
-      OLLAMA_HOST               IP address and port for the server (default 127.0.0.1:11434)
+      OLLAMA_HOST               IP address and port for the server (default 127.0.0.1:11434), or
+                                unix:PATH (unix:///abs/path too) to listen on that socket only (0600)
+      OLLAMA_SOCKET_GROUP       with a unix: OLLAMA_HOST, a group whose members may use it too (0660)
       OLLAMA_MODELS             the path to the models directory (default ~/.ollama/models)
       OLLAMA_KEEP_ALIVE         how long models stay loaded in memory (default "5m")
       OLLAMA_MAX_LOADED_MODELS  maximum number of loaded models (default 3)
@@ -10394,6 +10719,7 @@ def cmd_serve(args):
       OLLAMA_TLS_KEY            PEM private key for OLLAMA_TLS_CERT
       OLLAMA_NO_REGISTRY        do not answer /v2 (the read-only OCI registry other machines pull from)
       OLLAMA_REGISTRY_MIRRORS   host:port,... tried in order before registry.ollama.ai for its models
+      OLLAMA_METRICS            0 turns off GET /metrics (Prometheus; guarded by OLLAMA_API_KEYS when set)
     """
     config = Config()
     _setup_logging(config, to_file=True)
@@ -10414,7 +10740,7 @@ def cmd_serve(args):
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    log.info("Listening on %s (version %s, Ollama API %s)", server.url.split("://", 1)[1], __version__, API_VERSION)
+    log.info("Listening on %s (version %s, Ollama API %s)", server.url.split("://", 1)[-1], __version__, API_VERSION)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

@@ -127,13 +127,15 @@ def _gguf_done(writer, path):
 
 def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_head_kv=None, n_ff=128,
                     n_ctx_train=2048, f16=True, seed=0, vocab=None, chat_template=None, embedding=False,
-                    name="tiny-llama", cache=None):
-    """Write a tiny random-weight llama (or olmo2) GGUF that real llama-server loads in milliseconds.
+                    rerank=False, name="tiny-llama", cache=None):
+    """Write a tiny random-weight llama (or olmo2, mistral3, qwen3vl) GGUF that real llama-server loads in
+    milliseconds.
 
     Weights come from a seeded RNG, so the same arguments give the same bytes. The tokenizer is copied
     from llama.cpp's models/ggml-vocab-<vocab>.gguf (default llama-spm, 32000 tokens; a path works too).
     ``chat_template`` is written as tokenizer.chat_template; ``embedding`` marks the model for mean
-    pooling (llama.pooling_type = 1) so /embedding gives one vector per input. ``cache`` is the
+    pooling (llama.pooling_type = 1) so /embedding gives one vector per input; ``rerank`` marks it a
+    reranker (pooling_type 4, rank) for llama-server's --rerank. ``cache`` is the
     ollama-py cache dir to find the llama.cpp source in (default cache_dir()). Returns the Path.
     """
     import numpy as np
@@ -164,6 +166,8 @@ def write_tiny_gguf(path, arch="llama", *, n_embd=64, n_layer=2, n_head=4, n_hea
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     if embedding:
         writer.add_pooling_type(gguf.PoolingType.MEAN)
+    elif rerank:            # a reranker: pooled on the last token, its score the output's first value
+        writer.add_pooling_type(gguf.PoolingType.RANK)
     for key, (value, vtype, sub) in sorted(tok.items()):
         if key == "tokenizer.chat_template":
             continue

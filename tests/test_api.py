@@ -60,7 +60,8 @@ def test_every_api_handler_is_routed_once_by_its_decorator():
     assert sorted(set(routed)) == sorted(handlers)
     # only the /v2 registry answers several methods (writes: UNSUPPORTED) or spellings with one handler
     assert sorted(n for n in routed if not n.startswith("v2_")) == sorted(h for h in handlers if h[:3] != "v2_")
-    assert len({(m, p) for m, p, _h in ollama.ROUTES}) == len(ollama.ROUTES) == 36   # with the /v1 extras
+    # + messages, responses, count_tokens, metrics, /api/rerank and /v1/rerank
+    assert len({(m, p) for m, p, _h in ollama.ROUTES}) == len(ollama.ROUTES) == 39
 
 
 def test_wrong_method_is_405(server):
