@@ -37,7 +37,7 @@ def test_a_rank_pooled_gguf_has_the_rerank_capability(reranker_gguf, tiny_gguf, 
     import_gguf(server.store, "tiny", tiny_gguf)
     assert ollama.load_model(server.store, "rr").capabilities() == ["rerank"]
     assert "rerank" not in ollama.load_model(server.store, "tiny").capabilities()
-    assert "--rerank" in ollama._embedding_args(ollama.load_model(server.store, "rr"), 512)
+    assert "--rerank" in ollama._embedding_args(ollama.load_model(server.store, "rr"))
 
 
 def test_api_rerank_orders_by_score_honours_top_n_and_scores_follow_the_query(rerank_server):
