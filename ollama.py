@@ -59,9 +59,9 @@ The /v1 handlers (OpenAI chat, completions and Responses; Anthropic Messages) ca
 ones through ``_forward`` and translate the answer; the CLI talks to serve over HTTP only.
 
 Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers,
-routes, open connections and request slots); the models are on disk in the ``Store``; the loaded runners in the
-``Scheduler``; downloads in flight in ``Transfers``; the blobs /v2 has hashed in the server's
-``served_blobs``. At module level there are only constants, the logger and the two tables the
+routes, open connections and request slots); the models are on disk in the ``Store``; the loaded
+runners in the ``Scheduler``; downloads in flight in ``Transfers``; the blobs /v2 has hashed in the
+server's ``served_blobs``. At module level there are only constants, the logger and the two tables the
 decorators fill at import: ``ROUTES`` and ``COMMANDS``.
 
 To add an endpoint: write ``@route("POST", "/api/thing")`` over ``def api_thing(req):`` in its
