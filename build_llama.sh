@@ -548,7 +548,9 @@ install_launcher() {
     # It runs the interpreter the cache is compiled for, by its own path: `python3` may be a wrapper
     # (pyenv's shim is a bash script, ~65 ms a start here), and the cache is per Python version; plain
     # `python3` if that one is gone. -S: ollama.py imports only the standard library, so `site`
-    # (site-packages and their .pth files, run at every start) is not needed.
+    # (site-packages and their .pth files, run at every start) is not needed. The script's own path is
+    # the first argument (its directory goes on sys.path), so `ps` shows ".../ollama.py serve" and
+    # `pgrep -f "ollama.py serve"` finds serve started either way.
     [ "$cross" = 0 ] && [ -f "$HERE/ollama.py" ] || return 0
     local py launcher="$HERE/bin/ollama"
     py="$(command -v python3)" || return 0
@@ -559,8 +561,8 @@ install_launcher() {
 # written by build_llama.sh: \`ollama ARGS\` is \`python3 ollama.py ARGS\`, from cached bytecode
 py='$py'
 [ -x "\$py" ] || py=python3
-exec "\$py" -S -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); import ollama; sys.exit(ollama.main())' \\
-    "$HERE" "\$@"
+exec "\$py" -S -c 'import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); import ollama; sys.exit(ollama.main())' \\
+    "$HERE/ollama.py" "\$@"
 LAUNCHER
     chmod 755 "$launcher.tmp.$$" && mv -f "$launcher.tmp.$$" "$launcher"
     "$py" -c 'import py_compile, sys; py_compile.compile(sys.argv[1], doraise=True)' "$HERE/ollama.py" 2>/dev/null \

@@ -59,10 +59,10 @@ chat and parses tool calls and thinking itself; images are checked (WebP made PN
 The /v1 handlers (OpenAI chat, completions and Responses; Anthropic Messages) call the /api
 ones through ``_forward`` and translate the answer; the CLI talks to serve over HTTP only.
 
-Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers, metrics,
-routes, connection count); the models are on disk in the ``Store``; the loaded runners in the
-``Scheduler``; downloads in flight in ``Transfers``; the blobs /v2 has hashed in the server's
-``served_blobs``. At module level there are only constants, the logger and the two tables the
+Where state lives: the server's is on the ``OllamaServer`` (config, store, scheduler, transfers,
+metrics, routes, open connections and request slots); the models are on disk in the ``Store``; the
+loaded runners in the ``Scheduler``; downloads in flight in ``Transfers``; the blobs /v2 has hashed in
+the server's ``served_blobs``. At module level there are only constants, the logger and the two tables the
 decorators fill at import: ``ROUTES`` and ``COMMANDS``.
 
 To add an endpoint: write ``@route("POST", "/api/thing")`` over ``def api_thing(req):`` in its
@@ -126,9 +126,12 @@ COPY_CHUNK = 1 << 20              # bytes per read when streaming blobs
 RELAY_READ = 1 << 16              # bytes per recv from llama-server's token stream (many events when it runs ahead)
 HANDLER_NICE = 5                  # niceness added to request threads: llama-server's compute threads come first
 MAX_JSON_BODY = 64 << 20          # bytes; a JSON request (images ride in it as base64: a dozen photos fit)
-IDLE_TIMEOUT = 120.0              # seconds a kept-alive connection may wait for its next request
-STALL_TIMEOUT = 30.0              # seconds a request's headers or body (or a client reading the answer) may stall
-MAX_CONNECTIONS = 1024            # open connections served at once; more get 503 (each holds a thread)
+IDLE_TIMEOUT = 120.0              # seconds a connection may wait for the first byte of its (next) request
+HEAD_TIMEOUT = 10.0               # seconds from a request's first byte to its headers' end (Go's ReadHeaderTimeout)
+STALL_TIMEOUT = 30.0              # seconds a request's body (or a client reading the answer) may stall
+MAX_CONNECTIONS = 1024            # requests served at once (head read, answer not yet sent); more get 503
+MAX_OPEN = 4096                   # open connections (a thread each); past it the longest idle one is closed
+MAX_PEER_CONNECTIONS = 64         # open connections from one non-loopback address (an IPv6 /64); more get 503
 BLOB_GRACE = 3600.0               # seconds an unreferenced blob is kept at startup (an upload awaiting its create)
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -7156,6 +7159,21 @@ _CORS_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
 _ORIGIN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[!-.0-~]+\Z")
 
 
+class _DeadlineIO(socket.SocketIO):
+    """A connection's reads (under the handler's rfile) with a deadline: while `deadline` (a
+    time.monotonic() value) is set, each read waits only until then, so a request head sent a byte
+    at a time ends at HEAD_TIMEOUT in all, not after STALL_TIMEOUT per byte."""
+    deadline = None
+
+    def readinto(self, b):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("request head not complete in %s" % format_duration(HEAD_TIMEOUT))
+            self._sock.settimeout(min(left, STALL_TIMEOUT))
+        return super().readinto(b)
+
+
 class OllamaHandler:
     """Serves Ollama's API: host check, CORS, then one route table (ROUTES) for dispatch. A mixin
     that make_server puts over http.server.BaseHTTPRequestHandler (as OllamaServer over its
@@ -7165,7 +7183,11 @@ class OllamaHandler:
     server_version = "ollama.py/" + __version__
 
     def setup(self):
+        import io  # always loaded by the interpreter: a lookup
         super().setup()
+        self.rfile.close()                           # the makefile() one: reads go through _DeadlineIO
+        self._raw = _DeadlineIO(self.connection, "rb")
+        self.rfile = io.BufferedReader(self._raw)
         # one small write per token: without this, Nagle + delayed ACK can hold a chunk for 40 ms
         if self.connection.family != socket.AF_UNIX:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -7180,13 +7202,27 @@ class OllamaHandler:
                 pass
 
     def handle_one_request(self):
-        self.connection.settimeout(IDLE_TIMEOUT)     # waiting for the next request line
+        """Wait up to IDLE_TIMEOUT for the request's first byte, then give the whole head (request
+        line and headers) HEAD_TIMEOUT from that byte on, as Go's ReadHeaderTimeout does."""
         self._reader = None
+        self._raw.deadline = None
+        self.connection.settimeout(IDLE_TIMEOUT)     # waiting for the next request
+        try:
+            first = self.rfile.peek(1)
+        except socket.timeout:
+            first = b""
+        if not first:                                # closed, or idle too long
+            self.close_connection = True
+            return
+        self._raw.deadline = time.monotonic() + HEAD_TIMEOUT
         super().handle_one_request()
 
     def parse_request(self):
-        self.connection.settimeout(STALL_TIMEOUT)    # from the request line on: headers, body, answer
-        return super().parse_request()
+        try:
+            return super().parse_request()           # reads the headers
+        finally:
+            self._raw.deadline = None                # the head is in: body and answer may each stall
+            self.connection.settimeout(STALL_TIMEOUT)
 
     def __getattr__(self, name):
         if name.startswith("do_"):                   # every method goes to the router: 404/405, not 501
@@ -7220,7 +7256,14 @@ class OllamaHandler:
         status = 500
         self._endpoint = None                  # the route pattern matched: the metrics' endpoint label
         try:
-            status = self._route()
+            if not self.server.begin_request(self.client_address):
+                status = self._send(Response.json(503, {"error": _BUSY}))
+                self.close_connection = True
+                return
+            try:
+                status = self._route()
+            finally:
+                self.server.end_request(self.client_address)   # a body left to drain holds no slot
             if not self.close_connection:
                 self._finish_body()
         finally:
@@ -7438,9 +7481,28 @@ class Routes:
         return None, {}, allowed, found
 
 
+_BUSY = "server busy, please try again.  maximum connections exceeded"
+
+
 class OllamaServer:
     """The `serve` process: the HTTP listener plus all server state (store, scheduler, config). A
-    mixin over http.server.ThreadingHTTPServer: make_server builds one, with its `handler` class."""
+    mixin over http.server.ThreadingHTTPServer: make_server builds one, with its `handler` class.
+
+    Connection slots. A client can hold a connection open for free (an idle socket, or a request
+    head sent a byte at a time) and before its head is read nothing is known of it, not even
+    whether it has a key for OLLAMA_API_KEYS; so only requests count against max_connections
+    (MAX_CONNECTIONS): a slot is taken once a request's head is in and given back once its answer
+    is sent (begin_request/end_request; an unauthorised request's 401 holds it for microseconds).
+    Connections without a request in progress cost a thread and an fd each, so they are bounded
+    another way: a head must be complete HEAD_TIMEOUT after its first byte, a connection waits
+    IDLE_TIMEOUT at most for that byte, and at max_open open connections a new one is still
+    accepted and the one idle longest (no request in progress: waiting for or reading a head,
+    kept alive, draining a body) is closed instead, so idle and slow sockets can never make a
+    client with a complete request get a 503 (an evicted kept-alive client reconnects, as HTTP
+    clients do). A non-loopback peer (an IPv4 address, an IPv6 /64) may hold max_per_peer
+    (MAX_PEER_CONNECTIONS) connections; more get a 503 at once. Loopback is not capped per peer:
+    every local client (the CLI, agents, a browser) shares 127.0.0.1, so a per-peer cap there
+    would be a global one, and a local user can already do worse than hold sockets."""
     daemon_threads = True
     allow_reuse_address = True
 
@@ -7461,9 +7523,13 @@ class OllamaServer:
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_UNIX if self.unix else socket.AF_INET6 if ":" in host else socket.AF_INET
         self.request_queue_size = listen_backlog()
-        self.max_connections = min(MAX_CONNECTIONS, max(16, _fd_limit() - 128))   # fds kept for files, runners
-        self.connections = 0
-        self.connections_lock = threading.Lock()
+        self.max_open = min(MAX_OPEN, max(32, _fd_limit() - 128))      # fds kept for files, runners
+        self.max_connections = min(MAX_CONNECTIONS, self.max_open)
+        self.max_per_peer = MAX_PEER_CONNECTIONS
+        self.open = {}                    # client address -> [socket, idle since (None: a request in progress), peer]
+        self.peers = {}                   # peer (None: loopback) -> open connections
+        self.requests = 0                 # requests in progress (slots taken)
+        self.connections_lock = threading.Lock()       # guards open, peers and requests
         self.accept_backoff = 0.0                      # seconds; grows while accept() has no fd to give
         self.socket_id = None                          # (st_dev, st_ino) of the socket file we bound
         super().__init__(self.unix or (host, port), self.handler)
@@ -7514,36 +7580,100 @@ class OllamaServer:
         if self.tls is None:
             return super().finish_request(request, client_address)
         request.settimeout(STALL_TIMEOUT)
+        request = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         try:
-            request = self.tls.wrap_socket(request, server_side=True)
-        except OSError as e:                      # ssl.SSLError is one
-            log.debug("TLS handshake with %s failed: %s", client_address[0], e)
-            return None
-        try:
+            with self.connections_lock:               # wrapping took the fd: eviction shuts this one
+                if client_address in self.open:
+                    self.open[client_address][0] = request
+            try:
+                request.do_handshake()
+            except OSError as e:                      # ssl.SSLError is one
+                log.debug("TLS handshake with %s failed: %s", client_address[0], e)
+                return None
             return super().finish_request(request, client_address)
         finally:
+            self._forget(client_address)
             request.close()
 
+    @property
+    def connections(self):
+        """Open connections."""
+        return len(self.open)
+
     def process_request(self, request, client_address):
+        """Admit a connection (see the class's "Connection slots"): over its peer's cap it gets a
+        503; at max_open the one idle longest is closed to make room."""
+        peer = _peer_key(client_address[0])
         with self.connections_lock:
-            full = self.connections >= self.max_connections
-            if not full:
-                self.connections += 1
-        if full:
-            return self._refuse(request)
+            refuse = peer is not None and self.peers.get(peer, 0) >= self.max_per_peer
+            if not refuse and len(self.open) >= self.max_open:
+                refuse = not self._evict()
+            if not refuse:
+                self.open[client_address] = [request, time.monotonic(), peer]
+                self.peers[peer] = self.peers.get(peer, 0) + 1
+        if refuse:
+            return self._refuse(request, peer)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            with self.connections_lock:
-                self.connections -= 1
+            self._forget(client_address)
             raise
 
     def process_request_thread(self, request, client_address):
+        # socketserver's, with the connection forgotten before it is closed: _evict shuts sockets
+        # down under the lock, never one whose fd may already be another connection's
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            with self.connections_lock:
-                self.connections -= 1
+            self._forget(client_address)
+            self.shutdown_request(request)
+
+    def _evict(self):
+        """Close the connection idle longest (called with connections_lock held); False if every
+        open one has a request in progress."""
+        idle = [(entry[1], address) for address, entry in self.open.items() if entry[1] is not None]
+        if not idle:
+            return False
+        address = min(idle)[1]
+        sock = self.open[address][0]
+        self._forget(address, locked=True)
+        log.debug("closing the connection from %s idle longest: %d open", address[0], self.max_open)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)               # its thread's read ends, and the thread with it
+        return True
+
+    def _forget(self, client_address, locked=False):
+        with contextlib.nullcontext() if locked else self.connections_lock:
+            entry = self.open.pop(client_address, None)
+            if entry is None:
+                return
+            if entry[1] is None:
+                self.requests -= 1
+            self.peers[entry[2]] -= 1
+            if not self.peers[entry[2]]:
+                del self.peers[entry[2]]
+
+    def begin_request(self, client_address):
+        """Take a request slot for this connection, whose request head is in; False if all
+        max_connections are taken (the request gets a 503)."""
+        with self.connections_lock:
+            entry = self.open.get(client_address)
+            if self.requests >= self.max_connections or entry is None:
+                return False
+            if entry[1] is not None:
+                entry[1] = None
+                self.requests += 1
+            return True
+
+    def end_request(self, client_address):
+        """Give the slot back: the answer is sent, the connection is idle again."""
+        with self.connections_lock:
+            entry = self.open.get(client_address)
+            if entry is not None and entry[1] is None:
+                entry[1] = time.monotonic()
+                self.requests -= 1
 
     def handle_error(self, request, client_address):
         """An exception out of a connection's handler (socketserver prints its traceback to stderr).
@@ -7555,11 +7685,14 @@ class OllamaServer:
         else:
             log.exception("internal error serving %s", client_address[0])
 
-    def _refuse(self, request):
-        """Answer a connection over the cap with a 503 and close it, without a thread: what the
+    def _refuse(self, request, peer=None):
+        """Answer a connection over a cap with a 503 and close it, without a thread: what the
         client has sent so far is read first, so the close does not reset the answer away."""
-        log.warning("refusing a connection: %d open (the most served at once)", self.max_connections)
-        body = json_dumps({"error": "server busy, please try again.  maximum connections exceeded"}).encode()
+        if peer is not None and self.peers.get(peer, 0) >= self.max_per_peer:
+            log.warning("refusing a connection from %s: %d open from it", peer, self.max_per_peer)
+        else:
+            log.warning("refusing a connection: %d open, each with a request in progress", self.max_open)
+        body = json_dumps({"error": _BUSY}).encode()
         try:
             request.setblocking(False)
             with contextlib.suppress(OSError):
@@ -7689,6 +7822,23 @@ def _unauthorized(path):
     answer = Response.json(401, body)
     answer.headers["WWW-Authenticate"] = 'Bearer realm="ollama.py"'
     return answer
+
+
+def _peer_key(address):
+    """The peer a connection's address counts against for MAX_PEER_CONNECTIONS: None for loopback
+    (not capped), an IPv4 address, or an IPv6 /64 (one host's share of a network: it can pick any
+    address in it)."""
+    import ipaddress
+    ip = _parse_ip(address.split("%", 1)[0])
+    if ip is None:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return None
+    if ip.version == 6:
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _split_host(host_header):

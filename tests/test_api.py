@@ -123,19 +123,22 @@ def test_200_concurrent_requests_are_all_answered(server):
 
 
 def test_connections_over_the_cap_get_a_503_and_a_freed_slot_serves_again(server):
+    # The cap counts requests in progress (see OllamaServer's "Connection slots"): three requests
+    # waiting for the bodies they announced hold the three slots; idle sockets would hold none.
     server.max_connections = 3
-    idle = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(3)]
+    busy = [_raw(server, b"POST /api/show HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{",
+                 read=False) for _ in range(3)]
     deadline = time.monotonic() + 10
-    while server.connections < 3 and time.monotonic() < deadline:
+    while server.requests < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     resp, data = _request(server, "GET", "/api/version")
     assert resp.status == 503 and json.loads(data) == {
         "error": "server busy, please try again.  maximum connections exceeded"}
-    idle.pop().close()
-    while server.connections > 2 and time.monotonic() < deadline:
+    busy.pop().close()
+    while server.requests > 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _request(server, "GET", "/api/version")[0].status == 200
-    for s in idle:
+    for s in busy:
         s.close()
 
 
@@ -146,6 +149,92 @@ def test_500_idle_connections_do_not_starve_a_request(server):
     finally:
         for s in idle:
             s.close()
+
+
+def test_a_request_head_sent_a_byte_at_a_time_is_closed_at_the_head_deadline(server, monkeypatch):
+    monkeypatch.setattr(ollama, "HEAD_TIMEOUT", 1.0, raising=False)
+    # waiting for a request's first byte is the idle timeout's business, not the head deadline's
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
+        time.sleep(1.5)
+        s.sendall(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    # one byte every 0.2 s never stalls a read for STALL_TIMEOUT: only the deadline on the whole head ends it
+    s = socket.create_connection(("127.0.0.1", server.server_port), timeout=10)
+    started, closed = time.monotonic(), False
+    try:
+        for byte in b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100:
+            s.sendall(bytes([byte]))
+            time.sleep(0.2)
+            if time.monotonic() - started > 12:
+                break
+    except OSError:                                       # reset: the server closed it
+        closed = True
+    if not closed:
+        s.settimeout(5)
+        try:
+            closed = s.recv(65536) == b""
+        except socket.timeout:                            # still open
+            pass
+        except OSError:
+            closed = True
+    s.close()
+    assert closed and time.monotonic() - started < 12
+
+
+def test_sockets_dribbling_request_heads_cannot_make_an_authorised_request_get_a_503(server):
+    server.config.api_keys = ["secret"]
+    server.max_connections, server.max_open = 8, 50
+    slow = []
+    try:
+        for _ in range(200):                              # each sends one byte of a request line
+            s = socket.create_connection(("127.0.0.1", server.server_port), timeout=10)
+            s.sendall(b"G")
+            slow.append(s)
+        resp, data = _request(server, "GET", "/api/tags", headers={"Authorization": "Bearer secret"})
+        assert resp.status == 200 and "models" in json.loads(data)
+        assert _request(server, "GET", "/api/tags")[0].status == 401
+        assert server.connections <= server.max_open + 1  # the longest idle were closed to make room
+        for s in slow[-10:]:                              # the newest are still being read
+            s.sendall(b"ET /api/tags HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer secret\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_a_non_loopback_peer_over_its_cap_gets_a_503_and_loopback_is_not_capped(server):
+    # Connections accepted here and handed to the server as if from other addresses.
+    server.max_per_peer = 4
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients = []
+
+    def admit(address):
+        c = socket.create_connection(listener.getsockname(), timeout=10)
+        clients.append(c)
+        s, _ = listener.accept()
+        server.process_request(s, address)
+        return c
+
+    def refused(c):
+        c.settimeout(0.5)
+        try:
+            return c.recv(65536).startswith(b"HTTP/1.1 503 ")
+        except socket.timeout:                            # admitted: the server waits for its request
+            return False
+
+    try:
+        assert [refused(admit(("192.0.2.7", 40000 + i))) for i in range(5)] == [False] * 4 + [True]
+        assert not refused(admit(("192.0.2.8", 40000)))   # another peer has its own share
+        # an IPv6 peer is its /64: a host there can pick any of its addresses
+        v6 = [refused(admit(("2001:db8:1:2::%x" % (i + 1), 40000, 0, 0))) for i in range(5)]
+        assert v6 == [False] * 4 + [True] and not refused(admit(("2001:db8:1:3::1", 40000, 0, 0)))
+        local = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(20)]
+        clients.extend(local)
+        assert _request(server, "GET", "/api/version")[0].status == 200
+    finally:
+        for c in clients:
+            c.close()
+        listener.close()
 
 
 def test_clients_that_hang_up_are_a_debug_line_not_a_traceback(server, capfd, caplog):

@@ -411,3 +411,40 @@ def test_launcher_runs_ollama_py_from_its_cached_bytecode(llama_server_bin, tmp_
     flags, mtime, size = struct.unpack("<III", cache.read_bytes()[4:16])
     st = (ROOT / "ollama.py").stat()
     assert flags == 0 and (mtime, size) == (int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
+
+
+def test_the_launcher_build_llama_sh_writes_shows_ollama_py_serve_in_ps(tmp_path):
+    # install_launcher alone, cut out of the script (running the script would build the engine), writing
+    # bin/ollama beside a copy of ollama.py; then serve started through it, as `ps` and pgrep -f see it.
+    text = SCRIPT.read_text()
+    func = re.search(r"^install_launcher\(\) \{\n.*?^\}\n", text, re.M | re.S).group(0)
+    here = tmp_path / "checkout"
+    here.mkdir()
+    shutil.copy(str(ROOT / "ollama.py"), str(here / "ollama.py"))
+    subprocess.run(["bash", "-c", 'note() { echo "$*" >&2; }\n%s\nHERE="$1" cross=0 install_launcher' % func,
+                    "bash", str(here)], check=True, timeout=60)
+    launcher = here / "bin" / "ollama"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HOME=str(tmp_path), OLLAMA_HOST="127.0.0.1:%d" % port)
+    proc = subprocess.Popen([str(launcher), "serve"], env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5) as resp:
+                    assert resp.read() == b"Ollama is running"
+                break
+            except OSError:
+                assert proc.poll() is None
+                time.sleep(0.1)
+        with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+            argv = f.read().split(b"\0")[:-1]
+        # the launcher exec'd Python in its own process: serve, found by `pgrep -f "ollama.py serve"`
+        assert argv[-2:] == [str(here / "ollama.py").encode(), b"serve"]
+        assert re.search(rb"ollama\.py serve", b" ".join(argv))
+    finally:
+        proc.terminate()
+        proc.wait(30)
