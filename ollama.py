@@ -7519,6 +7519,7 @@ class OllamaServer:
         self.verify_lock = threading.Lock()     # guards served_blobs and verify_locks
         self.verify_locks = {}            # digest -> Lock: one hash of a blob at a time (its parallel parts wait)
         self.unix = config.unix if address is None else None      # OLLAMA_HOST=unix:PATH: the only listener
+        self.unix_peers = itertools.count(1)    # the client "address" of the Nth connection on the socket
         host = config.host if address is None else address[0]
         port = config.port if address is None else address[1]
         self.address_family = socket.AF_UNIX if self.unix else socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -7562,7 +7563,8 @@ class OllamaServer:
     def get_request(self):
         """accept(), backing off (5 ms doubling to 1 s, as Go's http.Server) while the process is out
         of file descriptors: the listener stays readable then, and retrying at once would spin. A
-        Unix socket's peer has no address: it is ("unix", 0) in logs."""
+        Unix socket's peer has no address: it is ("unix", N), N counting connections, so that each
+        has a key of its own among the open connections (see "Connection slots")."""
         try:
             conn, addr = super().get_request()
         except OSError as e:
@@ -7572,7 +7574,7 @@ class OllamaServer:
                 time.sleep(self.accept_backoff)
             raise
         self.accept_backoff = 0.0
-        return conn, ("unix", 0) if self.unix else addr
+        return conn, ("unix", next(self.unix_peers)) if self.unix else addr
 
     def finish_request(self, request, client_address):
         """With OLLAMA_TLS_CERT/KEY, the TLS handshake happens here, on the connection's own thread
@@ -7826,9 +7828,11 @@ def _unauthorized(path):
 
 def _peer_key(address):
     """The peer a connection's address counts against for MAX_PEER_CONNECTIONS: None for loopback
-    (not capped), an IPv4 address, or an IPv6 /64 (one host's share of a network: it can pick any
+    and a Unix socket (not capped), an IPv4 address, or an IPv6 /64 (one host's share of a network: it can pick any
     address in it)."""
     import ipaddress
+    if address == "unix":                   # a Unix socket's peers are this machine's users, as loopback's
+        return None
     ip = _parse_ip(address.split("%", 1)[0])
     if ip is None:
         return address

@@ -177,6 +177,27 @@ def test_cli_without_a_server_on_the_socket_says_how_to_start_it(sock_path):
     assert result.returncode == 1 and "run 'ollama.py serve' to start it" in result.stderr
 
 
+def test_more_connections_on_the_socket_than_a_network_peer_may_hold_are_all_served(unix_server, sock_path):
+    """A Unix socket's clients are this machine's users, like loopback's: the per-peer cap for network
+    peers is not theirs, and each connection is one of its own (they all share one 'address')."""
+    conns = []
+    try:
+        for _ in range(ollama.MAX_PEER_CONNECTIONS + 6):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(str(sock_path))
+            conns.append(c)
+        for c in conns:
+            c.sendall(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answers = []
+        for c in conns:
+            c.settimeout(30)
+            answers.append(b"".join(iter(lambda c=c: c.recv(65536), b"")).split(b"\r\n", 1)[0])
+        assert set(answers) == {b"HTTP/1.1 200 OK"}
+    finally:
+        for c in conns:
+            c.close()
+
+
 def _raw_request(path, method, target, headers):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(path))
