@@ -6074,10 +6074,14 @@ def _shell_quote(arg):
 # Which runners are loaded, and who holds them: leases, queueing, eviction, keep-alive.
 
 class _Loaded:
-    """A runner in the scheduler's table, with its reference count and expiry."""
+    """A runner in the scheduler's table, with its reference count and expiry. `key` is the weights
+    it serves (runner_key), `model` the model that loaded it, `models` every name served by it since
+    (name key -> Model, in first-use order): /api/ps lists each, and stopping any of them stops it."""
 
-    def __init__(self, model, runner, load_key, keep_alive, embedding=False, loaded_at=None):
+    def __init__(self, model, runner, load_key, keep_alive, embedding=False, loaded_at=None, key=None):
         self.model, self.runner, self.load_key = model, runner, load_key
+        self.key = model.name.key() if key is None else key
+        self.models = {model.name.key(): model}
         self.embedding = embedding
         self.keep_alive = keep_alive
         self.refs = 0
@@ -6149,7 +6153,8 @@ class _LeasedItems:
 
 
 class Scheduler:
-    """Keeps llama-server children: one per loaded model, shared by concurrent requests.
+    """Keeps llama-server children: one per loaded weights blob (runner_key), shared by concurrent
+    requests and by every name for that blob (system, template and sampling are per request).
 
     `lease()` holds a loaded runner for a model (loading, reloading or evicting as needed) for the
     length of a `with` block (`acquire()`/`release()` are its parts); a runner serves
@@ -6159,7 +6164,8 @@ class Scheduler:
     the last request on a runner finishes; a background thread (`reap()` every 0.25 s) stops
     runners whose time is up.
 
-    Methods for the caller: `lease()`, `expire()`, `running()`, `loaded_embedding()`, `shutdown()`.
+    Methods for the caller: `lease()`, `expire()`, `running()`, `serving()`, `loaded_embedding()`,
+    `shutdown()`.
     Seams for tests: `new_runner(model, opts, embedding)` builds a runner that is not started
     (default: a llama-server `Runner`; it needs `start(timeout)`, `stop()`, `alive()`, `parallel`),
     `clock()` is the wall clock in seconds that keep-alive deadlines use, and `reaper=False`
@@ -6171,7 +6177,7 @@ class Scheduler:
         self.exe = exe
         self.new_runner = new_runner or self._runner_for
         self.clock = clock
-        self.loaded = {}                              # Name key -> _Loaded
+        self.loaded = {}                              # runner_key's key (the weights blob) -> _Loaded
         self.cond = threading.Condition()
         self.load_lock = threading.Lock()
         self.waiting = 0
@@ -6224,13 +6230,18 @@ class Scheduler:
     def loaded_embedding(self, name):
         """Whether the runner loaded for `name` embeds (True) or completes (False); None if none is."""
         with self.cond:
-            entry = self.loaded.get(name.key())
+            entry = self.serving(name)
             return None if entry is None else entry.embedding
+
+    def serving(self, name):
+        """The loaded _Loaded entry that has served `name` (a Name), or None."""
+        key = name.key()
+        with self.cond:                               # an RLock: callers holding it may call this
+            return next((e for e in self.loaded.values() if key in e.models), None)
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
-        key = model.name.key()
-        load_key = (model.digest, embedding) + tuple(opts.get(k) for k in LOAD_OPTIONS)
+        key, load_key = runner_key(model, opts, embedding)
         with self.cond:
             if self.waiting >= self.config.max_queue:
                 raise Busy("server busy, please try again.  maximum pending requests exceeded")
@@ -6248,6 +6259,8 @@ class Scheduler:
                         entry.refs += 1
                         entry.keep_alive = keep_alive
                         entry.expires = FOREVER
+                        if model.name.key() not in entry.models:   # a new dict: /api/ps may be reading it
+                            entry.models = {**entry.models, model.name.key(): model}
                         return entry
                     if entry is not None and entry.refs > 0 and entry.runner.alive():
                         self.cond.wait(0.5)           # a reload must wait for the old runner's requests
@@ -6272,7 +6285,7 @@ class Scheduler:
                     finally:
                         with self.cond:
                             self.starting.discard(runner)
-                    entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock())
+                    entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock(), key)
                     with self.cond:
                         closed = self.closed          # shutdown() ran while it loaded
                         if not closed:
@@ -6297,18 +6310,19 @@ class Scheduler:
                 entry.refs = 0
                 entry.expires = self.clock() + entry.keep_alive if entry.keep_alive != FOREVER else FOREVER
                 if entry.keep_alive <= 0 or not entry.runner.alive():
-                    self._unload(entry.model.name.key(), entry)
+                    self._unload(entry.key, entry)
             self.cond.notify_all()
 
     def expire(self, name):
-        """Unload `name` now if idle, or as soon as its requests finish. False if it was not loaded."""
+        """Unload `name` now if idle, or as soon as its requests finish. False if it was not loaded.
+        The runner goes with every other name it serves: they share its weights."""
         with self.cond:
-            entry = self.loaded.get(Name.parse(name).key() if isinstance(name, str) else name.key())
+            entry = self.serving(Name.parse(name) if isinstance(name, str) else name)
             if entry is None:
                 return False
             entry.keep_alive = 0
             if entry.refs == 0:
-                self._unload(entry.model.name.key(), entry)
+                self._unload(entry.key, entry)
             return True
 
     def _unload(self, key, entry=None):
@@ -6316,7 +6330,7 @@ class Scheduler:
         if current is None or (entry is not None and current is not entry):
             return
         del self.loaded[key]
-        log.info("unloading model %s", current.model.short_name)
+        log.info("unloading model %s", ", ".join(m.short_name for m in current.models.values()))
         threading.Thread(target=current.runner.stop, daemon=True).start()
 
     def _evict_one(self):
@@ -6324,7 +6338,7 @@ class Scheduler:
         if not idle:
             return False
         victim = min(idle, key=lambda e: (e.expires, e.model.short_name))
-        self._unload(victim.model.name.key(), victim)
+        self._unload(victim.key, victim)
         return True
 
     def _reap(self):
@@ -6358,6 +6372,20 @@ class Scheduler:
         for r in runners:
             r.stop()
         self.spawner.close()
+
+
+def runner_key(model, opts, embedding):
+    """(key, load_key) of the runner `model` needs with these options. `key` is the weights blob: one
+    runner per blob, however many names point at it (a `cp`, or a create that only adds a SYSTEM,
+    TEMPLATE or sampling parameters, which are applied per request). `load_key` is everything else
+    that changes llama-server's argv (projectors, adapters, draft, embedding mode, LOAD_OPTIONS): a
+    request whose load_key differs from the loaded runner's reloads it, as Ollama's needsReload does.
+    The server-wide settings (OLLAMA_KV_CACHE_TYPE, OLLAMA_FLASH_ATTENTION...) are the same for every
+    runner of one serve, so they need no place here."""
+    key = ("blob", model.model_path) if model.model_path else ("name", model.name.key())
+    load_key = (key, tuple(model.projector_paths), tuple(model.adapter_paths), model.draft_path,
+                embedding) + tuple(opts.get(k) for k in LOAD_OPTIONS)
+    return key, load_key
 
 
 def _trained_context(model):
@@ -8326,10 +8354,11 @@ def api_ps(req):
             expires = time.time() + max(0.0, e.keep_alive)
         if expires == FOREVER:                                  # kept forever: Go's far-off time, as Ollama
             expires = time.time() + 292 * 365 * 86400
-        out.append({"name": e.model.short_name, "model": e.model.short_name, "size": e.model.size,
-                    "digest": e.model.digest, "details": _model_details(e.model.config, e.model.parent_model),
-                    "expires_at": rfc3339_local(expires), "size_vram": 0,
-                    "context_length": e.runner.num_ctx, **({"rpc_servers": e.runner.rpc} if e.runner.rpc else {})})
+        for m in e.models.values():                             # each name this runner has served (one weights)
+            out.append({"name": m.short_name, "model": m.short_name, "size": m.size,
+                        "digest": m.digest, "details": _model_details(m.config, m.parent_model),
+                        "expires_at": rfc3339_local(expires), "size_vram": 0, "context_length": e.runner.num_ctx,
+                        **({"rpc_servers": e.runner.rpc} if e.runner.rpc else {})})
     return {"models": out}
 
 

@@ -348,12 +348,29 @@ def test_an_out_of_range_load_option_is_a_400_and_leaves_the_loaded_runner(serve
     assert server.scheduler.running()[0].runner is first and first.alive()
 
 
-def test_max_loaded_models_evicts_the_idle_runner(server, gemma, gemma_gguf):
+def test_max_loaded_models_evicts_the_idle_runner(server, gemma, tiny_gguf):
     server.config.max_loaded_models = 1
-    import_gguf(server.store, "other:latest", gemma_gguf, system="You are another model.")
+    import_gguf(server.store, "other:latest", tiny_gguf)
     post(server, "/api/generate", {"model": gemma})
     post(server, "/api/generate", {"model": "other"})
     assert [e.model.short_name for e in server.scheduler.running()] == ["other:latest"]
+
+
+def test_a_name_with_its_own_system_and_template_on_the_same_blob_uses_the_loaded_runner(server, gemma, gemma_gguf):
+    server.config.max_loaded_models = 1
+    import_gguf(server.store, "pirate:latest", gemma_gguf, params={"stop": ["<end_of_turn>"]},
+                template="{{ .System }}\n\n{{ .Prompt }}",
+                system="You are a pirate. Answer every question as a pirate would.")
+    body = {"prompt": "Say hello.", "stream": False, "options": {"num_predict": 8, "temperature": 0}}
+    plain = post(server, "/api/generate", dict(body, model=gemma))[1][0]
+    runner = server.scheduler.running()[0].runner
+    pirate = post(server, "/api/generate", dict(body, model="pirate"))[1][0]
+    (entry,) = server.scheduler.running()
+    assert entry.runner is runner and runner.alive()
+    assert plain["response"] and pirate["response"]
+    assert pirate["prompt_eval_count"] > plain["prompt_eval_count"] + 8   # its SYSTEM, per request
+    status, data = _get(server, "/api/ps")
+    assert [m["name"] for m in json.loads(data)["models"]] == [gemma, "pirate:latest"]
 
 
 def test_prompt_longer_than_the_context_is_a_clear_400(server, gemma):

@@ -40,10 +40,12 @@ class Clock:
         return self.now
 
 
-def model(name):
-    """The parts of a Model the Scheduler reads."""
+def model(name, blob=None, adapters=()):
+    """The parts of a Model the Scheduler reads: weights in a blob of their own unless `blob` names one
+    that another name shares (a `cp`, or a create that adds only a SYSTEM)."""
     return types.SimpleNamespace(name=ollama.Name.parse(name), digest="sha256:" + name.encode().hex(),
-                                 short_name=name + ":latest")
+                                 short_name=name + ":latest", model_path="/blobs/" + (blob or name),
+                                 projector_paths=[], adapter_paths=list(adapters), draft_path=None)
 
 
 @pytest.fixture
@@ -298,3 +300,46 @@ def test_a_second_shutdown_is_harmless(make):
     finally:
         threading.excepthook = hook
     assert errors == []
+
+
+def test_two_names_for_one_blob_share_one_runner_and_both_are_listed(make):
+    sched = make()
+    with sched.lease(model("a", blob="w"), {}, 300) as first:
+        pass
+    with sched.lease(model("b", blob="w"), {"temperature": 0.5}, 300) as second:
+        assert second.runner is first.runner         # the SYSTEM/sampling of b is applied per request
+    assert len(sched.runners) == 1
+    (entry,) = sched.running()
+    assert [m.short_name for m in entry.models.values()] == ["a:latest", "b:latest"]
+    assert sched.serving(ollama.Name.parse("b")) is entry
+
+
+def test_stopping_one_name_of_a_shared_blob_stops_the_runner_for_both(make):
+    sched = make()
+    with sched.lease(model("a", blob="w"), {}, 300):
+        pass
+    with sched.lease(model("b", blob="w"), {}, 300):
+        pass
+    assert sched.expire("b")
+    assert stopped(sched.runners[0])
+    assert sched.running() == [] and sched.serving(ollama.Name.parse("a")) is None
+
+
+def test_a_shared_blob_counts_once_against_max_loaded_models(make):
+    sched = make(max_loaded_models=2)
+    for name in ("a", "b"):
+        with sched.lease(model(name, blob="w"), {}, 300):
+            pass
+    with sched.lease(model("c"), {}, 300):
+        pass
+    assert len(sched.runners) == 2 and not any(r.stopped.is_set() for r in sched.runners)
+
+
+def test_a_name_whose_engine_options_differ_reloads_the_shared_runner(make):
+    sched = make()
+    with sched.lease(model("a", blob="w"), {}, 300) as plain:
+        pass
+    with sched.lease(model("tuned", blob="w", adapters=["/blobs/lora"]), {}, 300) as tuned:
+        assert tuned.runner is not plain.runner
+    assert stopped(plain.runner)
+    assert [e.model.short_name for e in sched.running()] == ["tuned:latest"]
