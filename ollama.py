@@ -6153,8 +6153,8 @@ class _LeasedItems:
 
 
 class Scheduler:
-    """Keeps llama-server children: one per loaded weights blob (runner_key), shared by concurrent
-    requests and by every name for that blob (system, template and sampling are per request).
+    """Keeps llama-server children: one per loaded weights blob and mode (runner_key), shared by
+    concurrent requests and by every name for that blob (system, template and sampling are per request).
 
     `lease()` holds a loaded runner for a model (loading, reloading or evicting as needed) for the
     length of a `with` block (`acquire()`/`release()` are its parts); a runner serves
@@ -6164,7 +6164,7 @@ class Scheduler:
     the last request on a runner finishes; a background thread (`reap()` every 0.25 s) stops
     runners whose time is up.
 
-    Methods for the caller: `lease()`, `expire()`, `running()`, `serving()`, `loaded_embedding()`,
+    Methods for the caller: `lease()`, `expire()`, `running()`, `runners_for()`, `loaded_embedding()`,
     `shutdown()`.
     Seams for tests: `new_runner(model, opts, embedding)` builds a runner that is not started
     (default: a llama-server `Runner`; it needs `start(timeout)`, `stop()`, `alive()`, `parallel`),
@@ -6177,7 +6177,7 @@ class Scheduler:
         self.exe = exe
         self.new_runner = new_runner or self._runner_for
         self.clock = clock
-        self.loaded = {}                              # runner_key's key (the weights blob) -> _Loaded
+        self.loaded = {}                              # runner_key's key (weights blob, embedding) -> _Loaded
         self.cond = threading.Condition()
         self.load_lock = threading.Lock()
         self.waiting = 0
@@ -6228,16 +6228,17 @@ class Scheduler:
         return Lease(self, entry, keep_alive, opts, time.monotonic() - started)
 
     def loaded_embedding(self, name):
-        """Whether the runner loaded for `name` embeds (True) or completes (False); None if none is."""
-        with self.cond:
-            entry = self.serving(name)
-            return None if entry is None else entry.embedding
+        """Whether the runner loaded for `name` embeds (True) or completes (False, also when both are);
+        None if none is."""
+        entries = self.runners_for(name)
+        return all(e.embedding for e in entries) if entries else None
 
-    def serving(self, name):
-        """The loaded _Loaded entry that has served `name` (a Name), or None."""
+    def runners_for(self, name):
+        """The loaded _Loaded entries that have served `name` (a Name): none, one, or a completion and an
+        embedding runner."""
         key = name.key()
         with self.cond:                               # an RLock: callers holding it may call this
-            return next((e for e in self.loaded.values() if key in e.models), None)
+            return [e for e in self.loaded.values() if key in e.models]
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
@@ -6317,13 +6318,12 @@ class Scheduler:
         """Unload `name` now if idle, or as soon as its requests finish. False if it was not loaded.
         The runner goes with every other name it serves: they share its weights."""
         with self.cond:
-            entry = self.serving(Name.parse(name) if isinstance(name, str) else name)
-            if entry is None:
-                return False
-            entry.keep_alive = 0
-            if entry.refs == 0:
-                self._unload(entry.key, entry)
-            return True
+            entries = self.runners_for(Name.parse(name) if isinstance(name, str) else name)
+            for entry in entries:
+                entry.keep_alive = 0
+                if entry.refs == 0:
+                    self._unload(entry.key, entry)
+            return bool(entries)
 
     def _unload(self, key, entry=None):
         current = self.loaded.get(key)
@@ -6375,16 +6375,17 @@ class Scheduler:
 
 
 def runner_key(model, opts, embedding):
-    """(key, load_key) of the runner `model` needs with these options. `key` is the weights blob: one
-    runner per blob, however many names point at it (a `cp`, or a create that only adds a SYSTEM,
-    TEMPLATE or sampling parameters, which are applied per request). `load_key` is everything else
-    that changes llama-server's argv (projectors, adapters, draft, embedding mode, LOAD_OPTIONS): a
-    request whose load_key differs from the loaded runner's reloads it, as Ollama's needsReload does.
-    The server-wide settings (OLLAMA_KV_CACHE_TYPE, OLLAMA_FLASH_ATTENTION...) are the same for every
-    runner of one serve, so they need no place here."""
-    key = ("blob", model.model_path) if model.model_path else ("name", model.name.key())
-    load_key = (key, tuple(model.projector_paths), tuple(model.adapter_paths), model.draft_path,
-                embedding) + tuple(opts.get(k) for k in LOAD_OPTIONS)
+    """(key, load_key) of the runner `model` needs with these options. `key` is the weights blob and
+    the mode (completion or embedding, which llama-server cannot serve from one process): one runner
+    per blob and mode, however many names point at it (a `cp`, or a create that only adds a SYSTEM,
+    TEMPLATE or sampling parameters, which are applied per request), and a model used for chat and
+    for embeddings keeps both loaded instead of reloading at each switch. `load_key` is the rest of
+    what changes llama-server's argv (projectors, adapters, draft, LOAD_OPTIONS): a request whose
+    load_key differs from the loaded runner's reloads it, as Ollama's needsReload does. Server-wide
+    settings (OLLAMA_KV_CACHE_TYPE, OLLAMA_FLASH_ATTENTION...) are one for every runner of a serve."""
+    key = (model.model_path or model.name.key(), embedding)
+    load_key = (key, tuple(model.projector_paths), tuple(model.adapter_paths), model.draft_path) + \
+        tuple(opts.get(k) for k in LOAD_OPTIONS)
     return key, load_key
 
 

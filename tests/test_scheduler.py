@@ -245,16 +245,22 @@ def test_changed_load_option_reloads_the_model(make):
     assert len(sched.running()) == 1
 
 
-def test_embedding_lease_reloads_a_completion_runner_and_says_which_mode_is_loaded(make):
+def test_an_embedding_runner_loads_beside_the_completion_one_and_stop_ends_both(make):
+    """llama-server embeds or completes, not both: a model used for chat and for embeddings keeps a
+    runner for each instead of reloading at every switch."""
     sched = make()
     assert sched.loaded_embedding(ollama.Name.parse("a")) is None
-    with sched.lease(model("a"), {}, 300):
+    with sched.lease(model("b", blob="a"), {}, 300, embedding=True):
         pass
-    assert sched.loaded_embedding(ollama.Name.parse("a")) is False
+    assert sched.loaded_embedding(ollama.Name.parse("b")) is True
+    with sched.lease(model("a"), {}, 300) as chat:
+        assert not chat.runner.embedding
     with sched.lease(model("a"), {}, 300, embedding=True) as lease:
-        assert lease.runner.embedding
-    assert sched.loaded_embedding(ollama.Name.parse("a")) is True
-    assert stopped(sched.runners[0])
+        assert lease.runner.embedding and lease.runner is sched.runners[0]
+    assert sched.loaded_embedding(ollama.Name.parse("a")) is False     # a completion runner is loaded
+    assert len(sched.runners) == 2 and not any(r.stopped.is_set() for r in sched.runners)
+    assert sched.expire("a")
+    assert all(stopped(r) for r in sched.runners)
 
 
 def test_dead_runner_is_replaced_by_the_next_lease(make):
@@ -311,7 +317,7 @@ def test_two_names_for_one_blob_share_one_runner_and_both_are_listed(make):
     assert len(sched.runners) == 1
     (entry,) = sched.running()
     assert [m.short_name for m in entry.models.values()] == ["a:latest", "b:latest"]
-    assert sched.serving(ollama.Name.parse("b")) is entry
+    assert sched.runners_for(ollama.Name.parse("b")) == [entry]
 
 
 def test_stopping_one_name_of_a_shared_blob_stops_the_runner_for_both(make):
@@ -322,7 +328,7 @@ def test_stopping_one_name_of_a_shared_blob_stops_the_runner_for_both(make):
         pass
     assert sched.expire("b")
     assert stopped(sched.runners[0])
-    assert sched.running() == [] and sched.serving(ollama.Name.parse("a")) is None
+    assert sched.running() == [] and sched.runners_for(ollama.Name.parse("a")) == []
 
 
 def test_a_shared_blob_counts_once_against_max_loaded_models(make):

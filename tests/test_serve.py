@@ -133,13 +133,14 @@ def test_sigkill_of_serve_with_two_models_loaded_leaves_no_runner(ollama_home, l
 
 
 def test_names_for_one_blob_share_one_llama_server_and_each_answers(ollama_home, llama_server_bin, tiny_gguf):
-    """A `cp` and a create that only adds a SYSTEM and a parameter hold the weights once: one child."""
+    """A `cp` and a create that only adds a TEMPLATE, a SYSTEM and a parameter hold the weights once."""
     store = ollama.Store(ollama_home / ".ollama" / "models")
     import_gguf(store, "one", tiny_gguf)
     proc, port = start_serve(ollama_home, {"OLLAMA_LLAMA_SERVER": str(llama_server_bin)})
     try:
         assert _post(port, "/api/copy", {"source": "one", "destination": "copy"})[0] == 200
         status, data = _post(port, "/api/create", {"model": "terse", "from": "one", "system": "Be terse.",
+                                                   "template": "{{ .System }} {{ .Prompt }}",
                                                    "parameters": {"temperature": 0.2}, "stream": False})
         assert status == 200, data
         counts = {}
