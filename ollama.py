@@ -125,6 +125,10 @@ IDLE_TIMEOUT = 120.0              # seconds a kept-alive connection may wait for
 STALL_TIMEOUT = 30.0              # seconds a request's headers or body (or a client reading the answer) may stall
 MAX_CONNECTIONS = 1024            # open connections served at once; more get 503 (each holds a thread)
 BLOB_GRACE = 3600.0               # seconds an unreferenced blob is kept at startup (an upload awaiting its create)
+#: llama-server's n-gram speculation (--spec-type): drafts from the context itself, no draft model; greedy
+#: output is unchanged. OLLAMA_SPECULATIVE picks one, or off; "" is off (see README "Performance").
+SPECULATIVE_TYPES = ("ngram-mod", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-cache")
+DEFAULT_SPECULATIVE = ""
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -180,6 +184,7 @@ class Config:
         self.nohistory = _bool_env(env, "OLLAMA_NOHISTORY", False)
         self.flash_attention = _bool_env(env, "OLLAMA_FLASH_ATTENTION", None)    # None: llama-server decides
         self.kv_cache_type = _env(env, "OLLAMA_KV_CACHE_TYPE")
+        self.speculative = _speculative_env(env)               # an n-gram --spec-type, or "" for off
         self.llama_server = _env(env, "OLLAMA_LLAMA_SERVER")
         self.rpc_servers = [w.strip() for w in _env(env, "OLLAMA_RPC_SERVERS").split(",") if w.strip()]
         self.api_keys = [k.strip() for k in _env(env, "OLLAMA_API_KEYS").split(",") if k.strip()]
@@ -201,6 +206,23 @@ def _bool_env(env, key, default):
     if not value:
         return default
     return value not in ("0", "f", "F", "FALSE", "false", "False")
+
+
+def _speculative_env(env):
+    """OLLAMA_SPECULATIVE: one of SPECULATIVE_TYPES; a yes (1, true, on) is the first of them, a no
+    (0, false, off, none) is off, unset is DEFAULT_SPECULATIVE; anything else is warned about and unset."""
+    value = _env(env, "OLLAMA_SPECULATIVE").strip().lower()
+    if not value:
+        return DEFAULT_SPECULATIVE
+    if value in SPECULATIVE_TYPES:
+        return value
+    if value in ("1", "t", "true", "on", "yes"):
+        return SPECULATIVE_TYPES[0]
+    if value in ("0", "f", "false", "off", "no", "none"):
+        return ""
+    log.warning("invalid OLLAMA_SPECULATIVE %r (one of %s, or on/off): using the default",
+                value, ", ".join(SPECULATIVE_TYPES))
+    return DEFAULT_SPECULATIVE
 
 
 def _int_env(env, key, default):
@@ -1696,7 +1718,7 @@ DEFAULT_TEMPLATE = "{{ .Prompt }}"
 #: Model parameters (api.Options): name -> type. Types: int, float, bool, list (of strings).
 PARAMETER_TYPES = {
     "num_ctx": int, "num_batch": int, "num_gpu": int, "main_gpu": int, "use_mmap": bool,
-    "num_thread": int, "draft_num_predict": int, "num_keep": int, "seed": int, "num_predict": int,
+    "num_thread": int, "draft_num_predict": int, "speculative": bool, "num_keep": int, "seed": int, "num_predict": int,
     "top_k": int, "top_p": float, "min_p": float, "typical_p": float, "repeat_last_n": int,
     "temperature": float, "repeat_penalty": float, "presence_penalty": float,
     "frequency_penalty": float, "stop": list,
@@ -5246,7 +5268,8 @@ def _archive_models(staged, name):
 # One llama-server child per loaded model: its argv, its life, and the HTTP calls to it.
 
 #: Request options that decide how llama-server is started; a change in any of them reloads.
-LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread", "draft_num_predict")
+LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread", "draft_num_predict",
+                "speculative")
 
 #: Ollama sampling option -> llama-server /completion field.
 SAMPLING_FIELDS = {
@@ -6205,7 +6228,8 @@ class Scheduler:
                       kv_cache_type=self.config.kv_cache_type,
                       log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
                       extra_args=files.args + (_embedding_args(model) if embedding else
-                                               draft_args(model, opts)),
+                                               draft_args(model, opts) or
+                                               ngram_args(opts, self.config.speculative)),
                       spawn=self.spawner.popen)
 
     def _rpc_workers(self, num_gpu):
@@ -6437,6 +6461,18 @@ def draft_args(model, opts):
     elif g is not None and (g.get("nextn_predict_layers") or 0) > 0:
         kind = "draft-mtp"
     return ["--spec-draft-model", model.draft_path, "--spec-type", kind, "--spec-draft-n-max", str(n)]
+
+
+def ngram_args(opts, kind):
+    """llama-server flags for n-gram speculation (no draft model: drafts are looked up in the context,
+    so an answer that repeats its input, such as a file rewritten with one change, takes several
+    tokens per step; greedy output is unchanged). `kind` is the server's (OLLAMA_SPECULATIVE, "" for
+    off); the `speculative` option or PARAMETER turns it on (with `kind`, else the first of
+    SPECULATIVE_TYPES) or off for one model. A DRAFT layer's flags take its place (draft_args)."""
+    on = opts.get("speculative")
+    if on is not None:
+        kind = (kind or SPECULATIVE_TYPES[0]) if on else ""
+    return ["--spec-type", kind] if kind else []
 
 
 def _safe_filename(text):
@@ -10032,6 +10068,8 @@ def cmd_serve(args):
       OLLAMA_LOAD_TIMEOUT       how long to allow model loads to stall before giving up (default "5m")
       OLLAMA_FLASH_ATTENTION    enable flash attention
       OLLAMA_KV_CACHE_TYPE      quantization type for the K/V cache (default: f16)
+      OLLAMA_SPECULATIVE        n-gram speculative decoding: on, off, or one of ngram-mod, ngram-simple,
+                                ngram-map-k, ngram-map-k4v, ngram-cache (default: off)
       OLLAMA_LLAMA_SERVER       path of the llama-server binary to run models with
       OLLAMA_RPC_SERVERS        host:port,... of 'ollama.py worker's to split models' layers with
       OLLAMA_API_KEYS           comma separated keys; when set, every request but GET / must carry one
