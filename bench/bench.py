@@ -1267,7 +1267,8 @@ NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "agent"
          "cold": ("engine", "gemma"),
          "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
          "create": ("gemma",),
-         "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma")}
+         "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma"),
+         "speculative": ("engine", "gemma")}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "agent": sec_agent, "cold": sec_cold,
          "concurrency": sec_concurrency,
          "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc,
@@ -1275,7 +1276,8 @@ FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "agent": sec_agent, "co
 TITLES = {"generation": "generation throughput", "ttft": "time to first token", "agent": "agent prefix reuse",
           "cold": "cold start",
           "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull", "lan": "LAN pull",
-          "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer"}
+          "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer",
+          "speculative": "n-gram speculation"}
 
 
 class Bench:

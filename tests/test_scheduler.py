@@ -349,3 +349,26 @@ def test_a_name_whose_engine_options_differ_reloads_the_shared_runner(make):
         assert tuned.runner is not plain.runner
     assert stopped(plain.runner)
     assert [e.model.short_name for e in sched.running()] == ["tuned:latest"]
+
+
+def test_speculative_option_and_server_setting_become_the_spec_type_flag():
+    assert ollama.ngram_args({}, "") == []
+    assert ollama.ngram_args({}, "ngram-simple") == ["--spec-type", "ngram-simple"]
+    assert ollama.ngram_args({"speculative": True}, "") == ["--spec-type", "ngram-mod"]
+    assert ollama.ngram_args({"speculative": True}, "ngram-simple") == ["--spec-type", "ngram-simple"]
+    assert ollama.ngram_args({"speculative": False}, "ngram-mod") == []
+
+
+@pytest.mark.parametrize("value, kind", [("", "ngram-mod"), ("on", "ngram-mod"), ("0", ""),
+                                         ("off", ""), ("NGRAM-SIMPLE", "ngram-simple"),
+                                         ("bogus", ollama.DEFAULT_SPECULATIVE)])
+def test_ollama_speculative_is_read_once_into_config(value, kind):
+    assert ollama.Config({"HOME": "/nonexistent", "OLLAMA_SPECULATIVE": value}).speculative == kind
+
+
+def test_a_changed_speculative_option_reloads_the_runner(make):
+    sched = make()
+    with sched.lease(model("a"), {"speculative": False}, 300) as off:
+        pass
+    with sched.lease(model("a"), {"speculative": True}, 300) as on:
+        assert on.runner is not off.runner
