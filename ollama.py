@@ -133,6 +133,13 @@ MAX_CONNECTIONS = 1024            # requests served at once (head read, answer n
 MAX_OPEN = 4096                   # open connections (a thread each); past it the longest idle one is closed
 MAX_PEER_CONNECTIONS = 64         # open connections from one non-loopback address (an IPv6 /64); more get 503
 BLOB_GRACE = 3600.0               # seconds an unreferenced blob is kept at startup (an upload awaiting its create)
+#: llama-server's n-gram speculation (--spec-type): drafts from the context itself, no draft model.
+#: OLLAMA_SPECULATIVE picks one, or off (""). Off by default: in bench.py's `speculative` section it took
+#: Gemma 3 270M from 45 to 219 tok/s on a copy task without slowing prose, but checking drafts in one
+#: batch changes floating-point results, and on near-ties the greedy text with it was seen to differ
+#: from the text without it (and from run to run): a user must not get other text by default.
+SPECULATIVE_TYPES = ("ngram-mod", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-cache")
+DEFAULT_SPECULATIVE = ""
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -204,6 +211,7 @@ class Config:
         self.nohistory = _bool_env(env, "OLLAMA_NOHISTORY", False)
         self.flash_attention = _bool_env(env, "OLLAMA_FLASH_ATTENTION", None)    # None: llama-server decides
         self.kv_cache_type = _env(env, "OLLAMA_KV_CACHE_TYPE")
+        self.speculative = _speculative_env(env)               # an n-gram --spec-type, or "" for off
         self.llama_server = _env(env, "OLLAMA_LLAMA_SERVER")
         self.rpc_servers = [w.strip() for w in _env(env, "OLLAMA_RPC_SERVERS").split(",") if w.strip()]
         self.api_keys = [k.strip() for k in _env(env, "OLLAMA_API_KEYS").split(",") if k.strip()]
@@ -228,6 +236,23 @@ def _bool_env(env, key, default):
     if not value:
         return default
     return value not in ("0", "f", "F", "FALSE", "false", "False")
+
+
+def _speculative_env(env):
+    """OLLAMA_SPECULATIVE: one of SPECULATIVE_TYPES; a yes (1, true, on) is the first of them, a no
+    (0, false, off, none) is off, unset is DEFAULT_SPECULATIVE; anything else is warned about and unset."""
+    value = _env(env, "OLLAMA_SPECULATIVE").strip().lower()
+    if not value:
+        return DEFAULT_SPECULATIVE
+    if value in SPECULATIVE_TYPES:
+        return value
+    if value in ("1", "t", "true", "on", "yes"):
+        return SPECULATIVE_TYPES[0]
+    if value in ("0", "f", "false", "off", "no", "none"):
+        return ""
+    log.warning("invalid OLLAMA_SPECULATIVE %r (one of %s, or on/off): using the default",
+                value, ", ".join(SPECULATIVE_TYPES))
+    return DEFAULT_SPECULATIVE
 
 
 def _int_env(env, key, default):
@@ -2105,7 +2130,7 @@ DEFAULT_TEMPLATE = "{{ .Prompt }}"
 #: Model parameters (api.Options): name -> type. Types: int, float, bool, list (of strings).
 PARAMETER_TYPES = {
     "num_ctx": int, "num_batch": int, "num_gpu": int, "main_gpu": int, "use_mmap": bool,
-    "num_thread": int, "draft_num_predict": int, "num_keep": int, "seed": int, "num_predict": int,
+    "num_thread": int, "draft_num_predict": int, "speculative": bool, "num_keep": int, "seed": int, "num_predict": int,
     "top_k": int, "top_p": float, "min_p": float, "typical_p": float, "repeat_last_n": int,
     "temperature": float, "repeat_penalty": float, "presence_penalty": float,
     "frequency_penalty": float, "stop": list,
@@ -5699,7 +5724,8 @@ def _archive_models(staged, name):
 # One llama-server child per loaded model: its argv, its life, and the HTTP calls to it.
 
 #: Request options that decide how llama-server is started; a change in any of them reloads.
-LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread", "draft_num_predict")
+LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread", "draft_num_predict",
+                "speculative")
 
 #: Ollama sampling option -> llama-server /completion field.
 SAMPLING_FIELDS = {
@@ -6572,10 +6598,14 @@ def _shell_quote(arg):
 # Which runners are loaded, and who holds them: leases, queueing, eviction, keep-alive.
 
 class _Loaded:
-    """A runner in the scheduler's table, with its reference count and expiry."""
+    """A runner in the scheduler's table, with its reference count and expiry. `key` is the weights
+    it serves (runner_key), `model` the model that loaded it, `models` every name served by it since
+    (name key -> Model, in first-use order): /api/ps lists each, and stopping any of them stops it."""
 
-    def __init__(self, model, runner, load_key, keep_alive, embedding=False, loaded_at=None):
+    def __init__(self, model, runner, load_key, keep_alive, embedding=False, loaded_at=None, key=None):
         self.model, self.runner, self.load_key = model, runner, load_key
+        self.key = model.name.key() if key is None else key
+        self.models = {model.name.key(): model}
         self.embedding = embedding
         self.keep_alive = keep_alive
         self.refs = 0
@@ -6647,7 +6677,8 @@ class _LeasedItems:
 
 
 class Scheduler:
-    """Keeps llama-server children: one per loaded model, shared by concurrent requests.
+    """Keeps llama-server children: one per loaded weights blob and mode (runner_key), shared by
+    concurrent requests and by every name for that blob (system, template and sampling are per request).
 
     `lease()` holds a loaded runner for a model (loading, reloading or evicting as needed) for the
     length of a `with` block (`acquire()`/`release()` are its parts); a runner serves
@@ -6657,7 +6688,8 @@ class Scheduler:
     the last request on a runner finishes; a background thread (`reap()` every 0.25 s) stops
     runners whose time is up.
 
-    Methods for the caller: `lease()`, `expire()`, `running()`, `loaded_embedding()`, `shutdown()`.
+    Methods for the caller: `lease()`, `expire()`, `running()`, `runners_for()`, `loaded_embedding()`,
+    `shutdown()`.
     Seams for tests: `new_runner(model, opts, embedding)` builds a runner that is not started
     (default: a llama-server `Runner`; it needs `start(timeout)`, `stop()`, `alive()`, `parallel`),
     `clock()` is the wall clock in seconds that keep-alive deadlines use, and `reaper=False`
@@ -6670,7 +6702,7 @@ class Scheduler:
         self.exe = exe
         self.new_runner = new_runner or self._runner_for
         self.clock = clock
-        self.loaded = {}                              # Name key -> _Loaded
+        self.loaded = {}                              # runner_key's key (weights blob, embedding) -> _Loaded
         self.cond = threading.Condition()
         self.load_lock = threading.Lock()
         self.waiting = 0
@@ -6698,7 +6730,8 @@ class Scheduler:
                       kv_cache_type=self.config.kv_cache_type,
                       log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
                       extra_args=files.args + (_embedding_args(model) if embedding else
-                                               draft_args(model, opts)),
+                                               draft_args(model, opts) or
+                                               ngram_args(opts, self.config.speculative)),
                       spawn=self.spawner.popen)
 
     def _rpc_workers(self, num_gpu):
@@ -6723,15 +6756,21 @@ class Scheduler:
         return Lease(self, entry, keep_alive, opts, waited)
 
     def loaded_embedding(self, name):
-        """Whether the runner loaded for `name` embeds (True) or completes (False); None if none is."""
-        with self.cond:
-            entry = self.loaded.get(name.key())
-            return None if entry is None else entry.embedding
+        """Whether the runner loaded for `name` embeds (True) or completes (False, also when both are);
+        None if none is."""
+        entries = self.runners_for(name)
+        return all(e.embedding for e in entries) if entries else None
+
+    def runners_for(self, name):
+        """The loaded _Loaded entries that have served `name` (a Name): none, one, or a completion and an
+        embedding runner."""
+        key = name.key()
+        with self.cond:                               # an RLock: callers holding it may call this
+            return [e for e in self.loaded.values() if key in e.models]
 
     def acquire(self, model, opts, keep_alive, embedding=False):
         """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
-        key = model.name.key()
-        load_key = (model.digest, embedding) + tuple(opts.get(k) for k in LOAD_OPTIONS)
+        key, load_key = runner_key(model, opts, embedding)
         with self.cond:
             if self.waiting >= self.config.max_queue:
                 raise Busy("server busy, please try again.  maximum pending requests exceeded")
@@ -6749,6 +6788,8 @@ class Scheduler:
                         entry.refs += 1
                         entry.keep_alive = keep_alive
                         entry.expires = FOREVER
+                        if model.name.key() not in entry.models:   # a new dict: /api/ps may be reading it
+                            entry.models = {**entry.models, model.name.key(): model}
                         return entry
                     if entry is not None and entry.refs > 0 and entry.runner.alive():
                         self.cond.wait(0.5)           # a reload must wait for the old runner's requests
@@ -6776,7 +6817,7 @@ class Scheduler:
                             self.starting.discard(runner)
                     self.metrics.observe("ollama_model_load_seconds", time.monotonic() - loading,
                                          model=model.short_name)
-                    entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock())
+                    entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock(), key)
                     with self.cond:
                         closed = self.closed          # shutdown() ran while it loaded
                         if not closed:
@@ -6801,26 +6842,26 @@ class Scheduler:
                 entry.refs = 0
                 entry.expires = self.clock() + entry.keep_alive if entry.keep_alive != FOREVER else FOREVER
                 if entry.keep_alive <= 0 or not entry.runner.alive():
-                    self._unload(entry.model.name.key(), entry)
+                    self._unload(entry.key, entry)
             self.cond.notify_all()
 
     def expire(self, name):
-        """Unload `name` now if idle, or as soon as its requests finish. False if it was not loaded."""
+        """Unload `name` now if idle, or as soon as its requests finish. False if it was not loaded.
+        The runner goes with every other name it serves: they share its weights."""
         with self.cond:
-            entry = self.loaded.get(Name.parse(name).key() if isinstance(name, str) else name.key())
-            if entry is None:
-                return False
-            entry.keep_alive = 0
-            if entry.refs == 0:
-                self._unload(entry.model.name.key(), entry)
-            return True
+            entries = self.runners_for(Name.parse(name) if isinstance(name, str) else name)
+            for entry in entries:
+                entry.keep_alive = 0
+                if entry.refs == 0:
+                    self._unload(entry.key, entry)
+            return bool(entries)
 
     def _unload(self, key, entry=None):
         current = self.loaded.get(key)
         if current is None or (entry is not None and current is not entry):
             return
         del self.loaded[key]
-        log.info("unloading model %s", current.model.short_name)
+        log.info("unloading model %s", ", ".join(m.short_name for m in current.models.values()))
         threading.Thread(target=current.runner.stop, daemon=True).start()
 
     def _evict_one(self):
@@ -6828,7 +6869,7 @@ class Scheduler:
         if not idle:
             return False
         victim = min(idle, key=lambda e: (e.expires, e.model.short_name))
-        self._unload(victim.model.name.key(), victim)
+        self._unload(victim.key, victim)
         return True
 
     def _reap(self):
@@ -6864,6 +6905,21 @@ class Scheduler:
         self.spawner.close()
 
 
+def runner_key(model, opts, embedding):
+    """(key, load_key) of the runner `model` needs with these options. `key` is the weights blob and
+    the mode (completion or embedding, which llama-server cannot serve from one process): one runner
+    per blob and mode, however many names point at it (a `cp`, or a create that only adds a SYSTEM,
+    TEMPLATE or sampling parameters, which are applied per request), and a model used for chat and
+    for embeddings keeps both loaded instead of reloading at each switch. `load_key` is the rest of
+    what changes llama-server's argv (projectors, adapters, draft, LOAD_OPTIONS): a request whose
+    load_key differs from the loaded runner's reloads it, as Ollama's needsReload does. Server-wide
+    settings (OLLAMA_KV_CACHE_TYPE, OLLAMA_FLASH_ATTENTION...) are one for every runner of a serve."""
+    key = (model.model_path or model.name.key(), embedding)
+    load_key = (key, tuple(model.projector_paths), tuple(model.adapter_paths), model.draft_path) + \
+        tuple(opts.get(k) for k in LOAD_OPTIONS)
+    return key, load_key
+
+
 def _trained_context(model):
     try:
         return int(model.gguf().context_length or 0)
@@ -6896,6 +6952,18 @@ def _embedding_args(model):
     if pooling in (None, 0):
         return ["--pooling", "last"]
     return ["--rerank"] if pooling == RANK_POOLING else []
+
+
+def ngram_args(opts, kind):
+    """llama-server flags for n-gram speculation (no draft model: drafts are looked up in the context,
+    so an answer that repeats its input, such as a file rewritten with one change, takes several
+    tokens per step; greedy output is unchanged). `kind` is the server's (OLLAMA_SPECULATIVE, "" for
+    off); the `speculative` option or PARAMETER turns it on (with `kind`, else the first of
+    SPECULATIVE_TYPES) or off for one model. A DRAFT layer's flags take its place (draft_args)."""
+    on = opts.get("speculative")
+    if on is not None:
+        kind = (kind or SPECULATIVE_TYPES[0]) if on else ""
+    return ["--spec-type", kind] if kind else []
 
 
 def _safe_filename(text):
@@ -9097,10 +9165,11 @@ def api_ps(req):
             expires = time.time() + max(0.0, e.keep_alive)
         if expires == FOREVER:                                  # kept forever: Go's far-off time, as Ollama
             expires = time.time() + 292 * 365 * 86400
-        out.append({"name": e.model.short_name, "model": e.model.short_name, "size": e.model.size,
-                    "digest": e.model.digest, "details": _model_details(e.model.config, e.model.parent_model),
-                    "expires_at": rfc3339_local(expires), "size_vram": 0,
-                    "context_length": e.runner.num_ctx, **({"rpc_servers": e.runner.rpc} if e.runner.rpc else {})})
+        for m in e.models.values():                             # each name this runner has served (one weights)
+            out.append({"name": m.short_name, "model": m.short_name, "size": m.size,
+                        "digest": m.digest, "details": _model_details(m.config, m.parent_model),
+                        "expires_at": rfc3339_local(expires), "size_vram": 0, "context_length": e.runner.num_ctx,
+                        **({"rpc_servers": e.runner.rpc} if e.runner.rpc else {})})
     return {"models": out}
 
 
@@ -10865,6 +10934,8 @@ def cmd_serve(args):
       OLLAMA_LOAD_TIMEOUT       how long to allow model loads to stall before giving up (default "5m")
       OLLAMA_FLASH_ATTENTION    enable flash attention
       OLLAMA_KV_CACHE_TYPE      quantization type for the K/V cache (default: f16)
+      OLLAMA_SPECULATIVE        n-gram speculative decoding: on, off, or one of ngram-mod, ngram-simple,
+                                ngram-map-k, ngram-map-k4v, ngram-cache (default: off)
       OLLAMA_LLAMA_SERVER       path of the llama-server binary to run models with
       OLLAMA_RPC_SERVERS        host:port,... of 'ollama.py worker's to split models' layers with
       OLLAMA_API_KEYS           comma separated keys; when set, every request but GET / must carry one

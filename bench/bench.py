@@ -22,6 +22,8 @@ best run of each side, which other load on the machine cannot fake):
   layout       load to first token of Gemma in Ollama's converter layout (translated) vs llama.cpp's file;
                the view's extra disk
   draft        tokens/s with a DRAFT layer vs without (greedy text compared)
+  speculative  tokens/s with n-gram speculation (OLLAMA_SPECULATIVE=ngram-mod, ngram-simple) vs off, on a
+               copy task (a file rewritten) and on prose, one serve per setting, alternating (greedy text compared)
 
     python3 bench/bench.py [--json out.json] [--runs N] [--quick] [--only SECTION[,SECTION...]]
                            [--ollama-py PATH] [--keep]
@@ -60,7 +62,7 @@ sys.path.insert(1, str(ROOT / "tests"))
 import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
 
 SECTIONS = ("generation", "ttft", "agent", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc",
-            "layout", "draft")
+            "layout", "draft", "speculative")
 MODEL = "gemma3:270m"
 N_PREDICT = 128                 # tokens per generation run
 N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
@@ -1155,6 +1157,74 @@ def sec_draft(b):
                 note="%s; draft = the model itself (100%% accepted), plain = no draft, both through serve" % same)]
 
 
+#: A copy-heavy answer: Gemma 3 270M asked to rewrite a small file gives the file back (it leaves the one
+#: change out, but the answer is the file's tokens again, which is what n-gram speculation drafts from).
+COPY_FILE = '''import json
+
+
+def load(path):
+    """Read the settings file at `path` and return its values."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(path, values):
+    """Write `values` to the settings file at `path`."""
+    with open(path, "w") as f:
+        json.dump(values, f, indent=2)
+
+
+def merge(base, extra):
+    """Return `base` updated with `extra`, without changing either."""
+    out = dict(base)
+    out.update(extra)
+    return out
+'''
+COPY_PROMPT = ("<start_of_turn>user\nRepeat this Python file exactly, with indent=4 instead of indent=2:\n\n"
+               "```python\n%s```<end_of_turn>\n<start_of_turn>model\n" % COPY_FILE)
+PROSE_PROMPT = "<start_of_turn>user\n%s<end_of_turn>\n<start_of_turn>model\n" % PROMPT
+N_COPY = 160                    # tokens: about the file once (Gemma's tokens), so the answer is the copy
+
+
+def sec_speculative(b):
+    """n-gram speculation (llama-server --spec-type, no draft model) vs off: one serve per setting, the same
+    Gemma blob, raw prompts, greedy; runs alternate off, ngram-mod, ngram-simple. The copy task is what it
+    is for; prose must not get slower (the default is on only where prose stays >= 0.98x)."""
+    kinds = ("off", "ngram-mod", "ngram-simple")
+    serves = {}
+    try:
+        for kind in kinds:
+            serves[kind] = Serve(b, "serve-spec-" + kind, env={"OLLAMA_SPECULATIVE": kind})
+            import_model(serves[kind].models, MODEL, b.gemma)
+            serves[kind].start()
+        tasks = {"copy": (COPY_PROMPT, N_COPY), "prose": (PROSE_PROMPT, N_PREDICT)}
+        texts, rates = {}, {}
+        for kind, serve in serves.items():             # load, warm the prompt cache, and the greedy texts
+            for task, (prompt, n) in tasks.items():
+                body = {"model": MODEL, "prompt": prompt, "raw": True, "stream": False, "options": options(n)}
+                texts[kind, task] = http_json(serve.port, "POST", "/api/generate", body, timeout=600)["response"]
+        args = {kind: serve.runner_args() for kind, serve in serves.items()}
+        for i in range(b.runs):
+            for task, (prompt, n) in tasks.items():
+                for kind, serve in serves.items():
+                    body = {"model": MODEL, "prompt": prompt, "raw": True, "options": options(n)}
+                    rates.setdefault((kind, task), []).append(stream(serve.port, "/api/generate", body).client_rate)
+                log("  run %d %s: %s" % (i + 1, task, ", ".join("%s %.1f tok/s" % (k, rates[k, task][-1] or 0)
+                                                              for k in kinds)))
+    finally:
+        for serve in serves.values():
+            serve.stop()
+    rows = []
+    for kind in kinds[1:]:
+        flags = args[kind][args[kind].index("--spec-type"):][:2] if "--spec-type" in args[kind] else ["(no flag)"]
+        for task, limit in (("copy", 1.5), ("prose", 0.98)):
+            same = texts[kind, task] == texts["off", task]
+            rows.append(Row("%s task, %s vs off" % (task, kind), "tok/s", rates[kind, task], rates["off", task],
+                            "rate", limit, "%s; greedy text %s" % (" ".join(flags),
+                                                                   "identical" if same else "DIFFERS")))
+    return rows
+
+
 def sec_rpc(b):
     """Gemma split over two `ollama.py worker`s on loopback vs kept local (num_gpu 0), one serve, alternating.
     A loss is expected: every token's activations cross to each worker and back."""
@@ -1197,15 +1267,17 @@ NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "agent"
          "cold": ("engine", "gemma"),
          "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
          "create": ("gemma",),
-         "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma")}
+         "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma"),
+         "speculative": ("engine", "gemma")}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "agent": sec_agent, "cold": sec_cold,
          "concurrency": sec_concurrency,
          "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc,
-         "layout": sec_layout, "draft": sec_draft}
+         "layout": sec_layout, "draft": sec_draft, "speculative": sec_speculative}
 TITLES = {"generation": "generation throughput", "ttft": "time to first token", "agent": "agent prefix reuse",
           "cold": "cold start",
           "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull", "lan": "LAN pull",
-          "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer"}
+          "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer",
+          "speculative": "n-gram speculation"}
 
 
 class Bench:

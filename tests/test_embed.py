@@ -151,7 +151,7 @@ def test_embed_unknown_model_is_404(api):
 
 def test_embedding_runner_pools_on_the_last_token(api):
     post(api, "/api/embed", {"model": EMBED, "input": "x"})
-    entry = api.scheduler.loaded[ollama.Name.parse(EMBED).key()]
+    (entry,) = [e for e in api.scheduler.runners_for(ollama.Name.parse(EMBED)) if e.embedding]
     args = entry.runner.args
     assert "--embedding" in args and args[args.index("--pooling") + 1] == "last"
     assert ollama.embedding_pooling(entry.model) is None and not ollama.is_embedding_model(entry.model)

@@ -1,6 +1,7 @@
 """Inference through the real engine: /api/generate, /api/chat, /api/ps, keep_alive, the scheduler."""
 import http.client
 import json
+import re
 import threading
 import time
 
@@ -348,12 +349,53 @@ def test_an_out_of_range_load_option_is_a_400_and_leaves_the_loaded_runner(serve
     assert server.scheduler.running()[0].runner is first and first.alive()
 
 
-def test_max_loaded_models_evicts_the_idle_runner(server, gemma, gemma_gguf):
+def test_max_loaded_models_evicts_the_idle_runner(server, gemma, tiny_gguf):
     server.config.max_loaded_models = 1
-    import_gguf(server.store, "other:latest", gemma_gguf, system="You are another model.")
+    import_gguf(server.store, "other:latest", tiny_gguf)
     post(server, "/api/generate", {"model": gemma})
     post(server, "/api/generate", {"model": "other"})
     assert [e.model.short_name for e in server.scheduler.running()] == ["other:latest"]
+
+
+def test_a_name_with_its_own_system_and_template_on_the_same_blob_uses_the_loaded_runner(server, gemma, gemma_gguf):
+    server.config.max_loaded_models = 1
+    import_gguf(server.store, "pirate:latest", gemma_gguf, params={"stop": ["<end_of_turn>"]},
+                template="{{ .System }}\n\n{{ .Prompt }}",
+                system="You are a pirate. Answer every question as a pirate would.")
+    body = {"prompt": "Say hello.", "stream": False, "options": {"num_predict": 8, "temperature": 0}}
+    plain = post(server, "/api/generate", dict(body, model=gemma))[1][0]
+    runner = server.scheduler.running()[0].runner
+    pirate = post(server, "/api/generate", dict(body, model="pirate"))[1][0]
+    (entry,) = server.scheduler.running()
+    assert entry.runner is runner and runner.alive()
+    assert plain["response"] and pirate["response"]
+    assert pirate["prompt_eval_count"] > plain["prompt_eval_count"] + 8   # its SYSTEM, per request
+    status, data = _get(server, "/api/ps")
+    assert [m["name"] for m in json.loads(data)["models"]] == [gemma, "pirate:latest"]
+
+
+#: A copy-heavy answer: asked to repeat a small file, Gemma 3 270M gives the file back, which n-gram
+#: speculation drafts from the prompt.
+COPY_FILE = ''.join('def f%d(x):\n    """Return x plus %d."""\n    return x + %d\n\n\n' % (i, i, i) for i in range(6))
+COPY_PROMPT = ("<start_of_turn>user\nRepeat this Python file exactly:\n\n```python\n%s```<end_of_turn>\n"
+               "<start_of_turn>model\n" % COPY_FILE)
+
+
+def test_ngram_speculation_drafts_and_leaves_the_greedy_text_unchanged(server, gemma):
+    body = {"model": gemma, "prompt": COPY_PROMPT, "raw": True, "stream": False,
+            "options": {"num_predict": 96, "temperature": 0, "seed": 1}}
+    plain = post(server, "/api/generate", dict(body, options=dict(body["options"], speculative=False)))[1][0]
+    assert "--spec-type" not in server.scheduler.running()[0].runner.args
+    fast = post(server, "/api/generate", dict(body, options=dict(body["options"], speculative=True)))[1][0]
+    again = post(server, "/api/generate", dict(body, options=dict(body["options"], speculative=True)))[1][0]
+    assert again["response"] == fast["response"]             # with the n-gram pool the first run filled
+    runner = server.scheduler.running()[0].runner
+    assert runner.args[runner.args.index("--spec-type") + 1] == "ngram-mod"
+    assert "def f1(x)" in plain["response"]                  # it does copy the file
+    assert fast["response"] == plain["response"] and fast["eval_count"] == plain["eval_count"]
+    log = runner.log_path.read_text(errors="replace")
+    accepted = [int(m) for m in re.findall(r"draft acceptance = [0-9.]+ \(\s*(\d+) accepted", log)]
+    assert accepted and accepted[-1] > 0                     # it did speculate
 
 
 def test_prompt_longer_than_the_context_is_a_clear_400(server, gemma):

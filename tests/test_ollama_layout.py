@@ -555,7 +555,7 @@ def test_a_draft_layer_speculates_and_the_greedy_text_is_unchanged(server, engin
     prompt = "once upon a time"
     plain = answer(server, "plain", prompt, options=dict(GREEDY, num_predict=48))
     assert answer(server, "fast", prompt, options=dict(GREEDY, num_predict=48))[0] == plain[0]
-    args = server.scheduler.loaded[ollama.Name.parse("fast").key()].runner.args
+    args = server.scheduler.runners_for(ollama.Name.parse("fast"))[0].runner.args
     assert args[args.index("--spec-draft-model") + 1] == model.draft_path
     assert args[args.index("--spec-type") + 1] == "draft-simple"
     log = (server.config.home / "logs" / "runner-fast_latest.log").read_text(errors="replace")

@@ -40,10 +40,12 @@ class Clock:
         return self.now
 
 
-def model(name):
-    """The parts of a Model the Scheduler reads."""
+def model(name, blob=None, adapters=()):
+    """The parts of a Model the Scheduler reads: weights in a blob of their own unless `blob` names one
+    that another name shares (a `cp`, or a create that adds only a SYSTEM)."""
     return types.SimpleNamespace(name=ollama.Name.parse(name), digest="sha256:" + name.encode().hex(),
-                                 short_name=name + ":latest")
+                                 short_name=name + ":latest", model_path="/blobs/" + (blob or name),
+                                 projector_paths=[], adapter_paths=list(adapters), draft_path=None)
 
 
 @pytest.fixture
@@ -243,16 +245,22 @@ def test_changed_load_option_reloads_the_model(make):
     assert len(sched.running()) == 1
 
 
-def test_embedding_lease_reloads_a_completion_runner_and_says_which_mode_is_loaded(make):
+def test_an_embedding_runner_loads_beside_the_completion_one_and_stop_ends_both(make):
+    """llama-server embeds or completes, not both: a model used for chat and for embeddings keeps a
+    runner for each instead of reloading at every switch."""
     sched = make()
     assert sched.loaded_embedding(ollama.Name.parse("a")) is None
-    with sched.lease(model("a"), {}, 300):
+    with sched.lease(model("b", blob="a"), {}, 300, embedding=True):
         pass
-    assert sched.loaded_embedding(ollama.Name.parse("a")) is False
+    assert sched.loaded_embedding(ollama.Name.parse("b")) is True
+    with sched.lease(model("a"), {}, 300) as chat:
+        assert not chat.runner.embedding
     with sched.lease(model("a"), {}, 300, embedding=True) as lease:
-        assert lease.runner.embedding
-    assert sched.loaded_embedding(ollama.Name.parse("a")) is True
-    assert stopped(sched.runners[0])
+        assert lease.runner.embedding and lease.runner is sched.runners[0]
+    assert sched.loaded_embedding(ollama.Name.parse("a")) is False     # a completion runner is loaded
+    assert len(sched.runners) == 2 and not any(r.stopped.is_set() for r in sched.runners)
+    assert sched.expire("a")
+    assert all(stopped(r) for r in sched.runners)
 
 
 def test_dead_runner_is_replaced_by_the_next_lease(make):
@@ -298,3 +306,69 @@ def test_a_second_shutdown_is_harmless(make):
     finally:
         threading.excepthook = hook
     assert errors == []
+
+
+def test_two_names_for_one_blob_share_one_runner_and_both_are_listed(make):
+    sched = make()
+    with sched.lease(model("a", blob="w"), {}, 300) as first:
+        pass
+    with sched.lease(model("b", blob="w"), {"temperature": 0.5}, 300) as second:
+        assert second.runner is first.runner         # the SYSTEM/sampling of b is applied per request
+    assert len(sched.runners) == 1
+    (entry,) = sched.running()
+    assert [m.short_name for m in entry.models.values()] == ["a:latest", "b:latest"]
+    assert sched.runners_for(ollama.Name.parse("b")) == [entry]
+
+
+def test_stopping_one_name_of_a_shared_blob_stops_the_runner_for_both(make):
+    sched = make()
+    with sched.lease(model("a", blob="w"), {}, 300):
+        pass
+    with sched.lease(model("b", blob="w"), {}, 300):
+        pass
+    assert sched.expire("b")
+    assert stopped(sched.runners[0])
+    assert sched.running() == [] and sched.runners_for(ollama.Name.parse("a")) == []
+
+
+def test_a_shared_blob_counts_once_against_max_loaded_models(make):
+    sched = make(max_loaded_models=2)
+    for name in ("a", "b"):
+        with sched.lease(model(name, blob="w"), {}, 300):
+            pass
+    with sched.lease(model("c"), {}, 300):
+        pass
+    assert len(sched.runners) == 2 and not any(r.stopped.is_set() for r in sched.runners)
+
+
+def test_a_name_whose_engine_options_differ_reloads_the_shared_runner(make):
+    sched = make()
+    with sched.lease(model("a", blob="w"), {}, 300) as plain:
+        pass
+    with sched.lease(model("tuned", blob="w", adapters=["/blobs/lora"]), {}, 300) as tuned:
+        assert tuned.runner is not plain.runner
+    assert stopped(plain.runner)
+    assert [e.model.short_name for e in sched.running()] == ["tuned:latest"]
+
+
+def test_speculative_option_and_server_setting_become_the_spec_type_flag():
+    assert ollama.ngram_args({}, "") == []
+    assert ollama.ngram_args({}, "ngram-simple") == ["--spec-type", "ngram-simple"]
+    assert ollama.ngram_args({"speculative": True}, "") == ["--spec-type", "ngram-mod"]
+    assert ollama.ngram_args({"speculative": True}, "ngram-simple") == ["--spec-type", "ngram-simple"]
+    assert ollama.ngram_args({"speculative": False}, "ngram-mod") == []
+
+
+@pytest.mark.parametrize("value, kind", [("", ""), ("on", "ngram-mod"), ("0", ""),
+                                         ("off", ""), ("NGRAM-SIMPLE", "ngram-simple"),
+                                         ("bogus", ollama.DEFAULT_SPECULATIVE)])
+def test_ollama_speculative_is_read_once_into_config(value, kind):
+    assert ollama.Config({"HOME": "/nonexistent", "OLLAMA_SPECULATIVE": value}).speculative == kind
+
+
+def test_a_changed_speculative_option_reloads_the_runner(make):
+    sched = make()
+    with sched.lease(model("a"), {"speculative": False}, 300) as off:
+        pass
+    with sched.lease(model("a"), {"speculative": True}, 300) as on:
+        assert on.runner is not off.runner

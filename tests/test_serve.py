@@ -113,10 +113,11 @@ def _gone_by(procs, seconds):
         time.sleep(0.02)
 
 
-def test_sigkill_of_serve_with_two_models_loaded_leaves_no_runner(ollama_home, llama_server_bin, tiny_gguf):
+def test_sigkill_of_serve_with_two_models_loaded_leaves_no_runner(ollama_home, llama_server_bin, tiny_gguf,
+                                                                   tiny_f32_gguf):
     store = ollama.Store(ollama_home / ".ollama" / "models")
     import_gguf(store, "one", tiny_gguf)
-    import_gguf(store, "two", tiny_gguf)
+    import_gguf(store, "two", tiny_f32_gguf)             # other weights: a runner of its own
     proc, port = start_serve(ollama_home, {"OLLAMA_LLAMA_SERVER": str(llama_server_bin)})
     try:
         for name in ("one", "two"):          # from two connections, so two request threads
@@ -129,6 +130,36 @@ def test_sigkill_of_serve_with_two_models_loaded_leaves_no_runner(ollama_home, l
         proc.kill()
         proc.communicate(timeout=30)
     assert _gone_by(runners, 1.0) == []
+
+
+def test_names_for_one_blob_share_one_llama_server_and_each_answers(ollama_home, llama_server_bin, tiny_gguf):
+    """A `cp` and a create that only adds a TEMPLATE, a SYSTEM and a parameter hold the weights once."""
+    store = ollama.Store(ollama_home / ".ollama" / "models")
+    import_gguf(store, "one", tiny_gguf)
+    proc, port = start_serve(ollama_home, {"OLLAMA_LLAMA_SERVER": str(llama_server_bin)})
+    try:
+        assert _post(port, "/api/copy", {"source": "one", "destination": "copy"})[0] == 200
+        status, data = _post(port, "/api/create", {"model": "terse", "from": "one", "system": "Be terse.",
+                                                   "template": "{{ .System }} {{ .Prompt }}",
+                                                   "parameters": {"temperature": 0.2}, "stream": False})
+        assert status == 200, data
+        counts = {}
+        for name in ("one", "copy", "terse"):
+            status, data = _post(port, "/api/generate", {"model": name, "prompt": "Hi", "stream": False,
+                                                         "options": {"num_predict": 2}})
+            assert status == 200 and json.loads(data)["done"], data
+            counts[name] = json.loads(data)["prompt_eval_count"]
+        assert len(_children(proc.pid)) == 1
+        assert counts["terse"] > counts["one"]               # its SYSTEM is in its prompt, per request
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/api/ps")
+        names = [m["name"] for m in json.loads(conn.getresponse().read())["models"]]
+        assert names == ["one:latest", "copy:latest", "terse:latest"]
+        assert _post(port, "/api/generate", {"model": "copy", "keep_alive": 0})[0] == 200   # `ollama stop copy`
+        assert _gone_by(_children(proc.pid), 10.0) == []
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
 
 
 def test_sigterm_during_a_model_load_leaves_no_runner(ollama_home, tiny_gguf, tmp_path):
