@@ -107,13 +107,13 @@ def vision(server, tmp_path, monkeypatch):
 
     def requests():
         return [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
-    server.requests = requests
+    server.engine_requests = requests          # (not .requests: the server counts its requests there)
     return server
 
 
 def sent(server):
     """The last /completion request the engine got: (prompt_string with the marker as <M>, images)."""
-    req = server.requests()[-1]
+    req = server.engine_requests()[-1]
     assert req["path"] == "/completion" and "--mmproj" in req["argv"]
     marker = req["marker"]
     assert marker.startswith("<__ollama_media_") and len(marker) > 40      # pinned and unguessable
@@ -175,14 +175,14 @@ def test_no_projector_is_ollamas_400_and_the_engine_never_sees_it(vision, path, 
     assert status == 400
     err = lines[-1]["error"]
     assert (err["message"] if isinstance(err, dict) else err) == "this model is missing data required for image input"
-    assert vision.requests() == []
+    assert vision.engine_requests() == []
 
 
 def test_bad_base64_is_gos_400(vision):
     status, lines = post(vision, "/api/generate", {"model": "seer", "prompt": "x", "images": ["iVBO!!"],
                                                    "stream": False})
     assert status == 400 and lines[-1]["error"] == "illegal base64 data at input byte 4"
-    assert vision.requests() == []
+    assert vision.engine_requests() == []
 
 
 def test_debug_render_counts_images(vision):
@@ -269,7 +269,7 @@ def test_webp_without_dwebp_is_a_400_that_says_what_to_install(vision, tmp_path,
     status, lines = post(vision, "/api/generate", {"model": "seer", "prompt": "x", "images": [b64(webp)],
                                                    "stream": False})
     assert status == 400 and "need libwebp's dwebp on PATH (apt install webp" in lines[-1]["error"]
-    assert vision.requests() == []
+    assert vision.engine_requests() == []
 
 
 @pytest.mark.parametrize("webp, error", [
@@ -282,7 +282,7 @@ def test_a_webp_too_big_or_broken_is_a_400(vision, webp, error):
     status, lines = post(vision, "/api/chat", {"model": "seer", "stream": False, "messages": [
         {"role": "user", "content": "x", "images": [b64(webp)]}]})
     assert status == 400 and lines[-1]["error"].startswith(error), lines
-    assert vision.requests() == []
+    assert vision.engine_requests() == []
 # -- the real engine: a tiny random-weight projector (fixtures.write_tiny_mmproj) ---------------------
 
 TEMPLATE = "{{ range .Messages }}<{{ .Role }}>{{ .Content }}{{ end }}<assistant>"
