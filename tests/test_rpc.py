@@ -92,6 +92,40 @@ def test_two_workers_give_the_local_answer_token_for_token(server, gemma, llama_
     assert "CPU + RPC 127.0.0.1:%d,127.0.0.1:%d" % tuple(ports) in cli.stdout
 
 
+PROMPTS = ("Question: Why is the sky blue? Answer:", "The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a small village,")
+
+
+def top5(runner, prompt):
+    """The next token's top-5 {token: logprob} after `prompt`, from a started Runner."""
+    out = runner.call("/completion", {"prompt": prompt, "n_predict": 1, "n_probs": 5, "temperature": 0})
+    return {p["token"]: p["logprob"] for p in out["completion_probabilities"][0]["top_logprobs"]}
+
+
+def test_a_split_computes_what_one_machine_computes_without_weight_repacking(gemma_gguf, llama_server_bin,
+                                                                             rpc_bin, ollama_home, tmp_path):
+    """Where a split and a local run differ, and why: the local CPU backend repacks quantized matrices
+    for its SIMD kernels (other activation rounding and sum order), RPC workers hold them as stored.
+    With repacking off, one machine gives the split's top-5 logprobs on several prompts."""
+    ports = [ollama.free_port(), ollama.free_port()]
+    runs = {}
+    with worker(llama_server_bin, ports[0], ollama_home), worker(llama_server_bin, ports[1], ollama_home):
+        for name, kw in (("split", {"rpc": ["127.0.0.1:%d" % p for p in ports]}),
+                         ("plain", {"extra_args": ["--no-repack"]}), ("repacked", {})):
+            runner = ollama.Runner(str(llama_server_bin), gemma_gguf, num_ctx=512, log_path=tmp_path / name,
+                                   **kw).start(120)
+            try:
+                runs[name] = [top5(runner, p) for p in PROMPTS]
+            finally:
+                runner.stop()
+
+    def gap(a, b):
+        """The largest logprob difference over the tokens both top-5s name, over all prompts (nats)."""
+        return max(abs(x[t] - y[t]) for x, y in zip(runs[a], runs[b]) for t in set(x) & set(y))
+    assert gap("split", "plain") < 0.01
+    assert gap("split", "repacked") > 0.01       # what the README explains; if it ever vanishes, say so there
+
+
 def test_a_worker_killed_mid_stream_is_named_and_the_next_request_is_served(server, gemma, llama_server_bin,
                                                                             ollama_home, caplog):
     port = ollama.free_port()
