@@ -1633,9 +1633,8 @@ def _gptoss_edits(g, path):
     if "gptoss.rope.scaling.type" not in g.kv:
         e.set["gpt-oss.rope.scaling.type"] = (8, "yarn")
     e.set["tokenizer.ggml.pre"] = (8, "gpt-4o")
-    e.rename_containing(g, ((".attn_out", ".attn_output"), (".attn_sinks", ".attn_sinks.weight"),
-                            (".ffn_norm", ".post_attention_norm")))
-    e.rename = [(old, new) for old, new in e.rename if not old.endswith((".attn_output.weight", ".attn_sinks.weight"))]
+    e.rename_containing(g, ((".attn_out.", ".attn_output."), (".ffn_norm.", ".post_attention_norm.")))
+    e.rename += [(t.name, t.name + ".weight") for t in g.tensors if t.name.endswith(".attn_sinks")]
     e.quirks += ["architecture gptoss: gpt-oss", "tensor names", "pre-tokenizer gpt-4o"]
     return e
 
@@ -4237,17 +4236,26 @@ class Model:
                 "# FROM %s\n\n" % self.short_name)
         return head + "".join(modelfile_command(n, a) + "\n" for n, a in cmds)
 
+    def layout(self):
+        """(text edits, projector edits) of the weights in Ollama's converter layout (ollama_layout),
+        worked out once per server: a blob never changes, and deciding may read a whole vocabulary.
+        (None, None) without weights or for a header the engine will report on."""
+        key = ("layout", self.model_path)
+        if key not in self._parsed:
+            try:
+                g = self.gguf()
+                self._parsed[key] = ollama_layout(g, self.model_path) if g else (None, None)
+            except (OSError, OllamaError):
+                return None, None
+        return self._parsed[key]
+
     def engine_notes(self):
         """ollama.py's own /api/show field `engine` (`show` prints it): what renders chat when it is the
         GGUF's Jinja template, and the Ollama layout translated as the model loads; {} for neither."""
         notes = {}
         if self.jinja_template():
             notes["chat"] = "the GGUF's Jinja template, with llama.cpp's parsers"
-        try:
-            g = self.gguf()
-            families = [e.family for e in ollama_layout(g, self.model_path) if e] if g else []
-        except (OSError, OllamaError):
-            families = []
+        families = [e.family for e in self.layout() if e]
         if families:
             notes["layout"] = "Ollama's %s, translated as it loads" % " + ".join(families)
         return notes
@@ -6447,11 +6455,7 @@ def engine_files(store, model, exe):
     engine's GGUF edits hook applies. OllamaError, in words, when `exe` has no hook for a model
     that needs it. The blobs are never written."""
     projector = (model.projector_paths or [None])[0]
-    try:
-        g = model.gguf()
-        text, clip = ollama_layout(g, model.model_path) if g else (None, None)
-    except (OSError, OllamaError):          # an unreadable header is the engine's to report
-        return EngineFiles(model.model_path, projector, [], [])
+    text, clip = model.layout()
     families, args = [], []
 
     def view(blob, edits, name):
