@@ -596,9 +596,17 @@ def test_import_refuses_huge_extension_headers_before_reading_them(server, tmp_p
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
             tar.addfile(info, io.BytesIO(b""))
-        status, body = http_import(server, buf.getvalue())
-        assert status == 400, body
-        assert "extension header" in json.loads(body)["error"]
+        try:
+            status, body = http_import(server, buf.getvalue())
+        except (BrokenPipeError, ConnectionResetError):
+            # refused before the rest was read, the server closed while the client still sent it: the
+            # answer can be lost on the way; what must hold then is that nothing was kept
+            status, body = None, None
+        if status is not None:
+            assert status == 400, body
+            assert "extension header" in json.loads(body)["error"]
+        assert not server.store.manifests.exists() or not any(server.store.manifests.rglob("*"))
+        assert not server.store.blobs.exists() or not any(server.store.blobs.iterdir())
 
 
 def test_import_of_a_duplicate_member_that_fails_its_hash_leaves_no_temp_file(server, tmp_path):

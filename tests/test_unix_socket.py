@@ -39,8 +39,18 @@ def unix_server(sock_path):
 
 
 def cli(*args, env=None, user=None, python=sys.executable):
-    return subprocess.run([python, OLLAMA_PY] + list(args), capture_output=True, text=True,
-                          timeout=300, env=env or dict(os.environ), user=user)
+    program = OLLAMA_PY
+    if user is not None:              # the checkout may sit in a folder only its owner enters (mktemp -d)
+        program = os.path.join(tempfile.mkdtemp(prefix="ollama-py-"), "ollama.py")
+        shutil.copy(OLLAMA_PY, program)
+        os.chmod(os.path.dirname(program), 0o755)
+        os.chmod(program, 0o644)
+    try:
+        return subprocess.run([python, program] + list(args), capture_output=True, text=True,
+                              timeout=300, env=env or dict(os.environ), user=user)
+    finally:
+        if program != OLLAMA_PY:
+            shutil.rmtree(os.path.dirname(program), ignore_errors=True)
 
 
 def world_python():
