@@ -20,8 +20,10 @@ and parts into pieces by ``# --`` lines.
 
     Config         defaults (one per line, with units); Config: the OLLAMA_* environment, read once
     Errors         OllamaError and its subclasses, each with the HTTP `status` it is answered with
-    Utilities      Go durations, human sizes and times, RFC 3339, JSON as Go writes it, files
-                   (atomic writes, locks, the umask), loopback hosts
+    Utilities      Go durations, human sizes and times, RFC 3339 (written and parsed), files (atomic
+                   writes, locks, the umask), loopback hosts, text tables as the CLI prints them;
+                   _Wire: one raw HTTP/1.1 exchange (the token relay, runner calls, the CLI's Client);
+                   Metrics: the counters /metrics serves
     Names          Name: host/namespace/model:tag as Ollama parses, displays and compares them
     Store          Store: ~/.ollama/models (blobs/sha256-*, manifests/...), its lock, atomic writes
     GGUF           GGUF headers (architecture, context, chat template, vocabulary); tiny writers;
@@ -30,20 +32,24 @@ and parts into pieces by ``# --`` lines.
     Modelfile      parse_modelfile, PARAMETER types and ranges, the /api/create body it becomes
     Templates      == Go's text/template engine, == Ollama's templates (values, vars, a chat
                    rendered), == output parsers (tool calls, thinking)
-    Models         Model: a stored model as its layers describe it (load_model); its capabilities
+    Models         Model: a stored model as its layers describe it (load_model); its capabilities,
+                   whether it embeds; images (WebP made PNG); == create: a model's layers, config and
+                   manifest written as Ollama's create writes them (create_model)
     Registry       == keys (Ed25519, OpenSSH files, signed requests), == client (OCI pull and
-                   push: RegistrySession, Transfers, pull_model, push_model)
+                   push: RegistrySession, Transfers, pull_model, push_model), == archives (export and
+                   import as OCI image layout tarballs)
     Runner         Runner: one llama-server child (argv, start, health, completion, tokenize,
                    embeddings); engine_files and draft_args: the files and flags a model runs with
                    (views of Ollama-layout GGUFs, a DRAFT); Spawner: the thread that forks children
-                   tied to serve; _Wire: one raw HTTP/1.1 exchange (the token relay, runner calls,
-                   and the CLI's Client)
+                   tied to serve; == engine tools (RPC workers, llama-quantize)
     Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
-    HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream,
-                   FileResponse), == Ollama's API (/api/*, an api_* each), == a read-only OCI
+    HTTP server    OllamaServer (listeners, keys, TLS, connection caps, who a local peer is),
+                   OllamaHandler (CORS and Host guards, body limits), Routes, Request, Response,
+                   Stream, FileResponse
+    HTTP API       == Ollama's API (/api/*, an api_* each), == a read-only OCI
                    registry of the store (/v2/*, a v2_* each), == OpenAI compatibility (/v1/*, with
                    the Responses API), == Anthropic compatibility (/v1/messages)
-    CLI            == the client (Client, @command), == commands (a cmd_* each), == the REPL
+    CLI            == the client, and @command (Client), == commands (a cmd_* each), == the REPL
     Main           main(argv): parse, run the command; an OllamaError is "Error: ..." and exit 1
 
 The request path of a chat: ``OllamaServer`` (a ThreadingHTTPServer; one thread per connection)
@@ -504,6 +510,50 @@ def rfc3339_local(ts):
     return dt.strftime("%Y-%m-%dT%H:%M:%S") + ("." + frac if frac else "") + off
 
 
+_RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
+
+
+def _parse_rfc3339(text, zero=False):
+    """Seconds since the epoch for an RFC 3339 time with any fraction and offset ("Z" too); None for
+    text that doesn't parse, and for Go's zero time (year 1) unless `zero` (fromisoformat takes
+    neither "Z" nor nanoseconds on 3.9)."""
+    m = _RFC3339_RE.match(text or "")
+    if not m or m.group(1) == "0001" and not zero:
+        return None
+    y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
+    off = m.group(8)
+    offset = 0 if off in ("Z", "z") else (1 if off[0] == "+" else -1) * (int(off[1:3]) * 3600 + int(off[4:6]) * 60)
+    tz = datetime.timezone(datetime.timedelta(seconds=offset))
+    when = datetime.datetime(y, mo, d, h, mi, s, tzinfo=tz).timestamp()
+    return when + (float(m.group(7)) if m.group(7) else 0.0)
+
+
+def _char_width(ch):
+    """Terminal columns of one character (go-runewidth's rule of thumb): 0 combining, 2 wide."""
+    import unicodedata
+    if unicodedata.combining(ch) or ch in "\u200b\u200d":
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def _text_width(text):
+    if text.isascii():                     # the usual case, and a list's table has hundreds of cells
+        return len(text)
+    return sum(_char_width(c) for c in text)
+
+
+def _table(rows, header=None, indent=""):
+    """Go tablewriter with no borders and 4-space padding: every cell left-aligned and padded to
+    its column's width (in terminal columns), followed by four spaces."""
+    rows = ([header] if header else []) + rows
+    widths = {}
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths.get(i, 0), _text_width(cell))
+    return "".join(indent + "".join(cell + " " * (widths[i] - _text_width(cell)) + "    "
+                                    for i, cell in enumerate(row)) + "\n" for row in rows)
+
+
 def json_dumps(obj):
     """Compact JSON, non-ASCII kept, as Go's encoder writes it (without HTML escaping)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
@@ -604,6 +654,166 @@ def _rmtree(path):
     """Remove a folder and what it holds, if it is there."""
     import shutil
     shutil.rmtree(str(path), ignore_errors=True)
+
+
+class _Wire:
+    """One HTTP/1.1 exchange on a raw socket (Connection: close): the request sent in one write, the
+    answer read through one buffer, one recv per wake-up (up to RELAY_READ bytes, so a burst of
+    events costs one syscall), lines split in C (bytes.split), reads advancing an offset so a burst
+    is not copied once per line. The runner's token relay and the CLI's Client both use it:
+    http.client costs a dozen Python calls per line on the relay, and ~20 ms (it imports the email
+    parser) at every CLI start."""
+
+    def __init__(self, sock):
+        self.sock, self.buf, self.pos = sock, b"", 0      # self.buf[self.pos:] is unread
+        self.reason, self.headers = "", {}                # of the answer, once response_head() has read it
+
+    def _recv(self):
+        data = self.sock.recv(RELAY_READ)
+        if not data:
+            raise EOFError("connection closed")
+        self.buf, self.pos = self.buf[self.pos:] + data, 0
+
+    def line(self):
+        while True:
+            end = self.buf.find(b"\n", self.pos) + 1
+            if end:
+                line, self.pos = self.buf[self.pos:end], end
+                return line
+            self._recv()
+
+    def take(self, n):
+        if len(self.buf) - self.pos < n:       # gather, then join once: a 1 MB chunk is ~16 recvs
+            parts, have = [self.buf[self.pos:]], len(self.buf) - self.pos
+            while have < n:
+                data = self.sock.recv(max(RELAY_READ, n - have))
+                if not data:
+                    raise EOFError("connection closed")
+                parts.append(data)
+                have += len(data)
+            self.buf, self.pos = b"".join(parts), 0
+        self.pos += n
+        return self.buf[self.pos - n:self.pos]
+
+    @classmethod
+    def request(cls, host, port, method, path, body=None, headers=None, timeout=None, tls=None, unix=None):
+        """A _Wire on a new connection to host:port (through the ssl context `tls` if given), or to
+        the Unix socket at path `unix` (then Host: is `host`), that has sent the request. `body` is
+        bytes or a file (read in COPY_CHUNK pieces: as they come with a Content-Length header, else
+        chunked). OSError when it cannot connect or send."""
+        if unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(unix)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            # An ASCII host as bytes: a str goes through the idna codec (its import, with unicodedata
+            # and stringprep, is ~3 ms of a CLI start); a non-ASCII one needs it.
+            sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
+        try:
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            if not unix:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hdrs = dict(headers or {})
+            stream = body is not None and not isinstance(body, (bytes, bytearray))
+            if isinstance(body, (bytes, bytearray)) or (body is None and method not in ("GET", "HEAD")):
+                hdrs["Content-Length"] = str(len(body or b""))
+            elif stream and "Content-Length" not in hdrs:
+                hdrs["Transfer-Encoding"] = "chunked"
+            head = "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n%s\r\n" % (
+                method, path, host if unix else "%s:%d" % ("[%s]" % host if ":" in host else host, port),
+                "".join("%s: %s\r\n" % kv for kv in hdrs.items()))
+            if not stream:
+                sock.sendall(head.encode("latin-1") + (body or b""))
+            else:
+                sock.sendall(head.encode("latin-1"))
+                chunked = "Transfer-Encoding" in hdrs
+                for data in iter(lambda: body.read(COPY_CHUNK), b""):
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                if chunked:
+                    sock.sendall(b"0\r\n\r\n")
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    @classmethod
+    def post(cls, port, path, body, key):
+        """request() of POST `path` with the JSON `body` to 127.0.0.1:`port` (a runner whose API key is `key`)."""
+        return cls.request("127.0.0.1", port, "POST", path, json_dumps(body).encode(),
+                           {"Content-Type": "application/json", "Authorization": "Bearer " + key})
+
+    def close(self):
+        self.sock.close()
+
+    def response_head(self):
+        """(status, chunked, content_length or None) from the status line and headers (kept, with
+        lower-case names, in .headers; the reason phrase in .reason); ValueError or IndexError when
+        they are not HTTP."""
+        parts = self.line().split(None, 2)
+        status = int(parts[1])
+        self.reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
+        chunked, length = False, None
+        while True:
+            line = self.line()
+            if line in (b"\r\n", b"\n"):
+                return status, chunked, length
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            self.headers[name.decode("latin-1")] = value.strip().decode("latin-1")
+            if name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"content-length":
+                length = int(value)
+
+    def json(self):
+        """The JSON answer of a request (its status, its body), read whole; OSError, EOFError or
+        ValueError when it is not one."""
+        status, chunked, length = self.response_head()
+        raw = b"".join(self.chunks(chunked, length))
+        return status, json.loads(raw) if raw.strip() else {}
+
+    def chunks(self, chunked, length=None):
+        """The body's bytes as they arrive: chunked, `length` bytes, or up to the close (the
+        connection is Connection: close). EOFError when the socket closes inside a framed body."""
+        if chunked:
+            while True:
+                size = int(self.line().split(b";")[0], 16)
+                if size == 0:
+                    return
+                yield self.take(size + 2)[:-2]          # the chunk and its CRLF
+        while length is None or length > 0:
+            if self.pos == len(self.buf):             # else what came with the headers first
+                try:
+                    self._recv()
+                except EOFError:
+                    if length is None:
+                        return
+                    raise
+            end = len(self.buf) if length is None else min(len(self.buf), self.pos + length)
+            data, self.pos = self.buf[self.pos:end], end
+            if length is not None:
+                length -= len(data)
+            yield data
+
+    def body_lines(self, chunked, length=None):
+        """The body's lines (see _lines)."""
+        return _lines(self.chunks(chunked, length))
+
+
+def _lines(chunks):
+    """The lines (each with its b"\n") of a stream of byte chunks; the last may lack its newline."""
+    pending = b""
+    for data in chunks:
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
 
 
 #: The metrics GET /metrics exposes: name -> (Prometheus type, help). A summary is its _sum and _count.
@@ -3627,8 +3837,6 @@ class Template:
         return "".join(out)
 
 
-
-
 def parse_template(text):
     """Parse a prompt template; TemplateError (400) with Go's message if it does not parse."""
     return text if isinstance(text, Template) else Template(text)
@@ -3664,63 +3872,6 @@ def render_generate(template, prompt, suffix="", system="", messages=(), think=N
 
 IMAGE_TAG_RE = re.compile(r"\[img-(\d+)\]")   # Ollama's stable image tags; Runner.media_prompt swaps them
 IMAGE_TOKENS = 768                                # what an image counts for in truncation, as Ollama's chatPrompt
-
-
-WEBP_DECODER = "dwebp"             # libwebp's command-line decoder (Debian: apt install webp; brew install webp)
-WEBP_MAX_PIXELS = 32 << 20        # a WebP bigger than this (decoded, 3 bytes a pixel) is refused, not decoded
-
-
-def image_data(value):
-    """One api.ImageData: base64 (Go's []byte in JSON), checked and given back in standard padding,
-    a WebP converted to PNG (as Ollama's llama_server.go does: llama.cpp's image loader cannot read
-    WebP). Bad base64 is Go's unmarshal error, a 400."""
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except ValueError:
-        clean = value.rstrip("=")
-        at = next((i for i, c in enumerate(clean) if not (c.isalnum() and c.isascii() or c in "+/")), len(clean))
-        raise BadRequest("illegal base64 data at input byte %d" % at) from None
-    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
-        raw = webp_to_png(raw)
-    return base64.b64encode(raw).decode()
-
-
-def webp_size(raw):
-    """(width, height) from a WebP's first chunk (VP8X canvas, VP8 key frame or VP8L header); None
-    when the header is not one of those."""
-    fourcc = raw[12:16]
-    if fourcc == b"VP8X" and len(raw) >= 30:
-        return 1 + int.from_bytes(raw[24:27], "little"), 1 + int.from_bytes(raw[27:30], "little")
-    if fourcc == b"VP8 " and len(raw) >= 30 and raw[23:26] == b"\x9d\x01\x2a":
-        return int.from_bytes(raw[26:28], "little") & 0x3FFF, int.from_bytes(raw[28:30], "little") & 0x3FFF
-    if fourcc == b"VP8L" and len(raw) >= 25 and raw[20] == 0x2F:
-        bits = int.from_bytes(raw[21:25], "little")
-        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
-    return None
-
-
-def webp_to_png(raw):
-    """A WebP image's bytes as PNG, through libwebp's dwebp (stdin to stdout); a 400 that says what
-    to install when it is not on PATH, and for an image that is not a WebP it can decode."""
-    import shutil
-    import subprocess
-    size = webp_size(raw)
-    if size is None:
-        raise BadRequest("decode WebP image: unknown WebP header")
-    if size[0] * size[1] > WEBP_MAX_PIXELS:
-        raise BadRequest("decode WebP image: %dx%d is more than %d pixels" % (size + (WEBP_MAX_PIXELS,)))
-    exe = shutil.which(WEBP_DECODER)
-    if not exe:
-        raise BadRequest("WebP images need libwebp's %s on PATH (apt install webp, or brew install webp): "
-                         "ollama.py converts them to PNG for the engine" % WEBP_DECODER)
-    try:
-        out = subprocess.run([exe, "-quiet", "-o", "-", "--", "-"], input=raw, capture_output=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise BadRequest("decode WebP image: %s took more than 60 s" % WEBP_DECODER) from None
-    if out.returncode != 0 or not out.stdout.startswith(b"\x89PNG\r\n\x1a\n"):
-        why = out.stderr.decode(errors="replace").strip().splitlines()
-        raise BadRequest("decode WebP image: %s" % (why[-1] if why else "%s failed" % WEBP_DECODER))
-    return out.stdout
 
 
 def tag_images(messages):
@@ -4342,6 +4493,139 @@ def model_capabilities(model):
                                    or model.config.get("model_family") in ("gptoss", "gpt-oss")):
         caps.append("thinking")
     return caps
+
+
+def embedding_pooling(model):
+    """The GGUF's `<arch>.pooling_type` (llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last, 4 rank),
+    or None when the model declares none (Ollama's rule: then it is a completion model)."""
+    try:
+        g = model.gguf()
+    except (OSError, OllamaError):
+        return None
+    return g.kv.get(g.key("pooling_type")) if g is not None else None
+
+
+def is_embedding_model(model):
+    """True for a model that only embeds (has "embedding" capability and no "completion")."""
+    caps = model.capabilities()
+    return "embedding" in caps and "completion" not in caps
+
+
+WEBP_DECODER = "dwebp"             # libwebp's command-line decoder (Debian: apt install webp; brew install webp)
+
+
+WEBP_MAX_PIXELS = 32 << 20        # a WebP bigger than this (decoded, 3 bytes a pixel) is refused, not decoded
+
+
+def image_data(value):
+    """One api.ImageData: base64 (Go's []byte in JSON), checked and given back in standard padding,
+    a WebP converted to PNG (as Ollama's llama_server.go does: llama.cpp's image loader cannot read
+    WebP). Bad base64 is Go's unmarshal error, a 400."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        clean = value.rstrip("=")
+        at = next((i for i, c in enumerate(clean) if not (c.isalnum() and c.isascii() or c in "+/")), len(clean))
+        raise BadRequest("illegal base64 data at input byte %d" % at) from None
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        raw = webp_to_png(raw)
+    return base64.b64encode(raw).decode()
+
+
+def webp_size(raw):
+    """(width, height) from a WebP's first chunk (VP8X canvas, VP8 key frame or VP8L header); None
+    when the header is not one of those."""
+    fourcc = raw[12:16]
+    if fourcc == b"VP8X" and len(raw) >= 30:
+        return 1 + int.from_bytes(raw[24:27], "little"), 1 + int.from_bytes(raw[27:30], "little")
+    if fourcc == b"VP8 " and len(raw) >= 30 and raw[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(raw[26:28], "little") & 0x3FFF, int.from_bytes(raw[28:30], "little") & 0x3FFF
+    if fourcc == b"VP8L" and len(raw) >= 25 and raw[20] == 0x2F:
+        bits = int.from_bytes(raw[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return None
+
+
+def webp_to_png(raw):
+    """A WebP image's bytes as PNG, through libwebp's dwebp (stdin to stdout); a 400 that says what
+    to install when it is not on PATH, and for an image that is not a WebP it can decode."""
+    import shutil
+    import subprocess
+    size = webp_size(raw)
+    if size is None:
+        raise BadRequest("decode WebP image: unknown WebP header")
+    if size[0] * size[1] > WEBP_MAX_PIXELS:
+        raise BadRequest("decode WebP image: %dx%d is more than %d pixels" % (size + (WEBP_MAX_PIXELS,)))
+    exe = shutil.which(WEBP_DECODER)
+    if not exe:
+        raise BadRequest("WebP images need libwebp's %s on PATH (apt install webp, or brew install webp): "
+                         "ollama.py converts them to PNG for the engine" % WEBP_DECODER)
+    try:
+        out = subprocess.run([exe, "-quiet", "-o", "-", "--", "-"], input=raw, capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise BadRequest("decode WebP image: %s took more than 60 s" % WEBP_DECODER) from None
+    if out.returncode != 0 or not out.stdout.startswith(b"\x89PNG\r\n\x1a\n"):
+        why = out.stderr.decode(errors="replace").strip().splitlines()
+        raise BadRequest("decode WebP image: %s" % (why[-1] if why else "%s failed" % WEBP_DECODER))
+    return out.stdout
+
+
+def _model_details(config, parent=""):
+    return {"parent_model": parent, "format": config.get("model_format", ""),
+            "family": config.get("model_family", ""), "families": config.get("model_families"),
+            "parameter_size": config.get("model_type", ""), "quantization_level": config.get("file_type", "")}
+
+
+def _read_config(store, manifest):
+    digest = (manifest.get("config") or {}).get("digest")
+    if not digest:
+        return {}
+    try:
+        return json.loads(store.blob_path(digest).read_bytes())
+    except (OSError, ValueError):
+        return {}
+
+
+def _layer(media, digest, size, source=None):
+    out = {"mediaType": media, "digest": digest, "size": size}
+    if source:
+        out["from"] = source
+    return out
+
+
+def _new_layer(store, data, media, created):
+    """A layer for bytes written now; its digest goes into `created` when the blob is new."""
+    import hashlib
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    if not store.has_blob(digest):
+        store.write_blob_bytes(data)
+        created.add(digest)
+    return _layer(media, digest, len(data))
+
+
+def _message_struct(m):
+    """An api.Message in Go field order (role, content, then the optional fields that are set)."""
+    out = {"role": m.get("role", ""), "content": m.get("content", "")}
+    for k in ("thinking", "images", "tool_calls", "tool_name", "tool_call_id"):
+        if m.get(k):
+            out[k] = m[k]
+    return out
+
+
+def _config_struct(config, layers):
+    """model.ConfigV2 in Go field order: the five model fields, the optional ones when set, then
+    architecture/os and rootfs (diff_ids = the layer digests), as Ollama's create writes it."""
+    out = {"model_format": config.get("model_format", ""), "model_family": config.get("model_family", ""),
+           "model_families": config.get("model_families"), "model_type": config.get("model_type", ""),
+           "file_type": config.get("file_type", "")}
+    for k in ("renderer", "parser", "requires", "remote_host", "remote_model", "capabilities",
+              "context_length", "embedding_length", "base_name"):
+        if config.get(k):
+            out[k] = config[k]
+    out["architecture"] = "amd64"
+    out["os"] = "linux"
+    out["rootfs"] = {"type": "layers", "diff_ids": [la["digest"] for la in layers]}
+    return out
 
 
 ###############################################################################
@@ -5933,166 +6217,6 @@ def reap_orphans(directory):
     return killed
 
 
-class _Wire:
-    """One HTTP/1.1 exchange on a raw socket (Connection: close): the request sent in one write, the
-    answer read through one buffer, one recv per wake-up (up to RELAY_READ bytes, so a burst of
-    events costs one syscall), lines split in C (bytes.split), reads advancing an offset so a burst
-    is not copied once per line. The runner's token relay and the CLI's Client both use it:
-    http.client costs a dozen Python calls per line on the relay, and ~20 ms (it imports the email
-    parser) at every CLI start."""
-
-    def __init__(self, sock):
-        self.sock, self.buf, self.pos = sock, b"", 0      # self.buf[self.pos:] is unread
-        self.reason, self.headers = "", {}                # of the answer, once response_head() has read it
-
-    def _recv(self):
-        data = self.sock.recv(RELAY_READ)
-        if not data:
-            raise EOFError("connection closed")
-        self.buf, self.pos = self.buf[self.pos:] + data, 0
-
-    def line(self):
-        while True:
-            end = self.buf.find(b"\n", self.pos) + 1
-            if end:
-                line, self.pos = self.buf[self.pos:end], end
-                return line
-            self._recv()
-
-    def take(self, n):
-        if len(self.buf) - self.pos < n:       # gather, then join once: a 1 MB chunk is ~16 recvs
-            parts, have = [self.buf[self.pos:]], len(self.buf) - self.pos
-            while have < n:
-                data = self.sock.recv(max(RELAY_READ, n - have))
-                if not data:
-                    raise EOFError("connection closed")
-                parts.append(data)
-                have += len(data)
-            self.buf, self.pos = b"".join(parts), 0
-        self.pos += n
-        return self.buf[self.pos - n:self.pos]
-
-    @classmethod
-    def request(cls, host, port, method, path, body=None, headers=None, timeout=None, tls=None, unix=None):
-        """A _Wire on a new connection to host:port (through the ssl context `tls` if given), or to
-        the Unix socket at path `unix` (then Host: is `host`), that has sent the request. `body` is
-        bytes or a file (read in COPY_CHUNK pieces: as they come with a Content-Length header, else
-        chunked). OSError when it cannot connect or send."""
-        if unix:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(timeout)
-                sock.connect(unix)
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            # An ASCII host as bytes: a str goes through the idna codec (its import, with unicodedata
-            # and stringprep, is ~3 ms of a CLI start); a non-ASCII one needs it.
-            sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
-        try:
-            if tls is not None:
-                sock = tls.wrap_socket(sock, server_hostname=host)
-            if not unix:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hdrs = dict(headers or {})
-            stream = body is not None and not isinstance(body, (bytes, bytearray))
-            if isinstance(body, (bytes, bytearray)) or (body is None and method not in ("GET", "HEAD")):
-                hdrs["Content-Length"] = str(len(body or b""))
-            elif stream and "Content-Length" not in hdrs:
-                hdrs["Transfer-Encoding"] = "chunked"
-            head = "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n%s\r\n" % (
-                method, path, host if unix else "%s:%d" % ("[%s]" % host if ":" in host else host, port),
-                "".join("%s: %s\r\n" % kv for kv in hdrs.items()))
-            if not stream:
-                sock.sendall(head.encode("latin-1") + (body or b""))
-            else:
-                sock.sendall(head.encode("latin-1"))
-                chunked = "Transfer-Encoding" in hdrs
-                for data in iter(lambda: body.read(COPY_CHUNK), b""):
-                    sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                if chunked:
-                    sock.sendall(b"0\r\n\r\n")
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    @classmethod
-    def post(cls, port, path, body, key):
-        """request() of POST `path` with the JSON `body` to 127.0.0.1:`port` (a runner whose API key is `key`)."""
-        return cls.request("127.0.0.1", port, "POST", path, json_dumps(body).encode(),
-                           {"Content-Type": "application/json", "Authorization": "Bearer " + key})
-
-    def close(self):
-        self.sock.close()
-
-    def response_head(self):
-        """(status, chunked, content_length or None) from the status line and headers (kept, with
-        lower-case names, in .headers; the reason phrase in .reason); ValueError or IndexError when
-        they are not HTTP."""
-        parts = self.line().split(None, 2)
-        status = int(parts[1])
-        self.reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
-        chunked, length = False, None
-        while True:
-            line = self.line()
-            if line in (b"\r\n", b"\n"):
-                return status, chunked, length
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            self.headers[name.decode("latin-1")] = value.strip().decode("latin-1")
-            if name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif name == b"content-length":
-                length = int(value)
-
-    def json(self):
-        """The JSON answer of a request (its status, its body), read whole; OSError, EOFError or
-        ValueError when it is not one."""
-        status, chunked, length = self.response_head()
-        raw = b"".join(self.chunks(chunked, length))
-        return status, json.loads(raw) if raw.strip() else {}
-
-    def chunks(self, chunked, length=None):
-        """The body's bytes as they arrive: chunked, `length` bytes, or up to the close (the
-        connection is Connection: close). EOFError when the socket closes inside a framed body."""
-        if chunked:
-            while True:
-                size = int(self.line().split(b";")[0], 16)
-                if size == 0:
-                    return
-                yield self.take(size + 2)[:-2]          # the chunk and its CRLF
-        while length is None or length > 0:
-            if self.pos == len(self.buf):             # else what came with the headers first
-                try:
-                    self._recv()
-                except EOFError:
-                    if length is None:
-                        return
-                    raise
-            end = len(self.buf) if length is None else min(len(self.buf), self.pos + length)
-            data, self.pos = self.buf[self.pos:end], end
-            if length is not None:
-                length -= len(data)
-            yield data
-
-    def body_lines(self, chunked, length=None):
-        """The body's lines (see _lines)."""
-        return _lines(self.chunks(chunked, length))
-
-
-def _lines(chunks):
-    """The lines (each with its b"\n") of a stream of byte chunks; the last may lack its newline."""
-    pending = b""
-    for data in chunks:
-        *lines, pending = (pending + data).split(b"\n")
-        for line in lines:
-            yield line + b"\n"
-    if pending:
-        yield pending
-
-
 class Runner:
     """One llama-server child process serving one GGUF on a free loopback port.
 
@@ -6395,26 +6519,6 @@ class Runner:
         return vectors
 
 
-def rpc_worker_answers(address, timeout=1.0):
-    """True when something accepts TCP connections at an RPC worker's "host:port"."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def find_engine_tool(config, name):
-    """Another llama.cpp program build_llama.sh installs (llama-quantize): beside llama-server, else PATH."""
-    import shutil
-    beside = Path(find_llama_server(config)).with_name(name)
-    found = str(beside) if os.access(str(beside), os.X_OK) else shutil.which(name)
-    if not found:
-        raise OllamaError("%s not found beside %s: run ./build_llama.sh" % (name, beside.parent))
-    return found
-
-
 def engine_reads_edits(exe):
     """Whether a llama-server applies GGUF edits (build_llama.sh's hook): its build-info says so or,
     for one built some other way, its binary or ggml library beside it carries the hook's marker."""
@@ -6519,6 +6623,58 @@ def draft_args(model, opts):
     return ["--spec-draft-model", model.draft_path, "--spec-type", kind, "--spec-draft-n-max", str(n)]
 
 
+def _engine_error(status, body):
+    """Turn a llama-server error body into an OllamaError with Ollama's status and a clear message."""
+    err = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(err, dict):
+        message = err.get("message") or json_dumps(err)
+        kind = err.get("type", "")
+        if kind == "exceed_context_size_error":
+            return ContextTooLong(err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?"))
+        if "JSON schema conversion failed" in message:         # llama.cpp's json_schema_to_grammar
+            return BadRequest("invalid JSON schema in format: %s" % message.split("failed:", 1)[-1].strip())
+        if status == 400 or kind == "invalid_request_error":
+            return BadRequest(message)
+    else:
+        message = str(err)
+    return OllamaError("an error was encountered while running the model: %s" % message)
+
+
+def stop_reason(event):
+    """Ollama's done_reason from a final /completion event: stop_type (new) or stopped_* (old builds)."""
+    kind = event.get("stop_type")
+    if kind is None:
+        kind = "limit" if event.get("stopped_limit") else "eos" if event.get("stopped_eos") else \
+            "word" if event.get("stopped_word") else "none"
+    return "length" if kind == "limit" else "stop"
+
+
+def _shell_quote(arg):
+    return arg if re.match(r"^[\w./:=,+-]+$", arg) else "'" + arg.replace("'", "'\\''") + "'"
+
+
+# == Runner: engine tools (RPC workers, llama-quantize) ======================
+
+def rpc_worker_answers(address, timeout=1.0):
+    """True when something accepts TCP connections at an RPC worker's "host:port"."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def find_engine_tool(config, name):
+    """Another llama.cpp program build_llama.sh installs (llama-quantize): beside llama-server, else PATH."""
+    import shutil
+    beside = Path(find_llama_server(config)).with_name(name)
+    found = str(beside) if os.access(str(beside), os.X_OK) else shutil.which(name)
+    if not found:
+        raise OllamaError("%s not found beside %s: run ./build_llama.sh" % (name, beside.parent))
+    return found
+
+
 #: Quantization levels for create -> (general.file_type, about how many bits per weight it takes):
 #: Ollama's (F32, F16, BF16, Q8_0, Q4_K_S, Q4_K_M, with Q4_K meaning Q4_K_M) and, beyond Ollama, the
 #: other llama-quantize levels a small machine may want.
@@ -6564,36 +6720,6 @@ def quantize_gguf(exe, src, dst, level, launcher=(), spawn=popen_tied):
     if code:
         errors = [ln for ln in tail if "error" in ln.lower() or "failed" in ln.lower()] or tail[-1:]
         raise runner_exit_error(code, tail=": " + " | ".join(errors) if errors else "", program="llama-quantize")
-
-
-def _engine_error(status, body):
-    """Turn a llama-server error body into an OllamaError with Ollama's status and a clear message."""
-    err = body.get("error", body) if isinstance(body, dict) else body
-    if isinstance(err, dict):
-        message = err.get("message") or json_dumps(err)
-        kind = err.get("type", "")
-        if kind == "exceed_context_size_error":
-            return ContextTooLong(err.get("n_prompt_tokens", "?"), err.get("n_ctx", "?"))
-        if "JSON schema conversion failed" in message:         # llama.cpp's json_schema_to_grammar
-            return BadRequest("invalid JSON schema in format: %s" % message.split("failed:", 1)[-1].strip())
-        if status == 400 or kind == "invalid_request_error":
-            return BadRequest(message)
-    else:
-        message = str(err)
-    return OllamaError("an error was encountered while running the model: %s" % message)
-
-
-def stop_reason(event):
-    """Ollama's done_reason from a final /completion event: stop_type (new) or stopped_* (old builds)."""
-    kind = event.get("stop_type")
-    if kind is None:
-        kind = "limit" if event.get("stopped_limit") else "eos" if event.get("stopped_eos") else \
-            "word" if event.get("stopped_word") else "none"
-    return "length" if kind == "limit" else "stop"
-
-
-def _shell_quote(arg):
-    return arg if re.match(r"^[\w./:=,+-]+$", arg) else "'" + arg.replace("'", "'\\''") + "'"
 
 
 ###############################################################################
@@ -6931,22 +7057,6 @@ def _trained_context(model):
         return 0
 
 
-def embedding_pooling(model):
-    """The GGUF's `<arch>.pooling_type` (llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last, 4 rank),
-    or None when the model declares none (Ollama's rule: then it is a completion model)."""
-    try:
-        g = model.gguf()
-    except (OSError, OllamaError):
-        return None
-    return g.kv.get(g.key("pooling_type")) if g is not None else None
-
-
-def is_embedding_model(model):
-    """True for a model that only embeds (has "embedding" capability and no "completion")."""
-    caps = model.capabilities()
-    return "embedding" in caps and "completion" not in caps
-
-
 def _embedding_args(model):
     """llama-server flags for an embedding runner beyond Runner's own (context and batch sizes): a
     model without pooling of its own is pooled on its last token, the hidden state Ollama's runner
@@ -6975,11 +7085,11 @@ def _safe_filename(text):
 
 
 ###############################################################################
-# HTTP API ####################################################################
+# HTTP server #################################################################
 ###############################################################################
-# The serve process: the HTTP server and router, Ollama's /api and the OpenAI-compatible /v1.
-
-# == HTTP API: the server =====================================================
+# The serve process's front: the listener (TCP, TLS or a Unix socket), its guards (keys, CORS, Host,
+# connection and request caps, who a local peer is), the router, and the request and answer objects
+# every handler sees.
 
 class Response:
     """A complete, non-JSON (or non-200) answer: status, body bytes, content type, extra headers."""
@@ -7942,6 +8052,59 @@ def _local_addresses():
         return set()
 
 
+def _peer_trusted(req):
+    """True when the client is a process of the server's own user on this machine: on a Unix
+    socket, a peer whose uid SO_PEERCRED gives (exact: the kernel's record of who connected); on
+    TCP, a loopback peer whose socket /proc/net/tcp(6) says that uid owns. Unknown (no /proc,
+    another network namespace, the socket already gone) is untrusted."""
+    sock = req.handler.connection
+    if sock.family == socket.AF_UNIX:
+        try:
+            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except (OSError, AttributeError):      # AttributeError: no SO_PEERCRED (not Linux)
+            return False
+        return uid == os.geteuid()
+    try:
+        peer, local = sock.getpeername(), sock.getsockname()
+    except OSError:
+        return False
+    ip = _parse_ip(peer[0].split("%")[0])
+    if ip is None or not (ip.is_loopback or getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback):
+        return False
+    return socket_owner(peer[:2], local[:2]) == os.geteuid()
+
+
+def _proc_net_addr(host, port):
+    """An (ip, port) as /proc/net/tcp(6) spells it: each 32-bit word of the address in host byte
+    order, in hex, then ":" and the port in hex. Returns (table, text); an IPv4-mapped IPv6
+    address is looked up in the IPv4 table, where a dual-stack client's socket is."""
+    ip = _parse_ip(host.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    words = struct.unpack("=%dI" % (len(ip.packed) // 4), ip.packed)
+    return ("tcp" if ip.version == 4 else "tcp6"), "".join("%08X" % w for w in words) + ":%04X" % port
+
+
+def socket_owner(peer, local):
+    """The uid that owns the TCP socket whose local end is `peer` and remote end is `local` (both
+    (ip, port)): the client's end of a connection this process accepted. None when unknown."""
+    table, want_local = _proc_net_addr(*peer)
+    _table, want_remote = _proc_net_addr(*local)
+    if _table != table:
+        return None
+    try:
+        with open("/proc/net/" + table) as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()     # sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+        if len(fields) > 7 and fields[1] == want_local and fields[2] == want_remote:
+            return int(fields[7])
+    return None
+
+
 def listen_backlog():
     """The listen backlog Go uses: net.core.somaxconn (at most 65535, Linux keeps it in 16 bits),
     else 4096. socketserver's default of 5 drops SYNs under a burst of connections."""
@@ -7981,6 +8144,11 @@ def make_server(config=None, host=None, port=None):
         return server(config)                     # OLLAMA_HOST=unix:PATH
     return server(config, (host or config.host, config.port if port is None else port))
 
+
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+# The handlers: Ollama's /api, a read-only OCI registry (/v2), OpenAI's /v1 and Anthropic's /v1/messages.
 
 # == HTTP API: Ollama's API (/api) ============================================
 
@@ -8086,59 +8254,6 @@ def _drain(req):
         pass
 
 
-def _peer_trusted(req):
-    """True when the client is a process of the server's own user on this machine: on a Unix
-    socket, a peer whose uid SO_PEERCRED gives (exact: the kernel's record of who connected); on
-    TCP, a loopback peer whose socket /proc/net/tcp(6) says that uid owns. Unknown (no /proc,
-    another network namespace, the socket already gone) is untrusted."""
-    sock = req.handler.connection
-    if sock.family == socket.AF_UNIX:
-        try:
-            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        except (OSError, AttributeError):      # AttributeError: no SO_PEERCRED (not Linux)
-            return False
-        return uid == os.geteuid()
-    try:
-        peer, local = sock.getpeername(), sock.getsockname()
-    except OSError:
-        return False
-    ip = _parse_ip(peer[0].split("%")[0])
-    if ip is None or not (ip.is_loopback or getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback):
-        return False
-    return socket_owner(peer[:2], local[:2]) == os.geteuid()
-
-
-def _proc_net_addr(host, port):
-    """An (ip, port) as /proc/net/tcp(6) spells it: each 32-bit word of the address in host byte
-    order, in hex, then ":" and the port in hex. Returns (table, text); an IPv4-mapped IPv6
-    address is looked up in the IPv4 table, where a dual-stack client's socket is."""
-    ip = _parse_ip(host.split("%")[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    words = struct.unpack("=%dI" % (len(ip.packed) // 4), ip.packed)
-    return ("tcp" if ip.version == 4 else "tcp6"), "".join("%08X" % w for w in words) + ":%04X" % port
-
-
-def socket_owner(peer, local):
-    """The uid that owns the TCP socket whose local end is `peer` and remote end is `local` (both
-    (ip, port)): the client's end of a connection this process accepted. None when unknown."""
-    table, want_local = _proc_net_addr(*peer)
-    _table, want_remote = _proc_net_addr(*local)
-    if _table != table:
-        return None
-    try:
-        with open("/proc/net/" + table) as f:
-            lines = f.readlines()[1:]
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()     # sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
-        if len(fields) > 7 and fields[1] == want_local and fields[2] == want_remote:
-            return int(fields[7])
-    return None
-
-
 def _import_local_blob(store, src, digest):
     """Link (or copy) a local file into blobs/ under `digest`, re-hashed; BadRequest on mismatch.
     Only a file the server's user owns and no group or other may write is linked."""
@@ -8190,12 +8305,6 @@ def _import_local_blob(store, src, digest):
             owner.close()
 
 
-def _model_details(config, parent=""):
-    return {"parent_model": parent, "format": config.get("model_format", ""),
-            "family": config.get("model_family", ""), "families": config.get("model_families"),
-            "parameter_size": config.get("model_type", ""), "quantization_level": config.get("file_type", "")}
-
-
 def _list_gguf_details(model, entry):
     """What Ollama's model list adds from the GGUF (headers are cached per blob): capabilities,
     details.context_length and details.embedding_length. A model whose GGUF cannot be read is listed
@@ -8213,16 +8322,6 @@ def _list_gguf_details(model, entry):
         for key, value in (("context_length", g.context_length), ("embedding_length", g.embedding_length)):
             if value:
                 entry["details"][key] = value
-
-
-def _read_config(store, manifest):
-    digest = (manifest.get("config") or {}).get("digest")
-    if not digest:
-        return {}
-    try:
-        return json.loads(store.blob_path(digest).read_bytes())
-    except (OSError, ValueError):
-        return {}
 
 
 @route("GET", "/api/tags")
@@ -8363,23 +8462,6 @@ def _validate_create_files(files, what="files"):
         except BadRequest:
             raise BadRequest("invalid digest for %s: invalid digest format" % path) from None
     return files
-
-
-def _layer(media, digest, size, source=None):
-    out = {"mediaType": media, "digest": digest, "size": size}
-    if source:
-        out["from"] = source
-    return out
-
-
-def _new_layer(store, data, media, created):
-    """A layer for bytes written now; its digest goes into `created` when the blob is new."""
-    import hashlib
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    if not store.has_blob(digest):
-        store.write_blob_bytes(data)
-        created.add(digest)
-    return _layer(media, digest, len(data))
 
 
 @route("POST", "/api/create")
@@ -8575,31 +8657,6 @@ def _quantize_layers(req, level, digests):
         finally:
             f.close()
             _unlink(tmp)
-    return out
-
-
-def _message_struct(m):
-    """An api.Message in Go field order (role, content, then the optional fields that are set)."""
-    out = {"role": m.get("role", ""), "content": m.get("content", "")}
-    for k in ("thinking", "images", "tool_calls", "tool_name", "tool_call_id"):
-        if m.get(k):
-            out[k] = m[k]
-    return out
-
-
-def _config_struct(config, layers):
-    """model.ConfigV2 in Go field order: the five model fields, the optional ones when set, then
-    architecture/os and rootfs (diff_ids = the layer digests), as Ollama's create writes it."""
-    out = {"model_format": config.get("model_format", ""), "model_family": config.get("model_family", ""),
-           "model_families": config.get("model_families"), "model_type": config.get("model_type", ""),
-           "file_type": config.get("file_type", "")}
-    for k in ("renderer", "parser", "requires", "remote_host", "remote_model", "capabilities",
-              "context_length", "embedding_length", "base_name"):
-        if config.get(k):
-            out[k] = config[k]
-    out["architecture"] = "amd64"
-    out["os"] = "linux"
-    out["rootfs"] = {"type": "layers", "diff_ids": [la["digest"] for la in layers]}
     return out
 
 
@@ -11170,17 +11227,6 @@ def cmd_worker(args):
 
 # -- models ------------------------------------------------------------------
 
-def _table(rows, header=None, indent=""):
-    """Go tablewriter with no borders and 4-space padding: every cell left-aligned and padded to
-    its column's width (in terminal columns), followed by four spaces."""
-    rows = ([header] if header else []) + rows
-    widths = {}
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths.get(i, 0), _text_width(cell))
-    return "".join(indent + "".join(cell + " " * (widths[i] - _text_width(cell)) + "    "
-                                    for i, cell in enumerate(row)) + "\n" for row in rows)
-
 
 class _Status:
     """Status lines for create: on a TTY the current line is rewritten in place, otherwise each
@@ -11449,36 +11495,6 @@ def cmd_rm(args):
 
 _THINK_LEVELS = ("high", "medium", "low", "max")
 _GREY, _BOLD, _RESET = "\x1b[38;5;245m", "\x1b[1m", "\x1b[0m"
-_RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
-
-
-def _parse_rfc3339(text, zero=False):
-    """Seconds since the epoch for an RFC 3339 time with any fraction and offset ("Z" too); None for
-    text that doesn't parse, and for Go's zero time (year 1) unless `zero` (fromisoformat takes
-    neither "Z" nor nanoseconds on 3.9)."""
-    m = _RFC3339_RE.match(text or "")
-    if not m or m.group(1) == "0001" and not zero:
-        return None
-    y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
-    off = m.group(8)
-    offset = 0 if off in ("Z", "z") else (1 if off[0] == "+" else -1) * (int(off[1:3]) * 3600 + int(off[4:6]) * 60)
-    tz = datetime.timezone(datetime.timedelta(seconds=offset))
-    when = datetime.datetime(y, mo, d, h, mi, s, tzinfo=tz).timestamp()
-    return when + (float(m.group(7)) if m.group(7) else 0.0)
-
-
-def _char_width(ch):
-    """Terminal columns of one character (go-runewidth's rule of thumb): 0 combining, 2 wide."""
-    import unicodedata
-    if unicodedata.combining(ch) or ch in "\u200b\u200d":
-        return 0
-    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
-
-
-def _text_width(text):
-    if text.isascii():                     # the usual case, and a list's table has hundreds of cells
-        return len(text)
-    return sum(_char_width(c) for c in text)
 
 
 def _term_width(stream):
