@@ -1519,10 +1519,10 @@ def read_gguf(path, max_array=None):
         if size < 8:
             raise BadRequest("invalid GGUF file: unexpected end of file at offset %d" % size)
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return _read_gguf(_GGUFReader(m, size), max_array, size)
+            return _parse_gguf(_GGUFReader(m, size), max_array, size)
 
 
-def _read_gguf(r, max_array, size):
+def _parse_gguf(r, max_array, size):
     """Parse the header behind the magic (see read_gguf)."""
     r.pos = 4
     version = r.unpack("I")
@@ -11653,7 +11653,7 @@ def _apply_show(opts, info):
         opts.think = True
 
 
-def _load_model(client, opts):
+def _cli_load_model(client, opts):
     """Load (or with keep_alive 0, unload) the model: an /api/generate without a prompt."""
     body = {"model": opts.model}
     if opts.keep_alive is not None:
@@ -11711,7 +11711,7 @@ def cmd_run(args):
         return _embed(client, opts, prompt, args)
     if not interactive:
         return _generate(client, opts, prompt)
-    _load_model(client, opts)
+    _cli_load_model(client, opts)
     for msg in (info or {}).get("messages") or []:
         if msg.get("role") == "user":
             print(">>> %s" % msg.get("content", ""))
@@ -12634,7 +12634,7 @@ class _Repl:
         print("Loading model '%s'" % opts.model)
         try:
             _apply_show(opts, self.client.call("POST", "/api/show", {"model": opts.model}))
-            _load_model(self.client, opts)
+            _cli_load_model(self.client, opts)
         except OllamaError as e:
             opts.model, opts.messages, opts.parent_model, opts.capabilities, opts.think = saved
             if e.status == NotFound.status:
