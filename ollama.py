@@ -2478,28 +2478,29 @@ def _go_list(vals):
     return "[" + " ".join(vals) + "]"
 
 
-def format_param(key, value):
-    """Convert one Modelfile PARAMETER value (text) to its typed value, as api.FormatParams does.
+def format_param(key, values):
+    """One PARAMETER's values (texts: a Modelfile line, or `/set parameter`'s words) typed as
+    api.FormatParams types them: the first value as an int, float or bool, or all of them for `stop`.
 
-    BadRequest for `unknown parameter 'x'` and `invalid int|float|bool value [x]`. `stop` gives a
-    one-item list (repeats are joined by the caller).
+    BadRequest for `unknown parameter 'x'` and `invalid int|float|bool value [x y]`.
     """
     kind = PARAMETER_TYPES.get(key)
     if kind is None:
         raise BadRequest("unknown parameter '%s'" % key)
+    if kind is list:
+        return list(values)
+    value = values[0]
     if kind is int:
         if not _GO_INT_RE.match(value):
-            raise BadRequest("invalid int value %s" % _go_list([value]))
+            raise BadRequest("invalid int value %s" % _go_list(values))
         return int(value)
     if kind is float:
         if not _GO_FLOAT_RE.match(value):
-            raise BadRequest("invalid float value %s" % _go_list([value]))
+            raise BadRequest("invalid float value %s" % _go_list(values))
         return _f32(float(value))
-    if kind is bool:
-        if value not in _GO_BOOLS:
-            raise BadRequest("invalid bool value %s" % _go_list([value]))
-        return _GO_BOOLS[value]
-    return [value]
+    if value not in _GO_BOOLS:
+        raise BadRequest("invalid bool value %s" % _go_list(values))
+    return _GO_BOOLS[value]
 
 
 _INT32 = (1 << 31) - 1
@@ -2660,7 +2661,7 @@ def modelfile_request(commands, relative_dir, digest=file_digest):
         elif name in DEPRECATED_PARAMETERS:
             print("warning: parameter %s is deprecated" % name)
         else:
-            value = format_param(name, args)
+            value = format_param(name, [args])
             if isinstance(value, list):
                 params[name] = params.get(name, []) + value if isinstance(params.get(name), list) else value
             else:
@@ -12378,31 +12379,7 @@ def cmd_import(args):
 # == CLI: the REPL (`run` without a prompt) ===================================
 
 # Ollama's api.Options and Runner fields by type, for `/set parameter` (api.FormatParams).
-_PARAM_INT = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
-              "main_gpu", "num_thread")
-_PARAM_FLOAT = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                "frequency_penalty")
-_PARAM_BOOL = ("use_mmap",)
-_PARAM_LIST = ("stop",)
 _HISTORY_LIMIT = 100                  # lines kept in ~/.ollama/history, as Ollama's readline keeps
-
-
-def _format_param(key, values):
-    """One `/set parameter` value typed as Ollama's api.FormatParams does; ValueError with its text."""
-    if key in _PARAM_LIST:
-        return list(values)
-    text = values[0]
-    try:
-        if key in _PARAM_INT:
-            return int(text, 10)
-        if key in _PARAM_FLOAT:
-            return float(text)
-        if key in _PARAM_BOOL:
-            return {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}[text.lower()]
-    except (ValueError, KeyError):
-        kind = "int" if key in _PARAM_INT else "float" if key in _PARAM_FLOAT else "bool"
-        raise ValueError("invalid %s value [%s]" % (kind, " ".join(values))) from None
-    raise ValueError("unknown parameter '%s'" % key)
 
 
 class _LineReader:
@@ -12724,8 +12701,8 @@ class _Repl:
             sys.stderr.write(_USAGE_PARAMETERS)
             return
         try:
-            value = _format_param(args[2], args[3:])
-        except ValueError as e:
+            value = format_param(args[2], args[3:])
+        except OllamaError as e:
             print("Couldn't set parameter: %s" % json.dumps(str(e)))
             return
         print("Set parameter '%s' to '%s'" % (args[2], ", ".join(args[3:])))

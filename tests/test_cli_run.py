@@ -405,8 +405,8 @@ def test_rfc3339_parser_takes_z_offsets_and_nanoseconds(text, expected):
 ])
 def test_set_parameter_types_values_like_ollama(key, values, expected):
     try:
-        assert ollama._format_param(key, values) == expected
-    except ValueError as e:
+        assert ollama.format_param(key, values) == expected
+    except ollama.BadRequest as e:
         assert str(e) == expected
 
 
