@@ -235,13 +235,18 @@ class Config:
         return "%s://%s:%d" % (self.scheme, host, self.port)
 
 
+#: strconv.ParseBool's spellings: the one Go bool parser (PARAMETERs, OLLAMA_* flags).
+GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
+            "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+
+
 def _bool_env(env, key, default):
     """An OLLAMA_* boolean as Ollama's envconfig.Bool reads it: unset is `default`; Go's ParseBool
     spellings (1 t T TRUE true True, 0 f F FALSE false False) say yes or no; anything else is yes."""
     value = _env(env, key)
     if not value:
         return default
-    return value not in ("0", "f", "F", "FALSE", "false", "False")
+    return GO_BOOLS.get(value, True)
 
 
 def _speculative_env(env):
@@ -2355,8 +2360,6 @@ DEFAULT_OPTIONS = {
 DEPRECATED_PARAMETERS = ("penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only",
                          "use_mlock", "mirostat", "mirostat_tau", "mirostat_eta")
 _OPTION_TYPE_NAMES = {int: "integer", float: "float32", bool: "boolean", str: "string", list: "array"}
-_GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
-             "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
 _GO_INT_RE = re.compile(r"^[+-]?[0-9]+$")
 _GO_FLOAT_RE = re.compile(r"^[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)$",
                           re.IGNORECASE)
@@ -2498,9 +2501,9 @@ def format_param(key, values):
         if not _GO_FLOAT_RE.match(value):
             raise BadRequest("invalid float value %s" % _go_list(values))
         return _f32(float(value))
-    if value not in _GO_BOOLS:
+    if value not in GO_BOOLS:
         raise BadRequest("invalid bool value %s" % _go_list(values))
-    return _GO_BOOLS[value]
+    return GO_BOOLS[value]
 
 
 _INT32 = (1 << 31) - 1
