@@ -2329,6 +2329,193 @@ def go_sprint(v, sharp=False):
     return str(v)
 
 
+# -- Go values: structs, printing (fmt %v), json.Marshal ------------------------
+
+class _GoStruct:
+    """A Go struct as templates see it: fields by Go name, printed like fmt %v, marshalled by its JSON tags.
+
+    _fields lists (GoName, json key, omitempty); _stringer marks types whose String() prints their JSON.
+    """
+    _fields = ()
+    _stringer = False
+    _pointer = False
+
+    def __init__(self, **values):
+        for name, _key, _omit in self._fields:
+            setattr(self, name, values.get(name))
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join("%s=%r" % (f[0], getattr(self, f[0])) for f in self._fields))
+
+
+class _GoMap(dict):
+    """A Go map whose String() prints its JSON; nil=True stands for a nil map (prints "{}", marshals null)."""
+    nil = False
+    ordered = False                     # True: marshal in insertion order (Ollama's ordered maps)
+
+
+class _GoList(list):
+    """A Go slice whose String() prints its JSON; nil=True stands for a nil slice (marshals null)."""
+    nil = False
+
+
+class _PropertyType(list):
+    """api.PropertyType: prints as its only type, or like a []string when several."""
+
+
+_NIL = ()                               # a nil slice of a struct field: prints [], len 0, marshals null
+
+
+def _go_print(v, top=True):
+    """Text of a value as Go's fmt prints it with %v (how {{ . }} renders); top-level nil is "<no value>"."""
+    if v is None:
+        return "<no value>" if top else "<nil>"
+    if v is True or v is False:
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return _go_float(v)
+    if isinstance(v, _PropertyType):
+        return v[0] if len(v) == 1 else "[" + " ".join(v) + "]"
+    if isinstance(v, _GoMap):
+        return "{}" if v.nil else _go_json(v)
+    if isinstance(v, _GoList):
+        return _go_json(v)
+    if isinstance(v, _GoStruct):
+        if v._stringer:
+            return _go_json(v)
+        inner = "{" + " ".join(_go_print(getattr(v, f[0]), False) for f in v._fields) + "}"
+        return "&" + inner if v._pointer and top else inner
+    if isinstance(v, (list, tuple)):
+        return "[" + " ".join(_go_print(x, False) for x in v) + "]"
+    if isinstance(v, dict):
+        return "map[" + " ".join("%s:%s" % (_go_print(k, False), _go_print(v[k], False)) for k in sorted(v)) + "]"
+    return str(v)
+
+
+def _go_json(v):
+    """json.Marshal: compact, map keys sorted, struct fields in order, <>& and U+2028/9 escaped."""
+    if v is None or v is _NIL:
+        return "null"
+    if v is True or v is False:
+        return "true" if v else "false"
+    if isinstance(v, str):
+        s = json.dumps(v, ensure_ascii=False)
+        return (s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+                .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            return "null"                       # Go fails to marshal these; Ollama's json prints nothing useful
+        return _go_json_float(v)
+    if isinstance(v, _PropertyType):
+        return _go_json(v[0]) if len(v) == 1 else _go_json(list(v))
+    if isinstance(v, _GoStruct):
+        parts = []
+        for name, key, omit in v._fields:
+            val = getattr(v, name)
+            if omit and (val is None or val is _NIL or val == "" or val is False or val == 0
+                         or (isinstance(val, (list, dict)) and not isinstance(val, _GoStruct) and len(val) == 0
+                             and not (isinstance(val, _GoMap) and val.ordered and not val.nil))):
+                continue
+            parts.append(_go_json(key) + ":" + _go_json(val))
+        return "{" + ",".join(parts) + "}"
+    if isinstance(v, dict):
+        if isinstance(v, _GoMap) and v.nil:
+            return "null"
+        keys = list(v) if isinstance(v, _GoMap) and v.ordered else sorted(v, key=str)
+        return "{" + ",".join(_go_json(str(k)) + ":" + _go_json(v[k]) for k in keys) + "}"
+    if isinstance(v, (list, tuple)):
+        if isinstance(v, _GoList) and v.nil:
+            return "null"
+        return "[" + ",".join(_go_json(x) for x in v) + "]"
+    return _go_json(str(v))
+
+
+def _go_type(v):
+    """The Go type name fmt prints in %!verb(type=value) notes."""
+    if v is None:
+        return "<nil>"
+    for t, name in ((bool, "bool"), (int, "int"), (float, "float64"), (str, "string"),
+                    (dict, "map[string]interface {}"), (list, "[]interface {}"), (tuple, "[]interface {}")):
+        if isinstance(v, t):
+            return name
+    return type(v).__name__.lstrip("_")
+
+
+_PRINTF_RE = re.compile(r"%([-+# 0]*)(\d+)?(?:\.(\d*))?([a-zA-Z%])")
+
+
+def _go_sprintf(fmt, args):
+    """fmt.Sprintf for the verbs templates use: %s %d %v %q %t %f %e %g %x %X %c %%, with flags and width."""
+    out, pos, n = [], 0, 0
+    for m in _PRINTF_RE.finditer(fmt):
+        out.append(fmt[pos:m.start()])
+        pos = m.end()
+        flags, width, prec, verb = m.group(1), m.group(2), m.group(3), m.group(4)
+        if verb == "%":
+            out.append("%")
+            continue
+        if n >= len(args):
+            out.append("%!" + verb + "(MISSING)")
+            continue
+        a = args[n]
+        n += 1
+        is_num = isinstance(a, (int, float)) and not isinstance(a, bool)
+        if verb == "v" or (verb == "s" and not is_num):
+            body = _go_print(a, top=False)
+            if prec is not None and verb == "s":
+                body = body[:int(prec or 0)]
+        elif verb == "q" and isinstance(a, str):
+            body = _go_quote(a)
+        elif verb == "t" and isinstance(a, bool):
+            body = "true" if a else "false"
+        elif verb in "dxXobc" and isinstance(a, int) and not isinstance(a, bool):
+            body = {"d": "%d", "x": "%x", "X": "%X", "o": "%o", "b": "{:b}", "c": "%c"}[verb]
+            body = format(a, "b") if verb == "b" else body % a
+            if "+" in flags and a >= 0 and verb == "d":
+                body = "+" + body
+        elif verb in "xX" and isinstance(a, str):
+            body = a.encode().hex()
+            body = body.upper() if verb == "X" else body
+        elif verb in "feEgG" and is_num:
+            if verb in "gG" and prec is None:
+                body = _go_float(float(a))
+            else:
+                digits = str(int(prec or 0) if prec is not None else 6)
+                body = ("%" + ("+" if "+" in flags else "") + "." + digits + verb) % a
+        else:
+            body = "%!" + verb + "(" + _go_type(a) + "=" + _go_print(a, top=False) + ")"
+        if width and len(body) < int(width):
+            pad = int(width) - len(body)
+            if "-" in flags:
+                body += " " * pad
+            elif "0" in flags and is_num:
+                sign = body[0] if body[:1] in "+-" else ""
+                body = sign + "0" * pad + body[len(sign):]
+            else:
+                body = " " * pad + body
+        out.append(body)
+    out.append(fmt[pos:])
+    if n < len(args):
+        out.append("%!(EXTRA " + ", ".join(_go_type(a) + "=" + _go_print(a, top=False) for a in args[n:]) + ")")
+    return "".join(out)
+
+
+def _go_sprint(args, spaces_always=False):
+    """fmt.Sprint (a space between operands when neither is a string) or fmt.Sprintln's spacing."""
+    out = []
+    for i, a in enumerate(args):
+        if i and (spaces_always or not (isinstance(a, str) or isinstance(args[i - 1], str))):
+            out.append(" ")
+        out.append(_go_print(a, top=False))
+    return "".join(out)
+
+
 ###############################################################################
 # Modelfile ###################################################################
 ###############################################################################
@@ -3063,112 +3250,6 @@ def _tok_text(tok):
     return '<%s>' % (tok.value if tok.value is not None else "nil")
 
 
-# -- Go values: structs, printing (fmt %v), json.Marshal ------------------------
-
-class _GoStruct:
-    """A Go struct as templates see it: fields by Go name, printed like fmt %v, marshalled by its JSON tags.
-
-    _fields lists (GoName, json key, omitempty); _stringer marks types whose String() prints their JSON.
-    """
-    _fields = ()
-    _stringer = False
-    _pointer = False
-
-    def __init__(self, **values):
-        for name, _key, _omit in self._fields:
-            setattr(self, name, values.get(name))
-
-    def __repr__(self):
-        return "%s(%s)" % (type(self).__name__, ", ".join("%s=%r" % (f[0], getattr(self, f[0])) for f in self._fields))
-
-
-class _GoMap(dict):
-    """A Go map whose String() prints its JSON; nil=True stands for a nil map (prints "{}", marshals null)."""
-    nil = False
-    ordered = False                     # True: marshal in insertion order (Ollama's ordered maps)
-
-
-class _GoList(list):
-    """A Go slice whose String() prints its JSON; nil=True stands for a nil slice (marshals null)."""
-    nil = False
-
-
-class _PropertyType(list):
-    """api.PropertyType: prints as its only type, or like a []string when several."""
-
-
-_NIL = ()                               # a nil slice of a struct field: prints [], len 0, marshals null
-
-
-def _go_print(v, top=True):
-    """Text of a value as Go's fmt prints it with %v (how {{ . }} renders); top-level nil is "<no value>"."""
-    if v is None:
-        return "<no value>" if top else "<nil>"
-    if v is True or v is False:
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return _go_float(v)
-    if isinstance(v, _PropertyType):
-        return v[0] if len(v) == 1 else "[" + " ".join(v) + "]"
-    if isinstance(v, _GoMap):
-        return "{}" if v.nil else _go_json(v)
-    if isinstance(v, _GoList):
-        return _go_json(v)
-    if isinstance(v, _GoStruct):
-        if v._stringer:
-            return _go_json(v)
-        inner = "{" + " ".join(_go_print(getattr(v, f[0]), False) for f in v._fields) + "}"
-        return "&" + inner if v._pointer and top else inner
-    if isinstance(v, (list, tuple)):
-        return "[" + " ".join(_go_print(x, False) for x in v) + "]"
-    if isinstance(v, dict):
-        return "map[" + " ".join("%s:%s" % (_go_print(k, False), _go_print(v[k], False)) for k in sorted(v)) + "]"
-    return str(v)
-
-
-def _go_json(v):
-    """json.Marshal: compact, map keys sorted, struct fields in order, <>& and U+2028/9 escaped."""
-    if v is None or v is _NIL:
-        return "null"
-    if v is True or v is False:
-        return "true" if v else "false"
-    if isinstance(v, str):
-        s = json.dumps(v, ensure_ascii=False)
-        return (s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-                .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if v != v or v in (float("inf"), float("-inf")):
-            return "null"                       # Go fails to marshal these; Ollama's json prints nothing useful
-        return _go_json_float(v)
-    if isinstance(v, _PropertyType):
-        return _go_json(v[0]) if len(v) == 1 else _go_json(list(v))
-    if isinstance(v, _GoStruct):
-        parts = []
-        for name, key, omit in v._fields:
-            val = getattr(v, name)
-            if omit and (val is None or val is _NIL or val == "" or val is False or val == 0
-                         or (isinstance(val, (list, dict)) and not isinstance(val, _GoStruct) and len(val) == 0
-                             and not (isinstance(val, _GoMap) and val.ordered and not val.nil))):
-                continue
-            parts.append(_go_json(key) + ":" + _go_json(val))
-        return "{" + ",".join(parts) + "}"
-    if isinstance(v, dict):
-        if isinstance(v, _GoMap) and v.nil:
-            return "null"
-        keys = list(v) if isinstance(v, _GoMap) and v.ordered else sorted(v, key=str)
-        return "{" + ",".join(_go_json(str(k)) + ":" + _go_json(v[k]) for k in keys) + "}"
-    if isinstance(v, (list, tuple)):
-        if isinstance(v, _GoList) and v.nil:
-            return "null"
-        return "[" + ",".join(_go_json(x) for x in v) + "]"
-    return _go_json(str(v))
-
 
 def _go_truth(v):
     """Go template truth: false, 0, nil, and empty strings, slices and maps are false."""
@@ -3181,86 +3262,6 @@ def _go_truth(v):
     if isinstance(v, (str, list, tuple, dict)):
         return len(v) > 0
     return True
-
-
-def _go_type(v):
-    """The Go type name fmt prints in %!verb(type=value) notes."""
-    if v is None:
-        return "<nil>"
-    for t, name in ((bool, "bool"), (int, "int"), (float, "float64"), (str, "string"),
-                    (dict, "map[string]interface {}"), (list, "[]interface {}"), (tuple, "[]interface {}")):
-        if isinstance(v, t):
-            return name
-    return type(v).__name__.lstrip("_")
-
-
-_PRINTF_RE = re.compile(r"%([-+# 0]*)(\d+)?(?:\.(\d*))?([a-zA-Z%])")
-
-
-def _go_sprintf(fmt, args):
-    """fmt.Sprintf for the verbs templates use: %s %d %v %q %t %f %e %g %x %X %c %%, with flags and width."""
-    out, pos, n = [], 0, 0
-    for m in _PRINTF_RE.finditer(fmt):
-        out.append(fmt[pos:m.start()])
-        pos = m.end()
-        flags, width, prec, verb = m.group(1), m.group(2), m.group(3), m.group(4)
-        if verb == "%":
-            out.append("%")
-            continue
-        if n >= len(args):
-            out.append("%!" + verb + "(MISSING)")
-            continue
-        a = args[n]
-        n += 1
-        is_num = isinstance(a, (int, float)) and not isinstance(a, bool)
-        if verb == "v" or (verb == "s" and not is_num):
-            body = _go_print(a, top=False)
-            if prec is not None and verb == "s":
-                body = body[:int(prec or 0)]
-        elif verb == "q" and isinstance(a, str):
-            body = _go_quote(a)
-        elif verb == "t" and isinstance(a, bool):
-            body = "true" if a else "false"
-        elif verb in "dxXobc" and isinstance(a, int) and not isinstance(a, bool):
-            body = {"d": "%d", "x": "%x", "X": "%X", "o": "%o", "b": "{:b}", "c": "%c"}[verb]
-            body = format(a, "b") if verb == "b" else body % a
-            if "+" in flags and a >= 0 and verb == "d":
-                body = "+" + body
-        elif verb in "xX" and isinstance(a, str):
-            body = a.encode().hex()
-            body = body.upper() if verb == "X" else body
-        elif verb in "feEgG" and is_num:
-            if verb in "gG" and prec is None:
-                body = _go_float(float(a))
-            else:
-                digits = str(int(prec or 0) if prec is not None else 6)
-                body = ("%" + ("+" if "+" in flags else "") + "." + digits + verb) % a
-        else:
-            body = "%!" + verb + "(" + _go_type(a) + "=" + _go_print(a, top=False) + ")"
-        if width and len(body) < int(width):
-            pad = int(width) - len(body)
-            if "-" in flags:
-                body += " " * pad
-            elif "0" in flags and is_num:
-                sign = body[0] if body[:1] in "+-" else ""
-                body = sign + "0" * pad + body[len(sign):]
-            else:
-                body = " " * pad + body
-        out.append(body)
-    out.append(fmt[pos:])
-    if n < len(args):
-        out.append("%!(EXTRA " + ", ".join(_go_type(a) + "=" + _go_print(a, top=False) for a in args[n:]) + ")")
-    return "".join(out)
-
-
-def _go_sprint(args, spaces_always=False):
-    """fmt.Sprint (a space between operands when neither is a string) or fmt.Sprintln's spacing."""
-    out = []
-    for i, a in enumerate(args):
-        if i and (spaces_always or not (isinstance(a, str) or isinstance(args[i - 1], str))):
-            out.append(" ")
-        out.append(_go_print(a, top=False))
-    return "".join(out)
 
 
 # -- Go text/template: execution -------------------------------------------------
