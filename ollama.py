@@ -2235,7 +2235,7 @@ def _go_json_float(f):
     return out or "0"
 
 
-_GO_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+_GO_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f",
                     "<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
@@ -2249,32 +2249,6 @@ def _go_json_string(s):
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'
-
-
-def go_json(obj, sort_keys=False):
-    """JSON as Go's json.Encoder writes it (HTML-escaped, Go float text), without the newline.
-
-    Go sorts map keys; pass sort_keys=True for values that are Go maps (params), False for
-    structs whose field order the dict already has (manifests, config, messages).
-    """
-    if obj is None:
-        return "null"
-    if obj is True:
-        return "true"
-    if obj is False:
-        return "false"
-    if isinstance(obj, int):
-        return str(obj)
-    if isinstance(obj, float):
-        return _go_json_float(obj)
-    if isinstance(obj, str):
-        return _go_json_string(obj)
-    if isinstance(obj, (list, tuple)):
-        return "[" + ",".join(go_json(v, sort_keys) for v in obj) + "]"
-    if isinstance(obj, dict):
-        keys = sorted(obj) if sort_keys else list(obj)
-        return "{" + ",".join(_go_json_string(str(k)) + ":" + go_json(obj[k], sort_keys) for k in keys) + "}"
-    raise TypeError("cannot encode %r" % (obj,))
 
 
 def _go_quote(s):
@@ -2308,25 +2282,6 @@ def log_value(s):
     if s and not any(ch in ' ="' or not _is_print(ch) for ch in s):
         return s
     return _go_quote(s)
-
-
-def go_sprint(v, sharp=False):
-    """Go's %v (or %#v with sharp=True) for JSON-decoded values: numbers, strings, bools, lists."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return _go_float(v)
-    if isinstance(v, str):
-        return _go_quote(v) if sharp else v
-    if isinstance(v, list):
-        if sharp:
-            return "[]interface {}{" + ", ".join(go_sprint(x, True) for x in v) + "}"
-        return "[" + " ".join(go_sprint(x) for x in v) + "]"
-    if v is None:
-        return "<nil>" if not sharp else "interface {}(nil)"
-    return str(v)
 
 
 # -- Go values: structs, printing (fmt %v), json.Marshal ------------------------
@@ -2366,14 +2321,16 @@ class _PropertyType(list):
 _NIL = ()                               # a nil slice of a struct field: prints [], len 0, marshals null
 
 
-def _go_print(v, top=True):
-    """Text of a value as Go's fmt prints it with %v (how {{ . }} renders); top-level nil is "<no value>"."""
+def go_sprint(v, sharp=False, top=False):
+    """Go's fmt %v (or %#v with sharp=True, for JSON-decoded values) of a value: numbers, strings,
+    bools, lists, maps, and the Go values templates see. `top` is for a value a template prints
+    itself ({{ . }}), where nil is "<no value>" and a pointer to a struct "&{...}"."""
     if v is None:
-        return "<no value>" if top else "<nil>"
+        return "<no value>" if top else "interface {}(nil)" if sharp else "<nil>"
     if v is True or v is False:
         return "true" if v else "false"
     if isinstance(v, str):
-        return v
+        return _go_quote(v) if sharp else v
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
@@ -2381,39 +2338,41 @@ def _go_print(v, top=True):
     if isinstance(v, _PropertyType):
         return v[0] if len(v) == 1 else "[" + " ".join(v) + "]"
     if isinstance(v, _GoMap):
-        return "{}" if v.nil else _go_json(v)
+        return "{}" if v.nil else go_json(v, sort_keys=True)
     if isinstance(v, _GoList):
-        return _go_json(v)
+        return go_json(v, sort_keys=True)
     if isinstance(v, _GoStruct):
         if v._stringer:
-            return _go_json(v)
-        inner = "{" + " ".join(_go_print(getattr(v, f[0]), False) for f in v._fields) + "}"
+            return go_json(v, sort_keys=True)
+        inner = "{" + " ".join(go_sprint(getattr(v, f[0])) for f in v._fields) + "}"
         return "&" + inner if v._pointer and top else inner
     if isinstance(v, (list, tuple)):
-        return "[" + " ".join(_go_print(x, False) for x in v) + "]"
+        if sharp:
+            return "[]interface {}{" + ", ".join(go_sprint(x, True) for x in v) + "}"
+        return "[" + " ".join(go_sprint(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "map[" + " ".join("%s:%s" % (_go_print(k, False), _go_print(v[k], False)) for k in sorted(v)) + "]"
+        return "map[" + " ".join("%s:%s" % (go_sprint(k), go_sprint(v[k])) for k in sorted(v)) + "]"
     return str(v)
 
 
-def _go_json(v):
-    """json.Marshal: compact, map keys sorted, struct fields in order, <>& and U+2028/9 escaped."""
+def go_json(v, sort_keys=False):
+    """JSON as Go's encoding/json writes it (json.Marshal, or an Encoder's line without its newline):
+    compact, <>& and U+2028/9 escaped, Go's float text; a _GoStruct's fields in order with omitempty,
+    nil slices and maps as null. A plain dict keeps its order (a struct written as a dict: manifests,
+    config, messages) unless sort_keys, which sorts it as Go sorts a map's keys (params, and every map
+    a template marshals). NaN and infinities are refused as Go refuses them (ValueError)."""
     if v is None or v is _NIL:
         return "null"
     if v is True or v is False:
         return "true" if v else "false"
     if isinstance(v, str):
-        s = json.dumps(v, ensure_ascii=False)
-        return (s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-                .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+        return _go_json_string(v)
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        if v != v or v in (float("inf"), float("-inf")):
-            return "null"                       # Go fails to marshal these; Ollama's json prints nothing useful
         return _go_json_float(v)
     if isinstance(v, _PropertyType):
-        return _go_json(v[0]) if len(v) == 1 else _go_json(list(v))
+        return go_json(v[0] if len(v) == 1 else list(v), sort_keys)
     if isinstance(v, _GoStruct):
         parts = []
         for name, key, omit in v._fields:
@@ -2422,18 +2381,19 @@ def _go_json(v):
                          or (isinstance(val, (list, dict)) and not isinstance(val, _GoStruct) and len(val) == 0
                              and not (isinstance(val, _GoMap) and val.ordered and not val.nil))):
                 continue
-            parts.append(_go_json(key) + ":" + _go_json(val))
+            parts.append(_go_json_string(key) + ":" + go_json(val, sort_keys))
         return "{" + ",".join(parts) + "}"
     if isinstance(v, dict):
         if isinstance(v, _GoMap) and v.nil:
             return "null"
-        keys = list(v) if isinstance(v, _GoMap) and v.ordered else sorted(v, key=str)
-        return "{" + ",".join(_go_json(str(k)) + ":" + _go_json(v[k]) for k in keys) + "}"
+        ordered = v.ordered if isinstance(v, _GoMap) else not sort_keys
+        keys = list(v) if ordered else sorted(v, key=str)
+        return "{" + ",".join(_go_json_string(str(k)) + ":" + go_json(v[k], sort_keys) for k in keys) + "}"
     if isinstance(v, (list, tuple)):
         if isinstance(v, _GoList) and v.nil:
             return "null"
-        return "[" + ",".join(_go_json(x) for x in v) + "]"
-    return _go_json(str(v))
+        return "[" + ",".join(go_json(x, sort_keys) for x in v) + "]"
+    raise TypeError("json: unsupported type %s" % type(v).__name__)
 
 
 def _go_type(v):
@@ -2467,7 +2427,7 @@ def _go_sprintf(fmt, args):
         n += 1
         is_num = isinstance(a, (int, float)) and not isinstance(a, bool)
         if verb == "v" or (verb == "s" and not is_num):
-            body = _go_print(a, top=False)
+            body = go_sprint(a)
             if prec is not None and verb == "s":
                 body = body[:int(prec or 0)]
         elif verb == "q" and isinstance(a, str):
@@ -2489,7 +2449,7 @@ def _go_sprintf(fmt, args):
                 digits = str(int(prec or 0) if prec is not None else 6)
                 body = ("%" + ("+" if "+" in flags else "") + "." + digits + verb) % a
         else:
-            body = "%!" + verb + "(" + _go_type(a) + "=" + _go_print(a, top=False) + ")"
+            body = "%!" + verb + "(" + _go_type(a) + "=" + go_sprint(a) + ")"
         if width and len(body) < int(width):
             pad = int(width) - len(body)
             if "-" in flags:
@@ -2502,17 +2462,17 @@ def _go_sprintf(fmt, args):
         out.append(body)
     out.append(fmt[pos:])
     if n < len(args):
-        out.append("%!(EXTRA " + ", ".join(_go_type(a) + "=" + _go_print(a, top=False) for a in args[n:]) + ")")
+        out.append("%!(EXTRA " + ", ".join(_go_type(a) + "=" + go_sprint(a) for a in args[n:]) + ")")
     return "".join(out)
 
 
-def _go_sprint(args, spaces_always=False):
+def _fmt_sprint(args, spaces_always=False):
     """fmt.Sprint (a space between operands when neither is a string) or fmt.Sprintln's spacing."""
     out = []
     for i, a in enumerate(args):
         if i and (spaces_always or not (isinstance(a, str) or isinstance(args[i - 1], str))):
             out.append(" ")
-        out.append(_go_print(a, top=False))
+        out.append(go_sprint(a))
     return "".join(out)
 
 
@@ -3378,9 +3338,17 @@ def _tpl_ts_type(v):
 
 
 def _tpl_html(*args):
-    s = args[0] if len(args) == 1 and isinstance(args[0], str) else _go_sprint(args)
+    s = args[0] if len(args) == 1 and isinstance(args[0], str) else _fmt_sprint(args)
     return (s.replace("&", "&amp;").replace("'", "&#39;").replace("<", "&lt;").replace(">", "&gt;")
             .replace('"', "&#34;").replace("\0", "\ufffd"))
+
+
+def _tpl_json(v):
+    """The json template function: json.Marshal's text, or nothing when Go's would fail (NaN)."""
+    try:
+        return go_json(v, sort_keys=True)
+    except (ValueError, TypeError):
+        return ""
 
 
 _TPL_FUNCS = {
@@ -3395,12 +3363,12 @@ _TPL_FUNCS = {
     "len": _tpl_len,
     "index": _tpl_index,
     "slice": _tpl_slice,
-    "print": lambda *a: _go_sprint(a),
-    "println": lambda *a: _go_sprint(a, spaces_always=True) + "\n",
+    "print": lambda *a: _fmt_sprint(a),
+    "println": lambda *a: _fmt_sprint(a, spaces_always=True) + "\n",
     "printf": lambda fmt, *a: _go_sprintf(fmt, a),
     "html": _tpl_html,
-    "urlquery": lambda *a: urllib.parse.quote_plus(a[0] if len(a) == 1 and isinstance(a[0], str) else _go_sprint(a)),
-    "json": _go_json,
+    "urlquery": lambda *a: urllib.parse.quote_plus(a[0] if len(a) == 1 and isinstance(a[0], str) else _fmt_sprint(a)),
+    "json": _tpl_json,
     "currentDate": lambda *a: datetime.date.today().isoformat(),
     "yesterdayDate": lambda *a: (datetime.date.today() - datetime.timedelta(days=1)).isoformat(),
     "toTypeScriptType": _tpl_ts_type,
@@ -3430,7 +3398,7 @@ class _TplExec:
         elif kind == "action":
             value = self.pipe(dot, node.a)
             if not node.a.a:
-                self.out.append(_go_print(value))
+                self.out.append(go_sprint(value, top=True))
         elif kind in ("if", "with"):
             mark = len(self.vars)
             value = self.pipe(dot, node.a)
@@ -3459,7 +3427,7 @@ class _TplExec:
         elif value is None:
             items = []
         else:
-            raise TemplateError("range can't iterate over %s" % _go_print(value))
+            raise TemplateError("range can't iterate over %s" % go_sprint(value, top=True))
         if not pipe.b:
             self.vars.extend([name, value] for name in pipe.a)
 
@@ -3582,7 +3550,7 @@ def _node_text(node):
     if node.kind == "var":
         return "".join([node.a] + ["." + n for n in node.b])
     if node.kind == "const":
-        return json.dumps(node.a) if isinstance(node.a, str) else _go_print(node.a)
+        return json.dumps(node.a) if isinstance(node.a, str) else go_sprint(node.a, top=True)
     return node.kind
 
 
