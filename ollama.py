@@ -451,6 +451,8 @@ def human_number(n):
 
 
 def _human_duration(seconds):
+    """docker's units.HumanDuration, the words format.HumanTime puts before "ago" or "from now":
+    "Less than a second", "About a minute", "5 hours", "3 weeks" (hours rounded as math.Round)."""
     s = int(seconds)
     if s < 1:
         return "Less than a second"
@@ -1476,6 +1478,9 @@ def _f32(x):
 
 
 def _gguf_value(r, vtype, max_array, key, lengths):
+    """One metadata value of GGUF type `vtype` at r's position (arrays as lists, float32s as their
+    shortest decimal). An array longer than `max_array` is skipped and read as [], its length kept
+    in `lengths[key]`; BadRequest (400) for an unknown type."""
     if vtype == 8:
         return r.string()
     if vtype == 9:
@@ -2927,6 +2932,9 @@ class _TplParser:
         return nodes, None
 
     def control(self, word, toks, line):
+        """An {{if}}, {{range}} or {{with}} block -> its _Node: pipeline, body and else
+        branch ({{else if}} or {{else with}} nests as the else branch, sharing the {{end}}).
+        Variables declared in it go out of scope at its end."""
         mark = len(self.vars)
         pipe = self.pipeline(toks, line, word, allow_two=(word == "range"))
         body, end = self.list_until()
@@ -2952,6 +2960,8 @@ class _TplParser:
         return _Node(word, pipe, body, orelse, line=line)
 
     def pipeline(self, toks, line, context, allow_two=False):
+        """An action's tokens -> a "pipe" _Node: the variables it declares ($x :=,
+        $x =, and for range $i, $e :=) and its commands. `context` names the action in errors."""
         decl, assign, i = [], False, 0
         # declarations: $x :=  |  $x =  |  $i, $e :=  (range only)
         if len(toks) >= 2 and toks[0].kind == "var":
@@ -2973,6 +2983,9 @@ class _TplParser:
         return _Node("pipe", decl, assign, cmds, line=line)
 
     def commands(self, toks, i, line, context, closing=None):
+        """A pipeline's commands from toks[i], split at "|", up to the end (or with
+        `closing`, a ")") -> (commands, index after them). Go's errors for a missing or a
+        non-executable command."""
         cmds, args = [], []
         while i < len(toks):
             t = toks[i]
@@ -2998,6 +3011,9 @@ class _TplParser:
         return cmds, i
 
     def operand(self, toks, i, line, context):
+        """One argument from toks[i] -> (node, index after it): a field, variable, constant, nil,
+        function or parenthesised pipeline, with the .Field chain that follows it. An undefined
+        variable or function is a TemplateError here, at parse time, as in Go."""
         t = toks[i]
         i += 1
         if t.kind == "field":
@@ -3342,6 +3358,8 @@ def _tpl_index(v, *keys):
 
 
 def _tpl_slice(v, *idx):
+    """The template function slice: v[i:j] of a list, or of a string's UTF-8 bytes, as Go's
+    (a string takes two indexes at most); TemplateError when an index is out of range."""
     if len(idx) > 3 or (len(idx) == 3 and isinstance(v, str)):
         raise TemplateError("error calling slice: too many slice indexes")
     if isinstance(v, str):
@@ -3419,6 +3437,9 @@ class _TplExec:
                 raise TemplateError('template: :%d: executing "" at <%s>: %s' % (node.line, at, e)) from None
 
     def step(self, dot, node):
+        """Execute one node with `dot` as the cursor: text is written, an action's value
+        printed (unless it declares variables), if/with/range branch; break and continue unwind
+        to the enclosing range."""
         kind = node.kind
         if kind == "text":
             self.out.append(node.a)
@@ -3442,6 +3463,9 @@ class _TplExec:
             raise _Continue()
 
     def range(self, dot, node):
+        """{{range}}: over a map in key order, a list, or an integer's 0..n-1 (nil is
+        empty), binding the element (and key) variables each turn; the else branch runs when
+        there is nothing to range over."""
         pipe = node.a
         mark = len(self.vars)
         value = self.cmds(dot, pipe.c)
@@ -3505,6 +3529,8 @@ class _TplExec:
         return value
 
     def command(self, dot, cmd, final):
+        """The value of one command of a pipeline: a function called with its arguments and `final`,
+        the previous command's value (_MISSING for the first); and/or evaluate lazily, as in Go."""
         first = cmd[0]
         if first.kind == "ident":
             name = first.a
@@ -3533,6 +3559,8 @@ class _TplExec:
         return self.arg(dot, first)
 
     def arg(self, dot, node):
+        """The value of an argument node: a constant, dot, a field or variable (with its
+        field chain), a function called without arguments, or a parenthesised pipeline."""
         kind = node.kind
         if kind == "const":
             return node.a
@@ -3762,6 +3790,7 @@ def _tpl_cut_at_response(nodes):
         return _Node("pipe", p.a, p.b, cmds, line=p.line) if cmds else None
 
     def walk(ns):
+        """`ns` up to the first .Response, the bodies of if/range/with cut there too."""
         out = []
         for n in ns:
             if cut[0]:
@@ -4222,6 +4251,8 @@ class ThinkingParser:
         return "", rest if self.state in ("looking", "done") else rest.lstrip()
 
     def _eat(self):
+        """One step over the buffer in the current state -> (thinking, content, more); `more` when
+        the state moved on and the rest must be looked at again. A partial tag stays buffered."""
         acc = self.acc
         if self.state == "looking":
             trimmed = acc.lstrip()
