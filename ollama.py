@@ -4310,6 +4310,9 @@ class Model:
     params, messages, licenses, config. Build it with `load_model(store, name)`."""
 
     def __init__(self, name, manifest_raw, manifest, config, store):
+        """Read the manifest's layers: paths of the weights, projectors, adapters and draft; the
+        text of template, system and licenses and the parsed params and messages, read now.
+        Without a template layer, DEFAULT_TEMPLATE (`has_template` says which)."""
         import hashlib
         self.name, self.manifest_raw, self.manifest, self.config = name, manifest_raw, manifest, config
         self.digest = hashlib.sha256(manifest_raw).hexdigest()
@@ -5157,6 +5160,10 @@ class RegistrySession:
         raise Unauthorized("unauthorized: access denied")          # pragma: no cover
 
     def _open(self, method, url, headers, body, auth=True):
+        """Send one request as it is -> the response, error statuses included (401s
+        are request()'s to answer). Authorization goes only to the registry's own host. A failed
+        connection is an OllamaError naming method and URL (TLS to a plain-HTTP registry: use
+        --insecure)."""
         import urllib.error
         import http.client
         import ssl
@@ -5210,6 +5217,9 @@ class RegistrySession:
         return host in {m.rpartition("://")[2].rstrip("/").lower() for m in self.config.mirrors}
 
     def _token(self, params, creds):
+        """A bearer token from the challenge's realm for its service and scopes,
+        asked with the docker config's credentials, else (registry.ollama.ai) Ollama's signature,
+        else anonymously. Unauthorized (401) when the token server refuses, else OllamaError."""
         import secrets
         query = [("service", params["service"])] if params.get("service") else []
         query += [("scope", s) for s in params.get("scope", "").split() if s]
@@ -5336,6 +5346,8 @@ class _BlobDownload:
         self.thread.start()
 
     def _run(self):
+        """The download's thread: prepare, then fetch the parts. An error is kept for every
+        waiter; a cancelled download takes itself out of the Transfers' jobs as it ends."""
         try:
             self._prepare()
             self._download()
@@ -5385,6 +5397,9 @@ class _BlobDownload:
         return parts
 
     def _prepare(self):
+        """Lay out the partial file and its part records: resumed from those on disk
+        when they are consistent, else new parts of part_size() each; the data file is opened at
+        its full size."""
         self.store.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
         parts = self._load_parts()
         if parts is None:
@@ -5406,6 +5421,9 @@ class _BlobDownload:
                      human_bytes(parts[0].size), human_bytes(self.completed))
 
     def _download(self):
+        """Fetch the unfinished parts on up to max_parallel threads, then fsync. The
+        first error stops the others and is raised (a real one before a Canceled); Canceled when
+        the download was cancelled."""
         todo = [p for p in self.parts if p.completed < p.size]
         errors = []
 
@@ -5439,6 +5457,8 @@ class _BlobDownload:
         return self.abort.is_set() or self.cancelled.is_set()
 
     def _fetch_part(self, part):
+        """Fetch one part to its end, retrying with exponential backoff (a stalled range at
+        once) up to `retries` times; a full disk, Unauthorized and cancellation are not retried."""
         import http.client  # loaded already (RegistrySession uses urllib); the name, for its errors
         tries = 0
         while part.completed < part.size:
@@ -5471,6 +5491,10 @@ class _BlobDownload:
                 raise Canceled("request canceled")
 
     def _fetch_range(self, part):
+        """One GET of the part's missing bytes, written in place and checkpointed
+        every checkpoint_interval (and at the end, even after an error). A registry that ignores
+        Range is read from byte 0, the bytes before the range skipped. Returns early when the
+        download stops."""
         start, stop = part.offset + part.completed, part.offset + part.size
         resp = self.session.request("GET", self.url, {"Range": "bytes=%d-%d" % (start, stop - 1)})
         last = time.monotonic()
@@ -5554,6 +5578,9 @@ class _BlobDownload:
                 raise self.verified
 
     def _verify_and_commit(self):
+        """finish()'s work: hash the partial file and rename it to its blob,
+        durably; a mismatch deletes it and its part records (digest_mismatch). Nothing to do when
+        the blob is already stored."""
         if self.store.has_blob(self.digest):
             return
         got = file_digest(self.partial)
@@ -5696,6 +5723,9 @@ class _FileSlice:
 
 
 def _upload_blob(session, store, name, desc, transfers, progress, cancel):
+    """Push one layer (`desc`, a manifest descriptor) of `name`, reporting "pushing <digest>"
+    progress: nothing is sent when the registry has the blob, a cross-repository mount when the
+    layer came from another repository there, else PATCH chunks and a closing PUT."""
     digest, size = desc["digest"], desc["size"]
     status = "pushing %s" % digest[7:19]
     repo = name.repository()
@@ -5902,6 +5932,9 @@ class _Staged:
         self.store, self.files, self.meta = store, {}, {}      # digest -> (file, tmp path, size); name -> bytes
 
     def add_blob(self, digest, reader, size, progress):
+        """Copy `size` bytes of an archive member from `reader` into a temp blob, hashing
+        them; progress(n) per chunk. BadRequest (400) when the member ends early or does not match
+        `digest`; a second member with the same digest is checked, then discarded."""
         import hashlib
         f, tmp = self.store.temp_blob()
         first = self.files.setdefault(digest, (f, tmp, size))[1] == tmp
@@ -6185,6 +6218,8 @@ class Spawner:
         return box["proc"]
 
     def _run(self):
+        """The spawner's thread: start each queued popen job's child and record it; a None job
+        (close()) ends it, refusing whatever was still queued."""
         while True:
             job = self.jobs.get()
             if job is None:                   # close(): its children are stopped; ending kills none
@@ -6260,6 +6295,9 @@ class Runner:
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
                  flash_attention=None, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
                  spawn=None, rpc=()):
+        """Prepare the llama-server command line for one model; nothing runs until start().
+        It gets a free port and its own API key; the context holds num_ctx cells per parallel slot,
+        and options left unset keep llama-server's defaults."""
         import secrets
         self.exe, self.model_path = exe, str(model_path)
         self.rpc = list(rpc)                  # llama.cpp RPC workers ("host:port") sharing the layers
@@ -6344,6 +6382,8 @@ class Runner:
             time.sleep(0.02)
 
     def _log_tail(self, lines=40):
+        """The end of the runner's log for an error message: ": " and its first and last error
+        lines (the cause, and how it ended), else its last four lines; "" without a log."""
         if not self.log_path:
             return ""
         try:
@@ -6594,6 +6634,8 @@ def engine_files(store, model, exe):
     families, args = [], []
 
     def view(blob, edits, name):
+        """A view of `blob` for the engine -> its path: a link named `name` in the
+        store's view directory, beside its .edits sidecar; OllamaError when `exe` lacks the hook."""
         if not engine_reads_edits(exe):
             raise OllamaError(
                 "%s is in Ollama's %s layout (%s), which %s cannot read as it is: it lacks the GGUF edits "
@@ -6858,6 +6900,8 @@ class Scheduler:
     """
 
     def __init__(self, config, exe=None, new_runner=None, clock=time.time, reaper=True, metrics=None):
+        """An empty scheduler: it starts the Spawner (recorded under <home>/runners) and,
+        unless reaper=False, the thread that stops runners whose keep-alive has run out."""
         self.config = config
         self.metrics = metrics or Metrics()           # the server's: queue waits and load times
         self.exe = exe
@@ -6874,6 +6918,9 @@ class Scheduler:
             threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True).start()
 
     def _runner_for(self, model, opts, embedding):
+        """The default new_runner: an unstarted llama-server Runner for `model`, with the
+        request's options (num_ctx capped at the trained context), the server's settings, its
+        engine files, RPC workers and speculative-decoding flags."""
         exe = self.exe or find_llama_server(self.config)
         self.exe = exe
         trained = _trained_context(model)
