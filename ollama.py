@@ -7357,6 +7357,8 @@ class _BodyReader:
         self.done = not self.chunked and self.remaining == 0
 
     def read(self, n=-1):
+        """Up to `n` bytes of the body (all of it when n < 0); b"" at its end. Chunk framing
+        and trailers are consumed; BadRequest (400) for a bad chunk size or a body cut short."""
         out = []
         while (n < 0 or n > 0) and not self.done:
             if self.chunked and self.remaining == 0:
@@ -7443,6 +7445,8 @@ class OllamaHandler:
     server_version = "ollama.py/" + __version__
 
     def setup(self):
+        """Per connection: reads go through _DeadlineIO (for the head's deadline),
+        TCP_NODELAY for token-by-token writes, and the thread's niceness raised by HANDLER_NICE."""
         import io  # always loaded by the interpreter: a lookup
         super().setup()
         self.rfile.close()                           # the makefile() one: reads go through _DeadlineIO
@@ -7512,6 +7516,8 @@ class OllamaHandler:
         log.debug("%s %s", self.address_string(), text if text.isprintable() else log_value(text))
 
     def _dispatch(self):
+        """Every HTTP method's entry (see __getattr__): take a request slot (503 when the
+        server is busy), route, drain what is left of the body, then count, time and log it."""
         started = time.monotonic()
         status = 500
         self._endpoint = None                  # the route pattern matched: the metrics' endpoint label
@@ -7536,6 +7542,9 @@ class OllamaHandler:
                      self.client_address[0], self.command, log_value(urllib.parse.urlsplit(self.path).path))
 
     def _route(self):
+        """Answer one request -> the status sent (499 when the client went away, 408 when
+        it stalled): CORS and host checks (bare 403 or 204), API keys, then the route's handler,
+        whose OllamaError is answered with its status and any other exception as a 500."""
         # Ollama's order: CORS (gin-contrib/cors) first, then the DNS-rebinding host guard.
         # Both refuse with a bare 403; a preflight from an allowed origin is a bare 204.
         origin, host = self.headers.get("Origin"), self.headers.get("Host", "")
@@ -7592,6 +7601,9 @@ class OllamaHandler:
         return ok
 
     def _cors(self):
+        """The CORS headers for an allowed cross-origin request (_route set its origin): the
+        origin, or * when OLLAMA_ORIGINS allows all, and for a preflight the allowed methods,
+        headers and max age."""
         origin = getattr(self, "_cors_origin", None)
         if not origin:
             return
@@ -7608,6 +7620,8 @@ class OllamaHandler:
         self.send_header("Access-Control-Allow-Origin", "*" if allow_all else origin)
 
     def _send(self, result):
+        """Send a handler's result -> its status: a Stream, a FileResponse, a Response, or
+        any other value as a 200 JSON body (None: an empty body)."""
         if isinstance(result, Stream):
             return self._send_stream(result)
         if isinstance(result, FileResponse):
@@ -7628,6 +7642,8 @@ class OllamaHandler:
         return result.status
 
     def _send_file(self, result):
+        """Send a FileResponse with sendfile -> its status (499 when the client went
+        away); the connection is closed if the file shrank under it. The file is always closed."""
         try:
             self.send_response(result.status)
             self.send_header("Content-Type", result.content_type)
@@ -7648,6 +7664,10 @@ class OllamaHandler:
         return result.status
 
     def _send_stream(self, stream):
+        """Send a Stream -> its status, items written as they come (chunked, or with
+        its Content-Length). An error before the first item is an ordinary error answer, a later
+        one a last error item (sized: a connection cut short). The iterator is closed at the end,
+        so its cleanup runs."""
         items = stream.items
         try:
             first = next(items)
@@ -7767,6 +7787,9 @@ class OllamaServer:
     allow_reuse_address = True
 
     def __init__(self, config, address=None, routes=None):
+        """The server's state and its bound listener: TLS, store, routes (/v2 and /metrics
+        as the config allows), scheduler, transfers, connection caps. `address` (host, port)
+        replaces OLLAMA_HOST's (tests bind port 0)."""
         self.config = config
         self.tls = _tls_context(config)                # first: a bad certificate starts nothing
         self.store = Store(config.models)
@@ -8524,6 +8547,8 @@ def _pull_for_create(req, name):
 
 
 def _validate_create_files(files, what="files"):
+    """A create request's `files` (or `adapters`, `draft_files`): file names, relative,
+    to digests -> the dict ({} when absent); BadRequest (400) naming a bad name or digest."""
     if files is None:
         return {}
     if not isinstance(files, dict):
@@ -10356,6 +10381,8 @@ class ResponsesAnswer:
         self.text, self.thinking, self.reasoning_id, self.calls = None, None, None, 0
 
     def response(self, status, usage=None):
+        """The response object with `status` ("in_progress", "completed"): the output so
+        far, what OpenAI's Responses API echoes of the request, and `usage` once done."""
         b = self.body
         reasoning = b.get("reasoning") if isinstance(b.get("reasoning"), dict) else {}
         fmt = (b.get("text") or {}).get("format") if isinstance(b.get("text"), dict) else None
@@ -10419,6 +10446,8 @@ class ResponsesAnswer:
         self.reasoning_id = None
 
     def _calls(self, calls):
+        """The events for tool calls: open thinking and text items are finished first, then
+        each call is a function_call output item (added, its arguments in one delta, done)."""
         import secrets
         yield from self._finish_thinking()
         yield from self._finish_text()
@@ -10811,6 +10840,9 @@ class MessageEvents:
         self.started, self.open, self.index, self.calls = False, "", 0, 0
 
     def feed(self, item):
+        """The Anthropic events for one /api/chat item: message_start and ping before the
+        first, a block per change of kind, each tool call a whole block, and the closing events
+        on done."""
         msg = item.get("message") or {}
         if not self.started:
             self.started = True
