@@ -11473,6 +11473,8 @@ def _list_models(prefix):
 
 
 def _show_value(v):
+    """A metadata value as `ollama show --verbose` prints it: Go's %v, a list cut after about
+    ten characters of items ("[a b ...+N more]")."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
@@ -11493,6 +11495,9 @@ def _show_value(v):
 
 
 def _show_info(resp, verbose, out):
+    """Write an /api/show answer to `out` as `ollama show` (and /show info) prints it: Model,
+    Capabilities, Projector, Parameters, System and License tables; `verbose` adds the metadata
+    and the tensors."""
     def section(title, rows):
         out.write("  %s\n" % title)
         out.write(_table(rows))
@@ -11626,6 +11631,8 @@ class _Display:
         self.word = ""        # the word being written, moved down whole when the line overflows
 
     def write(self, text):
+        """Write and flush a piece of the answer, wrapped at the terminal's width: a word that
+        would cross width-5 is erased with escape codes and written again on the next line."""
         w = self.width
         if w < 10:
             self.out.write(text)
@@ -11832,6 +11839,8 @@ def cmd_run(args):
 
 
 def _embed(client, opts, prompt, args):
+    """`run` on an embedding model: print the embedding of `prompt` as a JSON array (with
+    --truncate and --dimensions); OllamaError without input or when none comes back."""
     if not prompt:
         raise OllamaError('embedding models require input text. Usage: ollama.py run %s "your text here"'
                           % opts.model)
@@ -11860,6 +11869,9 @@ class _Streamer:
         self.content = []
 
     def feed(self, thinking, content):
+        """Print the next piece of the answer: thinking opens a "Thinking..." block (unless
+        hidden), the first content closes it with "...done thinking."; content is also kept,
+        for the reply message."""
         if thinking and not self.opts.hide_thinking:
             if self.thinking is None:
                 self.thinking = ""
@@ -12279,6 +12291,9 @@ class _TransferProgress:
         self.status = None
 
     def update(self, obj):
+        """Show one pull/push progress object: a blob's bar (from its first non-empty
+        update) or a new status line; a TTY is redrawn at most every 0.1 s, but at once for a
+        status line or "success"."""
         status, digest = obj.get("status") or "", obj.get("digest")
         if digest and obj.get("total"):
             total, done = obj["total"], obj.get("completed") or 0
@@ -12308,6 +12323,8 @@ class _TransferProgress:
                 line[1] = text
 
     def _bar(self, status, digest, plain=False):
+        """A blob's line: "status: NN%", a bar of 25 cells and the sizes, then the speed
+        and time left over the last 3 s; `plain` (no TTY) is "status: NN% SIZE"."""
         total, done, samples = self.bars[digest]
         pct = int(100 * done / total) if total else 100
         if plain:
@@ -12520,6 +12537,8 @@ class _LineReader:
     input() otherwise; accepted lines go to ~/.ollama/history unless history is off."""
 
     def __init__(self, path, enabled=True):
+        """Load the history file's last _HISTORY_LIMIT lines, into readline's history too
+        (its auto-history off: a line is added once accepted)."""
         self.path, self.enabled = Path(path), enabled
         try:
             import readline
@@ -12687,6 +12706,8 @@ class _Repl:
         return None
 
     def send(self, text):
+        """Send one user message (with the images its text names, for a vision model) and keep
+        the reply in the conversation; a think setting the model refuses is printed, not raised."""
         opts = self.opts
         message = {"role": "user", "content": text}
         if "vision" in opts.capabilities:
@@ -12735,6 +12756,8 @@ class _Repl:
             print("Error: %s" % e)
 
     def cmd_load(self, args):
+        """/load MODEL: switch the session to another model with a fresh conversation; on
+        failure the previous model and conversation are kept."""
         if len(args) != 2:
             print("Usage:\n  /load <modelname>")
             return
@@ -12753,6 +12776,8 @@ class _Repl:
                 print("error: %s" % e)
 
     def cmd_save(self, args):
+        """/save MODEL: create a model from this session (its base model, system message,
+        parameters and conversation so far) through /api/create."""
         if len(args) != 2:
             print("Usage:\n  /save <modelname>")
             return
@@ -12842,6 +12867,8 @@ class _Repl:
         self.opts.options[args[2]] = value
 
     def _set_system(self, what, args):
+        """/set system TEXT: the session's system message, replacing a system message that
+        ends the conversation; a text that opens with triple quotes goes on until they close."""
         opts = self.opts
         if len(args) < 3:
             sys.stderr.write(_USAGE_SET)
@@ -12863,6 +12890,8 @@ class _Repl:
         print("Set system message.")
 
     def cmd_show(self, args):
+        """/show WHAT: info, license, modelfile, parameters (the model's and the session's),
+        system or template, as /api/show answers with the session's system message and options."""
         opts = self.opts
         if len(args) < 2:
             sys.stderr.write(_USAGE_SHOW)
