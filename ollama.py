@@ -451,7 +451,7 @@ def human_number(n):
 
 
 def _human_duration(seconds):
-    """docker's units.HumanDuration, the words format.HumanTime puts before "ago" or "from now":
+    """A span of `seconds` in the words format.HumanTime puts before "ago" or "from now":
     "Less than a second", "About a minute", "5 hours", "3 weeks" (hours rounded as math.Round)."""
     s = int(seconds)
     if s < 1:
