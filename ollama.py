@@ -456,6 +456,8 @@ def human_number(n):
 
 
 def _human_duration(seconds):
+    """A span of `seconds` in the words format.HumanTime puts before "ago" or "from now":
+    "Less than a second", "About a minute", "5 hours", "3 weeks" (hours rounded as math.Round)."""
     s = int(seconds)
     if s < 1:
         return "Less than a second"
@@ -1481,6 +1483,9 @@ def _f32(x):
 
 
 def _gguf_value(r, vtype, max_array, key, lengths):
+    """One metadata value of GGUF type `vtype` at r's position (arrays as lists, float32s as their
+    shortest decimal). An array longer than `max_array` is skipped and read as [], its length kept
+    in `lengths[key]`; BadRequest (400) for an unknown type."""
     if vtype == 8:
         return r.string()
     if vtype == 9:
@@ -3078,6 +3083,9 @@ class _TplParser:
         return nodes, None
 
     def control(self, word, toks, line):
+        """An {{if}}, {{range}} or {{with}} block -> its _Node: pipeline, body and else
+        branch ({{else if}} or {{else with}} nests as the else branch, sharing the {{end}}).
+        Variables declared in it go out of scope at its end."""
         mark = len(self.vars)
         pipe = self.pipeline(toks, line, word, allow_two=(word == "range"))
         body, end = self.list_until()
@@ -3103,6 +3111,8 @@ class _TplParser:
         return _Node(word, pipe, body, orelse, line=line)
 
     def pipeline(self, toks, line, context, allow_two=False):
+        """An action's tokens -> a "pipe" _Node: the variables it declares ($x :=,
+        $x =, and for range $i, $e :=) and its commands. `context` names the action in errors."""
         decl, assign, i = [], False, 0
         # declarations: $x :=  |  $x =  |  $i, $e :=  (range only)
         if len(toks) >= 2 and toks[0].kind == "var":
@@ -3124,6 +3134,9 @@ class _TplParser:
         return _Node("pipe", decl, assign, cmds, line=line)
 
     def commands(self, toks, i, line, context, closing=None):
+        """A pipeline's commands from toks[i], split at "|", up to the end (or with
+        `closing`, a ")") -> (commands, index after them). Go's errors for a missing or a
+        non-executable command."""
         cmds, args = [], []
         while i < len(toks):
             t = toks[i]
@@ -3149,6 +3162,9 @@ class _TplParser:
         return cmds, i
 
     def operand(self, toks, i, line, context):
+        """One argument from toks[i] -> (node, index after it): a field, variable, constant, nil,
+        function or parenthesised pipeline, with the .Field chain that follows it. An undefined
+        variable or function is a TemplateError here, at parse time, as in Go."""
         t = toks[i]
         i += 1
         if t.kind == "field":
@@ -3307,6 +3323,8 @@ def _tpl_index(v, *keys):
 
 
 def _tpl_slice(v, *idx):
+    """The template function slice: v[i:j] of a list, or of a string's UTF-8 bytes, as Go's
+    (a string takes two indexes at most); TemplateError when an index is out of range."""
     if len(idx) > 3 or (len(idx) == 3 and isinstance(v, str)):
         raise TemplateError("error calling slice: too many slice indexes")
     if isinstance(v, str):
@@ -3392,6 +3410,9 @@ class _TplExec:
                 raise TemplateError('template: :%d: executing "" at <%s>: %s' % (node.line, at, e)) from None
 
     def step(self, dot, node):
+        """Execute one node with `dot` as the cursor: text is written, an action's value
+        printed (unless it declares variables), if/with/range branch; break and continue unwind
+        to the enclosing range."""
         kind = node.kind
         if kind == "text":
             self.out.append(node.a)
@@ -3415,6 +3436,9 @@ class _TplExec:
             raise _Continue()
 
     def range(self, dot, node):
+        """{{range}}: over a map in key order, a list, or an integer's 0..n-1 (nil is
+        empty), binding the element (and key) variables each turn; the else branch runs when
+        there is nothing to range over."""
         pipe = node.a
         mark = len(self.vars)
         value = self.cmds(dot, pipe.c)
@@ -3478,6 +3502,8 @@ class _TplExec:
         return value
 
     def command(self, dot, cmd, final):
+        """The value of one command of a pipeline: a function called with its arguments and `final`,
+        the previous command's value (_MISSING for the first); and/or evaluate lazily, as in Go."""
         first = cmd[0]
         if first.kind == "ident":
             name = first.a
@@ -3506,6 +3532,8 @@ class _TplExec:
         return self.arg(dot, first)
 
     def arg(self, dot, node):
+        """The value of an argument node: a constant, dot, a field or variable (with its
+        field chain), a function called without arguments, or a parenthesised pipeline."""
         kind = node.kind
         if kind == "const":
             return node.a
@@ -3735,6 +3763,7 @@ def _tpl_cut_at_response(nodes):
         return _Node("pipe", p.a, p.b, cmds, line=p.line) if cmds else None
 
     def walk(ns):
+        """`ns` up to the first .Response, the bodies of if/range/with cut there too."""
         out = []
         for n in ns:
             if cut[0]:
@@ -4195,6 +4224,8 @@ class ThinkingParser:
         return "", rest if self.state in ("looking", "done") else rest.lstrip()
 
     def _eat(self):
+        """One step over the buffer in the current state -> (thinking, content, more); `more` when
+        the state moved on and the rest must be looked at again. A partial tag stays buffered."""
         acc = self.acc
         if self.state == "looking":
             trimmed = acc.lstrip()
@@ -4252,6 +4283,9 @@ class Model:
     params, messages, licenses, config. Build it with `load_model(store, name)`."""
 
     def __init__(self, name, manifest_raw, manifest, config, store):
+        """Read the manifest's layers: paths of the weights, projectors, adapters and draft; the
+        text of template, system and licenses and the parsed params and messages, read now.
+        Without a template layer, DEFAULT_TEMPLATE (`has_template` says which)."""
         import hashlib
         self.name, self.manifest_raw, self.manifest, self.config = name, manifest_raw, manifest, config
         self.digest = hashlib.sha256(manifest_raw).hexdigest()
@@ -5099,6 +5133,10 @@ class RegistrySession:
         raise Unauthorized("unauthorized: access denied")          # pragma: no cover
 
     def _open(self, method, url, headers, body, auth=True):
+        """Send one request as it is -> the response, error statuses included (401s
+        are request()'s to answer). Authorization goes only to the registry's own host. A failed
+        connection is an OllamaError naming method and URL (TLS to a plain-HTTP registry: use
+        --insecure)."""
         import urllib.error
         import http.client
         import ssl
@@ -5152,6 +5190,9 @@ class RegistrySession:
         return host in {m.rpartition("://")[2].rstrip("/").lower() for m in self.config.mirrors}
 
     def _token(self, params, creds):
+        """A bearer token from the challenge's realm for its service and scopes,
+        asked with the docker config's credentials, else (registry.ollama.ai) Ollama's signature,
+        else anonymously. Unauthorized (401) when the token server refuses, else OllamaError."""
         import secrets
         query = [("service", params["service"])] if params.get("service") else []
         query += [("scope", s) for s in params.get("scope", "").split() if s]
@@ -5278,6 +5319,8 @@ class _BlobDownload:
         self.thread.start()
 
     def _run(self):
+        """The download's thread: prepare, then fetch the parts. An error is kept for every
+        waiter; a cancelled download takes itself out of the Transfers' jobs as it ends."""
         try:
             self._prepare()
             self._download()
@@ -5327,6 +5370,9 @@ class _BlobDownload:
         return parts
 
     def _prepare(self):
+        """Lay out the partial file and its part records: resumed from those on disk
+        when they are consistent, else new parts of part_size() each; the data file is opened at
+        its full size."""
         self.store.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
         parts = self._load_parts()
         if parts is None:
@@ -5348,6 +5394,9 @@ class _BlobDownload:
                      human_bytes(parts[0].size), human_bytes(self.completed))
 
     def _download(self):
+        """Fetch the unfinished parts on up to max_parallel threads, then fsync. The
+        first error stops the others and is raised (a real one before a Canceled); Canceled when
+        the download was cancelled."""
         todo = [p for p in self.parts if p.completed < p.size]
         errors = []
 
@@ -5381,6 +5430,8 @@ class _BlobDownload:
         return self.abort.is_set() or self.cancelled.is_set()
 
     def _fetch_part(self, part):
+        """Fetch one part to its end, retrying with exponential backoff (a stalled range at
+        once) up to `retries` times; a full disk, Unauthorized and cancellation are not retried."""
         import http.client  # loaded already (RegistrySession uses urllib); the name, for its errors
         tries = 0
         while part.completed < part.size:
@@ -5413,6 +5464,10 @@ class _BlobDownload:
                 raise Canceled("request canceled")
 
     def _fetch_range(self, part):
+        """One GET of the part's missing bytes, written in place and checkpointed
+        every checkpoint_interval (and at the end, even after an error). A registry that ignores
+        Range is read from byte 0, the bytes before the range skipped. Returns early when the
+        download stops."""
         start, stop = part.offset + part.completed, part.offset + part.size
         resp = self.session.request("GET", self.url, {"Range": "bytes=%d-%d" % (start, stop - 1)})
         last = time.monotonic()
@@ -5496,6 +5551,9 @@ class _BlobDownload:
                 raise self.verified
 
     def _verify_and_commit(self):
+        """finish()'s work: hash the partial file and rename it to its blob,
+        durably; a mismatch deletes it and its part records (digest_mismatch). Nothing to do when
+        the blob is already stored."""
         if self.store.has_blob(self.digest):
             return
         got = file_digest(self.partial)
@@ -5638,6 +5696,9 @@ class _FileSlice:
 
 
 def _upload_blob(session, store, name, desc, transfers, progress, cancel):
+    """Push one layer (`desc`, a manifest descriptor) of `name`, reporting "pushing <digest>"
+    progress: nothing is sent when the registry has the blob, a cross-repository mount when the
+    layer came from another repository there, else PATCH chunks and a closing PUT."""
     digest, size = desc["digest"], desc["size"]
     status = "pushing %s" % digest[7:19]
     repo = name.repository()
@@ -5844,6 +5905,9 @@ class _Staged:
         self.store, self.files, self.meta = store, {}, {}      # digest -> (file, tmp path, size); name -> bytes
 
     def add_blob(self, digest, reader, size, progress):
+        """Copy `size` bytes of an archive member from `reader` into a temp blob, hashing
+        them; progress(n) per chunk. BadRequest (400) when the member ends early or does not match
+        `digest`; a second member with the same digest is checked, then discarded."""
         import hashlib
         f, tmp = self.store.temp_blob()
         first = self.files.setdefault(digest, (f, tmp, size))[1] == tmp
@@ -6127,6 +6191,8 @@ class Spawner:
         return box["proc"]
 
     def _run(self):
+        """The spawner's thread: start each queued popen job's child and record it; a None job
+        (close()) ends it, refusing whatever was still queued."""
         while True:
             job = self.jobs.get()
             if job is None:                   # close(): its children are stopped; ending kills none
@@ -6202,6 +6268,9 @@ class Runner:
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
                  flash_attention=None, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
                  spawn=None, rpc=()):
+        """Prepare the llama-server command line for one model; nothing runs until start().
+        It gets a free port and its own API key; the context holds num_ctx cells per parallel slot,
+        and options left unset keep llama-server's defaults."""
         import secrets
         self.exe, self.model_path = exe, str(model_path)
         self.rpc = list(rpc)                  # llama.cpp RPC workers ("host:port") sharing the layers
@@ -6286,6 +6355,8 @@ class Runner:
             time.sleep(0.02)
 
     def _log_tail(self, lines=40):
+        """The end of the runner's log for an error message: ": " and its first and last error
+        lines (the cause, and how it ended), else its last four lines; "" without a log."""
         if not self.log_path:
             return ""
         try:
@@ -6536,6 +6607,8 @@ def engine_files(store, model, exe):
     families, args = [], []
 
     def view(blob, edits, name):
+        """A view of `blob` for the engine -> its path: a link named `name` in the
+        store's view directory, beside its .edits sidecar; OllamaError when `exe` lacks the hook."""
         if not engine_reads_edits(exe):
             raise OllamaError(
                 "%s is in Ollama's %s layout (%s), which %s cannot read as it is: it lacks the GGUF edits "
@@ -6800,6 +6873,8 @@ class Scheduler:
     """
 
     def __init__(self, config, exe=None, new_runner=None, clock=time.time, reaper=True, metrics=None):
+        """An empty scheduler: it starts the Spawner (recorded under <home>/runners) and,
+        unless reaper=False, the thread that stops runners whose keep-alive has run out."""
         self.config = config
         self.metrics = metrics or Metrics()           # the server's: queue waits and load times
         self.exe = exe
@@ -6816,6 +6891,9 @@ class Scheduler:
             threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True).start()
 
     def _runner_for(self, model, opts, embedding):
+        """The default new_runner: an unstarted llama-server Runner for `model`, with the
+        request's options (num_ctx capped at the trained context), the server's settings, its
+        engine files, RPC workers and speculative-decoding flags."""
         exe = self.exe or find_llama_server(self.config)
         self.exe = exe
         trained = _trained_context(model)
@@ -7252,6 +7330,8 @@ class _BodyReader:
         self.done = not self.chunked and self.remaining == 0
 
     def read(self, n=-1):
+        """Up to `n` bytes of the body (all of it when n < 0); b"" at its end. Chunk framing
+        and trailers are consumed; BadRequest (400) for a bad chunk size or a body cut short."""
         out = []
         while (n < 0 or n > 0) and not self.done:
             if self.chunked and self.remaining == 0:
@@ -7338,6 +7418,8 @@ class OllamaHandler:
     server_version = "ollama.py/" + __version__
 
     def setup(self):
+        """Per connection: reads go through _DeadlineIO (for the head's deadline),
+        TCP_NODELAY for token-by-token writes, and the thread's niceness raised by HANDLER_NICE."""
         import io  # always loaded by the interpreter: a lookup
         super().setup()
         self.rfile.close()                           # the makefile() one: reads go through _DeadlineIO
@@ -7407,6 +7489,8 @@ class OllamaHandler:
         log.debug("%s %s", self.address_string(), text if text.isprintable() else log_value(text))
 
     def _dispatch(self):
+        """Every HTTP method's entry (see __getattr__): take a request slot (503 when the
+        server is busy), route, drain what is left of the body, then count, time and log it."""
         started = time.monotonic()
         status = 500
         self._endpoint = None                  # the route pattern matched: the metrics' endpoint label
@@ -7431,6 +7515,9 @@ class OllamaHandler:
                      self.client_address[0], self.command, log_value(urllib.parse.urlsplit(self.path).path))
 
     def _route(self):
+        """Answer one request -> the status sent (499 when the client went away, 408 when
+        it stalled): CORS and host checks (bare 403 or 204), API keys, then the route's handler,
+        whose OllamaError is answered with its status and any other exception as a 500."""
         # Ollama's order: CORS (gin-contrib/cors) first, then the DNS-rebinding host guard.
         # Both refuse with a bare 403; a preflight from an allowed origin is a bare 204.
         origin, host = self.headers.get("Origin"), self.headers.get("Host", "")
@@ -7487,6 +7574,9 @@ class OllamaHandler:
         return ok
 
     def _cors(self):
+        """The CORS headers for an allowed cross-origin request (_route set its origin): the
+        origin, or * when OLLAMA_ORIGINS allows all, and for a preflight the allowed methods,
+        headers and max age."""
         origin = getattr(self, "_cors_origin", None)
         if not origin:
             return
@@ -7503,6 +7593,8 @@ class OllamaHandler:
         self.send_header("Access-Control-Allow-Origin", "*" if allow_all else origin)
 
     def _send(self, result):
+        """Send a handler's result -> its status: a Stream, a FileResponse, a Response, or
+        any other value as a 200 JSON body (None: an empty body)."""
         if isinstance(result, Stream):
             return self._send_stream(result)
         if isinstance(result, FileResponse):
@@ -7523,6 +7615,8 @@ class OllamaHandler:
         return result.status
 
     def _send_file(self, result):
+        """Send a FileResponse with sendfile -> its status (499 when the client went
+        away); the connection is closed if the file shrank under it. The file is always closed."""
         try:
             self.send_response(result.status)
             self.send_header("Content-Type", result.content_type)
@@ -7543,6 +7637,10 @@ class OllamaHandler:
         return result.status
 
     def _send_stream(self, stream):
+        """Send a Stream -> its status, items written as they come (chunked, or with
+        its Content-Length). An error before the first item is an ordinary error answer, a later
+        one a last error item (sized: a connection cut short). The iterator is closed at the end,
+        so its cleanup runs."""
         items = stream.items
         try:
             first = next(items)
@@ -7662,6 +7760,9 @@ class OllamaServer:
     allow_reuse_address = True
 
     def __init__(self, config, address=None, routes=None):
+        """The server's state and its bound listener: TLS, store, routes (/v2 and /metrics
+        as the config allows), scheduler, transfers, connection caps. `address` (host, port)
+        replaces OLLAMA_HOST's (tests bind port 0)."""
         self.config = config
         self.tls = _tls_context(config)                # first: a bad certificate starts nothing
         self.store = Store(config.models)
@@ -8419,6 +8520,8 @@ def _pull_for_create(req, name):
 
 
 def _validate_create_files(files, what="files"):
+    """A create request's `files` (or `adapters`, `draft_files`): file names, relative,
+    to digests -> the dict ({} when absent); BadRequest (400) naming a bad name or digest."""
     if files is None:
         return {}
     if not isinstance(files, dict):
@@ -10251,6 +10354,8 @@ class ResponsesAnswer:
         self.text, self.thinking, self.reasoning_id, self.calls = None, None, None, 0
 
     def response(self, status, usage=None):
+        """The response object with `status` ("in_progress", "completed"): the output so
+        far, what OpenAI's Responses API echoes of the request, and `usage` once done."""
         b = self.body
         reasoning = b.get("reasoning") if isinstance(b.get("reasoning"), dict) else {}
         fmt = (b.get("text") or {}).get("format") if isinstance(b.get("text"), dict) else None
@@ -10314,6 +10419,8 @@ class ResponsesAnswer:
         self.reasoning_id = None
 
     def _calls(self, calls):
+        """The events for tool calls: open thinking and text items are finished first, then
+        each call is a function_call output item (added, its arguments in one delta, done)."""
         import secrets
         yield from self._finish_thinking()
         yield from self._finish_text()
@@ -10706,6 +10813,9 @@ class MessageEvents:
         self.started, self.open, self.index, self.calls = False, "", 0, 0
 
     def feed(self, item):
+        """The Anthropic events for one /api/chat item: message_start and ping before the
+        first, a block per change of kind, each tool call a whole block, and the closing events
+        on done."""
         msg = item.get("message") or {}
         if not self.started:
             self.started = True
@@ -11336,6 +11446,8 @@ def _list_models(prefix):
 
 
 def _show_value(v):
+    """A metadata value as `ollama show --verbose` prints it: Go's %v, a list cut after about
+    ten characters of items ("[a b ...+N more]")."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
@@ -11356,6 +11468,9 @@ def _show_value(v):
 
 
 def _show_info(resp, verbose, out):
+    """Write an /api/show answer to `out` as `ollama show` (and /show info) prints it: Model,
+    Capabilities, Projector, Parameters, System and License tables; `verbose` adds the metadata
+    and the tensors."""
     def section(title, rows):
         out.write("  %s\n" % title)
         out.write(_table(rows))
@@ -11489,6 +11604,8 @@ class _Display:
         self.word = ""        # the word being written, moved down whole when the line overflows
 
     def write(self, text):
+        """Write and flush a piece of the answer, wrapped at the terminal's width: a word that
+        would cross width-5 is erased with escape codes and written again on the next line."""
         w = self.width
         if w < 10:
             self.out.write(text)
@@ -11695,6 +11812,8 @@ def cmd_run(args):
 
 
 def _embed(client, opts, prompt, args):
+    """`run` on an embedding model: print the embedding of `prompt` as a JSON array (with
+    --truncate and --dimensions); OllamaError without input or when none comes back."""
     if not prompt:
         raise OllamaError('embedding models require input text. Usage: ollama.py run %s "your text here"'
                           % opts.model)
@@ -11723,6 +11842,9 @@ class _Streamer:
         self.content = []
 
     def feed(self, thinking, content):
+        """Print the next piece of the answer: thinking opens a "Thinking..." block (unless
+        hidden), the first content closes it with "...done thinking."; content is also kept,
+        for the reply message."""
         if thinking and not self.opts.hide_thinking:
             if self.thinking is None:
                 self.thinking = ""
@@ -12142,6 +12264,9 @@ class _TransferProgress:
         self.status = None
 
     def update(self, obj):
+        """Show one pull/push progress object: a blob's bar (from its first non-empty
+        update) or a new status line; a TTY is redrawn at most every 0.1 s, but at once for a
+        status line or "success"."""
         status, digest = obj.get("status") or "", obj.get("digest")
         if digest and obj.get("total"):
             total, done = obj["total"], obj.get("completed") or 0
@@ -12171,6 +12296,8 @@ class _TransferProgress:
                 line[1] = text
 
     def _bar(self, status, digest, plain=False):
+        """A blob's line: "status: NN%", a bar of 25 cells and the sizes, then the speed
+        and time left over the last 3 s; `plain` (no TTY) is "status: NN% SIZE"."""
         total, done, samples = self.bars[digest]
         pct = int(100 * done / total) if total else 100
         if plain:
@@ -12359,6 +12486,8 @@ class _LineReader:
     input() otherwise; accepted lines go to ~/.ollama/history unless history is off."""
 
     def __init__(self, path, enabled=True):
+        """Load the history file's last _HISTORY_LIMIT lines, into readline's history too
+        (its auto-history off: a line is added once accepted)."""
         self.path, self.enabled = Path(path), enabled
         try:
             import readline
@@ -12526,6 +12655,8 @@ class _Repl:
         return None
 
     def send(self, text):
+        """Send one user message (with the images its text names, for a vision model) and keep
+        the reply in the conversation; a think setting the model refuses is printed, not raised."""
         opts = self.opts
         message = {"role": "user", "content": text}
         if "vision" in opts.capabilities:
@@ -12574,6 +12705,8 @@ class _Repl:
             print("Error: %s" % e)
 
     def cmd_load(self, args):
+        """/load MODEL: switch the session to another model with a fresh conversation; on
+        failure the previous model and conversation are kept."""
         if len(args) != 2:
             print("Usage:\n  /load <modelname>")
             return
@@ -12592,6 +12725,8 @@ class _Repl:
                 print("error: %s" % e)
 
     def cmd_save(self, args):
+        """/save MODEL: create a model from this session (its base model, system message,
+        parameters and conversation so far) through /api/create."""
         if len(args) != 2:
             print("Usage:\n  /save <modelname>")
             return
@@ -12681,6 +12816,8 @@ class _Repl:
         self.opts.options[args[2]] = value
 
     def _set_system(self, what, args):
+        """/set system TEXT: the session's system message, replacing a system message that
+        ends the conversation; a text that opens with triple quotes goes on until they close."""
         opts = self.opts
         if len(args) < 3:
             sys.stderr.write(_USAGE_SET)
@@ -12702,6 +12839,8 @@ class _Repl:
         print("Set system message.")
 
     def cmd_show(self, args):
+        """/show WHAT: info, license, modelfile, parameters (the model's and the session's),
+        system or template, as /api/show answers with the session's system message and options."""
         opts = self.opts
         if len(args) < 2:
             sys.stderr.write(_USAGE_SHOW)
