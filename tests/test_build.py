@@ -198,7 +198,7 @@ def test_readme_gives_the_test_command_ci_runs():
 
 # -- checked builds: fallback, portable, static, aarch64 ---------------------------------------------
 # Each builds into the real cache (ccache shares everything outside ggml's CPU kernels), so a warm
-# run is seconds and a cold one a few minutes per configuration; the README lists the times.
+# run is seconds and a cold one a few minutes per configuration; docs/development.md lists the times.
 
 def build_info(prefix):
     """bin/llama-server.build-info as {key: value}; fallback_from lines as a list."""

@@ -136,7 +136,7 @@ def test_official_client_and_run_chat_over_the_socket(engine, tiny_gguf, unix_se
 
 def official_over_socket(sock_path, code):
     """Run `code` with the pip-installed `ollama` client on the socket (an httpx transport with uds=, as
-    the README shows) bound to `client`; what it prints, as JSON. `-I`: our ollama.py off sys.path."""
+    docs/security.md shows) bound to `client`; what it prints, as JSON. `-I`: our ollama.py off sys.path."""
     script = ("import json, httpx, ollama\nclient = ollama.Client(host='http://localhost', "
               "transport=httpx.HTTPTransport(uds=%r))\n%s" % (str(sock_path), textwrap.dedent(code)))
     out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300,
