@@ -4577,6 +4577,147 @@ def webp_to_png(raw):
     return out.stdout
 
 
+# == Models: create ===========================================================
+# A model's layers, config and manifest, written as Ollama's create writes them.
+
+
+class CreateSpec:
+    """What a create asks for, checked: the name; a `from` model or GGUF blobs by file name (`files`:
+    the model, a projector or an adapter among them is laid as one; `adapters`, `drafts`: theirs);
+    a quantization level; `fields`: template, system, license (a string or a list), and renderer,
+    parser and requires for the config; the PARAMETERs and MESSAGEs."""
+
+    def __init__(self, name, from_name=None, files=None, adapters=None, drafts=None, level=None, fields=None,
+                 parameters=None, messages=()):
+        self.name, self.from_name, self.level = name, from_name, level
+        self.files, self.adapters, self.drafts = files or {}, adapters or {}, drafts or {}
+        self.fields, self.parameters, self.messages = fields or {}, parameters or {}, list(messages)
+
+
+def create_model(store, spec, pull, quantize, prune=True):
+    """Create `spec.name` in `store`, yielding Ollama's statuses ("parsing GGUF", "using existing
+    layer ...", "writing manifest", and "success" last). `pull(name)` yields the progress of pulling a
+    `from` model that is not stored; `quantize(level, digests)` yields progress and returns {source
+    digest: (digest, size)} (llama-quantize, in Runner). The store lock is held while layers and the
+    manifest are written; with `prune`, blobs only the replaced manifest used are removed."""
+    from_name = spec.from_name
+    if from_name is not None and store.resolve(from_name) is None:
+        yield from pull(from_name)
+    quantized = {}                                  # source digest -> (digest, size) of its quantized blob
+    if spec.level:
+        quantized = yield from quantize(spec.level, _model_digests(store, from_name, spec.files))
+    statuses, created = [], set()
+    with store.lock:
+        layers, config = _base_layers(store, from_name)
+        ggufs = []
+        for kind, table in (("model", spec.files), ("adapter", spec.adapters), ("draft", spec.drafts)):
+            for path in sorted(table):
+                digest = parse_digest(table[path])
+                statuses.append("parsing GGUF")
+                if not store.has_blob(digest):
+                    raise BadRequest("blob not found for %s (digest %s)" % (path, digest))
+                g = read_gguf(store.blob_path(digest), 0)
+                media = kind
+                if kind == "model" and g.kind == "adapter":
+                    media = "adapter"
+                elif kind == "model" and g.is_projector:
+                    media = "projector"
+                layers.append(_layer(MEDIA_PREFIX + media, digest, store.blob_size(digest), path))
+                if media == "model":
+                    ggufs.append(g)
+        for g in ggufs:
+            config["model_format"] = config.get("model_format") or "gguf"
+            config["model_family"] = config.get("model_family") or g.architecture
+            config["model_type"] = config.get("model_type") or human_number(g.parameter_count)
+            config["file_type"] = config.get("file_type") or g.file_type
+            families = config.get("model_families") or []
+            if g.architecture not in families:
+                families = families + [g.architecture]
+            config["model_families"] = families
+        fields = spec.fields
+        for k in ("renderer", "parser", "requires"):
+            if fields.get(k):
+                config[k] = fields[k]
+        for la in layers:
+            if la["digest"] in quantized:
+                la["digest"], la["size"] = quantized[la["digest"]]
+                created.add(la["digest"])
+                config["file_type"] = spec.level
+
+        def replace(media, data):
+            layers[:] = [la for la in layers if la["mediaType"] != MEDIA_PREFIX + media]
+            layers.append(_new_layer(store, data, MEDIA_PREFIX + media, created))
+
+        if fields.get("template"):
+            replace("template", fields["template"].encode())
+        if fields.get("system"):
+            replace("system", fields["system"].encode())
+        license_ = fields.get("license")
+        for text in ([license_] if isinstance(license_, str) else license_ or []):
+            if text:
+                layers.append(_new_layer(store, text.encode(), MEDIA_PREFIX + "license", created))
+        merged = dict(spec.parameters)
+        for layer in layers:
+            if layer["mediaType"] == MEDIA_PREFIX + "params":
+                existing = json.loads(store.blob_path(layer["digest"]).read_bytes() or b"{}") or {}
+                for k, v in existing.items():
+                    merged.setdefault(k, v)
+        if merged:
+            replace("params", (go_json(merged, sort_keys=True) + "\n").encode())
+        if spec.messages:
+            replace("messages", (go_json([_message_struct(m) for m in spec.messages]) + "\n").encode())
+
+        config_raw = (go_json(_config_struct(config, layers)) + "\n").encode()
+        config_digest, config_size = store.write_blob_bytes(config_raw)
+        manifest = {"schemaVersion": 2, "mediaType": MEDIA_MANIFEST,
+                    "config": _layer(MEDIA_CONFIG, config_digest, config_size), "layers": layers}
+        old = store.resolve(spec.name)
+        old_digests = manifest_digests(store.get(old)[2]) if old is not None else []
+        statuses += ["%s %s" % ("creating new layer" if la["digest"] in created else "using existing layer",
+                                la["digest"]) for la in layers]
+        statuses.append("writing manifest")
+        store.write_manifest(spec.name, (go_json(manifest) + "\n").encode())
+        if old_digests and prune:
+            store.remove_unused(old_digests)
+        store.remove_unused(quantized)          # the unquantized source stays only if a model uses it
+    for status in statuses:
+        yield {"status": status}
+    yield {"status": "success"}
+
+
+def _base_layers(store, from_name):
+    """The layers (each marked as from its model) and config a create starts from: the `from`
+    model's, or none. NotFound when one of its blobs is missing."""
+    if from_name is None:
+        return [], {}
+    base = load_model(store, from_name)
+    config = {k: v for k, v in base.config.items() if k not in ("architecture", "os", "rootfs")}
+    source = base.name.display()
+    layers = []
+    for layer in base.manifest.get("layers") or []:
+        if not store.has_blob(layer["digest"]):
+            raise NotFound('model "%s" not found, try pulling it first' % source)
+        layers.append(_layer(layer["mediaType"], layer["digest"], store.blob_size(layer["digest"]), source))
+    return layers, config
+
+
+def _model_digests(store, from_name, files):
+    """The model-weight blobs a create would use: the `from` model's model layers, else the files
+    that are GGUF models (not adapters or projectors)."""
+    if from_name is not None:
+        return [la["digest"] for la in load_model(store, from_name).manifest.get("layers") or []
+                if la["mediaType"] == MEDIA_PREFIX + "model"]
+    out = []
+    for path in sorted(files):
+        digest = parse_digest(files[path])
+        if not store.has_blob(digest):
+            raise BadRequest("blob not found for %s (digest %s)" % (path, digest))
+        g = read_gguf(store.blob_path(digest), 0)
+        if g.kind != "adapter" and not g.is_projector:
+            out.append(digest)
+    return out
+
+
 def _model_details(config, parent=""):
     return {"parent_model": parent, "format": config.get("model_format", ""),
             "family": config.get("model_family", ""), "families": config.get("model_families"),
@@ -6768,6 +6909,45 @@ def quantize_gguf(exe, src, dst, level, launcher=(), spawn=popen_tied):
         raise runner_exit_error(code, tail=": " + " | ".join(errors) if errors else "", program="llama-quantize")
 
 
+def quantize_blobs(store, exe, level, digests, spawn=popen_tied):
+    """Quantize each model blob to `level` with llama-quantize (`exe`) into a temp blob, yielding
+    Ollama's progress; returns {source digest: (quantized digest, size)}. Needs F16, BF16 or F32
+    sources and the disk space for the result (else 400, 507); a failure or a client that goes away
+    leaves no temp file."""
+    import shutil
+    want, bits = QUANTIZE_TYPES[level]
+    out = {}
+    for digest in digests:
+        g = read_gguf(store.blob_path(digest), 0)
+        if g.file_type not in ("F16", "BF16", "F32"):
+            raise BadRequest("quantization is only supported for F16, BF16 and F32 models")
+        if g.kv.get("general.file_type") == want:
+            continue
+        size = store.blob_size(digest)
+        need = int(size * bits / {"F32": 32}.get(g.file_type, 16)) + (64 << 20)   # + metadata, slack
+        free = shutil.disk_usage(str(store.blobs)).free
+        if need > free:
+            raise OllamaError("not enough disk space to quantize: about %s needed, %s free in %s"
+                              % (human_bytes(need), human_bytes(free), store.blobs), 507)
+        f, tmp = store.temp_blob()              # held open, so locked: clean() leaves it to us
+        try:
+            status = "quantizing %s model to %s" % (g.file_type, level)
+            yield {"status": status, "digest": "0000000000000000000", "total": size, "completed": 0}
+            for done in quantize_gguf(exe, store.blob_path(digest), tmp, level, spawn=spawn):
+                yield {"status": status, "digest": "0000000000000000000", "total": size,
+                       "completed": int(done * size)}
+            yield {"status": "verifying conversion"}
+            if read_gguf(tmp, 0).kv.get("general.file_type") != want:
+                raise OllamaError("llama-quantize wrote a model that is not %s" % level)
+            new = file_digest(tmp)
+            store.commit_blob(tmp, new)
+            out[digest] = (new, store.blob_size(new))
+        finally:
+            f.close()
+            _unlink(tmp)
+    return out
+
+
 ###############################################################################
 # Scheduler ###################################################################
 ###############################################################################
@@ -8573,7 +8753,17 @@ def api_create(req):
         raise BadRequest("neither 'from' or 'files' was specified")
     from_name = Name.parse(from_text) if from_text else None
     stream = body.get("stream", True) is not False
-    items = _create_stream(req, name, from_name, files, adapters, body, parameters, messages, level)
+    spec = CreateSpec(name, from_name, files, adapters["adapter"], adapters["draft"], level,
+                      {k: body.get(k) for k in ("template", "system", "license", "renderer", "parser", "requires")},
+                      parameters, messages)
+    server = req.server
+
+    def quantize(level, digests):
+        exe = find_engine_tool(server.config, "llama-quantize")
+        return quantize_blobs(server.store, exe, level, digests, spawn=server.scheduler.spawner.popen)
+
+    items = create_model(server.store, spec, pull=lambda name: _pull_for_create(req, name), quantize=quantize,
+                         prune=not server.config.noprune)
     if stream:
         return Stream(items)
     last = None
@@ -8582,162 +8772,7 @@ def api_create(req):
     return last
 
 
-def _create_stream(req, name, from_name, files, extras, body, parameters, messages, level=None):
-    """The statuses of a create, the last "success"; `files` are the model's GGUF blobs (a projector or
-    an adapter among them is laid as one), `extras` maps "adapter" and "draft" to theirs."""
-    store = req.server.store
-    if from_name is not None and store.resolve(from_name) is None:
-        for progress in _pull_for_create(req, from_name):
-            yield progress
-    quantized = {}                                  # source digest -> (digest, size) of its quantized blob
-    if level:
-        quantized = yield from _quantize_layers(req, level, _model_digests(store, from_name, files))
-    statuses, created = [], set()
-    with store.lock:
-        layers, config = [], {}
-        if from_name is not None:
-            base = load_model(store, from_name)
-            config = {k: v for k, v in base.config.items() if k not in ("architecture", "os", "rootfs")}
-            source = base.name.display()
-            for layer in base.manifest.get("layers") or []:
-                if not store.has_blob(layer["digest"]):
-                    raise NotFound('model "%s" not found, try pulling it first' % source)
-                layers.append(_layer(layer["mediaType"], layer["digest"], store.blob_size(layer["digest"]), source))
-        ggufs = []
-        for kind, table in (("model", files), ("adapter", extras["adapter"]), ("draft", extras["draft"])):
-            for path in sorted(table):
-                digest = parse_digest(table[path])
-                statuses.append("parsing GGUF")
-                if not store.has_blob(digest):
-                    raise BadRequest("blob not found for %s (digest %s)" % (path, digest))
-                g = read_gguf(store.blob_path(digest), 0)
-                media = kind
-                if kind == "model" and g.kind == "adapter":
-                    media = "adapter"
-                elif kind == "model" and g.is_projector:
-                    media = "projector"
-                layers.append(_layer(MEDIA_PREFIX + media, digest, store.blob_size(digest), path))
-                if media == "model":
-                    ggufs.append(g)
-        for g in ggufs:
-            config["model_format"] = config.get("model_format") or "gguf"
-            config["model_family"] = config.get("model_family") or g.architecture
-            config["model_type"] = config.get("model_type") or human_number(g.parameter_count)
-            config["file_type"] = config.get("file_type") or g.file_type
-            families = config.get("model_families") or []
-            if g.architecture not in families:
-                families = families + [g.architecture]
-            config["model_families"] = families
-        for k in ("renderer", "parser", "requires"):
-            if body.get(k):
-                config[k] = body[k]
-        for la in layers:
-            if la["digest"] in quantized:
-                la["digest"], la["size"] = quantized[la["digest"]]
-                created.add(la["digest"])
-                config["file_type"] = level
-
-        def replace(media, data):
-            layers[:] = [la for la in layers if la["mediaType"] != MEDIA_PREFIX + media]
-            layers.append(_new_layer(store, data, MEDIA_PREFIX + media, created))
-
-        if body.get("template"):
-            replace("template", body["template"].encode())
-        if body.get("system"):
-            replace("system", body["system"].encode())
-        license_ = body.get("license")
-        for text in ([license_] if isinstance(license_, str) else license_ or []):
-            if text:
-                layers.append(_new_layer(store, text.encode(), MEDIA_PREFIX + "license", created))
-        merged = dict(parameters)
-        for layer in layers:
-            if layer["mediaType"] == MEDIA_PREFIX + "params":
-                existing = json.loads(store.blob_path(layer["digest"]).read_bytes() or b"{}") or {}
-                for k, v in existing.items():
-                    merged.setdefault(k, v)
-        if merged:
-            replace("params", (go_json(merged, sort_keys=True) + "\n").encode())
-        if messages:
-            replace("messages", (go_json([_message_struct(m) for m in messages]) + "\n").encode())
-
-        config_raw = (go_json(_config_struct(config, layers)) + "\n").encode()
-        config_digest, config_size = store.write_blob_bytes(config_raw)
-        manifest = {"schemaVersion": 2, "mediaType": MEDIA_MANIFEST,
-                    "config": _layer(MEDIA_CONFIG, config_digest, config_size), "layers": layers}
-        old = store.resolve(name)
-        old_digests = manifest_digests(store.get(old)[2]) if old is not None else []
-        statuses += ["%s %s" % ("creating new layer" if la["digest"] in created else "using existing layer",
-                                la["digest"]) for la in layers]
-        statuses.append("writing manifest")
-        store.write_manifest(name, (go_json(manifest) + "\n").encode())
-        if old_digests and not req.server.config.noprune:
-            store.remove_unused(old_digests)
-        store.remove_unused(quantized)          # the unquantized source stays only if a model uses it
-    for status in statuses:
-        yield {"status": status}
-    yield {"status": "success"}
-
-
-def _model_digests(store, from_name, files):
-    """The model-weight blobs a create would use: the `from` model's model layers, else the files
-    that are GGUF models (not adapters or projectors)."""
-    if from_name is not None:
-        return [la["digest"] for la in load_model(store, from_name).manifest.get("layers") or []
-                if la["mediaType"] == MEDIA_PREFIX + "model"]
-    out = []
-    for path in sorted(files):
-        digest = parse_digest(files[path])
-        if not store.has_blob(digest):
-            raise BadRequest("blob not found for %s (digest %s)" % (path, digest))
-        g = read_gguf(store.blob_path(digest), 0)
-        if g.kind != "adapter" and not g.is_projector:
-            out.append(digest)
-    return out
-
-
-def _quantize_layers(req, level, digests):
-    """Quantize each model blob to `level` with llama-quantize into a temp blob, streaming Ollama's
-    progress; returns {source digest: (quantized digest, size)}. Needs F16, BF16 or F32 sources and
-    the disk space for the result; a failure or a client that goes away leaves no temp file."""
-    import shutil
-    store = req.server.store
-    want, bits = QUANTIZE_TYPES[level]
-    out = {}
-    for digest in digests:
-        g = read_gguf(store.blob_path(digest), 0)
-        if g.file_type not in ("F16", "BF16", "F32"):
-            raise BadRequest("quantization is only supported for F16, BF16 and F32 models")
-        if g.kv.get("general.file_type") == want:
-            continue
-        size = store.blob_size(digest)
-        need = int(size * bits / {"F32": 32}.get(g.file_type, 16)) + (64 << 20)   # + metadata, slack
-        free = shutil.disk_usage(str(store.blobs)).free
-        if need > free:
-            raise OllamaError("not enough disk space to quantize: about %s needed, %s free in %s"
-                              % (human_bytes(need), human_bytes(free), store.blobs), 507)
-        exe = find_engine_tool(req.server.config, "llama-quantize")
-        f, tmp = store.temp_blob()              # held open, so locked: clean() leaves it to us
-        try:
-            status = "quantizing %s model to %s" % (g.file_type, level)
-            yield {"status": status, "digest": "0000000000000000000", "total": size, "completed": 0}
-            for done in quantize_gguf(exe, store.blob_path(digest), tmp, level,
-                                      spawn=req.server.scheduler.spawner.popen):
-                yield {"status": status, "digest": "0000000000000000000", "total": size,
-                       "completed": int(done * size)}
-            yield {"status": "verifying conversion"}
-            if read_gguf(tmp, 0).kv.get("general.file_type") != want:
-                raise OllamaError("llama-quantize wrote a model that is not %s" % level)
-            new = file_digest(tmp)
-            store.commit_blob(tmp, new)
-            out[digest] = (new, store.blob_size(new))
-        finally:
-            f.close()
-            _unlink(tmp)
-    return out
-
-
 # -- inference ---------------------------------------------------------------
-
 
 def _ns(seconds):
     return int(seconds * 1e9)
