@@ -8824,9 +8824,10 @@ def _format_schema(fmt):
     raise BadRequest('invalid format: %s; expected "json" or a valid JSON Schema object' % json_dumps(fmt))
 
 
-def _metrics(final, started, lease):
-    """Ollama's timing fields from the final /completion event (zero values omitted), counted for
-    the lease's model in the server's Prometheus metrics too."""
+def _metrics(final, turn):
+    """Ollama's timing fields from the turn's final /completion event (zero values omitted), counted
+    for the lease's model in the server's Prometheus metrics too."""
+    started, lease = turn.started, turn.lease
     t = final.get("timings") or {}
     model, metrics = lease.entry.model.short_name, lease.scheduler.metrics
     metrics.add("ollama_prompt_tokens_total", int(t.get("prompt_n", 0)) + int(t.get("cache_n", 0)), model=model)
@@ -8919,13 +8920,30 @@ def _schedule(req, model, body, keep_alive, embedding=False):
     return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
 
 
-def _completion(lease, prompt, fmt, top_logprobs=None, images=(), tokens=None):
-    """Stream (piece, final_event_or_None, logprobs) from the leased runner; the lease is the caller's.
-    With `top_logprobs` (0-20, None for off) each piece's tokens come with Ollama's api.Logprob
-    entries, from llama-server's n_probs. `images` (base64) are those the prompt's [img-N] tags name.
-    `tokens`, a list, gets the token ids the events carry (see _context)."""
-    payload = dict(_sampling(lease.opts, fmt), prompt=lease.runner.media_prompt(prompt, list(images)) if images
-                   else prompt)
+class Turn:
+    """One generate or chat request while it is answered: the `lease` on its runner, `base` (the
+    fields every answer object starts with), when it `started` (monotonic seconds), the rendered
+    prompt `text` and the `images` its [img-N] tags name, the `fmt` and `top_logprobs` asked for
+    (None: off), and the `thinking` and `tool_parser` its output goes through (None when unused)."""
+
+    def __init__(self, lease, base, started, fmt=None, top_logprobs=None, text="", images=(), thinking=None,
+                 tool_parser=None):
+        self.lease, self.base, self.started, self.fmt, self.top_logprobs = lease, base, started, fmt, top_logprobs
+        self.text, self.images, self.thinking, self.tool_parser = text, images, thinking, tool_parser
+
+    def answer(self, **fields):
+        """An answer object: base, created_at, then `fields`."""
+        return dict(self.base, created_at=rfc3339(), **fields)
+
+
+def _completion(turn, tokens=None):
+    """Stream (piece, final_event_or_None, logprobs) of the turn's prompt from its leased runner; the
+    lease is the caller's. With `top_logprobs` (0-20) each piece's tokens come with Ollama's
+    api.Logprob entries, from llama-server's n_probs. `tokens`, a list, gets the token ids the events
+    carry (see _context)."""
+    lease, images, top_logprobs = turn.lease, turn.images, turn.top_logprobs
+    payload = dict(_sampling(lease.opts, turn.fmt),
+                   prompt=lease.runner.media_prompt(turn.text, list(images)) if images else turn.text)
     if top_logprobs is not None:
         payload["n_probs"] = max(1, top_logprobs)
     events = lease.runner.completion(payload)
@@ -9043,18 +9061,19 @@ def api_generate(req):
         if body.get("_debug_render_only"):
             return dict(base, created_at=rfc3339(), _debug_info={"rendered_template": text,
                                                                  "image_count": len(images)})
-        thinking = _thinking_parser(model, text) if think else None
-        chunks = _api_generate_chunks(lease, body, base, text, fmt, started, thinking, top_logprobs, images)
+        turn = Turn(lease, base, started, fmt, top_logprobs, text, images,
+                    thinking=_thinking_parser(model, text) if think else None)
+        chunks = _api_generate_chunks(turn, body)
         return _respond(body, lease.stream(chunks), "response")
 
 
-def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, top_logprobs=None, images=()):
-    """/api/generate's answer objects, streamed from the leased runner (through the thinking parser
+def _api_generate_chunks(turn, body):
+    """/api/generate's answer objects, streamed from the turn's runner (through the thinking parser
     when the model thinks: its thoughts go to `thinking`, as Ollama's GenerateHandler does)."""
-    pieces, tokens = [], []
-    asked = None if body.get("raw") else lease.runner.tokenize_soon(text)
+    pieces, tokens, thinking, runner = [], [], turn.thinking, turn.lease.runner
+    asked = None if body.get("raw") else runner.tokenize_soon(turn.text)
     try:
-        for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images, tokens):
+        for piece, final, probs in _completion(turn, tokens):
             pieces.append(piece)
             thought = ""
             if thinking:
@@ -9067,12 +9086,12 @@ def _api_generate_chunks(lease, body, base, text, fmt, started, thinking=None, t
                 extra["logprobs"] = probs
             if final is None:
                 if piece or thought or probs or not thinking:
-                    yield dict(base, created_at=rfc3339(), response=piece, **extra, done=False)
+                    yield turn.answer(response=piece, **extra, done=False)
                 continue
-            done = dict(base, created_at=rfc3339(), response=piece, **extra, done=True, done_reason=stop_reason(final))
+            done = turn.answer(response=piece, **extra, done=True, done_reason=stop_reason(final))
             if not body.get("raw"):
-                done["context"] = _context(lease.runner, text, "".join(pieces), asked, tokens, final)
-            done.update(_metrics(final, started, lease))
+                done["context"] = _context(runner, turn.text, "".join(pieces), asked, tokens, final)
+            done.update(_metrics(final, turn))
             yield done
     finally:
         if asked is not None:
@@ -9172,7 +9191,7 @@ def api_chat(req):
             if count:
                 text = lease.runner.apply_template(None, body=_jinja_chat(full, tools, think))
                 return dict(base, prompt_eval_count=len(lease.runner.tokenize(text, add_special=True)))
-            chunks = _jinja_chat_chunks(lease, base, full, tools, think, fmt, started, top_logprobs)
+            chunks = _jinja_chat_chunks(Turn(lease, base, started, fmt, top_logprobs), full, tools, think)
             return _respond(body, lease.stream(chunks), "message")
         full, images = tag_images(full)
         text = _fit_chat(model, lease.runner, full, tools, think, body.get("truncate") is True)
@@ -9182,9 +9201,10 @@ def api_chat(req):
         if body.get("_debug_render_only"):
             return dict(base, created_at=rfc3339(), _debug_info={
                 "rendered_template": text, "image_count": len(set(IMAGE_TAG_RE.findall(text)))})
-        tool_parser = ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None
-        thinking = _thinking_parser(model, text) if think else None
-        chunks = _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs, images)
+        turn = Turn(lease, base, started, fmt, top_logprobs, text, images,
+                    thinking=_thinking_parser(model, text) if think else None,
+                    tool_parser=ToolCallParser(tools, infer_tool_tag(model.parsed_template())) if tools else None)
+        chunks = _api_chat_chunks(turn)
         return _respond(body, lease.stream(chunks), "message")
 
 
@@ -9208,11 +9228,12 @@ def _openai_messages(messages):
     return out
 
 
-def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started, top_logprobs=None):
+def _jinja_chat_chunks(turn, messages, tools, think):
     """/api/chat's answer objects for a model with only its GGUF template: llama-server renders it with
     Jinja and parses tool calls and reasoning itself; content and thinking stream as they come, the
     tool calls (whole only once their arguments are) come with the final object."""
-    payload = dict(_sampling(lease.opts, fmt), **_jinja_chat(messages, tools, think))
+    lease, top_logprobs = turn.lease, turn.top_logprobs
+    payload = dict(_sampling(lease.opts, turn.fmt), **_jinja_chat(messages, tools, think))
     if top_logprobs is not None:
         payload.update(logprobs=True, top_logprobs=max(1, top_logprobs))
     calls = {}
@@ -9236,13 +9257,12 @@ def _jinja_chat_chunks(lease, base, messages, tools, think, fmt, started, top_lo
             finish = choice.get("finish_reason")
             if finish is None:
                 if msg["content"] or msg.get("thinking") or extra:
-                    yield dict(base, created_at=rfc3339(), message=msg, **extra, done=False)
+                    yield turn.answer(message=msg, **extra, done=False)
                 continue
             if calls:
                 msg["tool_calls"] = [_jinja_tool_call(i, calls[k]) for i, k in enumerate(sorted(calls))]
-            done = dict(base, created_at=rfc3339(), message=msg, **extra, done=True,
-                        done_reason="length" if finish == "length" else "stop")
-            done.update(_metrics(event, started, lease))
+            done = turn.answer(message=msg, **extra, done=True, done_reason="length" if finish == "length" else "stop")
+            done.update(_metrics(event, turn))
             yield done
             return
     finally:
@@ -9298,10 +9318,11 @@ def _thinking_parser(model, prompt):
     return parser
 
 
-def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top_logprobs=None, images=()):
-    """/api/chat's answer objects, streamed from the leased runner through the tool-call and
+def _api_chat_chunks(turn):
+    """/api/chat's answer objects, streamed from the turn's runner through its tool-call and
     thinking parsers."""
-    for piece, final, probs in _completion(lease, text, fmt, top_logprobs, images):
+    thinking, tool_parser = turn.thinking, turn.tool_parser
+    for piece, final, probs in _completion(turn):
         msg = {"role": "assistant", "content": piece}
         if thinking:
             msg["thinking"], msg["content"] = thinking.feed(msg["content"])
@@ -9320,10 +9341,10 @@ def _api_chat_chunks(lease, base, text, fmt, started, tool_parser, thinking, top
         extra = {"logprobs": probs} if probs else {}    # sent even while a parser holds the text back
         if final is None:
             if msg["content"] or msg.get("thinking") or msg.get("tool_calls") or probs:
-                yield dict(base, created_at=rfc3339(), message=msg, **extra, done=False)
+                yield turn.answer(message=msg, **extra, done=False)
             continue
-        done = dict(base, created_at=rfc3339(), message=msg, **extra, done=True, done_reason=stop_reason(final))
-        done.update(_metrics(final, started, lease))
+        done = turn.answer(message=msg, **extra, done=True, done_reason=stop_reason(final))
+        done.update(_metrics(final, turn))
         yield done
 
 
