@@ -426,6 +426,100 @@ def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_e
     return _gguf_done(w, path)
 
 
+
+def n_vocab(vocab=None, cache=None):
+    """How many tokens write_tiny_gguf's (and write_tiny_arch's) tokenizer `vocab` has."""
+    return len(_tokenizer_kv(str(_vocab_path(vocab, cache)))["tokenizer.ggml.tokens"][0])
+
+
+def write_tiny_arch(path, arch, kv, tensors, *, seed=0, vocab=None, cache=None):
+    """A tiny random-weight GGUF of any architecture llama.cpp loads, for the families write_tiny_gguf
+    does not write. `kv` is {key: value or (value, GGUFValueType[, element type])}, a key starting
+    with "." under the architecture's prefix (ints are UINT32, floats FLOAT32, lists of ints INT32
+    arrays); `tensors` is [(name, ne)] with ne in ggml's order, as llama-model.cpp's create_tensor
+    calls give it. All F32 from a seeded RNG: norms are ones, ssm_a (a decay) negative, the rest
+    N(0, 0.05). The tokenizer is write_tiny_gguf's. Returns the Path."""
+    import numpy as np
+    import gguf
+
+    T = gguf.GGUFValueType
+    path = Path(path)
+    w = _gguf_writer(path, arch)
+    w.add_name("tiny-" + arch)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key, value in kv.items():
+        key = arch + key if key.startswith(".") else key
+        if isinstance(value, tuple):
+            w.add_key_value(key, value[0], value[1], sub_type=value[2] if len(value) > 2 else None)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_key_value(key, list(value), T.ARRAY, sub_type=T.INT32)
+    for key, (value, vtype, sub) in sorted(_tokenizer_kv(str(_vocab_path(vocab, cache))).items()):
+        if key != "tokenizer.chat_template" and key not in kv:
+            w.add_key_value(key, value, vtype, sub_type=sub)
+    rng = np.random.default_rng(seed)
+    for name, ne in tensors:
+        shape = tuple(reversed(ne))
+        if "norm" in name:
+            data = np.ones(shape, dtype=np.float32)
+        elif name.endswith(".ssm_a"):
+            data = -np.abs(rng.standard_normal(shape)).astype(np.float32) - 0.5
+        else:
+            data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        w.add_tensor(name, data)
+    return _gguf_done(w, path)
+
+
+def write_tiny_qwen3next(path, *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, head_dim=16, n_expert=4,
+                         n_ff_exp=32, seed=0, cache=None):
+    """A tiny random-weight Qwen3-Next (llama.cpp's "qwen3next"): three gated delta-net layers, then one
+    gated-attention layer (full_attention_interval 4), each with a 4-expert MoE and a shared expert, as
+    convert_hf_to_gguf.py lays it out (ssm_dt.bias, one KV head count). Returns the Path."""
+    d_state, n_group, dt_rank, d_conv = 16, 2, 4, 4           # gated delta net: key heads 2, value heads 4
+    key_dim, value_dim = d_state * n_group, d_state * dt_rank
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff_exp, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim, ".rope.dimension_count": 8,
+          ".rope.freq_base": 10000000.0, ".attention.layer_norm_rms_epsilon": 1e-6, ".expert_count": n_expert,
+          ".expert_used_count": 2, ".expert_feed_forward_length": n_ff_exp,
+          ".expert_shared_feed_forward_length": n_ff_exp, ".ssm.conv_kernel": d_conv, ".ssm.state_size": d_state,
+          ".ssm.group_count": n_group, ".ssm.time_step_rank": dt_rank, ".ssm.inner_size": value_dim,
+          ".full_attention_interval": 4}
+    nv = n_vocab(cache=cache)
+    tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "post_attention_norm.weight", (n_embd,))]
+        if (i + 1) % 4:
+            tensors += [(blk + "attn_qkv.weight", (n_embd, key_dim * 2 + value_dim)),
+                        (blk + "attn_gate.weight", (n_embd, value_dim)),
+                        (blk + "ssm_conv1d.weight", (d_conv, key_dim * 2 + value_dim)),
+                        (blk + "ssm_dt.bias", (dt_rank,)), (blk + "ssm_a", (dt_rank,)),
+                        (blk + "ssm_ba.weight", (n_embd, dt_rank * 2)), (blk + "ssm_norm.weight", (d_state,)),
+                        (blk + "ssm_out.weight", (value_dim, n_embd))]
+        else:
+            tensors += [(blk + "attn_q.weight", (n_embd, head_dim * n_head * 2)),
+                        (blk + "attn_k.weight", (n_embd, head_dim * n_head_kv)),
+                        (blk + "attn_v.weight", (n_embd, head_dim * n_head_kv)),
+                        (blk + "attn_output.weight", (head_dim * n_head, n_embd)),
+                        (blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,))]
+        tensors += [(blk + "ffn_gate_inp.weight", (n_embd, n_expert)),
+                    (blk + "ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert)),
+                    (blk + "ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert)),
+                    (blk + "ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert)),
+                    (blk + "ffn_gate_inp_shexp.weight", (n_embd,)),
+                    (blk + "ffn_gate_shexp.weight", (n_embd, n_ff_exp)),
+                    (blk + "ffn_up_shexp.weight", (n_embd, n_ff_exp)),
+                    (blk + "ffn_down_shexp.weight", (n_ff_exp, n_embd))]
+    return write_tiny_arch(path, "qwen3next", kv, tensors, seed=seed, cache=cache)
+
 def rewrite_gguf(src, dst, edit_kv=None, edit_tensors=None):
     """Copy the GGUF `src` to `dst` with its metadata passed through `edit_kv` (a dict key -> (value,
     type, sub type) in, the same out) and its tensor list through `edit_tensors` ([(name, reader

@@ -560,3 +560,48 @@ def test_a_draft_layer_speculates_and_the_greedy_text_is_unchanged(server, engin
     assert args[args.index("--spec-type") + 1] == "draft-simple"
     log = (server.config.home / "logs" / "runner-fast_latest.log").read_text(errors="replace")
     assert "draft" in log.lower()
+
+
+# -- the hybrid and MoE families: tiny random-weight pairs, llama.cpp's file against Ollama's --------------
+
+def renamed(pairs, drop=(), extra=()):
+    """An edit_tensors for fixtures.rewrite_gguf: names changed by the first matching (old, new)
+    substring pair, tensors whose names start with one of `drop` left out, `extra` [(name, tensor)]
+    added (what Ollama's file holds beside the text model)."""
+    def edit(tensors):
+        out = []
+        for name, t in tensors:
+            if name.startswith(tuple(drop)) and drop:
+                continue
+            for old, new in pairs:
+                if old in name:
+                    name = name.replace(old, new, 1)
+                    break
+            out.append((name, t))
+        return out + list(extra)
+    return edit
+
+
+def same_answers(server, cpp, theirs, prompt="once upon a time"):
+    """Both files imported; Ollama's, through its edits, answers as llama.cpp's does."""
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    want = answer(server, "cpp", prompt)
+    assert want[0] and answer(server, "ollama", prompt) == want
+
+
+def test_qwen3next_runs_as_llama_cpps_qwen3next(server, engine, tmp_path):
+    """Qwen3-Next as Ollama's first converter wrote it: one KV head count per layer (0 on the delta-net
+    layers) and the delta-net dt bias named ssm_dt."""
+    import gguf
+    cpp = fixtures.write_tiny_qwen3next(tmp_path / "qwen3next.gguf", seed=21)
+
+    def kv(kv):
+        n_layer, n_kv = kv["qwen3next.block_count"][0], kv["qwen3next.attention.head_count_kv"][0]
+        return dict(kv, **{"qwen3next.attention.head_count_kv": (
+            [n_kv if (i + 1) % 4 == 0 else 0 for i in range(n_layer)], gguf.GGUFValueType.ARRAY,
+            gguf.GGUFValueType.UINT32)})
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "qwen3next-ollama.gguf", kv, renamed([(".ssm_dt.bias", ".ssm_dt")]))
+    g = ollama.read_gguf(theirs, 0)
+    assert ollama._tensor(g, "blk.0.ssm_dt") is not None and "qwen3next.attention.head_count_kv" in g.array_lengths
+    same_answers(server, cpp, theirs)
