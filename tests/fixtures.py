@@ -477,21 +477,27 @@ def write_tiny_arch(path, arch, kv, tensors, *, seed=0, vocab=None, cache=None):
     return _gguf_done(w, path)
 
 
-def write_tiny_qwen3next(path, *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, head_dim=16, n_expert=4,
-                         n_ff_exp=32, seed=0, cache=None):
-    """A tiny random-weight Qwen3-Next (llama.cpp's "qwen3next"): three gated delta-net layers, then one
-    gated-attention layer (full_attention_interval 4), each with a 4-expert MoE and a shared expert, as
-    convert_hf_to_gguf.py lays it out (ssm_dt.bias, one KV head count). Returns the Path."""
+def write_tiny_qwen3next(path, arch="qwen3next", *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, head_dim=16,
+                         n_expert=4, n_ff=32, seed=0, cache=None):
+    """A tiny random-weight Qwen3-Next (llama.cpp's "qwen3next"), or with `arch` "qwen35" / "qwen35moe"
+    the Qwen3.5 text model: three gated delta-net layers, then one gated-attention layer
+    (full_attention_interval 4), each with a 4-expert MoE and a shared expert (qwen35: a dense FFN),
+    as convert_hf_to_gguf.py lays it out (ssm_dt.bias, one KV head count; qwen3.5: beta and alpha
+    apart, four M-RoPE sections). Returns the Path."""
     d_state, n_group, dt_rank, d_conv = 16, 2, 4, 4           # gated delta net: key heads 2, value heads 4
     key_dim, value_dim = d_state * n_group, d_state * dt_rank
     kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
-          ".feed_forward_length": n_ff_exp, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
           ".attention.key_length": head_dim, ".attention.value_length": head_dim, ".rope.dimension_count": 8,
-          ".rope.freq_base": 10000000.0, ".attention.layer_norm_rms_epsilon": 1e-6, ".expert_count": n_expert,
-          ".expert_used_count": 2, ".expert_feed_forward_length": n_ff_exp,
-          ".expert_shared_feed_forward_length": n_ff_exp, ".ssm.conv_kernel": d_conv, ".ssm.state_size": d_state,
-          ".ssm.group_count": n_group, ".ssm.time_step_rank": dt_rank, ".ssm.inner_size": value_dim,
-          ".full_attention_interval": 4}
+          ".rope.freq_base": 10000000.0, ".attention.layer_norm_rms_epsilon": 1e-6, ".ssm.conv_kernel": d_conv,
+          ".ssm.state_size": d_state, ".ssm.group_count": n_group, ".ssm.time_step_rank": dt_rank,
+          ".ssm.inner_size": value_dim, ".full_attention_interval": 4}
+    moe = arch != "qwen35"
+    if moe:
+        kv.update({".expert_count": n_expert, ".expert_used_count": 2, ".expert_feed_forward_length": n_ff,
+                   ".expert_shared_feed_forward_length": n_ff})
+    if arch != "qwen3next":
+        kv[".rope.dimension_sections"] = [2, 1, 1, 0]            # M-RoPE over the 8 rotated dimensions
     nv = n_vocab(cache=cache)
     tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv))]
     for i in range(n_layer):
@@ -502,23 +508,28 @@ def write_tiny_qwen3next(path, *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, h
                         (blk + "attn_gate.weight", (n_embd, value_dim)),
                         (blk + "ssm_conv1d.weight", (d_conv, key_dim * 2 + value_dim)),
                         (blk + "ssm_dt.bias", (dt_rank,)), (blk + "ssm_a", (dt_rank,)),
-                        (blk + "ssm_ba.weight", (n_embd, dt_rank * 2)), (blk + "ssm_norm.weight", (d_state,)),
-                        (blk + "ssm_out.weight", (value_dim, n_embd))]
+                        (blk + "ssm_norm.weight", (d_state,)), (blk + "ssm_out.weight", (value_dim, n_embd))]
+            tensors += ([(blk + "ssm_ba.weight", (n_embd, dt_rank * 2))] if arch == "qwen3next" else
+                        [(blk + "ssm_beta.weight", (n_embd, dt_rank)), (blk + "ssm_alpha.weight", (n_embd, dt_rank))])
         else:
             tensors += [(blk + "attn_q.weight", (n_embd, head_dim * n_head * 2)),
                         (blk + "attn_k.weight", (n_embd, head_dim * n_head_kv)),
                         (blk + "attn_v.weight", (n_embd, head_dim * n_head_kv)),
                         (blk + "attn_output.weight", (head_dim * n_head, n_embd)),
                         (blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,))]
+        if not moe:
+            tensors += [(blk + "ffn_gate.weight", (n_embd, n_ff)), (blk + "ffn_up.weight", (n_embd, n_ff)),
+                        (blk + "ffn_down.weight", (n_ff, n_embd))]
+            continue
         tensors += [(blk + "ffn_gate_inp.weight", (n_embd, n_expert)),
-                    (blk + "ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert)),
-                    (blk + "ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert)),
-                    (blk + "ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert)),
+                    (blk + "ffn_gate_exps.weight", (n_embd, n_ff, n_expert)),
+                    (blk + "ffn_up_exps.weight", (n_embd, n_ff, n_expert)),
+                    (blk + "ffn_down_exps.weight", (n_ff, n_embd, n_expert)),
                     (blk + "ffn_gate_inp_shexp.weight", (n_embd,)),
-                    (blk + "ffn_gate_shexp.weight", (n_embd, n_ff_exp)),
-                    (blk + "ffn_up_shexp.weight", (n_embd, n_ff_exp)),
-                    (blk + "ffn_down_shexp.weight", (n_ff_exp, n_embd))]
-    return write_tiny_arch(path, "qwen3next", kv, tensors, seed=seed, cache=cache)
+                    (blk + "ffn_gate_shexp.weight", (n_embd, n_ff)),
+                    (blk + "ffn_up_shexp.weight", (n_embd, n_ff)),
+                    (blk + "ffn_down_shexp.weight", (n_ff, n_embd))]
+    return write_tiny_arch(path, arch, kv, tensors, seed=seed, cache=cache)
 
 def rewrite_gguf(src, dst, edit_kv=None, edit_tensors=None):
     """Copy the GGUF `src` to `dst` with its metadata passed through `edit_kv` (a dict key -> (value,

@@ -605,3 +605,38 @@ def test_qwen3next_runs_as_llama_cpps_qwen3next(server, engine, tmp_path):
     g = ollama.read_gguf(theirs, 0)
     assert ollama._tensor(g, "blk.0.ssm_dt") is not None and "qwen3next.attention.head_count_kv" in g.array_lengths
     same_answers(server, cpp, theirs)
+
+
+class Tower:
+    """A stand-in for the tensors Ollama's file holds beside the text model (a vision tower, MTP layers)."""
+    def __init__(self, *shape):
+        import gguf
+        import numpy as np
+        self.data, self.tensor_type = np.ones(shape or (4, 8), dtype=np.float32), gguf.GGMLQuantizationType.F32
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_qwen35_runs_its_text_side_as_llama_cpps(server, engine, tmp_path, arch):
+    """Qwen3.5 as Ollama's library serves it: per-layer KV heads, three M-RoPE sections, ssm_dt, the
+    published-model keys (interleaved M-RoPE, reordered V heads, the vision tower's), and the vision
+    tower and the multi-token-prediction layer inside under mtp.* (the text model runs without both)."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_qwen3next(tmp_path / (arch + ".gguf"), arch, seed=23)
+
+    def kv(kv):
+        out = dict(kv)
+        out[arch + ".attention.head_count_kv"] = ([0, 0, 0, kv[arch + ".attention.head_count_kv"][0]],
+                                                  T.ARRAY, T.UINT32)
+        for key in ("rope.dimension_sections", "rope.mrope_section", "mrope_sections"):
+            out["%s.%s" % (arch, key)] = ([2, 1, 1], T.ARRAY, T.INT32)
+        for key, value in (("rope.mrope_interleaved", True), ("ssm.v_head_reordered", True)):
+            out["%s.%s" % (arch, key)] = (value, T.BOOL, None)
+        for key, value in (("vision.block_count", 1), ("image_token_id", 31999)):
+            out["%s.%s" % (arch, key)] = (value, T.UINT32, None)
+        return out
+    extra = [("mtp.fc.weight", Tower(64, 128)), ("mtp.layers.0.input_layernorm.weight", Tower(64)),
+             ("v.blk.0.attn_qkv.weight", Tower()), ("v.merger.linear_fc1.weight", Tower())]
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / (arch + "-ollama.gguf"), kv,
+                                   renamed([(".ssm_dt.bias", ".ssm_dt")], extra=extra))
+    same_answers(server, cpp, theirs)
