@@ -531,6 +531,55 @@ def write_tiny_qwen3next(path, arch="qwen3next", *, n_embd=64, n_layer=4, n_head
                     (blk + "ffn_down_shexp.weight", (n_ff, n_embd))]
     return write_tiny_arch(path, arch, kv, tensors, seed=seed, cache=cache)
 
+
+def write_tiny_deepseek2(path, arch="deepseek2", *, n_embd=64, n_layer=2, n_head=4, n_expert=4, n_ff=64,
+                         n_ff_exp=16, seed=0, cache=None):
+    """A tiny random-weight DeepSeek-V2-style MoE as convert_hf_to_gguf.py lays it out: a dense first
+    layer, then routed experts (sigmoid gating with a selection bias) and one shared expert. "deepseek2"
+    is GLM-4.7-Flash's shape, multi-head latent attention in its absorbed form (q and kv LoRA, attn_k_b
+    and attn_v_b, one KV head, a V head smaller than the K head); "deepseek2-ocr" the DeepSeek-OCR
+    text model, plain multi-head attention. Returns the Path."""
+    q_lora, kv_lora, rope, nope, v_head = 32, 32, 8, 16, 16
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".rope.freq_base": 10000.0,
+          ".leading_dense_block_count": 1, ".expert_count": n_expert, ".expert_used_count": 2,
+          ".expert_feed_forward_length": n_ff_exp, ".expert_shared_count": 1}
+    if arch == "deepseek2":
+        kv.update({".attention.head_count_kv": 1, ".attention.key_length": kv_lora + rope,
+                   ".attention.value_length": kv_lora, ".attention.key_length_mla": nope + rope,
+                   ".attention.value_length_mla": v_head, ".attention.q_lora_rank": q_lora,
+                   ".attention.kv_lora_rank": kv_lora, ".rope.dimension_count": rope, ".expert_gating_func": 2,
+                   ".expert_weights_norm": True, ".expert_weights_scale": 1.0, ".expert_group_count": 1,
+                   ".expert_group_used_count": 1})
+    nv = n_vocab(cache=cache)
+    tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,))]
+        if arch == "deepseek2":
+            tensors += [(blk + "attn_q_a_norm.weight", (q_lora,)), (blk + "attn_kv_a_norm.weight", (kv_lora,)),
+                        (blk + "attn_q_a.weight", (n_embd, q_lora)),
+                        (blk + "attn_q_b.weight", (q_lora, n_head * (nope + rope))),
+                        (blk + "attn_kv_a_mqa.weight", (n_embd, kv_lora + rope)),
+                        (blk + "attn_k_b.weight", (nope, kv_lora, n_head)),
+                        (blk + "attn_v_b.weight", (kv_lora, v_head, n_head)),
+                        (blk + "attn_output.weight", (n_head * v_head, n_embd))]
+        else:
+            tensors += [(blk + "attn_%s.weight" % part, (n_embd, n_embd)) for part in ("q", "k", "v", "output")]
+        if i == 0:
+            tensors += [(blk + "ffn_gate.weight", (n_embd, n_ff)), (blk + "ffn_up.weight", (n_embd, n_ff)),
+                        (blk + "ffn_down.weight", (n_ff, n_embd))]
+            continue
+        tensors += [(blk + "ffn_gate_inp.weight", (n_embd, n_expert)), (blk + "exp_probs_b.bias", (n_expert,)),
+                    (blk + "ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert)),
+                    (blk + "ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert)),
+                    (blk + "ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert)),
+                    (blk + "ffn_gate_shexp.weight", (n_embd, n_ff_exp)),
+                    (blk + "ffn_up_shexp.weight", (n_embd, n_ff_exp)),
+                    (blk + "ffn_down_shexp.weight", (n_ff_exp, n_embd))]
+    return write_tiny_arch(path, arch, kv, tensors, seed=seed, cache=cache)
+
 def rewrite_gguf(src, dst, edit_kv=None, edit_tensors=None):
     """Copy the GGUF `src` to `dst` with its metadata passed through `edit_kv` (a dict key -> (value,
     type, sub type) in, the same out) and its tensor list through `edit_tensors` ([(name, reader

@@ -640,3 +640,42 @@ def test_qwen35_runs_its_text_side_as_llama_cpps(server, engine, tmp_path, arch)
     theirs = fixtures.rewrite_gguf(cpp, tmp_path / (arch + "-ollama.gguf"), kv,
                                    renamed([(".ssm_dt.bias", ".ssm_dt")], extra=extra))
     same_answers(server, cpp, theirs)
+
+
+def test_glm_flash_runs_as_llama_cpps_deepseek2_with_mla(server, engine, tmp_path):
+    """GLM-4.7-Flash as Ollama's library serves it: architecture glm4moelite, the per-head key and value
+    sizes where llama.cpp's deepseek2 has MLA's absorbed ones (and the other way round in the *_mla
+    keys), every KV head counted, no expert groups. The V head is smaller than the K head here, so the
+    value size must come from value_length."""
+    import gguf
+    U32 = gguf.GGUFValueType.UINT32
+    cpp = fixtures.write_tiny_deepseek2(tmp_path / "deepseek2.gguf", seed=25)
+
+    def kv(kv):
+        out = {k.replace("deepseek2.", "glm4moelite.", 1): v for k, v in kv.items()
+               if k not in ("deepseek2.expert_group_count", "deepseek2.expert_group_used_count")}
+        out["general.architecture"] = ("glm4moelite",) + kv["general.architecture"][1:]
+        for ours, theirs in (("key_length", "key_length_mla"), ("value_length", "value_length_mla")):
+            out["glm4moelite.attention." + ours] = kv["deepseek2.attention." + theirs]
+            out["glm4moelite.attention." + theirs] = kv["deepseek2.attention." + ours]
+        out["glm4moelite.attention.head_count_kv"] = (kv["deepseek2.attention.head_count"][0], U32, None)
+        return out
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "glm4moelite-ollama.gguf", kv)
+    same_answers(server, cpp, theirs)
+
+
+def test_deepseek_ocr_runs_its_text_side_as_llama_cpps_deepseek2_ocr(server, engine, tmp_path):
+    """DeepSeek-OCR as Ollama's converter writes it: architecture deepseekocr without the RMS epsilon and
+    the expert sizes (read back from the tensors), and the SAM, vision and projector towers inside."""
+    cpp = fixtures.write_tiny_deepseek2(tmp_path / "deepseek2-ocr.gguf", "deepseek2-ocr", seed=27)
+
+    def kv(kv):
+        dropped = ("attention.layer_norm_rms_epsilon", "expert_feed_forward_length", "expert_shared_count")
+        out = {k.replace("deepseek2-ocr.", "deepseekocr.", 1): v for k, v in kv.items()
+               if k[len("deepseek2-ocr."):] not in dropped}
+        out["general.architecture"] = ("deepseekocr",) + kv["general.architecture"][1:]
+        return out
+    extra = [("s.blk.0.attn.qkv.weight", Tower()), ("v.blk.0.self_attn.qkv_proj.weight", Tower()),
+             ("mm.layers.weight", Tower())]
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "deepseekocr-ollama.gguf", kv, renamed([], extra=extra))
+    same_answers(server, cpp, theirs)
