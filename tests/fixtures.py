@@ -580,6 +580,43 @@ def write_tiny_deepseek2(path, arch="deepseek2", *, n_embd=64, n_layer=2, n_head
                     (blk + "ffn_down_shexp.weight", (n_ff_exp, n_embd))]
     return write_tiny_arch(path, arch, kv, tensors, seed=seed, cache=cache)
 
+
+def write_tiny_nemotron_h_moe(path, *, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, n_expert=4, n_ff_exp=16,
+                              n_ff_shexp=32, latent=32, seed=0, cache=None):
+    """A tiny random-weight Nemotron-H MoE (llama.cpp's "nemotron_h_moe") with a latent MoE, as
+    convert_hf_to_gguf.py lays it out: a Mamba-2 layer, an attention layer and a MoE layer (which each
+    is, the per-layer KV head and FFN sizes say), the experts working in a `latent`-wide space between
+    ffn_latent_down and ffn_latent_up. Returns the Path."""
+    d_inner, d_state, n_group, n_ssm_head, d_conv = 128, 16, 2, 8, 4
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": 3,
+          ".feed_forward_length": [0, 0, n_ff_exp], ".attention.head_count": n_head,
+          ".attention.head_count_kv": [0, n_head_kv, 0], ".attention.key_length": head_dim,
+          ".attention.value_length": head_dim, ".attention.layer_norm_epsilon": 1e-5,
+          ".attention.layer_norm_rms_epsilon": 1e-5, ".rope.freq_base": 10000.0, ".ssm.conv_kernel": d_conv,
+          ".ssm.inner_size": d_inner, ".ssm.state_size": d_state, ".ssm.time_step_rank": n_ssm_head,
+          ".ssm.group_count": n_group, ".expert_count": n_expert, ".expert_used_count": 2,
+          ".expert_feed_forward_length": n_ff_exp, ".expert_shared_feed_forward_length": n_ff_shexp,
+          ".expert_weights_norm": True, ".expert_weights_scale": 2.5, ".moe_latent_size": latent}
+    nv = n_vocab(cache=cache)
+    conv = d_inner + 2 * n_group * d_state
+    tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv)),
+               ("blk.0.ssm_in.weight", (n_embd, 2 * d_inner + 2 * n_group * d_state + n_ssm_head)),
+               ("blk.0.ssm_conv1d.weight", (d_conv, conv)), ("blk.0.ssm_conv1d.bias", (conv,)),
+               ("blk.0.ssm_dt.bias", (n_ssm_head,)), ("blk.0.ssm_a", (1, n_ssm_head)), ("blk.0.ssm_d", (1, n_ssm_head)),
+               ("blk.0.ssm_norm.weight", (d_inner // n_group, n_group)), ("blk.0.ssm_out.weight", (d_inner, n_embd)),
+               ("blk.1.attn_q.weight", (n_embd, head_dim * n_head)),
+               ("blk.1.attn_k.weight", (n_embd, head_dim * n_head_kv)),
+               ("blk.1.attn_v.weight", (n_embd, head_dim * n_head_kv)),
+               ("blk.1.attn_output.weight", (head_dim * n_head, n_embd)),
+               ("blk.2.ffn_gate_inp.weight", (n_embd, n_expert)), ("blk.2.exp_probs_b.bias", (n_expert,)),
+               ("blk.2.ffn_latent_down.weight", (n_embd, latent)), ("blk.2.ffn_latent_up.weight", (latent, n_embd)),
+               ("blk.2.ffn_down_exps.weight", (n_ff_exp, latent, n_expert)),
+               ("blk.2.ffn_up_exps.weight", (latent, n_ff_exp, n_expert)),
+               ("blk.2.ffn_down_shexp.weight", (n_ff_shexp, n_embd)),
+               ("blk.2.ffn_up_shexp.weight", (n_embd, n_ff_shexp))]
+    tensors += [("blk.%d.attn_norm.weight" % i, (n_embd,)) for i in range(3)]
+    return write_tiny_arch(path, "nemotron_h_moe", kv, tensors, seed=seed, cache=cache)
+
 def rewrite_gguf(src, dst, edit_kv=None, edit_tensors=None):
     """Copy the GGUF `src` to `dst` with its metadata passed through `edit_kv` (a dict key -> (value,
     type, sub type) in, the same out) and its tensor list through `edit_tensors` ([(name, reader

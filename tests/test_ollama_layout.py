@@ -679,3 +679,16 @@ def test_deepseek_ocr_runs_its_text_side_as_llama_cpps_deepseek2_ocr(server, eng
              ("mm.layers.weight", Tower())]
     theirs = fixtures.rewrite_gguf(cpp, tmp_path / "deepseekocr-ollama.gguf", kv, renamed([], extra=extra))
     same_answers(server, cpp, theirs)
+
+
+def test_nemotron_latent_moe_runs_as_llama_cpps_nemotron_h_moe(server, engine, tmp_path):
+    """Nemotron 3 Super's shape as Ollama's library serves it: the latent MoE projections named
+    ffn_latent_in/ffn_latent_out and moe_latent_size missing (read from the tensor), and the
+    multi-token-prediction layers inside under mtp.* (the text model runs without its draft)."""
+    cpp = fixtures.write_tiny_nemotron_h_moe(tmp_path / "nemotron.gguf", seed=29)
+    extra = [("mtp.layers.0.mixer.experts.0.up_proj.weight", Tower()), ("mtp.layers.0.norm.weight", Tower(64))]
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "nemotron-ollama.gguf",
+        lambda kv: {k: v for k, v in kv.items() if k != "nemotron_h_moe.moe_latent_size"},
+        renamed([(".ffn_latent_down", ".ffn_latent_in"), (".ffn_latent_up", ".ffn_latent_out")], extra=extra))
+    same_answers(server, cpp, theirs)
