@@ -617,6 +617,50 @@ def write_tiny_nemotron_h_moe(path, *, n_embd=64, n_head=4, n_head_kv=2, head_di
     tensors += [("blk.%d.attn_norm.weight" % i, (n_embd,)) for i in range(3)]
     return write_tiny_arch(path, "nemotron_h_moe", kv, tensors, seed=seed, cache=cache)
 
+
+def write_tiny_gemma3n(path, *, n_embd=64, n_layer=1, n_head=4, n_head_kv=2, head_dim=16, n_ff=128, seed=0,
+                       cache=None):
+    """A tiny random-weight Gemma 3n (llama.cpp's "gemma3n": AltUp with 4 streams, LAuReL, per-layer
+    embeddings of llama.cpp's fixed 256 per layer, a sliding-window layer) as convert_hf_to_gguf.py
+    lays it out: token_embd, per_layer_token_embd and the tokenizer all of one vocabulary (the text
+    one). Returns the Path."""
+    import gguf
+
+    n_altup, n_embd_altup, laurel_rank = 4, 256, 64                # llama.cpp's hparams defaults
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".attention.sliding_window": 16,
+          ".attention.sliding_window_pattern": ([True] * n_layer, gguf.GGUFValueType.ARRAY,
+                                                 gguf.GGUFValueType.BOOL),
+          ".rope.freq_base": 1000000.0, ".rope.freq_base_swa": 10000.0,
+          ".embedding_length_per_layer_input": n_embd_altup}
+    nv = n_vocab(cache=cache)
+    tensors = [("token_embd.weight", (n_embd, nv)), ("altup_proj.weight", (n_embd, n_embd, n_altup - 1)),
+               ("altup_unembd_proj.weight", (n_embd, n_embd, n_altup - 1)),
+               ("per_layer_token_embd.weight", (n_embd_altup * n_layer, nv)),
+               ("per_layer_model_proj.weight", (n_embd, n_embd_altup * n_layer)),
+               ("per_layer_proj_norm.weight", (n_embd_altup,)), ("output_norm.weight", (n_embd,))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "attn_q.weight", (n_embd, head_dim * n_head)),
+                    (blk + "attn_k.weight", (n_embd, head_dim * n_head_kv)),
+                    (blk + "attn_v.weight", (n_embd, head_dim * n_head_kv)),
+                    (blk + "attn_output.weight", (head_dim * n_head, n_embd)),
+                    (blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,)),
+                    (blk + "post_attention_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
+                    (blk + "ffn_gate.weight", (n_embd, n_ff)), (blk + "ffn_up.weight", (n_embd, n_ff)),
+                    (blk + "ffn_down.weight", (n_ff, n_embd)), (blk + "post_ffw_norm.weight", (n_embd,)),
+                    (blk + "inp_gate.weight", (n_embd, n_embd_altup)), (blk + "proj.weight", (n_embd_altup, n_embd)),
+                    (blk + "post_norm.weight", (n_embd,)), (blk + "altup_correct_coef.weight", (n_altup, n_altup)),
+                    (blk + "altup_correct_scale.weight", (n_embd,)),
+                    (blk + "altup_predict_coef.weight", (n_altup, n_altup * n_altup)),
+                    (blk + "altup_router.weight", (n_embd, n_altup)), (blk + "altup_router_norm.weight", (n_embd,)),
+                    (blk + "laurel_l.weight", (n_embd, laurel_rank)), (blk + "laurel_r.weight", (laurel_rank, n_embd)),
+                    (blk + "laurel_post_norm.weight", (n_embd,))]
+    return write_tiny_arch(path, "gemma3n", kv, tensors, seed=seed, cache=cache)
+
+
 def rewrite_gguf(src, dst, edit_kv=None, edit_tensors=None):
     """Copy the GGUF `src` to `dst` with its metadata passed through `edit_kv` (a dict key -> (value,
     type, sub type) in, the same out) and its tensor list through `edit_tensors` ([(name, reader

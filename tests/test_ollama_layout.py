@@ -692,3 +692,30 @@ def test_nemotron_latent_moe_runs_as_llama_cpps_nemotron_h_moe(server, engine, t
         lambda kv: {k: v for k, v in kv.items() if k != "nemotron_h_moe.moe_latent_size"},
         renamed([(".ffn_latent_down", ".ffn_latent_in"), (".ffn_latent_up", ".ffn_latent_out")], extra=extra))
     same_answers(server, cpp, theirs)
+
+
+def test_gemma3n_reads_the_text_vocabulary_as_llama_cpps_gemma3n(server, engine, tmp_path):
+    """Gemma 3n as Ollama's library serves it: token_embd and the tokenizer with the multimodal
+    vocabulary (16 tokens more here, 256 in the real files), per_layer_token_embd with the text one.
+    Read as the first rows (edits.shape), the same file answers as llama.cpp's."""
+    import gguf
+    import numpy as np
+    cpp = fixtures.write_tiny_gemma3n(tmp_path / "gemma3n.gguf", seed=31)
+    extra = ["<multimodal_%d>" % i for i in range(16)]
+
+    def kv(kv):
+        out = dict(kv)
+        for key, more in (("tokenizer.ggml.tokens", extra), ("tokenizer.ggml.scores", [0.0] * 16),
+                          ("tokenizer.ggml.token_type", [int(gguf.TokenType.CONTROL)] * 16)):
+            value, vtype, sub = kv[key]
+            out[key] = (list(value) + more, vtype, sub)
+        return out
+
+    class MoreRows:                                       # token_embd with the multimodal tokens' rows
+        def __init__(self, t):
+            rows = np.random.default_rng(1).standard_normal((16, t.data.shape[1])).astype(np.float32) * 0.05
+            self.data, self.tensor_type = np.concatenate([t.data, rows]), t.tensor_type
+
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "gemma3n-ollama.gguf", kv, lambda tensors: [
+        (n, MoreRows(t) if n == "token_embd.weight" else t) for n, t in tensors])
+    same_answers(server, cpp, theirs)
