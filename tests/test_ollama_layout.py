@@ -583,11 +583,15 @@ def renamed(pairs, drop=(), extra=()):
 
 
 def same_answers(server, cpp, theirs, prompt="once upon a time"):
-    """Both files imported; Ollama's, through its edits, answers as llama.cpp's does."""
+    """Both files imported; Ollama's, through its edits (a sidecar in its view), answers as llama.cpp's
+    does, and its blob is as it came."""
     import_gguf(server.store, "cpp", cpp)
     import_gguf(server.store, "ollama", theirs)
     want = answer(server, "cpp", prompt)
     assert want[0] and answer(server, "ollama", prompt) == want
+    blob = ollama.file_digest(theirs)
+    assert blob[7:] + "/model.gguf.edits" in view_files(server.store)
+    assert ollama.file_digest(server.store.blob_path(blob)) == blob
 
 
 def test_qwen3next_runs_as_llama_cpps_qwen3next(server, engine, tmp_path):
