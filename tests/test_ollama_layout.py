@@ -669,12 +669,14 @@ def test_glm_flash_runs_as_llama_cpps_deepseek2_with_mla(server, engine, tmp_pat
 
 
 def test_deepseek_ocr_runs_its_text_side_as_llama_cpps_deepseek2_ocr(server, engine, tmp_path):
-    """DeepSeek-OCR as Ollama's converter writes it: architecture deepseekocr without the RMS epsilon and
-    the expert sizes (read back from the tensors), and the SAM, vision and projector towers inside."""
+    """DeepSeek-OCR as Ollama's converter writes it: architecture deepseekocr without the RMS epsilon, the
+    RoPE base and the expert sizes (read back from the tensors), and the SAM, vision and projector
+    towers inside."""
     cpp = fixtures.write_tiny_deepseek2(tmp_path / "deepseek2-ocr.gguf", "deepseek2-ocr", seed=27)
 
     def kv(kv):
-        dropped = ("attention.layer_norm_rms_epsilon", "expert_feed_forward_length", "expert_shared_count")
+        dropped = ("attention.layer_norm_rms_epsilon", "expert_feed_forward_length", "expert_shared_count",
+                   "rope.freq_base")                      # llama.cpp's default, 10000, is the model's
         out = {k.replace("deepseek2-ocr.", "deepseekocr.", 1): v for k, v in kv.items()
                if k[len("deepseek2-ocr."):] not in dropped}
         out["general.architecture"] = ("deepseekocr",) + kv["general.architecture"][1:]
