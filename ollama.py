@@ -2116,10 +2116,13 @@ def _glm4moelite_edits(g, path):
     if kv_lora is not None and rope is not None:
         e.set["deepseek2.attention.key_length"] = (4, kv_lora + rope)
         e.set["deepseek2.attention.value_length"] = (4, kv_lora)
-    head_dim = g.kv.get("glm4moelite.attention.key_length")
-    if head_dim is not None:
-        e.set["deepseek2.attention.key_length_mla"] = (4, head_dim)
-        e.set["deepseek2.attention.value_length_mla"] = (4, head_dim)
+    # the per-head sizes: K's in key_length, V's in value_length (Ollama's compat layer takes K's for
+    # both, which holds for GLM-4.7-Flash, 256 and 256, and breaks a model whose V head is smaller)
+    k_head = g.kv.get("glm4moelite.attention.key_length")
+    v_head = g.kv.get("glm4moelite.attention.value_length", k_head)
+    if k_head is not None:
+        e.set["deepseek2.attention.key_length_mla"] = (4, k_head)
+        e.set["deepseek2.attention.value_length_mla"] = (4, v_head)
     for key in ("expert_group_count", "expert_group_used_count"):
         if "glm4moelite." + key not in g.kv:
             e.set["deepseek2." + key] = (4, 1)

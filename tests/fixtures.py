@@ -426,6 +426,241 @@ def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_e
     return _gguf_done(w, path)
 
 
+
+def n_vocab(vocab=None, cache=None):
+    """How many tokens write_tiny_gguf's (and write_tiny_arch's) tokenizer `vocab` has."""
+    return len(_tokenizer_kv(str(_vocab_path(vocab, cache)))["tokenizer.ggml.tokens"][0])
+
+
+def write_tiny_arch(path, arch, kv, tensors, *, seed=0, vocab=None, cache=None):
+    """A tiny random-weight GGUF of any architecture llama.cpp loads, for the families write_tiny_gguf
+    does not write. `kv` is {key: value or (value, GGUFValueType[, element type])}, a key starting
+    with "." under the architecture's prefix (ints are UINT32, floats FLOAT32, lists of ints INT32
+    arrays); `tensors` is [(name, ne)] with ne in ggml's order, as llama-model.cpp's create_tensor
+    calls give it. All F32 from a seeded RNG: norms are ones, ssm_a (a decay) negative, the rest
+    N(0, 0.05). The tokenizer is write_tiny_gguf's. Returns the Path."""
+    import numpy as np
+    import gguf
+
+    T = gguf.GGUFValueType
+    path = Path(path)
+    w = _gguf_writer(path, arch)
+    w.add_name("tiny-" + arch)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key, value in kv.items():
+        key = arch + key if key.startswith(".") else key
+        if isinstance(value, tuple):
+            w.add_key_value(key, value[0], value[1], sub_type=value[2] if len(value) > 2 else None)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_key_value(key, list(value), T.ARRAY, sub_type=T.INT32)
+    for key, (value, vtype, sub) in sorted(_tokenizer_kv(str(_vocab_path(vocab, cache))).items()):
+        if key != "tokenizer.chat_template" and key not in kv:
+            w.add_key_value(key, value, vtype, sub_type=sub)
+    rng = np.random.default_rng(seed)
+    for name, ne in tensors:
+        shape = tuple(reversed(ne))
+        if "norm" in name:
+            data = np.ones(shape, dtype=np.float32)
+        elif name.endswith(".ssm_a"):
+            data = -np.abs(rng.standard_normal(shape)).astype(np.float32) - 0.5
+        else:
+            data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        w.add_tensor(name, data)
+    return _gguf_done(w, path)
+
+
+def write_tiny_qwen3next(path, arch="qwen3next", *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, head_dim=16,
+                         n_expert=4, n_ff=32, seed=0, cache=None):
+    """A tiny random-weight Qwen3-Next (llama.cpp's "qwen3next"), or with `arch` "qwen35" / "qwen35moe"
+    the Qwen3.5 text model: three gated delta-net layers, then one gated-attention layer
+    (full_attention_interval 4), each with a 4-expert MoE and a shared expert (qwen35: a dense FFN),
+    as convert_hf_to_gguf.py lays it out (ssm_dt.bias, one KV head count; qwen3.5: beta and alpha
+    apart, four M-RoPE sections). Returns the Path."""
+    d_state, n_group, dt_rank, d_conv = 16, 2, 4, 4           # gated delta net: key heads 2, value heads 4
+    key_dim, value_dim = d_state * n_group, d_state * dt_rank
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim, ".rope.dimension_count": 8,
+          ".rope.freq_base": 10000000.0, ".attention.layer_norm_rms_epsilon": 1e-6, ".ssm.conv_kernel": d_conv,
+          ".ssm.state_size": d_state, ".ssm.group_count": n_group, ".ssm.time_step_rank": dt_rank,
+          ".ssm.inner_size": value_dim, ".full_attention_interval": 4}
+    moe = arch != "qwen35"
+    if moe:
+        kv.update({".expert_count": n_expert, ".expert_used_count": 2, ".expert_feed_forward_length": n_ff,
+                   ".expert_shared_feed_forward_length": n_ff})
+    if arch != "qwen3next":
+        kv[".rope.dimension_sections"] = [2, 1, 1, 0]            # M-RoPE over the 8 rotated dimensions
+    nv = n_vocab(cache=cache)
+    tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "post_attention_norm.weight", (n_embd,))]
+        if (i + 1) % 4:
+            tensors += [(blk + "attn_qkv.weight", (n_embd, key_dim * 2 + value_dim)),
+                        (blk + "attn_gate.weight", (n_embd, value_dim)),
+                        (blk + "ssm_conv1d.weight", (d_conv, key_dim * 2 + value_dim)),
+                        (blk + "ssm_dt.bias", (dt_rank,)), (blk + "ssm_a", (dt_rank,)),
+                        (blk + "ssm_norm.weight", (d_state,)), (blk + "ssm_out.weight", (value_dim, n_embd))]
+            tensors += ([(blk + "ssm_ba.weight", (n_embd, dt_rank * 2))] if arch == "qwen3next" else
+                        [(blk + "ssm_beta.weight", (n_embd, dt_rank)), (blk + "ssm_alpha.weight", (n_embd, dt_rank))])
+        else:
+            tensors += [(blk + "attn_q.weight", (n_embd, head_dim * n_head * 2)),
+                        (blk + "attn_k.weight", (n_embd, head_dim * n_head_kv)),
+                        (blk + "attn_v.weight", (n_embd, head_dim * n_head_kv)),
+                        (blk + "attn_output.weight", (head_dim * n_head, n_embd)),
+                        (blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,))]
+        if not moe:
+            tensors += [(blk + "ffn_gate.weight", (n_embd, n_ff)), (blk + "ffn_up.weight", (n_embd, n_ff)),
+                        (blk + "ffn_down.weight", (n_ff, n_embd))]
+            continue
+        tensors += [(blk + "ffn_gate_inp.weight", (n_embd, n_expert)),
+                    (blk + "ffn_gate_exps.weight", (n_embd, n_ff, n_expert)),
+                    (blk + "ffn_up_exps.weight", (n_embd, n_ff, n_expert)),
+                    (blk + "ffn_down_exps.weight", (n_ff, n_embd, n_expert)),
+                    (blk + "ffn_gate_inp_shexp.weight", (n_embd,)),
+                    (blk + "ffn_gate_shexp.weight", (n_embd, n_ff)),
+                    (blk + "ffn_up_shexp.weight", (n_embd, n_ff)),
+                    (blk + "ffn_down_shexp.weight", (n_ff, n_embd))]
+    return write_tiny_arch(path, arch, kv, tensors, seed=seed, cache=cache)
+
+
+def write_tiny_deepseek2(path, arch="deepseek2", *, n_embd=64, n_layer=2, n_head=4, n_expert=4, n_ff=64,
+                         n_ff_exp=16, seed=0, cache=None):
+    """A tiny random-weight DeepSeek-V2-style MoE as convert_hf_to_gguf.py lays it out: a dense first
+    layer, then routed experts (sigmoid gating with a selection bias) and one shared expert. "deepseek2"
+    is GLM-4.7-Flash's shape, multi-head latent attention in its absorbed form (q and kv LoRA, attn_k_b
+    and attn_v_b, one KV head, a V head smaller than the K head); "deepseek2-ocr" the DeepSeek-OCR
+    text model, plain multi-head attention. Returns the Path."""
+    q_lora, kv_lora, rope, nope, v_head = 32, 32, 8, 16, 16
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".rope.freq_base": 10000.0,
+          ".leading_dense_block_count": 1, ".expert_count": n_expert, ".expert_used_count": 2,
+          ".expert_feed_forward_length": n_ff_exp, ".expert_shared_count": 1}
+    if arch == "deepseek2":
+        kv.update({".attention.head_count_kv": 1, ".attention.key_length": kv_lora + rope,
+                   ".attention.value_length": kv_lora, ".attention.key_length_mla": nope + rope,
+                   ".attention.value_length_mla": v_head, ".attention.q_lora_rank": q_lora,
+                   ".attention.kv_lora_rank": kv_lora, ".rope.dimension_count": rope, ".expert_gating_func": 2,
+                   ".expert_weights_norm": True, ".expert_weights_scale": 1.0, ".expert_group_count": 1,
+                   ".expert_group_used_count": 1})
+    nv = n_vocab(cache=cache)
+    tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,))]
+        if arch == "deepseek2":
+            tensors += [(blk + "attn_q_a_norm.weight", (q_lora,)), (blk + "attn_kv_a_norm.weight", (kv_lora,)),
+                        (blk + "attn_q_a.weight", (n_embd, q_lora)),
+                        (blk + "attn_q_b.weight", (q_lora, n_head * (nope + rope))),
+                        (blk + "attn_kv_a_mqa.weight", (n_embd, kv_lora + rope)),
+                        (blk + "attn_k_b.weight", (nope, kv_lora, n_head)),
+                        (blk + "attn_v_b.weight", (kv_lora, v_head, n_head)),
+                        (blk + "attn_output.weight", (n_head * v_head, n_embd))]
+        else:
+            tensors += [(blk + "attn_%s.weight" % part, (n_embd, n_embd)) for part in ("q", "k", "v", "output")]
+        if i == 0:
+            tensors += [(blk + "ffn_gate.weight", (n_embd, n_ff)), (blk + "ffn_up.weight", (n_embd, n_ff)),
+                        (blk + "ffn_down.weight", (n_ff, n_embd))]
+            continue
+        tensors += [(blk + "ffn_gate_inp.weight", (n_embd, n_expert)), (blk + "exp_probs_b.bias", (n_expert,)),
+                    (blk + "ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert)),
+                    (blk + "ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert)),
+                    (blk + "ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert)),
+                    (blk + "ffn_gate_shexp.weight", (n_embd, n_ff_exp)),
+                    (blk + "ffn_up_shexp.weight", (n_embd, n_ff_exp)),
+                    (blk + "ffn_down_shexp.weight", (n_ff_exp, n_embd))]
+    return write_tiny_arch(path, arch, kv, tensors, seed=seed, cache=cache)
+
+
+def write_tiny_nemotron_h_moe(path, *, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, n_expert=4, n_ff_exp=16,
+                              n_ff_shexp=32, latent=32, seed=0, cache=None):
+    """A tiny random-weight Nemotron-H MoE (llama.cpp's "nemotron_h_moe") with a latent MoE, as
+    convert_hf_to_gguf.py lays it out: a Mamba-2 layer, an attention layer and a MoE layer (which each
+    is, the per-layer KV head and FFN sizes say), the experts working in a `latent`-wide space between
+    ffn_latent_down and ffn_latent_up. Returns the Path."""
+    d_inner, d_state, n_group, n_ssm_head, d_conv = 128, 16, 2, 8, 4
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": 3,
+          ".feed_forward_length": [0, 0, n_ff_exp], ".attention.head_count": n_head,
+          ".attention.head_count_kv": [0, n_head_kv, 0], ".attention.key_length": head_dim,
+          ".attention.value_length": head_dim, ".attention.layer_norm_epsilon": 1e-5,
+          ".attention.layer_norm_rms_epsilon": 1e-5, ".rope.freq_base": 10000.0, ".ssm.conv_kernel": d_conv,
+          ".ssm.inner_size": d_inner, ".ssm.state_size": d_state, ".ssm.time_step_rank": n_ssm_head,
+          ".ssm.group_count": n_group, ".expert_count": n_expert, ".expert_used_count": 2,
+          ".expert_feed_forward_length": n_ff_exp, ".expert_shared_feed_forward_length": n_ff_shexp,
+          ".expert_weights_norm": True, ".expert_weights_scale": 2.5, ".moe_latent_size": latent}
+    nv = n_vocab(cache=cache)
+    conv = d_inner + 2 * n_group * d_state
+    tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv)),
+               ("blk.0.ssm_in.weight", (n_embd, 2 * d_inner + 2 * n_group * d_state + n_ssm_head)),
+               ("blk.0.ssm_conv1d.weight", (d_conv, conv)), ("blk.0.ssm_conv1d.bias", (conv,)),
+               ("blk.0.ssm_dt.bias", (n_ssm_head,)), ("blk.0.ssm_a", (1, n_ssm_head)), ("blk.0.ssm_d", (1, n_ssm_head)),
+               ("blk.0.ssm_norm.weight", (d_inner // n_group, n_group)), ("blk.0.ssm_out.weight", (d_inner, n_embd)),
+               ("blk.1.attn_q.weight", (n_embd, head_dim * n_head)),
+               ("blk.1.attn_k.weight", (n_embd, head_dim * n_head_kv)),
+               ("blk.1.attn_v.weight", (n_embd, head_dim * n_head_kv)),
+               ("blk.1.attn_output.weight", (head_dim * n_head, n_embd)),
+               ("blk.2.ffn_gate_inp.weight", (n_embd, n_expert)), ("blk.2.exp_probs_b.bias", (n_expert,)),
+               ("blk.2.ffn_latent_down.weight", (n_embd, latent)), ("blk.2.ffn_latent_up.weight", (latent, n_embd)),
+               ("blk.2.ffn_down_exps.weight", (n_ff_exp, latent, n_expert)),
+               ("blk.2.ffn_up_exps.weight", (latent, n_ff_exp, n_expert)),
+               ("blk.2.ffn_down_shexp.weight", (n_ff_shexp, n_embd)),
+               ("blk.2.ffn_up_shexp.weight", (n_embd, n_ff_shexp))]
+    tensors += [("blk.%d.attn_norm.weight" % i, (n_embd,)) for i in range(3)]
+    return write_tiny_arch(path, "nemotron_h_moe", kv, tensors, seed=seed, cache=cache)
+
+
+def write_tiny_gemma3n(path, *, n_embd=64, n_layer=1, n_head=4, n_head_kv=2, head_dim=16, n_ff=128, seed=0,
+                       cache=None):
+    """A tiny random-weight Gemma 3n (llama.cpp's "gemma3n": AltUp with 4 streams, LAuReL, per-layer
+    embeddings of llama.cpp's fixed 256 per layer, a sliding-window layer) as convert_hf_to_gguf.py
+    lays it out: token_embd, per_layer_token_embd and the tokenizer all of one vocabulary (the text
+    one). Returns the Path."""
+    import gguf
+
+    n_altup, n_embd_altup, laurel_rank = 4, 256, 64                # llama.cpp's hparams defaults
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".attention.sliding_window": 16,
+          ".attention.sliding_window_pattern": ([True] * n_layer, gguf.GGUFValueType.ARRAY,
+                                                 gguf.GGUFValueType.BOOL),
+          ".rope.freq_base": 1000000.0, ".rope.freq_base_swa": 10000.0,
+          ".embedding_length_per_layer_input": n_embd_altup}
+    nv = n_vocab(cache=cache)
+    tensors = [("token_embd.weight", (n_embd, nv)), ("altup_proj.weight", (n_embd, n_embd, n_altup - 1)),
+               ("altup_unembd_proj.weight", (n_embd, n_embd, n_altup - 1)),
+               ("per_layer_token_embd.weight", (n_embd_altup * n_layer, nv)),
+               ("per_layer_model_proj.weight", (n_embd, n_embd_altup * n_layer)),
+               ("per_layer_proj_norm.weight", (n_embd_altup,)), ("output_norm.weight", (n_embd,))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "attn_q.weight", (n_embd, head_dim * n_head)),
+                    (blk + "attn_k.weight", (n_embd, head_dim * n_head_kv)),
+                    (blk + "attn_v.weight", (n_embd, head_dim * n_head_kv)),
+                    (blk + "attn_output.weight", (head_dim * n_head, n_embd)),
+                    (blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,)),
+                    (blk + "post_attention_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
+                    (blk + "ffn_gate.weight", (n_embd, n_ff)), (blk + "ffn_up.weight", (n_embd, n_ff)),
+                    (blk + "ffn_down.weight", (n_ff, n_embd)), (blk + "post_ffw_norm.weight", (n_embd,)),
+                    (blk + "inp_gate.weight", (n_embd, n_embd_altup)), (blk + "proj.weight", (n_embd_altup, n_embd)),
+                    (blk + "post_norm.weight", (n_embd,)), (blk + "altup_correct_coef.weight", (n_altup, n_altup)),
+                    (blk + "altup_correct_scale.weight", (n_embd,)),
+                    (blk + "altup_predict_coef.weight", (n_altup, n_altup * n_altup)),
+                    (blk + "altup_router.weight", (n_embd, n_altup)), (blk + "altup_router_norm.weight", (n_embd,)),
+                    (blk + "laurel_l.weight", (n_embd, laurel_rank)), (blk + "laurel_r.weight", (laurel_rank, n_embd)),
+                    (blk + "laurel_post_norm.weight", (n_embd,))]
+    return write_tiny_arch(path, "gemma3n", kv, tensors, seed=seed, cache=cache)
+
+
 def rewrite_gguf(src, dst, edit_kv=None, edit_tensors=None):
     """Copy the GGUF `src` to `dst` with its metadata passed through `edit_kv` (a dict key -> (value,
     type, sub type) in, the same out) and its tensor list through `edit_tensors` ([(name, reader

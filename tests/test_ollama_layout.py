@@ -560,3 +560,168 @@ def test_a_draft_layer_speculates_and_the_greedy_text_is_unchanged(server, engin
     assert args[args.index("--spec-type") + 1] == "draft-simple"
     log = (server.config.home / "logs" / "runner-fast_latest.log").read_text(errors="replace")
     assert "draft" in log.lower()
+
+
+# -- the hybrid and MoE families: tiny random-weight pairs, llama.cpp's file against Ollama's --------------
+
+def renamed(pairs, drop=(), extra=()):
+    """An edit_tensors for fixtures.rewrite_gguf: names changed by the first matching (old, new)
+    substring pair, tensors whose names start with one of `drop` left out, `extra` [(name, tensor)]
+    added (what Ollama's file holds beside the text model)."""
+    def edit(tensors):
+        out = []
+        for name, t in tensors:
+            if name.startswith(tuple(drop)) and drop:
+                continue
+            for old, new in pairs:
+                if old in name:
+                    name = name.replace(old, new, 1)
+                    break
+            out.append((name, t))
+        return out + list(extra)
+    return edit
+
+
+def same_answers(server, cpp, theirs, prompt="once upon a time"):
+    """Both files imported; Ollama's, through its edits (a sidecar in its view), answers as llama.cpp's
+    does, and its blob is as it came."""
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    want = answer(server, "cpp", prompt)
+    assert want[0] and answer(server, "ollama", prompt) == want
+    blob = ollama.file_digest(theirs)
+    assert blob[7:] + "/model.gguf.edits" in view_files(server.store)
+    assert ollama.file_digest(server.store.blob_path(blob)) == blob
+
+
+def test_qwen3next_runs_as_llama_cpps_qwen3next(server, engine, tmp_path):
+    """Qwen3-Next as Ollama's first converter wrote it: one KV head count per layer (0 on the delta-net
+    layers) and the delta-net dt bias named ssm_dt."""
+    import gguf
+    cpp = fixtures.write_tiny_qwen3next(tmp_path / "qwen3next.gguf", seed=21)
+
+    def kv(kv):
+        n_layer, n_kv = kv["qwen3next.block_count"][0], kv["qwen3next.attention.head_count_kv"][0]
+        return dict(kv, **{"qwen3next.attention.head_count_kv": (
+            [n_kv if (i + 1) % 4 == 0 else 0 for i in range(n_layer)], gguf.GGUFValueType.ARRAY,
+            gguf.GGUFValueType.UINT32)})
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "qwen3next-ollama.gguf", kv, renamed([(".ssm_dt.bias", ".ssm_dt")]))
+    g = ollama.read_gguf(theirs, 0)
+    assert ollama._tensor(g, "blk.0.ssm_dt") is not None and "qwen3next.attention.head_count_kv" in g.array_lengths
+    same_answers(server, cpp, theirs)
+
+
+class Tower:
+    """A stand-in for the tensors Ollama's file holds beside the text model (a vision tower, MTP layers)."""
+    def __init__(self, *shape):
+        import gguf
+        import numpy as np
+        self.data, self.tensor_type = np.ones(shape or (4, 8), dtype=np.float32), gguf.GGMLQuantizationType.F32
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_qwen35_runs_its_text_side_as_llama_cpps(server, engine, tmp_path, arch):
+    """Qwen3.5 as Ollama's library serves it: per-layer KV heads, three M-RoPE sections, ssm_dt, the
+    published-model keys (interleaved M-RoPE, reordered V heads, the vision tower's), and the vision
+    tower and the multi-token-prediction layer inside under mtp.* (the text model runs without both)."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_qwen3next(tmp_path / (arch + ".gguf"), arch, seed=23)
+
+    def kv(kv):
+        out = dict(kv)
+        out[arch + ".attention.head_count_kv"] = ([0, 0, 0, kv[arch + ".attention.head_count_kv"][0]],
+                                                  T.ARRAY, T.UINT32)
+        for key in ("rope.dimension_sections", "rope.mrope_section", "mrope_sections"):
+            out["%s.%s" % (arch, key)] = ([2, 1, 1], T.ARRAY, T.INT32)
+        for key, value in (("rope.mrope_interleaved", True), ("ssm.v_head_reordered", True)):
+            out["%s.%s" % (arch, key)] = (value, T.BOOL, None)
+        for key, value in (("vision.block_count", 1), ("image_token_id", 31999)):
+            out["%s.%s" % (arch, key)] = (value, T.UINT32, None)
+        return out
+    extra = [("mtp.fc.weight", Tower(64, 128)), ("mtp.layers.0.input_layernorm.weight", Tower(64)),
+             ("v.blk.0.attn_qkv.weight", Tower()), ("v.merger.linear_fc1.weight", Tower())]
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / (arch + "-ollama.gguf"), kv,
+                                   renamed([(".ssm_dt.bias", ".ssm_dt")], extra=extra))
+    same_answers(server, cpp, theirs)
+
+
+def test_glm_flash_runs_as_llama_cpps_deepseek2_with_mla(server, engine, tmp_path):
+    """GLM-4.7-Flash as Ollama's library serves it: architecture glm4moelite, the per-head key and value
+    sizes where llama.cpp's deepseek2 has MLA's absorbed ones (and the other way round in the *_mla
+    keys), every KV head counted, no expert groups. The V head is smaller than the K head here, so the
+    value size must come from value_length."""
+    import gguf
+    U32 = gguf.GGUFValueType.UINT32
+    cpp = fixtures.write_tiny_deepseek2(tmp_path / "deepseek2.gguf", seed=25)
+
+    def kv(kv):
+        out = {k.replace("deepseek2.", "glm4moelite.", 1): v for k, v in kv.items()
+               if k not in ("deepseek2.expert_group_count", "deepseek2.expert_group_used_count")}
+        out["general.architecture"] = ("glm4moelite",) + kv["general.architecture"][1:]
+        for ours, theirs in (("key_length", "key_length_mla"), ("value_length", "value_length_mla")):
+            out["glm4moelite.attention." + ours] = kv["deepseek2.attention." + theirs]
+            out["glm4moelite.attention." + theirs] = kv["deepseek2.attention." + ours]
+        out["glm4moelite.attention.head_count_kv"] = (kv["deepseek2.attention.head_count"][0], U32, None)
+        return out
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "glm4moelite-ollama.gguf", kv)
+    same_answers(server, cpp, theirs)
+
+
+def test_deepseek_ocr_runs_its_text_side_as_llama_cpps_deepseek2_ocr(server, engine, tmp_path):
+    """DeepSeek-OCR as Ollama's converter writes it: architecture deepseekocr without the RMS epsilon, the
+    RoPE base and the expert sizes (read back from the tensors), and the SAM, vision and projector
+    towers inside."""
+    cpp = fixtures.write_tiny_deepseek2(tmp_path / "deepseek2-ocr.gguf", "deepseek2-ocr", seed=27)
+
+    def kv(kv):
+        dropped = ("attention.layer_norm_rms_epsilon", "expert_feed_forward_length", "expert_shared_count",
+                   "rope.freq_base")                      # llama.cpp's default, 10000, is the model's
+        out = {k.replace("deepseek2-ocr.", "deepseekocr.", 1): v for k, v in kv.items()
+               if k[len("deepseek2-ocr."):] not in dropped}
+        out["general.architecture"] = ("deepseekocr",) + kv["general.architecture"][1:]
+        return out
+    extra = [("s.blk.0.attn.qkv.weight", Tower()), ("v.blk.0.self_attn.qkv_proj.weight", Tower()),
+             ("mm.layers.weight", Tower())]
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "deepseekocr-ollama.gguf", kv, renamed([], extra=extra))
+    same_answers(server, cpp, theirs)
+
+
+def test_nemotron_latent_moe_runs_as_llama_cpps_nemotron_h_moe(server, engine, tmp_path):
+    """Nemotron 3 Super's shape as Ollama's library serves it: the latent MoE projections named
+    ffn_latent_in/ffn_latent_out and moe_latent_size missing (read from the tensor), and the
+    multi-token-prediction layers inside under mtp.* (the text model runs without its draft)."""
+    cpp = fixtures.write_tiny_nemotron_h_moe(tmp_path / "nemotron.gguf", seed=29)
+    extra = [("mtp.layers.0.mixer.experts.0.up_proj.weight", Tower()), ("mtp.layers.0.norm.weight", Tower(64))]
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "nemotron-ollama.gguf",
+        lambda kv: {k: v for k, v in kv.items() if k != "nemotron_h_moe.moe_latent_size"},
+        renamed([(".ffn_latent_down", ".ffn_latent_in"), (".ffn_latent_up", ".ffn_latent_out")], extra=extra))
+    same_answers(server, cpp, theirs)
+
+
+def test_gemma3n_reads_the_text_vocabulary_as_llama_cpps_gemma3n(server, engine, tmp_path):
+    """Gemma 3n as Ollama's library serves it: token_embd and the tokenizer with the multimodal
+    vocabulary (16 tokens more here, 256 in the real files), per_layer_token_embd with the text one.
+    Read as the first rows (edits.shape), the same file answers as llama.cpp's."""
+    import gguf
+    import numpy as np
+    cpp = fixtures.write_tiny_gemma3n(tmp_path / "gemma3n.gguf", seed=31)
+    extra = ["<multimodal_%d>" % i for i in range(16)]
+
+    def kv(kv):
+        out = dict(kv)
+        for key, more in (("tokenizer.ggml.tokens", extra), ("tokenizer.ggml.scores", [0.0] * 16),
+                          ("tokenizer.ggml.token_type", [int(gguf.TokenType.CONTROL)] * 16)):
+            value, vtype, sub = kv[key]
+            out[key] = (list(value) + more, vtype, sub)
+        return out
+
+    class MoreRows:                                       # token_embd with the multimodal tokens' rows
+        def __init__(self, t):
+            rows = np.random.default_rng(1).standard_normal((16, t.data.shape[1])).astype(np.float32) * 0.05
+            self.data, self.tensor_type = np.concatenate([t.data, rows]), t.tensor_type
+
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "gemma3n-ollama.gguf", kv, lambda tensors: [
+        (n, MoreRows(t) if n == "token_embd.weight" else t) for n, t in tensors])
+    same_answers(server, cpp, theirs)
