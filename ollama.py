@@ -7718,12 +7718,12 @@ class OllamaHandler:
             if self.command == "OPTIONS" and verdict == "name":
                 return self._send(Response(204, b"", None))
             path = urllib.parse.urlsplit(self.path).path
+            func, params, owner, self._endpoint = self.server.routes.match(self.command, path)
             if self.server.config.api_keys and path != "/" and not self._api_key_ok():
-                return self._send(_unauthorized(path))
+                return self._send(_unauthorized(owner))
             self.body_reader()                                  # a bad Content-Length is a 400 here
-            func, params, allowed, self._endpoint = self.server.routes.match(self.command, path)
             if func is None:
-                if allowed:
+                if owner:
                     return self._send(Response(405, b"405 method not allowed"))
                 return self._send(Response(404, b"404 page not found"))
             result = func(Request(self, params))
@@ -7904,17 +7904,17 @@ class Routes:
             self.table.append((method, re.compile(regex), func, pattern))
 
     def match(self, method, path):
-        """(func, params, allowed, pattern): the handler or None, the captured params, whether the
-        path exists under another method (for 405), and the route's pattern (None when no route
-        has the path: what metrics label it with)."""
-        allowed, found = False, None
+        """(func, params, owner, pattern): the handler or None, the captured params, the handler of
+        the path under any method (None when no route has the path: a 404, else a 405; a refusal
+        takes its API's shape from it), and the route's pattern (what metrics label it with)."""
+        owner, found = None, None
         for m, regex, func, pattern in self.table:
             hit = regex.match(path)
             if hit:
                 if m == method or (method == "HEAD" and m == "GET"):
-                    return func, hit.groupdict(), True, pattern
-                allowed, found = True, pattern
-        return None, {}, allowed, found
+                    return func, hit.groupdict(), func, pattern
+                owner, found = owner or func, found or pattern
+        return None, {}, owner, found
 
 
 _BUSY = "server busy, please try again.  maximum connections exceeded"
@@ -8249,18 +8249,10 @@ def _tls_context(config):
     return context
 
 
-def _unauthorized(path):
-    """The 401 for a request without a valid OLLAMA_API_KEYS key, in the shape of the API it called."""
-    if path.startswith("/v1/messages"):
-        body = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
-    elif path.startswith("/v1/"):
-        body = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
-                          "param": None, "code": "invalid_api_key"}}
-    elif path.startswith("/v2/"):
-        body = {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required", "detail": None}]}
-    else:
-        body = {"error": "unauthorized"}
-    answer = Response.json(401, body)
+def _unauthorized(handler):
+    """The 401 for a request without a valid OLLAMA_API_KEYS key, in the shape of the API it called:
+    the `unauthorized` body its handler's decorator declares (_errors_as, _oci), else Ollama's."""
+    answer = Response.json(401, getattr(handler, "unauthorized", None) or {"error": "unauthorized"})
     answer.headers["WWW-Authenticate"] = 'Bearer realm="ollama.py"'
     return answer
 
@@ -9655,6 +9647,7 @@ def _oci(handler):
         result.headers["Docker-Distribution-API-Version"] = REGISTRY_API_VERSION
         return result
     wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+    wrapped.unauthorized = {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required", "detail": None}]}
     return wrapped
 
 
@@ -9875,9 +9868,10 @@ def _openai_error(status, message):
     return Response.json(status, body)
 
 
-def _errors_as(shape):
+def _errors_as(shape, unauthorized):
     """A decorator for the handlers of another API: every OllamaError a handler raises is answered
-    by `shape(status, message)`, that API's own error answer."""
+    by `shape(status, message)`, that API's own error answer, and a request without a valid key by
+    the `unauthorized` body (see _unauthorized)."""
     def decorate(handler):
         def wrapped(req):
             try:
@@ -9885,11 +9879,14 @@ def _errors_as(shape):
             except OllamaError as e:
                 return shape(e.status, str(e))
         wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+        wrapped.unauthorized = unauthorized
         return wrapped
     return decorate
 
 
-_openai = _errors_as(_openai_error)            # the /v1 handlers (OpenAI's shape)
+_openai = _errors_as(_openai_error, {"error": {          # the /v1 handlers (OpenAI's shape)
+    "message": "Incorrect API key provided", "type": "invalid_request_error", "param": None,
+    "code": "invalid_api_key"}})
 
 
 def _forward(req, body, **context):
@@ -10683,7 +10680,8 @@ def _anthropic_error(status, message):
         "request_id": _anthropic_id("req")})
 
 
-_anthropic = _errors_as(_anthropic_error)      # the /v1/messages handlers (Anthropic's shape)
+_anthropic = _errors_as(_anthropic_error,       # the /v1/messages handlers (Anthropic's shape)
+                        {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
 
 
 def _block_list(content, where):
