@@ -277,6 +277,86 @@ def write_tiny_gpt_oss(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, hea
     return _gguf_done(w, path)
 
 
+def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, seed=0, name=None, cache=None):
+    """A tiny random-weight model of any architecture, laid out as the caller says: the writer behind
+    the per-family tests, which pass what llama.cpp's model loader reads (src/models/<arch>.cpp).
+
+    `kv` maps keys to values; a key starting with "." is under the architecture ("." + "block_count"
+    is "<arch>.block_count"). The Python type picks the GGUF type: bool, int (UINT32; a negative one
+    INT32), float (FLOAT32), str, or a list of them (an array; ints as INT32), or give (value, type,
+    sub type) for anything else. `tensors` is [(name, numpy shape)] (ggml's ne reversed: (rows, cols)),
+    where "n_vocab" in a shape is the vocabulary size: names ending in "norm.weight" get 1 plus
+    noise, the rest small random values, all F32 from a seeded RNG (same arguments, same bytes). The
+    tokenizer is copied from llama.cpp's models/ggml-vocab-<vocab>.gguf (default llama-spm), or is
+    `tokenizer` ({key: (value, type, sub type)}) when given. Returns the Path."""
+    import numpy as np
+    import gguf
+
+    T = gguf.GGUFValueType
+    tok = tokenizer if tokenizer is not None else _tokenizer_kv(str(_vocab_path(vocab, cache)))
+    n_vocab = len(tok["tokenizer.ggml.tokens"][0])
+    path = Path(path)
+    w = _gguf_writer(path, arch)
+    w.add_name(name or "tiny-" + arch)
+
+    def typed(value):
+        if isinstance(value, tuple):
+            return value
+        if isinstance(value, list):
+            return value, T.ARRAY, typed(value[0])[1]
+        kind = {bool: T.BOOL, float: T.FLOAT32, str: T.STRING}.get(type(value))
+        return value, kind or (T.INT32 if value < 0 else T.UINT32), None
+    for key, value in sorted(tok.items()):
+        if key != "tokenizer.chat_template":
+            w.add_key_value(key, value[0], value[1], sub_type=value[2])
+    for key, value in kv.items():
+        value, vtype, sub = typed(value)
+        if vtype == T.ARRAY and sub == T.UINT32:
+            sub = T.INT32
+        w.add_key_value(arch + key if key.startswith(".") else key, value, vtype, sub_type=sub)
+    rng = np.random.default_rng(seed)
+    for tname, shape in tensors:
+        shape = tuple(n_vocab if n == "n_vocab" else n for n in shape)
+        noise = rng.standard_normal(shape)
+        data = 1.0 + 0.1 * noise if tname.endswith("norm.weight") else 0.05 * noise
+        w.add_tensor(tname, data.astype(np.float32))
+    return _gguf_done(w, path)
+
+
+def _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=False):
+    """The attention tensors of one block (numpy shapes for write_tiny_model), with per-head q/k norms."""
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    out = [(blk + "attn_q.weight", (q, n_embd)), (blk + "attn_k.weight", (kv, n_embd)),
+           (blk + "attn_v.weight", (kv, n_embd)), (blk + "attn_output.weight", (n_embd, q))]
+    if qk_norm:
+        out += [(blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,))]
+    return out
+
+
+def write_tiny_lfm2(path, *, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, kv_heads=(0, 0, 2, 0), l_cache=3, seed=0):
+    """A tiny LFM2 as convert_hf_to_gguf.py writes it: short-convolution layers (0 in the per-layer
+    KV head counts `kv_heads`) and attention layers with q/k norms, the last norm as token_embd_norm
+    (the llama-spm vocabulary: LFM2's own is BPE, which the layout does not touch)."""
+    head_dim = n_embd // n_head
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("token_embd_norm.weight", (n_embd,))]
+    for i, kv_head in enumerate(kv_heads):
+        blk = "blk.%d." % i
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
+                    (blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+        if kv_head:
+            tensors += _attention(blk, n_embd, n_head, kv_head, head_dim, qk_norm=True)
+        else:
+            tensors += [(blk + "shortconv.conv.weight", (n_embd, l_cache)),
+                        (blk + "shortconv.in_proj.weight", (3 * n_embd, n_embd)),
+                        (blk + "shortconv.out_proj.weight", (n_embd, n_embd))]
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": len(kv_heads),
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": list(kv_heads),
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".rope.freq_base": 1000000.0, ".attention.layer_norm_rms_epsilon": 1e-5, ".shortconv.l_cache": l_cache}
+    return write_tiny_model(path, "lfm2", kv, tensors, seed=seed)
+
+
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),
                         eos="<|im_end|>", name="scripted", context_length=4096):
     """Write a tiny llama GGUF whose greedy (and, at any sane temperature, sampled) output is `script`.

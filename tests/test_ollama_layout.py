@@ -303,6 +303,35 @@ def test_qwen3vl_gets_its_mrope_sections_and_leaves_the_vision_tower(server, eng
     assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
 
 
+def answers_alike(server, cpp, theirs, prompt="once upon a time"):
+    """Import llama.cpp's file and Ollama's (the first read as it is, the second through its edits)
+    and check they answer alike: the same greedy text and top-5 logprobs. Returns Ollama's edits."""
+    assert ollama.ollama_layout(ollama.read_gguf(cpp, 0), cpp) == (None, None)
+    edits, _ = ollama.ollama_layout(ollama.read_gguf(theirs, 0), theirs)
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    want = answer(server, "cpp", prompt)
+    assert want[0] and answer(server, "ollama", prompt) == want
+    return edits
+
+
+# -- lfm2: the last norm under another name, a feed-forward size the tensors contradict -------------------
+
+def test_lfm2_runs_as_llama_cpps_lfm2(server, engine, tmp_path):
+    """Short-convolution and attention layers; Ollama's file names the last norm output_norm (llama.cpp:
+    token_embd_norm) and, from its converter's auto-adjusted size, claims a feed-forward length that
+    ffn_gate's shape contradicts (llama.cpp refuses the load)."""
+    import gguf
+    cpp = fixtures.write_tiny_lfm2(tmp_path / "lfm2.gguf", seed=21)
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "lfm2-ollama.gguf",
+        lambda kv: dict(kv, **{"lfm2.feed_forward_length": (128, gguf.GGUFValueType.UINT32, None)}),
+        lambda tensors: [("output_norm.weight" if n == "token_embd_norm.weight" else n, t) for n, t in tensors])
+    edits = answers_alike(server, cpp, theirs)
+    assert edits.rename == [("output_norm.weight", "token_embd_norm.weight")]
+    assert edits.set["lfm2.feed_forward_length"] == (4, 96)
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
