@@ -357,6 +357,45 @@ def write_tiny_lfm2(path, *, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, kv_heads
     return write_tiny_model(path, "lfm2", kv, tensors, seed=seed)
 
 
+def write_tiny_laguna(path, *, n_embd=64, heads=(2, 4, 4, 4), n_head_kv=2, head_dim=16, n_ff=96, n_expert=4,
+                      n_ff_exp=32, n_ff_shexp=32, n_rot=8, n_rot_swa=16, sliding_window=4, yarn_factor=4.0, seed=0):
+    """A tiny Laguna (poolside) as convert_hf_to_gguf.py writes it: per-layer head counts, every
+    fourth layer full attention (YaRN over `n_rot` dims) and the rest sliding-window (plain RoPE over
+    `n_rot_swa`), a per-head softplus attention gate, q/k norms, one leading dense layer, then a
+    sigmoid-routed MoE with a score-correction bias and one shared expert."""
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("output.weight", ("n_vocab", n_embd))]
+    for i, n_head in enumerate(heads):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=True)
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
+                    (blk + "attn_gate.weight", (n_head, n_embd))]
+        if i == 0:
+            tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                        (blk + "ffn_down.weight", (n_embd, n_ff))]
+            continue
+        tensors += [(blk + "ffn_gate_inp.weight", (n_expert, n_embd)), (blk + "exp_probs_b.bias", (n_expert,)),
+                    (blk + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                    (blk + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                    (blk + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp)),
+                    (blk + "ffn_gate_shexp.weight", (n_ff_shexp, n_embd)),
+                    (blk + "ffn_up_shexp.weight", (n_ff_shexp, n_embd)),
+                    (blk + "ffn_down_shexp.weight", (n_embd, n_ff_shexp))]
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": len(heads),
+          ".feed_forward_length": n_ff, ".attention.head_count": list(heads), ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".attention.sliding_window": sliding_window,
+          ".rope.freq_base": 500000.0, ".rope.freq_base_swa": 10000.0,
+          ".rope.dimension_count": n_rot, ".rope.dimension_count_swa": n_rot_swa,
+          ".rope.scaling.type": "yarn", ".rope.scaling.factor": yarn_factor,
+          ".rope.scaling.original_context_length": 512, ".rope.scaling.yarn_beta_fast": 64.0,
+          ".rope.scaling.yarn_beta_slow": 1.0, ".expert_count": n_expert, ".expert_used_count": 2,
+          ".expert_feed_forward_length": n_ff_exp, ".expert_shared_feed_forward_length": n_ff_shexp,
+          ".expert_weights_norm": True, ".expert_weights_scale": 2.5, ".expert_gating_func": 2,
+          ".leading_dense_block_count": 1}
+    return write_tiny_model(path, "laguna", kv, tensors, seed=seed)
+
+
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),
                         eos="<|im_end|>", name="scripted", context_length=4096):
     """Write a tiny llama GGUF whose greedy (and, at any sane temperature, sampled) output is `script`.

@@ -332,6 +332,46 @@ def test_lfm2_runs_as_llama_cpps_lfm2(server, engine, tmp_path):
     assert edits.set["lfm2.feed_forward_length"] == (4, 96)
 
 
+# -- laguna: sliding-window RoPE keys, the attention gate's name, YaRN's attention factor ---------------
+
+def test_laguna_runs_as_llama_cpps_laguna(server, engine, tmp_path):
+    """Hybrid full/sliding-window attention with per-layer heads, YaRN on the full layers, a per-head
+    attention gate and a MoE, relabelled as Ollama's converter writes Laguna: the sliding-window RoPE
+    under rope.swa.*, YaRN's betas and attention factor under its own names (the factor, 1 + 0.1 ln
+    factor, under the name llama.cpp reads as an extra multiplier), layer types and gating spelled
+    out, and the gate named attn_g."""
+    import math
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_laguna(tmp_path / "laguna.gguf", seed=23)
+    renamed = {"laguna.rope.freq_base_swa": "laguna.rope.swa.freq_base",
+               "laguna.rope.dimension_count_swa": "laguna.rope.swa.dimension_count",
+               "laguna.rope.scaling.yarn_beta_fast": "laguna.rope.scaling.beta_fast",
+               "laguna.rope.scaling.yarn_beta_slow": "laguna.rope.scaling.beta_slow"}
+
+    def kv(kv):
+        out = {renamed.get(k, k): v for k, v in kv.items()}
+        out.update({
+            "laguna.rope.scaling.attn_factor": (1 + 0.1 * math.log(4.0), T.FLOAT32, None),
+            "laguna.rope.partial_rotary_factor": (0.5, T.FLOAT32, None),
+            "laguna.rope.swa.scaling.type": ("linear", T.STRING, None),
+            "laguna.rope.swa.scaling.factor": (1.0, T.FLOAT32, None),
+            "laguna.rope.swa.partial_rotary_factor": (1.0, T.FLOAT32, None),
+            "laguna.attention.layer_types": ([0, 1, 1, 1], T.ARRAY, T.UINT32),
+            "laguna.attention.sliding_window_pattern": ([False, True, True, True], T.ARRAY, T.BOOL),
+            "laguna.attention.sink_enabled": (False, T.BOOL, None),
+            "laguna.attention.gating_type": (1, T.UINT32, None), "laguna.attention.qk_norm": (True, T.BOOL, None),
+            "laguna.expert_shared_count": (1, T.UINT32, None), "laguna.decoder_sparse_step": (1, T.UINT32, None),
+            "laguna.dense_layers": ([0], T.ARRAY, T.UINT32),
+            "tokenizer.ggml.add_bos_token": kv.get("tokenizer.ggml.add_bos_token", (True, T.BOOL, None))})
+        return out
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "laguna-ollama.gguf", kv, lambda tensors: [
+        (n.replace(".attn_gate.", ".attn_g."), t) for n, t in tensors])
+    edits = answers_alike(server, cpp, theirs, "Question: Why is the sky blue? Answer:")
+    assert ("blk.0.attn_g.weight", "blk.0.attn_gate.weight") in edits.rename
+    assert edits.remove == ["laguna.rope.scaling.attn_factor"]
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
