@@ -396,6 +396,30 @@ def write_tiny_laguna(path, *, n_embd=64, heads=(2, 4, 4, 4), n_head_kv=2, head_
     return write_tiny_model(path, "laguna", kv, tensors, seed=seed)
 
 
+def write_tiny_gemma_embedding(path, *, n_embd=64, n_layer=6, n_head=4, n_head_kv=1, head_dim=16, n_ff=128,
+                               n_dense=96, sliding_window=4, seed=0):
+    """A tiny EmbeddingGemma as convert_hf_to_gguf.py writes it with --sentence-transformers-dense-modules
+    (llama.cpp's "gemma-embedding": bidirectional Gemma 3 blocks, five sliding-window layers then a
+    global one, mean pooling, then the dense_2/dense_3 projections out to `n_dense` and back)."""
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("dense_2.weight", (n_dense, n_embd)), ("dense_3.weight", (n_embd, n_dense))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=True)
+        tensors += [(blk + part + ".weight", (n_embd,))
+                    for part in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")]
+        tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".attention.sliding_window": sliding_window,
+          ".rope.freq_base": 1000000.0, ".rope.freq_base_swa": 10000.0, ".pooling_type": 1,
+          ".dense_2_feat_in": n_embd, ".dense_2_feat_out": n_dense, ".dense_3_feat_in": n_dense,
+          ".dense_3_feat_out": n_embd}
+    return write_tiny_model(path, "gemma-embedding", kv, tensors, seed=seed)
+
+
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),
                         eos="<|im_end|>", name="scripted", context_length=4096):
     """Write a tiny llama GGUF whose greedy (and, at any sane temperature, sampled) output is `script`.

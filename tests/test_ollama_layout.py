@@ -372,6 +372,47 @@ def test_laguna_runs_as_llama_cpps_laguna(server, engine, tmp_path):
     assert edits.remove == ["laguna.rope.scaling.attn_factor"]
 
 
+def embeddings_alike(server, cpp, theirs, inputs=("The sky is blue because of Rayleigh scattering", "Cats purr")):
+    """answers_alike for embedding models: the same /api/embed vectors. Returns Ollama's edits."""
+    assert ollama.ollama_layout(ollama.read_gguf(cpp, 0), cpp) == (None, None)
+    edits, _ = ollama.ollama_layout(ollama.read_gguf(theirs, 0), theirs)
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    vectors = []
+    for model in ("cpp", "ollama"):
+        status, lines = post(server, "/api/embed", {"model": model, "input": list(inputs)})
+        assert status == 200, lines
+        vectors.append(lines[-1]["embeddings"])
+    assert len(vectors[0]) == len(inputs) and vectors[0][0] != vectors[0][1]
+    assert vectors[1] == vectors[0]
+    return edits
+
+
+# -- embeddinggemma: a gemma3 file with the sentence-transformers projections ------------------------------
+
+def test_embeddinggemma_embeds_as_llama_cpps_gemma_embedding(server, engine, tmp_path):
+    """Ollama's embeddinggemma files say gemma3 (non-causal, a sliding-window pattern array, no SWA
+    RoPE base) and name the projections dense.0/dense.1 and the last norm norm: read as llama.cpp's
+    gemma-embedding, they embed as its own file does."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_gemma_embedding(tmp_path / "embeddinggemma.gguf", seed=25)
+
+    def kv(kv):
+        out = {k.replace("gemma-embedding.", "gemma3.", 1): v for k, v in kv.items()
+               if not k.startswith(("gemma-embedding.dense_", "gemma-embedding.rope.freq_base_swa"))}
+        out["general.architecture"] = ("gemma3",) + kv["general.architecture"][1:]
+        out["gemma3.attention.causal"] = (False, T.BOOL, None)
+        out["gemma3.attention.sliding_window_pattern"] = ([True] * 5 + [False], T.ARRAY, T.BOOL)
+        return out
+    names = {"dense_2.weight": "dense.0.weight", "dense_3.weight": "dense.1.weight",
+             "output_norm.weight": "norm.weight"}
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "embeddinggemma-ollama.gguf", kv,
+                                   lambda tensors: [(names.get(n, n), t) for n, t in tensors])
+    edits = embeddings_alike(server, cpp, theirs)
+    assert edits.set["general.architecture"] == (8, "gemma-embedding")
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
