@@ -420,6 +420,37 @@ def write_tiny_gemma_embedding(path, *, n_embd=64, n_layer=6, n_head=4, n_head_k
     return write_tiny_model(path, "gemma-embedding", kv, tensors, seed=seed)
 
 
+def write_tiny_llama4(path, *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff=96, n_expert=4, n_ff_exp=32,
+                      moe_step=2, seed=0):
+    """A tiny Llama 4 text model as convert_hf_to_gguf.py writes it: every `moe_step`-th layer a MoE of
+    `n_expert` experts (top-1) with a shared expert, the rest dense; chunked attention with every
+    fourth layer global and without RoPE, q/k norms (no weights)."""
+    head_dim = n_embd // n_head
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("output.weight", ("n_vocab", n_embd))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim)
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,))]
+        if (i + 1) % moe_step:
+            tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                        (blk + "ffn_down.weight", (n_embd, n_ff))]
+            continue
+        tensors += [(blk + "ffn_gate_inp.weight", (n_expert, n_embd)),
+                    (blk + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                    (blk + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                    (blk + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp)),
+                    (blk + "ffn_gate_shexp.weight", (n_ff_exp, n_embd)),
+                    (blk + "ffn_up_shexp.weight", (n_ff_exp, n_embd)),
+                    (blk + "ffn_down_shexp.weight", (n_embd, n_ff_exp))]
+    kv = {".context_length": 4096, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".rope.dimension_count": head_dim, ".rope.freq_base": 500000.0, ".attention.layer_norm_rms_epsilon": 1e-5,
+          ".expert_count": n_expert, ".expert_used_count": 1, ".expert_feed_forward_length": n_ff_exp,
+          ".interleave_moe_layer_step": moe_step}
+    return write_tiny_model(path, "llama4", kv, tensors, seed=seed)
+
+
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),
                         eos="<|im_end|>", name="scripted", context_length=4096):
     """Write a tiny llama GGUF whose greedy (and, at any sane temperature, sampled) output is `script`.

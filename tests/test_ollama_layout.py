@@ -413,6 +413,35 @@ def test_embeddinggemma_embeds_as_llama_cpps_gemma_embedding(server, engine, tmp
     assert edits.set["general.architecture"] == (8, "gemma-embedding")
 
 
+# -- llama4: the vision tower inside the file ---------------------------------------------------------------
+
+def tower():
+    """A stand-in tensor for rewrite_gguf: part of a tower the text loader must not see."""
+    import numpy as np
+
+    class Tower:
+        data, tensor_type = np.zeros((4, 8), dtype=np.float32), 0       # GGMLQuantizationType.F32
+    return Tower
+
+
+def test_llama4_runs_its_text_side_with_the_vision_tower_inside(server, engine, tmp_path):
+    """Ollama's llama4 files hold the vision encoder and projector (v.*, mm.*) and their llama4.vision.*
+    keys beside the text model, and spell out the chunk size and q/k norm llama.cpp derives."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_llama4(tmp_path / "llama4.gguf", seed=27)
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "llama4-ollama.gguf",
+        lambda kv: dict(kv, **{"llama4.use_qk_norm": (True, T.BOOL, None),
+                               "llama4.attention.chunk_size": (8192, T.UINT32, None),
+                               "llama4.vision.block_count": (1, T.UINT32, None),
+                               "llama4.vision.embedding_length": (8, T.UINT32, None)}),
+        lambda tensors: tensors + [(name, tower()) for name in (
+            "v.patch_embedding.weight", "v.blk.0.attn_q.weight", "mm.linear_1.weight")])
+    edits = answers_alike(server, cpp, theirs, "Question: Why is the sky blue? Answer:")
+    assert edits.hide == ["v.patch_embedding.weight", "v.blk.0.attn_q.weight", "mm.linear_1.weight"]
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
