@@ -323,11 +323,14 @@ def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, see
     return _gguf_done(w, path)
 
 
-def _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=False):
-    """The attention tensors of one block (numpy shapes for write_tiny_model), with per-head q/k norms."""
+def _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=False, bias=False):
+    """The attention tensors of one block (numpy shapes for write_tiny_model), with per-head q/k norms
+    and q/k/v biases when asked."""
     q, kv = n_head * head_dim, n_head_kv * head_dim
     out = [(blk + "attn_q.weight", (q, n_embd)), (blk + "attn_k.weight", (kv, n_embd)),
            (blk + "attn_v.weight", (kv, n_embd)), (blk + "attn_output.weight", (n_embd, q))]
+    if bias:
+        out += [(blk + "attn_q.bias", (q,)), (blk + "attn_k.bias", (kv,)), (blk + "attn_v.bias", (kv,))]
     if qk_norm:
         out += [(blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,))]
     return out
@@ -449,6 +452,25 @@ def write_tiny_llama4(path, *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff
           ".expert_count": n_expert, ".expert_used_count": 1, ".expert_feed_forward_length": n_ff_exp,
           ".interleave_moe_layer_step": moe_step}
     return write_tiny_model(path, "llama4", kv, tensors, seed=seed)
+
+
+def write_tiny_qwen2vl(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, sections=(2, 3, 3, 0), seed=0):
+    """A tiny Qwen2.5-VL text model as convert_hf_to_gguf.py writes it (llama.cpp's "qwen2vl": Qwen 2
+    blocks with q/k/v biases and M-RoPE over `sections`, whose sum is half the head size)."""
+    head_dim = n_embd // n_head
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("output.weight", ("n_vocab", n_embd))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim, bias=True)
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
+                    (blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+    kv = {".context_length": 4096, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".rope.freq_base": 1000000.0, ".attention.layer_norm_rms_epsilon": 1e-6,
+          ".rope.dimension_sections": list(sections)}
+    return write_tiny_model(path, "qwen2vl", kv, tensors, seed=seed)
 
 
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),

@@ -442,6 +442,30 @@ def test_llama4_runs_its_text_side_with_the_vision_tower_inside(server, engine, 
     assert edits.hide == ["v.patch_embedding.weight", "v.blk.0.attn_q.weight", "mm.linear_1.weight"]
 
 
+# -- qwen2.5-vl: another architecture name, three M-RoPE sections, the vision tower inside ------------------
+
+def test_qwen25vl_runs_as_llama_cpps_qwen2vl(server, engine, tmp_path):
+    """Ollama's qwen2.5-vl files say qwen25vl, give M-RoPE's sections as rope.mrope_section (three, not
+    llama.cpp's four) and hold the vision tower and its qwen25vl.vision.* keys."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_qwen2vl(tmp_path / "qwen2vl.gguf", seed=29)
+
+    def kv(kv):
+        out = {k.replace("qwen2vl.", "qwen25vl.", 1): v for k, v in kv.items()
+               if k != "qwen2vl.rope.dimension_sections"}
+        out["general.architecture"] = ("qwen25vl",) + kv["general.architecture"][1:]
+        out["qwen25vl.rope.mrope_section"] = ([2, 3, 3], T.ARRAY, T.INT32)
+        out["qwen25vl.vision.block_count"] = (1, T.UINT32, None)
+        out["qwen25vl.vision.fullatt_block_indexes"] = ([0], T.ARRAY, T.INT32)
+        return out
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "qwen25vl-ollama.gguf", kv, lambda tensors: tensors + [
+        (name, tower()) for name in ("v.patch_embd_0.weight", "v.blk.0.attn_q.weight", "v.merger.mlp.0.weight")])
+    edits = answers_alike(server, cpp, theirs, "Question: Why is the sky blue? Answer:")
+    assert edits.set["qwen2vl.rope.dimension_sections"] == (9, (5, [2, 3, 3, 0]))
+    assert len(edits.hide) == 3
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
