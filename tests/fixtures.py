@@ -281,39 +281,36 @@ def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, see
     """A tiny random-weight model of any architecture, laid out as the caller says: the writer behind
     the per-family tests, which pass what llama.cpp's model loader reads (src/models/<arch>.cpp).
 
-    `kv` maps keys to values; a key starting with "." is under the architecture ("." + "block_count"
+    `kv` (and `tokenizer`) map keys to values; a key starting with "." is under the architecture ("." + "block_count"
     is "<arch>.block_count"). The Python type picks the GGUF type: bool, int (UINT32; a negative one
     INT32), float (FLOAT32), str, or a list of them (an array; ints as INT32), or give (value, type,
     sub type) for anything else. `tensors` is [(name, numpy shape)] (ggml's ne reversed: (rows, cols)),
     where "n_vocab" in a shape is the vocabulary size: names ending in "norm.weight" get 1 plus
     noise, the rest small random values, all F32 from a seeded RNG (same arguments, same bytes). The
     tokenizer is copied from llama.cpp's models/ggml-vocab-<vocab>.gguf (default llama-spm), or is
-    `tokenizer` ({key: (value, type, sub type)}) when given. Returns the Path."""
+    `tokenizer` ({key: value}) when given. Returns the Path."""
     import numpy as np
     import gguf
 
     T = gguf.GGUFValueType
-    tok = tokenizer if tokenizer is not None else _tokenizer_kv(str(_vocab_path(vocab, cache)))
-    n_vocab = len(tok["tokenizer.ggml.tokens"][0])
-    path = Path(path)
-    w = _gguf_writer(path, arch)
-    w.add_name(name or "tiny-" + arch)
-
     def typed(value):
         if isinstance(value, tuple):
             return value
         if isinstance(value, list):
-            return value, T.ARRAY, typed(value[0])[1]
+            sub = typed(value[0])[1]
+            return value, T.ARRAY, T.INT32 if sub == T.UINT32 else sub
         kind = {bool: T.BOOL, float: T.FLOAT32, str: T.STRING}.get(type(value))
         return value, kind or (T.INT32 if value < 0 else T.UINT32), None
-    for key, value in sorted(tok.items()):
+
+    tok = tokenizer if tokenizer is not None else _tokenizer_kv(str(_vocab_path(vocab, cache)))
+    n_vocab = len(typed(tok["tokenizer.ggml.tokens"])[0])
+    path = Path(path)
+    w = _gguf_writer(path, arch)
+    w.add_name(name or "tiny-" + arch)
+    for key, value in list(sorted(tok.items())) + list(kv.items()):
         if key != "tokenizer.chat_template":
-            w.add_key_value(key, value[0], value[1], sub_type=value[2])
-    for key, value in kv.items():
-        value, vtype, sub = typed(value)
-        if vtype == T.ARRAY and sub == T.UINT32:
-            sub = T.INT32
-        w.add_key_value(arch + key if key.startswith(".") else key, value, vtype, sub_type=sub)
+            value, vtype, sub = typed(value)
+            w.add_key_value(arch + key if key.startswith(".") else key, value, vtype, sub_type=sub)
     rng = np.random.default_rng(seed)
     for tname, shape in tensors:
         shape = tuple(n_vocab if n == "n_vocab" else n for n in shape)
@@ -471,6 +468,51 @@ def write_tiny_qwen2vl(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_f
           ".rope.freq_base": 1000000.0, ".attention.layer_norm_rms_epsilon": 1e-6,
           ".rope.dimension_sections": list(sections)}
     return write_tiny_model(path, "qwen2vl", kv, tensors, seed=seed)
+
+
+def tiny_charsmap():
+    """A SentencePiece precompiled charsmap (the bytes llama.cpp's UGM tokenizer reads) that
+    normalises "A" to "a" and leaves the rest: a 256-node XOR-compressed double array whose root's
+    child "A" is a leaf pointing at the replacement "a", then the replacement strings."""
+    import struct
+    nodes = [0] * 256                                    # root (node 0): base 0, so child c is node c
+    nodes[0x41] = (3 << 10) | (1 << 8) | 0x41            # "A": check 0x41, leaf, base 3 -> node 0x42
+    nodes[0x42] = (1 << 31) | 0                          # its value: offset 0 in the replacements
+    return struct.pack("<I", 4 * len(nodes)) + struct.pack("<%dI" % len(nodes), *nodes) + b"a\0"
+
+
+def write_tiny_xlm_roberta(path, *, n_embd=64, n_layer=2, n_head=4, n_ff=128, n_ctx_train=512, seed=0):
+    """A tiny snowflake-arctic-embed2 (XLM-RoBERTa) as convert_hf_to_gguf.py writes it: llama.cpp's
+    "bert" with CLS pooling and a T5 (Unigram) tokenizer of a few dozen pieces whose precompiled
+    charsmap is tiny_charsmap()."""
+    import gguf
+    T = gguf.GGUFValueType
+    words = ["the", "sky", "is", "blue", "because", "of", "scattering", "cats", "purr", "a"]
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", "\u2581"] + ["\u2581" + w for w in words]
+    pieces += list("abcdefghijklmnopqrstuvwxyz")
+    types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.UNKNOWN] + [gguf.TokenType.NORMAL] * (len(pieces) - 4)
+    scores = [0.0] * 4 + [-1.0 - i * 0.1 for i in range(len(pieces) - 4)]
+    tok = {"model": "t5", "pre": "default", "tokens": pieces, "scores": scores, "token_type": [int(t) for t in types],
+           "add_space_prefix": True, "token_type_count": 1, "remove_extra_whitespaces": True,
+           "precompiled_charsmap": (list(tiny_charsmap()), T.ARRAY, T.UINT8), "bos_token_id": 0, "eos_token_id": 2,
+           "unknown_token_id": 3, "padding_token_id": 1, "seperator_token_id": 2, "cls_token_id": 0,
+           "add_bos_token": True, "add_eos_token": True}
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("token_types.weight", (1, n_embd)),
+               ("position_embd.weight", (n_ctx_train, n_embd)), ("token_embd_norm.weight", (n_embd,)),
+               ("token_embd_norm.bias", (n_embd,))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head, n_embd // n_head, bias=True)
+        tensors += [(blk + "attn_output.bias", (n_embd,)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_up.bias", (n_ff,)), (blk + "ffn_down.weight", (n_embd, n_ff)),
+                    (blk + "ffn_down.bias", (n_embd,))]
+        tensors += [(blk + norm + part, (n_embd,)) for norm in ("attn_output_norm", "layer_output_norm")
+                    for part in (".weight", ".bias")]
+    kv = {".context_length": n_ctx_train, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.layer_norm_epsilon": 1e-5,
+          ".attention.causal": False, ".pooling_type": 2}
+    tok = {"tokenizer.ggml." + k: v for k, v in tok.items()}
+    return write_tiny_model(path, "bert", kv, tensors, tokenizer=tok, seed=seed)
 
 
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),

@@ -466,6 +466,23 @@ def test_qwen25vl_runs_as_llama_cpps_qwen2vl(server, engine, tmp_path):
     assert len(edits.hide) == 3
 
 
+# -- snowflake-arctic-embed2: the precompiled charsmap as base64 characters ---------------------------------
+
+def test_snowflake_arctic_embed2_embeds_as_llama_cpps_bert(server, engine, tmp_path):
+    """Ollama's snowflake-arctic-embed2 stores the T5 tokenizer's precompiled charsmap as one base64
+    character per string (llama.cpp refuses anything but bytes): decoded, it embeds as llama.cpp's file
+    does, normalisation included ("A" is "a" through the charsmap)."""
+    import gguf
+    cpp = fixtures.write_tiny_xlm_roberta(tmp_path / "snowflake.gguf", seed=31)
+    chars = list(base64.b64encode(fixtures.tiny_charsmap()).decode())
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "snowflake-ollama.gguf", lambda kv: dict(kv, **{
+        "tokenizer.ggml.precompiled_charsmap": (chars, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)}))
+    edits = embeddings_alike(server, cpp, theirs, ("the sky is blue because of scattering", "cats purr", "A sky"))
+    assert edits.set == {"tokenizer.ggml.precompiled_charsmap": (9, (0, list(fixtures.tiny_charsmap())))}
+    vectors = post(server, "/api/embed", {"model": "ollama", "input": ["A sky", "a sky", "b sky"]})[1][-1]["embeddings"]
+    assert vectors[0] == vectors[1] != vectors[2]
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
