@@ -281,12 +281,14 @@ def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, see
     """A tiny random-weight model of any architecture, laid out as the caller says: the writer behind
     the per-family tests, which pass what llama.cpp's model loader reads (src/models/<arch>.cpp).
 
-    `kv` (and `tokenizer`) map keys to values; a key starting with "." is under the architecture ("." + "block_count"
-    is "<arch>.block_count"). The Python type picks the GGUF type: bool, int (UINT32; a negative one
-    INT32), float (FLOAT32), str, or a list of them (an array; ints as INT32), or give (value, type,
-    sub type) for anything else. `tensors` is [(name, numpy shape)] (ggml's ne reversed: (rows, cols)),
-    where "n_vocab" in a shape is the vocabulary size: names ending in "norm.weight" get 1 plus
-    noise, the rest small random values, all F32 from a seeded RNG (same arguments, same bytes). The
+    `kv` (and `tokenizer`) map keys to values; a key starting with "." is under the architecture
+    ("." + "block_count" is "<arch>.block_count"). The Python type picks the GGUF type: bool, int
+    (UINT32; a negative one INT32), float (FLOAT32), str, or a list of them (an array; ints as INT32),
+    or give (value, type, sub type) for anything else. `tensors` is [(name, numpy shape)] (ggml's ne
+    reversed: (rows, cols)), where "n_vocab" in a shape is the vocabulary size: norm weights (a "norm"
+    in the name's last part but one, and ".weight") get 1 plus noise, the rest small random values,
+    all F32 from a seeded RNG (same arguments, same bytes); a numpy array instead of a shape is the
+    tensor's data. The
     tokenizer is copied from llama.cpp's models/ggml-vocab-<vocab>.gguf (default llama-spm), or is
     `tokenizer` ({key: value}) when given. Returns the Path."""
     import numpy as np
@@ -313,9 +315,13 @@ def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, see
             w.add_key_value(arch + key if key.startswith(".") else key, value, vtype, sub_type=sub)
     rng = np.random.default_rng(seed)
     for tname, shape in tensors:
+        if hasattr(shape, "dtype"):
+            w.add_tensor(tname, shape)
+            continue
         shape = tuple(n_vocab if n == "n_vocab" else n for n in shape)
         noise = rng.standard_normal(shape)
-        data = 1.0 + 0.1 * noise if tname.endswith("norm.weight") else 0.05 * noise
+        is_norm = tname.endswith(".weight") and "norm" in tname.split(".")[-2]
+        data = 1.0 + 0.1 * noise if is_norm else 0.05 * noise
         w.add_tensor(tname, data.astype(np.float32))
     return _gguf_done(w, path)
 
@@ -513,6 +519,78 @@ def write_tiny_xlm_roberta(path, *, n_embd=64, n_layer=2, n_head=4, n_ff=128, n_
           ".attention.causal": False, ".pooling_type": 2}
     tok = {"tokenizer.ggml." + k: v for k, v in tok.items()}
     return write_tiny_model(path, "bert", kv, tensors, tokenizer=tok, seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def gemma4_vocab(n_tokens=4096, cache=None):
+    """The first `n_tokens` of llama.cpp's Gemma 4 vocabulary (models/ggml-vocab-gemma-4.gguf: the
+    control tokens, the byte tokens, the commonest pieces), then its single ASCII characters and
+    "\u2581" (BPE's starting symbols, far down the list), with the BPE merges among them, as
+    {key: (value, type, sub type)} for write_tiny_model: 262144 rows of token_embd are too many for a
+    tiny model. Read with ollama.read_gguf (gguf-py takes half a minute over its 777k strings)."""
+    import gguf
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import ollama
+
+    T = gguf.GGUFValueType
+    kv = ollama.read_gguf(_vocab_path("ggml-vocab-gemma-4.gguf", cache)).kv
+    ids = list(range(n_tokens))                          # and the ASCII characters and "\u2581" BPE starts from
+    ids += [i for i, t in enumerate(kv["tokenizer.ggml.tokens"]) if i >= n_tokens and len(t) == 1
+            and (t < "\x80" or t == "\u2581")]
+    tokens = [kv["tokenizer.ggml.tokens"][i] for i in ids]
+    kept = set(tokens)
+    merges = [m for m in kv["tokenizer.ggml.merges"]
+              if m.partition(" ")[0] in kept and m.partition(" ")[2] in kept and m.replace(" ", "", 1) in kept]
+    out = {"tokenizer.ggml.model": ("gemma4", T.STRING, None), "tokenizer.ggml.tokens": (tokens, T.ARRAY, T.STRING),
+           "tokenizer.ggml.scores": ([kv["tokenizer.ggml.scores"][i] for i in ids], T.ARRAY, T.FLOAT32),
+           "tokenizer.ggml.token_type": ([kv["tokenizer.ggml.token_type"][i] for i in ids], T.ARRAY, T.INT32),
+           "tokenizer.ggml.merges": (merges, T.ARRAY, T.STRING)}
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "mask_token_id"):
+        out["tokenizer.ggml." + key] = (kv["tokenizer.ggml." + key], T.UINT32, None)
+    for key in ("add_space_prefix", "add_bos_token"):
+        out["tokenizer.ggml." + key] = (kv["tokenizer.ggml." + key], T.BOOL, None)
+    return out
+
+
+def write_tiny_gemma4(path, *, n_embd=64, pattern=(True, False, True), n_head=2, n_head_kv=1, head_dim=32,
+                      head_dim_swa=16, n_ff=96, n_expert=4, n_ff_exp=32, moe_layers=(1,), sliding_window=4, seed=0):
+    """A tiny Gemma 4 (text) as convert_hf_to_gguf.py writes it: sliding-window and global layers
+    (`pattern`, True for sliding) with their own head sizes, the global layers' proportional RoPE as
+    rope_freqs (a quarter of the dims rotated), q/k norms, a dense FFN in every layer and, in
+    `moe_layers`, a routed MoE beside it with its per-expert output scale; the first tokens of Gemma
+    4's BPE vocabulary (gemma4_vocab)."""
+    import numpy as np
+    rotated = head_dim // 8                              # pairs: a quarter of the dims, then 1e30 (not rotated)
+    freqs = np.array([1.0] * rotated + [1e30] * (head_dim // 2 - rotated), dtype=np.float32)
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("rope_freqs.weight", freqs)]
+    for i, swa in enumerate(pattern):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim_swa if swa else head_dim, qk_norm=True)
+        tensors += [(blk + part + ".weight", (n_embd,))
+                    for part in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")]
+        tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+        if i in moe_layers:
+            tensors += [(blk + part + ".weight", (n_embd,)) for part in ("pre_ffw_norm_2", "post_ffw_norm_1",
+                                                                         "post_ffw_norm_2")]
+            tensors += [(blk + "ffn_gate_inp.weight", (n_expert, n_embd)), (blk + "ffn_gate_inp.scale", (n_embd,)),
+                        (blk + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                        (blk + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                        (blk + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp)),
+                        (blk + "ffn_down_exps.scale", (n_expert,))]
+    kv = {".context_length": 4096, ".embedding_length": n_embd, ".block_count": len(pattern),
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".attention.key_length_swa": head_dim_swa, ".attention.value_length_swa": head_dim_swa,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".attention.sliding_window": sliding_window,
+          ".attention.sliding_window_pattern": list(pattern), ".attention.shared_kv_layers": 0,
+          ".embedding_length_per_layer_input": 0, ".rope.freq_base": 1000000.0, ".rope.freq_base_swa": 10000.0,
+          ".rope.dimension_count": head_dim, ".rope.dimension_count_swa": head_dim_swa,
+          ".final_logit_softcapping": 30.0, ".expert_count": n_expert, ".expert_used_count": 2,
+          ".expert_feed_forward_length": n_ff_exp}
+    return write_tiny_model(path, "gemma4", kv, tensors, tokenizer=gemma4_vocab(), seed=seed)
 
 
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),

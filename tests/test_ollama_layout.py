@@ -483,6 +483,42 @@ def test_snowflake_arctic_embed2_embeds_as_llama_cpps_bert(server, engine, tmp_p
     assert vectors[0] == vectors[1] != vectors[2]
 
 
+# -- gemma4: the tokenizer named llama, the per-expert scale's name, audio and vision towers inside ----------
+
+def test_gemma4_runs_its_text_side_as_llama_cpps_gemma4(server, engine, tmp_path):
+    """Ollama's gemma4 files name the BPE tokenizer llama (read as SentencePiece, the text is cut
+    otherwise), call the MoE's per-expert scale ffn_gate_inp.per_expert_scale, and hold the audio
+    and vision towers (a.*, v.*, mm.*) and their keys."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_gemma4(tmp_path / "gemma4.gguf", seed=33)
+    towers = ("a.conv1d.0.weight", "a.blk.0.attn_q.weight", "v.patch_embd.weight", "v.blk.0.attn_q.weight",
+              "mm.input_projection.weight")
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "gemma4-ollama.gguf",
+        lambda kv: dict(kv, **{"tokenizer.ggml.model": ("llama", T.STRING, None),
+                               "tokenizer.ggml.pre": ("gemma4", T.STRING, None),
+                               "gemma4.vision.block_count": (1, T.UINT32, None),
+                               "gemma4.audio.block_count": (1, T.UINT32, None)}),
+        lambda tensors: [(n.replace(".ffn_down_exps.scale", ".ffn_gate_inp.per_expert_scale"), t) for n, t in tensors]
+        + [(name, tower()) for name in towers])
+    prompt = "the thermodynamics of tea kettles"
+    edits = answers_alike(server, cpp, theirs, prompt)
+    assert edits.set == {"tokenizer.ggml.model": (8, "gemma4")} and edits.hide == list(towers)
+    assert edits.rename == [("blk.1.ffn_gate_inp.per_expert_scale", "blk.1.ffn_down_exps.scale")]
+    # the gap is real: read as SentencePiece, the same text is cut into other tokens
+    spm = fixtures.rewrite_gguf(cpp, tmp_path / "gemma4-spm.gguf", lambda kv: dict(
+        kv, **{"tokenizer.ggml.model": ("llama", T.STRING, None)}))
+    tokens = []
+    for path in (cpp, spm):
+        runner = ollama.Runner(str(engine), path, num_ctx=256, log_path=tmp_path / "r.log").start(60)
+        try:
+            tokens.append(runner.tokenize(prompt))
+        finally:
+            runner.stop()
+    assert tokens[0] != tokens[1]
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
