@@ -279,7 +279,8 @@ def write_tiny_gpt_oss(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, hea
     return _gguf_done(w, path)
 
 
-def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, seed=0, name=None, cache=None):
+def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, seed=0, name=None, cache=None,
+                     ggml_order=False):
     """A tiny random-weight model of any architecture, laid out as the caller says: the writer behind
     the per-family tests, which pass what llama.cpp's model loader reads (src/models/<arch>.cpp).
 
@@ -287,12 +288,13 @@ def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, see
     ("." + "block_count" is "<arch>.block_count"). The Python type picks the GGUF type: bool, int
     (UINT32; a negative one INT32), float (FLOAT32), str, or a list of them (an array; ints as INT32),
     or give (value, type, sub type) for anything else. `tensors` is [(name, numpy shape)] (ggml's ne
-    reversed: (rows, cols)), where "n_vocab" in a shape is the vocabulary size: norm weights (a "norm"
-    in the name's last part but one, and ".weight") get 1 plus noise, the rest small random values,
-    all F32 from a seeded RNG (same arguments, same bytes); a numpy array instead of a shape is the
-    tensor's data. The
-    tokenizer is copied from llama.cpp's models/ggml-vocab-<vocab>.gguf (default llama-spm), or is
-    `tokenizer` ({key: value}) when given. Returns the Path."""
+    reversed: (rows, cols); with ggml_order, ne itself, as llama-model.cpp's create_tensor calls give
+    it), where "n_vocab" in a shape is the vocabulary size: norm weights (a "norm" in the name's last
+    part but one, and ".weight") get 1 plus noise, ssm_a (a decay) negative values, the rest small
+    random values, all F32 from a seeded RNG (same arguments, same bytes); a numpy array instead of a
+    shape is the tensor's data. The tokenizer is copied from llama.cpp's models/ggml-vocab-<vocab>.gguf
+    (default llama-spm; keys `kv` sets are left to it), or is `tokenizer` ({key: value}) when given.
+    Returns the Path."""
     import numpy as np
     import gguf
 
@@ -311,7 +313,9 @@ def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, see
     path = Path(path)
     w = _gguf_writer(path, arch)
     w.add_name(name or "tiny-" + arch)
-    for key, value in list(sorted(tok.items())) + list(kv.items()):
+    if "general.file_type" not in kv:
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key, value in [(k, v) for k, v in sorted(tok.items()) if k not in kv] + list(kv.items()):
         if key != "tokenizer.chat_template":
             value, vtype, sub = typed(value)
             w.add_key_value(arch + key if key.startswith(".") else key, value, vtype, sub_type=sub)
@@ -321,9 +325,10 @@ def write_tiny_model(path, arch, kv, tensors, *, vocab=None, tokenizer=None, see
             w.add_tensor(tname, shape)
             continue
         shape = tuple(n_vocab if n == "n_vocab" else n for n in shape)
+        shape = tuple(reversed(shape)) if ggml_order else shape
         noise = rng.standard_normal(shape)
         is_norm = tname.endswith(".weight") and "norm" in tname.split(".")[-2]
-        data = 1.0 + 0.1 * noise if is_norm else 0.05 * noise
+        data = 1.0 + 0.1 * noise if is_norm else -0.5 - np.abs(noise) if tname.endswith(".ssm_a") else 0.05 * noise
         w.add_tensor(tname, data.astype(np.float32))
     return _gguf_done(w, path)
 
@@ -745,56 +750,6 @@ def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_e
 
 
 
-def n_vocab(vocab=None, cache=None):
-    """How many tokens write_tiny_gguf's (and write_tiny_arch's) tokenizer `vocab` has."""
-    return len(_tokenizer_kv(str(_vocab_path(vocab, cache)))["tokenizer.ggml.tokens"][0])
-
-
-def write_tiny_arch(path, arch, kv, tensors, *, seed=0, vocab=None, cache=None):
-    """A tiny random-weight GGUF of any architecture llama.cpp loads, for the families write_tiny_gguf
-    does not write. `kv` is {key: value or (value, GGUFValueType[, element type])}, a key starting
-    with "." under the architecture's prefix (ints are UINT32, floats FLOAT32, lists of ints INT32
-    arrays); `tensors` is [(name, ne)] with ne in ggml's order, as llama-model.cpp's create_tensor
-    calls give it. All F32 from a seeded RNG: norms are ones, ssm_a (a decay) negative, the rest
-    N(0, 0.05). The tokenizer is write_tiny_gguf's. Returns the Path."""
-    import numpy as np
-    import gguf
-
-    T = gguf.GGUFValueType
-    path = Path(path)
-    w = _gguf_writer(path, arch)
-    w.add_name("tiny-" + arch)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for key, value in kv.items():
-        key = arch + key if key.startswith(".") else key
-        if isinstance(value, tuple):
-            w.add_key_value(key, value[0], value[1], sub_type=value[2] if len(value) > 2 else None)
-        elif isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_key_value(key, list(value), T.ARRAY, sub_type=T.INT32)
-    for key, (value, vtype, sub) in sorted(_tokenizer_kv(str(_vocab_path(vocab, cache))).items()):
-        if key != "tokenizer.chat_template" and key not in kv:
-            w.add_key_value(key, value, vtype, sub_type=sub)
-    rng = np.random.default_rng(seed)
-    for name, ne in tensors:
-        shape = tuple(reversed(ne))
-        if "norm" in name:
-            data = np.ones(shape, dtype=np.float32)
-        elif name.endswith(".ssm_a"):
-            data = -np.abs(rng.standard_normal(shape)).astype(np.float32) - 0.5
-        else:
-            data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        w.add_tensor(name, data)
-    return _gguf_done(w, path)
-
-
 def write_tiny_qwen3next(path, arch="qwen3next", *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, head_dim=16,
                          n_expert=4, n_ff=32, seed=0, cache=None):
     """A tiny random-weight Qwen3-Next (llama.cpp's "qwen3next"), or with `arch` "qwen35" / "qwen35moe"
@@ -816,7 +771,7 @@ def write_tiny_qwen3next(path, arch="qwen3next", *, n_embd=64, n_layer=4, n_head
                    ".expert_shared_feed_forward_length": n_ff})
     if arch != "qwen3next":
         kv[".rope.dimension_sections"] = [2, 1, 1, 0]            # M-RoPE over the 8 rotated dimensions
-    nv = n_vocab(cache=cache)
+    nv = "n_vocab"                                          # write_tiny_model puts the size in
     tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv))]
     for i in range(n_layer):
         blk = "blk.%d." % i
@@ -847,7 +802,7 @@ def write_tiny_qwen3next(path, arch="qwen3next", *, n_embd=64, n_layer=4, n_head
                     (blk + "ffn_gate_shexp.weight", (n_embd, n_ff)),
                     (blk + "ffn_up_shexp.weight", (n_embd, n_ff)),
                     (blk + "ffn_down_shexp.weight", (n_ff, n_embd))]
-    return write_tiny_arch(path, arch, kv, tensors, seed=seed, cache=cache)
+    return write_tiny_model(path, arch, kv, tensors, seed=seed, cache=cache, ggml_order=True)
 
 
 def write_tiny_deepseek2(path, arch="deepseek2", *, n_embd=64, n_layer=2, n_head=4, n_expert=4, n_ff=64,
@@ -870,7 +825,7 @@ def write_tiny_deepseek2(path, arch="deepseek2", *, n_embd=64, n_layer=2, n_head
                    ".attention.kv_lora_rank": kv_lora, ".rope.dimension_count": rope, ".expert_gating_func": 2,
                    ".expert_weights_norm": True, ".expert_weights_scale": 1.0, ".expert_group_count": 1,
                    ".expert_group_used_count": 1})
-    nv = n_vocab(cache=cache)
+    nv = "n_vocab"                                          # write_tiny_model puts the size in
     tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv))]
     for i in range(n_layer):
         blk = "blk.%d." % i
@@ -896,7 +851,7 @@ def write_tiny_deepseek2(path, arch="deepseek2", *, n_embd=64, n_layer=2, n_head
                     (blk + "ffn_gate_shexp.weight", (n_embd, n_ff_exp)),
                     (blk + "ffn_up_shexp.weight", (n_embd, n_ff_exp)),
                     (blk + "ffn_down_shexp.weight", (n_ff_exp, n_embd))]
-    return write_tiny_arch(path, arch, kv, tensors, seed=seed, cache=cache)
+    return write_tiny_model(path, arch, kv, tensors, seed=seed, cache=cache, ggml_order=True)
 
 
 def write_tiny_nemotron_h_moe(path, *, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, n_expert=4, n_ff_exp=16,
@@ -915,7 +870,7 @@ def write_tiny_nemotron_h_moe(path, *, n_embd=64, n_head=4, n_head_kv=2, head_di
           ".ssm.group_count": n_group, ".expert_count": n_expert, ".expert_used_count": 2,
           ".expert_feed_forward_length": n_ff_exp, ".expert_shared_feed_forward_length": n_ff_shexp,
           ".expert_weights_norm": True, ".expert_weights_scale": 2.5, ".moe_latent_size": latent}
-    nv = n_vocab(cache=cache)
+    nv = "n_vocab"                                          # write_tiny_model puts the size in
     conv = d_inner + 2 * n_group * d_state
     tensors = [("token_embd.weight", (n_embd, nv)), ("output_norm.weight", (n_embd,)), ("output.weight", (n_embd, nv)),
                ("blk.0.ssm_in.weight", (n_embd, 2 * d_inner + 2 * n_group * d_state + n_ssm_head)),
@@ -933,7 +888,7 @@ def write_tiny_nemotron_h_moe(path, *, n_embd=64, n_head=4, n_head_kv=2, head_di
                ("blk.2.ffn_down_shexp.weight", (n_ff_shexp, n_embd)),
                ("blk.2.ffn_up_shexp.weight", (n_embd, n_ff_shexp))]
     tensors += [("blk.%d.attn_norm.weight" % i, (n_embd,)) for i in range(3)]
-    return write_tiny_arch(path, "nemotron_h_moe", kv, tensors, seed=seed, cache=cache)
+    return write_tiny_model(path, "nemotron_h_moe", kv, tensors, seed=seed, cache=cache, ggml_order=True)
 
 
 def write_tiny_gemma3n(path, *, n_embd=64, n_layer=1, n_head=4, n_head_kv=2, head_dim=16, n_ff=128, seed=0,
@@ -953,7 +908,7 @@ def write_tiny_gemma3n(path, *, n_embd=64, n_layer=1, n_head=4, n_head_kv=2, hea
                                                  gguf.GGUFValueType.BOOL),
           ".rope.freq_base": 1000000.0, ".rope.freq_base_swa": 10000.0,
           ".embedding_length_per_layer_input": n_embd_altup}
-    nv = n_vocab(cache=cache)
+    nv = "n_vocab"                                          # write_tiny_model puts the size in
     tensors = [("token_embd.weight", (n_embd, nv)), ("altup_proj.weight", (n_embd, n_embd, n_altup - 1)),
                ("altup_unembd_proj.weight", (n_embd, n_embd, n_altup - 1)),
                ("per_layer_token_embd.weight", (n_embd_altup * n_layer, nv)),
@@ -976,7 +931,7 @@ def write_tiny_gemma3n(path, *, n_embd=64, n_layer=1, n_head=4, n_head_kv=2, hea
                     (blk + "altup_router.weight", (n_embd, n_altup)), (blk + "altup_router_norm.weight", (n_embd,)),
                     (blk + "laurel_l.weight", (n_embd, laurel_rank)), (blk + "laurel_r.weight", (laurel_rank, n_embd)),
                     (blk + "laurel_post_norm.weight", (n_embd,))]
-    return write_tiny_arch(path, "gemma3n", kv, tensors, seed=seed, cache=cache)
+    return write_tiny_model(path, "gemma3n", kv, tensors, seed=seed, cache=cache, ggml_order=True)
 
 
 def rewrite_gguf(src, dst, edit_kv=None, edit_tensors=None):
