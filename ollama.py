@@ -71,6 +71,15 @@ loaded runners in the ``Scheduler``; downloads in flight in ``Transfers``; the b
 the server's ``served_blobs``. At module level there are only constants, the logger and the two tables the
 decorators fill at import: ``ROUTES`` and ``COMMANDS``.
 
+Finding things, for example: a pull that resumes a blob is Registry == client (``pull_model`` ->
+``Transfers`` -> ``_BlobDownload``, whose ``-partial`` file and ranged requests pick up where a
+killed pull stopped); /v1/messages is HTTP API == Anthropic compatibility (``v1_messages``, which
+forwards to ``api_chat``); a runner killed by SIGILL (an engine built for another CPU) is explained
+by Runner's ``RUNNER_SIGNALS`` and ``runner_exit_error``; /v2 serving a blob is HTTP API == a
+read-only OCI registry (``v2_get`` -> ``_oci_blob``, a ``FileResponse`` of the stored file);
+thinking is parsed by Templates == output parsers (``ThinkingParser``, fed by ``_api_chat_chunks``
+through a ``Turn``).
+
 To add an endpoint: write ``@route("POST", "/api/thing")`` over ``def api_thing(req):`` in its
 part of HTTP API; read the body with ``req.json()`` and ``check_fields`` (Go's exact unmarshal
 errors), raise an ``OllamaError`` subclass for an error, and return a dict (JSON), a ``Stream``
@@ -78,7 +87,7 @@ or a ``Response``. Runners only through ``with _schedule(...) as lease:``. Test 
 ``server`` fixture (tests/test_api.py). To add a command: write ``@command("thing",
 argument("model"), ...)`` over ``def cmd_thing(args):`` (its docstring's first line is its help,
 the rest its description), talk to the server through ``_client()``, return the exit status,
-and add it to README.md.
+and add it to README.md's table of commands (tests/test_docs.py checks it is there).
 """
 
 __version__ = "0.1.0"
@@ -117,7 +126,7 @@ from pathlib import Path
 ###############################################################################
 # Defaults, and the environment read once into Config.
 
-API_VERSION = "0.14.0"            # the Ollama release whose API we implement (/api/version; README "Versions")
+API_VERSION = "0.14.0"            # the Ollama release whose API we implement (/api/version; docs/api.md "Versions")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
 DEFAULT_REGISTRY = "registry.ollama.ai"
@@ -197,6 +206,8 @@ class Config:
     """Everything the environment decides, read once (OLLAMA_* variables, see `serve --help`)."""
 
     def __init__(self, environ=None):
+        """Read `environ` (os.environ by default) once: bad numbers and durations are warned about and
+        fall back to their defaults; a `unix:` OLLAMA_HOST without a path is an OllamaError."""
         env = os.environ if environ is None else environ
         self.unix = parse_unix_host(_env(env, "OLLAMA_HOST"))   # a socket path: serve listens only there
         self.socket_group = _env(env, "OLLAMA_SOCKET_GROUP")    # a group that may use it too (0660)
@@ -2170,7 +2181,7 @@ def _llava_projector_edits(g, path):
 
 
 #: architecture -> (text edits, projector edits): each takes (GGUF header, path) and returns GGUFEdits
-#: or None when the file is already in llama.cpp's layout. README.md's family table says what is tested.
+#: or None when the file is already in llama.cpp's layout. docs/models.md's family table says what is tested.
 OLLAMA_LAYOUTS = {
     "gemma3": (_gemma3_family_edits, _gemma3_clip_edits),
     "llama": (_llama3_edits, None),
@@ -7988,7 +7999,12 @@ class OllamaServer:
         owned by that group), with its directory made if missing (0700). A socket file left by a
         killed serve (nothing accepts on it) is replaced; one a live server answers on is an error."""
         if not self.unix:
-            return super().server_bind()
+            try:
+                return super().server_bind()
+            except OSError as e:                 # Go's net.Listen text, not a traceback
+                host, port = self.server_address[:2]
+                raise OllamaError("listen tcp %s:%d: bind: %s" % ("[%s]" % host if ":" in host else host, port,
+                                  (e.strerror or str(e)).lower())) from None
         gid = _socket_group(self.config.socket_group)
         path = self.unix
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)

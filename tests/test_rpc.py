@@ -123,7 +123,7 @@ def test_a_split_computes_what_one_machine_computes_without_weight_repacking(gem
         """The largest logprob difference over the tokens both top-5s name, over all prompts (nats)."""
         return max(abs(x[t] - y[t]) for x, y in zip(runs[a], runs[b]) for t in set(x) & set(y))
     assert gap("split", "plain") < 0.01
-    assert gap("split", "repacked") > 0.01       # what the README explains; if it ever vanishes, say so there
+    assert gap("split", "repacked") > 0.01       # what docs/engine.md explains; if it ever vanishes, say so there
 
 
 def test_a_worker_killed_mid_stream_is_named_and_the_next_request_is_served(server, gemma, llama_server_bin,

@@ -36,6 +36,19 @@ def start_serve(home, env_extra=None, script=ROOT / "ollama.py"):
     raise AssertionError("serve did not start: %s" % proc.stderr.read().decode())
 
 
+def test_serve_on_a_port_in_use_says_so_as_ollama_does(ollama_home):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, HOME=str(ollama_home), OLLAMA_HOST="127.0.0.1:%d" % port)
+        done = subprocess.run([sys.executable, str(ROOT / "ollama.py"), "serve"], env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == "Error: listen tcp 127.0.0.1:%d: bind: address already in use" % port
+
+
 def _post(port, path, body):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", path, body=json.dumps(body))
