@@ -25,7 +25,8 @@ and parts into pieces by ``# --`` lines.
                    _Wire: one raw HTTP/1.1 exchange (the token relay, runner calls, the CLI's Client);
                    Metrics: the counters /metrics serves
     Names          Name: host/namespace/model:tag as Ollama parses, displays and compares them
-    Store          Store: ~/.ollama/models (blobs/sha256-*, manifests/...), its lock, atomic writes
+    Store          Store: ~/.ollama/models (blobs/sha256-*, manifests/...), its lock, atomic writes;
+                   file_digest; a local file imported as a blob without a copy (_import_local_blob)
     GGUF           GGUF headers (architecture, context, chat template, vocabulary); tiny writers;
                    == Ollama's converter layout (GGUFEdits per family: what the engine reads differently)
     Go formatting  Go's %v, strconv quoting and json.Marshal: texts and blobs byte for byte Ollama's
@@ -999,6 +1000,22 @@ def parse_digest(text):
     return "sha256:" + m.group(1).lower()
 
 
+def file_digest(path, progress=None):
+    """sha256 of a file, read in COPY_CHUNK pieces -> "sha256:<hex>"; progress(bytes_so_far)."""
+    import hashlib
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(COPY_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+            if progress:
+                progress(n)
+    return "sha256:" + h.hexdigest()
+
+
 ###############################################################################
 # Store #######################################################################
 ###############################################################################
@@ -1294,6 +1311,57 @@ def manifest_digests(manifest):
     if config.get("digest"):
         out.append(config["digest"])
     return out
+
+
+def _import_local_blob(store, src, digest):
+    """Link (or copy) a local file into blobs/ under `digest`, re-hashed; BadRequest on mismatch.
+    Only a file the server's user owns and no group or other may write is linked."""
+    import secrets
+    if not os.path.isabs(src):
+        raise BadRequest("X-Ollama-Path must be an absolute path")
+    try:
+        st = os.stat(src)
+    except OSError as e:
+        raise BadRequest("cannot read %s: %s" % (src, e.strerror)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadRequest("%s is not a regular file" % src)
+    store.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
+    tmp = store.blobs / ("sha256-tmp-%s" % secrets.token_hex(8))
+    linked, owner = True, None
+    try:
+        try:
+            os.link(src, str(tmp))
+        except OSError:
+            linked = False
+        if linked:
+            owner = open(str(tmp), "rb")          # locked while hashed: Store.clean leaves it
+            flock(owner.fileno())
+            st = os.fstat(owner.fileno())         # the inode linked, not what src names by now
+            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                owner.close()                     # another user could rewrite it under its digest's name
+                owner, linked = None, False       # later: copied, as Ollama always does
+                _unlink(tmp)
+        if not linked:
+            with open(src, "rb") as f:
+                try:
+                    store.write_blob(f, expected=digest)       # streamed copy, verified
+                except BadRequest:
+                    raise BadRequest('digest mismatch, expected "%s"' % parse_digest(digest)) from None
+            return
+        before = os.stat(str(tmp))
+        actual = file_digest(str(tmp))
+        after = os.stat(str(tmp))
+        if (before.st_size, before.st_mtime_ns, before.st_ino) != (after.st_size, after.st_mtime_ns, after.st_ino):
+            raise BadRequest("%s changed while it was being imported" % src)
+        if actual != parse_digest(digest):     # its real digest stays unsaid: no hash oracle
+            raise BadRequest('digest mismatch, expected "%s"' % parse_digest(digest))
+        if not store.has_blob(digest):
+            os.replace(str(tmp), str(store.blob_path(digest)))
+            _fsync_dir(store.blobs)
+    finally:
+        _unlink(tmp)
+        if owner is not None:
+            owner.close()
 
 
 ###############################################################################
@@ -2761,22 +2829,6 @@ def _files_for_model(folder):
     raise BadRequest("no Modelfile or safetensors files found")
 
 
-def file_digest(path, progress=None):
-    """sha256 of a file, read in COPY_CHUNK pieces -> "sha256:<hex>"; progress(bytes_so_far)."""
-    import hashlib
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(COPY_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
-            if progress:
-                progress(n)
-    return "sha256:" + h.hexdigest()
-
-
 def _looks_like_path(arg):
     """A FROM argument that names a file rather than a model: ./x, ../x, /x, ~/x, or *.gguf."""
     return arg.startswith(("./", "../", "/", "~", ".\\")) or arg.lower().endswith((".gguf", ".safetensors"))
@@ -3245,7 +3297,6 @@ def _tok_text(tok):
     if tok.kind == "const" and isinstance(tok.value, str):
         return '<%s>' % json.dumps(tok.value)
     return '<%s>' % (tok.value if tok.value is not None else "nil")
-
 
 
 def _go_truth(v):
@@ -8524,57 +8575,6 @@ def _drain(req):
     body = req.body_stream()
     while body.read(COPY_CHUNK):
         pass
-
-
-def _import_local_blob(store, src, digest):
-    """Link (or copy) a local file into blobs/ under `digest`, re-hashed; BadRequest on mismatch.
-    Only a file the server's user owns and no group or other may write is linked."""
-    import secrets
-    if not os.path.isabs(src):
-        raise BadRequest("X-Ollama-Path must be an absolute path")
-    try:
-        st = os.stat(src)
-    except OSError as e:
-        raise BadRequest("cannot read %s: %s" % (src, e.strerror)) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise BadRequest("%s is not a regular file" % src)
-    store.blobs.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = store.blobs / ("sha256-tmp-%s" % secrets.token_hex(8))
-    linked, owner = True, None
-    try:
-        try:
-            os.link(src, str(tmp))
-        except OSError:
-            linked = False
-        if linked:
-            owner = open(str(tmp), "rb")          # locked while hashed: Store.clean leaves it
-            flock(owner.fileno())
-            st = os.fstat(owner.fileno())         # the inode linked, not what src names by now
-            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                owner.close()                     # another user could rewrite it under its digest's name
-                owner, linked = None, False       # later: copied, as Ollama always does
-                _unlink(tmp)
-        if not linked:
-            with open(src, "rb") as f:
-                try:
-                    store.write_blob(f, expected=digest)       # streamed copy, verified
-                except BadRequest:
-                    raise BadRequest('digest mismatch, expected "%s"' % parse_digest(digest)) from None
-            return
-        before = os.stat(str(tmp))
-        actual = file_digest(str(tmp))
-        after = os.stat(str(tmp))
-        if (before.st_size, before.st_mtime_ns, before.st_ino) != (after.st_size, after.st_mtime_ns, after.st_ino):
-            raise BadRequest("%s changed while it was being imported" % src)
-        if actual != parse_digest(digest):     # its real digest stays unsaid: no hash oracle
-            raise BadRequest('digest mismatch, expected "%s"' % parse_digest(digest))
-        if not store.has_blob(digest):
-            os.replace(str(tmp), str(store.blob_path(digest)))
-            _fsync_dir(store.blobs)
-    finally:
-        _unlink(tmp)
-        if owner is not None:
-            owner.close()
 
 
 def _list_gguf_details(model, entry):
