@@ -141,15 +141,16 @@ BLOB_GRACE = 3600.0               # seconds an unreferenced blob is kept at star
 SPECULATIVE_TYPES = ("ngram-mod", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-cache")
 DEFAULT_SPECULATIVE = ""
 #: llama.cpp's CPU backend repacks some quantized matrices (on x86: Q4_0, Q4_K, IQ4_NL, MXFP4, Q2_K with
-#: AVX-512; on ARM Q4_0, Q4_K, Q8_0 and more) into interleaved layouts with kernels of their own; an RPC
-#: worker holds matrices as stored and multiplies them with the plain kernels. Both take the same 8-bit
-#: rounded activations and differ only in the order floats are summed (about 1e-6 of an output), but each
-#: next layer rounds its input to 8 bits again, so the difference grows: Gemma 3 270M's next-token
-#: logprobs differ by up to 0.46 nats, as much as the repacked kernels differ from themselves at another
-#: batch size; neither is closer to the same weights in F32. OLLAMA_REPACK: unset is auto, which repacks
-#: unless the serve has OLLAMA_RPC_SERVERS, so there a model computes the same split or kept local (its
-#: logprobs agree exactly); 1 always repacks, 0 never. Cost of not repacking on an AVX-512 x86 (bench.py's
-#: `repack` section): none for Q4_K (prompts faster), prompts about 0.75x for Q4_0.
+#: AVX-512; on ARM also Q5_K, Q6_K, Q8_0) into interleaved layouts with kernels of their own; an RPC worker
+#: holds matrices as stored and multiplies them with the plain kernels. Both take the same 8-bit rounded
+#: activations and differ only in the order floats are summed (about 1e-6 of an output), but each next
+#: layer rounds its input to 8 bits again, so the difference grows: Gemma 3 270M's next-token logprobs
+#: differ by up to 0.46 nats, as much as the repacked kernels differ from themselves at another batch
+#: size; neither is closer to the same weights in F32. OLLAMA_REPACK: unset is auto, which repacks unless
+#: the serve has OLLAMA_RPC_SERVERS, so there a model computes the same split or kept local (its logprobs
+#: agree exactly); 1 always repacks, 0 never. Not repacking, on AVX-512 x86 (bench.py's `repack` section):
+#: Q4_K prompts 1.3x, generation 0.93x; Q4_0 prompts 0.71x, generation 0.97x. Only a serve with workers
+#: pays it by default; the docs on RPC workers give the measurements.
 DEFAULT_REPACK = None
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
