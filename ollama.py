@@ -156,6 +156,18 @@ BLOB_GRACE = 3600.0               # seconds an unreferenced blob is kept at star
 #: from the text without it (and from run to run): a user must not get other text by default.
 SPECULATIVE_TYPES = ("ngram-mod", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-cache")
 DEFAULT_SPECULATIVE = ""
+#: llama.cpp's CPU backend repacks some quantized matrices (on x86: Q4_0, Q4_K, IQ4_NL, MXFP4, Q2_K with
+#: AVX-512; on ARM also Q5_K, Q6_K, Q8_0) into interleaved layouts with kernels of their own; an RPC worker
+#: holds matrices as stored and multiplies them with the plain kernels. Both take the same 8-bit rounded
+#: activations and differ only in the order floats are summed (about 1e-6 of an output), but each next
+#: layer rounds its input to 8 bits again, so the difference grows: Gemma 3 270M's next-token logprobs
+#: differ by up to 0.46 nats, as much as the repacked kernels differ from themselves at another batch
+#: size; neither is closer to the same weights in F32. OLLAMA_REPACK: unset is auto, which repacks unless
+#: the serve has OLLAMA_RPC_SERVERS, so there a model computes the same split or kept local (its logprobs
+#: agree exactly); 1 always repacks, 0 never. Not repacking, on AVX-512 x86 (bench.py's `repack` section):
+#: Q4_K prompts 1.3x, generation 0.93x; Q4_0 prompts 0.71x, generation 0.97x. Only a serve with workers
+#: pays it by default; the docs on RPC workers give the measurements.
+DEFAULT_REPACK = None
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -230,6 +242,7 @@ class Config:
         self.flash_attention = _bool_env(env, "OLLAMA_FLASH_ATTENTION", None)    # None: llama-server decides
         self.kv_cache_type = _env(env, "OLLAMA_KV_CACHE_TYPE")
         self.speculative = _speculative_env(env)               # an n-gram --spec-type, or "" for off
+        self.repack = _bool_env(env, "OLLAMA_REPACK", DEFAULT_REPACK)   # None: auto (see runner_repacks)
         self.llama_server = _env(env, "OLLAMA_LLAMA_SERVER")
         self.rpc_servers = [w.strip() for w in _env(env, "OLLAMA_RPC_SERVERS").split(",") if w.strip()]
         self.api_keys = [k.strip() for k in _env(env, "OLLAMA_API_KEYS").split(",") if k.strip()]
@@ -6480,7 +6493,7 @@ class Runner:
     def __init__(self, exe, model_path, num_ctx=DEFAULT_NUM_CTX, parallel=1, num_thread=0, num_batch=0,
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
                  flash_attention=None, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
-                 spawn=None, rpc=()):
+                 spawn=None, rpc=(), repack=True):
         """Prepare the llama-server command line for one model; nothing runs until start().
         It gets a free port and its own API key; the context holds num_ctx cells per parallel slot,
         and options left unset keep llama-server's defaults."""
@@ -6526,6 +6539,8 @@ class Runner:
             args += ["--cache-type-k", kv_cache_type, "--cache-type-v", kv_cache_type]
         if self.rpc:                          # verbosity 4: the log then says which layers went where
             args += ["--rpc", ",".join(self.rpc), "--log-verbosity", "4"]
+        if not repack:                        # the plain CPU kernels, as RPC workers run (DEFAULT_REPACK)
+            args += ["--no-repack"]
         self.args = list(launcher) + args + list(extra_args)   # launcher: an emulator such as qemu-aarch64
         self.proc = None
         self._log = None
@@ -7160,7 +7175,7 @@ class Scheduler:
                       num_gpu=num_gpu, use_mmap=opts.get("use_mmap"), embedding=embedding,
                       projector=files.projector, adapters=model.adapter_paths,
                       flash_attention=self.config.flash_attention,
-                      kv_cache_type=self.config.kv_cache_type,
+                      kv_cache_type=self.config.kv_cache_type, repack=runner_repacks(self.config),
                       log_path=self.config.home / "logs" / ("runner-%s.log" % _safe_filename(model.short_name)),
                       extra_args=files.args + (_embedding_args(model) if embedding else
                                                draft_args(model, opts) or
@@ -7369,6 +7384,14 @@ def _embedding_args(model):
     if pooling in (None, 0):
         return ["--pooling", "last"]
     return ["--rerank"] if pooling == RANK_POOLING else []
+
+
+def runner_repacks(config):
+    """Whether a runner of this serve lets llama.cpp repack quantized matrices for its CPU kernels
+    (DEFAULT_REPACK): OLLAMA_REPACK when set, else only on a serve without RPC workers, so that on a
+    serve with workers a model computes the same whether it is split or kept local (num_gpu 0, or a
+    worker down), the split's own CPU layers included."""
+    return config.repack if config.repack is not None else not config.rpc_servers
 
 
 def ngram_args(opts, kind):
@@ -11166,6 +11189,8 @@ SERVE_ENVIRONMENT = (
      "n-gram speculative decoding: on, off, or one of " + ", ".join(SPECULATIVE_TYPES)),
     ("OLLAMA_LLAMA_SERVER", "", "path of the llama-server binary to run models with"),
     ("OLLAMA_RPC_SERVERS", "", "host:port,... of 'ollama.py worker's to split models' layers with"),
+    ("OLLAMA_REPACK", "auto",
+     "repack quantized weights for the CPU kernels: 1, 0; auto is off when OLLAMA_RPC_SERVERS is set"),
     ("OLLAMA_API_KEYS", "",
      "comma separated keys; when set, every request but GET / must carry one "
      "(Authorization: Bearer KEY, or x-api-key)"),

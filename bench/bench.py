@@ -24,6 +24,9 @@ best run of each side, which other load on the machine cannot fake):
   draft        tokens/s with a DRAFT layer vs without (greedy text compared)
   speculative  tokens/s with n-gram speculation (OLLAMA_SPECULATIVE=ngram-mod, ngram-simple) vs off, on a
                copy task (a file rewritten) and on prose, one serve per setting, alternating (greedy text compared)
+  repack       prompt and generation tokens/s with OLLAMA_REPACK=0 (llama-server --no-repack, the kernels RPC
+               workers run) vs 1 (the CPU backend's repacked ones), one serve each, alternating, on Gemma
+               (Q4_K_M), Gemma requantized to Q4_0, and a random 1024-wide llama in Q4_K_M
 
     python3 bench/bench.py [--json out.json] [--runs N] [--quick] [--only SECTION[,SECTION...]]
                            [--ollama-py PATH] [--keep]
@@ -62,7 +65,7 @@ sys.path.insert(1, str(ROOT / "tests"))
 import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
 
 SECTIONS = ("generation", "ttft", "agent", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc",
-            "layout", "draft", "speculative")
+            "layout", "draft", "speculative", "repack")
 MODEL = "gemma3:270m"
 N_PREDICT = 128                 # tokens per generation run
 N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
@@ -115,7 +118,7 @@ class Row:
     def best(self):
         """(ours, direct) of the least disturbed run: highest rate, lowest time; None where not sampled.
         On a shared machine the median can land on a run slowed by other work; the best run cannot."""
-        pick = max if self.kind == "rate" else min
+        pick = max if self.kind == "rate" or self.unit.endswith("/s") else min    # a rate's best is its highest
         return tuple(pick(self.samples[k]) if self.samples.get(k) else None for k in ("ollama_py", "direct"))
 
     @property
@@ -1259,6 +1262,84 @@ def sec_rpc(b):
                 note="direct column: the same serve with every layer local (num_gpu 0); info only")]
 
 
+#: A prompt of about 400 tokens for prompt-processing rates; each run puts its own number first, so no
+#: run reuses another's cached prefix.
+REPACK_PROMPT = " ".join([PROMPT] * 16)
+N_REPACK = 32                   # generated tokens per run
+#: One thread: the kernels' cost, without the noise of threads waiting on each other on a shared machine.
+REPACK_OPTIONS = dict(options(1), num_thread=1)
+
+
+def _repack_models(b):
+    """(label, GGUF) of the models the repack section runs: Gemma as shipped (Q4_K_M: on x86 only its
+    Q4_K matrices, attn_output and half of ffn_down, are repacked), Gemma requantized to Q4_0 (every
+    matrix repacked), and a random-weight llama, 1024 wide, in Q4_K_M (nearly every matrix Q4_K, as in
+    the 7B Q4_K_M models most users run)."""
+    quantize = Path(b.engine).with_name("llama-quantize")
+    if not os.access(str(quantize), os.X_OK):
+        raise NotAvailable("no llama-quantize beside %s" % b.engine)
+    try:
+        import fixtures
+    except ImportError:
+        raise NotAvailable("needs tests/fixtures.py (write_tiny_gguf)") from None
+    q4_0 = b.workdir / "gemma-q4_0.gguf"
+    wide = b.workdir / "llama-1024-f16.gguf"
+    wide_q = b.workdir / "llama-1024-q4_k_m.gguf"
+    fixtures.write_tiny_gguf(wide, n_embd=1024, n_layer=8, n_head=8, n_ff=2816, name="llama-1024")
+    for src, dst, kind in ((b.gemma, q4_0, "Q4_0"), (wide, wide_q, "Q4_K_M")):
+        cp = subprocess.run([str(quantize), "--allow-requantize", str(src), str(dst), kind], capture_output=True,
+                            timeout=600)
+        if cp.returncode != 0:
+            raise BenchError("llama-quantize %s: %s" % (kind, cp.stderr[-300:].decode(errors="replace")))
+    wide.unlink()
+    return [("gemma3 270M Q4_K_M", b.gemma), ("gemma3 270M Q4_0", str(q4_0)), ("llama 1024x8 Q4_K_M", str(wide_q))]
+
+
+def sec_repack(b):
+    """OLLAMA_REPACK=0 (no repacking: what RPC workers compute with, and the auto default on a serve with
+    workers) vs 1 (llama.cpp's default), one serve each over one store, alternating, raw prompts, greedy,
+    one thread. The ratio is the cost of computing what a split computes; the engine's own timings."""
+    models = _repack_models(b)
+    store = b.workdir / "repack-models"
+    for i, (_label, gguf) in enumerate(models):
+        import_model(store, "m%d" % i, gguf)
+    serves = {}
+    rates = {}
+    try:
+        for setting in ("1", "0"):
+            serves[setting] = Serve(b, "serve-repack-" + setting, models=store, env={"OLLAMA_REPACK": setting}).start()
+        for serve in serves.values():                  # load every model (warm), one token each
+            for i in range(len(models)):
+                http_json(serve.port, "POST", "/api/generate", {"model": "m%d" % i, "prompt": "Hi", "raw": True,
+                                                                 "stream": False, "options": REPACK_OPTIONS})
+        flags = {k: "--no-repack" in s.runner_args() for k, s in serves.items()}
+        if flags != {"1": False, "0": True}:
+            raise BenchError("OLLAMA_REPACK did not decide --no-repack: %s" % flags)
+        for run in range(b.runs):
+            for i, (label, _gguf) in enumerate(models):
+                for setting, serve in serves.items():
+                    body = {"model": "m%d" % i, "prompt": "Run %d. %s" % (run, REPACK_PROMPT), "raw": True,
+                            "options": dict(REPACK_OPTIONS, num_predict=N_REPACK)}
+                    final = stream(serve.port, "/api/generate", body).final
+                    rates.setdefault((label, "prompt", setting), []).append(
+                        final["prompt_eval_count"] / (final["prompt_eval_duration"] / 1e9))
+                    rates.setdefault((label, "generation", setting), []).append(
+                        final["eval_count"] / (final["eval_duration"] / 1e9))
+                log("  run %d %s: prompt %.0f vs %.0f tok/s, generation %.1f vs %.1f tok/s (no repack vs repack)" % (
+                    run + 1, label, rates[label, "prompt", "0"][-1], rates[label, "prompt", "1"][-1],
+                    rates[label, "generation", "0"][-1], rates[label, "generation", "1"][-1]))
+    finally:
+        for serve in serves.values():
+            serve.stop()
+    rows = []
+    for label, _gguf in models:
+        for phase in ("prompt", "generation"):
+            rows.append(Row("%s %s, no repack vs repack" % (label, phase), "tok/s", rates[label, phase, "0"],
+                            rates[label, phase, "1"], "info",
+                            "engine timings, 1 thread; direct column = OLLAMA_REPACK=1 (llama.cpp's default)"))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
@@ -1268,16 +1349,16 @@ NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "agent"
          "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
          "create": ("gemma",),
          "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma"),
-         "speculative": ("engine", "gemma")}
+         "speculative": ("engine", "gemma"), "repack": ("engine", "gemma")}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "agent": sec_agent, "cold": sec_cold,
          "concurrency": sec_concurrency,
          "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc,
-         "layout": sec_layout, "draft": sec_draft, "speculative": sec_speculative}
+         "layout": sec_layout, "draft": sec_draft, "speculative": sec_speculative, "repack": sec_repack}
 TITLES = {"generation": "generation throughput", "ttft": "time to first token", "agent": "agent prefix reuse",
           "cold": "cold start",
           "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull", "lan": "LAN pull",
           "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer",
-          "speculative": "n-gram speculation"}
+          "speculative": "n-gram speculation", "repack": "weight repacking"}
 
 
 class Bench:

@@ -366,6 +366,21 @@ def test_ollama_speculative_is_read_once_into_config(value, kind):
     assert ollama.Config({"HOME": "/nonexistent", "OLLAMA_SPECULATIVE": value}).speculative == kind
 
 
+@pytest.mark.parametrize("value, repack", [("", None), ("1", True), ("true", True), ("0", False),
+                                           ("false", False)])
+def test_ollama_repack_is_read_once_into_config(value, repack):
+    assert ollama.Config({"HOME": "/nonexistent", "OLLAMA_REPACK": value}).repack is repack
+
+
+@pytest.mark.parametrize("repack, workers, repacks", [("", "", True), ("", "10.0.0.2:50052", False),
+                                                      ("1", "10.0.0.2:50052", True), ("0", "", False)])
+def test_runners_repack_weights_unless_the_serve_has_rpc_workers_or_says(repack, workers, repacks):
+    config = ollama.Config({"HOME": "/nonexistent", "OLLAMA_REPACK": repack, "OLLAMA_RPC_SERVERS": workers})
+    assert ollama.runner_repacks(config) is repacks
+    args = ollama.Runner("llama-server", "m.gguf", repack=ollama.runner_repacks(config)).args
+    assert ("--no-repack" in args) is not repacks
+
+
 def test_a_changed_speculative_option_reloads_the_runner(make):
     sched = make()
     with sched.lease(model("a"), {"speculative": False}, 300) as off:
