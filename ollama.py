@@ -6910,6 +6910,8 @@ class Scheduler:
         self.waiting = 0
         self.closed = False
         self.starting = set()                         # runners being loaded, stopped by shutdown() too
+        self.stopping = {}                            # key -> the thread saving and stopping its last runner
+        self.interactive = {}                         # key -> interactive requests waiting for it (acquire)
         self.spawner = Spawner(config.home / "runners" / ("serve-%d.json" % os.getpid()))
         self.prompt_cache = PromptCache(Store(config.models), config.prompt_cache)
         try:
@@ -6953,11 +6955,12 @@ class Scheduler:
                 log.warning("RPC worker %s does not answer: loading without it", w)
         return up
 
-    def lease(self, model, opts, keep_alive, embedding=False):
+    def lease(self, model, opts, keep_alive, embedding=False, interactive=False):
         """A Lease on a loaded runner for `model` (use it as `with scheduler.lease(...) as lease:`).
-        Raises Busy when the queue is full."""
+        Raises Busy when the queue is full. An `interactive` request (a streamed answer someone
+        watches) goes before the others waiting for the same runner (see acquire)."""
         started = time.monotonic()
-        entry = self.acquire(model, opts, keep_alive, embedding=embedding)
+        entry = self.acquire(model, opts, keep_alive, embedding=embedding, interactive=interactive)
         waited = time.monotonic() - started
         self.metrics.observe("ollama_queue_wait_seconds", waited)
         return Lease(self, entry, keep_alive, opts, waited)
@@ -6975,13 +6978,21 @@ class Scheduler:
         with self.cond:                               # an RLock: callers holding it may call this
             return [e for e in self.loaded.values() if key in e.models]
 
-    def acquire(self, model, opts, keep_alive, embedding=False):
-        """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
+    def acquire(self, model, opts, keep_alive, embedding=False, interactive=False):
+        """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full.
+
+        Interactive first: while an `interactive` request waits for a runner (a slot, or its load), the
+        others for that runner wait behind it, even one that came first or loaded the runner itself.
+        Open WebUI sends its title task (num_predict 1000, not streamed) with the chat; with one slot the
+        title used to win the race half the time, and the visible reply waited for all of it. The cost:
+        a background request waits for every streamed one that keeps arriving."""
         key, load_key = runner_key(model, opts, embedding)
         with self.cond:
             if self.waiting >= self.config.max_queue:
                 raise Busy("server busy, please try again.  maximum pending requests exceeded")
             self.waiting += 1
+            if interactive:
+                self.interactive[key] = self.interactive.get(key, 0) + 1
         try:
             while True:
                 with self.cond:
@@ -6989,8 +7000,8 @@ class Scheduler:
                         raise OllamaError("server is shutting down")
                     entry = self.loaded.get(key)
                     if entry is not None and entry.load_key == load_key and entry.runner.alive():
-                        if entry.refs >= entry.runner.parallel:
-                            self.cond.wait(0.5)           # every slot busy: queue for one
+                        if entry.refs >= entry.runner.parallel or (not interactive and self.interactive.get(key)):
+                            self.cond.wait(0.5)           # every slot busy, or a streamed request first
                             continue
                         entry.refs += 1
                         entry.keep_alive = keep_alive
@@ -7011,6 +7022,10 @@ class Scheduler:
                     with self.cond:
                         if key in self.loaded:        # another request loaded it meanwhile
                             continue
+                    with self.cond:
+                        stopping = self.stopping.pop(key, None)
+                    if stopping is not None:      # its saved prompt is what this one restores
+                        stopping.join(PROMPT_CACHE_IO_TIMEOUT)
                     runner = self.new_runner(model, opts, embedding)
                     with self.cond:
                         if self.closed:
@@ -7030,15 +7045,22 @@ class Scheduler:
                         closed = self.closed          # shutdown() ran while it loaded
                         if not closed:
                             self.loaded[key] = entry
-                            entry.refs += 1
                             self.cond.notify_all()
+                            if interactive or not self.interactive.get(key):
+                                entry.refs += 1
+                                return entry
                     if closed:
                         runner.stop()
                         raise OllamaError("server is shutting down")
-                    return entry
+                    # loaded for a streamed request that waits meanwhile: it goes first (the loop waits)
         finally:
             with self.cond:
                 self.waiting -= 1
+                if interactive:
+                    self.interactive[key] -= 1
+                    if not self.interactive[key]:
+                        del self.interactive[key]
+                self.cond.notify_all()
 
     def release(self, entry, keep_alive=None):
         """Drop a reference; the keep-alive timer starts when the last one goes (0 unloads now)."""
@@ -7070,7 +7092,9 @@ class Scheduler:
             return
         del self.loaded[key]
         log.info("unloading model %s", ", ".join(m.short_name for m in current.models.values()))
-        threading.Thread(target=self._save_and_stop, args=(current.runner,), daemon=True).start()
+        stopping = threading.Thread(target=self._save_and_stop, args=(current.runner,), daemon=True)
+        self.stopping[key] = stopping
+        stopping.start()
 
     def _save_and_stop(self, runner):
         """Stop an unloaded runner, its prompt state saved first (PromptCache)."""
@@ -8963,7 +8987,8 @@ def _keep_alive(req, body):
 def _schedule(req, model, body, keep_alive, embedding=False):
     """Validate the options, then lease a loaded runner (a Lease: use it in a `with` block)."""
     opts = _request_options(model, body)
-    return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
+    return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding,
+                                      interactive=not embedding and body.get("stream", True) is not False)
 
 
 def _completion(lease, prompt, fmt, top_logprobs=None, images=(), tokens=None):

@@ -372,3 +372,79 @@ def test_a_changed_speculative_option_reloads_the_runner(make):
         pass
     with sched.lease(model("a"), {"speculative": True}, 300) as on:
         assert on.runner is not off.runner
+
+
+def test_a_streamed_request_waiting_for_the_slot_goes_before_a_background_one_that_came_first(make):
+    sched = make()
+    held = sched.lease(model("a"), {}, 300)
+    title, title_box = in_thread(lambda: sched.lease(model("a"), {}, 300))
+    wait_for(lambda: sched.waiting == 1)
+    chat, chat_box = in_thread(lambda: sched.lease(model("a"), {}, 300, interactive=True))
+    wait_for(lambda: sched.waiting == 2)
+    held.release()
+    chat.join(2)
+    assert "result" in chat_box and "result" not in title_box     # the title still waits
+    chat_box["result"].release()
+    title.join(2)
+    assert "result" in title_box
+    title_box["result"].release()
+
+
+def test_a_runner_loaded_by_a_background_request_serves_the_streamed_one_waiting_for_it_first(make):
+    sched = make()
+    loading, go = threading.Event(), threading.Event()
+    fake = sched.new_runner
+
+    def slow_runner(m, opts, embedding):
+        r = fake(m, opts, embedding)
+        r.start = lambda timeout: (loading.set(), go.wait(2), setattr(r, "started", True))
+        return r
+
+    sched.new_runner = slow_runner
+    title, title_box = in_thread(lambda: sched.lease(model("a"), {}, 300))
+    loading.wait(2)
+    chat, chat_box = in_thread(lambda: sched.lease(model("a"), {}, 300, interactive=True))
+    wait_for(lambda: sched.waiting == 2)
+    go.set()
+    chat.join(2)
+    assert "result" in chat_box and "result" not in title_box
+    assert len(sched.runners) == 1
+    chat_box["result"].release()
+    title.join(2)
+    assert title_box["result"].runner is sched.runners[0]
+    title_box["result"].release()
+
+
+def test_a_streamed_request_does_not_hold_back_one_for_another_model(make):
+    sched = make(max_loaded_models=2)
+    held = sched.lease(model("a"), {}, 300)
+    chat, chat_box = in_thread(lambda: sched.lease(model("a"), {}, 300, interactive=True))
+    wait_for(lambda: sched.waiting == 1)
+    with sched.lease(model("b"), {}, 300) as other:
+        assert other.runner is not held.runner
+    held.release()
+    chat.join(2)
+    chat_box["result"].release()
+
+
+def test_the_next_runner_for_a_blob_starts_after_the_last_one_has_saved_and_stopped(make):
+    sched = make()
+    saving, go = threading.Event(), threading.Event()
+    saved = []
+
+    def slow_save(runner):
+        saving.set()
+        go.wait(2)
+        saved.append(runner)
+        return []
+
+    sched.prompt_cache.save = slow_save
+    sched.lease(model("a"), {}, 0).release()                # keep_alive 0: unloaded, saved on a thread
+    saving.wait(2)
+    t, box = in_thread(lambda: sched.lease(model("a"), {}, 300))
+    time.sleep(0.1)
+    assert "result" not in box and len(sched.runners) == 1  # waits for the save it would restore
+    go.set()
+    t.join(2)
+    assert saved == [sched.runners[0]] and box["result"].runner is sched.runners[1]
+    box["result"].release()
