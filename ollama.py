@@ -6758,6 +6758,21 @@ class _LeasedItems:
     __del__ = close                         # dropped unclosed, as a suspended generator would be
 
 
+def prompt_state_restorable(model):
+    """Whether llama-server can reuse a restored slot of `model`: not with a sliding window (only the
+    window's cells are saved) nor recurrent state (no cells to go back to), read from the GGUF's keys."""
+    try:
+        g = model.gguf()
+    except (OSError, OllamaError):
+        return False
+    if g is None:
+        return False
+    if g.get("attention.sliding_window"):
+        return False
+    return not any(k.startswith(tuple(g.architecture + p for p in (".ssm.", ".wkv.", ".shortconv.")))
+                   for k in g.kv)
+
+
 class PromptCache:
     """Prompt state that outlives its runner. When a runner is unloaded (keep-alive over, evicted,
     reloaded with other options, stopped, serve shutting down), each of its slots that holds at least
@@ -6766,8 +6781,9 @@ class PromptCache:
     (the argv: context, KV type, adapters...; and the engine). A runner started later with the same key
     restores it into that slot before its first request, and llama-server reuses the longest common
     prefix as it does with a live cache: the next turn of an agent whose runner went away computes only
-    what is new. (On a sliding-window model such as Gemma 3 llama-server reuses it only when the new
-    prompt goes on from nearly all of it, as a conversation's next turn does.)
+    what is new. Not for sliding-window models (Gemma 2 and 3, gpt-oss) nor recurrent ones (Mamba, RWKV,
+    LFM2, Qwen3-Next): llama-server saves only the window's cells and then refuses, by its own check, to
+    reuse any of them (it computes the whole prompt again), so their files would be disk spent for nothing.
 
     Saved at unload, not after each long prompt: one save of a 20k-token prefix of a 3B model is ~2 GB,
     which at each turn would wear an SD card and take the cores the turn needs, while the live runner's
@@ -6782,6 +6798,7 @@ class PromptCache:
 
     def __init__(self, store, limit):
         self.store, self.limit = store, limit
+        self.min_tokens = PROMPT_CACHE_MIN_TOKENS
         self.root = store.root / ".ollama-py" / "prompt-cache"
         self.lock = threading.Lock()              # one trim at a time
 
@@ -6790,6 +6807,8 @@ class PromptCache:
         is off, an embedding runner (no prompt goes on), a projector (llama-server cannot save images'
         state) or a draft model (its own cache is not saved)."""
         if not self.limit or embedding or model.projector_paths or model.draft_path or not model.model_path:
+            return None
+        if not prompt_state_restorable(model):
             return None
         try:
             d = self.store.prompt_cache_dir(Path(model.model_path).name)
@@ -6826,7 +6845,7 @@ class PromptCache:
         return total
 
     def save(self, runner):
-        """Save each slot of `runner` (alive and idle) that holds PROMPT_CACHE_MIN_TOKENS or more; a
+        """Save each slot of `runner` (alive and idle) that holds `min_tokens` or more; a
         shorter one leaves the file saved before in place. The files saved; the cache is then trimmed."""
         if not getattr(runner, "slot_save_path", None) or not runner.alive():
             return []
@@ -6838,7 +6857,7 @@ class PromptCache:
             try:
                 out = runner.save_slot(slot, tmp.name)
                 n = int(out.get("n_saved") or 0)
-                if n < PROMPT_CACHE_MIN_TOKENS or tmp.stat().st_size > self.limit:
+                if n < self.min_tokens or tmp.stat().st_size > self.limit:
                     continue
                 with open(str(tmp), "rb") as f:       # on the disk before its name says it is whole
                     os.fsync(f.fileno())
@@ -6943,6 +6962,20 @@ class Scheduler:
                                                ngram_args(opts, self.config.speculative)),
                       spawn=self.spawner.popen, slot_save_path=self.prompt_cache.folder(model, embedding))
 
+    def _start(self, model, opts, embedding):
+        """A new runner for `model`, started; a shutdown meanwhile stops it."""
+        runner = self.new_runner(model, opts, embedding)
+        with self.cond:
+            if self.closed:
+                raise OllamaError("server is shutting down")
+            self.starting.add(runner)             # before it starts: a shutdown now stops it
+        try:
+            runner.start(self.config.load_timeout)
+        finally:
+            with self.cond:
+                self.starting.discard(runner)
+        return runner
+
     def _rpc_workers(self, num_gpu):
         """The OLLAMA_RPC_SERVERS workers a new runner uses: those that answer now (one that is down is
         left out, with a warning, so a model still loads while it fits without it); none when the
@@ -7026,18 +7059,14 @@ class Scheduler:
                         stopping = self.stopping.pop(key, None)
                     if stopping is not None:      # its saved prompt is what this one restores
                         stopping.join(PROMPT_CACHE_IO_TIMEOUT)
-                    runner = self.new_runner(model, opts, embedding)
-                    with self.cond:
-                        if self.closed:
-                            raise OllamaError("server is shutting down")
-                        self.starting.add(runner)     # before it starts: a shutdown now stops it
                     loading = time.monotonic()
-                    try:
-                        runner.start(self.config.load_timeout)
-                    finally:
-                        with self.cond:
-                            self.starting.discard(runner)
+                    runner = self._start(model, opts, embedding)
                     self.prompt_cache.restore(runner)
+                    if not runner.alive():
+                        # the engine died on a saved state (a file damaged on disk: llama-server aborts
+                        # on some): restore removed it, so this start is a clean one
+                        runner.stop()
+                        runner = self._start(model, opts, embedding)
                     self.metrics.observe("ollama_model_load_seconds", time.monotonic() - loading,
                                          model=model.short_name)
                     entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock(), key)
