@@ -24,6 +24,9 @@ best run of each side, which other load on the machine cannot fake):
   draft        tokens/s with a DRAFT layer vs without (greedy text compared)
   speculative  tokens/s with n-gram speculation (OLLAMA_SPECULATIVE=ngram-mod, ngram-simple) vs off, on a
                copy task (a file rewritten) and on prose, one serve per setting, alternating (greedy text compared)
+  promptcache  an agent's ~4k-token prefix (PC_PREFIX): turn 2 vs turn 1 time to first token; the first turn
+               after a runner restart with the saved prefix (OLLAMA_PROMPT_CACHE) vs without; the restored
+               turn vs llama-server started by hand with the same flags restoring the same file
 
     python3 bench/bench.py [--json out.json] [--runs N] [--quick] [--only SECTION[,SECTION...]]
                            [--ollama-py PATH] [--keep]
@@ -62,7 +65,7 @@ sys.path.insert(1, str(ROOT / "tests"))
 import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
 
 SECTIONS = ("generation", "ttft", "agent", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc",
-            "layout", "draft", "speculative")
+            "layout", "draft", "speculative", "promptcache")
 MODEL = "gemma3:270m"
 N_PREDICT = 128                 # tokens per generation run
 N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
@@ -1259,6 +1262,116 @@ def sec_rpc(b):
                 note="direct column: the same serve with every layer local (num_gpu 0); info only")]
 
 
+PC_PREFIX = 4096                # tokens of agent prefix: ~40 s to compute on 2 busy cores, so a run is ~2 min
+PC_MODEL = "pc-llama"
+
+
+def _pc_model(b):
+    """A Gemma-3-270M-sized llama (640 wide, 18 layers, one KV head; random f16 weights, llama's 32k vocab):
+    the prompt cache serves models without a sliding window, and Gemma 3 has one (llama-server cannot
+    reuse a restored window), so the timing is taken on a model of the same size without it."""
+    try:
+        import fixtures
+    except ImportError as e:
+        raise BenchError("tests/fixtures.py cannot write the model: %s" % e) from None
+    path = b.workdir / "pc-llama-270m.gguf"
+    if not path.exists():
+        fixtures.write_tiny_gguf(path, n_embd=640, n_layer=18, n_head=4, n_head_kv=1, n_ff=2048,
+                                 n_ctx_train=16384, seed=1, name="bench-llama-270m")
+    return path
+
+
+def _pc_turns(port):
+    """Three raw prompts, each the one before it plus an answer and a question: turn 1 opens with an agent's
+    PC_PREFIX-token system prompt (rules, then tool schemas), unique to this run."""
+    def tool(i):
+        return json.dumps({"name": "tool_%d" % i, "description": "Run step %d of the build and report what failed." % i,
+                           "parameters": {"type": "object", "properties": {"path": {"type": "string"},
+                                                                           "line": {"type": "integer"}}}})
+    per = len(http_json(port, "POST", "/api/tokenize", {"model": PC_MODEL, "text": tool(123)})["tokens"])
+    system = "\n".join(["Session %d-%f. You are a coding agent." % (os.getpid(), time.time())] +
+                        [tool(i) for i in range(PC_PREFIX // per)])
+    return system + "\nUser: which tool runs step 7?\nAgent:"
+
+
+def _pc_wait_unloaded(serve):
+    http_json(serve.port, "POST", "/api/generate", {"model": PC_MODEL, "keep_alive": 0, "stream": False})
+    serve.wait_unloaded(timeout=120)              # the runner saves its slot before it stops
+
+
+def sec_promptcache(b):
+    b.drop_rig()
+    serve = Serve(b, "serve-promptcache", env={"OLLAMA_CONTEXT_LENGTH": "8192"})
+    import_model(serve.models, PC_MODEL, _pc_model(b))
+    serve.start()
+    body = {"model": PC_MODEL, "raw": True, "options": options(8)}
+    t1s, t2s, restored, cold, direct = [], [], [], [], []
+    saved = b.workdir / "pc-saved.slot"
+    try:
+        for i in range(min(b.runs, 2)):
+            http_json(serve.port, "POST", "/api/generate", {"model": PC_MODEL, "stream": False})
+            args = serve.runner_args()
+            folder = Path(args[args.index("--slot-save-path") + 1])
+            turn1 = _pc_turns(serve.port)
+            t1 = stream(serve.port, "/api/generate", dict(body, prompt=turn1))
+            turn2 = turn1 + t1.final.get("response", "") + "\nUser: and step 9?\nAgent:"
+            t2 = stream(serve.port, "/api/generate", dict(body, prompt=turn2))
+            turn3 = turn2 + t2.final.get("response", "") + "\nUser: run it.\nAgent:"
+            _pc_wait_unloaded(serve)
+            files = sorted(folder.glob("*.slot"))
+            if len(files) != 1:
+                raise BenchError("expected one saved slot in %s, found %d" % (folder, len(files)))
+            shutil.copyfile(str(files[0]), str(saved))
+            r = stream(serve.port, "/api/generate", dict(body, prompt=turn3))      # runner start + restore
+            _pc_wait_unloaded(serve)
+            for f in folder.glob("*.slot"):
+                f.unlink()
+            c = stream(serve.port, "/api/generate", dict(body, prompt=turn3))      # runner start, all computed
+            _pc_wait_unloaded(serve)
+            for f in folder.glob("*.slot"):
+                f.unlink()
+            shutil.copyfile(str(saved), str(folder / "bench-direct.slot"))
+            d = Direct(b, args, "direct-promptcache")
+            t0 = time.perf_counter()
+            d.launch()
+            try:
+                d.wait_ready()
+                status, raw = http_call(d.port, "POST", "/slots/0?action=restore", {"filename": "bench-direct.slot"})
+                if status != 200:
+                    raise BenchError("llama-server restore: %s %s" % (status, raw[:200]))
+                payload = direct_payload(options(8), turn3)
+                direct.append(stream(d.port, "/completion", payload, sse=True, t0=t0).ttft * 1e3)
+            finally:
+                d.stop()
+                _unlink_quiet(folder / "bench-direct.slot")
+            t1s.append(t1.ttft * 1e3)
+            t2s.append(t2.ttft * 1e3)
+            restored.append(r.ttft * 1e3)
+            cold.append(c.ttft * 1e3)
+            log("  run %d: turn 1 %.0f ms, turn 2 %.0f ms; after a restart: saved %.0f ms, none %.0f ms, "
+                "direct with the saved file %.0f ms (%d prompt tokens at turn 3, %s saved)"
+                % (i + 1, t1s[-1], t2s[-1], restored[-1], cold[-1], direct[-1], c.final.get("prompt_eval_count", 0),
+                   "%.0f MB" % (saved.stat().st_size / 1e6)))
+    finally:
+        serve.stop()
+    size = "~%dk-token prefix, a 270M-sized llama" % (PC_PREFIX // 1000)
+    return [Row("agent turn 2 TTFT vs turn 1, %s" % size, "ms", t2s, t1s, "slower", 0.2,
+                note="live runner: only the new tokens are computed (`direct` is turn 1)"),
+            Row("first turn after a runner restart, saved prefix vs none", "ms", restored, cold, "slower", 0.10,
+                note="model unloaded after turn 2 (keep_alive 0), then turn 3: runner start + restore of "
+                     "OLLAMA_PROMPT_CACHE's file vs the file removed (`direct` is the cold restart)"),
+            Row("first turn after a restart with the saved prefix, vs llama-server", "ms", restored, direct,
+                "latency", 150.0, note="llama-server by hand with the same argv: launch, poll /health, "
+                                       "POST /slots/0?action=restore of the same file, /completion")]
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(str(path))
+    except FileNotFoundError:
+        pass
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
@@ -1268,16 +1381,17 @@ NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "agent"
          "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
          "create": ("gemma",),
          "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma"),
-         "speculative": ("engine", "gemma")}
+         "speculative": ("engine", "gemma"), "promptcache": ("engine",)}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "agent": sec_agent, "cold": sec_cold,
          "concurrency": sec_concurrency,
          "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc,
-         "layout": sec_layout, "draft": sec_draft, "speculative": sec_speculative}
+         "layout": sec_layout, "draft": sec_draft, "speculative": sec_speculative,
+         "promptcache": sec_promptcache}
 TITLES = {"generation": "generation throughput", "ttft": "time to first token", "agent": "agent prefix reuse",
           "cold": "cold start",
           "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull", "lan": "LAN pull",
           "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer",
-          "speculative": "n-gram speculation"}
+          "speculative": "n-gram speculation", "promptcache": "prompt cache across restarts"}
 
 
 class Bench:
