@@ -24,6 +24,8 @@ best run of each side, which other load on the machine cannot fake):
   draft        tokens/s with a DRAFT layer vs without (greedy text compared)
   speculative  tokens/s with n-gram speculation (OLLAMA_SPECULATIVE=ngram-mod, ngram-simple) vs off, on a
                copy task (a file rewritten) and on prose, one serve per setting, alternating (greedy text compared)
+  interactive  Open WebUI's pattern with one slot busy: a title task (not streamed) then the chat 50 ms later;
+               the chat's time to first token vs llama-server by hand (first come, first served)
   promptcache  an agent's ~4k-token prefix (PC_PREFIX): turn 2 vs turn 1 time to first token; the first turn
                after a runner restart with the saved prefix (OLLAMA_PROMPT_CACHE) vs without; the restored
                turn vs llama-server started by hand with the same flags restoring the same file
@@ -65,7 +67,7 @@ sys.path.insert(1, str(ROOT / "tests"))
 import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
 
 SECTIONS = ("generation", "ttft", "agent", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc",
-            "layout", "draft", "speculative", "promptcache")
+            "layout", "draft", "speculative", "promptcache", "interactive")
 MODEL = "gemma3:270m"
 N_PREDICT = 128                 # tokens per generation run
 N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
@@ -1365,6 +1367,57 @@ def sec_promptcache(b):
                                        "POST /slots/0?action=restore of the same file, /completion")]
 
 
+TITLE_TASK = ("Create a concise, 3-5 word title with an emoji summarizing the chat history.\n"
+              "<chat_history>\nUSER: %s\n</chat_history>" % PROMPT)      # Open WebUI's title task, shortened
+N_TITLE = 160                   # tokens: Open WebUI asks 1000; 160 keeps a run under a minute on 2 busy cores
+N_BUSY = 48                     # tokens of the request that holds the slot when both arrive (a follow-up task)
+
+
+def _interactive_round(port, path, busy, title, chat, sse):
+    """Hold the slot with `busy`, send `title` (not streamed) once it runs, the streamed `chat` 50 ms
+    later: the chat's Timing, and whether the title was still running when the chat's first token came."""
+    done = {}
+
+    def call(name, body):
+        http_call(port, "POST", path, dict(body, stream=False), timeout=600)
+        done[name] = time.perf_counter()
+
+    threads = [threading.Thread(target=call, args=("busy", busy), daemon=True)]
+    threads[0].start()
+    time.sleep(0.3)                               # the busy request has the slot
+    threads.append(threading.Thread(target=call, args=("title", title), daemon=True))
+    threads[1].start()
+    time.sleep(0.05)
+    t = stream(port, path, chat, sse=sse)
+    for th in threads:
+        th.join(600)
+    return t, done.get("title", float("inf")) > t.first
+
+
+def sec_interactive(b):
+    rig = b.rig()
+    direct = rig.start_direct()
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "options": options(8)}
+    title = {"model": MODEL, "messages": [{"role": "user", "content": TITLE_TASK}], "options": options(N_TITLE)}
+    busy = {"model": MODEL, "messages": [{"role": "user", "content": CHAT_PROMPTS[0]}], "options": options(N_BUSY)}
+    payloads = {k: direct_payload(options(n), rig.rendered("/api/chat", body))
+                for k, n, body in (("chat", 8, chat), ("title", N_TITLE, title), ("busy", N_BUSY, busy))}
+    ours, theirs, before = [], [], []
+    for i in range(min(b.runs, 2)):
+        t, ahead = _interactive_round(rig.serve.port, "/api/chat", busy, title, chat, False)
+        ours.append(t.ttft * 1e3)
+        before.append(ahead)
+        t, _ = _interactive_round(direct.port, "/completion", payloads["busy"], payloads["title"], payloads["chat"],
+                                  True)
+        theirs.append(t.ttft * 1e3)
+        log("  run %d: chat TTFT %.0f ms (title still running: %s), llama-server FIFO %.0f ms"
+            % (i + 1, ours[-1], ahead, theirs[-1]))
+    return [Row("chat TTFT behind a title task, one slot busy", "ms", ours, theirs, "slower", 0.5,
+                note="a %d-token request holds the slot; a %d-token title task (stream false), then the streamed "
+                     "chat 50 ms later; ollama.py serves the chat first (%d of %d runs before the title ended), "
+                     "llama-server in arrival order" % (N_BUSY, N_TITLE, sum(before), len(before)))]
+
+
 def _unlink_quiet(path):
     try:
         os.unlink(str(path))
@@ -1381,17 +1434,19 @@ NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "agent"
          "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
          "create": ("gemma",),
          "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma"),
-         "speculative": ("engine", "gemma"), "promptcache": ("engine",)}
+         "speculative": ("engine", "gemma"), "promptcache": ("engine",),
+         "interactive": ("engine", "gemma")}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "agent": sec_agent, "cold": sec_cold,
          "concurrency": sec_concurrency,
          "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc,
          "layout": sec_layout, "draft": sec_draft, "speculative": sec_speculative,
-         "promptcache": sec_promptcache}
+         "promptcache": sec_promptcache, "interactive": sec_interactive}
 TITLES = {"generation": "generation throughput", "ttft": "time to first token", "agent": "agent prefix reuse",
           "cold": "cold start",
           "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull", "lan": "LAN pull",
           "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer",
-          "speculative": "n-gram speculation", "promptcache": "prompt cache across restarts"}
+          "speculative": "n-gram speculation", "promptcache": "prompt cache across restarts",
+          "interactive": "chat before background tasks"}
 
 
 class Bench:
