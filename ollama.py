@@ -34,11 +34,12 @@ and parts into pieces by ``# --`` lines.
     Registry       == keys (Ed25519, OpenSSH files, signed requests), == client (OCI pull and
                    push: RegistrySession, Transfers, pull_model, push_model)
     Runner         Runner: one llama-server child (argv, start, health, completion, tokenize,
-                   embeddings); engine_files and draft_args: the files and flags a model runs with
+                   embeddings, slot save/restore); engine_files and draft_args: the files and flags a model runs with
                    (views of Ollama-layout GGUFs, a DRAFT); Spawner: the thread that forks children
                    tied to serve; _Wire: one raw HTTP/1.1 exchange (the token relay, runner calls,
                    and the CLI's Client)
-    Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
+    Scheduler      Scheduler: the loaded runners, leases on them, queueing (streamed requests first),
+                   eviction, keep-alive; PromptCache: runners' long prompts saved at unload, restored
     HTTP API       == the server (OllamaServer, OllamaHandler, Routes, Request, Response, Stream,
                    FileResponse), == Ollama's API (/api/*, an api_* each), == a read-only OCI
                    registry of the store (/v2/*, a v2_* each), == OpenAI compatibility (/v1/*, with
