@@ -362,6 +362,7 @@ class Timing:
         self.first = self.last = self.end = None
         self.tokens = 0          # token-bearing events (done/stop event excluded)
         self.final = None
+        self.pieces = []         # the answer's text, event by event
 
     @property
     def ttft(self):
@@ -403,6 +404,8 @@ def stream(port, path, body, sse=False, t0=None, timeout=600):
                 raise BenchError("POST %s: %s" % (path, event["error"]))
             if t.first is None:
                 t.first = now
+            t.pieces.append(event.get("content") or event.get("response") or
+                            (event.get("message") or {}).get("content") or "")
             if event.get("stop") if sse else event.get("done"):
                 t.end, t.final = now, event
                 return t
@@ -1307,7 +1310,7 @@ def sec_promptcache(b):
     import_model(serve.models, PC_MODEL, _pc_model(b))
     serve.start()
     body = {"model": PC_MODEL, "raw": True, "options": options(8)}
-    t1s, t2s, restored, cold, direct = [], [], [], [], []
+    t1s, t2s, restored, cold, direct, live, live_direct = [], [], [], [], [], [], []
     saved = b.workdir / "pc-saved.slot"
     try:
         for i in range(min(b.runs, 2)):
@@ -1316,9 +1319,9 @@ def sec_promptcache(b):
             folder = Path(args[args.index("--slot-save-path") + 1])
             turn1 = _pc_turns(serve.port)
             t1 = stream(serve.port, "/api/generate", dict(body, prompt=turn1))
-            turn2 = turn1 + t1.final.get("response", "") + "\nUser: and step 9?\nAgent:"
+            turn2 = turn1 + "".join(t1.pieces) + "\nUser: and step 9?\nAgent:"
             t2 = stream(serve.port, "/api/generate", dict(body, prompt=turn2))
-            turn3 = turn2 + t2.final.get("response", "") + "\nUser: run it.\nAgent:"
+            turn3 = turn2 + "".join(t2.pieces) + "\nUser: run it.\nAgent:"
             _pc_wait_unloaded(serve)
             files = sorted(folder.glob("*.slot"))
             if len(files) != 1:
@@ -1329,6 +1332,8 @@ def sec_promptcache(b):
             for f in folder.glob("*.slot"):
                 f.unlink()
             c = stream(serve.port, "/api/generate", dict(body, prompt=turn3))      # runner start, all computed
+            turn4 = turn3 + "".join(c.pieces) + "\nUser: thanks.\nAgent:"
+            live.append(stream(serve.port, "/api/generate", dict(body, prompt=turn4)).ttft * 1e3)
             _pc_wait_unloaded(serve)
             for f in folder.glob("*.slot"):
                 f.unlink()
@@ -1342,7 +1347,11 @@ def sec_promptcache(b):
                 if status != 200:
                     raise BenchError("llama-server restore: %s %s" % (status, raw[:200]))
                 payload = direct_payload(options(8), turn3)
-                direct.append(stream(d.port, "/completion", payload, sse=True, t0=t0).ttft * 1e3)
+                dr = stream(d.port, "/completion", payload, sse=True, t0=t0)
+                direct.append(dr.ttft * 1e3)
+                turn4 = turn3 + "".join(dr.pieces) + "\nUser: thanks.\nAgent:"
+                live_direct.append(stream(d.port, "/completion", direct_payload(options(8), turn4), sse=True).ttft
+                                   * 1e3)
             finally:
                 d.stop()
                 _unlink_quiet(folder / "bench-direct.slot")
@@ -1364,7 +1373,9 @@ def sec_promptcache(b):
                      "OLLAMA_PROMPT_CACHE's file vs the file removed (`direct` is the cold restart)"),
             Row("first turn after a restart with the saved prefix, vs llama-server", "ms", restored, direct,
                 "latency", 150.0, note="llama-server by hand with the same argv: launch, poll /health, "
-                                       "POST /slots/0?action=restore of the same file, /completion")]
+                                       "POST /slots/0?action=restore of the same file, /completion"),
+            Row("agent turn 4 TTFT, live runner, vs llama-server", "ms", live, live_direct, "latency", 50.0,
+                note="turn 3 plus its answer and a question, on the runner that just answered turn 3")]
 
 
 TITLE_TASK = ("Create a concise, 3-5 word title with an emoji summarizing the chat history.\n"
