@@ -41,12 +41,18 @@ def _unload(server, model):
         thread.join(120)
 
 
-def _evaluated(server):
-    """The prompt tokens the engine computed for the last request (its log's "prompt eval time" line):
+def _evaluated(server, nth):
+    """The prompt tokens the engine computed for the `nth` completion since the test began (its log's
+    "prompt eval time" lines, written as the slot is released, which can be just after the answer):
     prompt_eval_count is the prompt's size, cached or not, as in Ollama."""
-    lines = (server.config.home / "logs" / "runner-tiny_latest.log").read_text().splitlines()
-    last = [ln for ln in lines if "prompt eval time" in ln][-1]
-    return int(re.search(r"/\s*(\d+) tokens", last).group(1))
+    log_path = server.config.home / "logs" / "runner-tiny_latest.log"
+    deadline = time.monotonic() + 10
+    while True:
+        text = log_path.read_text() if log_path.exists() else ""
+        lines = [ln for ln in text.splitlines() if "prompt eval time" in ln]
+        if len(lines) >= nth or time.monotonic() > deadline:
+            return int(re.search(r"/\s*(\d+) tokens", lines[nth - 1]).group(1))
+        time.sleep(0.05)
 
 
 def _slot_files(server):
@@ -55,7 +61,7 @@ def _slot_files(server):
 
 def test_restored_prompt_cache_gives_the_cold_runs_tokens(server, tiny):
     first = _generate(server, tiny, LONG)
-    assert _evaluated(server) > 256
+    assert _evaluated(server, 1) > 256
     _unload(server, tiny)
     files = _slot_files(server)
     assert [f.suffix for f in files] == [".slot"]      # one slot saved, no temp file left
@@ -63,12 +69,12 @@ def test_restored_prompt_cache_gives_the_cold_runs_tokens(server, tiny):
     assert files[0].parent == server.store.prompt_cache_dir(blob)
     turn2 = LONG + first["response"] + " Next, the agent"
     restored = _generate(server, tiny, turn2)
-    assert _evaluated(server) < 20                   # the new words (and the answer's last tokens)
+    assert _evaluated(server, 2) < 20                # the new words (and the answer's last tokens)
     _unload(server, tiny)
     for f in _slot_files(server):
         f.unlink()
     cold = _generate(server, tiny, turn2)
-    assert _evaluated(server) == cold["prompt_eval_count"]
+    assert _evaluated(server, 3) == cold["prompt_eval_count"]
     assert restored["response"] == cold["response"] and restored["eval_count"] == cold["eval_count"] == 32
 
 
@@ -86,7 +92,7 @@ def test_a_runner_with_another_context_size_does_not_restore_the_file(server, ti
     _generate(server, tiny, LONG)
     _unload(server, tiny)
     other = _generate(server, tiny, LONG, options={"temperature": 0, "num_predict": 12, "num_ctx": 2048})
-    assert _evaluated(server) == other["prompt_eval_count"]   # all computed: the file is for num_ctx 1024
+    assert _evaluated(server, 2) == other["prompt_eval_count"]   # all computed: the file is for num_ctx 1024
     _unload(server, tiny)
     assert len(_slot_files(server)) == 2              # one per key, side by side
 
@@ -99,7 +105,7 @@ def test_a_half_written_cache_file_is_never_used(server, tiny):
     saved.with_name(saved.stem + ".dead.tmp").write_bytes(data)   # a kill during a save leaves this
     saved.write_bytes(data[:len(data) // 2])          # and were a file ever cut short, the engine refuses it
     again = _generate(server, tiny, LONG)
-    assert _evaluated(server) == again["prompt_eval_count"] and again["response"] == first["response"]
+    assert _evaluated(server, 2) == again["prompt_eval_count"] and again["response"] == first["response"]
     assert not saved.exists() or saved.read_bytes() != data[:len(data) // 2]   # the bad file was removed
 
 
