@@ -448,3 +448,38 @@ def test_the_next_runner_for_a_blob_starts_after_the_last_one_has_saved_and_stop
     t.join(2)
     assert saved == [sched.runners[0]] and box["result"].runner is sched.runners[1]
     box["result"].release()
+
+
+def test_a_streamed_request_asks_for_its_runner_as_interactive_and_a_title_task_does_not(monkeypatch):
+    seen = []
+    sched = types.SimpleNamespace(lease=lambda *a, **kw: seen.append(kw["interactive"]))
+    req = types.SimpleNamespace(server=types.SimpleNamespace(scheduler=sched))
+    monkeypatch.setattr(ollama, "_request_options", lambda model, body: {})
+    for body in ({}, {"stream": True}, {"stream": False}):       # Ollama's API streams unless told not to
+        ollama._schedule(req, None, body, 300)
+    ollama._schedule(req, None, {}, 300, embedding=True)
+    assert seen == [True, True, False, False]
+
+
+def _recording_saves(sched):
+    saved = []
+    sched.prompt_cache.save = lambda runner: saved.append(runner) or []
+    return saved
+
+
+def test_idle_runners_are_saved_at_shutdown_and_a_busy_one_is_not(make):
+    sched = make(max_loaded_models=2)
+    saved = _recording_saves(sched)
+    sched.lease(model("a"), {}, 300).release()
+    busy = sched.lease(model("b"), {}, 300)
+    sched.shutdown()
+    assert saved == [sched.runners[0]] and all(r.stopped.is_set() for r in sched.runners)
+    busy.release()
+
+
+def test_an_evicted_runner_is_saved_before_it_stops(make):
+    sched = make(max_loaded_models=1)
+    saved = _recording_saves(sched)
+    sched.lease(model("a"), {}, 300).release()
+    with sched.lease(model("b"), {}, 300):
+        assert stopped(sched.runners[0]) and saved == [sched.runners[0]]
