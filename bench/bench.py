@@ -1413,7 +1413,7 @@ def sec_interactive(b):
     busy = {"model": MODEL, "messages": [{"role": "user", "content": CHAT_PROMPTS[0]}], "options": options(N_BUSY)}
     payloads = {k: direct_payload(options(n), rig.rendered("/api/chat", body))
                 for k, n, body in (("chat", 8, chat), ("title", N_TITLE, title), ("busy", N_BUSY, busy))}
-    ours, theirs, before = [], [], []
+    ours, theirs, before, cold, alone = [], [], [], [], []
     for i in range(min(b.runs, 2)):
         t, ahead = _interactive_round(rig.serve.port, "/api/chat", busy, title, chat, False)
         ours.append(t.ttft * 1e3)
@@ -1421,12 +1421,27 @@ def sec_interactive(b):
         t, _ = _interactive_round(direct.port, "/completion", payloads["busy"], payloads["title"], payloads["chat"],
                                   True)
         theirs.append(t.ttft * 1e3)
-        log("  run %d: chat TTFT %.0f ms (title still running: %s), llama-server FIFO %.0f ms"
-            % (i + 1, ours[-1], ahead, theirs[-1]))
+        # the case: both arrive while the model is unloaded (the first chat after keep-alive)
+        http_json(rig.serve.port, "POST", "/api/generate", {"model": MODEL, "keep_alive": 0, "stream": False})
+        rig.serve.wait_unloaded()
+        thread = threading.Thread(target=http_call, args=(rig.serve.port, "POST", "/api/chat",
+                                                          dict(title, stream=False), 600), daemon=True)
+        thread.start()
+        time.sleep(0.05)
+        cold.append(stream(rig.serve.port, "/api/chat", chat).ttft * 1e3)
+        thread.join(600)
+        http_json(rig.serve.port, "POST", "/api/generate", {"model": MODEL, "keep_alive": 0, "stream": False})
+        rig.serve.wait_unloaded()
+        alone.append(stream(rig.serve.port, "/api/chat", chat).ttft * 1e3)
+        log("  run %d: chat TTFT %.0f ms (title still running: %s), llama-server FIFO %.0f ms; model unloaded: "
+            "with the title task %.0f ms, alone %.0f ms" % (i + 1, ours[-1], ahead, theirs[-1], cold[-1], alone[-1]))
     return [Row("chat TTFT behind a title task, one slot busy", "ms", ours, theirs, "slower", 0.5,
                 note="a %d-token request holds the slot; a %d-token title task (stream false), then the streamed "
                      "chat 50 ms later; ollama.py serves the chat first (%d of %d runs before the title ended), "
-                     "llama-server in arrival order" % (N_BUSY, N_TITLE, sum(before), len(before)))]
+                     "llama-server in arrival order" % (N_BUSY, N_TITLE, sum(before), len(before))),
+            Row("chat TTFT with a title task, model unloaded, vs the chat alone", "ms", cold, alone, "slower", 1.2,
+                note="the title task first, the chat 50 ms later, both waiting for the load: the runner it "
+                     "loads serves the chat first (`direct` is the chat alone after an unload)")]
 
 
 def _unlink_quiet(path):
