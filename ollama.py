@@ -6691,6 +6691,7 @@ class _Loaded:
         self.models = {model.name.key(): model}
         self.embedding = embedding
         self.keep_alive = keep_alive
+        self.stop = False                 # expire() was asked while requests held it: unload when they end
         self.refs = 0
         self.expires = FOREVER            # the scheduler's clock() deadline once idle
         self.loaded_at = time.time() if loaded_at is None else loaded_at
@@ -7018,7 +7019,7 @@ class Scheduler:
         Interactive first: while an `interactive` request waits for a runner (a slot, or its load), the
         others for that runner wait behind it, even one that came first or loaded the runner itself.
         Open WebUI sends its title task (num_predict 1000, not streamed) with the chat; with one slot the
-        title used to win the race half the time, and the visible reply waited for all of it. The cost:
+        title could win the race, and the visible reply then waited for all of it. The cost:
         a background request waits for every streamed one that keeps arriving."""
         key, load_key = runner_key(model, opts, embedding)
         with self.cond:
@@ -7038,7 +7039,7 @@ class Scheduler:
                             self.cond.wait(0.5)           # every slot busy, or a streamed request first
                             continue
                         entry.refs += 1
-                        entry.keep_alive = keep_alive
+                        entry.keep_alive, entry.stop = keep_alive, False    # a request after a stop revives it
                         entry.expires = FOREVER
                         if model.name.key() not in entry.models:   # a new dict: /api/ps may be reading it
                             entry.models = {**entry.models, model.name.key(): model}
@@ -7096,7 +7097,7 @@ class Scheduler:
         """Drop a reference; the keep-alive timer starts when the last one goes (0 unloads now)."""
         with self.cond:
             entry.refs -= 1
-            if keep_alive is not None:
+            if keep_alive is not None and not entry.stop:   # a stop asked meanwhile outlasts the request's own
                 entry.keep_alive = keep_alive
             if entry.refs <= 0:
                 entry.refs = 0
@@ -7111,7 +7112,7 @@ class Scheduler:
         with self.cond:
             entries = self.runners_for(Name.parse(name) if isinstance(name, str) else name)
             for entry in entries:
-                entry.keep_alive = 0
+                entry.keep_alive, entry.stop = 0, True
                 if entry.refs == 0:
                     self._unload(entry.key, entry)
             return bool(entries)

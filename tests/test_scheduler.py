@@ -483,3 +483,11 @@ def test_an_evicted_runner_is_saved_before_it_stops(make):
     sched.lease(model("a"), {}, 300).release()
     with sched.lease(model("b"), {}, 300):
         assert stopped(sched.runners[0]) and saved == [sched.runners[0]]
+
+
+def test_a_stop_asked_during_a_request_unloads_when_it_ends_despite_its_own_keep_alive(make):
+    sched = make()
+    lease = sched.lease(model("a"), {}, 300)
+    assert sched.expire("a")
+    lease.release()                                   # its keep_alive (300 s) must not undo the stop
+    assert stopped(sched.runners[0]) and sched.running() == []
