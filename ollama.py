@@ -6932,6 +6932,7 @@ class Scheduler:
         self.closed = False
         self.starting = set()                         # runners being loaded, stopped by shutdown() too
         self.stopping = {}                            # key -> the thread saving and stopping its last runner
+        #                                               (the next load waits for them: their memory, their files)
         self.interactive = {}                         # key -> interactive requests waiting for it (acquire)
         self.spawner = Spawner(config.home / "runners" / ("serve-%d.json" % os.getpid()))
         self.prompt_cache = PromptCache(Store(config.models), config.prompt_cache)
@@ -7058,9 +7059,9 @@ class Scheduler:
                         if key in self.loaded:        # another request loaded it meanwhile
                             continue
                     with self.cond:
-                        stopping = self.stopping.pop(key, None)
-                    if stopping is not None:      # its saved prompt is what this one restores
-                        stopping.join(PROMPT_CACHE_IO_TIMEOUT)
+                        stopping, self.stopping = list(self.stopping.values()), {}
+                    for thread in stopping:       # runners being saved and stopped go first: this one may
+                        thread.join(PROMPT_CACHE_IO_TIMEOUT)   # restore what they save, and needs their memory
                     loading = time.monotonic()
                     runner = self._start(model, opts, embedding)
                     self.prompt_cache.restore(runner)

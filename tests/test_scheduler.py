@@ -491,3 +491,24 @@ def test_a_stop_asked_during_a_request_unloads_when_it_ends_despite_its_own_keep
     assert sched.expire("a")
     lease.release()                                   # its keep_alive (300 s) must not undo the stop
     assert stopped(sched.runners[0]) and sched.running() == []
+
+
+def test_a_model_loaded_in_an_evicted_ones_place_waits_until_that_one_is_saved_and_stopped(make):
+    sched = make(max_loaded_models=1)
+    saving, go = threading.Event(), threading.Event()
+
+    def slow_save(runner):
+        saving.set()
+        go.wait(2)
+        return []
+
+    sched.prompt_cache.save = slow_save
+    sched.lease(model("a"), {}, 300).release()
+    t, box = in_thread(lambda: sched.lease(model("b"), {}, 300))   # evicts a, which is saved on a thread
+    saving.wait(2)
+    time.sleep(0.1)
+    assert len(sched.runners) == 1                  # on a Pi the two would not fit in memory together
+    go.set()
+    t.join(2)
+    assert sched.runners[0].stopped.is_set() and box["result"].runner is sched.runners[1]
+    box["result"].release()
