@@ -7177,6 +7177,10 @@ class Scheduler:
             if r in idle:
                 self._save_and_stop(r)
             r.stop()
+        with self.cond:
+            stopping, self.stopping = list(self.stopping.values()), {}
+        for thread in stopping:                   # unloads under way finish their save and their stop
+            thread.join(PROMPT_CACHE_IO_TIMEOUT)
         self.spawner.close()
 
 

@@ -512,3 +512,23 @@ def test_a_model_loaded_in_an_evicted_ones_place_waits_until_that_one_is_saved_a
     t.join(2)
     assert sched.runners[0].stopped.is_set() and box["result"].runner is sched.runners[1]
     box["result"].release()
+
+
+def test_shutdown_waits_for_an_unload_under_way_to_save_and_stop(make):
+    sched = make()
+    saving, go = threading.Event(), threading.Event()
+
+    def slow_save(runner):
+        saving.set()
+        go.wait(2)
+        return []
+
+    sched.prompt_cache.save = slow_save
+    sched.lease(model("a"), {}, 0).release()        # keep_alive 0: saved and stopped on a thread
+    saving.wait(2)
+    t, _ = in_thread(sched.shutdown)
+    time.sleep(0.1)
+    assert t.is_alive() and not sched.runners[0].stopped.is_set()
+    go.set()
+    t.join(2)
+    assert sched.runners[0].stopped.is_set()
