@@ -40,10 +40,11 @@ and parts into pieces by ``# --`` lines.
                    push: RegistrySession, Transfers, pull_model, push_model), == archives (export and
                    import as OCI image layout tarballs)
     Runner         Runner: one llama-server child (argv, start, health, completion, tokenize,
-                   embeddings); engine_files and draft_args: the files and flags a model runs with
+                   embeddings, slot save/restore); engine_files and draft_args: the files and flags a model runs with
                    (views of Ollama-layout GGUFs, a DRAFT); Spawner: the thread that forks children
                    tied to serve; == engine tools (RPC workers, llama-quantize)
-    Scheduler      Scheduler: the loaded runners, leases on them, queueing, eviction, keep-alive
+    Scheduler      Scheduler: the loaded runners, leases on them, queueing (streamed requests first),
+                   eviction, keep-alive; PromptCache: runners' long prompts saved at unload, restored
     HTTP server    OllamaServer (listeners, keys, TLS, connection caps, who a local peer is),
                    OllamaHandler (CORS and Host guards, body limits), Routes, Request, Response,
                    Stream, FileResponse
@@ -168,6 +169,16 @@ DEFAULT_SPECULATIVE = ""
 #: Q4_K prompts 1.3x, generation 0.93x; Q4_0 prompts 0.71x, generation 0.97x. Only a serve with workers
 #: pays it by default; the docs on RPC workers give the measurements.
 DEFAULT_REPACK = None
+#: Saved prompt state (llama-server's slot files: a runner's KV cache and its tokens), kept under the
+#: store so that a prefix survives its runner (PromptCache). OLLAMA_PROMPT_CACHE caps the bytes kept (0 is
+#: off). 4 GiB holds one 20k-token agent prefix of a 3B model at f16 (~110 KiB a token) and is a small part
+#: of a 32 GB SD card; the oldest used file goes first past it.
+DEFAULT_PROMPT_CACHE = 4 << 30         # bytes
+#: tokens a slot must hold to be saved: below ~1k a prompt is seconds to recompute even on a Pi, not
+#: worth the card's writes; an agent's system prompt and tools (15-30k tokens) are far above it
+PROMPT_CACHE_MIN_TOKENS = 1024
+PROMPT_CACHE_TMP_AGE = 3600.0          # seconds after which a temp file a kill left behind is removed
+PROMPT_CACHE_IO_TIMEOUT = 600.0        # seconds a save or restore may take (GBs on an SD card: ~30 MB/s)
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -243,6 +254,7 @@ class Config:
         self.kv_cache_type = _env(env, "OLLAMA_KV_CACHE_TYPE")
         self.speculative = _speculative_env(env)               # an n-gram --spec-type, or "" for off
         self.repack = _bool_env(env, "OLLAMA_REPACK", DEFAULT_REPACK)   # None: auto (see runner_repacks)
+        self.prompt_cache = _bytes_env(env, "OLLAMA_PROMPT_CACHE", DEFAULT_PROMPT_CACHE)   # bytes, 0: off
         self.llama_server = _env(env, "OLLAMA_LLAMA_SERVER")
         self.rpc_servers = [w.strip() for w in _env(env, "OLLAMA_RPC_SERVERS").split(",") if w.strip()]
         self.api_keys = [k.strip() for k in _env(env, "OLLAMA_API_KEYS").split(",") if k.strip()]
@@ -296,6 +308,28 @@ def _int_env(env, key, default):
         return int(_env(env, key) or default)
     except ValueError:
         log.warning("invalid %s, using %s", key, default)
+        return default
+
+
+def parse_bytes(text):
+    """A size in bytes from "4GiB", "500MB", "2g", "1.5 GB" or a plain number of bytes: k/m/g/t are
+    powers of 1000, ki/mi/gi/ti of 1024, the B optional (a lone K/M/G/T letter counts in 1024s, as
+    `ls -h` prints it). ValueError for anything else or a negative size."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
+    if not m:
+        raise ValueError("invalid size %r" % text)
+    number, unit, binary, b = m.groups()
+    base = 1024 if binary or (unit and not b) else 1000
+    return int(float(number) * base ** (" kmgt".index(unit or " ")))
+
+
+def _bytes_env(env, key, default):
+    value = _env(env, key)
+    try:
+        return parse_bytes(value) if value else default
+    except ValueError:
+        log.warning("invalid %s %r (a size such as 4GiB or 500MB, 0 for off): using %s", key, value,
+                    human_bytes(default))
         return default
 
 
@@ -1065,6 +1099,11 @@ class Store:
         its GGUF edits; see engine_files). Derived, so rebuilt at each load and removed with the blob."""
         return self.root / ".ollama-py" / "views" / parse_digest(digest).split(":")[1]
 
+    def prompt_cache_dir(self, digest):
+        """Where saved prompt state for the weights blob `digest` lives: .ollama-py/prompt-cache/<hex>
+        (llama-server slot files, see PromptCache). Removed with the blob."""
+        return self.root / ".ollama-py" / "prompt-cache" / parse_digest(digest).split(":")[1]
+
     def blob_size(self, digest):
         return self.blob_path(digest).stat().st_size
 
@@ -1307,6 +1346,7 @@ class Store:
             for d in set(digests) - refs:
                 _unlink(self.blob_path(d))
                 _rmtree(self.view_dir(d))
+                _rmtree(self.prompt_cache_dir(d))
 
     def _prune_dirs(self, d):
         while d != self.manifests and self.manifests in d.parents:
@@ -6493,7 +6533,7 @@ class Runner:
     def __init__(self, exe, model_path, num_ctx=DEFAULT_NUM_CTX, parallel=1, num_thread=0, num_batch=0,
                  num_gpu=-1, use_mmap=None, embedding=False, projector=None, adapters=(),
                  flash_attention=None, kv_cache_type="", log_path=None, extra_args=(), launcher=(),
-                 spawn=None, rpc=(), repack=True):
+                 spawn=None, rpc=(), repack=True, slot_save_path=None):
         """Prepare the llama-server command line for one model; nothing runs until start().
         It gets a free port and its own API key; the context holds num_ctx cells per parallel slot,
         and options left unset keep llama-server's defaults."""
@@ -6541,7 +6581,11 @@ class Runner:
             args += ["--rpc", ",".join(self.rpc), "--log-verbosity", "4"]
         if not repack:                        # the plain CPU kernels, as RPC workers run (DEFAULT_REPACK)
             args += ["--no-repack"]
+        # the slot files' folder (PromptCache), kept out of the argv the cache is keyed by (prompt_key)
+        self.slot_save_path = str(slot_save_path) if slot_save_path else None
         self.args = list(launcher) + args + list(extra_args)   # launcher: an emulator such as qemu-aarch64
+        if self.slot_save_path:
+            self.args += ["--slot-save-path", self.slot_save_path]
         self.proc = None
         self._log = None
         self._lock = threading.Lock()         # orders start's spawn against a stop() from shutdown
@@ -6729,6 +6773,41 @@ class Runner:
 
     def tokenize(self, text, add_special=False):
         return self.call("/tokenize", {"content": text, "add_special": add_special})["tokens"]
+
+    def prompt_key(self):
+        """What a saved slot file must have been made with to be restored here: the argv but for the
+        port and the slot folder (the weights' view, context per slot, slots, KV type, flash attention,
+        adapters, batch and threads, which can change the numbers), and the engine binary (its size and
+        mtime: a rebuilt engine may lay its state out differently). 16 hex digits."""
+        import hashlib
+        skip = {j for i, a in enumerate(self.args) if a in ("--port", "--slot-save-path") for j in (i, i + 1)}
+        args = [a for i, a in enumerate(self.args) if i not in skip]
+        try:
+            st = os.stat(self.exe)
+            engine = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            engine = []
+        return hashlib.sha256(json_dumps([args, engine]).encode()).hexdigest()[:16]
+
+    def save_slot(self, slot, filename, timeout=PROMPT_CACHE_IO_TIMEOUT):
+        """Save slot `slot`'s KV cache and tokens to `filename` in the slot folder (llama-server waits
+        for the slot to be idle): llama-server's answer, with n_saved (tokens) and n_written (bytes)."""
+        return self._slot_action(slot, "save", filename, timeout)
+
+    def restore_slot(self, slot, filename, timeout=PROMPT_CACHE_IO_TIMEOUT):
+        """Load `filename` from the slot folder into slot `slot`: the answer, with n_restored (tokens).
+        OllamaError when the file is not one this engine and model can read (the slot is then empty)."""
+        return self._slot_action(slot, "restore", filename, timeout)
+
+    def _slot_action(self, slot, action, filename, timeout):
+        try:
+            status, out = self._call("POST", "/slots/%d?action=%s" % (slot, action), {"filename": filename},
+                                     timeout)
+        except (OSError, EOFError, IndexError, ValueError):
+            raise self._stopped() from None
+        if status != 200:
+            raise _engine_error(status, out)
+        return out
 
     def tokenize_soon(self, text):
         """POST /tokenize now, answer later: a _Wire whose .json() reads it, or None when it could not
@@ -7051,6 +7130,7 @@ class _Loaded:
         self.models = {model.name.key(): model}
         self.embedding = embedding
         self.keep_alive = keep_alive
+        self.stop = False                 # expire() was asked while requests held it: unload when they end
         self.refs = 0
         self.expires = FOREVER            # the scheduler's clock() deadline once idle
         self.loaded_at = time.time() if loaded_at is None else loaded_at
@@ -7119,6 +7199,145 @@ class _LeasedItems:
     __del__ = close                         # dropped unclosed, as a suspended generator would be
 
 
+def prompt_state_restorable(model):
+    """Whether llama-server can reuse a restored slot of `model`: not with a sliding window (only the
+    window's cells are saved) nor recurrent state (no cells to go back to), read from the GGUF's keys."""
+    try:
+        g = model.gguf()
+    except (OSError, OllamaError):
+        return False
+    if g is None:
+        return False
+    if g.get("attention.sliding_window"):
+        return False
+    return not any(k.startswith(tuple(g.architecture + p for p in (".ssm.", ".wkv.", ".shortconv.")))
+                   for k in g.kv)
+
+
+class PromptCache:
+    """Prompt state that outlives its runner. When a runner is unloaded (keep-alive over, evicted,
+    reloaded with other options, stopped, serve shutting down), each of its slots that holds at least
+    PROMPT_CACHE_MIN_TOKENS tokens is saved with llama-server's slot save (the KV cache and its tokens)
+    to <models>/.ollama-py/prompt-cache/<weights hex>/<key>-<slot>.slot, `key` being Runner.prompt_key
+    (the argv: context, KV type, adapters...; and the engine). A runner started later with the same key
+    restores it into that slot before its first request, and llama-server reuses the longest common
+    prefix as it does with a live cache: the next turn of an agent whose runner went away computes only
+    what is new. Not for sliding-window models (Gemma 2 and 3, gpt-oss) nor recurrent ones (Mamba, RWKV,
+    LFM2, Qwen3-Next): llama-server saves only the window's cells and then refuses, by its own check, to
+    reuse any of them (it computes the whole prompt again), so their files would be disk spent for nothing.
+
+    Saved at unload, not after each long prompt: one save of a 20k-token prefix of a 3B model is ~2 GB,
+    which at each turn would wear an SD card and take the cores the turn needs, while the live runner's
+    own cache serves anyway. A crash (kill -9, power cut) loses what was computed since the runner
+    started. A file is written under a temp name, fsynced and renamed, so a kill at any moment leaves
+    the old file or the new one, never part of one; temp names are never restored, and are removed
+    once PROMPT_CACHE_TMP_AGE old. The files used last are kept up to `limit` bytes (OLLAMA_PROMPT_CACHE;
+    restoring counts as use): the oldest go first; 0 keeps nothing.
+    """
+
+    SUFFIX = ".slot"
+
+    def __init__(self, store, limit):
+        self.store, self.limit = store, limit
+        self.min_tokens = PROMPT_CACHE_MIN_TOKENS
+        self.root = store.root / ".ollama-py" / "prompt-cache"
+        self.lock = threading.Lock()              # one trim at a time
+
+    def folder(self, model, embedding):
+        """The slot folder for a runner of `model` (created), or None where nothing is kept: the cache
+        is off, an embedding runner (no prompt goes on), a projector (llama-server cannot save images'
+        state) or a draft model (its own cache is not saved)."""
+        if not self.limit or embedding or model.projector_paths or model.draft_path or not model.model_path:
+            return None
+        if not prompt_state_restorable(model):
+            return None
+        try:
+            d = self.store.prompt_cache_dir(Path(model.model_path).name)
+            d.mkdir(parents=True, exist_ok=True)
+        except (OSError, OllamaError) as e:
+            log.warning("prompt cache off for %s: %s", model.short_name, e)
+            return None
+        return d
+
+    def _path(self, runner, slot):
+        return Path(runner.slot_save_path) / ("%s-%d%s" % (runner.prompt_key(), slot, self.SUFFIX))
+
+    def restore(self, runner):
+        """Load `runner`'s saved slots (those of its key) into it; the tokens restored. A file the
+        engine refuses is removed; nothing here fails the load."""
+        if not getattr(runner, "slot_save_path", None):
+            return 0
+        total = 0
+        for slot in range(runner.parallel):
+            path = self._path(runner, slot)
+            if not path.is_file():
+                continue
+            try:
+                out = runner.restore_slot(slot, path.name)
+                os.utime(str(path))               # used now: the trim keeps it longest
+            except (OllamaError, OSError) as e:
+                log.warning("prompt cache %s not restored, removed: %s", path, e)
+                _unlink(path)
+                continue
+            n = int(out.get("n_restored") or 0)
+            total += n
+            log.info("prompt cache: restored %d tokens into slot %d from %s in %.0f ms", n, slot, path.name,
+                     (out.get("timings") or {}).get("restore_ms", 0))
+        return total
+
+    def save(self, runner):
+        """Save each slot of `runner` (alive and idle) that holds `min_tokens` or more; a
+        shorter one leaves the file saved before in place. The files saved; the cache is then trimmed."""
+        if not getattr(runner, "slot_save_path", None) or not runner.alive():
+            return []
+        import secrets
+        saved = []
+        for slot in range(runner.parallel):
+            path = self._path(runner, slot)
+            tmp = path.with_name("%s.%s.tmp" % (path.stem, secrets.token_hex(4)))
+            try:
+                out = runner.save_slot(slot, tmp.name)
+                n = int(out.get("n_saved") or 0)
+                if n < self.min_tokens or tmp.stat().st_size > self.limit:
+                    continue
+                with open(str(tmp), "rb") as f:       # on the disk before its name says it is whole
+                    os.fsync(f.fileno())
+                os.replace(str(tmp), str(path))
+                _fsync_dir(path.parent)
+                saved.append(path)
+                log.info("prompt cache: saved %d tokens of slot %d (%s) to %s in %.0f ms", n, slot,
+                         human_bytes(path.stat().st_size), path.name, (out.get("timings") or {}).get("save_ms", 0))
+            except (OllamaError, OSError) as e:
+                log.warning("prompt cache: slot %d not saved: %s", slot, e)
+            finally:
+                _unlink(tmp)
+        if saved:
+            self.trim()
+        return saved
+
+    def trim(self):
+        """Remove the least recently used slot files past the limit, and temp files a kill left."""
+        with self.lock:
+            now, files = time.time(), []
+            for path in self.root.glob("*/*") if self.root.is_dir() else ():
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                if path.name.endswith(".tmp"):
+                    if now - st.st_mtime > PROMPT_CACHE_TMP_AGE:
+                        _unlink(path)
+                elif path.name.endswith(self.SUFFIX):
+                    files.append((st.st_mtime, st.st_size, path))
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files):
+                if total <= self.limit:
+                    break
+                log.info("prompt cache: removing %s (%s), used least recently", path, human_bytes(size))
+                _unlink(path)
+                total -= size
+
+
 class Scheduler:
     """Keeps llama-server children: one per loaded weights blob and mode (runner_key), shared by
     concurrent requests and by every name for that blob (system, template and sampling are per request).
@@ -7153,7 +7372,15 @@ class Scheduler:
         self.waiting = 0
         self.closed = False
         self.starting = set()                         # runners being loaded, stopped by shutdown() too
+        self.stopping = {}                            # key -> the thread saving and stopping its last runner
+        #                                               (the next load waits for them: their memory, their files)
+        self.interactive = {}                         # key -> interactive requests waiting for it (acquire)
         self.spawner = Spawner(config.home / "runners" / ("serve-%d.json" % os.getpid()))
+        self.prompt_cache = PromptCache(Store(config.models), config.prompt_cache)
+        try:
+            self.prompt_cache.trim()                  # a lowered OLLAMA_PROMPT_CACHE, a kill's temp files
+        except OSError as e:
+            log.warning("prompt cache: %s", e)
         if reaper:
             threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True).start()
 
@@ -7180,7 +7407,21 @@ class Scheduler:
                       extra_args=files.args + (_embedding_args(model) if embedding else
                                                draft_args(model, opts) or
                                                ngram_args(opts, self.config.speculative)),
-                      spawn=self.spawner.popen)
+                      spawn=self.spawner.popen, slot_save_path=self.prompt_cache.folder(model, embedding))
+
+    def _start(self, model, opts, embedding):
+        """A new runner for `model`, started; a shutdown meanwhile stops it."""
+        runner = self.new_runner(model, opts, embedding)
+        with self.cond:
+            if self.closed:
+                raise OllamaError("server is shutting down")
+            self.starting.add(runner)             # before it starts: a shutdown now stops it
+        try:
+            runner.start(self.config.load_timeout)
+        finally:
+            with self.cond:
+                self.starting.discard(runner)
+        return runner
 
     def _rpc_workers(self, num_gpu):
         """The OLLAMA_RPC_SERVERS workers a new runner uses: those that answer now (one that is down is
@@ -7194,11 +7435,12 @@ class Scheduler:
                 log.warning("RPC worker %s does not answer: loading without it", w)
         return up
 
-    def lease(self, model, opts, keep_alive, embedding=False):
+    def lease(self, model, opts, keep_alive, embedding=False, interactive=False):
         """A Lease on a loaded runner for `model` (use it as `with scheduler.lease(...) as lease:`).
-        Raises Busy when the queue is full."""
+        Raises Busy when the queue is full. An `interactive` request (a streamed answer someone
+        watches) goes before the others waiting for the same runner (see acquire)."""
         started = time.monotonic()
-        entry = self.acquire(model, opts, keep_alive, embedding=embedding)
+        entry = self.acquire(model, opts, keep_alive, embedding=embedding, interactive=interactive)
         waited = time.monotonic() - started
         self.metrics.observe("ollama_queue_wait_seconds", waited)
         return Lease(self, entry, keep_alive, opts, waited)
@@ -7216,13 +7458,21 @@ class Scheduler:
         with self.cond:                               # an RLock: callers holding it may call this
             return [e for e in self.loaded.values() if key in e.models]
 
-    def acquire(self, model, opts, keep_alive, embedding=False):
-        """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full."""
+    def acquire(self, model, opts, keep_alive, embedding=False, interactive=False):
+        """A loaded _Loaded entry for `model` with its refcount taken. Raises Busy when the queue is full.
+
+        Interactive first: while an `interactive` request waits for a runner (a slot, or its load), the
+        others for that runner wait behind it, even one that came first or loaded the runner itself.
+        Open WebUI sends its title task (num_predict 1000, not streamed) with the chat; with one slot the
+        title could win the race, and the visible reply then waited for all of it. The cost:
+        a background request waits for every streamed one that keeps arriving."""
         key, load_key = runner_key(model, opts, embedding)
         with self.cond:
             if self.waiting >= self.config.max_queue:
                 raise Busy("server busy, please try again.  maximum pending requests exceeded")
             self.waiting += 1
+            if interactive:
+                self.interactive[key] = self.interactive.get(key, 0) + 1
         try:
             while True:
                 with self.cond:
@@ -7230,11 +7480,11 @@ class Scheduler:
                         raise OllamaError("server is shutting down")
                     entry = self.loaded.get(key)
                     if entry is not None and entry.load_key == load_key and entry.runner.alive():
-                        if entry.refs >= entry.runner.parallel:
-                            self.cond.wait(0.5)           # every slot busy: queue for one
+                        if entry.refs >= entry.runner.parallel or (not interactive and self.interactive.get(key)):
+                            self.cond.wait(0.5)           # every slot busy, or a streamed request first
                             continue
                         entry.refs += 1
-                        entry.keep_alive = keep_alive
+                        entry.keep_alive, entry.stop = keep_alive, False    # a request after a stop revives it
                         entry.expires = FOREVER
                         if model.name.key() not in entry.models:   # a new dict: /api/ps may be reading it
                             entry.models = {**entry.models, model.name.key(): model}
@@ -7252,17 +7502,18 @@ class Scheduler:
                     with self.cond:
                         if key in self.loaded:        # another request loaded it meanwhile
                             continue
-                    runner = self.new_runner(model, opts, embedding)
                     with self.cond:
-                        if self.closed:
-                            raise OllamaError("server is shutting down")
-                        self.starting.add(runner)     # before it starts: a shutdown now stops it
+                        stopping, self.stopping = list(self.stopping.values()), {}
+                    for thread in stopping:       # runners being saved and stopped go first: this one may
+                        thread.join(PROMPT_CACHE_IO_TIMEOUT)   # restore what they save, and needs their memory
                     loading = time.monotonic()
-                    try:
-                        runner.start(self.config.load_timeout)
-                    finally:
-                        with self.cond:
-                            self.starting.discard(runner)
+                    runner = self._start(model, opts, embedding)
+                    self.prompt_cache.restore(runner)
+                    if not runner.alive():
+                        # the engine died on a saved state (a file damaged on disk: llama-server aborts
+                        # on some): restore removed it, so this start is a clean one
+                        runner.stop()
+                        runner = self._start(model, opts, embedding)
                     self.metrics.observe("ollama_model_load_seconds", time.monotonic() - loading,
                                          model=model.short_name)
                     entry = _Loaded(model, runner, load_key, keep_alive, embedding, self.clock(), key)
@@ -7270,21 +7521,28 @@ class Scheduler:
                         closed = self.closed          # shutdown() ran while it loaded
                         if not closed:
                             self.loaded[key] = entry
-                            entry.refs += 1
                             self.cond.notify_all()
+                            if interactive or not self.interactive.get(key):
+                                entry.refs += 1
+                                return entry
                     if closed:
                         runner.stop()
                         raise OllamaError("server is shutting down")
-                    return entry
+                    # loaded for a streamed request that waits meanwhile: it goes first (the loop waits)
         finally:
             with self.cond:
                 self.waiting -= 1
+                if interactive:
+                    self.interactive[key] -= 1
+                    if not self.interactive[key]:
+                        del self.interactive[key]
+                self.cond.notify_all()
 
     def release(self, entry, keep_alive=None):
         """Drop a reference; the keep-alive timer starts when the last one goes (0 unloads now)."""
         with self.cond:
             entry.refs -= 1
-            if keep_alive is not None:
+            if keep_alive is not None and not entry.stop:   # a stop asked meanwhile outlasts the request's own
                 entry.keep_alive = keep_alive
             if entry.refs <= 0:
                 entry.refs = 0
@@ -7299,7 +7557,7 @@ class Scheduler:
         with self.cond:
             entries = self.runners_for(Name.parse(name) if isinstance(name, str) else name)
             for entry in entries:
-                entry.keep_alive = 0
+                entry.keep_alive, entry.stop = 0, True
                 if entry.refs == 0:
                     self._unload(entry.key, entry)
             return bool(entries)
@@ -7310,7 +7568,17 @@ class Scheduler:
             return
         del self.loaded[key]
         log.info("unloading model %s", ", ".join(m.short_name for m in current.models.values()))
-        threading.Thread(target=current.runner.stop, daemon=True).start()
+        stopping = threading.Thread(target=self._save_and_stop, args=(current.runner,), daemon=True)
+        self.stopping[key] = stopping
+        stopping.start()
+
+    def _save_and_stop(self, runner):
+        """Stop an unloaded runner, its prompt state saved first (PromptCache)."""
+        try:
+            self.prompt_cache.save(runner)
+        except Exception as e:                    # a cache is never worth an orphan runner
+            log.warning("prompt cache: %s", e)
+        runner.stop()
 
     def _evict_one(self):
         idle = [e for e in self.loaded.values() if e.refs == 0]
@@ -7345,11 +7613,18 @@ class Scheduler:
         """Stop every child and wait for them: no orphans."""
         with self.cond:
             self.closed = True
+            idle = [e.runner for e in self.loaded.values() if e.refs == 0]   # a busy one's state is half a turn
             runners = [e.runner for e in self.loaded.values()] + list(self.starting)
             self.loaded.clear()
             self.cond.notify_all()
         for r in runners:
+            if r in idle:
+                self._save_and_stop(r)
             r.stop()
+        with self.cond:
+            stopping, self.stopping = list(self.stopping.values()), {}
+        for thread in stopping:                   # unloads under way finish their save and their stop
+            thread.join(PROMPT_CACHE_IO_TIMEOUT)
         self.spawner.close()
 
 
@@ -8958,7 +9233,8 @@ def _keep_alive(req, body):
 def _schedule(req, model, body, keep_alive, embedding=False):
     """Validate the options, then lease a loaded runner (a Lease: use it in a `with` block)."""
     opts = _request_options(model, body)
-    return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding)
+    return req.server.scheduler.lease(model, opts, keep_alive, embedding=embedding,
+                                      interactive=not embedding and body.get("stream", True) is not False)
 
 
 class Turn:
@@ -11189,6 +11465,8 @@ SERVE_ENVIRONMENT = (
      "n-gram speculative decoding: on, off, or one of " + ", ".join(SPECULATIVE_TYPES)),
     ("OLLAMA_LLAMA_SERVER", "", "path of the llama-server binary to run models with"),
     ("OLLAMA_RPC_SERVERS", "", "host:port,... of 'ollama.py worker's to split models' layers with"),
+    ("OLLAMA_PROMPT_CACHE", "4GiB",
+     "disk kept for long prompts' state across model unloads, e.g. 4GiB or 500MB; 0 turns it off"),
     ("OLLAMA_REPACK", "auto",
      "repack quantized weights for the CPU kernels: 1, 0; auto is off when OLLAMA_RPC_SERVERS is set"),
     ("OLLAMA_API_KEYS", "",

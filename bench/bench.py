@@ -27,6 +27,11 @@ best run of each side, which other load on the machine cannot fake):
   repack       prompt and generation tokens/s with OLLAMA_REPACK=0 (llama-server --no-repack, the kernels RPC
                workers run) vs 1 (the CPU backend's repacked ones), one serve each, alternating, on Gemma
                (Q4_K_M), Gemma requantized to Q4_0, and a random 1024-wide llama in Q4_K_M
+  interactive  Open WebUI's pattern with one slot busy: a title task (not streamed) then the chat 50 ms later;
+               the chat's time to first token vs llama-server by hand (first come, first served)
+  promptcache  an agent's ~4k-token prefix (PC_PREFIX): turn 2 vs turn 1 time to first token; the first turn
+               after a runner restart with the saved prefix (OLLAMA_PROMPT_CACHE) vs without; the restored
+               turn vs llama-server started by hand with the same flags restoring the same file
 
     python3 bench/bench.py [--json out.json] [--runs N] [--quick] [--only SECTION[,SECTION...]]
                            [--ollama-py PATH] [--keep]
@@ -65,7 +70,7 @@ sys.path.insert(1, str(ROOT / "tests"))
 import ollama as project  # noqa: E402  (the repo's ollama.py, not the pip client: ROOT is first)
 
 SECTIONS = ("generation", "ttft", "agent", "cold", "concurrency", "footprint", "pull", "lan", "create", "rpc",
-            "layout", "draft", "speculative", "repack")
+            "layout", "draft", "speculative", "repack", "promptcache", "interactive")
 MODEL = "gemma3:270m"
 N_PREDICT = 128                 # tokens per generation run
 N_PREDICT_PARALLEL = 64         # tokens per stream in the 4-chat burst (4 x 64 per burst keeps the run short)
@@ -360,6 +365,7 @@ class Timing:
         self.first = self.last = self.end = None
         self.tokens = 0          # token-bearing events (done/stop event excluded)
         self.final = None
+        self.pieces = []         # the answer's text, event by event
 
     @property
     def ttft(self):
@@ -401,6 +407,8 @@ def stream(port, path, body, sse=False, t0=None, timeout=600):
                 raise BenchError("POST %s: %s" % (path, event["error"]))
             if t.first is None:
                 t.first = now
+            t.pieces.append(event.get("content") or event.get("response") or
+                            (event.get("message") or {}).get("content") or "")
             if event.get("stop") if sse else event.get("done"):
                 t.end, t.final = now, event
                 return t
@@ -1338,6 +1346,188 @@ def sec_repack(b):
                             rates[label, phase, "1"], "info",
                             "engine timings, 1 thread; direct column = OLLAMA_REPACK=1 (llama.cpp's default)"))
     return rows
+PC_PREFIX = 4096                # tokens of agent prefix: ~40 s to compute on 2 busy cores, so a run is ~2 min
+PC_MODEL = "pc-llama"
+
+
+def _pc_model(b):
+    """A Gemma-3-270M-sized llama (640 wide, 18 layers, one KV head; random f16 weights, llama's 32k vocab):
+    the prompt cache serves models without a sliding window, and Gemma 3 has one (llama-server cannot
+    reuse a restored window), so the timing is taken on a model of the same size without it."""
+    try:
+        import fixtures
+    except ImportError as e:
+        raise BenchError("tests/fixtures.py cannot write the model: %s" % e) from None
+    path = b.workdir / "pc-llama-270m.gguf"
+    if not path.exists():
+        fixtures.write_tiny_gguf(path, n_embd=640, n_layer=18, n_head=4, n_head_kv=1, n_ff=2048,
+                                 n_ctx_train=16384, seed=1, name="bench-llama-270m")
+    return path
+
+
+def _pc_turns(port):
+    """Three raw prompts, each the one before it plus an answer and a question: turn 1 opens with an agent's
+    PC_PREFIX-token system prompt (rules, then tool schemas), unique to this run."""
+    def tool(i):
+        return json.dumps({"name": "tool_%d" % i, "description": "Run step %d of the build and report what failed." % i,
+                           "parameters": {"type": "object", "properties": {"path": {"type": "string"},
+                                                                           "line": {"type": "integer"}}}})
+    per = len(http_json(port, "POST", "/api/tokenize", {"model": PC_MODEL, "text": tool(123)})["tokens"])
+    system = "\n".join(["Session %d-%f. You are a coding agent." % (os.getpid(), time.time())] +
+                        [tool(i) for i in range(PC_PREFIX // per)])
+    return system + "\nUser: which tool runs step 7?\nAgent:"
+
+
+def _pc_wait_unloaded(serve):
+    http_json(serve.port, "POST", "/api/generate", {"model": PC_MODEL, "keep_alive": 0, "stream": False})
+    serve.wait_unloaded(timeout=120)              # the runner saves its slot before it stops
+
+
+def sec_promptcache(b):
+    b.drop_rig()
+    serve = Serve(b, "serve-promptcache", env={"OLLAMA_CONTEXT_LENGTH": "8192"})
+    import_model(serve.models, PC_MODEL, _pc_model(b))
+    serve.start()
+    body = {"model": PC_MODEL, "raw": True, "options": options(8)}
+    t1s, t2s, restored, cold, direct, live, live_direct = [], [], [], [], [], [], []
+    saved = b.workdir / "pc-saved.slot"
+    try:
+        for i in range(min(b.runs, 2)):
+            http_json(serve.port, "POST", "/api/generate", {"model": PC_MODEL, "stream": False})
+            args = serve.runner_args()
+            folder = Path(args[args.index("--slot-save-path") + 1])
+            turn1 = _pc_turns(serve.port)
+            t1 = stream(serve.port, "/api/generate", dict(body, prompt=turn1))
+            turn2 = turn1 + "".join(t1.pieces) + "\nUser: and step 9?\nAgent:"
+            t2 = stream(serve.port, "/api/generate", dict(body, prompt=turn2))
+            turn3 = turn2 + "".join(t2.pieces) + "\nUser: run it.\nAgent:"
+            _pc_wait_unloaded(serve)
+            files = sorted(folder.glob("*.slot"))
+            if len(files) != 1:
+                raise BenchError("expected one saved slot in %s, found %d" % (folder, len(files)))
+            shutil.copyfile(str(files[0]), str(saved))
+            r = stream(serve.port, "/api/generate", dict(body, prompt=turn3))      # runner start + restore
+            _pc_wait_unloaded(serve)
+            for f in folder.glob("*.slot"):
+                f.unlink()
+            c = stream(serve.port, "/api/generate", dict(body, prompt=turn3))      # runner start, all computed
+            turn4 = turn3 + "".join(c.pieces) + "\nUser: thanks.\nAgent:"
+            live.append(stream(serve.port, "/api/generate", dict(body, prompt=turn4)).ttft * 1e3)
+            _pc_wait_unloaded(serve)
+            for f in folder.glob("*.slot"):
+                f.unlink()
+            shutil.copyfile(str(saved), str(folder / "bench-direct.slot"))
+            d = Direct(b, args, "direct-promptcache")
+            t0 = time.perf_counter()
+            d.launch()
+            try:
+                d.wait_ready()
+                status, raw = http_call(d.port, "POST", "/slots/0?action=restore", {"filename": "bench-direct.slot"})
+                if status != 200:
+                    raise BenchError("llama-server restore: %s %s" % (status, raw[:200]))
+                payload = direct_payload(options(8), turn3)
+                dr = stream(d.port, "/completion", payload, sse=True, t0=t0)
+                direct.append(dr.ttft * 1e3)
+                turn4 = turn3 + "".join(dr.pieces) + "\nUser: thanks.\nAgent:"
+                live_direct.append(stream(d.port, "/completion", direct_payload(options(8), turn4), sse=True).ttft
+                                   * 1e3)
+            finally:
+                d.stop()
+                _unlink_quiet(folder / "bench-direct.slot")
+            t1s.append(t1.ttft * 1e3)
+            t2s.append(t2.ttft * 1e3)
+            restored.append(r.ttft * 1e3)
+            cold.append(c.ttft * 1e3)
+            log("  run %d: turn 1 %.0f ms, turn 2 %.0f ms; after a restart: saved %.0f ms, none %.0f ms, "
+                "direct with the saved file %.0f ms (%d prompt tokens at turn 3, %s saved)"
+                % (i + 1, t1s[-1], t2s[-1], restored[-1], cold[-1], direct[-1], c.final.get("prompt_eval_count", 0),
+                   "%.0f MB" % (saved.stat().st_size / 1e6)))
+    finally:
+        serve.stop()
+    size = "~%dk-token prefix, a 270M-sized llama" % (PC_PREFIX // 1000)
+    return [Row("agent turn 2 TTFT vs turn 1, %s" % size, "ms", t2s, t1s, "slower", 0.2,
+                note="live runner: only the new tokens are computed (`direct` is turn 1)"),
+            Row("first turn after a runner restart, saved prefix vs none", "ms", restored, cold, "slower", 0.10,
+                note="model unloaded after turn 2 (keep_alive 0), then turn 3: runner start + restore of "
+                     "OLLAMA_PROMPT_CACHE's file vs the file removed (`direct` is the cold restart)"),
+            Row("first turn after a restart with the saved prefix, vs llama-server", "ms", restored, direct,
+                "latency", 150.0, note="llama-server by hand with the same argv: launch, poll /health, "
+                                       "POST /slots/0?action=restore of the same file, /completion"),
+            Row("agent turn 4 TTFT, live runner, vs llama-server", "ms", live, live_direct, "latency", 50.0,
+                note="turn 3 plus its answer and a question, on the runner that just answered turn 3")]
+
+
+TITLE_TASK = ("Create a concise, 3-5 word title with an emoji summarizing the chat history.\n"
+              "<chat_history>\nUSER: %s\n</chat_history>" % PROMPT)      # Open WebUI's title task, shortened
+N_TITLE = 160                   # tokens: Open WebUI asks 1000; 160 keeps a run under a minute on 2 busy cores
+N_BUSY = 48                     # tokens of the request that holds the slot when both arrive (a follow-up task)
+
+
+def _interactive_round(port, path, busy, title, chat, sse):
+    """Hold the slot with `busy`, send `title` (not streamed) once it runs, the streamed `chat` 50 ms
+    later: the chat's Timing, and whether the title was still running when the chat's first token came."""
+    done = {}
+
+    def call(name, body):
+        http_call(port, "POST", path, dict(body, stream=False), timeout=600)
+        done[name] = time.perf_counter()
+
+    threads = [threading.Thread(target=call, args=("busy", busy), daemon=True)]
+    threads[0].start()
+    time.sleep(0.3)                               # the busy request has the slot
+    threads.append(threading.Thread(target=call, args=("title", title), daemon=True))
+    threads[1].start()
+    time.sleep(0.05)
+    t = stream(port, path, chat, sse=sse)
+    for th in threads:
+        th.join(600)
+    return t, done.get("title", float("inf")) > t.first
+
+
+def sec_interactive(b):
+    rig = b.rig()
+    direct = rig.start_direct()
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "options": options(8)}
+    title = {"model": MODEL, "messages": [{"role": "user", "content": TITLE_TASK}], "options": options(N_TITLE)}
+    busy = {"model": MODEL, "messages": [{"role": "user", "content": CHAT_PROMPTS[0]}], "options": options(N_BUSY)}
+    payloads = {k: direct_payload(options(n), rig.rendered("/api/chat", body))
+                for k, n, body in (("chat", 8, chat), ("title", N_TITLE, title), ("busy", N_BUSY, busy))}
+    ours, theirs, before, cold, alone = [], [], [], [], []
+    for i in range(min(b.runs, 2)):
+        t, ahead = _interactive_round(rig.serve.port, "/api/chat", busy, title, chat, False)
+        ours.append(t.ttft * 1e3)
+        before.append(ahead)
+        t, _ = _interactive_round(direct.port, "/completion", payloads["busy"], payloads["title"], payloads["chat"],
+                                  True)
+        theirs.append(t.ttft * 1e3)
+        # the issue's case: both arrive while the model is unloaded (the first chat after keep-alive)
+        http_json(rig.serve.port, "POST", "/api/generate", {"model": MODEL, "keep_alive": 0, "stream": False})
+        rig.serve.wait_unloaded()
+        thread = threading.Thread(target=http_call, args=(rig.serve.port, "POST", "/api/chat",
+                                                          dict(title, stream=False), 600), daemon=True)
+        thread.start()
+        time.sleep(0.05)
+        cold.append(stream(rig.serve.port, "/api/chat", chat).ttft * 1e3)
+        thread.join(600)
+        http_json(rig.serve.port, "POST", "/api/generate", {"model": MODEL, "keep_alive": 0, "stream": False})
+        rig.serve.wait_unloaded()
+        alone.append(stream(rig.serve.port, "/api/chat", chat).ttft * 1e3)
+        log("  run %d: chat TTFT %.0f ms (title still running: %s), llama-server FIFO %.0f ms; model unloaded: "
+            "with the title task %.0f ms, alone %.0f ms" % (i + 1, ours[-1], ahead, theirs[-1], cold[-1], alone[-1]))
+    return [Row("chat TTFT behind a title task, one slot busy", "ms", ours, theirs, "slower", 0.5,
+                note="a %d-token request holds the slot; a %d-token title task (stream false), then the streamed "
+                     "chat 50 ms later; ollama.py serves the chat first (%d of %d runs before the title ended), "
+                     "llama-server in arrival order" % (N_BUSY, N_TITLE, sum(before), len(before))),
+            Row("chat TTFT with a title task, model unloaded, vs the chat alone", "ms", cold, alone, "slower", 1.2,
+                note="the title task first, the chat 50 ms later, both waiting for the load: the runner it "
+                     "loads serves the chat first (`direct` is the chat alone after an unload)")]
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(str(path))
+    except FileNotFoundError:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1349,16 +1539,19 @@ NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "agent"
          "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
          "create": ("gemma",),
          "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma"),
-         "speculative": ("engine", "gemma"), "repack": ("engine", "gemma")}
+         "speculative": ("engine", "gemma"), "repack": ("engine", "gemma"), "promptcache": ("engine",),
+         "interactive": ("engine", "gemma")}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "agent": sec_agent, "cold": sec_cold,
          "concurrency": sec_concurrency,
          "footprint": sec_footprint, "pull": sec_pull, "lan": sec_lan, "create": sec_create, "rpc": sec_rpc,
-         "layout": sec_layout, "draft": sec_draft, "speculative": sec_speculative, "repack": sec_repack}
+         "layout": sec_layout, "draft": sec_draft, "speculative": sec_speculative, "repack": sec_repack,
+         "promptcache": sec_promptcache, "interactive": sec_interactive}
 TITLES = {"generation": "generation throughput", "ttft": "time to first token", "agent": "agent prefix reuse",
           "cold": "cold start",
           "concurrency": "4 parallel chats", "footprint": "serve footprint / list", "pull": "pull", "lan": "LAN pull",
           "create": "create", "rpc": "RPC split", "layout": "Ollama's layout", "draft": "DRAFT layer",
-          "speculative": "n-gram speculation", "repack": "weight repacking"}
+          "speculative": "n-gram speculation", "repack": "weight repacking",
+          "promptcache": "prompt cache across restarts", "interactive": "chat before background tasks"}
 
 
 class Bench:

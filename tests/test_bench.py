@@ -22,3 +22,11 @@ def test_bench_rejects_an_unknown_section():
     cp = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--only", "nope"],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and "unknown section" in cp.stderr
+
+
+def test_bench_knows_the_prompt_cache_and_interactive_sections():
+    cp = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'bench'); import bench; "
+                         "print(all(s in bench.FUNCS and s in bench.NEEDS and s in bench.TITLES "
+                         "for s in ('promptcache', 'interactive')))"],
+                        cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert cp.stdout.strip() == "True", cp.stderr

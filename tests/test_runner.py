@@ -157,3 +157,43 @@ def test_engine_is_found_in_order(tmp_path, monkeypatch):
     assert ollama.find_llama_server(config, here=tmp_path) == str(exe)
     config.llama_server = "/bin/sh"
     assert ollama.find_llama_server(config, here=tmp_path) == "/bin/sh"
+
+
+def test_a_saved_slot_restores_into_a_new_runner_with_its_tokens(llama_server_bin, tiny_gguf, tmp_path):
+    slots = tmp_path / "slots"
+    slots.mkdir()
+
+    def runner():
+        return ollama.Runner(str(llama_server_bin), tiny_gguf, num_ctx=512, slot_save_path=slots,
+                             log_path=tmp_path / "runner.log").start(60)
+
+    prompt = list(range(100, 400))
+    r = runner()
+    try:
+        assert "--slot-save-path" in r.args
+        list(r.completion({"prompt": prompt, "n_predict": 4, "temperature": 0, "cache_prompt": True}))
+        saved = r.save_slot(0, "s.slot")
+        key = r.prompt_key()
+    finally:
+        r.stop()
+    assert saved["n_saved"] >= len(prompt) and (slots / "s.slot").stat().st_size == saved["n_written"]
+    r = runner()
+    try:
+        assert r.prompt_key() == key                     # another port, the same key
+        assert r.restore_slot(0, "s.slot")["n_restored"] == saved["n_saved"]
+        final = list(r.completion({"prompt": prompt + [500], "n_predict": 1, "temperature": 0,
+                                   "cache_prompt": True}))[-1]
+        assert final["timings"]["prompt_n"] <= 2         # the rest was restored
+    finally:
+        r.stop()
+
+
+def test_a_runner_without_a_slot_folder_offers_no_slot_actions(llama_server_bin, tiny_gguf, tmp_path):
+    r = ollama.Runner(str(llama_server_bin), tiny_gguf, num_ctx=512, log_path=tmp_path / "runner.log")
+    assert "--slot-save-path" not in r.args
+    r.start(60)
+    try:
+        with pytest.raises(ollama.OllamaError):
+            r.save_slot(0, "s.slot")
+    finally:
+        r.stop()

@@ -387,3 +387,163 @@ def test_a_changed_speculative_option_reloads_the_runner(make):
         pass
     with sched.lease(model("a"), {"speculative": True}, 300) as on:
         assert on.runner is not off.runner
+
+
+def test_a_streamed_request_waiting_for_the_slot_goes_before_a_background_one_that_came_first(make):
+    sched = make()
+    held = sched.lease(model("a"), {}, 300)
+    title, title_box = in_thread(lambda: sched.lease(model("a"), {}, 300))
+    wait_for(lambda: sched.waiting == 1)
+    chat, chat_box = in_thread(lambda: sched.lease(model("a"), {}, 300, interactive=True))
+    wait_for(lambda: sched.waiting == 2)
+    held.release()
+    chat.join(2)
+    assert "result" in chat_box and "result" not in title_box     # the title still waits
+    chat_box["result"].release()
+    title.join(2)
+    assert "result" in title_box
+    title_box["result"].release()
+
+
+def test_a_runner_loaded_by_a_background_request_serves_the_streamed_one_waiting_for_it_first(make):
+    sched = make()
+    loading, go = threading.Event(), threading.Event()
+    fake = sched.new_runner
+
+    def slow_runner(m, opts, embedding):
+        r = fake(m, opts, embedding)
+        r.start = lambda timeout: (loading.set(), go.wait(2), setattr(r, "started", True))
+        return r
+
+    sched.new_runner = slow_runner
+    title, title_box = in_thread(lambda: sched.lease(model("a"), {}, 300))
+    loading.wait(2)
+    chat, chat_box = in_thread(lambda: sched.lease(model("a"), {}, 300, interactive=True))
+    wait_for(lambda: sched.waiting == 2)
+    go.set()
+    chat.join(2)
+    assert "result" in chat_box and "result" not in title_box
+    assert len(sched.runners) == 1
+    chat_box["result"].release()
+    title.join(2)
+    assert title_box["result"].runner is sched.runners[0]
+    title_box["result"].release()
+
+
+def test_a_streamed_request_does_not_hold_back_one_for_another_model(make):
+    sched = make(max_loaded_models=2)
+    held = sched.lease(model("a"), {}, 300)
+    chat, chat_box = in_thread(lambda: sched.lease(model("a"), {}, 300, interactive=True))
+    wait_for(lambda: sched.waiting == 1)
+    with sched.lease(model("b"), {}, 300) as other:
+        assert other.runner is not held.runner
+    held.release()
+    chat.join(2)
+    chat_box["result"].release()
+
+
+def test_the_next_runner_for_a_blob_starts_after_the_last_one_has_saved_and_stopped(make):
+    sched = make()
+    saving, go = threading.Event(), threading.Event()
+    saved = []
+
+    def slow_save(runner):
+        saving.set()
+        go.wait(2)
+        saved.append(runner)
+        return []
+
+    sched.prompt_cache.save = slow_save
+    sched.lease(model("a"), {}, 0).release()                # keep_alive 0: unloaded, saved on a thread
+    saving.wait(2)
+    t, box = in_thread(lambda: sched.lease(model("a"), {}, 300))
+    time.sleep(0.1)
+    assert "result" not in box and len(sched.runners) == 1  # waits for the save it would restore
+    go.set()
+    t.join(2)
+    assert saved == [sched.runners[0]] and box["result"].runner is sched.runners[1]
+    box["result"].release()
+
+
+def test_a_streamed_request_asks_for_its_runner_as_interactive_and_a_title_task_does_not(monkeypatch):
+    seen = []
+    sched = types.SimpleNamespace(lease=lambda *a, **kw: seen.append(kw["interactive"]))
+    req = types.SimpleNamespace(server=types.SimpleNamespace(scheduler=sched))
+    monkeypatch.setattr(ollama, "_request_options", lambda model, body: {})
+    for body in ({}, {"stream": True}, {"stream": False}):       # Ollama's API streams unless told not to
+        ollama._schedule(req, None, body, 300)
+    ollama._schedule(req, None, {}, 300, embedding=True)
+    assert seen == [True, True, False, False]
+
+
+def _recording_saves(sched):
+    saved = []
+    sched.prompt_cache.save = lambda runner: saved.append(runner) or []
+    return saved
+
+
+def test_idle_runners_are_saved_at_shutdown_and_a_busy_one_is_not(make):
+    sched = make(max_loaded_models=2)
+    saved = _recording_saves(sched)
+    sched.lease(model("a"), {}, 300).release()
+    busy = sched.lease(model("b"), {}, 300)
+    sched.shutdown()
+    assert saved == [sched.runners[0]] and all(r.stopped.is_set() for r in sched.runners)
+    busy.release()
+
+
+def test_an_evicted_runner_is_saved_before_it_stops(make):
+    sched = make(max_loaded_models=1)
+    saved = _recording_saves(sched)
+    sched.lease(model("a"), {}, 300).release()
+    with sched.lease(model("b"), {}, 300):
+        assert stopped(sched.runners[0]) and saved == [sched.runners[0]]
+
+
+def test_a_stop_asked_during_a_request_unloads_when_it_ends_despite_its_own_keep_alive(make):
+    sched = make()
+    lease = sched.lease(model("a"), {}, 300)
+    assert sched.expire("a")
+    lease.release()                                   # its keep_alive (300 s) must not undo the stop
+    assert stopped(sched.runners[0]) and sched.running() == []
+
+
+def test_a_model_loaded_in_an_evicted_ones_place_waits_until_that_one_is_saved_and_stopped(make):
+    sched = make(max_loaded_models=1)
+    saving, go = threading.Event(), threading.Event()
+
+    def slow_save(runner):
+        saving.set()
+        go.wait(2)
+        return []
+
+    sched.prompt_cache.save = slow_save
+    sched.lease(model("a"), {}, 300).release()
+    t, box = in_thread(lambda: sched.lease(model("b"), {}, 300))   # evicts a, which is saved on a thread
+    saving.wait(2)
+    time.sleep(0.1)
+    assert len(sched.runners) == 1                  # on a Pi the two would not fit in memory together
+    go.set()
+    t.join(2)
+    assert sched.runners[0].stopped.is_set() and box["result"].runner is sched.runners[1]
+    box["result"].release()
+
+
+def test_shutdown_waits_for_an_unload_under_way_to_save_and_stop(make):
+    sched = make()
+    saving, go = threading.Event(), threading.Event()
+
+    def slow_save(runner):
+        saving.set()
+        go.wait(2)
+        return []
+
+    sched.prompt_cache.save = slow_save
+    sched.lease(model("a"), {}, 0).release()        # keep_alive 0: saved and stopped on a thread
+    saving.wait(2)
+    t, _ = in_thread(sched.shutdown)
+    time.sleep(0.1)
+    assert t.is_alive() and not sched.runners[0].stopped.is_set()
+    go.set()
+    t.join(2)
+    assert sched.runners[0].stopped.is_set()
