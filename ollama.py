@@ -328,8 +328,8 @@ def _bytes_env(env, key, default):
     try:
         return parse_bytes(value) if value else default
     except ValueError:
-        log.warning("invalid %s %r (a size such as 4GiB or 500MB, 0 for off): using %s", key, value,
-                    human_bytes(default))
+        log.warning("invalid %s %r (a size such as 4GiB or 500MB, 0 for off): using %d bytes", key, value,
+                    default)
         return default
 
 
