@@ -1556,7 +1556,10 @@ def _parse_gguf(r, max_array, size):
             raise BadRequest("invalid GGUF file: tensor %s has %d dimensions" % (name, n_dims))
         shape = list(struct.unpack("<%dQ" % n_dims, r.read(8 * n_dims)))
         tensors.append(GGUFTensor(name, r.unpack("I"), shape, r.unpack("Q")))
-    return GGUF(version, kv, tensors, lengths, size)
+    g = GGUF(version, kv, tensors, lengths, size)
+    align = kv.get("general.alignment") or 32
+    g.data_offset = -(-r.pos // align) * align       # bytes: where tensor offsets count from
+    return g
 
 
 def is_gguf(path):
@@ -1679,7 +1682,8 @@ def engine_check_model(path, seed=0, f16=False):
 # (build_llama.sh's GGUF edits hook), or through --override-kv when only scalar keys change. The
 # stored blob is never touched: digests, push, export, /v2 and Ollama itself see the original.
 
-GGUF_EDITS_MARKER = b"ollama.py gguf edits v1"   # the hook's string: an engine that has it reads edits
+GGUF_EDITS_MARKER = b"ollama.py gguf edits v2"   # the hook's string: an engine that has it reads edits
+GGUF_EDITS_VERSION = 2        # v2 adds edits.data (tensor bytes from a side file); v1 engines read the rest
 
 
 class GGUFEdits:
@@ -1692,10 +1696,15 @@ class GGUFEdits:
         self.family, self.quirks = family, []
         self.set, self.truncate, self.remove, self.rename_keys, self.rename, self.hide = {}, {}, [], [], [], []
         self.shape = []                    # (tensor name, shape): read as its first rows
+        # (tensor name as the engine sees it, ggml type, shape, recipe, bytes): tensors whose bytes
+        # differ from the file's; `bytes` (f, g) -> their data, from the file `f` with header `g`; the
+        # recipe (text) names the computation, so a data file written by other code is rewritten.
+        # Only the projector loader reads these (mtmd's clip.cpp, as build_llama.sh patches it).
+        self.data = []
 
     def __bool__(self):
         return bool(self.set or self.truncate or self.remove or self.rename_keys or self.rename or self.hide
-                    or self.shape)
+                    or self.shape or self.data)
 
     def set_missing(self, g, key, vtype, value):
         """Set `key` unless the file has it."""
@@ -1718,7 +1727,7 @@ class GGUFEdits:
     def override_args(self):
         """--override-kv arguments doing the same, or None when these edits need the hook (arrays,
         tensors, removals, or a string longer than llama.cpp's 127-byte override)."""
-        if self.truncate or self.remove or self.rename_keys or self.rename or self.hide or self.shape:
+        if self.truncate or self.remove or self.rename_keys or self.rename or self.hide or self.shape or self.data:
             return None
         kinds = {4: "int", 5: "int", 6: "float", 7: "bool", 8: "str"}
         args = []
@@ -1729,8 +1738,10 @@ class GGUFEdits:
             args += ["--override-kv", "%s=%s:%s" % (key, kinds[vtype], text)]
         return args
 
-    def write(self, path):
-        """The sidecar the hook reads: a GGUF of the keys to set and the edits.* string arrays."""
+    def write(self, path, source=None, g=None):
+        """The sidecar the hook reads: a GGUF of the keys to set and the edits.* string arrays. With
+        data edits, their bytes too, computed from `source` (header `g`) into the data file beside the
+        sidecar ("X.edits" -> "X.data"), unless that file already holds them (data_file)."""
         def pairs(items):
             return (8, [s for pair in items for s in pair])
         kv = [(k, vtype, value) for k, (vtype, value) in sorted(self.set.items())]
@@ -1738,7 +1749,104 @@ class GGUFEdits:
                ("edits.remove", 9, (8, list(self.remove))), ("edits.rename_keys", 9, pairs(self.rename_keys)),
                ("edits.rename", 9, pairs(self.rename)), ("edits.hide", 9, (8, list(self.hide))),
                ("edits.shape", 9, pairs((name, ",".join(map(str, dims))) for name, dims in self.shape))]
+        if self.data:
+            offsets = self.data_file(str(path)[:-len(".edits")] + ".data", source, g)
+            kv.append(("edits.data", 9, (8, [s for (name, vtype, shape, _r, _b), offset in zip(self.data, offsets)
+                                             for s in (name, ",".join(map(str, [vtype] + list(shape))), str(offset))])))
         write_gguf(path, kv, [])
+
+    def data_file(self, path, source, g):
+        """Write the data edits' bytes to `path` -> each one's offset there (bytes). The file starts
+        with the hex SHA-256 of what it holds (names, types, shapes, recipes, the source's size), so
+        while the blob and this code are unchanged it is written once and then reused; a changed
+        recipe rewrites it. Written to a temp file and renamed: a reader never sees half."""
+        import hashlib
+        recipe = json_dumps([[n, t, list(s), r] for n, t, s, r, _b in self.data] + [g.size]).encode()
+        stamp = hashlib.sha256(recipe).hexdigest().encode()
+        offsets, at = [], len(stamp)
+        for _name, vtype, shape, _r, _b in self.data:
+            at = -(-at // 32) * 32                      # 32-byte aligned, as GGUF aligns tensor data
+            offsets.append(at)
+            at += _tensor_nbytes(vtype, shape)
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(stamp)) == stamp and os.fstat(f.fileno()).st_size == at:
+                    return offsets
+        except OSError:
+            pass
+        tmp = "%s.tmp.%d" % (path, os.getpid())
+        try:
+            with open(str(source), "rb") as src, open(tmp, "wb") as out:
+                out.write(stamp)
+                for (name, vtype, shape, _r, produce), offset in zip(self.data, offsets):
+                    data = produce(src, g)
+                    if len(data) != _tensor_nbytes(vtype, shape):
+                        raise OllamaError("data edit for %s: %d bytes, expected %d" % (
+                            name, len(data), _tensor_nbytes(vtype, shape)))
+                    out.write(b"\0" * (offset - out.tell()))
+                    out.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return offsets
+
+
+#: ggml type -> (bytes per block, weights per block), for the types data edits move rows of (a row is
+#: whole blocks, so moving rows is a byte copy whatever the type).
+GGML_BLOCKS = {0: (4, 1), 1: (2, 1), 30: (2, 1), 2: (18, 32), 3: (20, 32), 6: (22, 32), 7: (24, 32),
+               8: (34, 32), 10: (84, 256), 11: (110, 256), 12: (144, 256), 13: (176, 256), 14: (210, 256),
+               39: (17, 32)}
+
+
+def _tensor_nbytes(vtype, shape):
+    """Bytes of a tensor of ggml type `vtype` and shape (innermost first)."""
+    size, per = GGML_BLOCKS[vtype]
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return shape[0] // per * size * n
+
+
+def _tensor_data(f, g, t):
+    """The bytes of tensor `t` of the GGUF open as `f` (header `g`)."""
+    f.seek(g.data_offset + t.offset)
+    return f.read(_tensor_nbytes(t.type, t.shape))
+
+
+def _rope_permuted(t, n_head):
+    """Data edit bytes: `t`'s rows (output features) in llama.cpp's RoPE order, per head the first
+    and second halves interleaved (its converter's LlamaModel.permute, which Ollama's converter leaves
+    out for vision towers). Whole rows move, so any type with whole blocks per row works."""
+    def produce(f, g):
+        data = _tensor_data(f, g, t)
+        rows = t.shape[1]
+        row, head_dim = len(data) // rows, rows // n_head
+        out = bytearray(len(data))
+        for dst in range(rows):          # dst = h*head_dim + 2*i + j  takes  src = h*head_dim + j*head_dim/2 + i
+            h, rest = divmod(dst, head_dim)
+            src = h * head_dim + (rest % 2) * (head_dim // 2) + rest // 2
+            out[dst * row:(dst + 1) * row] = data[src * row:(src + 1) * row]
+        return bytes(out)
+    return produce
+
+
+def _as_f32(t):
+    """Data edit bytes: F16 or BF16 tensor `t` as F32 (little-endian)."""
+    def produce(f, g):
+        data = _tensor_data(f, g, t)
+        if t.type == 30:                                  # BF16: the high half of an F32
+            out = bytearray(2 * len(data))
+            out[2::4], out[3::4] = data[0::2], data[1::2]
+            return bytes(out)
+        n = len(data) // 2
+        return struct.pack("<%df" % n, *struct.unpack("<%de" % n, data))
+    return produce
+
+
+def _zeros(nbytes):
+    """Data edit bytes: `nbytes` zero bytes (a tensor the loader wants and the file lacks)."""
+    return lambda f, g: bytes(nbytes)
 
 
 def _array_length(g, key):
@@ -1958,7 +2066,7 @@ def _deepseekocr_edits(g, path):
 
 def _mistral3_edits(g, path):
     """mistral3 (text): YaRN keys under other names, the tekken pre-tokenizer missing, and the vision
-    tower inside the file (hidden: its projector is not translated yet)."""
+    tower inside the file (hidden from the text loader; _mistral3_clip_edits reads it as the projector)."""
     has_vision = any(t.name.startswith(("v.", "mm.")) for t in g.tensors)
     renamed = (("rope.scaling.beta_fast", "rope.scaling.yarn_beta_fast"),
                ("rope.scaling.beta_slow", "rope.scaling.yarn_beta_slow"),
@@ -1975,6 +2083,59 @@ def _mistral3_edits(g, path):
         e.set["tokenizer.ggml.pre"] = (8, "tekken")
         e.quirks.append("pre-tokenizer tekken")
     e.hide_prefixes(g, "v.", "mm.")
+    return e
+
+
+#: Ollama's mistral3 vision tensor names -> llama.cpp's pixtral mmproj names (its compat layer's list).
+_MISTRAL3_CLIP_RENAMES = (("v.patch_conv", "v.patch_embd"), ("v.encoder_norm", "v.pre_ln"),
+                          (".attn_output", ".attn_out"), (".attn_norm", ".ln1"), (".ffn_norm", ".ln2"),
+                          ("mm.linear_1", "mm.1"), ("mm.linear_2", "mm.2"),
+                          ("mm.patch_merger.merging_layer", "mm.patch_merger"), ("mm.norm", "mm.input_norm"))
+
+
+def _mistral3_clip_edits(g, path):
+    """mistral3 with its Pixtral tower inside: the same file read as llama.cpp's pixtral mmproj, as
+    Ollama's compat layer reads it. Keys copied under clip.*, Pixtral's CLIP image mean and std, SiLU;
+    three tensors get new bytes (data edits): vision Q/K rows in llama.cpp's RoPE order (Ollama's
+    converter permutes only the text side's), patch_embd as F32 (llama.cpp's converter writes it so;
+    Metal's im2col needs it), and v.token_embd.img_break, which the files lack, as zeros in
+    output_norm's place (the [IMG_BREAK] row added after each image row then adds nothing). None
+    without a whole tower (its keys and patch_conv): the model then runs text only."""
+    if "mistral3.vision.block_count" not in g.kv or not _tensor(g, "v.patch_conv.weight"):
+        return None
+    e = GGUFEdits("mistral3 vision")
+    for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                "image_size", "patch_size", "num_channels"):
+        if "mistral3.vision." + key in g.kv:
+            e.set["clip.vision." + key] = (4, g.kv["mistral3.vision." + key])
+    if "mistral3.spatial_merge_size" in g.kv:
+        e.set["clip.vision.spatial_merge_size"] = (4, g.kv["mistral3.spatial_merge_size"])
+    if "mistral3.vision.rope.freq_base" in g.kv:
+        e.set["clip.rope.freq_base"] = (6, g.kv["mistral3.vision.rope.freq_base"])
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    e.set_missing(g, "clip.vision.attention.layer_norm_epsilon", 6, 1e-5)
+    e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.48145467, 0.4578275, 0.40821072]))
+    e.set_missing(g, "clip.vision.image_std", 9, (6, [0.26862955, 0.26130259, 0.2757771]))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_silu", 7, True)
+    e.set["clip.projector_type"] = (8, "pixtral")
+    e.set["general.architecture"] = (8, "clip")
+    n_head = g.kv.get("mistral3.vision.attention.head_count") or 0
+    for t in g.tensors:
+        if t.name.startswith("v.blk.") and t.name.endswith((".attn_q.weight", ".attn_k.weight")) and n_head \
+                and len(t.shape) == 2 and t.shape[1] % (2 * n_head) == 0 and t.type in GGML_BLOCKS:
+            e.data.append((t.name, t.type, t.shape, "rope-permute heads=%d" % n_head, _rope_permuted(t, n_head)))
+    patch = _tensor(g, "v.patch_conv.weight")
+    if patch and patch.type in (1, 30):
+        e.data.append(("v.patch_embd.weight", 0, patch.shape, "f32 of %s" % GGML_TYPES[patch.type], _as_f32(patch)))
+    e.rename_containing(g, _MISTRAL3_CLIP_RENAMES, ("v.", "mm."))
+    kept = ()
+    if _tensor(g, "output_norm.weight") and not _tensor(g, "v.token_embd.img_break") and g.embedding_length:
+        e.rename.append(("output_norm.weight", "v.token_embd.img_break"))
+        e.data.append(("v.token_embd.img_break", 0, [g.embedding_length], "zeros", _zeros(4 * g.embedding_length)))
+        kept = ("output_norm.weight",)
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm.")) and t.name not in kept]
+    e.quirks.append("vision tower read as a pixtral projector (%d tensors recomputed)" % len(e.data))
     return e
 
 
@@ -2181,7 +2342,7 @@ OLLAMA_LAYOUTS = {
     "gemma3n": (_gemma3n_edits, None),
     "gemma4": (_gemma4_edits, None),
     "deepseekocr": (_deepseekocr_edits, None),
-    "mistral3": (_mistral3_edits, None),
+    "mistral3": (_mistral3_edits, _mistral3_clip_edits),
     "qwen25vl": (_qwen25vl_edits, None),
     "qwen3vl": (_qwen3vl_edits, None),
     "qwen3vlmoe": (_qwen3vl_edits, None),
@@ -6715,27 +6876,31 @@ class Runner:
 
 
 def engine_reads_edits(exe):
-    """Whether a llama-server applies GGUF edits (build_llama.sh's hook): its build-info says so or,
-    for one built some other way, its binary or ggml library beside it carries the hook's marker."""
+    """Which GGUF edits hook a llama-server has (build_llama.sh's): 0 for none, else its version (1:
+    header edits; 2: also edits.data, tensor bytes from a side file). Its build-info says so or, for
+    one built some other way, its binary or the ggml library beside it carries the hook's marker."""
     import glob
     import mmap
     try:
         for line in Path(exe + ".build-info").read_text().splitlines():
             if line.startswith("gguf_edits:"):
-                return line.split(":", 1)[1].strip().startswith("v1")
+                m = re.match(r"v(\d+):", line.split(":", 1)[1].strip())
+                return int(m.group(1)) if m else 0
     except OSError:
         pass
     real = os.path.realpath(exe)
     here = os.path.dirname(real)
+    prefix = GGUF_EDITS_MARKER[:-1]                  # "ollama.py gguf edits v", then the version digit
     for path in [real] + glob.glob(os.path.join(here, "libggml-base*")) + \
             glob.glob(os.path.join(here, "..", "lib", "libggml-base*")):
         try:
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                if m.find(GGUF_EDITS_MARKER) >= 0:
-                    return True
+                at = m.find(prefix)
+                if at >= 0 and m[at + len(prefix):at + len(prefix) + 1].isdigit():
+                    return int(m[at + len(prefix):at + len(prefix) + 1])
         except (OSError, ValueError):
             continue
-    return False
+    return 0
 
 
 class EngineFiles:
@@ -6768,7 +6933,7 @@ def engine_files(store, model, exe):
         d = store.view_dir(Path(blob).name.replace("-", ":", 1))
         d.mkdir(parents=True, exist_ok=True)
         link = d / name
-        edits.write(str(link) + ".edits")
+        edits.write(str(link) + ".edits", blob, read_gguf(blob, 0) if edits.data else None)
         target = os.path.relpath(blob, str(d))
         if not link.is_symlink() or os.readlink(str(link)) != target:
             tmp = d / (".%s.%d" % (name, os.getpid()))
@@ -6778,6 +6943,12 @@ def engine_files(store, model, exe):
         families.append(edits.family)
         return str(link)
 
+    if clip and clip.data and projector is None and engine_reads_edits(exe) < 2:
+        # the projector needs tensor bytes the file lacks (edits.data): an engine with the v1 hook runs
+        # the model text-only rather than not at all
+        log.warning("model %s: %s needs the GGUF edits hook v2 to see images, which %s lacks: run ./build_llama.sh "
+                    "again; until then it answers text only", model.short_name, clip.family, exe)
+        clip = None
     model_path = model.model_path
     if text:
         overrides = text.override_args()

@@ -1053,6 +1053,110 @@ def write_ollama_gemma3(src, dst, mmproj=None):
     return rewrite_gguf(src, dst, edit, lambda tensors: tensors + vision)
 
 
+def write_tiny_pixtral_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32, n_layer=2, n_head=2, n_ff=48,
+                              merge=2, seed=0):
+    """A tiny random-weight Pixtral projector (Mistral Small 3.1's) in llama.cpp's mmproj layout: RMS-norm
+    ViT blocks with 2D RoPE and a SiLU-gated MLP, the 2x2 patch merger, mm.1 -> GELU -> mm.2 into
+    `n_embd_text`, and v.token_embd.img_break as zeros (what Ollama's files give it). Vision Q/K rows are
+    in llama.cpp's RoPE order and patch_embd is F32 holding F16 values, as llama.cpp's converter writes
+    them from the same weights Ollama's stores as F16 in HF order (write_ollama_mistral3). mtmd sizes
+    an image to at least 8 merged tokens. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-pixtral-mmproj")
+    w.add_string("clip.projector_type", "pixtral")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_silu", True)
+    for key, value in (("image_size", 1024), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("spatial_merge_size", merge), ("num_channels", 3)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    w.add_array("clip.vision.image_mean", [0.48145467, 0.4578275, 0.40821072])     # Pixtral's (CLIP's)
+    w.add_array("clip.vision.image_std", [0.26862955, 0.26130259, 0.2757771])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    head_dim = n_embd // n_head
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.pre_ln.weight", norm(n_embd))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part in ("attn_q", "attn_k"):            # HF order permuted as llama.cpp's LlamaModel.permute does
+            hf = matrix(n_embd, n_embd)
+            w.add_tensor(blk + part + ".weight", hf.reshape(n_head, 2, head_dim // 2, n_embd).swapaxes(1, 2)
+                         .reshape(n_embd, n_embd).copy())
+        w.add_tensor(blk + "attn_v.weight", matrix(n_embd, n_embd))
+        w.add_tensor(blk + "attn_out.weight", matrix(n_embd, n_embd))
+        w.add_tensor(blk + "ln1.weight", norm(n_embd))
+        w.add_tensor(blk + "ln2.weight", norm(n_embd))
+        w.add_tensor(blk + "ffn_gate.weight", matrix(n_ff, n_embd))
+        w.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))
+        w.add_tensor(blk + "ffn_down.weight", matrix(n_embd, n_ff))
+    w.add_tensor("mm.input_norm.weight", norm(n_embd))
+    w.add_tensor("mm.patch_merger.weight", matrix(n_embd, n_embd * merge * merge))
+    w.add_tensor("mm.1.weight", matrix(n_embd_text, n_embd))
+    w.add_tensor("mm.2.weight", matrix(n_embd_text, n_embd_text))
+    w.add_tensor("v.token_embd.img_break", np.zeros(n_embd_text, dtype=np.float32))
+    return _gguf_done(w, path)
+
+
+#: llama.cpp's pixtral mmproj names -> Ollama's converter's names for the same tensors in mistral3 files.
+OLLAMA_MISTRAL3_VISION_NAMES = (("v.patch_embd", "v.patch_conv"), ("v.pre_ln", "v.encoder_norm"),
+                                (".attn_out", ".attn_output"), (".ln1", ".attn_norm"), (".ln2", ".ffn_norm"),
+                                ("mm.1.", "mm.linear_1."), ("mm.2.", "mm.linear_2."),
+                                ("mm.patch_merger", "mm.patch_merger.merging_layer"), ("mm.input_norm", "mm.norm"))
+
+
+def write_ollama_mistral3(src, dst, mmproj):
+    """The mistral3 text model `src` and Pixtral projector `mmproj` (llama.cpp's pair) as one file, the way
+    Ollama's converter writes Mistral Small 3.1: the vision tensors inside under its names, vision Q/K
+    rows in HF order (it permutes only the text side's), patch_conv as F16, no img_break, and the
+    clip.vision.* keys as mistral3.vision.* (spatial_merge_size as mistral3.spatial_merge_size). Returns
+    the Path."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(mmproj))
+    n_head = int(reader.fields["clip.vision.attention.head_count"].contents())
+    vision_kv = {}
+    for key, field in reader.fields.items():
+        short = key[len("clip.vision."):]
+        if key.startswith("clip.vision.") and short not in ("projection_dim", "image_mean", "image_std",
+                                                             "attention.layer_norm_epsilon"):
+            vision_kv["mistral3." + ("" if short == "spatial_merge_size" else "vision.") + short] = (
+                field.contents(), field.types[0], None)
+
+    class Tensor:
+        def __init__(self, data, tensor_type):
+            self.data, self.tensor_type = data, tensor_type
+
+    vision = []
+    for t in reader.tensors:
+        if t.name == "v.token_embd.img_break":
+            continue
+        data, kind = np.array(t.data), t.tensor_type
+        if t.name.endswith((".attn_q.weight", ".attn_k.weight")):
+            rows, cols = data.shape
+            data = data.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols).copy()
+        if t.name == "v.patch_embd.weight":
+            data, kind = data.astype(np.float16), gguf.GGMLQuantizationType.F16
+        name = t.name
+        for old, new in OLLAMA_MISTRAL3_VISION_NAMES:
+            if old in name:
+                name = name.replace(old, new, 1)
+                break
+        vision.append((name, Tensor(data, kind)))
+    return rewrite_gguf(src, dst, lambda kv: dict(kv, **vision_kv), lambda tensors: tensors + vision)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------

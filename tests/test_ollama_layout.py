@@ -281,6 +281,54 @@ def test_mistral3_reads_ollamas_yarn_keys_and_leaves_the_vision_tower(server, en
     assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
 
 
+def test_monolithic_mistral3_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Mistral Small 3.1 as Ollama's converter writes it: the Pixtral tower inside, vision Q/K rows in HF
+    order, patch_conv F16, no img_break. Read through its edits and a data file of the recomputed
+    tensors, image answers match llama.cpp's model + mmproj pair and follow the pixels; the data file
+    holds only the recomputed tensors, is written once, goes with the model, and the blob keeps its
+    bytes."""
+    text = fixtures.write_tiny_gguf(tmp_path / "mistral3.gguf", arch="mistral3", seed=31)
+    mmproj = fixtures.write_tiny_pixtral_mmproj(tmp_path / "mmproj.gguf", seed=32)
+    mono = fixtures.write_ollama_mistral3(text, tmp_path / "mistral3-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    digest = ollama.file_digest(mono)
+    assert ollama.file_digest(server.store.blob_path(digest)) == digest
+    data = server.store.view_dir(digest) / "mmproj.gguf.data"
+    g = ollama.read_gguf(mono, 0)
+    recomputed = [t for t in g.tensors if t.name.endswith((".attn_q.weight", ".attn_k.weight"))
+                  and t.name.startswith("v.") or t.name in ("v.patch_conv.weight", "output_norm.weight")]
+    want = sum(ollama._tensor_nbytes(t.type, t.shape) * (2 if t.name == "v.patch_conv.weight" else 1)
+               for t in recomputed)
+    assert want <= data.stat().st_size - 64 < want + 32 * len(recomputed)     # a 64-byte stamp, 32-byte alignment
+    written = data.stat().st_mtime_ns
+    ollama.engine_files(server.store, ollama.load_model(server.store, "ollama"), str(engine))   # a next load
+    assert data.stat().st_mtime_ns == written
+    assert delete(server, "ollama") == 200 and not data.exists()          # gone with the blob's view
+
+
+def test_a_v1_engine_runs_monolithic_mistral3_text_only(tmp_path):
+    """An engine built before the data edit (hook v1) gets no projector that needs one: the model still
+    answers text, and the log says what to rebuild."""
+    text = fixtures.write_tiny_gguf(tmp_path / "mistral3.gguf", arch="mistral3", seed=31)
+    mono = fixtures.write_ollama_mistral3(text, tmp_path / "mono.gguf",
+                                          fixtures.write_tiny_pixtral_mmproj(tmp_path / "mmproj.gguf"))
+    exe = tmp_path / "llama-server"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    (tmp_path / "llama-server.build-info").write_text("gguf_edits: v1:0123456789abcdef\n")
+    store = ollama.Store(tmp_path / "models")
+    import_model(store, "m", mono)
+    files = ollama.engine_files(store, ollama.load_model(store, "m"), str(exe))
+    assert files.projector is None and files.model_path.endswith("model.gguf")
+    (tmp_path / "llama-server.build-info").write_text("gguf_edits: v2:0123456789abcdef\n")
+    files = ollama.engine_files(store, ollama.load_model(store, "m"), str(exe))
+    assert files.projector.endswith("mmproj.gguf") and os.path.getsize(files.projector + ".data") > 0
+
+
 # -- qwen3-vl: M-RoPE metadata Ollama's files lack, the vision tower inside -----------------------------------
 
 def test_qwen3vl_gets_its_mrope_sections_and_leaves_the_vision_tower(server, engine, tmp_path):
