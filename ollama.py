@@ -2141,7 +2141,7 @@ def _mistral3_clip_edits(g, path):
 
 def _qwen25vl_edits(g, path):
     """qwen2.5-vl: llama.cpp runs it as qwen2vl, with mrope_section's three sizes as four
-    dimension_sections; the vision tower inside is hidden (its projector is not translated yet)."""
+    dimension_sections; the vision tower inside is hidden (_qwen25vl_clip_edits reads it as the projector)."""
     e = GGUFEdits("qwen2.5-vl")
     e.set["general.architecture"] = (8, "qwen2vl")
     e.rename_keys.append(("qwen25vl.", "qwen2vl."))
@@ -2150,6 +2150,47 @@ def _qwen25vl_edits(g, path):
         e.set["qwen2vl.rope.dimension_sections"] = (9, (5, list(sections[:3]) + [0]))
     e.hide_prefixes(g, "v.", "mm.")
     e.quirks += ["architecture qwen25vl: qwen2vl", "M-RoPE sections"]
+    return e
+
+
+def _qwen25vl_clip_edits(g, path):
+    """qwen2.5-vl with its vision tower inside: the same file read as llama.cpp's qwen2.5vl_merger
+    mmproj, as Ollama's compat layer reads it. Keys under clip.* (the window-attention pattern from the
+    first full-attention block, the FFN size from ffn_up's shape), CLIP's image mean and std, the merger
+    and the two temporal patch embeddings under llama.cpp's names, those two as F32 (data edits:
+    llama.cpp's converter writes them so; Metal's im2col needs it). None without a whole tower."""
+    if not all("qwen25vl.vision." + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) \
+            or not _tensor(g, "v.patch_embd_0.weight"):
+        return None
+    e = GGUFEdits("qwen2.5-vl vision")
+    for key, vtype in (("attention.head_count", 4), ("block_count", 4), ("embedding_length", 4),
+                       ("num_channels", 4), ("patch_size", 4), ("spatial_merge_size", 4), ("window_size", 4),
+                       ("attention.layer_norm_epsilon", 6)):
+        if "qwen25vl.vision." + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv["qwen25vl.vision." + key])
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    up = _tensor(g, "v.blk.0.ffn_up.weight")
+    if up and len(up.shape) > 1:
+        e.set["clip.vision.feed_forward_length"] = (4, up.shape[1])
+    full = read_gguf(path, 64).kv.get("qwen25vl.vision.fullatt_block_indexes") or []    # `g` skips arrays
+    e.set["clip.vision.n_wa_pattern"] = (4, full[0] + 1 if full else 8)
+    e.set_missing(g, "clip.vision.image_size", 4, 560)             # Qwen2VLVisionModel's default
+    e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.48145466, 0.4578275, 0.40821073]))
+    e.set_missing(g, "clip.vision.image_std", 9, (6, [0.26862954, 0.26130258, 0.27577711]))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_silu", 7, True)
+    e.set["clip.projector_type"] = (8, "qwen2.5vl_merger")
+    e.set["general.architecture"] = (8, "clip")
+    renames = {"v.merger.ln_q.weight": "v.post_ln.weight", "v.merger.mlp.0.weight": "mm.0.weight",
+               "v.merger.mlp.0.bias": "mm.0.bias", "v.merger.mlp.2.weight": "mm.2.weight",
+               "v.merger.mlp.2.bias": "mm.2.bias", "v.patch_embd_0.weight": "v.patch_embd.weight",
+               "v.patch_embd_1.weight": "v.patch_embd.weight.1"}
+    e.rename += [(t.name, renames[t.name]) for t in g.tensors if t.name in renames]
+    for t in g.tensors:
+        if t.name.startswith("v.patch_embd_") and t.type in (1, 30):
+            e.data.append((renames[t.name], 0, t.shape, "f32 of %s" % GGML_TYPES[t.type], _as_f32(t)))
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm."))]
+    e.quirks.append("vision tower read as a qwen2.5vl_merger projector")
     return e
 
 
@@ -2343,7 +2384,7 @@ OLLAMA_LAYOUTS = {
     "gemma4": (_gemma4_edits, None),
     "deepseekocr": (_deepseekocr_edits, None),
     "mistral3": (_mistral3_edits, _mistral3_clip_edits),
-    "qwen25vl": (_qwen25vl_edits, None),
+    "qwen25vl": (_qwen25vl_edits, _qwen25vl_clip_edits),
     "qwen3vl": (_qwen3vl_edits, None),
     "qwen3vlmoe": (_qwen3vl_edits, None),
     "qwen3next": (_qwen3next_edits, None),

@@ -1157,6 +1157,106 @@ def write_ollama_mistral3(src, dst, mmproj):
     return rewrite_gguf(src, dst, lambda kv: dict(kv, **vision_kv), lambda tensors: tensors + vision)
 
 
+def write_tiny_qwen25vl_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32, n_layer=2, n_head=2, n_ff=48,
+                               full_attention=(1,), seed=0):
+    """A tiny random-weight Qwen2.5-VL vision tower in llama.cpp's mmproj layout (qwen2.5vl_merger):
+    two temporal patch embeddings (F32 holding F16 values, as llama.cpp's converter writes what
+    Ollama's stores as F16), RMS-norm blocks with q/k/v biases and a SiLU-gated MLP, window attention
+    but in the blocks `full_attention` (n_wa_pattern is its first + 1), then the 2x2 merger into
+    `n_embd_text`. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-qwen25vl-mmproj")
+    w.add_string("clip.projector_type", "qwen2.5vl_merger")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_silu", True)
+    for key, value in (("image_size", 560), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("spatial_merge_size", 2), ("window_size", 112),
+                       ("n_wa_pattern", full_attention[0] + 1), ("num_channels", 3)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    w.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def vector(n, norm=False):
+        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.patch_embd.weight.1", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_embd, n_embd), ("attn_v", n_embd, n_embd),
+                                 ("attn_out", n_embd, n_embd), ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd),
+                                 ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+            w.add_tensor(blk + part + ".bias", vector(rows))
+        w.add_tensor(blk + "ln1.weight", vector(n_embd, norm=True))
+        w.add_tensor(blk + "ln2.weight", vector(n_embd, norm=True))
+    w.add_tensor("v.post_ln.weight", vector(n_embd, norm=True))
+    w.add_tensor("mm.0.weight", matrix(4 * n_embd, 4 * n_embd))
+    w.add_tensor("mm.0.bias", vector(4 * n_embd))
+    w.add_tensor("mm.2.weight", matrix(n_embd_text, 4 * n_embd))
+    w.add_tensor("mm.2.bias", vector(n_embd_text))
+    return _gguf_done(w, path)
+
+
+#: llama.cpp's qwen2.5vl_merger names -> Ollama's converter's names for the same tensors in qwen25vl files.
+OLLAMA_QWEN25VL_VISION_NAMES = {"v.post_ln.weight": "v.merger.ln_q.weight", "mm.0.weight": "v.merger.mlp.0.weight",
+                                "mm.0.bias": "v.merger.mlp.0.bias", "mm.2.weight": "v.merger.mlp.2.weight",
+                                "mm.2.bias": "v.merger.mlp.2.bias", "v.patch_embd.weight": "v.patch_embd_0.weight",
+                                "v.patch_embd.weight.1": "v.patch_embd_1.weight"}
+
+
+def write_ollama_qwen25vl(src, dst, mmproj):
+    """The qwen2vl text model `src` and Qwen2.5-VL projector `mmproj` (llama.cpp's pair) as one file, the
+    way Ollama's converter writes Qwen2.5-VL: architecture qwen25vl, M-RoPE's sections as three in
+    rope.mrope_section, the vision tower inside under its names with the patch embeddings F16, and
+    qwen25vl.vision.* keys (the full-attention blocks as indexes; no image size, mean, std or FFN size).
+    Returns the Path."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(mmproj))
+
+    def field(key):
+        return reader.fields[key].contents()
+    vision_kv = {"qwen25vl.vision." + k: (field("clip.vision." + k), T.UINT32, None) for k in (
+        "block_count", "embedding_length", "attention.head_count", "num_channels", "patch_size",
+        "spatial_merge_size", "window_size")}
+    vision_kv["qwen25vl.vision.attention.layer_norm_epsilon"] = (
+        field("clip.vision.attention.layer_norm_epsilon"), T.FLOAT32, None)
+    vision_kv["qwen25vl.vision.fullatt_block_indexes"] = (
+        [field("clip.vision.n_wa_pattern") - 1], T.ARRAY, T.INT32)
+    vision_kv["qwen25vl.vision.temporal_patch_size"] = (2, T.UINT32, None)
+
+    class Tensor:
+        def __init__(self, data, tensor_type):
+            self.data, self.tensor_type = data, tensor_type
+
+    vision = []
+    for t in reader.tensors:
+        data, kind = np.array(t.data), t.tensor_type
+        if t.name.startswith("v.patch_embd."):
+            data, kind = data.astype(np.float16), gguf.GGMLQuantizationType.F16
+        vision.append((OLLAMA_QWEN25VL_VISION_NAMES.get(t.name, t.name), Tensor(data, kind)))
+
+    def kv(kv):
+        out = {k.replace("qwen2vl.", "qwen25vl.", 1): v for k, v in kv.items()
+               if k != "qwen2vl.rope.dimension_sections"}
+        out["general.architecture"] = ("qwen25vl",) + kv["general.architecture"][1:]
+        out["qwen25vl.rope.mrope_section"] = (list(kv["qwen2vl.rope.dimension_sections"][0][:3]), T.ARRAY, T.INT32)
+        return dict(out, **vision_kv)
+    return rewrite_gguf(src, dst, kv, lambda tensors: tensors + vision)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------

@@ -514,6 +514,23 @@ def test_qwen25vl_runs_as_llama_cpps_qwen2vl(server, engine, tmp_path):
     assert len(edits.hide) == 3
 
 
+def test_monolithic_qwen25vl_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Qwen2.5-VL as Ollama's converter writes it: the vision tower inside, its merger and two temporal
+    patch embeddings under other names, those F16. Read through its edits (the patch embeddings as F32
+    from the data file), image answers match llama.cpp's model + mmproj pair and follow the pixels."""
+    text = fixtures.write_tiny_qwen2vl(tmp_path / "qwen2vl.gguf", seed=33)
+    mmproj = fixtures.write_tiny_qwen25vl_mmproj(tmp_path / "mmproj.gguf", seed=34)
+    mono = fixtures.write_ollama_qwen25vl(text, tmp_path / "qwen25vl-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    data = server.store.view_dir(ollama.file_digest(mono)) / "mmproj.gguf.data"
+    embd = ollama._tensor(ollama.read_gguf(mono, 0), "v.patch_embd_0.weight")
+    assert data.stat().st_size == 64 + 2 * 2 * ollama._tensor_nbytes(embd.type, embd.shape)   # both as F32
+
+
 # -- snowflake-arctic-embed2: the precompiled charsmap as base64 characters ---------------------------------
 
 def test_snowflake_arctic_embed2_embeds_as_llama_cpps_bert(server, engine, tmp_path):
