@@ -1831,16 +1831,46 @@ def _rope_permuted(t, n_head):
     return produce
 
 
-def _as_f32(t):
-    """Data edit bytes: F16 or BF16 tensor `t` as F32 (little-endian)."""
-    def produce(f, g):
-        data = _tensor_data(f, g, t)
-        if t.type == 30:                                  # BF16: the high half of an F32
-            out = bytearray(2 * len(data))
-            out[2::4], out[3::4] = data[0::2], data[1::2]
-            return bytes(out)
+def _f32_bytes(data, vtype):
+    """Tensor bytes of ggml type `vtype` (F32, F16, BF16 or Q8_0) as F32, little-endian."""
+    if vtype == 0:
+        return bytes(data)
+    if vtype == 30:                                       # BF16: the high half of an F32
+        out = bytearray(2 * len(data))
+        out[2::4], out[3::4] = data[0::2], data[1::2]
+        return bytes(out)
+    if vtype == 1:
         n = len(data) // 2
         return struct.pack("<%df" % n, *struct.unpack("<%de" % n, data))
+    if vtype == 8:                                        # Q8_0: blocks of an F16 scale and 32 int8
+        values = []
+        for at in range(0, len(data), 34):
+            d = struct.unpack_from("<e", data, at)[0]
+            values += [d * q for q in struct.unpack_from("<32b", data, at + 2)]
+        return struct.pack("<%df" % len(values), *values)
+    raise OllamaError("cannot widen ggml type %s to F32" % GGML_TYPES.get(vtype, vtype))
+
+
+def _as_f32(t):
+    """Data edit bytes: F16 or BF16 tensor `t` as F32 (little-endian)."""
+    return lambda f, g: _f32_bytes(_tensor_data(f, g, t), t.type)
+
+
+def _concatenated(parts, f32):
+    """Data edit bytes: the tensors `parts` one after another along their outer dimension (rows), as
+    they are (one type) or each widened to F32 (`f32`: mixed types)."""
+    return lambda f, g: b"".join(_f32_bytes(_tensor_data(f, g, t), t.type) if f32 else _tensor_data(f, g, t)
+                                 for t in parts)
+
+
+def _temporal_slice(t, frame):
+    """Data edit bytes: frame `frame` of a Conv3D patch embedding stored as ggml [W, H, frames, out*in]
+    (Ollama's qwen3-vl files), as F32 [W, H, in, out]: plane p = out*in_channels + in of that frame,
+    in order, which is the Conv2D kernel llama.cpp's qwen3vl_merger takes per frame."""
+    def produce(f, g):
+        data = _f32_bytes(_tensor_data(f, g, t), t.type)
+        plane, frames = 4 * t.shape[0] * t.shape[1], t.shape[2]
+        return b"".join(data[(frame + frames * p) * plane:(frame + frames * p + 1) * plane] for p in range(t.shape[3]))
     return produce
 
 
@@ -2208,6 +2238,93 @@ def _qwen3vl_edits(g, path):
     return e
 
 
+def _qwen3vl_clip_edits(g, path):
+    """qwen3-vl and qwen3-vl-moe with the vision tower inside: the same file read as llama.cpp's
+    qwen3vl_merger mmproj, as Ollama's compat layer reads it. Keys under clip.* (the FFN size from
+    ffn_up's shape, the image size from the position embeddings), tensor names (merger, deepstack
+    mergers at their block's index), and data edits: each block's Q, K and V rows as one attn_qkv (one
+    type: the bytes as they are; mixed: widened to F32, as Ollama does), the Conv3D patch embedding split
+    into llama.cpp's two per-frame Conv2D kernels as F32 (the second in block 0's attn_k's place, freed
+    by the merge) and the position embeddings as F32. None without a whole tower."""
+    arch, v = g.architecture, g.architecture + ".vision."
+    patch = _tensor(g, "v.patch_embed.weight")
+    if not all(v + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) or not patch \
+            or len(patch.shape) != 4 or patch.shape[2] != 2 or patch.type not in (0, 1, 30, 8):
+        return None
+    full = read_gguf(path, 4096).kv                    # `g` skips arrays: deepstack indexes, mean, std
+    e = GGUFEdits(arch + " vision")
+    for key, vtype in (("attention.head_count", 4), ("block_count", 4), ("embedding_length", 4),
+                       ("feed_forward_length", 4), ("num_channels", 4), ("patch_size", 4),
+                       ("spatial_merge_size", 4), ("temporal_patch_size", 4), ("attention.layer_norm_epsilon", 6),
+                       ("rope.freq_base", 6)):
+        if v + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv[v + key])
+    for key, vtype, value in (("num_channels", 4, 3), ("temporal_patch_size", 4, 2), ("rope.freq_base", 6, 1e4)):
+        e.set.setdefault("clip.vision." + key, (vtype, value))
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    up = _tensor(g, "v.blk.0.mlp.linear_fc1.weight")
+    if "clip.vision.feed_forward_length" not in e.set and up and len(up.shape) > 1:
+        e.set["clip.vision.feed_forward_length"] = (4, up.shape[1])
+    pos = _tensor(g, "v.pos_embed.weight")
+    if pos and len(pos.shape) > 1 and v + "patch_size" in g.kv:
+        e.set["clip.vision.image_size"] = (4, int(math.isqrt(pos.shape[1])) * g.kv[v + "patch_size"])
+    for key, fallback in (("image_mean", [0.5, 0.5, 0.5]), ("image_std", [0.5, 0.5, 0.5])):
+        e.set["clip.vision." + key] = (9, (6, list(full.get(v + key) or fallback)))
+    for key, clip_key, fallback in (("shortest_edge", "image_min_pixels", 65536),
+                                    ("longest_edge", "image_max_pixels", 16777216)):
+        e.set["clip.vision." + clip_key] = (4, g.kv.get(v + key) or fallback)
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_gelu", 7, True)
+    e.set["clip.projector_type"] = (8, "qwen3vl_merger")
+    e.set["general.architecture"] = (8, "clip")
+    freed = set()
+    for b in range(g.kv[v + "block_count"]):
+        for kind in ("weight", "bias"):
+            parts = [_tensor(g, "v.blk.%d.attn_%s.%s" % (b, x, kind)) for x in "qkv"]
+            if not all(parts) or len({tuple(t.shape[:-1]) for t in parts}) != 1 \
+                    or not all(t.type in GGML_BLOCKS for t in parts):
+                continue
+            mixed = len({t.type for t in parts}) > 1
+            if mixed and not all(t.type in (0, 1, 30, 8) for t in parts):
+                continue
+            merged = "v.blk.%d.attn_qkv.%s" % (b, kind)
+            shape = parts[0].shape[:-1] + [sum(t.shape[-1] for t in parts)]
+            e.rename.append((parts[0].name, merged))
+            e.data.append((merged, 0 if mixed else parts[0].type, shape, "qkv%s" % (" as F32" if mixed else ""),
+                           _concatenated(parts, mixed)))
+            freed |= {parts[1].name, parts[2].name}
+    width, height, frames, packed = patch.shape
+    channels = e.set["clip.vision.num_channels"][1]
+    kernel = [width, height, channels, packed // channels]
+    e.rename.append(("v.patch_embed.weight", "v.patch_embd.weight"))
+    e.data.append(("v.patch_embd.weight", 0, kernel, "frame 0", _temporal_slice(patch, 0)))
+    if "v.blk.0.attn_k.weight" in freed:                # no spare slot otherwise: the engine adds no tensors
+        e.rename.append(("v.blk.0.attn_k.weight", "v.patch_embd.weight.1"))
+        e.data.append(("v.patch_embd.weight.1", 0, kernel, "frame 1", _temporal_slice(patch, 1)))
+        freed.discard("v.blk.0.attn_k.weight")
+    names = {"v.merger.norm.": "v.post_ln.", "v.merger.linear_fc1.": "mm.0.", "v.merger.linear_fc2.": "mm.2.",
+             "v.patch_embed.bias": "v.patch_embd.bias", "v.pos_embed.weight": "v.position_embd.weight"}
+    indexes = full.get(v + "deepstack_visual_indexes") or []
+    for i, block in enumerate(indexes):
+        for leaf, new in (("norm", "norm"), ("linear_fc1", "fc1"), ("linear_fc2", "fc2")):
+            names["v.deepstack_merger.%d.%s." % (i, leaf)] = "v.deepstack.%d.%s." % (block, new)
+    renamed = {old for old, _new in e.rename}
+    for t in g.tensors:
+        if t.name in renamed or not t.name.startswith("v."):
+            continue
+        new = next((t.name.replace(old, to, 1) for old, to in names.items() if t.name.startswith(old)), t.name)
+        for old, to in ((".norm1.", ".ln1."), (".norm2.", ".ln2."), (".mlp.linear_fc1.", ".ffn_up."),
+                        (".mlp.linear_fc2.", ".ffn_down.")):
+            new = new.replace(old, to, 1) if new.startswith("v.blk.") else new
+        if new != t.name:
+            e.rename.append((t.name, new))
+    if pos and pos.type in (1, 30):
+        e.data.append(("v.position_embd.weight", 0, pos.shape, "f32 of %s" % GGML_TYPES[pos.type], _as_f32(pos)))
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm.")) or t.name in freed]
+    e.quirks.append("vision tower read as a qwen3vl_merger projector")
+    return e
+
+
 def _qwen3next_edits(g, path):
     """qwen3-next: per-layer KV head counts (llama.cpp takes one: the largest) and the SSM dt tensors
     without their .bias suffix."""
@@ -2385,8 +2502,8 @@ OLLAMA_LAYOUTS = {
     "deepseekocr": (_deepseekocr_edits, None),
     "mistral3": (_mistral3_edits, _mistral3_clip_edits),
     "qwen25vl": (_qwen25vl_edits, _qwen25vl_clip_edits),
-    "qwen3vl": (_qwen3vl_edits, None),
-    "qwen3vlmoe": (_qwen3vl_edits, None),
+    "qwen3vl": (_qwen3vl_edits, _qwen3vl_clip_edits),
+    "qwen3vlmoe": (_qwen3vl_edits, _qwen3vl_clip_edits),
     "qwen3next": (_qwen3next_edits, None),
     "qwen35": (_qwen35_edits, None),
     "qwen35moe": (_qwen35_edits, None),

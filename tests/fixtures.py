@@ -1257,6 +1257,127 @@ def write_ollama_qwen25vl(src, dst, mmproj):
     return rewrite_gguf(src, dst, kv, lambda tensors: tensors + vision)
 
 
+def write_tiny_qwen3vl_mmproj(path, *, n_embd_text=256, patch_size=14, n_embd=32, n_layer=2, n_head=2, n_ff=48,
+                              grid=4, deepstack=(0,), seed=0):
+    """A tiny random-weight Qwen3-VL vision tower in llama.cpp's mmproj layout (qwen3vl_merger): two
+    per-frame patch embeddings (F32), learned position embeddings for a `grid` x `grid` patch square,
+    LayerNorm blocks with one attn_qkv (F16) and a GELU MLP, the 2x2 merger into `n_embd_text`, and a
+    deepstack merger after each block in `deepstack` (the text model then takes n_embd_text * (1 +
+    len(deepstack)) per image position). Images are sized to 8 to 64 merged tokens. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-qwen3vl-mmproj")
+    w.add_string("clip.projector_type", "qwen3vl_merger")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_gelu", True)
+    for key, value in (("image_size", grid * patch_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("spatial_merge_size", 2), ("num_channels", 3),
+                       ("temporal_patch_size", 2), ("image_min_pixels", 8 * 784), ("image_max_pixels", 64 * 784)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_float32("clip.vision.rope.freq_base", 10000.0)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def vector(n, norm=False):
+        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.patch_embd.weight.1", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.patch_embd.bias", vector(n_embd))
+    w.add_tensor("v.position_embd.weight", matrix(grid * grid, n_embd).astype(np.float32))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_qkv", 3 * n_embd, n_embd), ("attn_out", n_embd, n_embd),
+                                 ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+            w.add_tensor(blk + part + ".bias", vector(rows))
+        for part in ("ln1", "ln2"):
+            w.add_tensor(blk + part + ".weight", vector(n_embd, norm=True))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+    w.add_tensor("v.post_ln.weight", vector(n_embd, norm=True))
+    w.add_tensor("v.post_ln.bias", vector(n_embd))
+    for prefix in ["mm."] + ["v.deepstack.%d." % b for b in deepstack]:
+        if prefix != "mm.":
+            w.add_tensor(prefix + "norm.weight", vector(4 * n_embd, norm=True))
+            w.add_tensor(prefix + "norm.bias", vector(4 * n_embd))
+        first, second = ("0", "2") if prefix == "mm." else ("fc1", "fc2")
+        w.add_tensor(prefix + first + ".weight", matrix(4 * n_embd, 4 * n_embd))
+        w.add_tensor(prefix + first + ".bias", vector(4 * n_embd))
+        w.add_tensor(prefix + second + ".weight", matrix(n_embd_text, 4 * n_embd))
+        w.add_tensor(prefix + second + ".bias", vector(n_embd_text))
+    return _gguf_done(w, path)
+
+
+def write_ollama_qwen3vl(src, dst, mmproj):
+    """The qwen3vl text model `src` and Qwen3-VL projector `mmproj` (llama.cpp's pair) as one file, the way
+    Ollama's converter wrote the qwen3-vl files its library serves: no M-RoPE sections or deepstack
+    count in the text keys, the vision tower inside under its names (Q, K and V split, the deepstack
+    mergers numbered in order), the Conv3D patch embedding as one F16 tensor [W, H, 2, out*in], the
+    position embeddings F16, and qwen3vl.vision.* keys. Returns the Path."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(mmproj))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def field(key):
+        return reader.fields[key].contents()
+    deepstack = sorted(int(n.split(".")[2]) for n in tensors
+                       if n.startswith("v.deepstack.") and n.endswith("fc1.weight"))
+    vision_kv = {"qwen3vl.vision." + k: (field("clip.vision." + k), T.UINT32, None) for k in (
+        "block_count", "embedding_length", "attention.head_count", "num_channels", "patch_size",
+        "spatial_merge_size", "temporal_patch_size")}
+    vision_kv.update({"qwen3vl.vision." + k: (field("clip.vision." + k), T.FLOAT32, None)
+                      for k in ("attention.layer_norm_epsilon", "rope.freq_base")})
+    vision_kv.update({"qwen3vl.vision." + k: (field("clip.vision." + k), T.ARRAY, T.FLOAT32)
+                      for k in ("image_mean", "image_std")})
+    vision_kv["qwen3vl.vision.shortest_edge"] = (field("clip.vision.image_min_pixels"), T.UINT32, None)
+    vision_kv["qwen3vl.vision.longest_edge"] = (field("clip.vision.image_max_pixels"), T.UINT32, None)
+    vision_kv["qwen3vl.vision.deepstack_visual_indexes"] = (deepstack, T.ARRAY, T.INT32)
+
+    class Tensor:
+        def __init__(self, data, tensor_type):
+            self.data, self.tensor_type = data, tensor_type
+
+    names = {"v.post_ln.": "v.merger.norm.", "mm.0.": "v.merger.linear_fc1.", "mm.2.": "v.merger.linear_fc2.",
+             "v.patch_embd.bias": "v.patch_embed.bias", "v.position_embd.weight": "v.pos_embed.weight"}
+    for i, block in enumerate(deepstack):
+        for leaf, old in (("norm", "norm"), ("linear_fc1", "fc1"), ("linear_fc2", "fc2")):
+            names["v.deepstack.%d.%s." % (block, old)] = "v.deepstack_merger.%d.%s." % (i, leaf)
+    vision = []
+    frames = [np.array(tensors[n].data) for n in ("v.patch_embd.weight", "v.patch_embd.weight.1")]
+    out_c, in_c, ph, pw = frames[0].shape       # torch [out, in, t, h, w] with out and in flattened together
+    vision.append(("v.patch_embed.weight", Tensor(np.stack(frames, axis=2).reshape(out_c * in_c, 2, ph, pw)
+                                                  .astype(np.float16), gguf.GGMLQuantizationType.F16)))
+    for t in reader.tensors:
+        name, data, kind = t.name, np.array(t.data), t.tensor_type
+        if name.startswith("v.patch_embd.weight"):
+            continue
+        if name == "v.position_embd.weight":
+            data, kind = data.astype(np.float16), gguf.GGMLQuantizationType.F16
+        if ".attn_qkv." in name:
+            for part, piece in zip("qkv", np.split(data, 3, axis=0)):
+                vision.append((name.replace("attn_qkv", "attn_" + part), Tensor(piece.copy(), kind)))
+            continue
+        name = next((name.replace(old, new, 1) for old, new in names.items() if name.startswith(old)), name)
+        for old, new in ((".ln1.", ".norm1."), (".ln2.", ".norm2."), (".ffn_up.", ".mlp.linear_fc1."),
+                         (".ffn_down.", ".mlp.linear_fc2.")):
+            name = name.replace(old, new, 1) if name.startswith("v.blk.") else name
+        vision.append((name, Tensor(data, kind)))
+    drop = ("qwen3vl.rope.dimension_sections", "qwen3vl.n_deepstack_layers")
+    return rewrite_gguf(src, dst, lambda kv: dict({k: v for k, v in kv.items() if k not in drop}, **vision_kv),
+                        lambda tensors: tensors + vision)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------

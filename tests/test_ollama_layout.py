@@ -351,6 +351,25 @@ def test_qwen3vl_gets_its_mrope_sections_and_leaves_the_vision_tower(server, eng
     assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
 
 
+def test_monolithic_qwen3vl_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Qwen3-VL as Ollama's converter wrote it: the vision tower inside with Q, K and V split, one Conv3D
+    patch embedding, F16 position embeddings, a deepstack merger numbered in order. Read through its
+    edits (attn_qkv, the two per-frame kernels and the F32 position embeddings from the data file),
+    image answers match llama.cpp's model + mmproj pair and follow the pixels."""
+    import gguf
+    src = fixtures.write_tiny_gguf(tmp_path / "q.gguf", arch="qwen3vl", n_embd=256, n_head=2, seed=35)
+    text = fixtures.rewrite_gguf(src, tmp_path / "qwen3vl.gguf", lambda kv: dict(kv, **{
+        "qwen3vl.rope.dimension_sections": ([24, 20, 20, 0], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
+        "qwen3vl.n_deepstack_layers": (1, gguf.GGUFValueType.UINT32, None)}))
+    mmproj = fixtures.write_tiny_qwen3vl_mmproj(tmp_path / "mmproj.gguf", seed=36)
+    mono = fixtures.write_ollama_qwen3vl(text, tmp_path / "qwen3vl-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+
+
 def answers_alike(server, cpp, theirs, prompt="once upon a time"):
     """Import llama.cpp's file and Ollama's (the first read as it is, the second through its edits)
     and check they answer alike: the same greedy text and top-5 logprobs. Returns Ollama's edits."""
