@@ -310,6 +310,39 @@ def test_monolithic_mistral3_sees_images_through_its_own_file(server, engine, tm
     assert delete(server, "ollama") == 200 and not data.exists()          # gone with the blob's view
 
 
+def test_data_edits_widen_f16_bf16_and_q8_0_to_f32_and_move_whole_rows():
+    """What the data edits compute, against numpy: F16, BF16 and Q8_0 widened to F32 (Q/K/V of mixed
+    types are merged so), and the RoPE permutation moving whole rows of any type."""
+    import numpy as np
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(64).astype(np.float32)
+    assert ollama._f32_bytes(x.astype(np.float16).tobytes(), 1) == x.astype(np.float16).astype(np.float32).tobytes()
+    bf16 = (x.view(np.uint32) >> 16).astype(np.uint16)
+    assert ollama._f32_bytes(bf16.tobytes(), 30) == (bf16.astype(np.uint32) << 16).view(np.float32).tobytes()
+    q = rng.integers(-127, 128, 64).astype(np.int8)
+    scales = np.array([0.01, 0.02], dtype=np.float16)
+    q8 = b"".join(scales[i].tobytes() + q[32 * i:32 * i + 32].tobytes() for i in range(2))
+    want = (np.repeat(scales.astype(np.float32), 32) * q).astype(np.float32)
+    assert np.allclose(np.frombuffer(ollama._f32_bytes(q8, 8), dtype=np.float32), want, rtol=1e-6)
+
+    class File:                                           # a Q8_0 tensor of 8 rows of 32, row i all i
+        def __init__(self):
+            self.data = b"".join(np.float16(1).tobytes() + bytes([i]) * 32 for i in range(8))
+            self.at = 0
+
+        def seek(self, at):
+            self.at = at
+
+        def read(self, n):
+            return self.data[self.at:self.at + n]
+
+    class Header:
+        data_offset = 0
+    t = ollama.GGUFTensor("v.blk.0.attn_q.weight", 8, [32, 8], 0)
+    rows = ollama._rope_permuted(t, 2)(File(), Header())
+    assert [rows[34 * i + 2] for i in range(8)] == [0, 2, 1, 3, 4, 6, 5, 7]   # per head of 4: halves interleaved
+
+
 def test_a_v1_engine_runs_monolithic_mistral3_text_only(tmp_path):
     """An engine built before the data edit (hook v1) gets no projector that needs one: the model still
     answers text, and the log says what to rebuild."""
