@@ -693,6 +693,22 @@ def test_the_hook_reads_a_tensor_as_its_first_rows(engine, tmp_path):
         logits(padded, rows + 17)                        # more rows than the tensor has
 
 
+def test_the_hook_refuses_a_data_edit_it_cannot_read(engine, tmp_path):
+    """edits.data naming a tensor the file lacks, or a type ggml does not have, stops the load with the
+    tensor named in the engine's log, instead of reading other bytes."""
+    src = fixtures.write_tiny_gguf(tmp_path / "tiny.gguf", seed=7)
+    for name, spec in (("no.such.tensor", "0,64"), ("output_norm.weight", "99,64")):
+        view = tmp_path / name / "model.gguf"
+        view.parent.mkdir()
+        view.symlink_to(src)
+        ollama.write_gguf(str(view) + ".edits", [("edits.data", 9, (8, [name, spec, "64"]))], [])
+        runner = ollama.Runner(str(engine), view, num_ctx=128, log_path=view.parent / "r.log")
+        with pytest.raises(ollama.OllamaError):
+            runner.start(60)
+        runner.stop()
+        assert "cannot read tensor %s as %s" % (name, spec) in (view.parent / "r.log").read_text()
+
+
 # -- the other families: what the edits say, on headers written in Ollama's layout ---------------------
 
 def header(tmp_path, arch, kv=(), tensors=()):
