@@ -350,9 +350,10 @@ gguf_edits_source() {
 // count pairs), edits.remove (keys), edits.rename_keys (old, new key-prefix pairs); then every other
 // key of the sidecar is set; then edits.rename (old, new tensor-name pairs), edits.shape (name,
 // "ne0,ne1,..." pairs: a tensor read as its first rows), edits.data (name, "type,ne0,ne1,...",
-// offset triples: a tensor whose bytes ollama.py wrote to "F.data" at that offset, in that ggml type
-// and shape) and edits.hide (tensor names). Tensor data offsets into F never change, so mmap and the
-// loaders' own reads work as before; edits.data leaves each such offset as the u64 key
+// byte ranges triples: a tensor of that ggml type and shape whose bytes are the ranges, in order, each
+// "f<offset>+<length>" of F itself or "d<offset>+<length>" of "F.data", a file ollama.py wrote) and
+// edits.hide (tensor names). Tensor data offsets into F never change, so mmap and the loaders' own
+// reads work as before; edits.data leaves each tensor's ranges as the string key
 // "ollama_py.data.<tensor>", which only the projector loader (mtmd's clip.cpp, patched below) reads.
 // Only no_alloc reads (all that llama.cpp's loaders do) take edits.
 static const char * const GGUF_EDITS_MARKER = "ollama.py gguf edits v2";
@@ -464,18 +465,27 @@ static bool gguf_edits_apply(struct gguf_context * ctx, const struct gguf_contex
     }
     const std::vector<std::string> data = gguf_edits_strings(e, "edits.data");
     for (size_t i = 0; i + 2 < data.size(); i += 3) {
-        // bytes from the side file: any type and shape (ollama.py computed them from F's tensors)
+        // bytes gathered from byte ranges: any type and shape (ollama.py chose them from F's tensors)
         const int64_t t = gguf_find_tensor(ctx, data[i].c_str());
         ggml_tensor view = t >= 0 ? ctx->info[t].t : ggml_tensor{};
-        char * end = nullptr;
-        const uint64_t offset = strtoull(data[i + 2].c_str(), &end, 10);
-        if (t < 0 || !gguf_edits_parse_tensor(data[i + 1], view, true) || end == data[i + 2].c_str() || *end) {
-            GGML_LOG_ERROR("%s: %s.edits: cannot read tensor %s as %s from %s.data at %s\n", __func__, fname,
-                           data[i].c_str(), data[i + 1].c_str(), fname, data[i + 2].c_str());
+        bool ok = t >= 0 && gguf_edits_parse_tensor(data[i + 1], view, true);
+        size_t total = 0;
+        for (const char * p = data[i + 2].c_str(); ok && *p; ) {
+            char * end = nullptr;
+            ok = (*p == 'f' || *p == 'd') && p[1] >= '0' && p[1] <= '9';
+            strtoull(p + 1, &end, 10);
+            ok = ok && *end == '+' && end[1] >= '0' && end[1] <= '9';
+            total += ok ? (size_t) strtoull(end + 1, &end, 10) : 0;
+            ok = ok && (*end == ',' || *end == 0);
+            p = ok && *end ? end + 1 : end;
+        }
+        if (!ok || total != ggml_nbytes(&view)) {
+            GGML_LOG_ERROR("%s: %s.edits: cannot read tensor %s as %s from %s\n", __func__, fname,
+                           data[i].c_str(), data[i + 1].c_str(), data[i + 2].c_str());
             return false;
         }
         ctx->info[t].t = view;
-        gguf_set_val_u64(ctx, ("ollama_py.data." + data[i]).c_str(), offset);
+        gguf_set_val_str(ctx, ("ollama_py.data." + data[i]).c_str(), data[i + 2].c_str());
     }
     for (const std::string & name : gguf_edits_strings(e, "edits.hide")) {
         const int64_t t = gguf_find_tensor(ctx, name.c_str());
@@ -524,31 +534,53 @@ struct gguf_context * gguf_init_from_file(const char * fname, struct gguf_init_p
 HOOK
 }
 # The projector side of edits.data: mtmd's clip.cpp reads tensor bytes itself (seek + read in its own
-# file), so its load_tensors takes the tensors the hook marked "ollama_py.data.<tensor>" from "F.data"
-# at the recorded offset instead. Inserted before load_tensors' "// create data context"; each read
-# (get_vector's and the weights' loop) picks its stream by the tensor's name. Without such keys
-# (every file but ollama.py's views) nothing changes.
+# file), so its load_tensors reads a tensor the hook marked "ollama_py.data.<tensor>" from a buffer
+# gathered from those byte ranges instead. Inserted before load_tensors' "// create data context";
+# each read (get_vector's and the weights' loop) picks its stream by the tensor's name. Without such
+# keys (every file but ollama.py's views) nothing changes.
 clip_data_source() {
     cat <<'CLIP'
-        // ---- ollama.py: tensor bytes from "<file>.data" (added by build_llama.sh; see the GGUF edits hook)
-        std::unordered_set<std::string> ollama_py_data;
+        // ---- ollama.py: tensor bytes gathered from byte ranges (added by build_llama.sh; see the GGUF
+        // edits hook): "f<offset>+<length>" of this file, "d<offset>+<length>" of "<file>.data", in order
+        std::map<std::string, std::string> ollama_py_data;
         for (int64_t i = 0; i < gguf_get_n_tensors(ctx_gguf.get()); ++i) {
             const char * name = gguf_get_tensor_name(ctx_gguf.get(), i);
             const int64_t k = gguf_find_key(ctx_gguf.get(), (std::string("ollama_py.data.") + name).c_str());
-            if (k >= 0 && gguf_get_kv_type(ctx_gguf.get(), k) == GGUF_TYPE_UINT64) {
-                tensor_offset[name] = (size_t) gguf_get_val_u64(ctx_gguf.get(), k);
-                ollama_py_data.insert(name);
+            if (k >= 0 && gguf_get_kv_type(ctx_gguf.get(), k) == GGUF_TYPE_STRING) {
+                ollama_py_data[name] = gguf_get_val_str(ctx_gguf.get(), k);
+                tensor_offset[name] = 0;            // where its bytes start in the gathered buffer
             }
         }
         std::ifstream ollama_py_fin;
-        if (!ollama_py_data.empty()) {
-            ollama_py_fin = open_ifstream_binary(fname + ".data");
-            if (!ollama_py_fin) {
-                throw std::runtime_error(string_format("%s: failed to open %s.data\n", __func__, fname.c_str()));
+        std::stringstream ollama_py_buf;
+        auto ollama_py_stream = [&](const std::string & name) -> std::istream & {
+            const auto it = ollama_py_data.find(name);
+            if (it == ollama_py_data.end()) {
+                return fin;
             }
-        }
-        auto ollama_py_stream = [&](const std::string & name) -> std::ifstream & {
-            return ollama_py_data.count(name) ? ollama_py_fin : fin;
+            std::string bytes;
+            for (const char * p = it->second.c_str(); *p; ) {
+                char * end = nullptr;
+                const size_t offset = strtoull(p + 1, &end, 10);
+                const size_t length = strtoull(end + 1, &end, 10);
+                if (*p == 'd' && !ollama_py_fin.is_open()) {
+                    ollama_py_fin = open_ifstream_binary(fname + ".data");
+                }
+                std::istream & in = *p == 'd' ? (std::istream &) ollama_py_fin : (std::istream &) fin;
+                const size_t at = bytes.size();
+                bytes.resize(at + length);
+                in.clear();
+                in.seekg(offset, std::ios::beg);
+                in.read(&bytes[at], length);
+                if (!in) {
+                    throw std::runtime_error(string_format("%s: cannot read %s from %s (%s)\n", __func__,
+                        name.c_str(), fname.c_str(), it->second.c_str()));
+                }
+                p = *end ? end + 1 : end;
+            }
+            ollama_py_buf.str(bytes);
+            ollama_py_buf.clear();
+            return ollama_py_buf;
         };
         // ---- end ollama.py
 CLIP
@@ -763,8 +795,8 @@ add_clip_data() {
         || { rm -f "$ins"; die "$f: load_tensors is not where the projector's tensor-data edit expects it"; }
     awk -v ins="$ins" '
         /^        \/\/ create data context$/ { while ((getline line < ins) > 0) print line; close(ins) }
-        /^            fin.seekg\(it->second, std::ios::beg\);$/ { print "            std::ifstream & fin = ollama_py_stream(name);" }
-        /^                    fin.seekg\(offset, std::ios::beg\);$/ { print "                    std::ifstream & fin = ollama_py_stream(t->name);" }
+        /^            fin.seekg\(it->second, std::ios::beg\);$/ { print "            std::istream & fin = ollama_py_stream(name);" }
+        /^                    fin.seekg\(offset, std::ios::beg\);$/ { print "                    std::istream & fin = ollama_py_stream(t->name);" }
         { print }' "$orig" > "$new"
     rm -f "$ins"
     [ "$(grep -c 'ollama_py_stream(' "$new")" = 2 ] || { rm -f "$new"; die "$f: the projector's tensor-data edit did not apply"; }

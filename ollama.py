@@ -1696,9 +1696,11 @@ class GGUFEdits:
         self.family, self.quirks = family, []
         self.set, self.truncate, self.remove, self.rename_keys, self.rename, self.hide = {}, {}, [], [], [], []
         self.shape = []                    # (tensor name, shape): read as its first rows
-        # (tensor name as the engine sees it, ggml type, shape, recipe, bytes): tensors whose bytes
-        # differ from the file's; `bytes` (f, g) -> their data, from the file `f` with header `g`; the
-        # recipe (text) names the computation, so a data file written by other code is rewritten.
+        # (tensor name as the engine sees it, ggml type, shape, recipe, bytes): tensors read from other
+        # bytes than the file gives them. `bytes` is either [(offset, length)], byte ranges of the file
+        # itself read in order (rows moved, tensors joined: nothing stored twice), or a function (f, g)
+        # -> the bytes, computed from the file `f` with header `g` into the data file beside the sidecar;
+        # the recipe (text) names the computation, so a data file written by other code is rewritten.
         # Only the projector loader reads these (mtmd's clip.cpp, as build_llama.sh patches it).
         self.data = []
 
@@ -1750,21 +1752,30 @@ class GGUFEdits:
                ("edits.rename", 9, pairs(self.rename)), ("edits.hide", 9, (8, list(self.hide))),
                ("edits.shape", 9, pairs((name, ",".join(map(str, dims))) for name, dims in self.shape))]
         if self.data:
-            offsets = self.data_file(str(path)[:-len(".edits")] + ".data", source, g)
-            kv.append(("edits.data", 9, (8, [s for (name, vtype, shape, _r, _b), offset in zip(self.data, offsets)
-                                             for s in (name, ",".join(map(str, [vtype] + list(shape))), str(offset))])))
+            offsets = iter(self.data_file(str(path)[:-len(".edits")] + ".data", source, g))
+            triples = []
+            for name, vtype, shape, _recipe, produce in self.data:
+                ranges = "d%d+%d" % (next(offsets), _tensor_nbytes(vtype, shape)) if callable(produce) else \
+                    ",".join("f%d+%d" % r for r in produce)
+                triples += [name, ",".join(map(str, [vtype] + list(shape))), ranges]
+            kv.append(("edits.data", 9, (8, triples)))
         write_gguf(path, kv, [])
 
     def data_file(self, path, source, g):
-        """Write the data edits' bytes to `path` -> each one's offset there (bytes). The file starts
-        with the hex SHA-256 of what it holds (names, types, shapes, recipes, the source's size), so
-        while the blob and this code are unchanged it is written once and then reused; a changed
-        recipe rewrites it. Written to a temp file and renamed: a reader never sees half."""
+        """Write the computed data edits' bytes to `path` -> each one's offset there (bytes); no file
+        when none is computed. The file starts with the hex SHA-256 of what it holds (names, types,
+        shapes, recipes, the source's size), so while the blob and this code are unchanged it is
+        written once and then reused; a changed recipe rewrites it. Written to a temp file and
+        renamed: a reader never sees half."""
         import hashlib
-        recipe = json_dumps([[n, t, list(s), r] for n, t, s, r, _b in self.data] + [g.size]).encode()
+        computed = [d for d in self.data if callable(d[4])]
+        if not computed:
+            _unlink(path)
+            return []
+        recipe = json_dumps([[n, t, list(s), r] for n, t, s, r, _b in computed] + [g.size]).encode()
         stamp = hashlib.sha256(recipe).hexdigest().encode()
         offsets, at = [], len(stamp)
-        for _name, vtype, shape, _r, _b in self.data:
+        for _name, vtype, shape, _r, _b in computed:
             at = -(-at // 32) * 32                      # 32-byte aligned, as GGUF aligns tensor data
             offsets.append(at)
             at += _tensor_nbytes(vtype, shape)
@@ -1778,7 +1789,7 @@ class GGUFEdits:
         try:
             with open(str(source), "rb") as src, open(tmp, "wb") as out:
                 out.write(stamp)
-                for (name, vtype, shape, _r, produce), offset in zip(self.data, offsets):
+                for (name, vtype, shape, _r, produce), offset in zip(computed, offsets):
                     data = produce(src, g)
                     if len(data) != _tensor_nbytes(vtype, shape):
                         raise OllamaError("data edit for %s: %d bytes, expected %d" % (
@@ -1814,21 +1825,27 @@ def _tensor_data(f, g, t):
     return f.read(_tensor_nbytes(t.type, t.shape))
 
 
-def _rope_permuted(t, n_head):
-    """Data edit bytes: `t`'s rows (output features) in llama.cpp's RoPE order, per head the first
-    and second halves interleaved (its converter's LlamaModel.permute, which Ollama's converter leaves
-    out for vision towers). Whole rows move, so any type with whole blocks per row works."""
-    def produce(f, g):
-        data = _tensor_data(f, g, t)
-        rows = t.shape[1]
-        row, head_dim = len(data) // rows, rows // n_head
-        out = bytearray(len(data))
-        for dst in range(rows):          # dst = h*head_dim + 2*i + j  takes  src = h*head_dim + j*head_dim/2 + i
-            h, rest = divmod(dst, head_dim)
-            src = h * head_dim + (rest % 2) * (head_dim // 2) + rest // 2
-            out[dst * row:(dst + 1) * row] = data[src * row:(src + 1) * row]
-        return bytes(out)
-    return produce
+def _ranges(g, t, rows=None):
+    """Data edit byte ranges: tensor `t` of the file with header `g`, whole or its rows (outer
+    dimension) in the order `rows`, adjacent ranges joined -> [(offset, length)]."""
+    start, size = g.data_offset + t.offset, _tensor_nbytes(t.type, t.shape)
+    if rows is None:
+        return [(start, size)]
+    row, out = size // t.shape[-1], []
+    for r in rows:
+        if out and out[-1][0] + out[-1][1] == start + r * row:
+            out[-1] = (out[-1][0], out[-1][1] + row)
+        else:
+            out.append((start + r * row, row))
+    return out
+
+
+def _rope_order(rows, n_head):
+    """Rows in llama.cpp's RoPE order: per head, the first and second halves interleaved (its
+    converter's LlamaModel.permute, which Ollama's converter leaves out for vision towers): row
+    h*head_dim + 2*i + j is row h*head_dim + j*head_dim/2 + i."""
+    head_dim = rows // n_head
+    return [dst - dst % head_dim + (dst % 2) * (head_dim // 2) + dst % head_dim // 2 for dst in range(rows)]
 
 
 def _f32_bytes(data, vtype):
@@ -1856,11 +1873,10 @@ def _as_f32(t):
     return lambda f, g: _f32_bytes(_tensor_data(f, g, t), t.type)
 
 
-def _concatenated(parts, f32):
-    """Data edit bytes: the tensors `parts` one after another along their outer dimension (rows), as
-    they are (one type) or each widened to F32 (`f32`: mixed types)."""
-    return lambda f, g: b"".join(_f32_bytes(_tensor_data(f, g, t), t.type) if f32 else _tensor_data(f, g, t)
-                                 for t in parts)
+def _widened(parts):
+    """Data edit bytes: the tensors `parts` one after another along their outer dimension (rows),
+    each widened to F32 (they differ in type)."""
+    return lambda f, g: b"".join(_f32_bytes(_tensor_data(f, g, t), t.type) for t in parts)
 
 
 def _temporal_slice(t, frame):
@@ -2126,10 +2142,10 @@ _MISTRAL3_CLIP_RENAMES = (("v.patch_conv", "v.patch_embd"), ("v.encoder_norm", "
 def _mistral3_clip_edits(g, path):
     """mistral3 with its Pixtral tower inside: the same file read as llama.cpp's pixtral mmproj, as
     Ollama's compat layer reads it. Keys copied under clip.*, Pixtral's CLIP image mean and std, SiLU;
-    three tensors get new bytes (data edits): vision Q/K rows in llama.cpp's RoPE order (Ollama's
-    converter permutes only the text side's), patch_embd as F32 (llama.cpp's converter writes it so;
-    Metal's im2col needs it), and v.token_embd.img_break, which the files lack, as zeros in
-    output_norm's place (the [IMG_BREAK] row added after each image row then adds nothing). None
+    data edits: vision Q/K read as the file's rows in llama.cpp's RoPE order (Ollama's converter
+    permutes only the text side's), and computed into the data file patch_embd as F32 (llama.cpp's
+    converter writes it so; Metal's im2col needs it) and v.token_embd.img_break, which the files lack,
+    as zeros in output_norm's place (the [IMG_BREAK] row added after each image row then adds nothing). None
     without a whole tower (its keys and patch_conv): the model then runs text only."""
     if "mistral3.vision.block_count" not in g.kv or not _tensor(g, "v.patch_conv.weight"):
         return None
@@ -2154,7 +2170,7 @@ def _mistral3_clip_edits(g, path):
     for t in g.tensors:
         if t.name.startswith("v.blk.") and t.name.endswith((".attn_q.weight", ".attn_k.weight")) and n_head \
                 and len(t.shape) == 2 and t.shape[1] % (2 * n_head) == 0 and t.type in GGML_BLOCKS:
-            e.data.append((t.name, t.type, t.shape, "rope-permute heads=%d" % n_head, _rope_permuted(t, n_head)))
+            e.data.append((t.name, t.type, t.shape, "rope order", _ranges(g, t, _rope_order(t.shape[1], n_head))))
     patch = _tensor(g, "v.patch_conv.weight")
     if patch and patch.type in (1, 30):
         e.data.append(("v.patch_embd.weight", 0, patch.shape, "f32 of %s" % GGML_TYPES[patch.type], _as_f32(patch)))
@@ -2243,7 +2259,8 @@ def _qwen3vl_clip_edits(g, path):
     qwen3vl_merger mmproj, as Ollama's compat layer reads it. Keys under clip.* (the FFN size from
     ffn_up's shape, the image size from the position embeddings), tensor names (merger, deepstack
     mergers at their block's index), and data edits: each block's Q, K and V rows as one attn_qkv (one
-    type: the bytes as they are; mixed: widened to F32, as Ollama does), the Conv3D patch embedding split
+    type: the file's bytes, one range after another; mixed: widened to F32, as Ollama does, into the
+    data file), the Conv3D patch embedding split
     into llama.cpp's two per-frame Conv2D kernels as F32 (the second in block 0's attn_k's place, freed
     by the merge) and the position embeddings as F32. None without a whole tower."""
     arch, v = g.architecture, g.architecture + ".vision."
@@ -2290,8 +2307,8 @@ def _qwen3vl_clip_edits(g, path):
             merged = "v.blk.%d.attn_qkv.%s" % (b, kind)
             shape = parts[0].shape[:-1] + [sum(t.shape[-1] for t in parts)]
             e.rename.append((parts[0].name, merged))
-            e.data.append((merged, 0 if mixed else parts[0].type, shape, "qkv%s" % (" as F32" if mixed else ""),
-                           _concatenated(parts, mixed)))
+            e.data.append((merged, 0 if mixed else parts[0].type, shape, "qkv as F32" if mixed else "qkv",
+                           _widened(parts) if mixed else [r for t in parts for r in _ranges(g, t)]))
             freed |= {parts[1].name, parts[2].name}
     width, height, frames, packed = patch.shape
     channels = e.set["clip.vision.num_channels"][1]

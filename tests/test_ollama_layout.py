@@ -283,10 +283,10 @@ def test_mistral3_reads_ollamas_yarn_keys_and_leaves_the_vision_tower(server, en
 
 def test_monolithic_mistral3_sees_images_through_its_own_file(server, engine, tmp_path):
     """Mistral Small 3.1 as Ollama's converter writes it: the Pixtral tower inside, vision Q/K rows in HF
-    order, patch_conv F16, no img_break. Read through its edits and a data file of the recomputed
-    tensors, image answers match llama.cpp's model + mmproj pair and follow the pixels; the data file
-    holds only the recomputed tensors, is written once, goes with the model, and the blob keeps its
-    bytes."""
+    order, patch_conv F16, no img_break. Read through its edits (Q/K as the blob's rows reordered) and a
+    data file of the computed tensors, image answers match llama.cpp's model + mmproj pair and follow
+    the pixels; the data file holds only the computed tensors, is written once, goes with the model,
+    and the blob keeps its bytes."""
     text = fixtures.write_tiny_gguf(tmp_path / "mistral3.gguf", arch="mistral3", seed=31)
     mmproj = fixtures.write_tiny_pixtral_mmproj(tmp_path / "mmproj.gguf", seed=32)
     mono = fixtures.write_ollama_mistral3(text, tmp_path / "mistral3-ollama.gguf", mmproj)
@@ -299,11 +299,9 @@ def test_monolithic_mistral3_sees_images_through_its_own_file(server, engine, tm
     assert ollama.file_digest(server.store.blob_path(digest)) == digest
     data = server.store.view_dir(digest) / "mmproj.gguf.data"
     g = ollama.read_gguf(mono, 0)
-    recomputed = [t for t in g.tensors if t.name.endswith((".attn_q.weight", ".attn_k.weight"))
-                  and t.name.startswith("v.") or t.name in ("v.patch_conv.weight", "output_norm.weight")]
-    want = sum(ollama._tensor_nbytes(t.type, t.shape) * (2 if t.name == "v.patch_conv.weight" else 1)
-               for t in recomputed)
-    assert want <= data.stat().st_size - 64 < want + 32 * len(recomputed)     # a 64-byte stamp, 32-byte alignment
+    patch = ollama._tensor(g, "v.patch_conv.weight")                     # F16, stored again as F32
+    want = 2 * ollama._tensor_nbytes(patch.type, patch.shape) + 4 * g.embedding_length      # and img_break
+    assert want <= data.stat().st_size - 64 < want + 32      # a 64-byte stamp, 32-byte alignment; Q/K: the blob's rows
     written = data.stat().st_mtime_ns
     ollama.engine_files(server.store, ollama.load_model(server.store, "ollama"), str(engine))   # a next load
     assert data.stat().st_mtime_ns == written
@@ -312,7 +310,7 @@ def test_monolithic_mistral3_sees_images_through_its_own_file(server, engine, tm
 
 def test_data_edits_widen_f16_bf16_and_q8_0_to_f32_and_move_whole_rows():
     """What the data edits compute, against numpy: F16, BF16 and Q8_0 widened to F32 (Q/K/V of mixed
-    types are merged so), and the RoPE permutation moving whole rows of any type."""
+    types are merged so), and the RoPE permutation as the blob's own rows, of any type, reordered."""
     import numpy as np
     rng = np.random.default_rng(5)
     x = rng.standard_normal(64).astype(np.float32)
@@ -325,22 +323,13 @@ def test_data_edits_widen_f16_bf16_and_q8_0_to_f32_and_move_whole_rows():
     want = (np.repeat(scales.astype(np.float32), 32) * q).astype(np.float32)
     assert np.allclose(np.frombuffer(ollama._f32_bytes(q8, 8), dtype=np.float32), want, rtol=1e-6)
 
-    class File:                                           # a Q8_0 tensor of 8 rows of 32, row i all i
-        def __init__(self):
-            self.data = b"".join(np.float16(1).tobytes() + bytes([i]) * 32 for i in range(8))
-            self.at = 0
-
-        def seek(self, at):
-            self.at = at
-
-        def read(self, n):
-            return self.data[self.at:self.at + n]
-
     class Header:
-        data_offset = 0
-    t = ollama.GGUFTensor("v.blk.0.attn_q.weight", 8, [32, 8], 0)
-    rows = ollama._rope_permuted(t, 2)(File(), Header())
-    assert [rows[34 * i + 2] for i in range(8)] == [0, 2, 1, 3, 4, 6, 5, 7]   # per head of 4: halves interleaved
+        data_offset = 100
+    t = ollama.GGUFTensor("v.blk.0.attn_q.weight", 8, [32, 8], 60)     # Q8_0: a row is one 34-byte block
+    order = ollama._rope_order(8, 2)
+    assert order == [0, 2, 1, 3, 4, 6, 5, 7]                            # per head of 4: halves interleaved
+    assert ollama._ranges(Header, t, order)[:3] == [(160, 34), (160 + 68, 34), (160 + 34, 34)]
+    assert ollama._ranges(Header, t, range(8)) == ollama._ranges(Header, t) == [(160, 8 * 34)]
 
 
 def test_a_v1_engine_runs_monolithic_mistral3_text_only(tmp_path):
@@ -387,8 +376,9 @@ def test_qwen3vl_gets_its_mrope_sections_and_leaves_the_vision_tower(server, eng
 def test_monolithic_qwen3vl_sees_images_through_its_own_file(server, engine, tmp_path):
     """Qwen3-VL as Ollama's converter wrote it: the vision tower inside with Q, K and V split, one Conv3D
     patch embedding, F16 position embeddings, a deepstack merger numbered in order. Read through its
-    edits (attn_qkv, the two per-frame kernels and the F32 position embeddings from the data file),
-    image answers match llama.cpp's model + mmproj pair and follow the pixels."""
+    edits (attn_qkv as the blob's Q, K and V bytes in a row; the two per-frame kernels and the F32
+    position embeddings from the data file), image answers match llama.cpp's model + mmproj pair and
+    follow the pixels."""
     import gguf
     src = fixtures.write_tiny_gguf(tmp_path / "q.gguf", arch="qwen3vl", n_embd=256, n_head=2, seed=35)
     text = fixtures.rewrite_gguf(src, tmp_path / "qwen3vl.gguf", lambda kv: dict(kv, **{
@@ -401,6 +391,11 @@ def test_monolithic_qwen3vl_sees_images_through_its_own_file(server, engine, tmp
     red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
     assert red != blue
     assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    g = ollama.read_gguf(mono, 0)
+    patch, pos = ollama._tensor(g, "v.patch_embed.weight"), ollama._tensor(g, "v.pos_embed.weight")
+    want = 2 * (ollama._tensor_nbytes(patch.type, patch.shape) + ollama._tensor_nbytes(pos.type, pos.shape))
+    data = server.store.view_dir(ollama.file_digest(mono)) / "mmproj.gguf.data"
+    assert want <= data.stat().st_size - 64 < want + 3 * 32   # as F32: the kernels and positions; attn_qkv: the blob's
 
 
 def answers_alike(server, cpp, theirs, prompt="once upon a time"):
