@@ -689,14 +689,17 @@ def test_the_hook_reads_a_tensor_as_its_first_rows(engine, tmp_path):
 
 
 def test_the_hook_refuses_a_data_edit_it_cannot_read(engine, tmp_path):
-    """edits.data naming a tensor the file lacks, or a type ggml does not have, stops the load with the
-    tensor named in the engine's log, instead of reading other bytes."""
+    """edits.data naming a tensor the file lacks, a type ggml does not have, or byte ranges that do not
+    add up to the tensor's size, stops the load with the tensor named in the engine's log, instead of
+    reading other bytes."""
     src = fixtures.write_tiny_gguf(tmp_path / "tiny.gguf", seed=7)
-    for name, spec in (("no.such.tensor", "0,64"), ("output_norm.weight", "99,64")):
-        view = tmp_path / name / "model.gguf"
+    for case, (name, spec, ranges) in enumerate((("no.such.tensor", "0,64", "f0+256"),
+                                                 ("output_norm.weight", "99,64", "f0+256"),
+                                                 ("output_norm.weight", "0,64", "f0+128,d0+64"))):
+        view = tmp_path / str(case) / "model.gguf"
         view.parent.mkdir()
         view.symlink_to(src)
-        ollama.write_gguf(str(view) + ".edits", [("edits.data", 9, (8, [name, spec, "64"]))], [])
+        ollama.write_gguf(str(view) + ".edits", [("edits.data", 9, (8, [name, spec, ranges]))], [])
         runner = ollama.Runner(str(engine), view, num_ctx=128, log_path=view.parent / "r.log")
         with pytest.raises(ollama.OllamaError):
             runner.start(60)
