@@ -2255,7 +2255,8 @@ def _qwen3vl_edits(g, path):
 
 
 def _qwen3vl_clip_edits(g, path):
-    """qwen3-vl and qwen3-vl-moe with the vision tower inside: the same file read as llama.cpp's
+    """qwen3-vl, qwen3-vl-moe, qwen3.5 and qwen3.5-moe with the vision tower inside (the same tower;
+    qwen3.5's without deepstack mergers or image pixel limits): the same file read as llama.cpp's
     qwen3vl_merger mmproj, as Ollama's compat layer reads it. Keys under clip.* (the FFN size from
     ffn_up's shape, the image size from the position embeddings), tensor names (merger, deepstack
     mergers at their block's index), and data edits: each block's Q, K and V rows as one attn_qkv (one
@@ -2276,7 +2277,8 @@ def _qwen3vl_clip_edits(g, path):
                        ("rope.freq_base", 6)):
         if v + key in g.kv:
             e.set["clip.vision." + key] = (vtype, g.kv[v + key])
-    for key, vtype, value in (("num_channels", 4, 3), ("temporal_patch_size", 4, 2), ("rope.freq_base", 6, 1e4)):
+    for key, vtype, value in (("num_channels", 4, 3), ("temporal_patch_size", 4, 2), ("rope.freq_base", 6, 1e4),
+                              ("attention.layer_norm_epsilon", 6, 1e-6)):
         e.set.setdefault("clip.vision." + key, (vtype, value))
     e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
     up = _tensor(g, "v.blk.0.mlp.linear_fc1.weight")
@@ -2289,7 +2291,8 @@ def _qwen3vl_clip_edits(g, path):
         e.set["clip.vision." + key] = (9, (6, list(full.get(v + key) or fallback)))
     for key, clip_key, fallback in (("shortest_edge", "image_min_pixels", 65536),
                                     ("longest_edge", "image_max_pixels", 16777216)):
-        e.set["clip.vision." + clip_key] = (4, g.kv.get(v + key) or fallback)
+        if arch.startswith("qwen3vl"):                 # qwen3.5: llama.cpp's own limits, as Ollama leaves them
+            e.set["clip.vision." + clip_key] = (4, g.kv.get(v + key) or fallback)
     e.set_missing(g, "clip.has_vision_encoder", 7, True)
     e.set_missing(g, "clip.use_gelu", 7, True)
     e.set["clip.projector_type"] = (8, "qwen3vl_merger")
@@ -2361,7 +2364,8 @@ def _qwen3next_edits(g, path):
 def _qwen35_edits(g, path):
     """qwen3.5 and qwen3.5-moe (text): per-layer KV head counts (the largest), M-RoPE sections as three
     not four, the SSM dt tensors without .bias, and the vision tower and multi-token-prediction layers
-    inside (hidden: the model runs without its MTP draft, and text only)."""
+    inside (hidden: the model runs without its MTP draft; _qwen3vl_clip_edits reads the tower as the
+    projector)."""
     arch = g.architecture
     markers = [k for k in ("vision.block_count", "image_token_id", "ssm.v_head_reordered", "rope.mrope_interleaved")
                + (("feed_forward_length",) if arch == "qwen35moe" else ()) if "%s.%s" % (arch, k) in g.kv]
@@ -2522,8 +2526,8 @@ OLLAMA_LAYOUTS = {
     "qwen3vl": (_qwen3vl_edits, _qwen3vl_clip_edits),
     "qwen3vlmoe": (_qwen3vl_edits, _qwen3vl_clip_edits),
     "qwen3next": (_qwen3next_edits, None),
-    "qwen35": (_qwen35_edits, None),
-    "qwen35moe": (_qwen35_edits, None),
+    "qwen35": (_qwen35_edits, _qwen3vl_clip_edits),
+    "qwen35moe": (_qwen35_edits, _qwen3vl_clip_edits),
     "laguna": (_laguna_edits, None),
     "glm4moelite": (_glm4moelite_edits, None),
     "nemotron_h_moe": (_nemotron_h_moe_edits, None),

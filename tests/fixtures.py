@@ -1258,12 +1258,13 @@ def write_ollama_qwen25vl(src, dst, mmproj):
 
 
 def write_tiny_qwen3vl_mmproj(path, *, n_embd_text=256, patch_size=14, n_embd=32, n_layer=2, n_head=2, n_ff=48,
-                              grid=4, deepstack=(0,), seed=0):
+                              grid=4, deepstack=(0,), pixel_limits=True, seed=0):
     """A tiny random-weight Qwen3-VL vision tower in llama.cpp's mmproj layout (qwen3vl_merger): two
     per-frame patch embeddings (F32), learned position embeddings for a `grid` x `grid` patch square,
     LayerNorm blocks with one attn_qkv (F16) and a GELU MLP, the 2x2 merger into `n_embd_text`, and a
     deepstack merger after each block in `deepstack` (the text model then takes n_embd_text * (1 +
-    len(deepstack)) per image position). Images are sized to 8 to 64 merged tokens. Returns the Path."""
+    len(deepstack)) per image position). Images are sized to 8 to 64 merged tokens (`pixel_limits`:
+    Qwen3.5's projectors leave them to llama.cpp, 8 to 4096). Returns the Path."""
     import numpy as np
 
     path = Path(path)
@@ -1275,7 +1276,8 @@ def write_tiny_qwen3vl_mmproj(path, *, n_embd_text=256, patch_size=14, n_embd=32
     for key, value in (("image_size", grid * patch_size), ("patch_size", patch_size), ("embedding_length", n_embd),
                        ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
                        ("attention.head_count", n_head), ("spatial_merge_size", 2), ("num_channels", 3),
-                       ("temporal_patch_size", 2), ("image_min_pixels", 8 * 784), ("image_max_pixels", 64 * 784)):
+                       ("temporal_patch_size", 2)) + ((("image_min_pixels", 8 * 784), ("image_max_pixels", 64 * 784))
+                                                      if pixel_limits else ()):
         w.add_uint32("clip.vision." + key, value)
     w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
     w.add_float32("clip.vision.rope.freq_base", 10000.0)
@@ -1316,12 +1318,14 @@ def write_tiny_qwen3vl_mmproj(path, *, n_embd_text=256, patch_size=14, n_embd=32
     return _gguf_done(w, path)
 
 
-def write_ollama_qwen3vl(src, dst, mmproj):
+def write_ollama_qwen3vl(src, dst, mmproj, arch="qwen3vl"):
     """The qwen3vl text model `src` and Qwen3-VL projector `mmproj` (llama.cpp's pair) as one file, the way
     Ollama's converter wrote the qwen3-vl files its library serves: no M-RoPE sections or deepstack
     count in the text keys, the vision tower inside under its names (Q, K and V split, the deepstack
     mergers numbered in order), the Conv3D patch embedding as one F16 tensor [W, H, 2, out*in], the
-    position embeddings F16, and qwen3vl.vision.* keys. Returns the Path."""
+    position embeddings F16, and qwen3vl.vision.* keys. With `arch` "qwen35" or "qwen35moe", a Qwen3.5
+    text model `src` with the same tower (no deepstack) under <arch>.vision.* keys, its text keys
+    left as they are. Returns the Path."""
     import gguf
     import numpy as np
 
@@ -1333,16 +1337,17 @@ def write_ollama_qwen3vl(src, dst, mmproj):
         return reader.fields[key].contents()
     deepstack = sorted(int(n.split(".")[2]) for n in tensors
                        if n.startswith("v.deepstack.") and n.endswith("fc1.weight"))
-    vision_kv = {"qwen3vl.vision." + k: (field("clip.vision." + k), T.UINT32, None) for k in (
+    v = arch + ".vision."
+    vision_kv = {v + k: (field("clip.vision." + k), T.UINT32, None) for k in (
         "block_count", "embedding_length", "attention.head_count", "num_channels", "patch_size",
         "spatial_merge_size", "temporal_patch_size")}
-    vision_kv.update({"qwen3vl.vision." + k: (field("clip.vision." + k), T.FLOAT32, None)
+    vision_kv.update({v + k: (field("clip.vision." + k), T.FLOAT32, None)
                       for k in ("attention.layer_norm_epsilon", "rope.freq_base")})
-    vision_kv.update({"qwen3vl.vision." + k: (field("clip.vision." + k), T.ARRAY, T.FLOAT32)
-                      for k in ("image_mean", "image_std")})
-    vision_kv["qwen3vl.vision.shortest_edge"] = (field("clip.vision.image_min_pixels"), T.UINT32, None)
-    vision_kv["qwen3vl.vision.longest_edge"] = (field("clip.vision.image_max_pixels"), T.UINT32, None)
-    vision_kv["qwen3vl.vision.deepstack_visual_indexes"] = (deepstack, T.ARRAY, T.INT32)
+    vision_kv.update({v + k: (field("clip.vision." + k), T.ARRAY, T.FLOAT32) for k in ("image_mean", "image_std")})
+    if arch.startswith("qwen3vl"):
+        vision_kv[v + "shortest_edge"] = (field("clip.vision.image_min_pixels"), T.UINT32, None)
+        vision_kv[v + "longest_edge"] = (field("clip.vision.image_max_pixels"), T.UINT32, None)
+        vision_kv[v + "deepstack_visual_indexes"] = (deepstack, T.ARRAY, T.INT32)
 
     class Tensor:
         def __init__(self, data, tensor_type):
@@ -1373,7 +1378,7 @@ def write_ollama_qwen3vl(src, dst, mmproj):
                          (".ffn_down.", ".mlp.linear_fc2.")):
             name = name.replace(old, new, 1) if name.startswith("v.blk.") else name
         vision.append((name, Tensor(data, kind)))
-    drop = ("qwen3vl.rope.dimension_sections", "qwen3vl.n_deepstack_layers")
+    drop = ("qwen3vl.rope.dimension_sections", "qwen3vl.n_deepstack_layers") if arch == "qwen3vl" else ()
     return rewrite_gguf(src, dst, lambda kv: dict({k: v for k, v in kv.items() if k not in drop}, **vision_kv),
                         lambda tensors: tensors + vision)
 

@@ -398,6 +398,21 @@ def test_monolithic_qwen3vl_sees_images_through_its_own_file(server, engine, tmp
     assert want <= data.stat().st_size - 64 < want + 3 * 32   # as F32: the kernels and positions; attn_qkv: the blob's
 
 
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_monolithic_qwen35_sees_images_through_its_own_file(server, engine, tmp_path, arch):
+    """Qwen3.5 as Ollama's converter writes it: Qwen3-VL's tower without deepstack inside the hybrid text
+    model. Its projector view gives llama.cpp's pair's image answers, which follow the pixels."""
+    text = fixtures.write_tiny_qwen3next(tmp_path / (arch + ".gguf"), arch, seed=37)
+    mmproj = fixtures.write_tiny_qwen3vl_mmproj(tmp_path / "mmproj.gguf", n_embd_text=64, deepstack=(),
+                                                pixel_limits=False, seed=38)
+    mono = fixtures.write_ollama_qwen3vl(text, tmp_path / (arch + "-ollama.gguf"), mmproj, arch=arch)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+
+
 def answers_alike(server, cpp, theirs, prompt="once upon a time"):
     """Import llama.cpp's file and Ollama's (the first read as it is, the second through its edits)
     and check they answer alike: the same greedy text and top-5 logprobs. Returns Ollama's edits."""
