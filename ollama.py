@@ -2049,6 +2049,47 @@ def _vision_inside_edits(family):
     return edits
 
 
+#: Ollama's llama4 vision tensor names -> llama.cpp's mmproj names (its compat layer's list; the adapter
+#: before the generic .mlp.fc renames).
+_LLAMA4_CLIP_RENAMES = (("v.vision_adapter.mlp.fc1", "mm.model.mlp.1"), ("v.vision_adapter.mlp.fc2", "mm.model.mlp.2"),
+                        ("mm.linear_1", "mm.model.fc"), ("v.class_embedding", "v.class_embd"),
+                        ("v.layernorm_post", "v.post_ln"), ("v.layernorm_pre", "v.pre_ln"),
+                        ("v.patch_embedding", "v.patch_embd"), (".attn_output", ".attn_out"), (".attn_norm", ".ln1"),
+                        (".ffn_norm", ".ln2"), (".mlp.fc1", ".ffn_up"), (".mlp.fc2", ".ffn_down"))
+
+
+def _llama4_clip_edits(g, path):
+    """llama4 with its vision encoder inside: the same file read as llama.cpp's llama4 mmproj, as Ollama's
+    compat layer reads it: keys under clip.* (the pixel-shuffle ratio as a scale factor), names. No
+    tensor bytes change, so any engine with the hook reads it. None without a whole tower."""
+    if not all("llama4.vision." + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) \
+            or not _tensor(g, "v.patch_embedding.weight"):
+        return None
+    e = GGUFEdits("llama4 vision")
+    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+                       ("attention.head_count", 4), ("image_size", 4), ("patch_size", 4)):
+        if "llama4.vision." + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv["llama4.vision." + key])
+    if "llama4.vision.layer_norm_epsilon" in g.kv:
+        e.set["clip.vision.attention.layer_norm_epsilon"] = (6, g.kv["llama4.vision.layer_norm_epsilon"])
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    ratio = g.kv.get("llama4.vision.pixel_shuffle_ratio") or 0
+    e.set["clip.vision.projector.scale_factor"] = (4, int(round(1 / ratio)) if ratio > 0 else 2)
+    e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.5, 0.5, 0.5]))
+    e.set_missing(g, "clip.vision.image_std", 9, (6, [0.5, 0.5, 0.5]))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_gelu", 7, True)
+    e.set["clip.projector_type"] = (8, "llama4")
+    e.set["clip.vision.projector_type"] = (8, "llama4")
+    e.set["general.architecture"] = (8, "clip")
+    if _tensor(g, "v.positional_embedding_vlm"):
+        e.rename.append(("v.positional_embedding_vlm", "v.position_embd.weight"))
+    e.rename_containing(g, _LLAMA4_CLIP_RENAMES, ("v.", "mm."))
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm."))]
+    e.quirks.append("vision encoder read as a llama4 projector")
+    return e
+
+
 def _gemma3n_edits(g, path):
     """gemma3n: token_embd and the tokenizer hold the multimodal vocabulary, per_layer_token_embd only
     the text one (llama.cpp wants both alike: both read as the text vocabulary, a prefix of rows), the
@@ -2517,7 +2558,7 @@ OLLAMA_LAYOUTS = {
     "gptoss": (_gptoss_edits, None),
     "olmo3": (_olmo3_edits, None),
     "lfm2": (_lfm2_edits, None),
-    "llama4": (_vision_inside_edits("llama4"), None),
+    "llama4": (_vision_inside_edits("llama4"), _llama4_clip_edits),
     "gemma3n": (_gemma3n_edits, None),
     "gemma4": (_gemma4_edits, None),
     "deepseekocr": (_deepseekocr_edits, None),

@@ -1383,6 +1383,95 @@ def write_ollama_qwen3vl(src, dst, mmproj, arch="qwen3vl"):
                         lambda tensors: tensors + vision)
 
 
+def write_tiny_llama4_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_embd=32, n_layer=2, n_head=2,
+                             n_ff=48, n_mm=40, seed=0):
+    """A tiny random-weight Llama 4 vision encoder in llama.cpp's mmproj layout (projector llama4): the
+    unfold patch embedding, a class embedding, learned positions, LayerNorm ViT blocks with 2D RoPE and a
+    GELU MLP, the 2x2 pixel shuffle, the adapter MLP and the projection into `n_embd_text`. mtmd tiles
+    an image into `image_size` squares. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-llama4-mmproj")
+    w.add_string("clip.projector_type", "llama4")
+    w.add_string("clip.vision.projector_type", "llama4")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_gelu", True)
+    for key, value in (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("projector.scale_factor", 2)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def vector(n, norm=False):
+        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    n_pos = (image_size // patch_size) ** 2 + 1                  # and the class token
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3 * patch_size * patch_size))
+    w.add_tensor("v.class_embd", vector(n_embd))
+    w.add_tensor("v.position_embd.weight", (0.1 * rng.standard_normal((n_pos, n_embd))).astype(np.float32))
+    for part in ("pre_ln", "post_ln"):
+        w.add_tensor("v.%s.weight" % part, vector(n_embd, norm=True))
+        w.add_tensor("v.%s.bias" % part, vector(n_embd))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_embd, n_embd), ("attn_v", n_embd, n_embd),
+                                 ("attn_out", n_embd, n_embd), ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+            w.add_tensor(blk + part + ".bias", vector(rows))
+        for part in ("ln1", "ln2"):
+            w.add_tensor(blk + part + ".weight", vector(n_embd, norm=True))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+    w.add_tensor("mm.model.mlp.1.weight", matrix(n_mm, 4 * n_embd))
+    w.add_tensor("mm.model.mlp.2.weight", matrix(n_mm, n_mm))
+    w.add_tensor("mm.model.fc.weight", matrix(n_embd_text, n_mm))
+    return _gguf_done(w, path)
+
+
+#: llama.cpp's llama4 mmproj names -> Ollama's converter's names for the same tensors in llama4 files.
+OLLAMA_LLAMA4_VISION_NAMES = (("mm.model.mlp.1", "v.vision_adapter.mlp.fc1"),
+                              ("mm.model.mlp.2", "v.vision_adapter.mlp.fc2"), ("mm.model.fc", "mm.linear_1"),
+                              ("v.class_embd", "v.class_embedding"), ("v.post_ln", "v.layernorm_post"),
+                              ("v.pre_ln", "v.layernorm_pre"), ("v.patch_embd", "v.patch_embedding"),
+                              ("v.position_embd.weight", "v.positional_embedding_vlm"),
+                              (".attn_out", ".attn_output"), (".ln1", ".attn_norm"), (".ln2", ".ffn_norm"),
+                              (".ffn_up", ".mlp.fc1"), (".ffn_down", ".mlp.fc2"))
+
+
+def write_ollama_llama4(src, dst, mmproj):
+    """The llama4 text model `src` and vision encoder `mmproj` (llama.cpp's pair) as one file, the way
+    Ollama's converter writes Llama 4: the encoder inside under its names (the positions as
+    v.positional_embedding_vlm, without .weight), llama4.vision.* keys with the pixel-shuffle ratio.
+    Same tensors, same bytes. Returns the Path."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(mmproj))
+
+    def field(key):
+        return reader.fields[key].contents()
+    vision_kv = {"llama4.vision." + k: (field("clip.vision." + k), T.UINT32, None) for k in (
+        "block_count", "embedding_length", "feed_forward_length", "attention.head_count", "image_size", "patch_size")}
+    vision_kv["llama4.vision.layer_norm_epsilon"] = (field("clip.vision.attention.layer_norm_epsilon"), T.FLOAT32, None)
+    vision_kv["llama4.vision.pixel_shuffle_ratio"] = (1 / field("clip.vision.projector.scale_factor"), T.FLOAT32, None)
+    vision = []
+    for t in reader.tensors:
+        name = t.name
+        for old, new in OLLAMA_LLAMA4_VISION_NAMES:
+            if old in name:
+                name = name.replace(old, new, 1)
+                break
+        vision.append((name, t))
+    return rewrite_gguf(src, dst, lambda kv: dict(kv, **vision_kv), lambda tensors: tensors + vision)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------

@@ -552,6 +552,21 @@ def test_llama4_runs_its_text_side_with_the_vision_tower_inside(server, engine, 
     assert edits.hide == ["v.patch_embedding.weight", "v.blk.0.attn_q.weight", "mm.linear_1.weight"]
 
 
+def test_monolithic_llama4_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Llama 4 as Ollama's converter writes it: the vision encoder inside under its names and
+    llama4.vision.* keys. Its projector view (keys and names only: no data file) gives llama.cpp's
+    pair's image answers, which follow the pixels."""
+    text = fixtures.write_tiny_llama4(tmp_path / "llama4.gguf", seed=39)
+    mmproj = fixtures.write_tiny_llama4_mmproj(tmp_path / "mmproj.gguf", seed=40)
+    mono = fixtures.write_ollama_llama4(text, tmp_path / "llama4-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    assert not (server.store.view_dir(ollama.file_digest(mono)) / "mmproj.gguf.data").exists()
+
+
 # -- qwen2.5-vl: another architecture name, three M-RoPE sections, the vision tower inside ------------------
 
 def test_qwen25vl_runs_as_llama_cpps_qwen2vl(server, engine, tmp_path):
