@@ -2132,6 +2132,34 @@ def _gemma4_edits(g, path):
     return e
 
 
+def _gemma4_clip_edits(g, path):
+    """gemma4 with its vision tower inside (under llama.cpp's names already): the same file read as
+    llama.cpp's gemma4v projector, as Ollama's compat layer reads it: keys under clip.* (Gemma 4's
+    fixed 224 image size, mean 0 and std 1), patch_embd as F32 (a data edit: Metal's im2col needs it).
+    The audio tower stays hidden (not translated). None without a whole vision tower."""
+    if not all("gemma4.vision." + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) \
+            or not _tensor(g, "v.patch_embd.weight"):
+        return None
+    e = GGUFEdits("gemma4 vision")
+    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+                       ("attention.head_count", 4), ("attention.layer_norm_epsilon", 6), ("patch_size", 4)):
+        if "gemma4.vision." + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv["gemma4.vision." + key])
+    e.set_missing(g, "clip.vision.image_size", 4, 224)
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.0, 0.0, 0.0]))
+    e.set_missing(g, "clip.vision.image_std", 9, (6, [1.0, 1.0, 1.0]))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set["clip.vision.projector_type"] = (8, "gemma4v")
+    e.set["general.architecture"] = (8, "clip")
+    patch = _tensor(g, "v.patch_embd.weight")
+    if patch.type in (1, 30):
+        e.data.append(("v.patch_embd.weight", 0, patch.shape, "f32 of %s" % GGML_TYPES[patch.type], _as_f32(patch)))
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm.")) or t.name.startswith("mm.a.")]
+    e.quirks.append("vision tower read as a gemma4v projector (audio not translated)")
+    return e
+
+
 def _deepseekocr_edits(g, path):
     """deepseek-ocr: architecture deepseekocr (llama.cpp: deepseek2-ocr), the RMS epsilon and expert
     sizes missing, and the SAM, vision and projector towers inside (hidden: text only)."""
@@ -2560,7 +2588,7 @@ OLLAMA_LAYOUTS = {
     "lfm2": (_lfm2_edits, None),
     "llama4": (_vision_inside_edits("llama4"), _llama4_clip_edits),
     "gemma3n": (_gemma3n_edits, None),
-    "gemma4": (_gemma4_edits, None),
+    "gemma4": (_gemma4_edits, _gemma4_clip_edits),
     "deepseekocr": (_deepseekocr_edits, None),
     "mistral3": (_mistral3_edits, _mistral3_clip_edits),
     "qwen25vl": (_qwen25vl_edits, _qwen25vl_clip_edits),

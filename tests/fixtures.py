@@ -1472,6 +1472,71 @@ def write_ollama_llama4(src, dst, mmproj):
     return rewrite_gguf(src, dst, lambda kv: dict(kv, **vision_kv), lambda tensors: tensors + vision)
 
 
+def write_tiny_gemma4v_mmproj(path, *, n_embd_text=64, patch_size=16, n_embd=32, n_layer=2, n_head=2, n_ff=48,
+                              pos_size=64, seed=0):
+    """A tiny random-weight Gemma 4 vision tower in llama.cpp's mmproj layout (gemma4v): a conv patch
+    embedding (F32 holding F16 values, as Ollama's files store it F16), x and y position tables, RMS-norm
+    blocks with post-attention and post-FFN norms and a gated MLP, the 3x3 average pool and the input
+    projection into `n_embd_text`. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-gemma4v-mmproj")
+    w.add_string("clip.vision.projector_type", "gemma4v")
+    w.add_bool("clip.has_vision_encoder", True)
+    for key, value in (("image_size", 224), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.0, 0.0, 0.0])
+    w.add_array("clip.vision.image_std", [1.0, 1.0, 1.0])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.position_embd.weight", (0.1 * rng.standard_normal((2, pos_size, n_embd))).astype(np.float32))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_embd, n_embd), ("attn_v", n_embd, n_embd),
+                                 ("attn_out", n_embd, n_embd), ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd),
+                                 ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+        for part in ("ln1", "attn_post_norm", "ln2", "ffn_post_norm"):
+            w.add_tensor(blk + part + ".weight", norm(n_embd))
+    w.add_tensor("mm.input_projection.weight", matrix(n_embd_text, n_embd))
+    return _gguf_done(w, path)
+
+
+def write_ollama_gemma4(src, dst, mmproj):
+    """The gemma4 text model `src` and vision tower `mmproj` (llama.cpp's pair) as one file, the way Ollama's
+    converter writes Gemma 4: the tower inside under llama.cpp's names with patch_embd as F16, and
+    gemma4.vision.* keys (no image size, mean or std). Returns the Path."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(mmproj))
+    vision_kv = {"gemma4.vision." + k: (reader.fields["clip.vision." + k].contents(), T.UINT32, None) for k in (
+        "block_count", "embedding_length", "feed_forward_length", "attention.head_count", "patch_size")}
+    vision_kv["gemma4.vision.attention.layer_norm_epsilon"] = (
+        reader.fields["clip.vision.attention.layer_norm_epsilon"].contents(), T.FLOAT32, None)
+
+    class Tensor:
+        def __init__(self, data, tensor_type):
+            self.data, self.tensor_type = data, tensor_type
+
+    vision = [(t.name, Tensor(np.array(t.data).astype(np.float16), gguf.GGMLQuantizationType.F16)
+               if t.name == "v.patch_embd.weight" else t) for t in reader.tensors]
+    return rewrite_gguf(src, dst, lambda kv: dict(kv, **vision_kv), lambda tensors: tensors + vision)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------

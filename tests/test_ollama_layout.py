@@ -661,6 +661,20 @@ def test_gemma4_runs_its_text_side_as_llama_cpps_gemma4(server, engine, tmp_path
     assert tokens[0] != tokens[1]
 
 
+def test_monolithic_gemma4_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Gemma 4 as Ollama's converter writes it: the vision tower inside under llama.cpp's names, patch_embd
+    F16, gemma4.vision.* keys. Its projector view (patch_embd as F32 from the data file) gives llama.cpp's
+    pair's image answers, which follow the pixels."""
+    text = fixtures.write_tiny_gemma4(tmp_path / "gemma4.gguf", seed=41)
+    mmproj = fixtures.write_tiny_gemma4v_mmproj(tmp_path / "mmproj.gguf", seed=42)
+    mono = fixtures.write_ollama_gemma4(text, tmp_path / "gemma4-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+
+
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
 
 def test_llava_projector_without_a_type_is_read_as_mlp(server, engine, tmp_path):
