@@ -349,10 +349,48 @@ gguf_edits_source() {
 // sidecar says, without rewriting F. In this order, from its string arrays: edits.truncate (key,
 // count pairs), edits.remove (keys), edits.rename_keys (old, new key-prefix pairs); then every other
 // key of the sidecar is set; then edits.rename (old, new tensor-name pairs), edits.shape (name,
-// "ne0,ne1,..." pairs: a tensor read as its first rows) and edits.hide (tensor names). Tensor data
-// offsets never change, so mmap and the loaders' own reads work as before.
+// "ne0,ne1,..." pairs: a tensor read as its first rows), edits.data (name, "type,ne0,ne1,...",
+// byte ranges triples: a tensor of that ggml type and shape whose bytes are the ranges, in order, each
+// "f<offset>+<length>" of F itself or "d<offset>+<length>" of "F.data", a file ollama.py wrote) and
+// edits.hide (tensor names). Tensor data offsets into F never change, so mmap and the loaders' own
+// reads work as before; edits.data leaves each tensor's ranges as the string key
+// "ollama_py.data.<tensor>", which only the projector loader (mtmd's clip.cpp, patched below) reads.
 // Only no_alloc reads (all that llama.cpp's loaders do) take edits.
-static const char * const GGUF_EDITS_MARKER = "ollama.py gguf edits v1";
+static const char * const GGUF_EDITS_MARKER = "ollama.py gguf edits v2";
+
+// "t,ne0,ne1,..." (or "ne0,ne1,..." when type is null) -> the tensor `view` with that type and shape
+// (missing dimensions 1) and its strides recomputed; false when the text or the shape is malformed.
+static bool gguf_edits_parse_tensor(const std::string & text, ggml_tensor & view, bool with_type) {
+    const char * p = text.c_str();
+    char * end = nullptr;
+    if (with_type) {
+        const long type = strtol(p, &end, 10);
+        if (end == p || *end != ',' || type < 0 || type >= GGML_TYPE_COUNT || ggml_blck_size((ggml_type) type) == 0) {
+            return false;
+        }
+        view.type = (ggml_type) type;
+        p = end + 1;
+    }
+    for (int d = 0; d < GGML_MAX_DIMS; d++) {
+        view.ne[d] = 1;
+        if (*p) {
+            view.ne[d] = (int64_t) strtoll(p, &end, 10);
+            if (end == p || view.ne[d] < 1) {
+                return false;
+            }
+            p = *end == ',' ? end + 1 : end;
+        }
+    }
+    if (*p || view.ne[0] % ggml_blck_size(view.type) != 0) {
+        return false;
+    }
+    view.nb[0] = ggml_type_size(view.type);
+    view.nb[1] = view.nb[0] * (view.ne[0] / ggml_blck_size(view.type));
+    for (int d = 2; d < GGML_MAX_DIMS; d++) {
+        view.nb[d] = view.nb[d - 1] * view.ne[d - 1];
+    }
+    return true;
+}
 
 static std::vector<std::string> gguf_edits_strings(const struct gguf_context * e, const char * key) {
     std::vector<std::string> out;
@@ -418,23 +456,36 @@ static bool gguf_edits_apply(struct gguf_context * ctx, const struct gguf_contex
             return false;
         }
         ggml_tensor view = ctx->info[t].t;
-        const std::string & dims = shape[i + 1];
-        size_t start = 0;
-        for (int d = 0; d < GGML_MAX_DIMS; d++) {
-            const size_t comma = start <= dims.size() ? dims.find(',', start) : std::string::npos;
-            view.ne[d] = start <= dims.size() ? (int64_t) strtoll(dims.c_str() + start, nullptr, 10) : 1;
-            start = comma == std::string::npos ? dims.size() + 1 : comma + 1;
-        }
-        view.nb[1] = view.nb[0] * (view.ne[0] / ggml_blck_size(view.type));
-        for (int d = 2; d < GGML_MAX_DIMS; d++) {
-            view.nb[d] = view.nb[d - 1] * view.ne[d - 1];
-        }
-        if (view.ne[0] != ctx->info[t].t.ne[0] || view.ne[1] < 1 || view.ne[2] < 1 || view.ne[3] < 1 ||
-                ggml_nbytes(&view) > ggml_nbytes(&ctx->info[t].t)) {
+        const bool parsed = gguf_edits_parse_tensor(shape[i + 1], view, false);
+        if (!parsed || view.ne[0] != ctx->info[t].t.ne[0] || ggml_nbytes(&view) > ggml_nbytes(&ctx->info[t].t)) {
             GGML_LOG_ERROR("%s: %s.edits: cannot read tensor %s as %s\n", __func__, fname, shape[i].c_str(), shape[i + 1].c_str());
             return false;
         }
         ctx->info[t].t = view;
+    }
+    const std::vector<std::string> data = gguf_edits_strings(e, "edits.data");
+    for (size_t i = 0; i + 2 < data.size(); i += 3) {
+        // bytes gathered from byte ranges: any type and shape (ollama.py chose them from F's tensors)
+        const int64_t t = gguf_find_tensor(ctx, data[i].c_str());
+        ggml_tensor view = t >= 0 ? ctx->info[t].t : ggml_tensor{};
+        bool ok = t >= 0 && gguf_edits_parse_tensor(data[i + 1], view, true);
+        size_t total = 0;
+        for (const char * p = data[i + 2].c_str(); ok && *p; ) {
+            char * end = nullptr;
+            ok = (*p == 'f' || *p == 'd') && p[1] >= '0' && p[1] <= '9';
+            strtoull(p + 1, &end, 10);
+            ok = ok && *end == '+' && end[1] >= '0' && end[1] <= '9';
+            total += ok ? (size_t) strtoull(end + 1, &end, 10) : 0;
+            ok = ok && (*end == ',' || *end == 0);
+            p = ok && *end ? end + 1 : end;
+        }
+        if (!ok || total != ggml_nbytes(&view)) {
+            GGML_LOG_ERROR("%s: %s.edits: cannot read tensor %s as %s from %s\n", __func__, fname,
+                           data[i].c_str(), data[i + 1].c_str(), data[i + 2].c_str());
+            return false;
+        }
+        ctx->info[t].t = view;
+        gguf_set_val_str(ctx, ("ollama_py.data." + data[i]).c_str(), data[i + 2].c_str());
     }
     for (const std::string & name : gguf_edits_strings(e, "edits.hide")) {
         const int64_t t = gguf_find_tensor(ctx, name.c_str());
@@ -482,7 +533,59 @@ struct gguf_context * gguf_init_from_file(const char * fname, struct gguf_init_p
 }
 HOOK
 }
-gguf_edits="v1:$(sha256_text "$(gguf_edits_source)" | cut -c1-16)"
+# The projector side of edits.data: mtmd's clip.cpp reads tensor bytes itself (seek + read in its own
+# file), so its load_tensors reads a tensor the hook marked "ollama_py.data.<tensor>" from a buffer
+# gathered from those byte ranges instead. Inserted before load_tensors' "// create data context";
+# each read (get_vector's and the weights' loop) picks its stream by the tensor's name. Without such
+# keys (every file but ollama.py's views) nothing changes.
+clip_data_source() {
+    cat <<'CLIP'
+        // ---- ollama.py: tensor bytes gathered from byte ranges (added by build_llama.sh; see the GGUF
+        // edits hook): "f<offset>+<length>" of this file, "d<offset>+<length>" of "<file>.data", in order
+        std::map<std::string, std::string> ollama_py_data;
+        for (int64_t i = 0; i < gguf_get_n_tensors(ctx_gguf.get()); ++i) {
+            const char * name = gguf_get_tensor_name(ctx_gguf.get(), i);
+            const int64_t k = gguf_find_key(ctx_gguf.get(), (std::string("ollama_py.data.") + name).c_str());
+            if (k >= 0 && gguf_get_kv_type(ctx_gguf.get(), k) == GGUF_TYPE_STRING) {
+                ollama_py_data[name] = gguf_get_val_str(ctx_gguf.get(), k);
+                tensor_offset[name] = 0;            // where its bytes start in the gathered buffer
+            }
+        }
+        std::ifstream ollama_py_fin;
+        std::stringstream ollama_py_buf;
+        auto ollama_py_stream = [&](const std::string & name) -> std::istream & {
+            const auto it = ollama_py_data.find(name);
+            if (it == ollama_py_data.end()) {
+                return fin;
+            }
+            std::string bytes;
+            for (const char * p = it->second.c_str(); *p; ) {
+                char * end = nullptr;
+                const size_t offset = strtoull(p + 1, &end, 10);
+                const size_t length = strtoull(end + 1, &end, 10);
+                if (*p == 'd' && !ollama_py_fin.is_open()) {
+                    ollama_py_fin = open_ifstream_binary(fname + ".data");
+                }
+                std::istream & in = *p == 'd' ? (std::istream &) ollama_py_fin : (std::istream &) fin;
+                const size_t at = bytes.size();
+                bytes.resize(at + length);
+                in.clear();
+                in.seekg(offset, std::ios::beg);
+                in.read(&bytes[at], length);
+                if (!in) {
+                    throw std::runtime_error(string_format("%s: cannot read %s from %s (%s)\n", __func__,
+                        name.c_str(), fname.c_str(), it->second.c_str()));
+                }
+                p = *end ? end + 1 : end;
+            }
+            ollama_py_buf.str(bytes);
+            ollama_py_buf.clear();
+            return ollama_py_buf;
+        };
+        // ---- end ollama.py
+CLIP
+}
+gguf_edits="v2:$(sha256_text "$(gguf_edits_source)$(clip_data_source)" | cut -c1-16)"
 
 targets=(llama-server llama-quantize)      # llama-quantize: create --quantize
 [ "$rpc" = 1 ] && targets+=(ggml-rpc-server)    # installed as rpc-server: ollama.py worker
@@ -678,7 +781,28 @@ add_gguf_edits() {
     gguf_edits_source >> "$new"
     if cmp -s "$new" "$f"; then rm -f "$new"; else mv -f "$new" "$f"; fi
 }
-[ "$src_kind" = dir ] || add_gguf_edits
+add_clip_data() {
+    # Adds clip_data_source to $src_tree's tools/mtmd/clip.cpp (pristine copy clip.cpp.ollama-py-orig;
+    # rewritten only when it differs). Each anchor is checked: a llama.cpp whose clip.cpp moved fails here.
+    local f="$src_tree/tools/mtmd/clip.cpp" orig new ins
+    orig="$f.ollama-py-orig"
+    [ -f "$orig" ] || cp "$f" "$orig"
+    new="$f.tmp.$$" ins="$f.ins.$$"
+    clip_data_source > "$ins"
+    [ "$(grep -c '^        // create data context$' "$orig")" = 1 ] \
+        && [ "$(grep -c '^            fin.seekg(it->second, std::ios::beg);$' "$orig")" = 1 ] \
+        && [ "$(grep -c '^                    fin.seekg(offset, std::ios::beg);$' "$orig")" = 1 ] \
+        || { rm -f "$ins"; die "$f: load_tensors is not where the projector's tensor-data edit expects it"; }
+    awk -v ins="$ins" '
+        /^        \/\/ create data context$/ { while ((getline line < ins) > 0) print line; close(ins) }
+        /^            fin.seekg\(it->second, std::ios::beg\);$/ { print "            std::istream & fin = ollama_py_stream(name);" }
+        /^                    fin.seekg\(offset, std::ios::beg\);$/ { print "                    std::istream & fin = ollama_py_stream(t->name);" }
+        { print }' "$orig" > "$new"
+    rm -f "$ins"
+    [ "$(grep -c 'ollama_py_stream(' "$new")" = 2 ] || { rm -f "$new"; die "$f: the projector's tensor-data edit did not apply"; }
+    if cmp -s "$new" "$f"; then rm -f "$new"; else mv -f "$new" "$f"; fi
+}
+[ "$src_kind" = dir ] || { add_gguf_edits; add_clip_data; }
 
 # ---------------------------------------------------------------------------------------------------
 # Configure, build, check, install

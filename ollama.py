@@ -1688,7 +1688,10 @@ def _parse_gguf(r, max_array, size):
             raise BadRequest("invalid GGUF file: tensor %s has %d dimensions" % (name, n_dims))
         shape = list(struct.unpack("<%dQ" % n_dims, r.read(8 * n_dims)))
         tensors.append(GGUFTensor(name, r.unpack("I"), shape, r.unpack("Q")))
-    return GGUF(version, kv, tensors, lengths, size)
+    g = GGUF(version, kv, tensors, lengths, size)
+    align = kv.get("general.alignment") or 32
+    g.data_offset = -(-r.pos // align) * align       # bytes: where tensor offsets count from
+    return g
 
 
 def is_gguf(path):
@@ -1811,7 +1814,8 @@ def engine_check_model(path, seed=0, f16=False):
 # (build_llama.sh's GGUF edits hook), or through --override-kv when only scalar keys change. The
 # stored blob is never touched: digests, push, export, /v2 and Ollama itself see the original.
 
-GGUF_EDITS_MARKER = b"ollama.py gguf edits v1"   # the hook's string: an engine that has it reads edits
+GGUF_EDITS_MARKER = b"ollama.py gguf edits v2"   # the hook's string: an engine that has it reads edits
+GGUF_EDITS_VERSION = 2        # v2 adds edits.data (tensor bytes from a side file); v1 engines read the rest
 
 
 class GGUFEdits:
@@ -1824,10 +1828,17 @@ class GGUFEdits:
         self.family, self.quirks = family, []
         self.set, self.truncate, self.remove, self.rename_keys, self.rename, self.hide = {}, {}, [], [], [], []
         self.shape = []                    # (tensor name, shape): read as its first rows
+        # (tensor name as the engine sees it, ggml type, shape, recipe, bytes): tensors read from other
+        # bytes than the file gives them. `bytes` is either [(offset, length)], byte ranges of the file
+        # itself read in order (rows moved, tensors joined: nothing stored twice), or a function (f, g)
+        # -> the bytes, computed from the file `f` with header `g` into the data file beside the sidecar;
+        # the recipe (text) names the computation, so a data file written by other code is rewritten.
+        # Only the projector loader reads these (mtmd's clip.cpp, as build_llama.sh patches it).
+        self.data = []
 
     def __bool__(self):
         return bool(self.set or self.truncate or self.remove or self.rename_keys or self.rename or self.hide
-                    or self.shape)
+                    or self.shape or self.data)
 
     def set_missing(self, g, key, vtype, value):
         """Set `key` unless the file has it."""
@@ -1850,7 +1861,7 @@ class GGUFEdits:
     def override_args(self):
         """--override-kv arguments doing the same, or None when these edits need the hook (arrays,
         tensors, removals, or a string longer than llama.cpp's 127-byte override)."""
-        if self.truncate or self.remove or self.rename_keys or self.rename or self.hide or self.shape:
+        if self.truncate or self.remove or self.rename_keys or self.rename or self.hide or self.shape or self.data:
             return None
         kinds = {4: "int", 5: "int", 6: "float", 7: "bool", 8: "str"}
         args = []
@@ -1861,8 +1872,10 @@ class GGUFEdits:
             args += ["--override-kv", "%s=%s:%s" % (key, kinds[vtype], text)]
         return args
 
-    def write(self, path):
-        """The sidecar the hook reads: a GGUF of the keys to set and the edits.* string arrays."""
+    def write(self, path, source=None, g=None):
+        """The sidecar the hook reads: a GGUF of the keys to set and the edits.* string arrays. With
+        data edits, their bytes too, computed from `source` (header `g`) into the data file beside the
+        sidecar ("X.edits" -> "X.data"), unless that file already holds them (data_file)."""
         def pairs(items):
             return (8, [s for pair in items for s in pair])
         kv = [(k, vtype, value) for k, (vtype, value) in sorted(self.set.items())]
@@ -1870,7 +1883,148 @@ class GGUFEdits:
                ("edits.remove", 9, (8, list(self.remove))), ("edits.rename_keys", 9, pairs(self.rename_keys)),
                ("edits.rename", 9, pairs(self.rename)), ("edits.hide", 9, (8, list(self.hide))),
                ("edits.shape", 9, pairs((name, ",".join(map(str, dims))) for name, dims in self.shape))]
+        if self.data:
+            offsets = iter(self.data_file(str(path)[:-len(".edits")] + ".data", source, g))
+            triples = []
+            for name, vtype, shape, _recipe, produce in self.data:
+                ranges = "d%d+%d" % (next(offsets), _tensor_nbytes(vtype, shape)) if callable(produce) else \
+                    ",".join("f%d+%d" % r for r in produce)
+                triples += [name, ",".join(map(str, [vtype] + list(shape))), ranges]
+            kv.append(("edits.data", 9, (8, triples)))
         write_gguf(path, kv, [])
+
+    def data_file(self, path, source, g):
+        """Write the computed data edits' bytes to `path` -> each one's offset there (bytes); no file
+        when none is computed. The file starts with the hex SHA-256 of what it holds (names, types,
+        shapes, recipes, the source's size), so while the blob and this code are unchanged it is
+        written once and then reused; a changed recipe rewrites it. Written to a temp file and
+        renamed: a reader never sees half."""
+        import hashlib
+        computed = [d for d in self.data if callable(d[4])]
+        if not computed:
+            _unlink(path)
+            return []
+        recipe = json_dumps([[n, t, list(s), r] for n, t, s, r, _b in computed] + [g.size]).encode()
+        stamp = hashlib.sha256(recipe).hexdigest().encode()
+        offsets, at = [], len(stamp)
+        for _name, vtype, shape, _r, _b in computed:
+            at = -(-at // 32) * 32                      # 32-byte aligned, as GGUF aligns tensor data
+            offsets.append(at)
+            at += _tensor_nbytes(vtype, shape)
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(stamp)) == stamp and os.fstat(f.fileno()).st_size == at:
+                    return offsets
+        except OSError:
+            pass
+        tmp = "%s.tmp.%d" % (path, os.getpid())
+        try:
+            with open(str(source), "rb") as src, open(tmp, "wb") as out:
+                out.write(stamp)
+                for (name, vtype, shape, _r, produce), offset in zip(computed, offsets):
+                    data = produce(src, g)
+                    if len(data) != _tensor_nbytes(vtype, shape):
+                        raise OllamaError("data edit for %s: %d bytes, expected %d" % (
+                            name, len(data), _tensor_nbytes(vtype, shape)))
+                    out.write(b"\0" * (offset - out.tell()))
+                    out.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return offsets
+
+
+#: ggml type -> (bytes per block, weights per block), for the types data edits move rows of (a row is
+#: whole blocks, so moving rows is a byte copy whatever the type).
+GGML_BLOCKS = {0: (4, 1), 1: (2, 1), 30: (2, 1), 2: (18, 32), 3: (20, 32), 6: (22, 32), 7: (24, 32),
+               8: (34, 32), 10: (84, 256), 11: (110, 256), 12: (144, 256), 13: (176, 256), 14: (210, 256),
+               39: (17, 32)}
+
+
+def _tensor_nbytes(vtype, shape):
+    """Bytes of a tensor of ggml type `vtype` and shape (innermost first)."""
+    size, per = GGML_BLOCKS[vtype]
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return shape[0] // per * size * n
+
+
+def _tensor_data(f, g, t):
+    """The bytes of tensor `t` of the GGUF open as `f` (header `g`)."""
+    f.seek(g.data_offset + t.offset)
+    return f.read(_tensor_nbytes(t.type, t.shape))
+
+
+def _ranges(g, t, rows=None):
+    """Data edit byte ranges: tensor `t` of the file with header `g`, whole or its rows (outer
+    dimension) in the order `rows`, adjacent ranges joined -> [(offset, length)]."""
+    start, size = g.data_offset + t.offset, _tensor_nbytes(t.type, t.shape)
+    if rows is None:
+        return [(start, size)]
+    row, out = size // t.shape[-1], []
+    for r in rows:
+        if out and out[-1][0] + out[-1][1] == start + r * row:
+            out[-1] = (out[-1][0], out[-1][1] + row)
+        else:
+            out.append((start + r * row, row))
+    return out
+
+
+def _rope_order(rows, n_head):
+    """Rows in llama.cpp's RoPE order: per head, the first and second halves interleaved (its
+    converter's LlamaModel.permute, which Ollama's converter leaves out for vision towers): row
+    h*head_dim + 2*i + j is row h*head_dim + j*head_dim/2 + i."""
+    head_dim = rows // n_head
+    return [dst - dst % head_dim + (dst % 2) * (head_dim // 2) + dst % head_dim // 2 for dst in range(rows)]
+
+
+def _f32_bytes(data, vtype):
+    """Tensor bytes of ggml type `vtype` (F32, F16, BF16 or Q8_0) as F32, little-endian."""
+    if vtype == 0:
+        return bytes(data)
+    if vtype == 30:                                       # BF16: the high half of an F32
+        out = bytearray(2 * len(data))
+        out[2::4], out[3::4] = data[0::2], data[1::2]
+        return bytes(out)
+    if vtype == 1:
+        n = len(data) // 2
+        return struct.pack("<%df" % n, *struct.unpack("<%de" % n, data))
+    if vtype == 8:                                        # Q8_0: blocks of an F16 scale and 32 int8
+        values = []
+        for at in range(0, len(data), 34):
+            d = struct.unpack_from("<e", data, at)[0]
+            values += [d * q for q in struct.unpack_from("<32b", data, at + 2)]
+        return struct.pack("<%df" % len(values), *values)
+    raise OllamaError("cannot widen ggml type %s to F32" % GGML_TYPES.get(vtype, vtype))
+
+
+def _as_f32(t):
+    """Data edit bytes: F16 or BF16 tensor `t` as F32 (little-endian)."""
+    return lambda f, g: _f32_bytes(_tensor_data(f, g, t), t.type)
+
+
+def _widened(parts):
+    """Data edit bytes: the tensors `parts` one after another along their outer dimension (rows),
+    each widened to F32 (they differ in type)."""
+    return lambda f, g: b"".join(_f32_bytes(_tensor_data(f, g, t), t.type) for t in parts)
+
+
+def _temporal_slice(t, frame):
+    """Data edit bytes: frame `frame` of a Conv3D patch embedding stored as ggml [W, H, frames, out*in]
+    (Ollama's qwen3-vl files), as F32 [W, H, in, out]: plane p = out*in_channels + in of that frame,
+    in order, which is the Conv2D kernel llama.cpp's qwen3vl_merger takes per frame."""
+    def produce(f, g):
+        data = _f32_bytes(_tensor_data(f, g, t), t.type)
+        plane, frames = 4 * t.shape[0] * t.shape[1], t.shape[2]
+        return b"".join(data[(frame + frames * p) * plane:(frame + frames * p + 1) * plane] for p in range(t.shape[3]))
+    return produce
+
+
+def _zeros(nbytes):
+    """Data edit bytes: `nbytes` zero bytes (a tensor the loader wants and the file lacks)."""
+    return lambda f, g: bytes(nbytes)
 
 
 def _array_length(g, key):
@@ -2027,6 +2181,47 @@ def _vision_inside_edits(family):
     return edits
 
 
+#: Ollama's llama4 vision tensor names -> llama.cpp's mmproj names (its compat layer's list; the adapter
+#: before the generic .mlp.fc renames).
+_LLAMA4_CLIP_RENAMES = (("v.vision_adapter.mlp.fc1", "mm.model.mlp.1"), ("v.vision_adapter.mlp.fc2", "mm.model.mlp.2"),
+                        ("mm.linear_1", "mm.model.fc"), ("v.class_embedding", "v.class_embd"),
+                        ("v.layernorm_post", "v.post_ln"), ("v.layernorm_pre", "v.pre_ln"),
+                        ("v.patch_embedding", "v.patch_embd"), (".attn_output", ".attn_out"), (".attn_norm", ".ln1"),
+                        (".ffn_norm", ".ln2"), (".mlp.fc1", ".ffn_up"), (".mlp.fc2", ".ffn_down"))
+
+
+def _llama4_clip_edits(g, path):
+    """llama4 with its vision encoder inside: the same file read as llama.cpp's llama4 mmproj, as Ollama's
+    compat layer reads it: keys under clip.* (the pixel-shuffle ratio as a scale factor), names. No
+    tensor bytes change, so any engine with the hook reads it. None without a whole tower."""
+    if not all("llama4.vision." + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) \
+            or not _tensor(g, "v.patch_embedding.weight"):
+        return None
+    e = GGUFEdits("llama4 vision")
+    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+                       ("attention.head_count", 4), ("image_size", 4), ("patch_size", 4)):
+        if "llama4.vision." + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv["llama4.vision." + key])
+    if "llama4.vision.layer_norm_epsilon" in g.kv:
+        e.set["clip.vision.attention.layer_norm_epsilon"] = (6, g.kv["llama4.vision.layer_norm_epsilon"])
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    ratio = g.kv.get("llama4.vision.pixel_shuffle_ratio") or 0
+    e.set["clip.vision.projector.scale_factor"] = (4, int(round(1 / ratio)) if ratio > 0 else 2)
+    e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.5, 0.5, 0.5]))
+    e.set_missing(g, "clip.vision.image_std", 9, (6, [0.5, 0.5, 0.5]))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_gelu", 7, True)
+    e.set["clip.projector_type"] = (8, "llama4")
+    e.set["clip.vision.projector_type"] = (8, "llama4")
+    e.set["general.architecture"] = (8, "clip")
+    if _tensor(g, "v.positional_embedding_vlm"):
+        e.rename.append(("v.positional_embedding_vlm", "v.position_embd.weight"))
+    e.rename_containing(g, _LLAMA4_CLIP_RENAMES, ("v.", "mm."))
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm."))]
+    e.quirks.append("vision encoder read as a llama4 projector")
+    return e
+
+
 def _gemma3n_edits(g, path):
     """gemma3n: token_embd and the tokenizer hold the multimodal vocabulary, per_layer_token_embd only
     the text one (llama.cpp wants both alike: both read as the text vocabulary, a prefix of rows), the
@@ -2069,6 +2264,34 @@ def _gemma4_edits(g, path):
     return e
 
 
+def _gemma4_clip_edits(g, path):
+    """gemma4 with its vision tower inside (under llama.cpp's names already): the same file read as
+    llama.cpp's gemma4v projector, as Ollama's compat layer reads it: keys under clip.* (Gemma 4's
+    fixed 224 image size, mean 0 and std 1), patch_embd as F32 (a data edit: Metal's im2col needs it).
+    The audio tower stays hidden (not translated). None without a whole vision tower."""
+    if not all("gemma4.vision." + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) \
+            or not _tensor(g, "v.patch_embd.weight"):
+        return None
+    e = GGUFEdits("gemma4 vision")
+    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+                       ("attention.head_count", 4), ("attention.layer_norm_epsilon", 6), ("patch_size", 4)):
+        if "gemma4.vision." + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv["gemma4.vision." + key])
+    e.set_missing(g, "clip.vision.image_size", 4, 224)
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.0, 0.0, 0.0]))
+    e.set_missing(g, "clip.vision.image_std", 9, (6, [1.0, 1.0, 1.0]))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set["clip.vision.projector_type"] = (8, "gemma4v")
+    e.set["general.architecture"] = (8, "clip")
+    patch = _tensor(g, "v.patch_embd.weight")
+    if patch.type in (1, 30):
+        e.data.append(("v.patch_embd.weight", 0, patch.shape, "f32 of %s" % GGML_TYPES[patch.type], _as_f32(patch)))
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm.")) or t.name.startswith("mm.a.")]
+    e.quirks.append("vision tower read as a gemma4v projector (audio not translated)")
+    return e
+
+
 def _deepseekocr_edits(g, path):
     """deepseek-ocr: architecture deepseekocr (llama.cpp: deepseek2-ocr), the RMS epsilon and expert
     sizes missing, and the SAM, vision and projector towers inside (hidden: text only)."""
@@ -2090,7 +2313,7 @@ def _deepseekocr_edits(g, path):
 
 def _mistral3_edits(g, path):
     """mistral3 (text): YaRN keys under other names, the tekken pre-tokenizer missing, and the vision
-    tower inside the file (hidden: its projector is not translated yet)."""
+    tower inside the file (hidden from the text loader; _mistral3_clip_edits reads it as the projector)."""
     has_vision = any(t.name.startswith(("v.", "mm.")) for t in g.tensors)
     renamed = (("rope.scaling.beta_fast", "rope.scaling.yarn_beta_fast"),
                ("rope.scaling.beta_slow", "rope.scaling.yarn_beta_slow"),
@@ -2110,9 +2333,62 @@ def _mistral3_edits(g, path):
     return e
 
 
+#: Ollama's mistral3 vision tensor names -> llama.cpp's pixtral mmproj names (its compat layer's list).
+_MISTRAL3_CLIP_RENAMES = (("v.patch_conv", "v.patch_embd"), ("v.encoder_norm", "v.pre_ln"),
+                          (".attn_output", ".attn_out"), (".attn_norm", ".ln1"), (".ffn_norm", ".ln2"),
+                          ("mm.linear_1", "mm.1"), ("mm.linear_2", "mm.2"),
+                          ("mm.patch_merger.merging_layer", "mm.patch_merger"), ("mm.norm", "mm.input_norm"))
+
+
+def _mistral3_clip_edits(g, path):
+    """mistral3 with its Pixtral tower inside: the same file read as llama.cpp's pixtral mmproj, as
+    Ollama's compat layer reads it. Keys copied under clip.*, Pixtral's CLIP image mean and std, SiLU;
+    data edits: vision Q/K read as the file's rows in llama.cpp's RoPE order (Ollama's converter
+    permutes only the text side's), and computed into the data file patch_embd as F32 (llama.cpp's
+    converter writes it so; Metal's im2col needs it) and v.token_embd.img_break, which the files lack,
+    as zeros in output_norm's place (the [IMG_BREAK] row added after each image row then adds nothing). None
+    without a whole tower (its keys and patch_conv): the model then runs text only."""
+    if "mistral3.vision.block_count" not in g.kv or not _tensor(g, "v.patch_conv.weight"):
+        return None
+    e = GGUFEdits("mistral3 vision")
+    for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                "image_size", "patch_size", "num_channels"):
+        if "mistral3.vision." + key in g.kv:
+            e.set["clip.vision." + key] = (4, g.kv["mistral3.vision." + key])
+    if "mistral3.spatial_merge_size" in g.kv:
+        e.set["clip.vision.spatial_merge_size"] = (4, g.kv["mistral3.spatial_merge_size"])
+    if "mistral3.vision.rope.freq_base" in g.kv:
+        e.set["clip.rope.freq_base"] = (6, g.kv["mistral3.vision.rope.freq_base"])
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    e.set_missing(g, "clip.vision.attention.layer_norm_epsilon", 6, 1e-5)
+    e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.48145467, 0.4578275, 0.40821072]))
+    e.set_missing(g, "clip.vision.image_std", 9, (6, [0.26862955, 0.26130259, 0.2757771]))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_silu", 7, True)
+    e.set["clip.projector_type"] = (8, "pixtral")
+    e.set["general.architecture"] = (8, "clip")
+    n_head = g.kv.get("mistral3.vision.attention.head_count") or 0
+    for t in g.tensors:
+        if t.name.startswith("v.blk.") and t.name.endswith((".attn_q.weight", ".attn_k.weight")) and n_head \
+                and len(t.shape) == 2 and t.shape[1] % (2 * n_head) == 0 and t.type in GGML_BLOCKS:
+            e.data.append((t.name, t.type, t.shape, "rope order", _ranges(g, t, _rope_order(t.shape[1], n_head))))
+    patch = _tensor(g, "v.patch_conv.weight")
+    if patch and patch.type in (1, 30):
+        e.data.append(("v.patch_embd.weight", 0, patch.shape, "f32 of %s" % GGML_TYPES[patch.type], _as_f32(patch)))
+    e.rename_containing(g, _MISTRAL3_CLIP_RENAMES, ("v.", "mm."))
+    kept = ()
+    if _tensor(g, "output_norm.weight") and not _tensor(g, "v.token_embd.img_break") and g.embedding_length:
+        e.rename.append(("output_norm.weight", "v.token_embd.img_break"))
+        e.data.append(("v.token_embd.img_break", 0, [g.embedding_length], "zeros", _zeros(4 * g.embedding_length)))
+        kept = ("output_norm.weight",)
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm.")) and t.name not in kept]
+    e.quirks.append("vision tower read as a pixtral projector (%d tensors recomputed)" % len(e.data))
+    return e
+
+
 def _qwen25vl_edits(g, path):
     """qwen2.5-vl: llama.cpp runs it as qwen2vl, with mrope_section's three sizes as four
-    dimension_sections; the vision tower inside is hidden (its projector is not translated yet)."""
+    dimension_sections; the vision tower inside is hidden (_qwen25vl_clip_edits reads it as the projector)."""
     e = GGUFEdits("qwen2.5-vl")
     e.set["general.architecture"] = (8, "qwen2vl")
     e.rename_keys.append(("qwen25vl.", "qwen2vl."))
@@ -2121,6 +2397,47 @@ def _qwen25vl_edits(g, path):
         e.set["qwen2vl.rope.dimension_sections"] = (9, (5, list(sections[:3]) + [0]))
     e.hide_prefixes(g, "v.", "mm.")
     e.quirks += ["architecture qwen25vl: qwen2vl", "M-RoPE sections"]
+    return e
+
+
+def _qwen25vl_clip_edits(g, path):
+    """qwen2.5-vl with its vision tower inside: the same file read as llama.cpp's qwen2.5vl_merger
+    mmproj, as Ollama's compat layer reads it. Keys under clip.* (the window-attention pattern from the
+    first full-attention block, the FFN size from ffn_up's shape), CLIP's image mean and std, the merger
+    and the two temporal patch embeddings under llama.cpp's names, those two as F32 (data edits:
+    llama.cpp's converter writes them so; Metal's im2col needs it). None without a whole tower."""
+    if not all("qwen25vl.vision." + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) \
+            or not _tensor(g, "v.patch_embd_0.weight"):
+        return None
+    e = GGUFEdits("qwen2.5-vl vision")
+    for key, vtype in (("attention.head_count", 4), ("block_count", 4), ("embedding_length", 4),
+                       ("num_channels", 4), ("patch_size", 4), ("spatial_merge_size", 4), ("window_size", 4),
+                       ("attention.layer_norm_epsilon", 6)):
+        if "qwen25vl.vision." + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv["qwen25vl.vision." + key])
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    up = _tensor(g, "v.blk.0.ffn_up.weight")
+    if up and len(up.shape) > 1:
+        e.set["clip.vision.feed_forward_length"] = (4, up.shape[1])
+    full = read_gguf(path, 64).kv.get("qwen25vl.vision.fullatt_block_indexes") or []    # `g` skips arrays
+    e.set["clip.vision.n_wa_pattern"] = (4, full[0] + 1 if full else 8)
+    e.set_missing(g, "clip.vision.image_size", 4, 560)             # Qwen2VLVisionModel's default
+    e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.48145466, 0.4578275, 0.40821073]))
+    e.set_missing(g, "clip.vision.image_std", 9, (6, [0.26862954, 0.26130258, 0.27577711]))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_silu", 7, True)
+    e.set["clip.projector_type"] = (8, "qwen2.5vl_merger")
+    e.set["general.architecture"] = (8, "clip")
+    renames = {"v.merger.ln_q.weight": "v.post_ln.weight", "v.merger.mlp.0.weight": "mm.0.weight",
+               "v.merger.mlp.0.bias": "mm.0.bias", "v.merger.mlp.2.weight": "mm.2.weight",
+               "v.merger.mlp.2.bias": "mm.2.bias", "v.patch_embd_0.weight": "v.patch_embd.weight",
+               "v.patch_embd_1.weight": "v.patch_embd.weight.1"}
+    e.rename += [(t.name, renames[t.name]) for t in g.tensors if t.name in renames]
+    for t in g.tensors:
+        if t.name.startswith("v.patch_embd_") and t.type in (1, 30):
+            e.data.append((renames[t.name], 0, t.shape, "f32 of %s" % GGML_TYPES[t.type], _as_f32(t)))
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm."))]
+    e.quirks.append("vision tower read as a qwen2.5vl_merger projector")
     return e
 
 
@@ -2135,6 +2452,97 @@ def _qwen3vl_edits(g, path):
     e.set_missing(g, arch + ".n_deepstack_layers", 4, _array_length(g, arch + ".vision.deepstack_visual_indexes"))
     e.hide_prefixes(g, "v.", "mm.")
     e.quirks += ["M-RoPE sections missing: [24, 20, 20, 0]", "deepstack layer count missing"]
+    return e
+
+
+def _qwen3vl_clip_edits(g, path):
+    """qwen3-vl, qwen3-vl-moe, qwen3.5 and qwen3.5-moe with the vision tower inside (the same tower;
+    qwen3.5's without deepstack mergers or image pixel limits): the same file read as llama.cpp's
+    qwen3vl_merger mmproj, as Ollama's compat layer reads it. Keys under clip.* (the FFN size from
+    ffn_up's shape, the image size from the position embeddings), tensor names (merger, deepstack
+    mergers at their block's index), and data edits: each block's Q, K and V rows as one attn_qkv (one
+    type: the file's bytes, one range after another; mixed: widened to F32, as Ollama does, into the
+    data file), the Conv3D patch embedding split
+    into llama.cpp's two per-frame Conv2D kernels as F32 (the second in block 0's attn_k's place, freed
+    by the merge) and the position embeddings as F32. None without a whole tower."""
+    arch, v = g.architecture, g.architecture + ".vision."
+    patch = _tensor(g, "v.patch_embed.weight")
+    if not all(v + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) or not patch \
+            or len(patch.shape) != 4 or patch.shape[2] != 2 or patch.type not in (0, 1, 30, 8):
+        return None
+    full = read_gguf(path, 4096).kv                    # `g` skips arrays: deepstack indexes, mean, std
+    e = GGUFEdits(arch + " vision")
+    for key, vtype in (("attention.head_count", 4), ("block_count", 4), ("embedding_length", 4),
+                       ("feed_forward_length", 4), ("num_channels", 4), ("patch_size", 4),
+                       ("spatial_merge_size", 4), ("temporal_patch_size", 4), ("attention.layer_norm_epsilon", 6),
+                       ("rope.freq_base", 6)):
+        if v + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv[v + key])
+    for key, vtype, value in (("num_channels", 4, 3), ("temporal_patch_size", 4, 2), ("rope.freq_base", 6, 1e4),
+                              ("attention.layer_norm_epsilon", 6, 1e-6)):
+        e.set.setdefault("clip.vision." + key, (vtype, value))
+    e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
+    up = _tensor(g, "v.blk.0.mlp.linear_fc1.weight")
+    if "clip.vision.feed_forward_length" not in e.set and up and len(up.shape) > 1:
+        e.set["clip.vision.feed_forward_length"] = (4, up.shape[1])
+    pos = _tensor(g, "v.pos_embed.weight")
+    if pos and len(pos.shape) > 1 and v + "patch_size" in g.kv:
+        e.set["clip.vision.image_size"] = (4, int(math.isqrt(pos.shape[1])) * g.kv[v + "patch_size"])
+    for key, fallback in (("image_mean", [0.5, 0.5, 0.5]), ("image_std", [0.5, 0.5, 0.5])):
+        e.set["clip.vision." + key] = (9, (6, list(full.get(v + key) or fallback)))
+    for key, clip_key, fallback in (("shortest_edge", "image_min_pixels", 65536),
+                                    ("longest_edge", "image_max_pixels", 16777216)):
+        if arch.startswith("qwen3vl"):                 # qwen3.5: llama.cpp's own limits, as Ollama leaves them
+            e.set["clip.vision." + clip_key] = (4, g.kv.get(v + key) or fallback)
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_gelu", 7, True)
+    e.set["clip.projector_type"] = (8, "qwen3vl_merger")
+    e.set["general.architecture"] = (8, "clip")
+    freed = set()
+    for b in range(g.kv[v + "block_count"]):
+        for kind in ("weight", "bias"):
+            parts = [_tensor(g, "v.blk.%d.attn_%s.%s" % (b, x, kind)) for x in "qkv"]
+            if not all(parts) or len({tuple(t.shape[:-1]) for t in parts}) != 1 \
+                    or not all(t.type in GGML_BLOCKS for t in parts):
+                continue
+            mixed = len({t.type for t in parts}) > 1
+            if mixed and not all(t.type in (0, 1, 30, 8) for t in parts):
+                continue
+            merged = "v.blk.%d.attn_qkv.%s" % (b, kind)
+            shape = parts[0].shape[:-1] + [sum(t.shape[-1] for t in parts)]
+            e.rename.append((parts[0].name, merged))
+            e.data.append((merged, 0 if mixed else parts[0].type, shape, "qkv as F32" if mixed else "qkv",
+                           _widened(parts) if mixed else [r for t in parts for r in _ranges(g, t)]))
+            freed |= {parts[1].name, parts[2].name}
+    width, height, frames, packed = patch.shape
+    channels = e.set["clip.vision.num_channels"][1]
+    kernel = [width, height, channels, packed // channels]
+    e.rename.append(("v.patch_embed.weight", "v.patch_embd.weight"))
+    e.data.append(("v.patch_embd.weight", 0, kernel, "frame 0", _temporal_slice(patch, 0)))
+    if "v.blk.0.attn_k.weight" in freed:                # no spare slot otherwise: the engine adds no tensors
+        e.rename.append(("v.blk.0.attn_k.weight", "v.patch_embd.weight.1"))
+        e.data.append(("v.patch_embd.weight.1", 0, kernel, "frame 1", _temporal_slice(patch, 1)))
+        freed.discard("v.blk.0.attn_k.weight")
+    names = {"v.merger.norm.": "v.post_ln.", "v.merger.linear_fc1.": "mm.0.", "v.merger.linear_fc2.": "mm.2.",
+             "v.patch_embed.bias": "v.patch_embd.bias", "v.pos_embed.weight": "v.position_embd.weight"}
+    indexes = full.get(v + "deepstack_visual_indexes") or []
+    for i, block in enumerate(indexes):
+        for leaf, new in (("norm", "norm"), ("linear_fc1", "fc1"), ("linear_fc2", "fc2")):
+            names["v.deepstack_merger.%d.%s." % (i, leaf)] = "v.deepstack.%d.%s." % (block, new)
+    renamed = {old for old, _new in e.rename}
+    for t in g.tensors:
+        if t.name in renamed or not t.name.startswith("v."):
+            continue
+        new = next((t.name.replace(old, to, 1) for old, to in names.items() if t.name.startswith(old)), t.name)
+        for old, to in ((".norm1.", ".ln1."), (".norm2.", ".ln2."), (".mlp.linear_fc1.", ".ffn_up."),
+                        (".mlp.linear_fc2.", ".ffn_down.")):
+            new = new.replace(old, to, 1) if new.startswith("v.blk.") else new
+        if new != t.name:
+            e.rename.append((t.name, new))
+    if pos and pos.type in (1, 30):
+        e.data.append(("v.position_embd.weight", 0, pos.shape, "f32 of %s" % GGML_TYPES[pos.type], _as_f32(pos)))
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm.")) or t.name in freed]
+    e.quirks.append("vision tower read as a qwen3vl_merger projector")
     return e
 
 
@@ -2157,7 +2565,8 @@ def _qwen3next_edits(g, path):
 def _qwen35_edits(g, path):
     """qwen3.5 and qwen3.5-moe (text): per-layer KV head counts (the largest), M-RoPE sections as three
     not four, the SSM dt tensors without .bias, and the vision tower and multi-token-prediction layers
-    inside (hidden: the model runs without its MTP draft, and text only)."""
+    inside (hidden: the model runs without its MTP draft; _qwen3vl_clip_edits reads the tower as the
+    projector)."""
     arch = g.architecture
     markers = [k for k in ("vision.block_count", "image_token_id", "ssm.v_head_reordered", "rope.mrope_interleaved")
                + (("feed_forward_length",) if arch == "qwen35moe" else ()) if "%s.%s" % (arch, k) in g.kv]
@@ -2309,17 +2718,17 @@ OLLAMA_LAYOUTS = {
     "gptoss": (_gptoss_edits, None),
     "olmo3": (_olmo3_edits, None),
     "lfm2": (_lfm2_edits, None),
-    "llama4": (_vision_inside_edits("llama4"), None),
+    "llama4": (_vision_inside_edits("llama4"), _llama4_clip_edits),
     "gemma3n": (_gemma3n_edits, None),
-    "gemma4": (_gemma4_edits, None),
+    "gemma4": (_gemma4_edits, _gemma4_clip_edits),
     "deepseekocr": (_deepseekocr_edits, None),
-    "mistral3": (_mistral3_edits, None),
-    "qwen25vl": (_qwen25vl_edits, None),
-    "qwen3vl": (_qwen3vl_edits, None),
-    "qwen3vlmoe": (_qwen3vl_edits, None),
+    "mistral3": (_mistral3_edits, _mistral3_clip_edits),
+    "qwen25vl": (_qwen25vl_edits, _qwen25vl_clip_edits),
+    "qwen3vl": (_qwen3vl_edits, _qwen3vl_clip_edits),
+    "qwen3vlmoe": (_qwen3vl_edits, _qwen3vl_clip_edits),
     "qwen3next": (_qwen3next_edits, None),
-    "qwen35": (_qwen35_edits, None),
-    "qwen35moe": (_qwen35_edits, None),
+    "qwen35": (_qwen35_edits, _qwen3vl_clip_edits),
+    "qwen35moe": (_qwen35_edits, _qwen3vl_clip_edits),
     "laguna": (_laguna_edits, None),
     "glm4moelite": (_glm4moelite_edits, None),
     "nemotron_h_moe": (_nemotron_h_moe_edits, None),
@@ -6871,27 +7280,31 @@ class Runner:
 
 
 def engine_reads_edits(exe):
-    """Whether a llama-server applies GGUF edits (build_llama.sh's hook): its build-info says so or,
-    for one built some other way, its binary or ggml library beside it carries the hook's marker."""
+    """Which GGUF edits hook a llama-server has (build_llama.sh's): 0 for none, else its version (1:
+    header edits; 2: also edits.data, tensor bytes from a side file). Its build-info says so or, for
+    one built some other way, its binary or the ggml library beside it carries the hook's marker."""
     import glob
     import mmap
     try:
         for line in Path(exe + ".build-info").read_text().splitlines():
             if line.startswith("gguf_edits:"):
-                return line.split(":", 1)[1].strip().startswith("v1")
+                m = re.match(r"v(\d+):", line.split(":", 1)[1].strip())
+                return int(m.group(1)) if m else 0
     except OSError:
         pass
     real = os.path.realpath(exe)
     here = os.path.dirname(real)
+    prefix = GGUF_EDITS_MARKER[:-1]                  # "ollama.py gguf edits v", then the version digit
     for path in [real] + glob.glob(os.path.join(here, "libggml-base*")) + \
             glob.glob(os.path.join(here, "..", "lib", "libggml-base*")):
         try:
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                if m.find(GGUF_EDITS_MARKER) >= 0:
-                    return True
+                at = m.find(prefix)
+                if at >= 0 and m[at + len(prefix):at + len(prefix) + 1].isdigit():
+                    return int(m[at + len(prefix):at + len(prefix) + 1])
         except (OSError, ValueError):
             continue
-    return False
+    return 0
 
 
 class EngineFiles:
@@ -6924,7 +7337,7 @@ def engine_files(store, model, exe):
         d = store.view_dir(Path(blob).name.replace("-", ":", 1))
         d.mkdir(parents=True, exist_ok=True)
         link = d / name
-        edits.write(str(link) + ".edits")
+        edits.write(str(link) + ".edits", blob, read_gguf(blob, 0) if edits.data else None)
         target = os.path.relpath(blob, str(d))
         if not link.is_symlink() or os.readlink(str(link)) != target:
             tmp = d / (".%s.%d" % (name, os.getpid()))
@@ -6934,6 +7347,12 @@ def engine_files(store, model, exe):
         families.append(edits.family)
         return str(link)
 
+    if clip and clip.data and projector is None and engine_reads_edits(exe) < 2:
+        # the projector needs tensor bytes the file lacks (edits.data): an engine with the v1 hook runs
+        # the model text-only rather than not at all
+        log.warning("model %s: %s needs the GGUF edits hook v2 to see images, which %s lacks: run ./build_llama.sh "
+                    "again; until then it answers text only", model.short_name, clip.family, exe)
+        clip = None
     model_path = model.model_path
     if text:
         overrides = text.override_args()

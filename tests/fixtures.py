@@ -1053,6 +1053,490 @@ def write_ollama_gemma3(src, dst, mmproj=None):
     return rewrite_gguf(src, dst, edit, lambda tensors: tensors + vision)
 
 
+def write_tiny_pixtral_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32, n_layer=2, n_head=2, n_ff=48,
+                              merge=2, seed=0):
+    """A tiny random-weight Pixtral projector (Mistral Small 3.1's) in llama.cpp's mmproj layout: RMS-norm
+    ViT blocks with 2D RoPE and a SiLU-gated MLP, the 2x2 patch merger, mm.1 -> GELU -> mm.2 into
+    `n_embd_text`, and v.token_embd.img_break as zeros (what Ollama's files give it). Vision Q/K rows are
+    in llama.cpp's RoPE order and patch_embd is F32 holding F16 values, as llama.cpp's converter writes
+    them from the same weights Ollama's stores as F16 in HF order (write_ollama_mistral3). mtmd sizes
+    an image to at least 8 merged tokens. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-pixtral-mmproj")
+    w.add_string("clip.projector_type", "pixtral")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_silu", True)
+    for key, value in (("image_size", 1024), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("spatial_merge_size", merge), ("num_channels", 3)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    w.add_array("clip.vision.image_mean", [0.48145467, 0.4578275, 0.40821072])     # Pixtral's (CLIP's)
+    w.add_array("clip.vision.image_std", [0.26862955, 0.26130259, 0.2757771])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    head_dim = n_embd // n_head
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.pre_ln.weight", norm(n_embd))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part in ("attn_q", "attn_k"):            # HF order permuted as llama.cpp's LlamaModel.permute does
+            hf = matrix(n_embd, n_embd)
+            w.add_tensor(blk + part + ".weight", hf.reshape(n_head, 2, head_dim // 2, n_embd).swapaxes(1, 2)
+                         .reshape(n_embd, n_embd).copy())
+        w.add_tensor(blk + "attn_v.weight", matrix(n_embd, n_embd))
+        w.add_tensor(blk + "attn_out.weight", matrix(n_embd, n_embd))
+        w.add_tensor(blk + "ln1.weight", norm(n_embd))
+        w.add_tensor(blk + "ln2.weight", norm(n_embd))
+        w.add_tensor(blk + "ffn_gate.weight", matrix(n_ff, n_embd))
+        w.add_tensor(blk + "ffn_up.weight", matrix(n_ff, n_embd))
+        w.add_tensor(blk + "ffn_down.weight", matrix(n_embd, n_ff))
+    w.add_tensor("mm.input_norm.weight", norm(n_embd))
+    w.add_tensor("mm.patch_merger.weight", matrix(n_embd, n_embd * merge * merge))
+    w.add_tensor("mm.1.weight", matrix(n_embd_text, n_embd))
+    w.add_tensor("mm.2.weight", matrix(n_embd_text, n_embd_text))
+    w.add_tensor("v.token_embd.img_break", np.zeros(n_embd_text, dtype=np.float32))
+    return _gguf_done(w, path)
+
+
+#: llama.cpp's pixtral mmproj names -> Ollama's converter's names for the same tensors in mistral3 files.
+OLLAMA_MISTRAL3_VISION_NAMES = (("v.patch_embd", "v.patch_conv"), ("v.pre_ln", "v.encoder_norm"),
+                                (".attn_out", ".attn_output"), (".ln1", ".attn_norm"), (".ln2", ".ffn_norm"),
+                                ("mm.1.", "mm.linear_1."), ("mm.2.", "mm.linear_2."),
+                                ("mm.patch_merger", "mm.patch_merger.merging_layer"), ("mm.input_norm", "mm.norm"))
+
+
+def write_ollama_mistral3(src, dst, mmproj):
+    """The mistral3 text model `src` and Pixtral projector `mmproj` (llama.cpp's pair) as one file, the way
+    Ollama's converter writes Mistral Small 3.1: the vision tensors inside under its names, vision Q/K
+    rows in HF order (it permutes only the text side's), patch_conv as F16, no img_break, and the
+    clip.vision.* keys as mistral3.vision.* (spatial_merge_size as mistral3.spatial_merge_size). Returns
+    the Path."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(mmproj))
+    n_head = int(reader.fields["clip.vision.attention.head_count"].contents())
+    vision_kv = {}
+    for key, field in reader.fields.items():
+        short = key[len("clip.vision."):]
+        if key.startswith("clip.vision.") and short not in ("projection_dim", "image_mean", "image_std",
+                                                             "attention.layer_norm_epsilon"):
+            vision_kv["mistral3." + ("" if short == "spatial_merge_size" else "vision.") + short] = (
+                field.contents(), field.types[0], None)
+
+    class Tensor:
+        def __init__(self, data, tensor_type):
+            self.data, self.tensor_type = data, tensor_type
+
+    vision = []
+    for t in reader.tensors:
+        if t.name == "v.token_embd.img_break":
+            continue
+        data, kind = np.array(t.data), t.tensor_type
+        if t.name.endswith((".attn_q.weight", ".attn_k.weight")):
+            rows, cols = data.shape
+            data = data.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols).copy()
+        if t.name == "v.patch_embd.weight":
+            data, kind = data.astype(np.float16), gguf.GGMLQuantizationType.F16
+        name = t.name
+        for old, new in OLLAMA_MISTRAL3_VISION_NAMES:
+            if old in name:
+                name = name.replace(old, new, 1)
+                break
+        vision.append((name, Tensor(data, kind)))
+    return rewrite_gguf(src, dst, lambda kv: dict(kv, **vision_kv), lambda tensors: tensors + vision)
+
+
+def write_tiny_qwen25vl_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32, n_layer=2, n_head=2, n_ff=48,
+                               full_attention=(1,), seed=0):
+    """A tiny random-weight Qwen2.5-VL vision tower in llama.cpp's mmproj layout (qwen2.5vl_merger):
+    two temporal patch embeddings (F32 holding F16 values, as llama.cpp's converter writes what
+    Ollama's stores as F16), RMS-norm blocks with q/k/v biases and a SiLU-gated MLP, window attention
+    but in the blocks `full_attention` (n_wa_pattern is its first + 1), then the 2x2 merger into
+    `n_embd_text`. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-qwen25vl-mmproj")
+    w.add_string("clip.projector_type", "qwen2.5vl_merger")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_silu", True)
+    for key, value in (("image_size", 560), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("spatial_merge_size", 2), ("window_size", 112),
+                       ("n_wa_pattern", full_attention[0] + 1), ("num_channels", 3)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    w.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def vector(n, norm=False):
+        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.patch_embd.weight.1", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_embd, n_embd), ("attn_v", n_embd, n_embd),
+                                 ("attn_out", n_embd, n_embd), ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd),
+                                 ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+            w.add_tensor(blk + part + ".bias", vector(rows))
+        w.add_tensor(blk + "ln1.weight", vector(n_embd, norm=True))
+        w.add_tensor(blk + "ln2.weight", vector(n_embd, norm=True))
+    w.add_tensor("v.post_ln.weight", vector(n_embd, norm=True))
+    w.add_tensor("mm.0.weight", matrix(4 * n_embd, 4 * n_embd))
+    w.add_tensor("mm.0.bias", vector(4 * n_embd))
+    w.add_tensor("mm.2.weight", matrix(n_embd_text, 4 * n_embd))
+    w.add_tensor("mm.2.bias", vector(n_embd_text))
+    return _gguf_done(w, path)
+
+
+#: llama.cpp's qwen2.5vl_merger names -> Ollama's converter's names for the same tensors in qwen25vl files.
+OLLAMA_QWEN25VL_VISION_NAMES = {"v.post_ln.weight": "v.merger.ln_q.weight", "mm.0.weight": "v.merger.mlp.0.weight",
+                                "mm.0.bias": "v.merger.mlp.0.bias", "mm.2.weight": "v.merger.mlp.2.weight",
+                                "mm.2.bias": "v.merger.mlp.2.bias", "v.patch_embd.weight": "v.patch_embd_0.weight",
+                                "v.patch_embd.weight.1": "v.patch_embd_1.weight"}
+
+
+def write_ollama_qwen25vl(src, dst, mmproj):
+    """The qwen2vl text model `src` and Qwen2.5-VL projector `mmproj` (llama.cpp's pair) as one file, the
+    way Ollama's converter writes Qwen2.5-VL: architecture qwen25vl, M-RoPE's sections as three in
+    rope.mrope_section, the vision tower inside under its names with the patch embeddings F16, and
+    qwen25vl.vision.* keys (the full-attention blocks as indexes; no image size, mean, std or FFN size).
+    Returns the Path."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(mmproj))
+
+    def field(key):
+        return reader.fields[key].contents()
+    vision_kv = {"qwen25vl.vision." + k: (field("clip.vision." + k), T.UINT32, None) for k in (
+        "block_count", "embedding_length", "attention.head_count", "num_channels", "patch_size",
+        "spatial_merge_size", "window_size")}
+    vision_kv["qwen25vl.vision.attention.layer_norm_epsilon"] = (
+        field("clip.vision.attention.layer_norm_epsilon"), T.FLOAT32, None)
+    vision_kv["qwen25vl.vision.fullatt_block_indexes"] = (
+        [field("clip.vision.n_wa_pattern") - 1], T.ARRAY, T.INT32)
+    vision_kv["qwen25vl.vision.temporal_patch_size"] = (2, T.UINT32, None)
+
+    class Tensor:
+        def __init__(self, data, tensor_type):
+            self.data, self.tensor_type = data, tensor_type
+
+    vision = []
+    for t in reader.tensors:
+        data, kind = np.array(t.data), t.tensor_type
+        if t.name.startswith("v.patch_embd."):
+            data, kind = data.astype(np.float16), gguf.GGMLQuantizationType.F16
+        vision.append((OLLAMA_QWEN25VL_VISION_NAMES.get(t.name, t.name), Tensor(data, kind)))
+
+    def kv(kv):
+        out = {k.replace("qwen2vl.", "qwen25vl.", 1): v for k, v in kv.items()
+               if k != "qwen2vl.rope.dimension_sections"}
+        out["general.architecture"] = ("qwen25vl",) + kv["general.architecture"][1:]
+        out["qwen25vl.rope.mrope_section"] = (list(kv["qwen2vl.rope.dimension_sections"][0][:3]), T.ARRAY, T.INT32)
+        return dict(out, **vision_kv)
+    return rewrite_gguf(src, dst, kv, lambda tensors: tensors + vision)
+
+
+def write_tiny_qwen3vl_mmproj(path, *, n_embd_text=256, patch_size=14, n_embd=32, n_layer=2, n_head=2, n_ff=48,
+                              grid=4, deepstack=(0,), pixel_limits=True, seed=0):
+    """A tiny random-weight Qwen3-VL vision tower in llama.cpp's mmproj layout (qwen3vl_merger): two
+    per-frame patch embeddings (F32), learned position embeddings for a `grid` x `grid` patch square,
+    LayerNorm blocks with one attn_qkv (F16) and a GELU MLP, the 2x2 merger into `n_embd_text`, and a
+    deepstack merger after each block in `deepstack` (the text model then takes n_embd_text * (1 +
+    len(deepstack)) per image position). Images are sized to 8 to 64 merged tokens (`pixel_limits`:
+    Qwen3.5's projectors leave them to llama.cpp, 8 to 4096). Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-qwen3vl-mmproj")
+    w.add_string("clip.projector_type", "qwen3vl_merger")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_gelu", True)
+    for key, value in (("image_size", grid * patch_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("spatial_merge_size", 2), ("num_channels", 3),
+                       ("temporal_patch_size", 2)) + ((("image_min_pixels", 8 * 784), ("image_max_pixels", 64 * 784))
+                                                      if pixel_limits else ()):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_float32("clip.vision.rope.freq_base", 10000.0)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def vector(n, norm=False):
+        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.patch_embd.weight.1", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.patch_embd.bias", vector(n_embd))
+    w.add_tensor("v.position_embd.weight", matrix(grid * grid, n_embd).astype(np.float32))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_qkv", 3 * n_embd, n_embd), ("attn_out", n_embd, n_embd),
+                                 ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+            w.add_tensor(blk + part + ".bias", vector(rows))
+        for part in ("ln1", "ln2"):
+            w.add_tensor(blk + part + ".weight", vector(n_embd, norm=True))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+    w.add_tensor("v.post_ln.weight", vector(n_embd, norm=True))
+    w.add_tensor("v.post_ln.bias", vector(n_embd))
+    for prefix in ["mm."] + ["v.deepstack.%d." % b for b in deepstack]:
+        if prefix != "mm.":
+            w.add_tensor(prefix + "norm.weight", vector(4 * n_embd, norm=True))
+            w.add_tensor(prefix + "norm.bias", vector(4 * n_embd))
+        first, second = ("0", "2") if prefix == "mm." else ("fc1", "fc2")
+        w.add_tensor(prefix + first + ".weight", matrix(4 * n_embd, 4 * n_embd))
+        w.add_tensor(prefix + first + ".bias", vector(4 * n_embd))
+        w.add_tensor(prefix + second + ".weight", matrix(n_embd_text, 4 * n_embd))
+        w.add_tensor(prefix + second + ".bias", vector(n_embd_text))
+    return _gguf_done(w, path)
+
+
+def write_ollama_qwen3vl(src, dst, mmproj, arch="qwen3vl"):
+    """The qwen3vl text model `src` and Qwen3-VL projector `mmproj` (llama.cpp's pair) as one file, the way
+    Ollama's converter wrote the qwen3-vl files its library serves: no M-RoPE sections or deepstack
+    count in the text keys, the vision tower inside under its names (Q, K and V split, the deepstack
+    mergers numbered in order), the Conv3D patch embedding as one F16 tensor [W, H, 2, out*in], the
+    position embeddings F16, and qwen3vl.vision.* keys. With `arch` "qwen35" or "qwen35moe", a Qwen3.5
+    text model `src` with the same tower (no deepstack) under <arch>.vision.* keys, its text keys
+    left as they are. Returns the Path."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(mmproj))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def field(key):
+        return reader.fields[key].contents()
+    deepstack = sorted(int(n.split(".")[2]) for n in tensors
+                       if n.startswith("v.deepstack.") and n.endswith("fc1.weight"))
+    v = arch + ".vision."
+    vision_kv = {v + k: (field("clip.vision." + k), T.UINT32, None) for k in (
+        "block_count", "embedding_length", "attention.head_count", "num_channels", "patch_size",
+        "spatial_merge_size", "temporal_patch_size")}
+    vision_kv.update({v + k: (field("clip.vision." + k), T.FLOAT32, None)
+                      for k in ("attention.layer_norm_epsilon", "rope.freq_base")})
+    vision_kv.update({v + k: (field("clip.vision." + k), T.ARRAY, T.FLOAT32) for k in ("image_mean", "image_std")})
+    if arch.startswith("qwen3vl"):
+        vision_kv[v + "shortest_edge"] = (field("clip.vision.image_min_pixels"), T.UINT32, None)
+        vision_kv[v + "longest_edge"] = (field("clip.vision.image_max_pixels"), T.UINT32, None)
+        vision_kv[v + "deepstack_visual_indexes"] = (deepstack, T.ARRAY, T.INT32)
+
+    class Tensor:
+        def __init__(self, data, tensor_type):
+            self.data, self.tensor_type = data, tensor_type
+
+    names = {"v.post_ln.": "v.merger.norm.", "mm.0.": "v.merger.linear_fc1.", "mm.2.": "v.merger.linear_fc2.",
+             "v.patch_embd.bias": "v.patch_embed.bias", "v.position_embd.weight": "v.pos_embed.weight"}
+    for i, block in enumerate(deepstack):
+        for leaf, old in (("norm", "norm"), ("linear_fc1", "fc1"), ("linear_fc2", "fc2")):
+            names["v.deepstack.%d.%s." % (block, old)] = "v.deepstack_merger.%d.%s." % (i, leaf)
+    vision = []
+    frames = [np.array(tensors[n].data) for n in ("v.patch_embd.weight", "v.patch_embd.weight.1")]
+    out_c, in_c, ph, pw = frames[0].shape       # torch [out, in, t, h, w] with out and in flattened together
+    vision.append(("v.patch_embed.weight", Tensor(np.stack(frames, axis=2).reshape(out_c * in_c, 2, ph, pw)
+                                                  .astype(np.float16), gguf.GGMLQuantizationType.F16)))
+    for t in reader.tensors:
+        name, data, kind = t.name, np.array(t.data), t.tensor_type
+        if name.startswith("v.patch_embd.weight"):
+            continue
+        if name == "v.position_embd.weight":
+            data, kind = data.astype(np.float16), gguf.GGMLQuantizationType.F16
+        if ".attn_qkv." in name:
+            for part, piece in zip("qkv", np.split(data, 3, axis=0)):
+                vision.append((name.replace("attn_qkv", "attn_" + part), Tensor(piece.copy(), kind)))
+            continue
+        name = next((name.replace(old, new, 1) for old, new in names.items() if name.startswith(old)), name)
+        for old, new in ((".ln1.", ".norm1."), (".ln2.", ".norm2."), (".ffn_up.", ".mlp.linear_fc1."),
+                         (".ffn_down.", ".mlp.linear_fc2.")):
+            name = name.replace(old, new, 1) if name.startswith("v.blk.") else name
+        vision.append((name, Tensor(data, kind)))
+    drop = ("qwen3vl.rope.dimension_sections", "qwen3vl.n_deepstack_layers") if arch == "qwen3vl" else ()
+    return rewrite_gguf(src, dst, lambda kv: dict({k: v for k, v in kv.items() if k not in drop}, **vision_kv),
+                        lambda tensors: tensors + vision)
+
+
+def write_tiny_llama4_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_embd=32, n_layer=2, n_head=2,
+                             n_ff=48, n_mm=40, seed=0):
+    """A tiny random-weight Llama 4 vision encoder in llama.cpp's mmproj layout (projector llama4): the
+    unfold patch embedding, a class embedding, learned positions, LayerNorm ViT blocks with 2D RoPE and a
+    GELU MLP, the 2x2 pixel shuffle, the adapter MLP and the projection into `n_embd_text`. mtmd tiles
+    an image into `image_size` squares. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-llama4-mmproj")
+    w.add_string("clip.projector_type", "llama4")
+    w.add_string("clip.vision.projector_type", "llama4")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_gelu", True)
+    for key, value in (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("projector.scale_factor", 2)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def vector(n, norm=False):
+        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    n_pos = (image_size // patch_size) ** 2 + 1                  # and the class token
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3 * patch_size * patch_size))
+    w.add_tensor("v.class_embd", vector(n_embd))
+    w.add_tensor("v.position_embd.weight", (0.1 * rng.standard_normal((n_pos, n_embd))).astype(np.float32))
+    for part in ("pre_ln", "post_ln"):
+        w.add_tensor("v.%s.weight" % part, vector(n_embd, norm=True))
+        w.add_tensor("v.%s.bias" % part, vector(n_embd))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_embd, n_embd), ("attn_v", n_embd, n_embd),
+                                 ("attn_out", n_embd, n_embd), ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+            w.add_tensor(blk + part + ".bias", vector(rows))
+        for part in ("ln1", "ln2"):
+            w.add_tensor(blk + part + ".weight", vector(n_embd, norm=True))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+    w.add_tensor("mm.model.mlp.1.weight", matrix(n_mm, 4 * n_embd))
+    w.add_tensor("mm.model.mlp.2.weight", matrix(n_mm, n_mm))
+    w.add_tensor("mm.model.fc.weight", matrix(n_embd_text, n_mm))
+    return _gguf_done(w, path)
+
+
+#: llama.cpp's llama4 mmproj names -> Ollama's converter's names for the same tensors in llama4 files.
+OLLAMA_LLAMA4_VISION_NAMES = (("mm.model.mlp.1", "v.vision_adapter.mlp.fc1"),
+                              ("mm.model.mlp.2", "v.vision_adapter.mlp.fc2"), ("mm.model.fc", "mm.linear_1"),
+                              ("v.class_embd", "v.class_embedding"), ("v.post_ln", "v.layernorm_post"),
+                              ("v.pre_ln", "v.layernorm_pre"), ("v.patch_embd", "v.patch_embedding"),
+                              ("v.position_embd.weight", "v.positional_embedding_vlm"),
+                              (".attn_out", ".attn_output"), (".ln1", ".attn_norm"), (".ln2", ".ffn_norm"),
+                              (".ffn_up", ".mlp.fc1"), (".ffn_down", ".mlp.fc2"))
+
+
+def write_ollama_llama4(src, dst, mmproj):
+    """The llama4 text model `src` and vision encoder `mmproj` (llama.cpp's pair) as one file, the way
+    Ollama's converter writes Llama 4: the encoder inside under its names (the positions as
+    v.positional_embedding_vlm, without .weight), llama4.vision.* keys with the pixel-shuffle ratio.
+    Same tensors, same bytes. Returns the Path."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(mmproj))
+
+    def field(key):
+        return reader.fields[key].contents()
+    vision_kv = {"llama4.vision." + k: (field("clip.vision." + k), T.UINT32, None) for k in (
+        "block_count", "embedding_length", "feed_forward_length", "attention.head_count", "image_size", "patch_size")}
+    vision_kv["llama4.vision.layer_norm_epsilon"] = (field("clip.vision.attention.layer_norm_epsilon"), T.FLOAT32, None)
+    vision_kv["llama4.vision.pixel_shuffle_ratio"] = (1 / field("clip.vision.projector.scale_factor"), T.FLOAT32, None)
+    vision = []
+    for t in reader.tensors:
+        name = t.name
+        for old, new in OLLAMA_LLAMA4_VISION_NAMES:
+            if old in name:
+                name = name.replace(old, new, 1)
+                break
+        vision.append((name, t))
+    return rewrite_gguf(src, dst, lambda kv: dict(kv, **vision_kv), lambda tensors: tensors + vision)
+
+
+def write_tiny_gemma4v_mmproj(path, *, n_embd_text=64, patch_size=16, n_embd=32, n_layer=2, n_head=2, n_ff=48,
+                              pos_size=64, seed=0):
+    """A tiny random-weight Gemma 4 vision tower in llama.cpp's mmproj layout (gemma4v): a conv patch
+    embedding (F32 holding F16 values, as Ollama's files store it F16), x and y position tables, RMS-norm
+    blocks with post-attention and post-FFN norms and a gated MLP, the 3x3 average pool and the input
+    projection into `n_embd_text`. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-gemma4v-mmproj")
+    w.add_string("clip.vision.projector_type", "gemma4v")
+    w.add_bool("clip.has_vision_encoder", True)
+    for key, value in (("image_size", 224), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.0, 0.0, 0.0])
+    w.add_array("clip.vision.image_std", [1.0, 1.0, 1.0])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
+    w.add_tensor("v.position_embd.weight", (0.1 * rng.standard_normal((2, pos_size, n_embd))).astype(np.float32))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_embd, n_embd), ("attn_v", n_embd, n_embd),
+                                 ("attn_out", n_embd, n_embd), ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd),
+                                 ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+        for part in ("ln1", "attn_post_norm", "ln2", "ffn_post_norm"):
+            w.add_tensor(blk + part + ".weight", norm(n_embd))
+    w.add_tensor("mm.input_projection.weight", matrix(n_embd_text, n_embd))
+    return _gguf_done(w, path)
+
+
+def write_ollama_gemma4(src, dst, mmproj):
+    """The gemma4 text model `src` and vision tower `mmproj` (llama.cpp's pair) as one file, the way Ollama's
+    converter writes Gemma 4: the tower inside under llama.cpp's names with patch_embd as F16, and
+    gemma4.vision.* keys (no image size, mean or std). Returns the Path."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(mmproj))
+    vision_kv = {"gemma4.vision." + k: (reader.fields["clip.vision." + k].contents(), T.UINT32, None) for k in (
+        "block_count", "embedding_length", "feed_forward_length", "attention.head_count", "patch_size")}
+    vision_kv["gemma4.vision.attention.layer_norm_epsilon"] = (
+        reader.fields["clip.vision.attention.layer_norm_epsilon"].contents(), T.FLOAT32, None)
+
+    class Tensor:
+        def __init__(self, data, tensor_type):
+            self.data, self.tensor_type = data, tensor_type
+
+    vision = [(t.name, Tensor(np.array(t.data).astype(np.float16), gguf.GGMLQuantizationType.F16)
+               if t.name == "v.patch_embd.weight" else t) for t in reader.tensors]
+    return rewrite_gguf(src, dst, lambda kv: dict(kv, **vision_kv), lambda tensors: tensors + vision)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------

@@ -281,6 +281,76 @@ def test_mistral3_reads_ollamas_yarn_keys_and_leaves_the_vision_tower(server, en
     assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
 
 
+def test_monolithic_mistral3_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Mistral Small 3.1 as Ollama's converter writes it: the Pixtral tower inside, vision Q/K rows in HF
+    order, patch_conv F16, no img_break. Read through its edits (Q/K as the blob's rows reordered) and a
+    data file of the computed tensors, image answers match llama.cpp's model + mmproj pair and follow
+    the pixels; the data file holds only the computed tensors, is written once, goes with the model,
+    and the blob keeps its bytes."""
+    text = fixtures.write_tiny_gguf(tmp_path / "mistral3.gguf", arch="mistral3", seed=31)
+    mmproj = fixtures.write_tiny_pixtral_mmproj(tmp_path / "mmproj.gguf", seed=32)
+    mono = fixtures.write_ollama_mistral3(text, tmp_path / "mistral3-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    digest = ollama.file_digest(mono)
+    assert ollama.file_digest(server.store.blob_path(digest)) == digest
+    data = server.store.view_dir(digest) / "mmproj.gguf.data"
+    g = ollama.read_gguf(mono, 0)
+    patch = ollama._tensor(g, "v.patch_conv.weight")                     # F16, stored again as F32
+    want = 2 * ollama._tensor_nbytes(patch.type, patch.shape) + 4 * g.embedding_length      # and img_break
+    assert want <= data.stat().st_size - 64 < want + 32      # a 64-byte stamp, 32-byte alignment; Q/K: the blob's rows
+    written = data.stat().st_mtime_ns
+    ollama.engine_files(server.store, ollama.load_model(server.store, "ollama"), str(engine))   # a next load
+    assert data.stat().st_mtime_ns == written
+    assert delete(server, "ollama") == 200 and not data.exists()          # gone with the blob's view
+
+
+def test_data_edits_widen_f16_bf16_and_q8_0_to_f32_and_move_whole_rows():
+    """What the data edits compute, against numpy: F16, BF16 and Q8_0 widened to F32 (Q/K/V of mixed
+    types are merged so), and the RoPE permutation as the blob's own rows, of any type, reordered."""
+    import numpy as np
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(64).astype(np.float32)
+    assert ollama._f32_bytes(x.astype(np.float16).tobytes(), 1) == x.astype(np.float16).astype(np.float32).tobytes()
+    bf16 = (x.view(np.uint32) >> 16).astype(np.uint16)
+    assert ollama._f32_bytes(bf16.tobytes(), 30) == (bf16.astype(np.uint32) << 16).view(np.float32).tobytes()
+    q = rng.integers(-127, 128, 64).astype(np.int8)
+    scales = np.array([0.01, 0.02], dtype=np.float16)
+    q8 = b"".join(scales[i].tobytes() + q[32 * i:32 * i + 32].tobytes() for i in range(2))
+    want = (np.repeat(scales.astype(np.float32), 32) * q).astype(np.float32)
+    assert np.allclose(np.frombuffer(ollama._f32_bytes(q8, 8), dtype=np.float32), want, rtol=1e-6)
+
+    class Header:
+        data_offset = 100
+    t = ollama.GGUFTensor("v.blk.0.attn_q.weight", 8, [32, 8], 60)     # Q8_0: a row is one 34-byte block
+    order = ollama._rope_order(8, 2)
+    assert order == [0, 2, 1, 3, 4, 6, 5, 7]                            # per head of 4: halves interleaved
+    assert ollama._ranges(Header, t, order)[:3] == [(160, 34), (160 + 68, 34), (160 + 34, 34)]
+    assert ollama._ranges(Header, t, range(8)) == ollama._ranges(Header, t) == [(160, 8 * 34)]
+
+
+def test_a_v1_engine_runs_monolithic_mistral3_text_only(tmp_path):
+    """An engine built before the data edit (hook v1) gets no projector that needs one: the model still
+    answers text, and the log says what to rebuild."""
+    text = fixtures.write_tiny_gguf(tmp_path / "mistral3.gguf", arch="mistral3", seed=31)
+    mono = fixtures.write_ollama_mistral3(text, tmp_path / "mono.gguf",
+                                          fixtures.write_tiny_pixtral_mmproj(tmp_path / "mmproj.gguf"))
+    exe = tmp_path / "llama-server"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    (tmp_path / "llama-server.build-info").write_text("gguf_edits: v1:0123456789abcdef\n")
+    store = ollama.Store(tmp_path / "models")
+    import_model(store, "m", mono)
+    files = ollama.engine_files(store, ollama.load_model(store, "m"), str(exe))
+    assert files.projector is None and files.model_path.endswith("model.gguf")
+    (tmp_path / "llama-server.build-info").write_text("gguf_edits: v2:0123456789abcdef\n")
+    files = ollama.engine_files(store, ollama.load_model(store, "m"), str(exe))
+    assert files.projector.endswith("mmproj.gguf") and os.path.getsize(files.projector + ".data") > 0
+
+
 # -- qwen3-vl: M-RoPE metadata Ollama's files lack, the vision tower inside -----------------------------------
 
 def test_qwen3vl_gets_its_mrope_sections_and_leaves_the_vision_tower(server, engine, tmp_path):
@@ -301,6 +371,46 @@ def test_qwen3vl_gets_its_mrope_sections_and_leaves_the_vision_tower(server, eng
     import_gguf(server.store, "cpp", cpp)
     import_gguf(server.store, "ollama", theirs)
     assert answer(server, "ollama", "once upon a time") == answer(server, "cpp", "once upon a time")
+
+
+def test_monolithic_qwen3vl_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Qwen3-VL as Ollama's converter wrote it: the vision tower inside with Q, K and V split, one Conv3D
+    patch embedding, F16 position embeddings, a deepstack merger numbered in order. Read through its
+    edits (attn_qkv as the blob's Q, K and V bytes in a row; the two per-frame kernels and the F32
+    position embeddings from the data file), image answers match llama.cpp's model + mmproj pair and
+    follow the pixels."""
+    import gguf
+    src = fixtures.write_tiny_gguf(tmp_path / "q.gguf", arch="qwen3vl", n_embd=256, n_head=2, seed=35)
+    text = fixtures.rewrite_gguf(src, tmp_path / "qwen3vl.gguf", lambda kv: dict(kv, **{
+        "qwen3vl.rope.dimension_sections": ([24, 20, 20, 0], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
+        "qwen3vl.n_deepstack_layers": (1, gguf.GGUFValueType.UINT32, None)}))
+    mmproj = fixtures.write_tiny_qwen3vl_mmproj(tmp_path / "mmproj.gguf", seed=36)
+    mono = fixtures.write_ollama_qwen3vl(text, tmp_path / "qwen3vl-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    g = ollama.read_gguf(mono, 0)
+    patch, pos = ollama._tensor(g, "v.patch_embed.weight"), ollama._tensor(g, "v.pos_embed.weight")
+    want = 2 * (ollama._tensor_nbytes(patch.type, patch.shape) + ollama._tensor_nbytes(pos.type, pos.shape))
+    data = server.store.view_dir(ollama.file_digest(mono)) / "mmproj.gguf.data"
+    assert want <= data.stat().st_size - 64 < want + 3 * 32   # as F32: the kernels and positions; attn_qkv: the blob's
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_monolithic_qwen35_sees_images_through_its_own_file(server, engine, tmp_path, arch):
+    """Qwen3.5 as Ollama's converter writes it: Qwen3-VL's tower without deepstack inside the hybrid text
+    model. Its projector view gives llama.cpp's pair's image answers, which follow the pixels."""
+    text = fixtures.write_tiny_qwen3next(tmp_path / (arch + ".gguf"), arch, seed=37)
+    mmproj = fixtures.write_tiny_qwen3vl_mmproj(tmp_path / "mmproj.gguf", n_embd_text=64, deepstack=(),
+                                                pixel_limits=False, seed=38)
+    mono = fixtures.write_ollama_qwen3vl(text, tmp_path / (arch + "-ollama.gguf"), mmproj, arch=arch)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
 
 
 def answers_alike(server, cpp, theirs, prompt="once upon a time"):
@@ -442,6 +552,21 @@ def test_llama4_runs_its_text_side_with_the_vision_tower_inside(server, engine, 
     assert edits.hide == ["v.patch_embedding.weight", "v.blk.0.attn_q.weight", "mm.linear_1.weight"]
 
 
+def test_monolithic_llama4_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Llama 4 as Ollama's converter writes it: the vision encoder inside under its names and
+    llama4.vision.* keys. Its projector view (keys and names only: no data file) gives llama.cpp's
+    pair's image answers, which follow the pixels."""
+    text = fixtures.write_tiny_llama4(tmp_path / "llama4.gguf", seed=39)
+    mmproj = fixtures.write_tiny_llama4_mmproj(tmp_path / "mmproj.gguf", seed=40)
+    mono = fixtures.write_ollama_llama4(text, tmp_path / "llama4-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    assert not (server.store.view_dir(ollama.file_digest(mono)) / "mmproj.gguf.data").exists()
+
+
 # -- qwen2.5-vl: another architecture name, three M-RoPE sections, the vision tower inside ------------------
 
 def test_qwen25vl_runs_as_llama_cpps_qwen2vl(server, engine, tmp_path):
@@ -464,6 +589,23 @@ def test_qwen25vl_runs_as_llama_cpps_qwen2vl(server, engine, tmp_path):
     edits = answers_alike(server, cpp, theirs, "Question: Why is the sky blue? Answer:")
     assert edits.set["qwen2vl.rope.dimension_sections"] == (9, (5, [2, 3, 3, 0]))
     assert len(edits.hide) == 3
+
+
+def test_monolithic_qwen25vl_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Qwen2.5-VL as Ollama's converter writes it: the vision tower inside, its merger and two temporal
+    patch embeddings under other names, those F16. Read through its edits (the patch embeddings as F32
+    from the data file), image answers match llama.cpp's model + mmproj pair and follow the pixels."""
+    text = fixtures.write_tiny_qwen2vl(tmp_path / "qwen2vl.gguf", seed=33)
+    mmproj = fixtures.write_tiny_qwen25vl_mmproj(tmp_path / "mmproj.gguf", seed=34)
+    mono = fixtures.write_ollama_qwen25vl(text, tmp_path / "qwen25vl-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    data = server.store.view_dir(ollama.file_digest(mono)) / "mmproj.gguf.data"
+    embd = ollama._tensor(ollama.read_gguf(mono, 0), "v.patch_embd_0.weight")
+    assert data.stat().st_size == 64 + 2 * 2 * ollama._tensor_nbytes(embd.type, embd.shape)   # both as F32
 
 
 # -- snowflake-arctic-embed2: the precompiled charsmap as base64 characters ---------------------------------
@@ -517,6 +659,20 @@ def test_gemma4_runs_its_text_side_as_llama_cpps_gemma4(server, engine, tmp_path
         finally:
             runner.stop()
     assert tokens[0] != tokens[1]
+
+
+def test_monolithic_gemma4_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Gemma 4 as Ollama's converter writes it: the vision tower inside under llama.cpp's names, patch_embd
+    F16, gemma4.vision.* keys. Its projector view (patch_embd as F32 from the data file) gives llama.cpp's
+    pair's image answers, which follow the pixels."""
+    text = fixtures.write_tiny_gemma4(tmp_path / "gemma4.gguf", seed=41)
+    mmproj = fixtures.write_tiny_gemma4v_mmproj(tmp_path / "mmproj.gguf", seed=42)
+    mono = fixtures.write_ollama_gemma4(text, tmp_path / "gemma4-ollama.gguf", mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
 
 
 # -- LLaVA projectors without a projector type ------------------------------------------------------------
@@ -574,6 +730,25 @@ def test_the_hook_reads_a_tensor_as_its_first_rows(engine, tmp_path):
     assert logits(padded, rows) == logits(src, 0)
     with pytest.raises(ollama.OllamaError):
         logits(padded, rows + 17)                        # more rows than the tensor has
+
+
+def test_the_hook_refuses_a_data_edit_it_cannot_read(engine, tmp_path):
+    """edits.data naming a tensor the file lacks, a type ggml does not have, or byte ranges that do not
+    add up to the tensor's size, stops the load with the tensor named in the engine's log, instead of
+    reading other bytes."""
+    src = fixtures.write_tiny_gguf(tmp_path / "tiny.gguf", seed=7)
+    for case, (name, spec, ranges) in enumerate((("no.such.tensor", "0,64", "f0+256"),
+                                                 ("output_norm.weight", "99,64", "f0+256"),
+                                                 ("output_norm.weight", "0,64", "f0+128,d0+64"))):
+        view = tmp_path / str(case) / "model.gguf"
+        view.parent.mkdir()
+        view.symlink_to(src)
+        ollama.write_gguf(str(view) + ".edits", [("edits.data", 9, (8, [name, spec, ranges]))], [])
+        runner = ollama.Runner(str(engine), view, num_ctx=128, log_path=view.parent / "r.log")
+        with pytest.raises(ollama.OllamaError):
+            runner.start(60)
+        runner.stop()
+        assert "cannot read tensor %s as %s" % (name, spec) in (view.parent / "r.log").read_text()
 
 
 # -- the other families: what the edits say, on headers written in Ollama's layout ---------------------
