@@ -2686,16 +2686,42 @@ def _glm4moelite_edits(g, path):
 def _nemotron_h_moe_edits(g, path):
     """nemotron (nemotron_h_moe): the latent FFN size missing and its tensors under other names, and
     multi-token-prediction tensors the loader does not claim (hidden)."""
+    e = GGUFEdits("nemotron")
+    _nemotron_latent_and_mtp(e, g, "nemotron_h_moe.", "nemotron_h_moe.")
+    return e or None
+
+
+def _nemotron_latent_and_mtp(e, g, prefix, arch_prefix):
+    """Into `e`: the latent MoE size (from ffn_latent_in's shape, unless `prefix`moe_latent_size is in
+    the file) set as `arch_prefix`moe_latent_size, the latent projections under llama.cpp's names, and
+    the multi-token-prediction tensors hidden (nemotron_h_moe's loader claims none of them)."""
     latent = [t for t in g.tensors if ".ffn_latent_in" in t.name]
     mtp = [t.name for t in g.tensors if t.name.startswith("mtp.")]
-    if not latent and not mtp:
-        return None
-    e = GGUFEdits("nemotron")
-    if latent and "nemotron_h_moe.moe_latent_size" not in g.kv and len(latent[0].shape) > 1:
-        e.set["nemotron_h_moe.moe_latent_size"] = (4, latent[0].shape[1])
+    if latent and prefix + "moe_latent_size" not in g.kv and len(latent[0].shape) > 1:
+        e.set[arch_prefix + "moe_latent_size"] = (4, latent[0].shape[1])
     e.rename_containing(g, ((".ffn_latent_in", ".ffn_latent_down"), (".ffn_latent_out", ".ffn_latent_up")))
     e.hide += mtp
-    e.quirks += ["latent FFN names and size", "MTP tensors hidden"]
+    if latent:
+        e.quirks.append("latent FFN names and size")
+    if mtp:
+        e.quirks.append("MTP tensors hidden")
+
+
+def _nemotron_h_omni_edits(g, path):
+    """Nemotron 3 Nano Omni (nemotron_h_omni): one file of the text model, a RADIO vision tower (v.*),
+    its projector (mm.*) and a Parakeet audio encoder (a.*). The text side is llama.cpp's nemotron_h_moe
+    (nemotron_h when it has no experts) under another architecture name: its keys under that name, the
+    towers hidden, and the latent-MoE and MTP fixes nemotron_h_moe's files need. The vision.* and
+    audio.* keys are renamed along and ignored (no text key starts so)."""
+    experts = g.kv.get("nemotron_h_omni.expert_count") or g.kv.get("nemotron_h_omni.expert_used_count")
+    arch = "nemotron_h_moe" if experts else "nemotron_h"
+    e = GGUFEdits("nemotron omni")
+    e.set["general.architecture"] = (8, arch)
+    e.rename_keys.append(("nemotron_h_omni.", arch + "."))
+    e.hide_prefixes(g, "v.", "a.", "mm.")
+    e.quirks += ["architecture nemotron_h_omni: " + arch, "vision, audio and projector tensors hidden"]
+    if experts:
+        _nemotron_latent_and_mtp(e, g, "nemotron_h_omni.", arch + ".")
     return e
 
 
@@ -2732,6 +2758,7 @@ OLLAMA_LAYOUTS = {
     "laguna": (_laguna_edits, None),
     "glm4moelite": (_glm4moelite_edits, None),
     "nemotron_h_moe": (_nemotron_h_moe_edits, None),
+    "nemotron_h_omni": (_nemotron_h_omni_edits, None),
     "bert": (_snowflake_edits, None),
     "clip": (None, _llava_projector_edits),
 }

@@ -846,6 +846,15 @@ def test_glm_flash_runs_as_deepseek2_and_nemotron_hides_its_mtp(tmp_path):
     assert e.rename == [("blk.1.ffn_latent_in.weight", "blk.1.ffn_latent_down.weight")]
 
 
+def test_nemotron_omni_without_experts_runs_as_nemotron_h(tmp_path):
+    g, path = header(tmp_path, "nemotron_h_omni", [("nemotron_h_omni.block_count", 4, 2)],
+                     [("blk.0.ssm_in.weight", [8, 4]), ("v.blk.0.x.weight", [4]), ("a.blk.0.x.weight", [4])])
+    e, clip = ollama.ollama_layout(g, path)
+    assert e.set == {"general.architecture": (8, "nemotron_h")} and clip is None
+    assert e.rename_keys == [("nemotron_h_omni.", "nemotron_h.")]
+    assert e.hide == ["v.blk.0.x.weight", "a.blk.0.x.weight"]
+
+
 def test_gemma3n_reads_its_vocabulary_as_the_per_layer_embeddings_have_it(tmp_path):
     tokens = ["<pad>", "<eos>", "<0x0A>", "<unused1>", "a", "b", "<image>", "<audio>"]
     g, path = header(tmp_path, "gemma3n", [
@@ -1088,6 +1097,29 @@ def test_nemotron_latent_moe_runs_as_llama_cpps_nemotron_h_moe(server, engine, t
         cpp, tmp_path / "nemotron-ollama.gguf",
         lambda kv: {k: v for k, v in kv.items() if k != "nemotron_h_moe.moe_latent_size"},
         renamed([(".ffn_latent_down", ".ffn_latent_in"), (".ffn_latent_up", ".ffn_latent_out")], extra=extra))
+    same_answers(server, cpp, theirs)
+
+
+def test_nemotron_omni_runs_its_text_side_as_llama_cpps_nemotron_h_moe(server, engine, tmp_path):
+    """Nemotron 3 Nano Omni as Ollama's converter writes it: architecture nemotron_h_omni (its text keys
+    under that name, vision.* and audio.* beside them), the RADIO vision tower, its projector and the
+    Parakeet audio encoder inside (v.*, mm.*, a.*), and the latent MoE under Ollama's names. The text
+    side answers as llama.cpp's nemotron_h_moe does."""
+    import gguf
+    T = gguf.GGUFValueType
+    cpp = fixtures.write_tiny_nemotron_h_moe(tmp_path / "nemotron.gguf", seed=33)
+
+    def kv(kv):
+        out = {k.replace("nemotron_h_moe.", "nemotron_h_omni.", 1): v for k, v in kv.items()
+               if k != "nemotron_h_moe.moe_latent_size"}
+        out["general.architecture"] = ("nemotron_h_omni",) + kv["general.architecture"][1:]
+        for key in ("vision.block_count", "vision.embedding_length", "audio.block_count", "audio.num_mel_bins"):
+            out["nemotron_h_omni." + key] = (2, T.UINT32, None)
+        return out
+    extra = [("v.patch_embd.weight", Tower()), ("v.blk.0.attn_q.weight", Tower()), ("mm.1.weight", Tower()),
+             ("a.blk.0.ffn1_up.weight", Tower()), ("a.subsampling.conv0.weight", Tower())]
+    theirs = fixtures.rewrite_gguf(cpp, tmp_path / "nemotron-omni-ollama.gguf", kv, renamed(
+        [(".ffn_latent_down", ".ffn_latent_in"), (".ffn_latent_up", ".ffn_latent_out")], extra=extra))
     same_answers(server, cpp, theirs)
 
 
