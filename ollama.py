@@ -2725,6 +2725,104 @@ def _nemotron_h_omni_edits(g, path):
     return e
 
 
+def _nemotron_h_omni_clip_edits(g, path):
+    """Nemotron 3 Nano Omni with its RADIO vision tower inside: the same file read as llama.cpp's
+    nemotron_v2_vl projector, as Ollama's compat layer reads it: keys under clip.* (its defaults where
+    the file has none), the register tokens as v.class_embd (F32: concatenated with the F32 patches),
+    the linear patch embedding read as the conv kernel it is ([p, p, C, n_embd]: the same bytes, so a
+    byte range of the file unless BF16, which ggml's im2col does not take), the position table resampled
+    to the fixed image's patches (bilinear, corners aligned, as llama.cpp's converter does: a data file),
+    the projector's names. The audio encoder stays hidden. None without a whole vision tower."""
+    v = "nemotron_h_omni.vision."
+    patch = _tensor(g, "v.patch_embd.weight")
+    pos = _tensor(g, "v.position_embd") or _tensor(g, "v.position_embd.weight")
+    if not all(v + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) or not patch \
+            or not pos or len(patch.shape) != 2:
+        return None
+    e = GGUFEdits("nemotron omni vision")
+    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+                       ("attention.head_count", 4), ("attention.layer_norm_epsilon", 6), ("patch_size", 4),
+                       ("image_size", 4), ("num_channels", 4), ("projector.scale_factor", 4)):
+        if v + key in g.kv:
+            e.set["clip.vision." + key] = (vtype, g.kv[v + key])
+    # Ollama's compat layer's defaults, for a file without them (RADIO v2.5-h at 512 pixels)
+    n_embd = g.kv.get(v + "embedding_length", 1280)
+    for key, vtype, value in (("feed_forward_length", 4, 4 * n_embd), ("attention.layer_norm_epsilon", 6, 1e-6),
+                              ("patch_size", 4, 16), ("image_size", 4, 512), ("num_channels", 4, 3),
+                              ("projector.scale_factor", 4, 2)):
+        if "clip.vision." + key not in e.set:
+            e.set["clip.vision." + key] = (vtype, value)
+    full = read_gguf(path, 16)
+    for key, default in (("image_mean", [0.48145466, 0.4578275, 0.40821073]),
+                         ("image_std", [0.26862954, 0.26130258, 0.27577711])):
+        e.set["clip.vision." + key] = (9, (6, list(full.kv.get(v + key) or default)))
+    e.set["clip.vision.projection_dim"] = (4, g.kv.get("nemotron_h_omni.embedding_length"))
+    e.set["clip.has_vision_encoder"] = (7, True)
+    e.set["clip.has_audio_encoder"] = (7, False)     # the Parakeet encoder: not translated
+    e.set["clip.use_gelu"] = (7, True)
+    e.set["clip.vision.projector_type"] = (8, "nemotron_v2_vl")
+    e.set["general.architecture"] = (8, "clip")
+    p, channels = e.set["clip.vision.patch_size"][1], e.set["clip.vision.num_channels"][1]
+    side = e.set["clip.vision.image_size"][1] // p
+    if patch.shape[0] != p * p * channels:
+        return None
+    kernel = [p, p, channels, patch.shape[1]]
+    if patch.type in (0, 1):
+        e.data.append(("v.patch_embd.weight", patch.type, kernel, "bytes", _ranges(g, patch)))
+    else:
+        e.data.append(("v.patch_embd.weight", 0, kernel, "f32 of %s" % GGML_TYPES[patch.type], _as_f32(patch)))
+    cls = _tensor(g, "v.cls_embd")
+    if cls:
+        e.rename.append(("v.cls_embd", "v.class_embd"))
+        if cls.type != 0:
+            e.data.append(("v.class_embd", 0, cls.shape, "f32 of %s" % GGML_TYPES[cls.type], _as_f32(cls)))
+    if pos.name != "v.position_embd.weight":
+        e.rename.append((pos.name, "v.position_embd.weight"))
+    grid = int(round(math.sqrt(pos.shape[1])))
+    if grid * grid != pos.shape[1] or pos.shape[0] != n_embd:
+        return None
+    e.data.append(("v.position_embd.weight", 0, [n_embd, side * side],
+                   "bilinear %dx%d to %dx%d, corners aligned" % (grid, grid, side, side),
+                   _resampled_positions(pos, grid, side)))
+    e.rename += [("mm.norm.weight", "mm.model.mlp.0.weight"), ("mm.1.weight", "mm.model.mlp.1.weight"),
+                 ("mm.2.weight", "mm.model.mlp.3.weight")]
+    keep = {"mm.norm.weight", "mm.1.weight", "mm.2.weight"}
+    e.hide += [t.name for t in g.tensors if not t.name.startswith("v.") and t.name not in keep]
+    e.quirks.append("vision tower read as a nemotron_v2_vl projector (audio not translated)")
+    return e
+
+
+def _resampled_positions(t, grid, side):
+    """Data edit bytes: a position table of grid x grid rows (row-major, F16/BF16/F32) resampled to
+    side x side rows as F32, bilinear with corners aligned (torch's interpolate, as llama.cpp's converter
+    resamples RADIO's table for the fixed image size), computed in doubles. Two lines of the grid are
+    widened at a time (the real table is 128 x 128 x 1280: as Python floats at once, over 600 MB)."""
+    def produce(f, g):
+        n = t.shape[0]
+        data = _tensor_data(f, g, t)
+        line = len(data) // grid                          # bytes of one line of the grid (grid positions)
+
+        def grid_line(y):
+            raw = _f32_bytes(data[y * line:(y + 1) * line], t.type)
+            return struct.unpack("<%df" % (len(raw) // 4), raw)
+        out = bytearray()
+        for y in range(side):
+            sy = y * (grid - 1) / (side - 1) if side > 1 else 0.0
+            y0 = int(sy)
+            y1, wy = min(y0 + 1, grid - 1), sy - y0
+            top, bottom = grid_line(y0), grid_line(y1)
+            for x in range(side):
+                sx = x * (grid - 1) / (side - 1) if side > 1 else 0.0
+                x0 = int(sx)
+                x1, wx = min(x0 + 1, grid - 1), sx - x0
+                a, b = x0 * n, x1 * n
+                out += struct.pack("<%df" % n, *[(top[a + i] * (1.0 - wx) + top[b + i] * wx) * (1.0 - wy)
+                                                 + (bottom[a + i] * (1.0 - wx) + bottom[b + i] * wx) * wy
+                                                 for i in range(n)])
+        return bytes(out)
+    return produce
+
+
 def _llava_projector_edits(g, path):
     """A LLaVA/BakLLaVA projector without clip.projector_type: llama.cpp's default was mlp."""
     if g.architecture != "clip" or not g.kv.get("clip.has_vision_encoder") or \
@@ -2762,7 +2860,7 @@ OLLAMA_LAYOUTS = {
     "laguna": (_laguna_edits, None),
     "glm4moelite": (_glm4moelite_edits, None),
     "nemotron_h_moe": (_nemotron_h_moe_edits, None),
-    "nemotron_h_omni": (_nemotron_h_omni_edits, None),
+    "nemotron_h_omni": (_nemotron_h_omni_edits, _nemotron_h_omni_clip_edits),
     "bert": (_snowflake_edits, None),
     "clip": (None, _llava_projector_edits),
 }

@@ -1537,6 +1537,146 @@ def write_ollama_gemma4(src, dst, mmproj):
     return rewrite_gguf(src, dst, lambda kv: dict(kv, **vision_kv), lambda tensors: tensors + vision)
 
 
+def radio_positions(side, n_embd, seed=0):
+    """A RADIO position table of `side` x `side` positions (random, F16 values as float64), row-major:
+    what the Nemotron omni checkpoint holds (128 x 128 in the real one) and Ollama's file keeps."""
+    import numpy as np
+    return (0.1 * np.random.default_rng(seed).standard_normal((side * side, n_embd))).astype(np.float16) \
+        .astype(np.float64)
+
+
+def bilinear_positions(grid, side, target):
+    """`grid` (side*side rows) resampled to target x target rows, bilinear with aligned corners: what
+    llama.cpp's converter does to RADIO's table for its fixed image size (torch's interpolate), in
+    float64 and then F32."""
+    import numpy as np
+    out = np.zeros((target * target, grid.shape[1]))
+    for y in range(target):
+        sy = y * (side - 1) / (target - 1) if target > 1 else 0.0
+        y0 = int(sy)
+        y1, wy = min(y0 + 1, side - 1), sy - y0
+        for x in range(target):
+            sx = x * (side - 1) / (target - 1) if target > 1 else 0.0
+            x0 = int(sx)
+            x1, wx = min(x0 + 1, side - 1), sx - x0
+            top = grid[y0 * side + x0] * (1.0 - wx) + grid[y0 * side + x1] * wx
+            bottom = grid[y1 * side + x0] * (1.0 - wx) + grid[y1 * side + x1] * wx
+            out[y * target + x] = top * (1.0 - wy) + bottom * wy
+    return out.astype(np.float32)
+
+
+def write_tiny_nemotron_v2_vl_mmproj(path, *, n_embd_text=64, image_size=64, patch_size=16, n_embd=32, n_layer=2,
+                                     n_head=2, n_ff=48, n_mm=40, n_registers=2, grid=8, seed=0):
+    """A tiny random-weight RADIO vision tower in llama.cpp's mmproj layout (nemotron_v2_vl), as its
+    converter writes Nemotron Nano VL: the linear patch embedding as a conv kernel (F16), register
+    tokens (class_embd), the position table of a `grid` x `grid` checkpoint resampled to the fixed
+    image's patches (radio_positions of seed+1, bilinear_positions), LayerNorm blocks with a fused QKV
+    and a GELU MLP, the 2x2 pixel shuffle, an RMS norm and a squared-ReLU MLP into `n_embd_text`.
+    Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-nemotron-v2-vl-mmproj")
+    w.add_string("clip.projector_type", "nemotron_v2_vl")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_gelu", True)
+    for key, value in (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("projector.scale_factor", 2)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.485, 0.456, 0.406])
+    w.add_array("clip.vision.image_std", [0.229, 0.224, 0.225])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+
+    def vector(n, norm=False):
+        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size))
+    w.add_tensor("v.class_embd", matrix(n_registers, n_embd).astype(np.float32))   # F16 values (Ollama's are F16)
+    w.add_tensor("v.position_embd.weight", bilinear_positions(radio_positions(grid, n_embd, seed + 1), grid,
+                                                              image_size // patch_size))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_qkv", 3 * n_embd, n_embd), ("attn_out", n_embd, n_embd),
+                                 ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+            w.add_tensor(blk + part + ".bias", vector(rows))
+        for part in ("ln1", "ln2"):
+            w.add_tensor(blk + part + ".weight", vector(n_embd, norm=True))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+    w.add_tensor("mm.model.mlp.0.weight", vector(4 * n_embd, norm=True))
+    w.add_tensor("mm.model.mlp.1.weight", matrix(n_mm, 4 * n_embd))
+    w.add_tensor("mm.model.mlp.3.weight", matrix(n_embd_text, n_mm))
+    return _gguf_done(w, path)
+
+
+def write_ollama_nemotron_omni(src, dst, mmproj, grid=8, seed=0):
+    """The nemotron_h_moe text model `src` and RADIO tower `mmproj` (llama.cpp's pair; `grid` and `seed`
+    as write_tiny_nemotron_v2_vl_mmproj had them) as one file, the way Ollama's converter writes
+    Nemotron 3 Nano Omni: architecture nemotron_h_omni (text keys under it, no moe_latent_size, the
+    latent projections as ffn_latent_in/out), nemotron_h_omni.vision.* keys, the tower inside with
+    Q, K and V split, the patch embedding as its linear [n_embd, 3*p*p] (F16), the register tokens
+    F16 as v.cls_embd, the whole position table (v.position_embd), the projector as mm.norm/mm.1/mm.2,
+    and an audio encoder beside it (a.*, mm.a.*). Returns the Path."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(mmproj))
+
+    def field(key):
+        return reader.fields[key].contents()
+    v = "nemotron_h_omni.vision."
+    vision_kv = {v + k: (field("clip.vision." + k), T.UINT32, None) for k in (
+        "block_count", "embedding_length", "feed_forward_length", "attention.head_count", "patch_size", "image_size",
+        "projector.scale_factor")}
+    vision_kv[v + "num_channels"] = (3, T.UINT32, None)
+    vision_kv[v + "attention.layer_norm_epsilon"] = (field("clip.vision.attention.layer_norm_epsilon"), T.FLOAT32, None)
+    vision_kv.update({v + k: (field("clip.vision." + k), T.ARRAY, T.FLOAT32) for k in ("image_mean", "image_std")})
+    vision_kv["nemotron_h_omni.audio.block_count"] = (1, T.UINT32, None)
+
+    class Tensor:
+        def __init__(self, data, tensor_type):
+            self.data, self.tensor_type = data, tensor_type
+
+    F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+    names = {"mm.model.mlp.0.weight": "mm.norm.weight", "mm.model.mlp.1.weight": "mm.1.weight",
+             "mm.model.mlp.3.weight": "mm.2.weight"}
+    vision = []
+    for t in reader.tensors:
+        name, data, kind = t.name, np.array(t.data), t.tensor_type
+        if name == "v.patch_embd.weight":
+            data = data.reshape(data.shape[0], -1)
+        elif name == "v.class_embd":
+            name, data, kind = "v.cls_embd", data.astype(np.float16), F16
+        elif name == "v.position_embd.weight":
+            name, data = "v.position_embd", radio_positions(grid, data.shape[1], seed + 1).astype(np.float16)
+            kind = F16
+        elif ".attn_qkv." in name:
+            for part, piece in zip("qkv", np.split(data, 3, axis=0)):
+                vision.append((name.replace("attn_qkv", "attn_" + part), Tensor(piece.copy(), kind)))
+            continue
+        vision.append((names.get(name, name), Tensor(data, kind)))
+    audio = [(n, Tensor(np.ones((4, 8), dtype=np.float32), F32)) for n in (
+        "a.blk.0.ffn1_up.weight", "a.subsampling.conv0.weight", "mm.a.mlp.1.weight")]
+
+    def text_kv(kv):
+        out = {k.replace("nemotron_h_moe.", "nemotron_h_omni.", 1): v for k, v in kv.items()
+               if k != "nemotron_h_moe.moe_latent_size"}
+        out["general.architecture"] = ("nemotron_h_omni",) + kv["general.architecture"][1:]
+        return dict(out, **vision_kv)
+
+    def text_tensors(tensors):
+        pairs = ((".ffn_latent_down", ".ffn_latent_in"), (".ffn_latent_up", ".ffn_latent_out"))
+        return [(next((n.replace(a, b, 1) for a, b in pairs if a in n), n), t) for n, t in tensors] + vision + audio
+    return rewrite_gguf(src, dst, text_kv, text_tensors)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------

@@ -846,6 +846,23 @@ def test_glm_flash_runs_as_deepseek2_and_nemotron_hides_its_mtp(tmp_path):
     assert e.rename == [("blk.1.ffn_latent_in.weight", "blk.1.ffn_latent_down.weight")]
 
 
+def test_monolithic_nemotron_omni_sees_images_through_its_own_file(server, engine, tmp_path):
+    """Nemotron 3 Nano Omni as Ollama's converter writes it: the RADIO tower inside (Q, K, V split, the
+    patch embedding linear, registers F16, the whole position table of the checkpoint) and an audio
+    encoder. Its projector view (the kernel a byte range of the file, the registers as F32 and the
+    table resampled for the fixed image size in the data file) gives llama.cpp's pair's image answers,
+    which follow the pixels."""
+    text = fixtures.write_tiny_nemotron_h_moe(tmp_path / "nemotron.gguf", seed=35)
+    mmproj = fixtures.write_tiny_nemotron_v2_vl_mmproj(tmp_path / "mmproj.gguf", seed=36)
+    mono = fixtures.write_ollama_nemotron_omni(text, tmp_path / "nemotron-omni-ollama.gguf", mmproj, seed=36)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    assert (server.store.view_dir(ollama.file_digest(mono)) / "mmproj.gguf.data").exists()
+
+
 def test_nemotron_omni_without_experts_runs_as_nemotron_h(tmp_path):
     g, path = header(tmp_path, "nemotron_h_omni", [("nemotron_h_omni.block_count", 4, 2)],
                      [("blk.0.ssm_in.weight", [8, 4]), ("v.blk.0.x.weight", [4]), ("a.blk.0.x.weight", [4])])
