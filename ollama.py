@@ -2756,7 +2756,8 @@ def _nemotron_h_omni_clip_edits(g, path):
     for key, default in (("image_mean", [0.48145466, 0.4578275, 0.40821073]),
                          ("image_std", [0.26862954, 0.26130258, 0.27577711])):
         e.set["clip.vision." + key] = (9, (6, list(full.kv.get(v + key) or default)))
-    e.set["clip.vision.projection_dim"] = (4, g.kv.get("nemotron_h_omni.embedding_length"))
+    if "nemotron_h_omni.embedding_length" in g.kv:          # else mtmd takes it from mm.2's shape
+        e.set["clip.vision.projection_dim"] = (4, g.kv["nemotron_h_omni.embedding_length"])
     e.set["clip.has_vision_encoder"] = (7, True)
     e.set["clip.has_audio_encoder"] = (7, False)     # the Parakeet encoder: not translated
     e.set["clip.use_gelu"] = (7, True)
