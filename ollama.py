@@ -1716,23 +1716,30 @@ def _gguf_encode(vtype, value):
 
 def write_gguf(path, kv, tensors, alignment=32):
     """Write a GGUF v3 file: `kv` is [(key, value type, value)], `tensors` is [(name, ggml type, shape
-    innermost first, data bytes)]. Written to a temp file and renamed, so a reader never sees half."""
+    innermost first, data)], data being bytes or a function returning them, called as it is written
+    (so large tensors are never all in memory). Written to a temp file and renamed, so a reader never
+    sees half."""
     head = [GGUF_MAGIC, struct.pack("<IQQ", 3, len(tensors), len(kv))]
     head += [_gguf_encode(8, key) + struct.pack("<I", vtype) + _gguf_encode(vtype, value) for key, vtype, value in kv]
     offset, body = 0, []
     for name, ggml_type, shape, data in tensors:
         head.append(_gguf_encode(8, name) + struct.pack("<I%dQIQ" % len(shape), len(shape), *shape, ggml_type, offset))
-        pad = -len(data) % alignment
-        body += [data, b"\0" * pad]
-        offset += len(data) + pad
+        size = _tensor_nbytes(ggml_type, shape) if callable(data) else len(data)
+        pad = -size % alignment
+        body.append((name, data, size, pad))
+        offset += size + pad
     header = b"".join(head)
     header += b"\0" * (-len(header) % alignment)
     tmp = "%s.tmp.%d" % (path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             f.write(header)
-            for chunk in body:
-                f.write(chunk)
+            for name, data, size, pad in body:
+                data = data() if callable(data) else data
+                if len(data) != size:
+                    raise OllamaError("tensor %s: %d bytes, expected %d" % (name, len(data), size))
+                f.write(data)
+                f.write(b"\0" * pad)
         os.replace(tmp, str(path))
     except BaseException:
         _unlink(tmp)
