@@ -1823,6 +1823,9 @@ def engine_check_model(path, seed=0, f16=False):
 
 GGUF_EDITS_MARKER = b"ollama.py gguf edits v2"   # the hook's string: an engine that has it reads edits
 GGUF_EDITS_VERSION = 2        # v2 adds edits.data (tensor bytes from a side file); v1 engines read the rest
+#: A view whose edits have split tensors: the link to the blob, and the GGUF ollama.py writes with those
+#: tensors, named as llama.cpp's loader finds a model's splits from the first one's name.
+SPLIT_VIEW = ("model-00001-of-00002.gguf", "model-00002-of-00002.gguf")
 
 
 class GGUFEdits:
@@ -1842,10 +1845,16 @@ class GGUFEdits:
         # the recipe (text) names the computation, so a data file written by other code is rewritten.
         # Only the projector loader reads these (mtmd's clip.cpp, as build_llama.sh patches it).
         self.data = []
+        # (tensor name, ggml type, shape, recipe, function (f, g) -> bytes): tensors the text loader
+        # reads from a second file, a small real GGUF ollama.py writes beside the link (SPLIT_VIEW):
+        # llama.cpp's loader takes the two as one model split in two (the sidecar adds the split.* keys
+        # and hides what the second file replaces). For tensor data that must change for the text
+        # loader, which maps each tensor as one byte range of its file, so edits.data cannot serve it.
+        self.split = []
 
     def __bool__(self):
         return bool(self.set or self.truncate or self.remove or self.rename_keys or self.rename or self.hide
-                    or self.shape or self.data)
+                    or self.shape or self.data or self.split)
 
     def set_missing(self, g, key, vtype, value):
         """Set `key` unless the file has it."""
@@ -1868,7 +1877,8 @@ class GGUFEdits:
     def override_args(self):
         """--override-kv arguments doing the same, or None when these edits need the hook (arrays,
         tensors, removals, or a string longer than llama.cpp's 127-byte override)."""
-        if self.truncate or self.remove or self.rename_keys or self.rename or self.hide or self.shape or self.data:
+        if self.truncate or self.remove or self.rename_keys or self.rename or self.hide or self.shape or self.data \
+                or self.split:
             return None
         kinds = {4: "int", 5: "int", 6: "float", 7: "bool", 8: "str"}
         args = []
@@ -1882,7 +1892,9 @@ class GGUFEdits:
     def write(self, path, source=None, g=None):
         """The sidecar the hook reads: a GGUF of the keys to set and the edits.* string arrays. With
         data edits, their bytes too, computed from `source` (header `g`) into the data file beside the
-        sidecar ("X.edits" -> "X.data"), unless that file already holds them (data_file)."""
+        sidecar ("X.edits" -> "X.data"), unless that file already holds them (data_file). With split
+        tensors, the split keys and the second file of SPLIT_VIEW (split_file); `path` is then the
+        first's sidecar."""
         def pairs(items):
             return (8, [s for pair in items for s in pair])
         kv = [(k, vtype, value) for k, (vtype, value) in sorted(self.set.items())]
@@ -1898,7 +1910,31 @@ class GGUFEdits:
                     ",".join("f%d+%d" % r for r in produce)
                 triples += [name, ",".join(map(str, [vtype] + list(shape))), ranges]
             kv.append(("edits.data", 9, (8, triples)))
+        if self.split:
+            # llama.cpp reads split.no and split.count as u16, split.tensors.count as i32 (as gguf-split writes)
+            total = len(g.tensors) - len(set(self.hide)) + len(self.split)
+            kv += [("split.no", 2, 0), ("split.count", 2, 2), ("split.tensors.count", 5, total)]
+            self.split_file(os.path.join(os.path.dirname(str(path)), SPLIT_VIEW[1]), source, g, total)
         write_gguf(path, kv, [])
+
+    def split_file(self, path, source, g, total):
+        """Write the split tensors, computed from `source` (header `g`), as the GGUF `path`: the
+        model's second split. Its key ollama_py.recipe is the hex SHA-256 of what it holds (names,
+        types, shapes, recipes, the source's size), so while the blob and this code are unchanged it
+        is written once and then reused."""
+        import hashlib
+        recipe = json_dumps([[n, t, list(s), r] for n, t, s, r, _b in self.split] + [g.size]).encode()
+        stamp = hashlib.sha256(recipe).hexdigest()
+        try:
+            if read_gguf(path, 0).kv.get("ollama_py.recipe") == stamp:
+                return
+        except (OSError, OllamaError):
+            pass
+        with open(str(source), "rb") as f:
+            write_gguf(path, [("split.no", 2, 1), ("split.count", 2, 2), ("split.tensors.count", 5, total),
+                              ("ollama_py.recipe", 8, stamp)],
+                       [(name, vtype, shape, lambda produce=produce: produce(f, g))
+                        for name, vtype, shape, _r, produce in self.split])
 
     def data_file(self, path, source, g):
         """Write the computed data edits' bytes to `path` -> each one's offset there (bytes); no file
@@ -2010,6 +2046,12 @@ def _f32_bytes(data, vtype):
 def _as_f32(t):
     """Data edit bytes: F16 or BF16 tensor `t` as F32 (little-endian)."""
     return lambda f, g: _f32_bytes(_tensor_data(f, g, t), t.type)
+
+
+def _joined(parts):
+    """Data edit bytes: the tensors `parts`, all of one ggml type, one after another along their outer
+    dimension (rows): a byte copy, whole rows being whole blocks."""
+    return lambda f, g: b"".join(_tensor_data(f, g, t) for t in parts)
 
 
 def _widened(parts):
@@ -7474,7 +7516,7 @@ def engine_files(store, model, exe):
         d = store.view_dir(Path(blob).name.replace("-", ":", 1))
         d.mkdir(parents=True, exist_ok=True)
         link = d / name
-        edits.write(str(link) + ".edits", blob, read_gguf(blob, 0) if edits.data else None)
+        edits.write(str(link) + ".edits", blob, read_gguf(blob, 0) if edits.data or edits.split else None)
         target = os.path.relpath(blob, str(d))
         if not link.is_symlink() or os.readlink(str(link)) != target:
             tmp = d / (".%s.%d" % (name, os.getpid()))
@@ -7497,7 +7539,7 @@ def engine_files(store, model, exe):
             args, model_path = overrides, model.model_path
             families.append(text.family)
         else:
-            model_path = view(model.model_path, text, "model.gguf")
+            model_path = view(model.model_path, text, SPLIT_VIEW[0] if text.split else "model.gguf")
     if clip and projector is None:
         projector = view(model.model_path, clip, "mmproj.gguf")
     elif projector:
