@@ -2732,6 +2732,45 @@ def _glm4moelite_edits(g, path):
     return e
 
 
+def _glmocr_edits(g, path):
+    """glm-ocr (glmocr): llama.cpp runs it as glm4, with mrope_section's three sizes as four
+    dimension_sections, the RoPE width from key_length, the chatglm-bpe pre-tokenizer and its own names
+    for three tensors. llama.cpp's glm4 reads each block's FFN as one ffn_up of gate rows then up rows
+    ([n_embd, 2*n_ff]), which Ollama stores as ffn_gate and ffn_up with ffn_norm between them (its
+    converter sorts a block's tensors by name): no single byte range of the blob is the fused tensor, so
+    the fused ones are written once to the view's second split (about a third of the text weights). The
+    vision tower inside is hidden."""
+    e = GGUFEdits("glm-ocr")
+    e.set["general.architecture"] = (8, "glm4")
+    e.rename_keys.append(("glmocr.", "glm4."))
+    sections = read_gguf(path, 16).kv.get("glmocr.rope.mrope_section") or []     # `g` skips arrays
+    if len(sections) == 3:
+        e.set["glm4.rope.dimension_sections"] = (9, (5, list(sections) + [0]))
+    if "glmocr.rope.dimension_count" not in g.kv and "glmocr.attention.key_length" in g.kv:
+        e.set["glm4.rope.dimension_count"] = (4, g.kv["glmocr.attention.key_length"])
+    if g.kv.get("tokenizer.ggml.pre", "chatglm-bpe") != "chatglm-bpe":
+        e.set["tokenizer.ggml.pre"] = (8, "chatglm-bpe")
+    e.rename_containing(g, [(".attn_out.", ".attn_output."), (".post_attn_norm.", ".post_attention_norm."),
+                            (".post_ffn_norm.", ".post_ffw_norm.")], ("blk.",))
+    for b in range(g.kv.get("glmocr.block_count") or 0):
+        gate, up = _tensor(g, "blk.%d.ffn_gate.weight" % b), _tensor(g, "blk.%d.ffn_up.weight" % b)
+        if gate is None or up is None:
+            continue
+        if gate.shape != up.shape or len(gate.shape) != 2:
+            raise OllamaError("glm-ocr: %s %s and %s %s cannot be fused into llama.cpp's ffn_up" % (
+                gate.name, gate.shape, up.name, up.shape))
+        shape = [gate.shape[0], 2 * gate.shape[1]]
+        if gate.type == up.type and gate.type in GGML_BLOCKS:
+            e.split.append((up.name, gate.type, shape, "gate rows then up rows", _joined([gate, up])))
+        else:                                         # halves of two types: one type for the whole, F32
+            e.split.append((up.name, 0, shape, "gate rows then up rows as F32", _widened([gate, up])))
+        e.hide += [gate.name, up.name]
+    e.hide_prefixes(g, "v.", "mm.")
+    e.quirks += ["architecture glmocr: glm4", "M-RoPE sections", "FFN gate and up fused (%d tensors written)"
+                 % len(e.split)]
+    return e
+
+
 def _nemotron_h_moe_edits(g, path):
     """nemotron (nemotron_h_moe): the latent FFN size missing and its tensors under other names, and
     multi-token-prediction tensors the loader does not claim (hidden)."""
@@ -2909,6 +2948,7 @@ OLLAMA_LAYOUTS = {
     "qwen35moe": (_qwen35_edits, _qwen3vl_clip_edits),
     "laguna": (_laguna_edits, None),
     "glm4moelite": (_glm4moelite_edits, None),
+    "glmocr": (_glmocr_edits, None),
     "nemotron_h_moe": (_nemotron_h_moe_edits, None),
     "nemotron_h_omni": (_nemotron_h_omni_edits, _nemotron_h_omni_clip_edits),
     "bert": (_snowflake_edits, None),

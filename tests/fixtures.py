@@ -483,6 +483,65 @@ def write_tiny_qwen2vl(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_f
     return write_tiny_model(path, "qwen2vl", kv, tensors, seed=seed)
 
 
+def write_tiny_glm4(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=96, sections=(2, 3, 3, 0), seed=0):
+    """A tiny GLM-OCR text model as convert_hf_to_gguf.py writes it (llama.cpp's "glm4": post-attention
+    and post-FFN norms, M-RoPE over `sections`, whose sum is half the head size, and each block's FFN
+    as one ffn_up of gate rows then up rows, [n_embd, 2*n_ff] in ggml's order)."""
+    head_dim = n_embd // n_head
+    tensors = [("token_embd.weight", ("n_vocab", n_embd)), ("output_norm.weight", (n_embd,)),
+               ("output.weight", ("n_vocab", n_embd))]
+    for i in range(n_layer):
+        blk = "blk.%d." % i
+        tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim, bias=True)
+        tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "post_attention_norm.weight", (n_embd,)),
+                    (blk + "ffn_norm.weight", (n_embd,)), (blk + "ffn_up.weight", (2 * n_ff, n_embd)),
+                    (blk + "ffn_down.weight", (n_embd, n_ff)), (blk + "post_ffw_norm.weight", (n_embd,))]
+    kv = {".context_length": 4096, ".embedding_length": n_embd, ".block_count": n_layer,
+          ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
+          ".attention.key_length": head_dim, ".attention.value_length": head_dim,
+          ".rope.dimension_count": head_dim, ".rope.freq_base": 10000.0,
+          ".attention.layer_norm_rms_epsilon": 1e-5, ".rope.dimension_sections": list(sections),
+          "tokenizer.ggml.pre": "chatglm-bpe"}
+    return write_tiny_model(path, "glm4", kv, tensors, seed=seed)
+
+
+def write_ollama_glmocr(src, dst, extra=()):
+    """The glm4 model `src` (write_tiny_glm4) as Ollama's converter writes GLM-OCR: architecture glmocr,
+    three M-RoPE sections under rope.mrope_section, no rope.dimension_count, the llama-bpe
+    pre-tokenizer, attn_out/post_attn_norm/post_ffn_norm, each fused ffn_up split into ffn_gate (its
+    first half of rows) and ffn_up, and every tensor sorted by name (so ffn_norm lies between ffn_gate
+    and ffn_up); `extra` [(name, tensor)] is added (the vision tower Ollama's file holds)."""
+    import gguf
+    T = gguf.GGUFValueType
+
+    def kv(kv):
+        out = {k.replace("glm4.", "glmocr.", 1): v for k, v in kv.items()
+               if k not in ("glm4.rope.dimension_sections", "glm4.rope.dimension_count")}
+        out["general.architecture"] = ("glmocr",) + kv["general.architecture"][1:]
+        out["glmocr.rope.mrope_section"] = (list(kv["glm4.rope.dimension_sections"][0][:3]), T.ARRAY, T.INT32)
+        out["tokenizer.ggml.pre"] = ("llama-bpe", T.STRING, None)
+        return out
+
+    class Half:
+        def __init__(self, t, rows):
+            self.data, self.tensor_type = t.data[rows], t.tensor_type
+
+    def tensors(tensors):
+        out = []
+        for name, t in tensors:
+            for old, new in ((".attn_output.", ".attn_out."), (".post_attention_norm.", ".post_attn_norm."),
+                             (".post_ffw_norm.", ".post_ffn_norm.")):
+                name = name.replace(old, new)
+            if name.endswith(".ffn_up.weight"):
+                n_ff = t.data.shape[0] // 2
+                out += [(name.replace("ffn_up", "ffn_gate"), Half(t, slice(0, n_ff))),
+                        (name, Half(t, slice(n_ff, None)))]
+            else:
+                out.append((name, t))
+        return sorted(out + list(extra), key=lambda item: item[0])
+    return rewrite_gguf(src, dst, kv, tensors)
+
+
 def tiny_charsmap():
     """A SentencePiece precompiled charsmap (the bytes llama.cpp's UGM tokenizer reads) that
     normalises "A" to "a" and leaves the rest: a 256-node XOR-compressed double array whose root's

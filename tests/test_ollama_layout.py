@@ -1165,3 +1165,36 @@ def test_gemma3n_reads_the_text_vocabulary_as_llama_cpps_gemma3n(server, engine,
     theirs = fixtures.rewrite_gguf(cpp, tmp_path / "gemma3n-ollama.gguf", kv, lambda tensors: [
         (n, MoreRows(t) if n == "token_embd.weight" else t) for n, t in tensors])
     same_answers(server, cpp, theirs)
+
+
+# -- glm-ocr: the FFN fused, in a second split written beside the view --------------------------------------
+
+def test_glm_ocr_runs_as_llama_cpps_glm4_with_its_ffn_fused_in_a_second_split(server, engine, tmp_path):
+    """GLM-OCR as Ollama's converter writes it: architecture glmocr, three M-RoPE sections, no RoPE
+    width, other names for three norms and projections, the vision tower inside, and each block's FFN
+    as ffn_gate and ffn_up with ffn_norm between them in the file, where llama.cpp's glm4 reads one
+    ffn_up of gate rows then up rows. The fused tensors are the view's second split, written once and
+    reused; the blob keeps its digest and `rm` removes the view."""
+    cpp = fixtures.write_tiny_glm4(tmp_path / "glm4.gguf", seed=29)
+    theirs = fixtures.write_ollama_glmocr(cpp, tmp_path / "glmocr-ollama.gguf",
+                                          [(name, Tower()) for name in ("v.patch_embd.weight", "mm.model.fc.weight")])
+    names = [t.name for t in ollama.read_gguf(theirs, 0).tensors]
+    assert names.index("blk.0.ffn_gate.weight") < names.index("blk.0.ffn_norm.weight") < \
+        names.index("blk.0.ffn_up.weight")
+    edits = answers_alike(server, cpp, theirs)
+    assert [(name, shape) for name, _t, shape, _r, _b in edits.split] == \
+        [("blk.0.ffn_up.weight", [64, 192]), ("blk.1.ffn_up.weight", [64, 192])]
+    assert edits.set["glm4.rope.dimension_sections"] == (9, (5, [2, 3, 3, 0]))
+    blob = ollama.file_digest(theirs)
+    assert ollama.file_digest(server.store.blob_path(blob)) == blob
+    view = server.store.view_dir(blob)
+    assert sorted(p.name for p in view.iterdir()) == [
+        "model-00001-of-00002.gguf", "model-00001-of-00002.gguf.edits", "model-00002-of-00002.gguf"]
+    second = ollama.read_gguf(view / "model-00002-of-00002.gguf", 0)
+    assert [(t.name, t.shape) for t in second.tensors] == [("blk.0.ffn_up.weight", [64, 192]),
+                                                           ("blk.1.ffn_up.weight", [64, 192])]
+    inode = (view / "model-00002-of-00002.gguf").stat().st_ino
+    edits.write(str(view / "model-00001-of-00002.gguf.edits"), theirs, ollama.read_gguf(theirs, 0))
+    assert (view / "model-00002-of-00002.gguf").stat().st_ino == inode        # reused, not rewritten
+    assert delete(server, "ollama") == 200
+    assert not view.exists()
