@@ -2734,12 +2734,13 @@ def _glm4moelite_edits(g, path):
 
 def _glmocr_edits(g, path):
     """glm-ocr (glmocr): llama.cpp runs it as glm4, with mrope_section's three sizes as four
-    dimension_sections, the RoPE width from key_length, the chatglm-bpe pre-tokenizer and its own names
-    for three tensors. llama.cpp's glm4 reads each block's FFN as one ffn_up of gate rows then up rows
-    ([n_embd, 2*n_ff]), which Ollama stores as ffn_gate and ffn_up with ffn_norm between them (its
-    converter sorts a block's tensors by name): no single byte range of the blob is the fused tensor, so
-    the fused ones are written once to the view's second split (about a third of the text weights). The
-    vision tower inside is hidden."""
+    dimension_sections, the RoPE width from key_length and partial_rotary_factor, the chatglm-bpe
+    pre-tokenizer and its own names for three tensors. llama.cpp's glm4 reads each block's FFN as one
+    ffn_up of gate rows then up rows ([n_embd, 2*n_ff]), which Ollama stores as ffn_gate and ffn_up with
+    ffn_norm between them (its converter sorts a block's tensors by name): no single byte range of the
+    blob is the fused tensor, so the fused ones are written once to the view's second split (about a
+    third of the text weights; halves of two types are widened to F32). The vision tower inside is
+    hidden."""
     e = GGUFEdits("glm-ocr")
     e.set["general.architecture"] = (8, "glm4")
     e.rename_keys.append(("glmocr.", "glm4."))
@@ -2747,7 +2748,10 @@ def _glmocr_edits(g, path):
     if len(sections) == 3:
         e.set["glm4.rope.dimension_sections"] = (9, (5, list(sections) + [0]))
     if "glmocr.rope.dimension_count" not in g.kv and "glmocr.attention.key_length" in g.kv:
-        e.set["glm4.rope.dimension_count"] = (4, g.kv["glmocr.attention.key_length"])
+        # as Ollama's converter now writes it for llama.cpp (its compat layer takes key_length alone:
+        # the same for GLM-OCR, whose factor is 1 and whose sections cover half of each 128-wide head)
+        factor = g.kv.get("glmocr.rope.partial_rotary_factor") or 1.0
+        e.set["glm4.rope.dimension_count"] = (4, int(g.kv["glmocr.attention.key_length"] * factor))
     if g.kv.get("tokenizer.ggml.pre", "chatglm-bpe") != "chatglm-bpe":
         e.set["tokenizer.ggml.pre"] = (8, "chatglm-bpe")
     e.rename_containing(g, [(".attn_out.", ".attn_output."), (".post_attn_norm.", ".post_attention_norm."),

@@ -507,7 +507,8 @@ def write_tiny_glm4(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=9
 
 def write_ollama_glmocr(src, dst, extra=()):
     """The glm4 model `src` (write_tiny_glm4) as Ollama's converter writes GLM-OCR: architecture glmocr,
-    three M-RoPE sections under rope.mrope_section, no rope.dimension_count, the llama-bpe
+    three M-RoPE sections under rope.mrope_section, a partial_rotary_factor of 1 for the missing
+    rope.dimension_count, the llama-bpe
     pre-tokenizer, attn_out/post_attn_norm/post_ffn_norm, each fused ffn_up split into ffn_gate (its
     first half of rows) and ffn_up, and every tensor sorted by name (so ffn_norm lies between ffn_gate
     and ffn_up); `extra` [(name, tensor)] is added (the vision tower Ollama's file holds)."""
@@ -519,6 +520,7 @@ def write_ollama_glmocr(src, dst, extra=()):
                if k not in ("glm4.rope.dimension_sections", "glm4.rope.dimension_count")}
         out["general.architecture"] = ("glmocr",) + kv["general.architecture"][1:]
         out["glmocr.rope.mrope_section"] = (list(kv["glm4.rope.dimension_sections"][0][:3]), T.ARRAY, T.INT32)
+        out["glmocr.rope.partial_rotary_factor"] = (1.0, T.FLOAT32, None)
         out["tokenizer.ggml.pre"] = ("llama-bpe", T.STRING, None)
         return out
 

@@ -1185,6 +1185,7 @@ def test_glm_ocr_runs_as_llama_cpps_glm4_with_its_ffn_fused_in_a_second_split(se
     assert [(name, shape) for name, _t, shape, _r, _b in edits.split] == \
         [("blk.0.ffn_up.weight", [64, 192]), ("blk.1.ffn_up.weight", [64, 192])]
     assert edits.set["glm4.rope.dimension_sections"] == (9, (5, [2, 3, 3, 0]))
+    assert edits.set["glm4.rope.dimension_count"] == (4, 16) and edits.set["tokenizer.ggml.pre"] == (8, "chatglm-bpe")
     blob = ollama.file_digest(theirs)
     assert ollama.file_digest(server.store.blob_path(blob)) == blob
     view = server.store.view_dir(blob)
@@ -1198,3 +1199,15 @@ def test_glm_ocr_runs_as_llama_cpps_glm4_with_its_ffn_fused_in_a_second_split(se
     assert (view / "model-00002-of-00002.gguf").stat().st_ino == inode        # reused, not rewritten
     assert delete(server, "ollama") == 200
     assert not view.exists()
+
+
+def test_glm_ocr_in_q8_0_fuses_its_ffn_halves_byte_for_byte(server, engine, tmp_path):
+    """The fused ffn_up is the two halves' bytes one after the other, whole rows being whole blocks: a
+    Q8_0 GLM-OCR (llama-quantize's file, relabelled as Ollama writes it) answers as llama.cpp's."""
+    f32 = fixtures.write_tiny_glm4(tmp_path / "glm4-f32.gguf", seed=31)
+    cpp = tmp_path / "glm4-q8_0.gguf"
+    subprocess.run([os.path.join(os.path.dirname(str(engine)), "llama-quantize"), str(f32), str(cpp), "Q8_0"],
+                   check=True, capture_output=True)
+    theirs = fixtures.write_ollama_glmocr(cpp, tmp_path / "glmocr-q8_0-ollama.gguf")
+    edits = answers_alike(server, cpp, theirs)
+    assert [vtype for _n, vtype, _s, _r, _b in edits.split] == [8, 8]          # Q8_0, as stored
