@@ -2927,10 +2927,11 @@ def _llava_projector_edits(g, path):
     return e
 
 
-# Not here: glmocr (Ollama's published GLM-OCR files). llama.cpp's glm4 wants each block's FFN fused
-# (ffn_up [n_embd, 2*n_ff], gate rows then up rows), and WriteGGUF sorts a block's tensors by name,
-# so ffn_norm lies between ffn_gate and ffn_up: no single byte range is the fused tensor, and the
-# text loader reads each tensor as one range of the file (mmap). docs/models.md says what it would take.
+# glmocr (Ollama's published GLM-OCR files): llama.cpp's glm4 wants each block's FFN fused (ffn_up
+# [n_embd, 2*n_ff], gate rows then up rows), and WriteGGUF sorts a block's tensors by name, so ffn_norm
+# lies between ffn_gate and ffn_up: no single byte range is the fused tensor, and the text loader maps
+# each tensor as one range of its file. So its view is a model split in two (GGUFEdits.split): the blob,
+# and a file of the fused tensors alone, the only text weights stored twice (about a third of them).
 #: architecture -> (text edits, projector edits): each takes (GGUF header, path) and returns GGUFEdits
 #: or None when the file is already in llama.cpp's layout. docs/models.md's family table says what is tested.
 OLLAMA_LAYOUTS = {
