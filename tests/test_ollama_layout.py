@@ -1211,3 +1211,26 @@ def test_glm_ocr_in_q8_0_fuses_its_ffn_halves_byte_for_byte(server, engine, tmp_
     theirs = fixtures.write_ollama_glmocr(cpp, tmp_path / "glmocr-q8_0-ollama.gguf")
     edits = answers_alike(server, cpp, theirs)
     assert [vtype for _n, vtype, _s, _r, _b in edits.split] == [8, 8]          # Q8_0, as stored
+
+
+def test_glm_ocr_ffn_halves_of_two_types_are_fused_as_f32(tmp_path):
+    """An FFN whose gate and up halves differ in type has no one type to copy bytes in: the fused
+    tensor is both widened to F32, gate rows first."""
+    import struct
+    gate, up = [0.5 * i for i in range(8)], [-1.0 - i for i in range(8)]
+    path = tmp_path / "glmocr.gguf"
+    ollama.write_gguf(path, [("general.architecture", 8, "glmocr"), ("glmocr.block_count", 4, 1)], [
+        ("blk.0.ffn_gate.weight", 1, [4, 2], struct.pack("<8e", *gate)),
+        ("blk.0.ffn_norm.weight", 0, [4], struct.pack("<4f", 1, 1, 1, 1)),
+        ("blk.0.ffn_up.weight", 0, [4, 2], struct.pack("<8f", *up))])
+    g = ollama.read_gguf(path, 0)
+    e, _ = ollama.ollama_layout(g, path)
+    assert [(n, vtype, shape) for n, vtype, shape, _r, _b in e.split] == [("blk.0.ffn_up.weight", 0, [4, 4])]
+    assert e.hide == ["blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"]
+    e.write(str(tmp_path / "model-00001-of-00002.gguf.edits"), path, g)
+    second = ollama.read_gguf(tmp_path / "model-00002-of-00002.gguf", 0)
+    assert second.kv["split.no"] == 1 and second.kv["split.tensors.count"] == 2       # ffn_norm and the fused
+    with open(str(tmp_path / "model-00002-of-00002.gguf"), "rb") as f:
+        assert struct.unpack("<16f", ollama._tensor_data(f, second, second.tensors[0])) == tuple(gate + up)
+    edits = ollama.read_gguf(tmp_path / "model-00001-of-00002.gguf.edits", 0)
+    assert (edits.kv["split.no"], edits.kv["split.count"], edits.kv["split.tensors.count"]) == (0, 2, 2)
