@@ -2775,6 +2775,39 @@ def _glmocr_edits(g, path):
     return e
 
 
+def _glmocr_clip_edits(g, path):
+    """glm-ocr with its vision tower inside: the same file read as llama.cpp's glm4v mmproj, as Ollama's
+    compat layer reads it: the glmocr.vision.* keys under clip.*, the two temporal patch embeddings
+    under llama.cpp's names (patch_embd_0/_1 -> .weight/.weight.1), the text model hidden. The tower's
+    other names are llama.cpp's already. None without a whole tower."""
+    if not all("glmocr.vision." + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) \
+            or not _tensor(g, "v.patch_embd_0.weight"):
+        return None
+    e = GGUFEdits("glm-ocr vision")
+    for ours, theirs, vtype in (("block_count", "block_count", 4), ("embedding_length", "embedding_length", 4),
+                                ("intermediate_size", "feed_forward_length", 4),
+                                ("attention.head_count", "attention.head_count", 4),
+                                ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", 6),
+                                ("image_size", "image_size", 4), ("patch_size", "patch_size", 4),
+                                ("spatial_merge_size", "spatial_merge_size", 4),
+                                ("out_hidden_size", "projection_dim", 4)):
+        if "glmocr.vision." + ours in g.kv:
+            e.set["clip.vision." + theirs] = (vtype, g.kv["glmocr.vision." + ours])
+    arrays = read_gguf(path, 16).kv                      # `g` skips arrays
+    for key in ("image_mean", "image_std"):
+        if arrays.get("glmocr.vision." + key):
+            e.set["clip.vision." + key] = (9, (6, list(arrays["glmocr.vision." + key])))
+    e.set_missing(g, "clip.has_vision_encoder", 7, True)
+    e.set_missing(g, "clip.use_silu", 7, True)
+    e.set["clip.projector_type"] = (8, "glm4v")
+    e.set["general.architecture"] = (8, "clip")
+    renames = {"v.patch_embd_0.weight": "v.patch_embd.weight", "v.patch_embd_1.weight": "v.patch_embd.weight.1"}
+    e.rename += [(t.name, renames[t.name]) for t in g.tensors if t.name in renames]
+    e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm."))]
+    e.quirks.append("vision tower read as a glm4v projector")
+    return e
+
+
 def _nemotron_h_moe_edits(g, path):
     """nemotron (nemotron_h_moe): the latent FFN size missing and its tensors under other names, and
     multi-token-prediction tensors the loader does not claim (hidden)."""
@@ -2953,7 +2986,7 @@ OLLAMA_LAYOUTS = {
     "qwen35moe": (_qwen35_edits, _qwen3vl_clip_edits),
     "laguna": (_laguna_edits, None),
     "glm4moelite": (_glm4moelite_edits, None),
-    "glmocr": (_glmocr_edits, None),
+    "glmocr": (_glmocr_edits, _glmocr_clip_edits),
     "nemotron_h_moe": (_nemotron_h_moe_edits, None),
     "nemotron_h_omni": (_nemotron_h_omni_edits, _nemotron_h_omni_clip_edits),
     "bert": (_snowflake_edits, None),

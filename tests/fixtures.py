@@ -505,15 +505,86 @@ def write_tiny_glm4(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=9
     return write_tiny_model(path, "glm4", kv, tensors, seed=seed)
 
 
-def write_ollama_glmocr(src, dst, extra=()):
+def write_tiny_glm4v_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32, n_layer=2, n_head=2, n_ff=48,
+                            seed=0):
+    """A tiny random-weight GLM-OCR vision tower in llama.cpp's mmproj layout (glm4v): two temporal patch
+    embeddings and their bias, RMS-norm blocks with a fused QKV and a SiLU-gated MLP, the post norm, the
+    2x2 patch merger (a convolution) into `n_embd_text`, then the projector's linear, LayerNorm and
+    gated MLP. Returns the Path."""
+    import numpy as np
+
+    path = Path(path)
+    w = _gguf_writer(path, "clip")
+    w.add_name("tiny-glm4v-mmproj")
+    w.add_string("clip.projector_type", "glm4v")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_silu", True)
+    for key, value in (("image_size", 336), ("patch_size", patch_size), ("embedding_length", n_embd),
+                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+                       ("attention.head_count", n_head), ("spatial_merge_size", 2)):
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    w.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    w.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    def vector(n, norm=False):
+        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size))
+    w.add_tensor("v.patch_embd.weight.1", matrix(n_embd, 3, patch_size, patch_size))
+    w.add_tensor("v.patch_embd.bias", vector(n_embd))
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_qkv", 3 * n_embd, n_embd), ("attn_out", n_embd, n_embd),
+                                 ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+        w.add_tensor(blk + "ln1.weight", vector(n_embd, norm=True))
+        w.add_tensor(blk + "ln2.weight", vector(n_embd, norm=True))
+    w.add_tensor("v.post_ln.weight", vector(n_embd, norm=True))
+    w.add_tensor("mm.patch_merger.weight", matrix(n_embd_text, n_embd, 2, 2))
+    w.add_tensor("mm.patch_merger.bias", vector(n_embd_text))
+    w.add_tensor("mm.model.fc.weight", matrix(n_embd_text, n_embd_text))
+    w.add_tensor("mm.post_norm.weight", vector(n_embd_text, norm=True))
+    w.add_tensor("mm.post_norm.bias", vector(n_embd_text))
+    for part, rows, cols in (("gate", 2 * n_embd_text, n_embd_text), ("up", 2 * n_embd_text, n_embd_text),
+                             ("down", n_embd_text, 2 * n_embd_text)):
+        w.add_tensor("mm.%s.weight" % part, matrix(rows, cols))
+    return _gguf_done(w, path)
+
+
+def write_ollama_glmocr(src, dst, extra=(), mmproj=None):
     """The glm4 model `src` (write_tiny_glm4) as Ollama's converter writes GLM-OCR: architecture glmocr,
     three M-RoPE sections under rope.mrope_section, a partial_rotary_factor of 1 for the missing
     rope.dimension_count, the llama-bpe
     pre-tokenizer, attn_out/post_attn_norm/post_ffn_norm, each fused ffn_up split into ffn_gate (its
     first half of rows) and ffn_up, and every tensor sorted by name (so ffn_norm lies between ffn_gate
-    and ffn_up); `extra` [(name, tensor)] is added (the vision tower Ollama's file holds)."""
+    and ffn_up); `extra` [(name, tensor)] is added (the vision tower Ollama's file holds). With `mmproj`
+    (write_tiny_glm4v_mmproj), its tower is inside, as Ollama's converter writes it: the temporal patch
+    embeddings as patch_embd_0/_1, the keys under glmocr.vision.*."""
     import gguf
     T = gguf.GGUFValueType
+    vision_kv = {}
+    if mmproj is not None:
+        reader = gguf.GGUFReader(str(mmproj))
+
+        def field(key):
+            return reader.fields[key].contents()
+        vision_kv = {"glmocr.vision." + ours: (field("clip.vision." + theirs), T.UINT32, None) for ours, theirs in (
+            ("block_count", "block_count"), ("embedding_length", "embedding_length"),
+            ("attention.head_count", "attention.head_count"), ("image_size", "image_size"),
+            ("patch_size", "patch_size"), ("spatial_merge_size", "spatial_merge_size"),
+            ("out_hidden_size", "projection_dim"), ("intermediate_size", "feed_forward_length"))}
+        vision_kv["glmocr.vision.temporal_patch_size"] = (2, T.UINT32, None)
+        vision_kv["glmocr.vision.attention.layer_norm_rms_epsilon"] = (
+            field("clip.vision.attention.layer_norm_epsilon"), T.FLOAT32, None)
+        for key in ("image_mean", "image_std"):
+            vision_kv["glmocr.vision." + key] = (list(field("clip.vision." + key)), T.ARRAY, T.FLOAT32)
+        names = {"v.patch_embd.weight": "v.patch_embd_0.weight", "v.patch_embd.weight.1": "v.patch_embd_1.weight"}
+        extra = list(extra) + [(names.get(t.name, t.name), t) for t in reader.tensors]
 
     def kv(kv):
         out = {k.replace("glm4.", "glmocr.", 1): v for k, v in kv.items()
@@ -522,7 +593,7 @@ def write_ollama_glmocr(src, dst, extra=()):
         out["glmocr.rope.mrope_section"] = (list(kv["glm4.rope.dimension_sections"][0][:3]), T.ARRAY, T.INT32)
         out["glmocr.rope.partial_rotary_factor"] = (1.0, T.FLOAT32, None)
         out["tokenizer.ggml.pre"] = ("llama-bpe", T.STRING, None)
-        return out
+        return dict(out, **vision_kv)
 
     class Half:
         def __init__(self, t, rows):

@@ -1234,3 +1234,20 @@ def test_glm_ocr_ffn_halves_of_two_types_are_fused_as_f32(tmp_path):
         assert struct.unpack("<16f", ollama._tensor_data(f, second, second.tensors[0])) == tuple(gate + up)
     edits = ollama.read_gguf(tmp_path / "model-00001-of-00002.gguf.edits", 0)
     assert (edits.kv["split.no"], edits.kv["split.count"], edits.kv["split.tensors.count"]) == (0, 2, 2)
+
+
+def test_monolithic_glm_ocr_sees_images_through_its_own_file(server, engine, tmp_path):
+    """GLM-OCR as Ollama's converter writes it, its vision tower inside (the temporal patch embeddings
+    as patch_embd_0/_1, the keys under glmocr.vision.*): read as a glm4v projector through its own
+    edits beside the split text view, image answers match llama.cpp's model + mmproj pair and follow
+    the pixels."""
+    text = fixtures.write_tiny_glm4(tmp_path / "glm4.gguf", seed=35)
+    mmproj = fixtures.write_tiny_glm4v_mmproj(tmp_path / "mmproj.gguf", seed=36)
+    mono = fixtures.write_ollama_glmocr(text, tmp_path / "glmocr-ollama.gguf", mmproj=mmproj)
+    import_model(server.store, "pair", text, mmproj)
+    import_model(server.store, "ollama", mono)
+    red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
+    assert red != blue
+    assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
+    assert {"mmproj.gguf.edits", "model-00002-of-00002.gguf"} <= {
+        p.name for p in server.store.view_dir(ollama.file_digest(mono)).iterdir()}
