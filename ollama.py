@@ -2778,8 +2778,9 @@ def _glmocr_edits(g, path):
 def _glmocr_clip_edits(g, path):
     """glm-ocr with its vision tower inside: the same file read as llama.cpp's glm4v mmproj, as Ollama's
     compat layer reads it: the glmocr.vision.* keys under clip.*, the two temporal patch embeddings
-    under llama.cpp's names (patch_embd_0/_1 -> .weight/.weight.1), the text model hidden. The tower's
-    other names are llama.cpp's already. None without a whole tower."""
+    under llama.cpp's names (patch_embd_0/_1 -> .weight/.weight.1) and, when F16 or BF16, as F32 (data
+    edits), the text model hidden. The tower's other names are llama.cpp's already. None without a
+    whole tower."""
     if not all("glmocr.vision." + k in g.kv for k in ("block_count", "embedding_length", "attention.head_count")) \
             or not _tensor(g, "v.patch_embd_0.weight"):
         return None
@@ -2803,6 +2804,9 @@ def _glmocr_clip_edits(g, path):
     e.set["general.architecture"] = (8, "clip")
     renames = {"v.patch_embd_0.weight": "v.patch_embd.weight", "v.patch_embd_1.weight": "v.patch_embd.weight.1"}
     e.rename += [(t.name, renames[t.name]) for t in g.tensors if t.name in renames]
+    for t in g.tensors:
+        if t.name in renames and t.type in (1, 30):      # as F32, as Ollama's compat layer promotes them
+            e.data.append((renames[t.name], 0, t.shape, "f32 of %s" % GGML_TYPES[t.type], _as_f32(t)))
     e.hide += [t.name for t in g.tensors if not t.name.startswith(("v.", "mm."))]
     e.quirks.append("vision tower read as a glm4v projector")
     return e

@@ -508,9 +508,9 @@ def write_tiny_glm4(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=9
 def write_tiny_glm4v_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32, n_layer=2, n_head=2, n_ff=48,
                             seed=0):
     """A tiny random-weight GLM-OCR vision tower in llama.cpp's mmproj layout (glm4v): two temporal patch
-    embeddings and their bias, RMS-norm blocks with a fused QKV and a SiLU-gated MLP, the post norm, the
-    2x2 patch merger (a convolution) into `n_embd_text`, then the projector's linear, LayerNorm and
-    gated MLP. Returns the Path."""
+    embeddings (F32 holding F16 values) and their bias, RMS-norm blocks with a fused QKV and a SiLU-gated
+    MLP, the post norm, the 2x2 patch merger (a convolution) into `n_embd_text`, then the projector's
+    linear, LayerNorm and gated MLP. Returns the Path."""
     import numpy as np
 
     path = Path(path)
@@ -534,8 +534,8 @@ def write_tiny_glm4v_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32, n
     def vector(n, norm=False):
         return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size))
-    w.add_tensor("v.patch_embd.weight.1", matrix(n_embd, 3, patch_size, patch_size))
+    for name in ("v.patch_embd.weight", "v.patch_embd.weight.1"):        # F16 values: Ollama's file has them so
+        w.add_tensor(name, matrix(n_embd, 3, patch_size, patch_size).astype(np.float16).astype(np.float32))
     w.add_tensor("v.patch_embd.bias", vector(n_embd))
     for i in range(n_layer):
         blk = "v.blk.%d." % i
@@ -564,7 +564,7 @@ def write_ollama_glmocr(src, dst, extra=(), mmproj=None):
     first half of rows) and ffn_up, and every tensor sorted by name (so ffn_norm lies between ffn_gate
     and ffn_up); `extra` [(name, tensor)] is added (the vision tower Ollama's file holds). With `mmproj`
     (write_tiny_glm4v_mmproj), its tower is inside, as Ollama's converter writes it: the temporal patch
-    embeddings as patch_embd_0/_1, the keys under glmocr.vision.*."""
+    embeddings as patch_embd_0/_1 in F16, the keys under glmocr.vision.*."""
     import gguf
     T = gguf.GGUFValueType
     vision_kv = {}
@@ -584,7 +584,11 @@ def write_ollama_glmocr(src, dst, extra=(), mmproj=None):
         for key in ("image_mean", "image_std"):
             vision_kv["glmocr.vision." + key] = (list(field("clip.vision." + key)), T.ARRAY, T.FLOAT32)
         names = {"v.patch_embd.weight": "v.patch_embd_0.weight", "v.patch_embd.weight.1": "v.patch_embd_1.weight"}
-        extra = list(extra) + [(names.get(t.name, t.name), t) for t in reader.tensors]
+
+        class F16:
+            def __init__(self, t):
+                self.data, self.tensor_type = t.data.astype("float16"), gguf.GGMLQuantizationType.F16
+        extra = list(extra) + [(names[t.name], F16(t)) if t.name in names else (t.name, t) for t in reader.tensors]
 
     def kv(kv):
         out = {k.replace("glm4.", "glmocr.", 1): v for k, v in kv.items()

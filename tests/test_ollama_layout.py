@@ -1249,5 +1249,5 @@ def test_monolithic_glm_ocr_sees_images_through_its_own_file(server, engine, tmp
     red, blue = tops(server, "pair", (200, 30, 30)), tops(server, "pair", (30, 30, 200))
     assert red != blue
     assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
-    assert {"mmproj.gguf.edits", "model-00002-of-00002.gguf"} <= {
+    assert {"mmproj.gguf.edits", "mmproj.gguf.data", "model-00002-of-00002.gguf"} <= {
         p.name for p in server.store.view_dir(ollama.file_digest(mono)).iterdir()}
