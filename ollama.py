@@ -2739,8 +2739,9 @@ def _glmocr_edits(g, path):
     ffn_up of gate rows then up rows ([n_embd, 2*n_ff]), which Ollama stores as ffn_gate and ffn_up with
     ffn_norm between them (its converter sorts a block's tensors by name): no single byte range of the
     blob is the fused tensor, so the fused ones are written once to the view's second split (about a
-    third of the text weights; halves of two types are widened to F32). The vision tower inside is
-    hidden."""
+    third of the text weights; halves of two types are widened to F32, and a type that cannot be is
+    refused in words as the view is written). The vision tower inside is hidden from the text loader
+    (_glmocr_clip_edits reads it)."""
     e = GGUFEdits("glm-ocr")
     e.set["general.architecture"] = (8, "glm4")
     e.rename_keys.append(("glmocr.", "glm4."))
@@ -2758,11 +2759,8 @@ def _glmocr_edits(g, path):
                             (".post_ffn_norm.", ".post_ffw_norm.")], ("blk.",))
     for b in range(g.kv.get("glmocr.block_count") or 0):
         gate, up = _tensor(g, "blk.%d.ffn_gate.weight" % b), _tensor(g, "blk.%d.ffn_up.weight" % b)
-        if gate is None or up is None:
-            continue
-        if gate.shape != up.shape or len(gate.shape) != 2:
-            raise OllamaError("glm-ocr: %s %s and %s %s cannot be fused into llama.cpp's ffn_up" % (
-                gate.name, gate.shape, up.name, up.shape))
+        if gate is None or up is None or gate.shape != up.shape or len(gate.shape) != 2:
+            continue                                  # not two halves: the engine names the tensor it refuses
         shape = [gate.shape[0], 2 * gate.shape[1]]
         if gate.type == up.type and gate.type in GGML_BLOCKS:
             e.split.append((up.name, gate.type, shape, "gate rows then up rows", _joined([gate, up])))

@@ -1251,3 +1251,15 @@ def test_monolithic_glm_ocr_sees_images_through_its_own_file(server, engine, tmp
     assert tops(server, "ollama", (200, 30, 30)) == red and tops(server, "ollama", (30, 30, 200)) == blue
     assert {"mmproj.gguf.edits", "mmproj.gguf.data", "model-00002-of-00002.gguf"} <= {
         p.name for p in server.store.view_dir(ollama.file_digest(mono)).iterdir()}
+
+
+def test_glm_ocr_ffn_halves_that_cannot_be_widened_are_refused_in_words(tmp_path):
+    path = tmp_path / "glmocr.gguf"
+    ollama.write_gguf(path, [("general.architecture", 8, "glmocr"), ("glmocr.block_count", 4, 1)], [
+        ("blk.0.ffn_gate.weight", 12, [256, 2], bytes(2 * 144)),                 # Q4_K
+        ("blk.0.ffn_up.weight", 0, [256, 2], bytes(2 * 256 * 4))])
+    g = ollama.read_gguf(path, 0)
+    e, _ = ollama.ollama_layout(g, path)
+    with pytest.raises(ollama.OllamaError, match="cannot widen ggml type Q4_K to F32"):
+        e.write(str(tmp_path / "model-00001-of-00002.gguf.edits"), path, g)
+    assert not (tmp_path / "model-00002-of-00002.gguf").exists()
