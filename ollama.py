@@ -1730,7 +1730,7 @@ def write_gguf(path, kv, tensors, alignment=32):
         offset += size + pad
     header = b"".join(head)
     header += b"\0" * (-len(header) % alignment)
-    tmp = "%s.tmp.%d" % (path, os.getpid())
+    tmp = "%s.tmp.%d.%d" % (path, os.getpid(), threading.get_ident())   # a writer each: none shared
     try:
         with open(tmp, "wb") as f:
             f.write(header)
@@ -1960,7 +1960,7 @@ class GGUFEdits:
                     return offsets
         except OSError:
             pass
-        tmp = "%s.tmp.%d" % (path, os.getpid())
+        tmp = "%s.tmp.%d.%d" % (path, os.getpid(), threading.get_ident())   # a writer each: none shared
         try:
             with open(str(source), "rb") as src, open(tmp, "wb") as out:
                 out.write(stamp)
