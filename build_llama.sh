@@ -332,6 +332,7 @@ setup_conf() {
     build_dir="$CACHE/build/$version-$flavor"
     identity="$(sha256_text "source=$version:$src_sha
 gguf_edits=$gguf_edits
+swa_reuse=$swa_reuse
 flags=${flags[*]}
 targets=${targets[*]}")"
 }
@@ -587,6 +588,19 @@ CLIP
 }
 gguf_edits="v2:$(sha256_text "$(gguf_edits_source)$(clip_data_source)" | cut -c1-16)"
 
+# The sliding-window reuse fix: llama-server's reuse check for a sliding-window model (Gemma 2 and 3,
+# gpt-oss...) asks that the cache start before pos_next - n_swa, one cell earlier than the next token
+# reads (it attends to positions p with pos_next - p < n_swa: llama_hparams::is_masked_swa). A live
+# cache never shows the difference, but a slot restored from a file holds exactly the window
+# (llama_kv_cache::state_write keeps the cells the last token could see, pos_max - n_swa + 1 on),
+# which starts at pos_next - n_swa when the new prompt extends the saved one: unpatched, every token is
+# computed again (ollama.py's prompt cache, PromptCache). Only for a cache that can drop a sequence's
+# tail (seq_rm type PART): a recurrent state's pos_min means something else. ollama.py reads the
+# build-info's swa_reuse line to know an engine reuses restored windows.
+SWA_REUSE_LINE='                                if (pos_min >= pos_min_thold) {'
+SWA_REUSE_NEW='                                if (pos_min >= pos_min_thold + (n_swa > 0 \&\& ctx_tgt_seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_PART ? 1 : 0)) { \/\/ ollama.py swa reuse v1'
+swa_reuse="v1:$(sha256_text "$SWA_REUSE_NEW" | cut -c1-16)"
+
 targets=(llama-server llama-quantize)      # llama-quantize: create --quantize
 [ "$rpc" = 1 ] && targets+=(ggml-rpc-server)    # installed as rpc-server: ollama.py worker
 
@@ -608,6 +622,7 @@ if [ -n "$source_dir" ]; then
     fi
     src_desc="llama.cpp checkout $source_dir"
     gguf_edits="none (--source builds the checkout as it is)"
+    swa_reuse="none (--source builds the checkout as it is)"
 elif [ -n "$sdist" ]; then
     [ -f "$sdist" ] || die "--sdist $sdist: no such file"
     sdist="$(cd "$(dirname "$sdist")" && pwd)/$(basename "$sdist")"
@@ -804,6 +819,22 @@ add_clip_data() {
 }
 [ "$src_kind" = dir ] || { add_gguf_edits; add_clip_data; }
 
+add_swa_reuse() {
+    # Applies the sliding-window reuse fix (see SWA_REUSE_LINE) to $src_tree's server-context.cpp the
+    # same way: from the pristine copy, the one line checked with grep, rewritten only when it differs.
+    local f="$src_tree/tools/server/server-context.cpp" orig new
+    orig="$f.ollama-py-orig"
+    [ -f "$orig" ] || cp "$f" "$orig"
+    [ "$(grep -cxF "$SWA_REUSE_LINE" "$orig")" = 1 ] \
+        || { die "$f: the sliding-window reuse check is not where the patch expects it"; }
+    new="$f.tmp.$$"
+    sed "s/^$SWA_REUSE_LINE\$/$SWA_REUSE_NEW/" "$orig" > "$new"
+    grep -q '// ollama.py swa reuse v1$' "$new" \
+        || { rm -f "$new"; die "$f: the sliding-window reuse patch did not apply"; }
+    if cmp -s "$new" "$f"; then rm -f "$new"; else mv -f "$new" "$f"; fi
+}
+[ "$src_kind" = dir ] || add_swa_reuse
+
 # ---------------------------------------------------------------------------------------------------
 # Configure, build, check, install
 # ---------------------------------------------------------------------------------------------------
@@ -892,6 +923,7 @@ compiler="$("${cxx_used:-c++}" --version 2>/dev/null | head -1 || true)"
     [ "$src_kind" = dir ] && echo "source_revision: ${src_sha:-unknown (not a git checkout)}"
     echo "source_tree: $src_tree"
     echo "gguf_edits: $gguf_edits"
+    echo "swa_reuse: $swa_reuse"
     echo "target: $target$([ "$cross" = 1 ] && echo " (cross-built on $host_arch)")"
     echo "flavor: $flavor"
     echo "cpu_config: $conf"
