@@ -7877,16 +7877,32 @@ class _LeasedItems:
     __del__ = close                         # dropped unclosed, as a suspended generator would be
 
 
-def prompt_state_restorable(model):
-    """Whether llama-server can reuse a restored slot of `model`: not with a sliding window (only the
-    window's cells are saved) nor recurrent state (no cells to go back to), read from the GGUF's keys."""
+def engine_reuses_windows(exe):
+    """Whether llama-server `exe` reuses a restored sliding window: built by build_llama.sh with its
+    swa_reuse fix (its build-info says so). Unpatched, llama-server asks that the cache start one cell
+    before the window the next token reads, which a restored slot (exactly that window) never does, so
+    it computes the whole prompt again; a llama-server built some other way is taken as unpatched."""
+    try:
+        for line in Path(str(exe) + ".build-info").read_text().splitlines():
+            if line.startswith("swa_reuse:"):
+                return line.split(":", 1)[1].strip().startswith("v1")
+    except OSError:
+        pass
+    return False
+
+
+def prompt_state_restorable(model, exe=None):
+    """Whether llama-server `exe` can reuse a restored slot of `model`: not recurrent state (no cells to
+    go back to), and a sliding window only with build_llama.sh's fix (engine_reuses_windows): a slot
+    file then holds the window's cells only (all the next token reads) plus every cell of the global
+    layers, read from the GGUF's keys."""
     try:
         g = model.gguf()
     except (OSError, OllamaError):
         return False
     if g is None:
         return False
-    if g.get("attention.sliding_window"):
+    if g.get("attention.sliding_window") and not (exe and engine_reuses_windows(exe)):
         return False
     return not any(k.startswith(tuple(g.architecture + p for p in (".ssm.", ".wkv.", ".shortconv.")))
                    for k in g.kv)
@@ -7900,9 +7916,15 @@ class PromptCache:
     (the argv: context, KV type, adapters...; and the engine). A runner started later with the same key
     restores it into that slot before its first request, and llama-server reuses the longest common
     prefix as it does with a live cache: the next turn of an agent whose runner went away computes only
-    what is new. Not for sliding-window models (Gemma 2 and 3, gpt-oss) nor recurrent ones (Mamba, RWKV,
-    LFM2, Qwen3-Next): llama-server saves only the window's cells and then refuses, by its own check, to
-    reuse any of them (it computes the whole prompt again), so their files would be disk spent for nothing.
+    what is new. Not for recurrent models (Mamba, RWKV, LFM2, Qwen3-Next): no earlier state to go back to.
+    Sliding-window models (Gemma 2 and 3, gpt-oss) only with an engine that has build_llama.sh's
+    swa_reuse fix: llama-server saves the window's cells only (and the global layers' all), which the
+    next prompt can reuse only when it starts with every token the slot held (the last prompt and the
+    answer as generated: an agent's next turn); a prompt that differs earlier is computed whole, as it
+    would be without the cache. Unpatched, llama-server refuses every restored window by one cell, so
+    their files would be disk spent for nothing. --swa-full (a full-size window cache) is no way out:
+    its saves still hold only the window, and it then reuses a restored slot for a prompt that differs
+    inside it, reading cells that are not there (other tokens than a cold run).
 
     Saved at unload, not after each long prompt: one save of a 20k-token prefix of a 3B model is ~2 GB,
     which at each turn would wear an SD card and take the cores the turn needs, while the live runner's
@@ -7921,13 +7943,14 @@ class PromptCache:
         self.root = store.root / ".ollama-py" / "prompt-cache"
         self.lock = threading.Lock()              # one trim at a time
 
-    def folder(self, model, embedding):
-        """The slot folder for a runner of `model` (created), or None where nothing is kept: the cache
-        is off, an embedding runner (no prompt goes on), a projector (llama-server cannot save images'
-        state) or a draft model (its own cache is not saved)."""
+    def folder(self, model, embedding, exe=None):
+        """The slot folder for a runner of `model` on llama-server `exe` (created), or None where
+        nothing is kept: the cache is off, an embedding runner (no prompt goes on), a projector
+        (llama-server cannot save images' state), a draft model (its own cache is not saved), or state
+        the engine cannot reuse (prompt_state_restorable)."""
         if not self.limit or embedding or model.projector_paths or model.draft_path or not model.model_path:
             return None
-        if not prompt_state_restorable(model):
+        if not prompt_state_restorable(model, exe):
             return None
         try:
             d = self.store.prompt_cache_dir(Path(model.model_path).name)
@@ -8085,7 +8108,7 @@ class Scheduler:
                       extra_args=files.args + (_embedding_args(model) if embedding else
                                                draft_args(model, opts) or
                                                ngram_args(opts, self.config.speculative)),
-                      spawn=self.spawner.popen, slot_save_path=self.prompt_cache.folder(model, embedding))
+                      spawn=self.spawner.popen, slot_save_path=self.prompt_cache.folder(model, embedding, exe))
 
     def _start(self, model, opts, embedding):
         """A new runner for `model`, started; a shutdown meanwhile stops it."""

@@ -1,8 +1,9 @@
 """A prompt's state survives its runner (issue 26): saved at unload, restored by the next runner with the
 same weights and settings, the same tokens as a cold run, never a half-written file, capped on disk.
 
-The engine tests run the tiny random-weight llama: a model without a sliding window (Gemma 3 has one,
-and llama-server cannot reuse a restored window: see PromptCache), and fast enough on 2 shared cores."""
+The engine tests run the tiny random-weight llama (no sliding window, fast enough on 2 shared cores),
+and Gemma 3 270M for a sliding window, which llama-server reuses once restored only with build_llama.sh's
+swa_reuse fix (see PromptCache); without it those tests are skipped."""
 import os
 import re
 import time
@@ -26,6 +27,16 @@ def tiny(server, tiny_gguf, llama_server_bin):
     return "tiny"
 
 
+@pytest.fixture
+def gemma(server, gemma_gguf, llama_server_bin):
+    if not ollama.engine_reuses_windows(llama_server_bin):
+        pytest.skip("%s has no swa_reuse line in its build-info: not built by this build_llama.sh" % llama_server_bin)
+    server.scheduler.exe = str(llama_server_bin)
+    server.scheduler.prompt_cache.min_tokens = 256
+    import_gguf(server.store, "gemma", gemma_gguf)
+    return "gemma"
+
+
 def _generate(server, model, prompt, **extra):
     status, lines = post(server, "/api/generate", dict({
         "model": model, "prompt": prompt, "raw": True, "stream": False,
@@ -41,11 +52,11 @@ def _unload(server, model):
         thread.join(120)
 
 
-def _evaluated(server, nth):
-    """The prompt tokens the engine computed for the `nth` completion since the test began (its log's
-    "prompt eval time" lines, written as the slot is released, which can be just after the answer):
+def _evaluated(server, nth, model="tiny"):
+    """The prompt tokens the engine computed for the `nth` completion of `model` since the test began (its
+    log's "prompt eval time" lines, written as the slot is released, which can be just after the answer):
     prompt_eval_count is the prompt's size, cached or not, as in Ollama."""
-    log_path = server.config.home / "logs" / "runner-tiny_latest.log"
+    log_path = server.config.home / "logs" / ("runner-%s_latest.log" % model)
     deadline = time.monotonic() + 10
     while True:
         text = log_path.read_text() if log_path.exists() else ""
@@ -172,10 +183,67 @@ def test_ollama_prompt_cache_is_a_size_with_units(value, size):
     assert ollama.Config({"HOME": "/h", "OLLAMA_PROMPT_CACHE": value}).prompt_cache == size
 
 
-def test_a_sliding_window_model_keeps_no_prompt_state(gemma_gguf, tiny_gguf, tmp_path):
+def _engine(tmp_path, swa_reuse):
+    exe = tmp_path / ("llama-server-%s" % swa_reuse)
+    exe.write_text("")
+    lines = ["gguf_edits: v1:0", "swa_reuse: %s" % swa_reuse] if swa_reuse else ["gguf_edits: v1:0"]
+    Path(str(exe) + ".build-info").write_text("\n".join(lines) + "\n")
+    return str(exe)
+
+
+def test_a_sliding_window_model_keeps_prompt_state_only_on_an_engine_that_reuses_windows(gemma_gguf, tiny_gguf,
+                                                                                          tmp_path):
     store = ollama.Store(tmp_path)
     import_gguf(store, "gemma3:270m", gemma_gguf)
     import_gguf(store, "tiny", tiny_gguf)
     cache = ollama.PromptCache(store, 1 << 30)
-    assert cache.folder(ollama.load_model(store, "gemma3:270m"), False) is None
-    assert cache.folder(ollama.load_model(store, "tiny"), False) is not None
+    gemma, tiny = ollama.load_model(store, "gemma3:270m"), ollama.load_model(store, "tiny")
+    patched, unpatched = _engine(tmp_path, "v1:bae2da55dbcf37f7"), _engine(tmp_path, "")
+    assert cache.folder(gemma, False, patched) is not None
+    assert cache.folder(gemma, False, unpatched) is None          # it would recompute every restored window
+    assert cache.folder(gemma, False, str(tmp_path / "elsewhere")) is None   # no build-info: built otherwise
+    assert cache.folder(gemma, False) is None
+    assert cache.folder(tiny, False, unpatched) is not None
+
+
+def _chat(server, model, messages):
+    status, lines = post(server, "/api/chat", {
+        "model": model, "messages": messages, "stream": False,
+        "options": {"temperature": 0, "num_predict": 32, "num_ctx": 4096}})
+    assert status == 200, lines
+    return lines[-1]
+
+
+def test_a_restored_sliding_window_gives_an_agents_next_turn_the_cold_runs_tokens_without_its_prefix(server, gemma):
+    turn1 = [{"role": "user", "content": LONG + " What does the agent do next?"}]
+    first = _chat(server, gemma, turn1)
+    assert _evaluated(server, 1, gemma) > 512           # past Gemma 3's 512-token window
+    _unload(server, gemma)
+    assert [f.suffix for f in _slot_files(server)] == [".slot"]
+    turn2 = turn1 + [first["message"], {"role": "user", "content": "And after that?"}]
+    restored = _chat(server, gemma, turn2)
+    assert _evaluated(server, 2, gemma) < 30            # the new turn only: the window was reused
+    _unload(server, gemma)
+    for f in _slot_files(server):
+        f.unlink()
+    cold = _chat(server, gemma, turn2)
+    assert _evaluated(server, 3, gemma) == cold["prompt_eval_count"] > 512
+    assert restored["message"]["content"] == cold["message"]["content"]
+    assert restored["eval_count"] == cold["eval_count"]
+
+
+def test_a_prompt_that_leaves_a_restored_window_early_is_computed_whole_with_the_cold_runs_tokens(server, gemma):
+    """The saved window holds the last 512 positions only: a prompt that differs before its end needs
+    cells that are not there, so all of it is computed (as --swa-full would not: it reads the gap)."""
+    _generate(server, gemma, LONG, options={"temperature": 0, "num_predict": 32, "num_ctx": 4096})
+    _unload(server, gemma)
+    words = LONG.split(" ")
+    other = " ".join(words[:len(words) * 4 // 5]) + " Then the user asks for a summary of the files:"
+    opts = {"temperature": 0, "num_predict": 24, "num_ctx": 4096}
+    restored = _generate(server, gemma, other, options=opts)
+    assert _evaluated(server, 2, gemma) == restored["prompt_eval_count"]
+    _unload(server, gemma)
+    for f in _slot_files(server):
+        f.unlink()
+    cold = _generate(server, gemma, other, options=opts)
+    assert restored["response"] == cold["response"]
