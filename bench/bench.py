@@ -31,7 +31,8 @@ best run of each side, which other load on the machine cannot fake):
                the chat's time to first token vs llama-server by hand (first come, first served)
   promptcache  an agent's ~4k-token prefix (PC_PREFIX): turn 2 vs turn 1 time to first token; the first turn
                after a runner restart with the saved prefix (OLLAMA_PROMPT_CACHE) vs without; the restored
-               turn vs llama-server started by hand with the same flags restoring the same file
+               turn vs llama-server started by hand with the same flags restoring the same file; Gemma 3
+               270M (a sliding window, ~2k-token prefix): the first turn after a restart, saved vs none
 
     python3 bench/bench.py [--json out.json] [--runs N] [--quick] [--only SECTION[,SECTION...]]
                            [--ollama-py PATH] [--keep]
@@ -1348,12 +1349,13 @@ def sec_repack(b):
     return rows
 PC_PREFIX = 4096                # tokens of agent prefix: ~40 s to compute on 2 busy cores, so a run is ~2 min
 PC_MODEL = "pc-llama"
+PC_GEMMA = "pc-gemma"           # Gemma 3 270M: a sliding window, cached only by a build_llama.sh engine (swa_reuse)
 
 
 def _pc_model(b):
     """A Gemma-3-270M-sized llama (640 wide, 18 layers, one KV head; random f16 weights, llama's 32k vocab):
-    the prompt cache serves models without a sliding window, and Gemma 3 has one (llama-server cannot
-    reuse a restored window), so the timing is taken on a model of the same size without it."""
+    the same size without Gemma 3's sliding window, whose restored state llama-server reuses only with
+    build_llama.sh's swa_reuse fix (the Gemma row of sec_promptcache)."""
     try:
         import fixtures
     except ImportError as e:
@@ -1365,28 +1367,59 @@ def _pc_model(b):
     return path
 
 
-def _pc_turns(port):
-    """Three raw prompts, each the one before it plus an answer and a question: turn 1 opens with an agent's
-    PC_PREFIX-token system prompt (rules, then tool schemas), unique to this run."""
+def _pc_turns(port, model=PC_MODEL, prefix=PC_PREFIX):
+    """Turn 1's raw prompt: an agent's `prefix`-token system prompt (rules, then tool schemas), unique to this
+    run, and a question; each later turn is the one before it plus its answer and a question."""
     def tool(i):
         return json.dumps({"name": "tool_%d" % i, "description": "Run step %d of the build and report what failed." % i,
                            "parameters": {"type": "object", "properties": {"path": {"type": "string"},
                                                                            "line": {"type": "integer"}}}})
-    per = len(http_json(port, "POST", "/api/tokenize", {"model": PC_MODEL, "text": tool(123)})["tokens"])
+    per = len(http_json(port, "POST", "/api/tokenize", {"model": model, "text": tool(123)})["tokens"])
     system = "\n".join(["Session %d-%f. You are a coding agent." % (os.getpid(), time.time())] +
-                        [tool(i) for i in range(PC_PREFIX // per)])
+                        [tool(i) for i in range(prefix // per)])
     return system + "\nUser: which tool runs step 7?\nAgent:"
 
 
-def _pc_wait_unloaded(serve):
-    http_json(serve.port, "POST", "/api/generate", {"model": PC_MODEL, "keep_alive": 0, "stream": False})
+def _pc_wait_unloaded(serve, model=PC_MODEL):
+    http_json(serve.port, "POST", "/api/generate", {"model": model, "keep_alive": 0, "stream": False})
     serve.wait_unloaded(timeout=120)              # the runner saves its slot before it stops
+
+
+def _pc_gemma(b, serve, root, runs):
+    """Gemma 3 270M's first turn after a runner restart, saved prefix vs none: (restored ms, cold ms), empty
+    where the engine saved nothing (no swa_reuse fix). Half the llama's prefix: still 4x Gemma's
+    512-token window, and each cold turn costs ~20 s more on 2 busy cores."""
+    body = {"model": PC_GEMMA, "raw": True, "options": options(8)}
+    restored, cold = [], []
+    for i in range(runs):
+        turn1 = _pc_turns(serve.port, PC_GEMMA, PC_PREFIX // 2)
+        t1 = stream(serve.port, "/api/generate", dict(body, prompt=turn1))
+        turn2 = turn1 + "".join(t1.pieces) + "\nUser: and step 9?\nAgent:"
+        _pc_wait_unloaded(serve, PC_GEMMA)
+        files = sorted(root.glob("*/*.slot"))
+        if not files:
+            log("  gemma: nothing saved (the engine has no swa_reuse fix: build_llama.sh): row left out")
+            return [], []
+        r = stream(serve.port, "/api/generate", dict(body, prompt=turn2))      # runner start + restore
+        _pc_wait_unloaded(serve, PC_GEMMA)
+        for f in root.glob("*/*.slot"):
+            f.unlink()
+        c = stream(serve.port, "/api/generate", dict(body, prompt=turn2))      # runner start, all computed
+        _pc_wait_unloaded(serve, PC_GEMMA)
+        if "".join(r.pieces) != "".join(c.pieces):
+            raise BenchError("gemma: the restored turn's text differs from the cold run's")
+        restored.append(r.ttft * 1e3)
+        cold.append(c.ttft * 1e3)
+        log("  gemma run %d: after a restart: saved %.0f ms, none %.0f ms (%d prompt tokens, %.0f MB saved)"
+            % (i + 1, restored[-1], cold[-1], c.final.get("prompt_eval_count", 0), files[0].stat().st_size / 1e6))
+    return restored, cold
 
 
 def sec_promptcache(b):
     b.drop_rig()
     serve = Serve(b, "serve-promptcache", env={"OLLAMA_CONTEXT_LENGTH": "8192"})
     import_model(serve.models, PC_MODEL, _pc_model(b))
+    import_model(serve.models, PC_GEMMA, b.gemma)
     serve.start()
     body = {"model": PC_MODEL, "raw": True, "options": options(8)}
     t1s, t2s, restored, cold, direct, live, live_direct = [], [], [], [], [], [], []
@@ -1442,6 +1475,9 @@ def sec_promptcache(b):
                 "direct with the saved file %.0f ms (%d prompt tokens at turn 3, %s saved)"
                 % (i + 1, t1s[-1], t2s[-1], restored[-1], cold[-1], direct[-1], c.final.get("prompt_eval_count", 0),
                    "%.0f MB" % (saved.stat().st_size / 1e6)))
+        for f in folder.glob("*.slot"):
+            f.unlink()
+        g_restored, g_cold = _pc_gemma(b, serve, folder.parent, min(b.runs, 2))
     finally:
         serve.stop()
     size = "~%dk-token prefix, a 270M-sized llama" % (PC_PREFIX // 1000)
@@ -1454,7 +1490,11 @@ def sec_promptcache(b):
                 "latency", 150.0, note="llama-server by hand with the same argv: launch, poll /health, "
                                        "POST /slots/0?action=restore of the same file, /completion"),
             Row("agent turn 4 TTFT, live runner, vs llama-server", "ms", live, live_direct, "latency", 50.0,
-                note="turn 3 plus its answer and a question, on the runner that just answered turn 3")]
+                note="turn 3 plus its answer and a question, on the runner that just answered turn 3")] + (
+            [Row("Gemma 3 270M, first turn after a restart, saved prefix vs none", "ms", g_restored, g_cold, "slower",
+                 0.2, note="~2k-token prefix (4x the sliding window; half the llama's, so the runner's start "
+                           "weighs twice: 0.2x); a window-only file, reused with build_llama.sh's swa_reuse "
+                           "fix; greedy text checked equal")] if g_restored else [])
 
 
 TITLE_TASK = ("Create a concise, 3-5 word title with an emoji summarizing the chat history.\n"
@@ -1539,7 +1579,7 @@ NEEDS = {"generation": ("engine", "gemma"), "ttft": ("engine", "gemma"), "agent"
          "concurrency": ("engine", "gemma"), "footprint": (), "pull": ("gemma",), "lan": ("gemma",),
          "create": ("gemma",),
          "rpc": ("engine", "gemma"), "layout": ("engine", "gemma"), "draft": ("engine", "gemma"),
-         "speculative": ("engine", "gemma"), "repack": ("engine", "gemma"), "promptcache": ("engine",),
+         "speculative": ("engine", "gemma"), "repack": ("engine", "gemma"), "promptcache": ("engine", "gemma"),
          "interactive": ("engine", "gemma")}
 FUNCS = {"generation": sec_generation, "ttft": sec_ttft, "agent": sec_agent, "cold": sec_cold,
          "concurrency": sec_concurrency,
