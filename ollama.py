@@ -7881,13 +7881,15 @@ def engine_reuses_windows(exe):
     """Whether llama-server `exe` reuses a restored sliding window: built by build_llama.sh with its
     swa_reuse fix (its build-info says so). Unpatched, llama-server asks that the cache start one cell
     before the window the next token reads, which a restored slot (exactly that window) never does, so
-    it computes the whole prompt again; a llama-server built some other way is taken as unpatched."""
-    try:
-        for line in Path(str(exe) + ".build-info").read_text().splitlines():
-            if line.startswith("swa_reuse:"):
-                return line.split(":", 1)[1].strip().startswith("v1")
-    except OSError:
-        pass
+    it computes the whole prompt again; a llama-server built some other way is taken as unpatched. The
+    build-info is looked for beside `exe` and beside the file a link `exe` points to."""
+    for path in dict.fromkeys((str(exe), os.path.realpath(str(exe)))):
+        try:
+            for line in Path(path + ".build-info").read_text().splitlines():
+                if line.startswith("swa_reuse:"):
+                    return line.split(":", 1)[1].strip().startswith("v1")
+        except OSError:
+            continue
     return False
 
 

@@ -203,6 +203,8 @@ def test_a_sliding_window_model_keeps_prompt_state_only_on_an_engine_that_reuses
     assert cache.folder(gemma, False, unpatched) is None          # it would recompute every restored window
     assert cache.folder(gemma, False, str(tmp_path / "elsewhere")) is None   # no build-info: built otherwise
     assert cache.folder(gemma, False) is None
+    (tmp_path / "linked").symlink_to(patched)                     # e.g. /usr/local/bin/llama-server -> bin/
+    assert cache.folder(gemma, False, str(tmp_path / "linked")) is not None
     assert cache.folder(tiny, False, unpatched) is not None
 
 
