@@ -1861,6 +1861,13 @@ class GGUFEdits:
         if key not in g.kv:
             self.set[key] = (vtype, value)
 
+    def copy_keys(self, g, source, keys, target="clip.vision."):
+        """Set `target` + key from `source` + key for each (key, GGUF type) in `keys` the file has: a
+        tower's keys under its family's prefix, read where llama.cpp's projector loader looks."""
+        for key, vtype in keys:
+            if source + key in g.kv:
+                self.set[target + key] = (vtype, g.kv[source + key])
+
     def hide_prefixes(self, g, *prefixes):
         """Hide the tensors whose names start with one of `prefixes` (another loader's part of the file)."""
         self.hide += [t.name for t in g.tensors if t.name.startswith(prefixes)]
@@ -2136,11 +2143,9 @@ def _gemma3_clip_edits(g, path):
     if not any(t.name.startswith("v.") for t in g.tensors):
         return None
     e = GGUFEdits("gemma3 vision")
-    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
-                       ("image_size", 4), ("patch_size", 4), ("attention.head_count", 4),
-                       ("attention.layer_norm_epsilon", 6)):
-        if "gemma3.vision." + key in g.kv:
-            e.set["clip.vision." + key] = (vtype, g.kv["gemma3.vision." + key])
+    e.copy_keys(g, "gemma3.vision.", (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+                                      ("image_size", 4), ("patch_size", 4), ("attention.head_count", 4),
+                                      ("attention.layer_norm_epsilon", 6)))
     e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
     e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.5, 0.5, 0.5]))
     e.set_missing(g, "clip.vision.image_std", 9, (6, [0.5, 0.5, 0.5]))
@@ -2247,10 +2252,8 @@ def _llama4_clip_edits(g, path):
             or not _tensor(g, "v.patch_embedding.weight"):
         return None
     e = GGUFEdits("llama4 vision")
-    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
-                       ("attention.head_count", 4), ("image_size", 4), ("patch_size", 4)):
-        if "llama4.vision." + key in g.kv:
-            e.set["clip.vision." + key] = (vtype, g.kv["llama4.vision." + key])
+    e.copy_keys(g, "llama4.vision.", (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+                                      ("attention.head_count", 4), ("image_size", 4), ("patch_size", 4)))
     if "llama4.vision.layer_norm_epsilon" in g.kv:
         e.set["clip.vision.attention.layer_norm_epsilon"] = (6, g.kv["llama4.vision.layer_norm_epsilon"])
     e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
@@ -2322,10 +2325,9 @@ def _gemma4_clip_edits(g, path):
             or not _tensor(g, "v.patch_embd.weight"):
         return None
     e = GGUFEdits("gemma4 vision")
-    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
-                       ("attention.head_count", 4), ("attention.layer_norm_epsilon", 6), ("patch_size", 4)):
-        if "gemma4.vision." + key in g.kv:
-            e.set["clip.vision." + key] = (vtype, g.kv["gemma4.vision." + key])
+    e.copy_keys(g, "gemma4.vision.", (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+                                      ("attention.head_count", 4), ("attention.layer_norm_epsilon", 6),
+                                      ("patch_size", 4)))
     e.set_missing(g, "clip.vision.image_size", 4, 224)
     e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
     e.set_missing(g, "clip.vision.image_mean", 9, (6, [0.0, 0.0, 0.0]))
@@ -2459,11 +2461,9 @@ def _qwen25vl_clip_edits(g, path):
             or not _tensor(g, "v.patch_embd_0.weight"):
         return None
     e = GGUFEdits("qwen2.5-vl vision")
-    for key, vtype in (("attention.head_count", 4), ("block_count", 4), ("embedding_length", 4),
-                       ("num_channels", 4), ("patch_size", 4), ("spatial_merge_size", 4), ("window_size", 4),
-                       ("attention.layer_norm_epsilon", 6)):
-        if "qwen25vl.vision." + key in g.kv:
-            e.set["clip.vision." + key] = (vtype, g.kv["qwen25vl.vision." + key])
+    e.copy_keys(g, "qwen25vl.vision.", (("attention.head_count", 4), ("block_count", 4), ("embedding_length", 4),
+                                        ("num_channels", 4), ("patch_size", 4), ("spatial_merge_size", 4),
+                                        ("window_size", 4), ("attention.layer_norm_epsilon", 6)))
     e.set["clip.vision.projection_dim"] = (4, g.embedding_length)
     up = _tensor(g, "v.blk.0.ffn_up.weight")
     if up and len(up.shape) > 1:
@@ -2521,12 +2521,10 @@ def _qwen3vl_clip_edits(g, path):
         return None
     full = read_gguf(path, 4096).kv                    # `g` skips arrays: deepstack indexes, mean, std
     e = GGUFEdits(arch + " vision")
-    for key, vtype in (("attention.head_count", 4), ("block_count", 4), ("embedding_length", 4),
+    e.copy_keys(g, v, (("attention.head_count", 4), ("block_count", 4), ("embedding_length", 4),
                        ("feed_forward_length", 4), ("num_channels", 4), ("patch_size", 4),
                        ("spatial_merge_size", 4), ("temporal_patch_size", 4), ("attention.layer_norm_epsilon", 6),
-                       ("rope.freq_base", 6)):
-        if v + key in g.kv:
-            e.set["clip.vision." + key] = (vtype, g.kv[v + key])
+                       ("rope.freq_base", 6)))
     for key, vtype, value in (("num_channels", 4, 3), ("temporal_patch_size", 4, 2), ("rope.freq_base", 6, 1e4),
                               ("attention.layer_norm_epsilon", 6, 1e-6)):
         e.set.setdefault("clip.vision." + key, (vtype, value))
@@ -2867,11 +2865,9 @@ def _nemotron_h_omni_clip_edits(g, path):
             or not pos or len(patch.shape) != 2:
         return None
     e = GGUFEdits("nemotron omni vision")
-    for key, vtype in (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
+    e.copy_keys(g, v, (("block_count", 4), ("embedding_length", 4), ("feed_forward_length", 4),
                        ("attention.head_count", 4), ("attention.layer_norm_epsilon", 6), ("patch_size", 4),
-                       ("image_size", 4), ("num_channels", 4), ("projector.scale_factor", 4)):
-        if v + key in g.kv:
-            e.set["clip.vision." + key] = (vtype, g.kv[v + key])
+                       ("image_size", 4), ("num_channels", 4), ("projector.scale_factor", 4)))
     # Ollama's compat layer's defaults, for a file without them (RADIO v2.5-h at 512 pixels)
     n_embd = g.kv.get(v + "embedding_length", 1280)
     for key, vtype, value in (("feed_forward_length", 4, 4 * n_embd), ("attention.layer_norm_epsilon", 6, 1e-6),

@@ -514,25 +514,12 @@ def write_tiny_glm4v_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32, n
     import numpy as np
 
     path = Path(path)
-    w = _gguf_writer(path, "clip")
-    w.add_name("tiny-glm4v-mmproj")
-    w.add_string("clip.projector_type", "glm4v")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_silu", True)
-    for key, value in (("image_size", 336), ("patch_size", patch_size), ("embedding_length", n_embd),
-                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
-                       ("attention.head_count", n_head), ("spatial_merge_size", 2)):
-        w.add_uint32("clip.vision." + key, value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
-    w.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
-    w.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
-    rng = np.random.default_rng(seed)
-
-    def matrix(*shape):
-        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
-
-    def vector(n, norm=False):
-        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    vision = (("image_size", 336), ("patch_size", patch_size), ("embedding_length", n_embd), ("feed_forward_length",
+              n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text), ("attention.head_count", n_head),
+              ("spatial_merge_size", 2))
+    w, matrix, vector, rng = _clip_writer(path, "tiny-glm4v-mmproj", "glm4v", vision, act="silu", eps=1e-5,
+                                          mean=[0.48145466, 0.4578275, 0.40821073],
+                                          std=[0.26862954, 0.26130258, 0.27577711], dtype=np.float32, seed=seed)
 
     for name in ("v.patch_embd.weight", "v.patch_embd.weight.1"):        # F16 values: Ollama's file has them so
         w.add_tensor(name, matrix(n_embd, 3, patch_size, patch_size).astype(np.float16).astype(np.float32))
@@ -811,6 +798,39 @@ def write_scripted_gguf(path, script, chat_template=None, *, controls=("<|im_sta
     return _gguf_done(w, path)
 
 
+def _clip_writer(path, name, projector, vision, *, type_keys=("clip.projector_type",), act="gelu", eps=1e-6,
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), scale=0.1, dtype=None, seed=0):
+    """A writer for a tiny random-weight mmproj with the keys every projector has: `projector` under
+    each of `type_keys`, a vision encoder, the activation flag (clip.use_<act>), `vision`'s
+    ((key, value), ...) as clip.vision.<key> UINT32s, the norm epsilon, image mean and std. Returns
+    (writer, matrix, vector, rng): matrix(*shape) draws N(0, scale) as `dtype` (default F16),
+    vector(n, norm=False) F32 N(0, 0.1) around 0 (1 for a norm), both from `rng`, seeded with `seed`."""
+    import numpy as np
+
+    dtype = dtype or np.float16
+    w = _gguf_writer(Path(path), "clip")
+    w.add_name(name)
+    for key in type_keys:
+        w.add_string(key, projector)
+    w.add_bool("clip.has_vision_encoder", True)
+    if act:
+        w.add_bool("clip.use_" + act, True)
+    for key, value in vision:
+        w.add_uint32("clip.vision." + key, value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", eps)
+    w.add_array("clip.vision.image_mean", list(mean))
+    w.add_array("clip.vision.image_std", list(std))
+    rng = np.random.default_rng(seed)
+
+    def matrix(*shape):
+        return (rng.standard_normal(shape) * scale).astype(dtype)
+
+    def vector(n, norm=False):
+        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    return w, matrix, vector, rng
+
+
 def _vit_blocks(w, matrix, vector, n_layer, n_embd, n_ff):
     """The pre-norm ViT blocks both tiny projectors share (v.blk.N: attention, two norms, the MLP)."""
     for i in range(n_layer):
@@ -846,28 +866,12 @@ def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_e
         raise ValueError("n_embd must divide by n_head, n_ff differ from n_embd, image_size divide by patch_size")
     n_pos = (image_size // patch_size) ** 2
     path = Path(path)
-    w = _gguf_writer(path, "clip")
-    w.add_name(name)
+    vision = (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+              ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+              ("attention.head_count", n_head))
+    w, matrix, _, rng = _clip_writer(path, name, "mlp", vision, scale=0.02, seed=seed)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_string("clip.projector_type", "mlp")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_gelu", True)
-    w.add_uint32("clip.vision.image_size", image_size)
-    w.add_uint32("clip.vision.patch_size", patch_size)
-    w.add_uint32("clip.vision.embedding_length", n_embd)
-    w.add_uint32("clip.vision.feed_forward_length", n_ff)
-    w.add_uint32("clip.vision.block_count", n_layer)
-    w.add_uint32("clip.vision.projection_dim", n_embd_text)
-    w.add_uint32("clip.vision.attention.head_count", n_head)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-
     # numpy shapes are ggml's ne reversed: (rows, cols) = (out_features, in_features).
-    rng = np.random.default_rng(seed)
-
-    def matrix(*shape):
-        return (rng.standard_normal(shape) * 0.02).astype(np.float16)
 
     def vector(n, value=0.0):
         return np.full(n, value, dtype=np.float32)
@@ -1104,22 +1108,10 @@ def write_tiny_gemma3_mmproj(path, *, n_embd_text=640, image_size=56, patch_size
     import numpy as np
 
     path = Path(path)
-    w = _gguf_writer(path, "clip")
-    w.add_name("tiny-gemma3-mmproj")
-    w.add_string("clip.projector_type", "gemma3")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_gelu", True)
-    for key, value in (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
-                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
-                       ("attention.head_count", n_head)):
-        w.add_uint32("clip.vision." + key, value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    rng = np.random.default_rng(seed)
-
-    def matrix(*shape):
-        return (rng.standard_normal(shape) * 0.05).astype(np.float16)
+    vision = (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+              ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+              ("attention.head_count", n_head))
+    w, matrix, _, rng = _clip_writer(path, "tiny-gemma3-mmproj", "gemma3", vision, scale=0.05, seed=seed)
 
     def vector(n, value=0.0):
         return np.full(n, value, dtype=np.float32)
@@ -1200,25 +1192,16 @@ def write_tiny_pixtral_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32,
     import numpy as np
 
     path = Path(path)
-    w = _gguf_writer(path, "clip")
-    w.add_name("tiny-pixtral-mmproj")
-    w.add_string("clip.projector_type", "pixtral")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_silu", True)
-    for key, value in (("image_size", 1024), ("patch_size", patch_size), ("embedding_length", n_embd),
-                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
-                       ("attention.head_count", n_head), ("spatial_merge_size", merge), ("num_channels", 3)):
-        w.add_uint32("clip.vision." + key, value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
-    w.add_array("clip.vision.image_mean", [0.48145467, 0.4578275, 0.40821072])     # Pixtral's (CLIP's)
-    w.add_array("clip.vision.image_std", [0.26862955, 0.26130259, 0.2757771])
-    rng = np.random.default_rng(seed)
-
-    def matrix(*shape):
-        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+    vision = (("image_size", 1024), ("patch_size", patch_size), ("embedding_length", n_embd),
+              ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+              ("attention.head_count", n_head), ("spatial_merge_size", merge), ("num_channels", 3))
+    # image mean and std: Pixtral's (CLIP's)
+    w, matrix, vector, rng = _clip_writer(path, "tiny-pixtral-mmproj", "pixtral", vision, act="silu", eps=1e-5,
+                                          mean=[0.48145467, 0.4578275, 0.40821072],
+                                          std=[0.26862955, 0.26130259, 0.2757771], seed=seed)
 
     def norm(n):
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+        return vector(n, True)
 
     head_dim = n_embd // n_head
     w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
@@ -1303,26 +1286,13 @@ def write_tiny_qwen25vl_mmproj(path, *, n_embd_text=64, patch_size=14, n_embd=32
     import numpy as np
 
     path = Path(path)
-    w = _gguf_writer(path, "clip")
-    w.add_name("tiny-qwen25vl-mmproj")
-    w.add_string("clip.projector_type", "qwen2.5vl_merger")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_silu", True)
-    for key, value in (("image_size", 560), ("patch_size", patch_size), ("embedding_length", n_embd),
-                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
-                       ("attention.head_count", n_head), ("spatial_merge_size", 2), ("window_size", 112),
-                       ("n_wa_pattern", full_attention[0] + 1), ("num_channels", 3)):
-        w.add_uint32("clip.vision." + key, value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    w.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
-    w.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
-    rng = np.random.default_rng(seed)
-
-    def matrix(*shape):
-        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
-
-    def vector(n, norm=False):
-        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    vision = (("image_size", 560), ("patch_size", patch_size), ("embedding_length", n_embd), ("feed_forward_length",
+              n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text), ("attention.head_count", n_head),
+              ("spatial_merge_size", 2), ("window_size", 112), ("n_wa_pattern", full_attention[0] + 1),
+              ("num_channels", 3))
+    w, matrix, vector, rng = _clip_writer(path, "tiny-qwen25vl-mmproj", "qwen2.5vl_merger", vision, act="silu",
+                                          mean=[0.48145466, 0.4578275, 0.40821073],
+                                          std=[0.26862954, 0.26130258, 0.27577711], seed=seed)
 
     w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
     w.add_tensor("v.patch_embd.weight.1", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
@@ -1404,28 +1374,13 @@ def write_tiny_qwen3vl_mmproj(path, *, n_embd_text=256, patch_size=14, n_embd=32
     import numpy as np
 
     path = Path(path)
-    w = _gguf_writer(path, "clip")
-    w.add_name("tiny-qwen3vl-mmproj")
-    w.add_string("clip.projector_type", "qwen3vl_merger")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_gelu", True)
-    for key, value in (("image_size", grid * patch_size), ("patch_size", patch_size), ("embedding_length", n_embd),
-                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
-                       ("attention.head_count", n_head), ("spatial_merge_size", 2), ("num_channels", 3),
-                       ("temporal_patch_size", 2)) + ((("image_min_pixels", 8 * 784), ("image_max_pixels", 64 * 784))
-                                                      if pixel_limits else ()):
-        w.add_uint32("clip.vision." + key, value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    vision = (("image_size", grid * patch_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+              ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+              ("attention.head_count", n_head), ("spatial_merge_size", 2), ("num_channels", 3),
+              ("temporal_patch_size", 2)) + ((("image_min_pixels", 8 * 784), ("image_max_pixels", 64 * 784)) if
+              pixel_limits else ())
+    w, matrix, vector, rng = _clip_writer(path, "tiny-qwen3vl-mmproj", "qwen3vl_merger", vision, seed=seed)
     w.add_float32("clip.vision.rope.freq_base", 10000.0)
-    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    rng = np.random.default_rng(seed)
-
-    def matrix(*shape):
-        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
-
-    def vector(n, norm=False):
-        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
     w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
     w.add_tensor("v.patch_embd.weight.1", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
@@ -1528,26 +1483,12 @@ def write_tiny_llama4_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=
     import numpy as np
 
     path = Path(path)
-    w = _gguf_writer(path, "clip")
-    w.add_name("tiny-llama4-mmproj")
-    w.add_string("clip.projector_type", "llama4")
-    w.add_string("clip.vision.projector_type", "llama4")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_gelu", True)
-    for key, value in (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
-                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
-                       ("attention.head_count", n_head), ("projector.scale_factor", 2)):
-        w.add_uint32("clip.vision." + key, value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
-    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    rng = np.random.default_rng(seed)
-
-    def matrix(*shape):
-        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
-
-    def vector(n, norm=False):
-        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    vision = (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+              ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+              ("attention.head_count", n_head), ("projector.scale_factor", 2))
+    w, matrix, vector, rng = _clip_writer(path, "tiny-llama4-mmproj", "llama4", vision,
+                                          type_keys=("clip.projector_type", "clip.vision.projector_type"), eps=1e-5,
+                                          seed=seed)
 
     n_pos = (image_size // patch_size) ** 2 + 1                  # and the class token
     w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3 * patch_size * patch_size))
@@ -1617,24 +1558,14 @@ def write_tiny_gemma4v_mmproj(path, *, n_embd_text=64, patch_size=16, n_embd=32,
     import numpy as np
 
     path = Path(path)
-    w = _gguf_writer(path, "clip")
-    w.add_name("tiny-gemma4v-mmproj")
-    w.add_string("clip.vision.projector_type", "gemma4v")
-    w.add_bool("clip.has_vision_encoder", True)
-    for key, value in (("image_size", 224), ("patch_size", patch_size), ("embedding_length", n_embd),
-                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
-                       ("attention.head_count", n_head)):
-        w.add_uint32("clip.vision." + key, value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    w.add_array("clip.vision.image_mean", [0.0, 0.0, 0.0])
-    w.add_array("clip.vision.image_std", [1.0, 1.0, 1.0])
-    rng = np.random.default_rng(seed)
-
-    def matrix(*shape):
-        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
+    vision = (("image_size", 224), ("patch_size", patch_size), ("embedding_length", n_embd), ("feed_forward_length",
+              n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text), ("attention.head_count", n_head))
+    w, matrix, vector, rng = _clip_writer(path, "tiny-gemma4v-mmproj", "gemma4v", vision,
+                                          type_keys=("clip.vision.projector_type",), act=None, mean=[0.0, 0.0, 0.0],
+                                          std=[1.0, 1.0, 1.0], seed=seed)
 
     def norm(n):
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+        return vector(n, True)
 
     w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
     w.add_tensor("v.position_embd.weight", (0.1 * rng.standard_normal((2, pos_size, n_embd))).astype(np.float32))
@@ -1712,25 +1643,11 @@ def write_tiny_nemotron_v2_vl_mmproj(path, *, n_embd_text=64, image_size=64, pat
     import numpy as np
 
     path = Path(path)
-    w = _gguf_writer(path, "clip")
-    w.add_name("tiny-nemotron-v2-vl-mmproj")
-    w.add_string("clip.projector_type", "nemotron_v2_vl")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_gelu", True)
-    for key, value in (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
-                       ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
-                       ("attention.head_count", n_head), ("projector.scale_factor", 2)):
-        w.add_uint32("clip.vision." + key, value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    w.add_array("clip.vision.image_mean", [0.485, 0.456, 0.406])
-    w.add_array("clip.vision.image_std", [0.229, 0.224, 0.225])
-    rng = np.random.default_rng(seed)
-
-    def matrix(*shape):
-        return (rng.standard_normal(shape) * 0.1).astype(np.float16)
-
-    def vector(n, norm=False):
-        return ((1.0 if norm else 0.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    vision = (("image_size", image_size), ("patch_size", patch_size), ("embedding_length", n_embd),
+              ("feed_forward_length", n_ff), ("block_count", n_layer), ("projection_dim", n_embd_text),
+              ("attention.head_count", n_head), ("projector.scale_factor", 2))
+    w, matrix, vector, rng = _clip_writer(path, "tiny-nemotron-v2-vl-mmproj", "nemotron_v2_vl", vision,
+                                          mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], seed=seed)
 
     w.add_tensor("v.patch_embd.weight", matrix(n_embd, 3, patch_size, patch_size))
     w.add_tensor("v.class_embd", matrix(n_registers, n_embd).astype(np.float32))   # F16 values (Ollama's are F16)
