@@ -1835,6 +1835,7 @@ class GGUFEdits:
     `quirks` say why, for the log and `show`. Falsy when there is nothing to change."""
 
     def __init__(self, family):
+        """No edits yet, for `family` (a name for the log and `show`): the family's function adds them."""
         self.family, self.quirks = family, []
         self.set, self.truncate, self.remove, self.rename_keys, self.rename, self.hide = {}, {}, [], [], [], []
         self.shape = []                    # (tensor name, shape): read as its first rows
@@ -2922,6 +2923,7 @@ def _resampled_positions(t, grid, side):
     resamples RADIO's table for the fixed image size), computed in doubles. Two lines of the grid are
     widened at a time (the real table is 128 x 128 x 1280: as Python floats at once, over 600 MB)."""
     def produce(f, g):
+        """The resampled table's bytes, from the blob `f` with header `g`."""
         n = t.shape[0]
         data = _tensor_data(f, g, t)
         line = len(data) // grid                          # bytes of one line of the grid (grid positions)
