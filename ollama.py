@@ -1835,7 +1835,7 @@ class GGUFEdits:
     `quirks` say why, for the log and `show`. Falsy when there is nothing to change."""
 
     def __init__(self, family):
-        """No edits yet, for `family` (a name for the log and `show`): the family's function adds them."""
+        """No edits yet, for `family` (its name in the log and `show`)."""
         self.family, self.quirks = family, []
         self.set, self.truncate, self.remove, self.rename_keys, self.rename, self.hide = {}, {}, [], [], [], []
         self.shape = []                    # (tensor name, shape): read as its first rows
