@@ -346,6 +346,32 @@ def _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=False, bias=Fal
     return out
 
 
+def _ffn(blk, n_embd, n_ff):
+    """A dense gated FFN's tensors of one block (numpy shapes for write_tiny_model)."""
+    return [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
+            (blk + "ffn_down.weight", (n_embd, n_ff))]
+
+
+def _moe(blk, n_embd, n_expert, n_ff_exp, n_ff_shexp=0, probs_bias=False):
+    """A mixture of experts' tensors of one block (numpy shapes): the router, with exp_probs_b when
+    asked, the experts, and a shared expert of n_ff_shexp when not 0."""
+    out = [(blk + "ffn_gate_inp.weight", (n_expert, n_embd))]
+    out += [(blk + "exp_probs_b.bias", (n_expert,))] if probs_bias else []
+    out += [(blk + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd)),
+            (blk + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd)),
+            (blk + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp))]
+    if n_ff_shexp:
+        out += [(blk + "ffn_gate_shexp.weight", (n_ff_shexp, n_embd)),
+                (blk + "ffn_up_shexp.weight", (n_ff_shexp, n_embd)),
+                (blk + "ffn_down_shexp.weight", (n_embd, n_ff_shexp))]
+    return out
+
+
+def _ne(tensors):
+    """Numpy shapes as ggml's ne, for the writers that give write_tiny_model ggml_order=True."""
+    return [(name, tuple(reversed(shape))) for name, shape in tensors]
+
+
 def write_tiny_lfm2(path, *, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, kv_heads=(0, 0, 2, 0), l_cache=3, seed=0):
     """A tiny LFM2 as convert_hf_to_gguf.py writes it: short-convolution layers (0 in the per-layer
     KV head counts `kv_heads`) and attention layers with q/k norms, the last norm as token_embd_norm
@@ -355,8 +381,7 @@ def write_tiny_lfm2(path, *, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, kv_heads
     for i, kv_head in enumerate(kv_heads):
         blk = "blk.%d." % i
         tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
-                    (blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
-                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+                    *_ffn(blk, n_embd, n_ff)]
         if kv_head:
             tensors += _attention(blk, n_embd, n_head, kv_head, head_dim, qk_norm=True)
         else:
@@ -384,16 +409,9 @@ def write_tiny_laguna(path, *, n_embd=64, heads=(2, 4, 4, 4), n_head_kv=2, head_
         tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
                     (blk + "attn_gate.weight", (n_head, n_embd))]
         if i == 0:
-            tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
-                        (blk + "ffn_down.weight", (n_embd, n_ff))]
+            tensors += _ffn(blk, n_embd, n_ff)
             continue
-        tensors += [(blk + "ffn_gate_inp.weight", (n_expert, n_embd)), (blk + "exp_probs_b.bias", (n_expert,)),
-                    (blk + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd)),
-                    (blk + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd)),
-                    (blk + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp)),
-                    (blk + "ffn_gate_shexp.weight", (n_ff_shexp, n_embd)),
-                    (blk + "ffn_up_shexp.weight", (n_ff_shexp, n_embd)),
-                    (blk + "ffn_down_shexp.weight", (n_embd, n_ff_shexp))]
+        tensors += _moe(blk, n_embd, n_expert, n_ff_exp, n_ff_shexp, probs_bias=True)
     kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": len(heads),
           ".feed_forward_length": n_ff, ".attention.head_count": list(heads), ".attention.head_count_kv": n_head_kv,
           ".attention.key_length": head_dim, ".attention.value_length": head_dim,
@@ -421,8 +439,7 @@ def write_tiny_gemma_embedding(path, *, n_embd=64, n_layer=6, n_head=4, n_head_k
         tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim, qk_norm=True)
         tensors += [(blk + part + ".weight", (n_embd,))
                     for part in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")]
-        tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
-                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+        tensors += _ffn(blk, n_embd, n_ff)
     kv = {".context_length": 2048, ".embedding_length": n_embd, ".block_count": n_layer,
           ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
           ".attention.key_length": head_dim, ".attention.value_length": head_dim,
@@ -446,16 +463,9 @@ def write_tiny_llama4(path, *, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff
         tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim)
         tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,))]
         if (i + 1) % moe_step:
-            tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
-                        (blk + "ffn_down.weight", (n_embd, n_ff))]
+            tensors += _ffn(blk, n_embd, n_ff)
             continue
-        tensors += [(blk + "ffn_gate_inp.weight", (n_expert, n_embd)),
-                    (blk + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd)),
-                    (blk + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd)),
-                    (blk + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp)),
-                    (blk + "ffn_gate_shexp.weight", (n_ff_exp, n_embd)),
-                    (blk + "ffn_up_shexp.weight", (n_ff_exp, n_embd)),
-                    (blk + "ffn_down_shexp.weight", (n_embd, n_ff_exp))]
+        tensors += _moe(blk, n_embd, n_expert, n_ff_exp, n_ff_exp)
     kv = {".context_length": 4096, ".embedding_length": n_embd, ".block_count": n_layer,
           ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
           ".rope.dimension_count": head_dim, ".rope.freq_base": 500000.0, ".attention.layer_norm_rms_epsilon": 1e-5,
@@ -474,8 +484,7 @@ def write_tiny_qwen2vl(path, *, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_f
         blk = "blk.%d." % i
         tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim, bias=True)
         tensors += [(blk + "attn_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
-                    (blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
-                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+                    *_ffn(blk, n_embd, n_ff)]
     kv = {".context_length": 4096, ".embedding_length": n_embd, ".block_count": n_layer,
           ".feed_forward_length": n_ff, ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
           ".rope.freq_base": 1000000.0, ".attention.layer_norm_rms_epsilon": 1e-6,
@@ -700,8 +709,7 @@ def write_tiny_gemma4(path, *, n_embd=64, pattern=(True, False, True), n_head=2,
         tensors += _attention(blk, n_embd, n_head, n_head_kv, head_dim_swa if swa else head_dim, qk_norm=True)
         tensors += [(blk + part + ".weight", (n_embd,))
                     for part in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")]
-        tensors += [(blk + "ffn_gate.weight", (n_ff, n_embd)), (blk + "ffn_up.weight", (n_ff, n_embd)),
-                    (blk + "ffn_down.weight", (n_embd, n_ff))]
+        tensors += _ffn(blk, n_embd, n_ff)
         if i in moe_layers:
             tensors += [(blk + part + ".weight", (n_embd,)) for part in ("pre_ffw_norm_2", "post_ffw_norm_1",
                                                                          "post_ffw_norm_2")]
@@ -931,17 +939,9 @@ def write_tiny_qwen3next(path, arch="qwen3next", *, n_embd=64, n_layer=4, n_head
                         (blk + "attn_output.weight", (head_dim * n_head, n_embd)),
                         (blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,))]
         if not moe:
-            tensors += [(blk + "ffn_gate.weight", (n_embd, n_ff)), (blk + "ffn_up.weight", (n_embd, n_ff)),
-                        (blk + "ffn_down.weight", (n_ff, n_embd))]
+            tensors += _ne(_ffn(blk, n_embd, n_ff))
             continue
-        tensors += [(blk + "ffn_gate_inp.weight", (n_embd, n_expert)),
-                    (blk + "ffn_gate_exps.weight", (n_embd, n_ff, n_expert)),
-                    (blk + "ffn_up_exps.weight", (n_embd, n_ff, n_expert)),
-                    (blk + "ffn_down_exps.weight", (n_ff, n_embd, n_expert)),
-                    (blk + "ffn_gate_inp_shexp.weight", (n_embd,)),
-                    (blk + "ffn_gate_shexp.weight", (n_embd, n_ff)),
-                    (blk + "ffn_up_shexp.weight", (n_embd, n_ff)),
-                    (blk + "ffn_down_shexp.weight", (n_ff, n_embd))]
+        tensors += _ne(_moe(blk, n_embd, n_expert, n_ff, n_ff)) + [(blk + "ffn_gate_inp_shexp.weight", (n_embd,))]
     return write_tiny_model(path, arch, kv, tensors, seed=seed, cache=cache, ggml_order=True)
 
 
@@ -981,16 +981,9 @@ def write_tiny_deepseek2(path, arch="deepseek2", *, n_embd=64, n_layer=2, n_head
         else:
             tensors += [(blk + "attn_%s.weight" % part, (n_embd, n_embd)) for part in ("q", "k", "v", "output")]
         if i == 0:
-            tensors += [(blk + "ffn_gate.weight", (n_embd, n_ff)), (blk + "ffn_up.weight", (n_embd, n_ff)),
-                        (blk + "ffn_down.weight", (n_ff, n_embd))]
+            tensors += _ne(_ffn(blk, n_embd, n_ff))
             continue
-        tensors += [(blk + "ffn_gate_inp.weight", (n_embd, n_expert)), (blk + "exp_probs_b.bias", (n_expert,)),
-                    (blk + "ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert)),
-                    (blk + "ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert)),
-                    (blk + "ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert)),
-                    (blk + "ffn_gate_shexp.weight", (n_embd, n_ff_exp)),
-                    (blk + "ffn_up_shexp.weight", (n_embd, n_ff_exp)),
-                    (blk + "ffn_down_shexp.weight", (n_ff_exp, n_embd))]
+        tensors += _ne(_moe(blk, n_embd, n_expert, n_ff_exp, n_ff_exp, probs_bias=True))
     return write_tiny_model(path, arch, kv, tensors, seed=seed, cache=cache, ggml_order=True)
 
 
@@ -1062,8 +1055,7 @@ def write_tiny_gemma3n(path, *, n_embd=64, n_layer=1, n_head=4, n_head_kv=2, hea
                     (blk + "attn_output.weight", (head_dim * n_head, n_embd)),
                     (blk + "attn_q_norm.weight", (head_dim,)), (blk + "attn_k_norm.weight", (head_dim,)),
                     (blk + "post_attention_norm.weight", (n_embd,)), (blk + "ffn_norm.weight", (n_embd,)),
-                    (blk + "ffn_gate.weight", (n_embd, n_ff)), (blk + "ffn_up.weight", (n_embd, n_ff)),
-                    (blk + "ffn_down.weight", (n_ff, n_embd)), (blk + "post_ffw_norm.weight", (n_embd,)),
+                    *_ne(_ffn(blk, n_embd, n_ff)), (blk + "post_ffw_norm.weight", (n_embd,)),
                     (blk + "inp_gate.weight", (n_embd, n_embd_altup)), (blk + "proj.weight", (n_embd_altup, n_embd)),
                     (blk + "post_norm.weight", (n_embd,)), (blk + "altup_correct_coef.weight", (n_altup, n_altup)),
                     (blk + "altup_correct_scale.weight", (n_embd,)),
