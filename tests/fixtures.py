@@ -855,6 +855,20 @@ def _vit_blocks(w, matrix, vector, n_layer, n_embd, n_ff):
         w.add_tensor(blk + "ffn_down.bias", vector(n_embd))
 
 
+def _vit_qkv_blocks(w, matrix, vector, n_layer, n_embd, n_ff):
+    """Pre-norm ViT blocks with one fused attn_qkv (v.blk.N: attention, two LayerNorms, a GELU MLP, all
+    with biases), as qwen3-vl's and RADIO's towers have them."""
+    for i in range(n_layer):
+        blk = "v.blk.%d." % i
+        for part, rows, cols in (("attn_qkv", 3 * n_embd, n_embd), ("attn_out", n_embd, n_embd),
+                                 ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
+            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
+            w.add_tensor(blk + part + ".bias", vector(rows))
+        for part in ("ln1", "ln2"):
+            w.add_tensor(blk + part + ".weight", vector(n_embd, norm=True))
+            w.add_tensor(blk + part + ".bias", vector(n_embd))
+
+
 def write_tiny_mmproj(path, *, n_embd_text=64, image_size=28, patch_size=14, n_embd=32, n_layer=2, n_head=4,
                       n_ff=64, n_mm_hidden=64, seed=0, name="tiny-mmproj"):
     """Write a tiny random-weight vision projector (an "mmproj" GGUF) that real llama-server takes
@@ -1378,15 +1392,7 @@ def write_tiny_qwen3vl_mmproj(path, *, n_embd_text=256, patch_size=14, n_embd=32
     w.add_tensor("v.patch_embd.weight.1", matrix(n_embd, 3, patch_size, patch_size).astype(np.float32))
     w.add_tensor("v.patch_embd.bias", vector(n_embd))
     w.add_tensor("v.position_embd.weight", matrix(grid * grid, n_embd).astype(np.float32))
-    for i in range(n_layer):
-        blk = "v.blk.%d." % i
-        for part, rows, cols in (("attn_qkv", 3 * n_embd, n_embd), ("attn_out", n_embd, n_embd),
-                                 ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
-            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
-            w.add_tensor(blk + part + ".bias", vector(rows))
-        for part in ("ln1", "ln2"):
-            w.add_tensor(blk + part + ".weight", vector(n_embd, norm=True))
-            w.add_tensor(blk + part + ".bias", vector(n_embd))
+    _vit_qkv_blocks(w, matrix, vector, n_layer, n_embd, n_ff)
     w.add_tensor("v.post_ln.weight", vector(n_embd, norm=True))
     w.add_tensor("v.post_ln.bias", vector(n_embd))
     for prefix in ["mm."] + ["v.deepstack.%d." % b for b in deepstack]:
@@ -1645,15 +1651,7 @@ def write_tiny_nemotron_v2_vl_mmproj(path, *, n_embd_text=64, image_size=64, pat
     w.add_tensor("v.class_embd", matrix(n_registers, n_embd).astype(np.float32))   # F16 values (Ollama's are F16)
     w.add_tensor("v.position_embd.weight", bilinear_positions(radio_positions(grid, n_embd, seed + 1), grid,
                                                               image_size // patch_size))
-    for i in range(n_layer):
-        blk = "v.blk.%d." % i
-        for part, rows, cols in (("attn_qkv", 3 * n_embd, n_embd), ("attn_out", n_embd, n_embd),
-                                 ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
-            w.add_tensor(blk + part + ".weight", matrix(rows, cols))
-            w.add_tensor(blk + part + ".bias", vector(rows))
-        for part in ("ln1", "ln2"):
-            w.add_tensor(blk + part + ".weight", vector(n_embd, norm=True))
-            w.add_tensor(blk + part + ".bias", vector(n_embd))
+    _vit_qkv_blocks(w, matrix, vector, n_layer, n_embd, n_ff)
     w.add_tensor("mm.model.mlp.0.weight", vector(4 * n_embd, norm=True))
     w.add_tensor("mm.model.mlp.1.weight", matrix(n_mm, 4 * n_embd))
     w.add_tensor("mm.model.mlp.3.weight", matrix(n_embd_text, n_mm))

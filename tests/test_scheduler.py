@@ -442,10 +442,10 @@ def test_a_streamed_request_does_not_hold_back_one_for_another_model(make):
     chat_box["result"].release()
 
 
-def test_the_next_runner_for_a_blob_starts_after_the_last_one_has_saved_and_stopped(make):
-    sched = make()
-    saving, go = threading.Event(), threading.Event()
-    saved = []
+def hold_saves(sched):
+    """Make the scheduler's prompt-cache saves wait: (saving, set when one starts; go, set to let it
+    finish (2 s at most); saved, the runners saved)."""
+    saving, go, saved = threading.Event(), threading.Event(), []
 
     def slow_save(runner):
         saving.set()
@@ -454,6 +454,12 @@ def test_the_next_runner_for_a_blob_starts_after_the_last_one_has_saved_and_stop
         return []
 
     sched.prompt_cache.save = slow_save
+    return saving, go, saved
+
+
+def test_the_next_runner_for_a_blob_starts_after_the_last_one_has_saved_and_stopped(make):
+    sched = make()
+    saving, go, saved = hold_saves(sched)
     sched.lease(model("a"), {}, 0).release()                # keep_alive 0: unloaded, saved on a thread
     saving.wait(2)
     t, box = in_thread(lambda: sched.lease(model("a"), {}, 300))
@@ -510,14 +516,7 @@ def test_a_stop_asked_during_a_request_unloads_when_it_ends_despite_its_own_keep
 
 def test_a_model_loaded_in_an_evicted_ones_place_waits_until_that_one_is_saved_and_stopped(make):
     sched = make(max_loaded_models=1)
-    saving, go = threading.Event(), threading.Event()
-
-    def slow_save(runner):
-        saving.set()
-        go.wait(2)
-        return []
-
-    sched.prompt_cache.save = slow_save
+    saving, go, _saved = hold_saves(sched)
     sched.lease(model("a"), {}, 300).release()
     t, box = in_thread(lambda: sched.lease(model("b"), {}, 300))   # evicts a, which is saved on a thread
     saving.wait(2)
@@ -531,14 +530,7 @@ def test_a_model_loaded_in_an_evicted_ones_place_waits_until_that_one_is_saved_a
 
 def test_shutdown_waits_for_an_unload_under_way_to_save_and_stop(make):
     sched = make()
-    saving, go = threading.Event(), threading.Event()
-
-    def slow_save(runner):
-        saving.set()
-        go.wait(2)
-        return []
-
-    sched.prompt_cache.save = slow_save
+    saving, go, _saved = hold_saves(sched)
     sched.lease(model("a"), {}, 0).release()        # keep_alive 0: saved and stopped on a thread
     saving.wait(2)
     t, _ = in_thread(sched.shutdown)
